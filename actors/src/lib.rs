@@ -1,0 +1,9 @@
+//! The user-facing `Agent` API and the Discovery, Coordinator and Worker actors.
+//!
+//! Architecture invariant: no sockets and no quinn here; actors reach other nodes
+//! only through `agentmesh-runtime`. Decision logic (registry, allocation ledger)
+//! is plain state machines that take `now` as input, so `agentmesh-sims` can run it.
+//!
+//! Status: built in issue [4/6]. Until then this crate only re-exports the runtime.
+
+pub use agentmesh_runtime as runtime;

@@ -1,0 +1,57 @@
+//! Command-line parsing and dispatch for the `agentmesh` binary.
+
+mod acp;
+mod demo;
+
+use clap::{Parser, Subcommand};
+
+/// AgentMesh: supervised AI agents across machines, talking ACP over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "agentmesh", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read and write ACP frames (for captures and logs).
+    Acp {
+        #[command(subcommand)]
+        command: acp::AcpCommand,
+    },
+    /// Walk the draft's task sequence through the ACP codec and print each frame.
+    Demo(demo::DemoArgs),
+}
+
+/// A command that did not succeed: what to print and the exit code.
+pub struct Failure {
+    /// Printed on one line to stderr.
+    pub error: anyhow::Error,
+    /// 2 for bad input (arguments, bytes); 1 for anything else.
+    pub exit_code: u8,
+}
+
+impl Failure {
+    fn bad_input(error: anyhow::Error) -> Failure {
+        Failure {
+            error,
+            exit_code: 2,
+        }
+    }
+
+    fn failed(error: anyhow::Error) -> Failure {
+        Failure {
+            error,
+            exit_code: 1,
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(args: Args) -> Result<(), Failure> {
+    match args.command {
+        Command::Acp { command } => acp::run(command).map_err(Failure::bad_input),
+        Command::Demo(demo) => demo::run(demo).map_err(Failure::failed),
+    }
+}

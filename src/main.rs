@@ -1,0 +1,18 @@
+//! The `agentmesh` command: operator tools and (as later issues land) the node.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("agentmesh: {:#}", failure.error);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The Agent Coordination Protocol (ACP) for AgentMesh: wire format and, in later
+//! steps, the QUIC transport that carries it.
+//!
+//! `wire` is pure protocol logic: it never touches a socket or reads a clock, so the
+//! runtime and the deterministic simulator run exactly the same code (see
+//! `docs/architecture.md`, invariant 1). Inputs that depend on time take `now` as an
+//! argument.
+//!
+//! This crate knows nothing about ractor, agents or tasks: it moves typed frames.
+
+pub mod wire;
+
+pub use wire::{
+    AcpErrorCode, DecodeError, Flags, Frame, FrameDecoder, Header, Lane, Message, MessageType,
+    Payload, PayloadError, Reassembler, ReplayError, ReplayWindow, TimestampWindow,
+};

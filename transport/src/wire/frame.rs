@@ -1,0 +1,266 @@
+//! Frames (one header plus at most 65,535 payload bytes) and messages (what a
+//! sender meant to send, which may span several frames).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::decoder::DecodeError;
+use super::header::{Flags, Header, HEADER_LEN, MAX_PAYLOAD_LEN, TIMESTAMP_LEN};
+
+/// A payload that does not fit in one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("payload of {len} bytes does not fit in one frame (at most {MAX_PAYLOAD_LEN})")]
+pub struct FrameTooLarge {
+    /// The payload length that was asked for, timestamp included.
+    pub len: usize,
+}
+
+/// One ACP frame as it travels: header, optional timestamp, body.
+///
+/// The constructors keep the `TIMESTAMPED` flag in step with the timestamp and the
+/// payload within [`MAX_PAYLOAD_LEN`], so encoding a `Frame` cannot fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    header: Header,
+    timestamp_ms: Option<u64>,
+    body: Bytes,
+}
+
+impl Frame {
+    /// A frame without timestamp. Clears `TIMESTAMPED` in `header.flags`.
+    pub fn new(mut header: Header, body: Bytes) -> Result<Frame, FrameTooLarge> {
+        if body.len() > MAX_PAYLOAD_LEN {
+            return Err(FrameTooLarge { len: body.len() });
+        }
+        header.flags = header.flags.without(Flags::TIMESTAMPED);
+        Ok(Frame {
+            header,
+            timestamp_ms: None,
+            body,
+        })
+    }
+
+    /// A frame whose payload starts with `timestamp_ms`, as datagrams must. Sets
+    /// `TIMESTAMPED` and clears `CONTINUATION` (timestamped frames never fragment).
+    pub fn timestamped(
+        mut header: Header,
+        timestamp_ms: u64,
+        body: Bytes,
+    ) -> Result<Frame, FrameTooLarge> {
+        let len = body.len() + TIMESTAMP_LEN;
+        if len > MAX_PAYLOAD_LEN {
+            return Err(FrameTooLarge { len });
+        }
+        header.flags = header
+            .flags
+            .with(Flags::TIMESTAMPED)
+            .without(Flags::CONTINUATION);
+        Ok(Frame {
+            header,
+            timestamp_ms: Some(timestamp_ms),
+            body,
+        })
+    }
+
+    /// The header (its flags are consistent with the timestamp).
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The sender's timestamp, present exactly when the `TIMESTAMPED` flag is set.
+    pub fn timestamp_ms(&self) -> Option<u64> {
+        self.timestamp_ms
+    }
+
+    /// The payload after the timestamp, if any.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The Payload Length field: body plus timestamp.
+    pub fn payload_len(&self) -> u16 {
+        let len = self.body.len() + self.timestamp_ms.map_or(0, |_| TIMESTAMP_LEN);
+        // The constructors and the decoder keep len <= MAX_PAYLOAD_LEN.
+        u16::try_from(len).unwrap_or(u16::MAX)
+    }
+
+    /// Bytes this frame takes on the wire.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + usize::from(self.payload_len())
+    }
+
+    /// Appends the frame to `out`.
+    pub fn encode(&self, out: &mut impl BufMut) {
+        self.header.encode(self.payload_len(), out);
+        if let Some(ts) = self.timestamp_ms {
+            out.put_u64(ts);
+        }
+        out.put_slice(&self.body);
+    }
+
+    /// The frame as one contiguous buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut out);
+        out.freeze()
+    }
+
+    /// Builds a frame from a checked header and its whole payload (timestamp included).
+    pub(crate) fn from_wire(header: Header, mut payload: Bytes) -> Frame {
+        let timestamp_ms = if header.flags.contains(Flags::TIMESTAMPED) {
+            // Header::decode guarantees the payload holds the timestamp.
+            let ts = payload.split_to(TIMESTAMP_LEN);
+            let mut raw = [0u8; TIMESTAMP_LEN];
+            raw.copy_from_slice(&ts);
+            Some(u64::from_be_bytes(raw))
+        } else {
+            None
+        };
+        Frame {
+            header,
+            timestamp_ms,
+            body: payload,
+        }
+    }
+
+    /// Decodes a datagram, which must hold exactly one unfragmented frame.
+    pub fn decode_datagram(datagram: Bytes, max_payload_len: usize) -> Result<Frame, DecodeError> {
+        let (frame, used) = super::decoder::decode_one(&datagram, max_payload_len)?;
+        if used != datagram.len() {
+            return Err(DecodeError::TrailingBytes {
+                extra: datagram.len() - used,
+            });
+        }
+        if frame.header.flags.contains(Flags::CONTINUATION) {
+            return Err(DecodeError::FragmentedDatagram);
+        }
+        Ok(frame)
+    }
+}
+
+/// A whole message: the header of its first frame (without `CONTINUATION`), the
+/// optional timestamp and the complete body, which may exceed one frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Header of the first frame; `seq` is the first frame's sequence number.
+    pub header: Header,
+    /// Present when the message was sent timestamped (always a single frame).
+    pub timestamp_ms: Option<u64>,
+    /// The complete body.
+    pub body: Bytes,
+}
+
+impl Message {
+    /// A message with no timestamp.
+    pub fn new(header: Header, body: Bytes) -> Message {
+        Message {
+            header,
+            timestamp_ms: None,
+            body,
+        }
+    }
+
+    /// Splits the message into frames of at most `max_frame_payload` body bytes with
+    /// consecutive sequence numbers starting at `first_seq` (wrapping). Every frame
+    /// but the last carries `CONTINUATION`. A timestamped message must fit in one frame.
+    pub fn into_frames(
+        self,
+        first_seq: u16,
+        max_frame_payload: usize,
+    ) -> Result<Vec<Frame>, FrameTooLarge> {
+        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
+        let mut header = self.header;
+        header.flags = header.flags.without(Flags::CONTINUATION);
+        header.seq = first_seq;
+        if let Some(ts) = self.timestamp_ms {
+            if self.body.len() + TIMESTAMP_LEN > chunk {
+                return Err(FrameTooLarge {
+                    len: self.body.len() + TIMESTAMP_LEN,
+                });
+            }
+            return Ok(vec![Frame::timestamped(header, ts, self.body)?]);
+        }
+        let mut body = self.body;
+        let mut frames = Vec::with_capacity(body.len().div_ceil(chunk).max(1));
+        loop {
+            let last = body.len() <= chunk;
+            let part = body.split_to(body.len().min(chunk));
+            let mut h = header;
+            if !last {
+                h.flags = h.flags.with(Flags::CONTINUATION);
+            }
+            frames.push(Frame::new(h, part)?);
+            if last {
+                return Ok(frames);
+            }
+            header.seq = header.seq.wrapping_add(1);
+        }
+    }
+}
+
+impl From<Frame> for Message {
+    fn from(frame: Frame) -> Message {
+        let mut header = frame.header;
+        header.flags = header.flags.without(Flags::CONTINUATION);
+        Message {
+            header,
+            timestamp_ms: frame.timestamp_ms,
+            body: frame.body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::MessageType;
+
+    #[test]
+    fn timestamp_flag_follows_the_constructor() {
+        let mut h = Header::new(MessageType::Report);
+        h.flags = Flags::TIMESTAMPED;
+        let f = Frame::new(h, Bytes::from_static(b"x")).unwrap();
+        assert!(!f.header().flags.contains(Flags::TIMESTAMPED));
+        assert_eq!(f.payload_len(), 1);
+        let f = Frame::timestamped(Header::new(MessageType::Report), 7, Bytes::new()).unwrap();
+        assert!(f.header().flags.contains(Flags::TIMESTAMPED));
+        assert_eq!(f.payload_len(), 8);
+        assert_eq!(f.encoded_len(), f.to_bytes().len());
+    }
+
+    #[test]
+    fn oversized_bodies_are_refused() {
+        let h = Header::new(MessageType::Envelope);
+        assert!(Frame::new(h, Bytes::from(vec![0; MAX_PAYLOAD_LEN])).is_ok());
+        assert_eq!(
+            Frame::new(h, Bytes::from(vec![0; MAX_PAYLOAD_LEN + 1])),
+            Err(FrameTooLarge {
+                len: MAX_PAYLOAD_LEN + 1
+            })
+        );
+        assert!(Frame::timestamped(h, 0, Bytes::from(vec![0; MAX_PAYLOAD_LEN - 7])).is_err());
+    }
+
+    #[test]
+    fn messages_split_into_continuation_frames_with_wrapping_seq() {
+        let body = Bytes::from((0..=255u8).cycle().take(25).collect::<Vec<_>>());
+        let msg = Message::new(Header::new(MessageType::Envelope), body.clone());
+        let frames = msg.into_frames(u16::MAX - 1, 10).unwrap();
+        let seqs: Vec<u16> = frames.iter().map(|f| f.header().seq).collect();
+        assert_eq!(seqs, [u16::MAX - 1, u16::MAX, 0]);
+        let cont: Vec<bool> = frames
+            .iter()
+            .map(|f| f.header().flags.contains(Flags::CONTINUATION))
+            .collect();
+        assert_eq!(cont, [true, true, false]);
+        let joined: Vec<u8> = frames.iter().flat_map(|f| f.body().to_vec()).collect();
+        assert_eq!(joined, body);
+    }
+
+    #[test]
+    fn an_empty_message_is_one_empty_frame() {
+        let msg = Message::new(Header::new(MessageType::Control), Bytes::new());
+        let frames = msg.into_frames(5, MAX_PAYLOAD_LEN).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].body().is_empty());
+    }
+}

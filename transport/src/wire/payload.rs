@@ -1,0 +1,555 @@
+//! Typed ACP payloads: one struct per message type, encoded as msgpack maps with
+//! named fields (rmp-serde). Receivers ignore keys they do not know, so fields can be
+//! added within version 1; every field listed here is required.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use super::error_code::AcpErrorCode;
+use super::header::MessageType;
+
+/// Why a payload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// The bytes are not msgpack of the type's schema.
+    #[error("{msg_type} payload does not decode: {reason}")]
+    Undecodable {
+        /// The header's type.
+        msg_type: MessageType,
+        /// What the msgpack decoder said.
+        reason: String,
+    },
+    /// Bytes remain after the msgpack value.
+    #[error("{msg_type} payload has {extra} bytes after its value")]
+    TrailingBytes {
+        /// The header's type.
+        msg_type: MessageType,
+        /// How many.
+        extra: usize,
+    },
+    /// The value decoded but breaks a rule of its schema.
+    #[error("{msg_type} payload: field `{field}` {rule}")]
+    Invalid {
+        /// The header's type.
+        msg_type: MessageType,
+        /// The field at fault.
+        field: &'static str,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// Encoding failed (only possible for values a custom serializer rejects).
+    #[error("{msg_type} payload does not encode: {reason}")]
+    Unencodable {
+        /// The payload's type.
+        msg_type: MessageType,
+        /// What the encoder said.
+        reason: String,
+    },
+}
+
+impl PayloadError {
+    /// The error code to close the offending connection with.
+    pub fn code(&self) -> AcpErrorCode {
+        AcpErrorCode::BadPayload
+    }
+}
+
+/// Longest intermediate-result hash a SYNC may carry (a SHA-512 fits).
+pub const MAX_HASH_LEN: usize = 64;
+/// Length of a trace id (W3C trace-context size).
+pub const TRACE_ID_LEN: usize = 16;
+/// Progress is reported in thousandths; this is "done".
+pub const PROGRESS_DONE_PERMILLE: u16 = 1000;
+
+/// What an agent can do, as it registers and as discovery lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capability {
+    /// The capability's name, e.g. `"summarize"`.
+    pub name: String,
+    /// The implementation's version, e.g. `"1.2.0"`.
+    pub version: String,
+    /// Free-form tags for finer matching, e.g. `["gpu", "en"]`.
+    pub tags: Vec<String>,
+    /// How many segments the agent runs at once.
+    pub capacity: u32,
+}
+
+/// An agent's health as its node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Working normally.
+    Ok,
+    /// Working, but slow or failing some segments.
+    Degraded,
+    /// Not fit to receive work.
+    Unhealthy,
+}
+
+/// ALLOCATE (0): run one attempt of one segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocate {
+    /// The worker agent that is to run it.
+    pub target: u32,
+    /// The task the segment belongs to.
+    pub task: Uuid,
+    /// The segment's index within its task.
+    pub segment: u32,
+    /// Attempt number, from 1; a retry or reallocation increments it.
+    pub attempt: u32,
+    /// The capability asked for.
+    pub capability: String,
+    /// How long the coordinator waits for a result before retrying elsewhere.
+    pub timeout_ms: u32,
+    /// The segment's input, opaque to ACP (the agent's own serde encoding).
+    #[serde(with = "super::bytes_serde")]
+    pub input: Bytes,
+}
+
+/// REPORT (1): progress and health of one attempt, and finally its result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The coordinator agent the report is for.
+    pub target: u32,
+    /// The task.
+    pub task: Uuid,
+    /// The segment.
+    pub segment: u32,
+    /// The attempt this report is about.
+    pub attempt: u32,
+    /// Progress in thousandths, 0..=1000.
+    pub progress_permille: u16,
+    /// The worker's health.
+    pub health: Health,
+    /// Segments the worker has in hand, this one included.
+    pub load: u32,
+    /// The result, present in the final report of a successful attempt.
+    #[serde(with = "super::bytes_serde::option")]
+    pub output: Option<Bytes>,
+    /// Why the attempt failed, present in the final report of a failed attempt.
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// True if this report ends its attempt (it carries an output or an error).
+    pub fn is_final(&self) -> bool {
+        self.output.is_some() || self.error.is_some()
+    }
+}
+
+/// SYNC (2): an intermediate result shared between workers of one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sync {
+    /// The peer worker agent.
+    pub target: u32,
+    /// The task both work on.
+    pub task: Uuid,
+    /// The sender's segment.
+    pub segment: u32,
+    /// Sync round, increasing per sender and task.
+    pub round: u32,
+    /// Hash of the intermediate result, at most 64 bytes.
+    #[serde(with = "super::bytes_serde")]
+    pub hash: Bytes,
+    /// Optional small data to go with it (a bid, a partial result); may be empty.
+    #[serde(with = "super::bytes_serde")]
+    pub body: Bytes,
+}
+
+/// ADJUST (3): steer running work.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjust {
+    /// The worker agent.
+    pub target: u32,
+    /// The task.
+    pub task: Uuid,
+    /// The segment, or `None` for every segment of the task at that worker.
+    pub segment: Option<u32>,
+    /// New parameter values by name.
+    pub params: BTreeMap<String, String>,
+    /// New Stream Prio for the task's traffic, if it changes.
+    pub priority: Option<u8>,
+    /// Stop the work and report it cancelled.
+    pub cancel: bool,
+}
+
+/// REGISTER (4): a node registers one of its agents with discovery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Chosen by the sender to match the REGISTER_ACK to this request.
+    pub nonce: u64,
+    /// The agent's type name, e.g. `"summarizer"`.
+    pub agent_type: String,
+    /// What it can do.
+    pub capabilities: Vec<Capability>,
+}
+
+/// REGISTER_ACK (5): discovery's answer to a REGISTER.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterAck {
+    /// The REGISTER's nonce.
+    pub nonce: u64,
+    /// The Agent ID assigned, owned by the registering node from now on.
+    pub agent: u32,
+    /// The coordination group the agent belongs to.
+    pub group: u16,
+}
+
+/// QUERY_CAPABLE_AGENTS (6): which agents offer a capability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryCapableAgents {
+    /// Chosen by the sender to match the LIST_AGENTS to this query.
+    pub query: u64,
+    /// The capability's name.
+    pub capability: String,
+    /// Tags every listed agent must have.
+    pub tags: Vec<String>,
+    /// Most agents to list (0: no limit beyond the message size).
+    pub limit: u32,
+}
+
+/// One agent in a LIST_AGENTS answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Its Agent ID.
+    pub agent: u32,
+    /// The name of the node that runs it.
+    pub node: String,
+    /// Its type name.
+    pub agent_type: String,
+    /// Its coordination group.
+    pub group: u16,
+    /// The matching capability.
+    pub capability: Capability,
+    /// Segments in hand.
+    pub load: u32,
+    /// Its health.
+    pub health: Health,
+}
+
+/// LIST_AGENTS (7): the answer to a query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListAgents {
+    /// The query's id.
+    pub query: u64,
+    /// Matching agents.
+    pub agents: Vec<AgentInfo>,
+}
+
+/// SYNC_ACK (8): confirms a SYNC (the draft's COORD_ACK).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncAck {
+    /// The worker that sent the SYNC.
+    pub target: u32,
+    /// The task.
+    pub task: Uuid,
+    /// The segment of the SYNC's sender.
+    pub segment: u32,
+    /// The round confirmed.
+    pub round: u32,
+    /// The receiver's own hash for that round, for comparison.
+    #[serde(with = "super::bytes_serde")]
+    pub hash: Bytes,
+    /// Whether the receiver agrees with the sender's intermediate result.
+    pub agreed: bool,
+}
+
+/// ENVELOPE (9): a generic actor message addressed by cluster-wide name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The receiving actor's cluster-wide name.
+    pub to: String,
+    /// The message's type tag, for the receiver to pick its decoder.
+    pub kind: String,
+    /// Request/reply correlation (0: none).
+    pub correlation: u64,
+    /// True if this answers the request with the same correlation.
+    pub reply: bool,
+    /// Trace id to follow one task across nodes: 16 bytes, or absent.
+    #[serde(with = "super::bytes_serde::option")]
+    pub trace_id: Option<Bytes>,
+    /// The message, opaque to ACP.
+    #[serde(with = "super::bytes_serde")]
+    pub body: Bytes,
+}
+
+/// MEMBERSHIP (10): cluster membership gossip, opaque to ACP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The membership protocol's own encoding.
+    #[serde(with = "super::bytes_serde")]
+    pub gossip: Bytes,
+}
+
+/// What a CONTROL frame asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlOp {
+    /// Answer with a pong carrying the same nonce.
+    Ping,
+    /// The answer to a ping.
+    Pong,
+    /// The sender leaves the cluster; do not wait for the failure detector.
+    Leave,
+}
+
+/// CONTROL (11): connection control between nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// What is asked.
+    pub op: ControlOp,
+    /// Matches a pong to its ping (0 for leave).
+    pub nonce: u64,
+    /// The sending node's name.
+    pub node: String,
+}
+
+/// A decoded payload of any type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(missing_docs)] // each variant is documented on its struct
+pub enum Payload {
+    Allocate(Allocate),
+    Report(Report),
+    Sync(Sync),
+    Adjust(Adjust),
+    Register(Register),
+    RegisterAck(RegisterAck),
+    QueryCapableAgents(QueryCapableAgents),
+    ListAgents(ListAgents),
+    SyncAck(SyncAck),
+    Envelope(Envelope),
+    Membership(Membership),
+    Control(Control),
+}
+
+macro_rules! for_each_payload {
+    ($value:expr, $inner:ident => $body:expr) => {
+        match $value {
+            Payload::Allocate($inner) => $body,
+            Payload::Report($inner) => $body,
+            Payload::Sync($inner) => $body,
+            Payload::Adjust($inner) => $body,
+            Payload::Register($inner) => $body,
+            Payload::RegisterAck($inner) => $body,
+            Payload::QueryCapableAgents($inner) => $body,
+            Payload::ListAgents($inner) => $body,
+            Payload::SyncAck($inner) => $body,
+            Payload::Envelope($inner) => $body,
+            Payload::Membership($inner) => $body,
+            Payload::Control($inner) => $body,
+        }
+    };
+}
+
+impl Payload {
+    /// The message type this payload goes with.
+    pub fn msg_type(&self) -> MessageType {
+        match self {
+            Payload::Allocate(_) => MessageType::Allocate,
+            Payload::Report(_) => MessageType::Report,
+            Payload::Sync(_) => MessageType::Sync,
+            Payload::Adjust(_) => MessageType::Adjust,
+            Payload::Register(_) => MessageType::Register,
+            Payload::RegisterAck(_) => MessageType::RegisterAck,
+            Payload::QueryCapableAgents(_) => MessageType::QueryCapableAgents,
+            Payload::ListAgents(_) => MessageType::ListAgents,
+            Payload::SyncAck(_) => MessageType::SyncAck,
+            Payload::Envelope(_) => MessageType::Envelope,
+            Payload::Membership(_) => MessageType::Membership,
+            Payload::Control(_) => MessageType::Control,
+        }
+    }
+
+    /// Deserializes the payload of `msg_type` from any serde format (msgpack on the
+    /// wire, JSON in the CLI). Does not validate; see [`Payload::validate`].
+    pub fn deserialize_as<'de, D: Deserializer<'de>>(
+        msg_type: MessageType,
+        d: D,
+    ) -> Result<Payload, D::Error> {
+        Ok(match msg_type {
+            MessageType::Allocate => Payload::Allocate(Deserialize::deserialize(d)?),
+            MessageType::Report => Payload::Report(Deserialize::deserialize(d)?),
+            MessageType::Sync => Payload::Sync(Deserialize::deserialize(d)?),
+            MessageType::Adjust => Payload::Adjust(Deserialize::deserialize(d)?),
+            MessageType::Register => Payload::Register(Deserialize::deserialize(d)?),
+            MessageType::RegisterAck => Payload::RegisterAck(Deserialize::deserialize(d)?),
+            MessageType::QueryCapableAgents => {
+                Payload::QueryCapableAgents(Deserialize::deserialize(d)?)
+            }
+            MessageType::ListAgents => Payload::ListAgents(Deserialize::deserialize(d)?),
+            MessageType::SyncAck => Payload::SyncAck(Deserialize::deserialize(d)?),
+            MessageType::Envelope => Payload::Envelope(Deserialize::deserialize(d)?),
+            MessageType::Membership => Payload::Membership(Deserialize::deserialize(d)?),
+            MessageType::Control => Payload::Control(Deserialize::deserialize(d)?),
+        })
+    }
+
+    /// Decodes and validates the msgpack body of a message of `msg_type`.
+    pub fn decode(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
+        // The reader-based deserializer copies declared lengths through `take(len)`,
+        // so a length field that lies cannot make it allocate more than `body` holds.
+        let mut de = rmp_serde::Deserializer::new(body);
+        let payload =
+            Payload::deserialize_as(msg_type, &mut de).map_err(|e| PayloadError::Undecodable {
+                msg_type,
+                reason: e.to_string(),
+            })?;
+        let extra = de.get_ref().len();
+        if extra != 0 {
+            return Err(PayloadError::TrailingBytes { msg_type, extra });
+        }
+        payload.validate()?;
+        Ok(payload)
+    }
+
+    /// Encodes the payload as a msgpack map with named fields.
+    pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        rmp_serde::to_vec_named(self).map_err(|e| PayloadError::Unencodable {
+            msg_type: self.msg_type(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks the field rules that the schema's types alone do not express.
+    pub fn validate(&self) -> Result<(), PayloadError> {
+        let msg_type = self.msg_type();
+        let invalid = |field, rule| {
+            Err(PayloadError::Invalid {
+                msg_type,
+                field,
+                rule,
+            })
+        };
+        match self {
+            Payload::Report(r) if r.progress_permille > PROGRESS_DONE_PERMILLE => {
+                invalid("progress_permille", "must be at most 1000")
+            }
+            Payload::Report(r) if r.output.is_some() && r.error.is_some() => {
+                invalid("output", "and `error` cannot both be present")
+            }
+            Payload::Sync(s) if s.hash.len() > MAX_HASH_LEN => {
+                invalid("hash", "must be at most 64 bytes")
+            }
+            Payload::SyncAck(s) if s.hash.len() > MAX_HASH_LEN => {
+                invalid("hash", "must be at most 64 bytes")
+            }
+            Payload::Envelope(e)
+                if e.trace_id.as_ref().is_some_and(|t| t.len() != TRACE_ID_LEN) =>
+            {
+                invalid("trace_id", "must be 16 bytes when present")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Serializes the inner struct only: the type travels in the header, not the payload.
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        for_each_payload!(self, inner => inner.serialize(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            target: 1,
+            task: Uuid::from_u128(7),
+            segment: 2,
+            attempt: 1,
+            progress_permille: 500,
+            health: Health::Ok,
+            load: 3,
+            output: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn payloads_are_named_msgpack_maps() {
+        let p = Payload::Control(Control {
+            op: ControlOp::Ping,
+            nonce: 1,
+            node: "a".into(),
+        });
+        let bytes = p.encode().unwrap();
+        // fixmap of 3, then "op" => "ping", "nonce" => 1, "node" => "a"
+        assert_eq!(
+            hex::encode(&bytes),
+            "83a26f70a470696e67a56e6f6e636501a46e6f6465a161"
+        );
+        assert_eq!(Payload::decode(MessageType::Control, &bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn uuids_and_bytes_are_msgpack_bin() {
+        let p = Payload::Report(Report {
+            output: Some(Bytes::from_static(b"ok")),
+            ..report()
+        });
+        let bytes = p.encode().unwrap();
+        // "task" => bin8 of 16, "output" => bin8 of 2
+        assert!(hex::encode(&bytes).contains("a47461736bc410"));
+        assert!(hex::encode(&bytes).contains("a66f7574707574c4026f6b"));
+        assert_eq!(Payload::decode(MessageType::Report, &bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn field_rules_are_enforced_on_decode() {
+        let bad = Payload::Report(Report {
+            progress_permille: 1001,
+            ..report()
+        });
+        let bytes = bad.encode().unwrap();
+        assert!(matches!(
+            Payload::decode(MessageType::Report, &bytes),
+            Err(PayloadError::Invalid {
+                field: "progress_permille",
+                ..
+            })
+        ));
+        let both = Payload::Report(Report {
+            output: Some(Bytes::new()),
+            error: Some("x".into()),
+            ..report()
+        });
+        assert!(Payload::decode(MessageType::Report, &both.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn wrong_schema_and_trailing_bytes_are_typed_errors() {
+        let bytes = Payload::Report(report()).encode().unwrap();
+        assert!(matches!(
+            Payload::decode(MessageType::Allocate, &bytes),
+            Err(PayloadError::Undecodable {
+                msg_type: MessageType::Allocate,
+                ..
+            })
+        ));
+        let mut long = bytes.clone();
+        long.push(0xc0);
+        assert!(matches!(
+            Payload::decode(MessageType::Report, &long),
+            Err(PayloadError::TrailingBytes { extra: 1, .. })
+        ));
+        assert!(Payload::decode(MessageType::Report, &[]).is_err());
+    }
+
+    #[test]
+    fn a_lying_length_does_not_allocate_what_it_claims() {
+        // map of 1, key "gossip", bin32 claiming 4 GiB, then 3 bytes.
+        let mut bytes = vec![0x81, 0xa6];
+        bytes.extend_from_slice(b"gossip");
+        bytes.extend_from_slice(&[0xc6, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        assert!(matches!(
+            Payload::decode(MessageType::Membership, &bytes),
+            Err(PayloadError::Undecodable { .. })
+        ));
+    }
+}

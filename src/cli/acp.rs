@@ -16,7 +16,8 @@ use agentmesh::transport::wire::{
 pub enum AcpCommand {
     /// Decode hex-encoded frames; prints one JSON object per frame.
     Decode {
-        /// The frame(s) as hex; whitespace, ':' and a leading 0x are ignored.
+        /// The frame(s) as hex, or `-` to read them from stdin; whitespace, ':' and a
+        /// leading 0x are ignored.
         hex: String,
     },
     /// Encode one frame from its header fields and a JSON payload; prints hex.
@@ -49,14 +50,15 @@ pub struct EncodeArgs {
     /// Put this timestamp (ms since the Unix epoch) before the payload.
     #[arg(long = "timestamp-ms")]
     timestamp_ms: Option<u64>,
-    /// The payload as JSON, in the shape `acp decode` prints it.
+    /// The payload as JSON, in the shape `acp decode` prints it (`-`: from stdin).
     #[arg(
         long,
         conflicts_with = "payload_hex",
         required_unless_present = "payload_hex"
     )]
     payload: Option<String>,
-    /// The payload as raw hex bytes instead (for fragments or deliberately bad frames).
+    /// The payload as raw hex bytes instead, for fragments or deliberately bad frames
+    /// (`-`: from stdin).
     #[arg(long = "payload-hex")]
     payload_hex: Option<String>,
 }
@@ -76,16 +78,23 @@ struct DecodedFrame {
     len: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     timestamp_ms: Option<u64>,
-    payload: serde_json::Value,
+    payload: PayloadJson,
+}
+
+/// The decoded payload in schema order, or its bytes as hex when it does not decode.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PayloadJson {
+    Decoded(Payload),
+    Raw(String),
 }
 
 impl DecodedFrame {
     fn new(frame: &Frame) -> DecodedFrame {
         let h = frame.header();
         let payload = match Payload::decode(h.msg_type, frame.body()) {
-            Ok(p) => serde_json::to_value(&p)
-                .unwrap_or_else(|_| serde_json::Value::String(hex::encode(frame.body()))),
-            Err(_) => serde_json::Value::String(hex::encode(frame.body())),
+            Ok(p) => PayloadJson::Decoded(p),
+            Err(_) => PayloadJson::Raw(hex::encode(frame.body())),
         };
         DecodedFrame {
             ver: PROTOCOL_VERSION,
@@ -110,6 +119,18 @@ pub fn run(command: AcpCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The argument itself, or all of stdin when it is `-` (arguments are limited to
+/// 128 KiB on Linux; a 64 KiB frame is 128 KiB of hex).
+fn arg_or_stdin(value: &str) -> anyhow::Result<String> {
+    if value != "-" {
+        return Ok(value.to_string());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+        .context("reading stdin")?;
+    Ok(text)
+}
+
 fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
     let cleaned: String = text
         .trim()
@@ -121,7 +142,7 @@ fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 fn decode(text: &str) -> anyhow::Result<()> {
-    let bytes = Bytes::from(parse_hex(text)?);
+    let bytes = Bytes::from(parse_hex(&arg_or_stdin(text)?)?);
     if bytes.is_empty() {
         bail!("no bytes to decode");
     }
@@ -154,13 +175,13 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
     let body = match (&args.payload, &args.payload_hex) {
         (Some(json), _) => {
             let value: serde_json::Value =
-                serde_json::from_str(json).context("--payload is not JSON")?;
+                serde_json::from_str(&arg_or_stdin(json)?).context("--payload is not JSON")?;
             let payload = Payload::deserialize_as(msg_type, value)
                 .with_context(|| format!("--payload is not a {msg_type} payload"))?;
             payload.validate()?;
             payload.encode()?
         }
-        (None, Some(hex)) => parse_hex(hex).context("--payload-hex")?,
+        (None, Some(hex)) => parse_hex(&arg_or_stdin(hex)?).context("--payload-hex")?,
         (None, None) => bail!("give --payload or --payload-hex"),
     };
     let header = Header {

@@ -8,7 +8,18 @@
 //!
 //! This crate knows nothing about ractor, agents or tasks: it moves typed frames.
 
+pub mod clock;
+pub mod endpoint;
+pub mod headroom;
+pub mod ingress;
+mod peer;
+pub mod stats;
+pub mod tls;
 pub mod wire;
+
+pub use endpoint::{EndpointConfig, PeerName, Transport, TransportError, TransportEvent};
+pub use ingress::{OwnershipTable, Via};
+pub use peer::PeerHandle;
 
 pub use wire::{
     AcpErrorCode, DecodeError, Flags, Frame, FrameDecoder, Header, Lane, Message, MessageType,

@@ -167,6 +167,39 @@ impl Message {
         first_seq: u16,
         max_frame_payload: usize,
     ) -> Result<Vec<Frame>, FrameTooLarge> {
+        let mut frames = Vec::new();
+        self.for_each_frame(first_seq, max_frame_payload, |frame| frames.push(frame))?;
+        Ok(frames)
+    }
+
+    /// Appends the message's frames to `out`, numbered from `first_seq` as
+    /// [`Message::into_frames`] numbers them; returns how many frames it wrote.
+    pub fn encode_frames(
+        &self,
+        first_seq: u16,
+        max_frame_payload: usize,
+        out: &mut BytesMut,
+    ) -> Result<u16, FrameTooLarge> {
+        let mut count = 0u16;
+        self.for_each_frame(first_seq, max_frame_payload, |frame| {
+            frame.encode(out);
+            count = count.wrapping_add(1);
+        })?;
+        Ok(count)
+    }
+
+    /// How many frames this message takes at `max_frame_payload` bytes per frame.
+    pub fn frame_count(&self, max_frame_payload: usize) -> usize {
+        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
+        self.body.len().div_ceil(chunk).max(1)
+    }
+
+    fn for_each_frame(
+        &self,
+        first_seq: u16,
+        max_frame_payload: usize,
+        mut emit: impl FnMut(Frame),
+    ) -> Result<(), FrameTooLarge> {
         let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
         let mut header = self.header;
         header.flags = header.flags.without(Flags::CONTINUATION);
@@ -177,10 +210,10 @@ impl Message {
                     len: self.body.len() + TIMESTAMP_LEN,
                 });
             }
-            return Ok(vec![Frame::timestamped(header, ts, self.body)?]);
+            emit(Frame::timestamped(header, ts, self.body.clone())?);
+            return Ok(());
         }
-        let mut body = self.body;
-        let mut frames = Vec::with_capacity(body.len().div_ceil(chunk).max(1));
+        let mut body = self.body.clone();
         loop {
             let last = body.len() <= chunk;
             let part = body.split_to(body.len().min(chunk));
@@ -188,9 +221,9 @@ impl Message {
             if !last {
                 h.flags = h.flags.with(Flags::CONTINUATION);
             }
-            frames.push(Frame::new(h, part)?);
+            emit(Frame::new(h, part)?);
             if last {
-                return Ok(frames);
+                return Ok(());
             }
             header.seq = header.seq.wrapping_add(1);
         }

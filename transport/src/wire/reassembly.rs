@@ -67,6 +67,11 @@ impl Reassembler {
         }
     }
 
+    /// True while a fragmented message is incomplete.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Bytes held for the message in progress.
     pub fn buffered_len(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| p.body.len())

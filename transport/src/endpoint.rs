@@ -1,0 +1,608 @@
+//! One QUIC endpoint per node that both accepts and dials, with mutual TLS; the table
+//! of peer connections (one per pair of nodes, simultaneous dials resolved the same way
+//! on both sides); and the events the transport reports to its owner.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::clock::{Clock, SystemClock};
+use crate::headroom::{HeadroomFactory, WindowGauge};
+use crate::ingress::{IngressLimits, OwnershipTable, Via};
+use crate::peer::{PeerConn, PeerHandle};
+use crate::stats::{HandshakeRefusal, StatsSnapshot, TransportStats};
+use crate::tls::{self, NodeIdentity, TlsError};
+use crate::wire::{AcpErrorCode, Message, TimestampWindow, MAX_PAYLOAD_LEN};
+
+/// A peer's node name, as its certificate gives it.
+pub type PeerName = Arc<str>;
+
+/// The SNI used when dialling an address whose node name is not known yet.
+const UNKNOWN_PEER_SNI: &str = "agentmesh";
+
+/// Knobs of one node's transport. `EndpointConfig::new` gives the defaults.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Address to bind (the node's `--listen`).
+    pub listen: SocketAddr,
+    /// QUIC keep-alive interval: a silent peer is pinged this often, so the idle timeout
+    /// only fires when it is really gone.
+    pub keep_alive_interval_ms: u64,
+    /// A connection with nothing received for this long is closed. The failure
+    /// detector works above this, on its own, shorter timers; this is the backstop.
+    pub idle_timeout_ms: u64,
+    /// Bytes each lane may hold queued before senders on that lane wait.
+    pub lane_queue_bytes: usize,
+    /// Largest frame payload sent and accepted (at most 65,535).
+    pub max_frame_payload: usize,
+    /// Largest reassembled message accepted.
+    pub max_message_bytes: usize,
+    /// Share of the congestion window, in thousandths, that the bulk and normal lanes
+    /// may fill; the rest is kept for urgent and coordination frames.
+    pub lower_lane_window_share_permille: u64,
+    /// Absolute cap on bytes in flight while the lower lanes write.
+    pub max_lower_in_flight_bytes: u64,
+    /// Per-peer ingress rate limit.
+    pub ingress: IngressLimits,
+    /// Freshness window for timestamped frames.
+    pub timestamps: TimestampWindow,
+    /// Events buffered for the owner before lane readers wait (and datagrams are shed).
+    pub event_queue: usize,
+    /// UDP socket send and receive buffer size asked of the OS.
+    pub socket_buffer_bytes: usize,
+}
+
+impl EndpointConfig {
+    /// Defaults for a node listening on `listen`.
+    pub fn new(listen: SocketAddr) -> EndpointConfig {
+        EndpointConfig {
+            listen,
+            keep_alive_interval_ms: 250,
+            idle_timeout_ms: 3_000,
+            lane_queue_bytes: 4 * 1024 * 1024,
+            max_frame_payload: MAX_PAYLOAD_LEN,
+            max_message_bytes: 16 * 1024 * 1024,
+            lower_lane_window_share_permille: 500,
+            max_lower_in_flight_bytes: 256 * 1024,
+            ingress: IngressLimits::default(),
+            timestamps: TimestampWindow::default(),
+            event_queue: 1024,
+            socket_buffer_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the transport tells its owner.
+#[derive(Debug)]
+pub enum TransportEvent {
+    /// A connection to `peer` is up.
+    PeerUp {
+        /// The peer's node name.
+        peer: PeerName,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// The connection to `peer` is gone.
+    PeerDown {
+        /// The peer's node name.
+        peer: PeerName,
+        /// Why, as quinn or the peer put it.
+        reason: String,
+    },
+    /// Messages arrived from `peer`, in order within the carrier.
+    Received {
+        /// The peer's node name.
+        peer: PeerName,
+        /// The lane they came on, or datagram.
+        via: Via,
+        /// Whole messages (fragments already joined).
+        messages: Vec<Message>,
+    },
+}
+
+/// Why a transport operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The UDP socket could not be set up.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TLS identity or configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused to start a connection.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// quinn's reason.
+        source: quinn::ConnectError,
+    },
+    /// The connection failed or was closed.
+    #[error("connection to {addr} failed: {source}")]
+    Connection {
+        /// The address.
+        addr: SocketAddr,
+        /// quinn's reason.
+        source: quinn::ConnectionError,
+    },
+    /// The peer's certificate names another node than the one dialled.
+    #[error("dialled {expected} but {addr} is {actual}")]
+    WrongPeer {
+        /// The address.
+        addr: SocketAddr,
+        /// The name expected.
+        expected: String,
+        /// The name in its certificate.
+        actual: String,
+    },
+    /// The address is this node itself.
+    #[error("{addr} is this node ({name})")]
+    SelfConnect {
+        /// The address.
+        addr: SocketAddr,
+        /// This node's name.
+        name: String,
+    },
+    /// No connection to that peer.
+    #[error("not connected to {0}")]
+    NotConnected(String),
+    /// The connection went away while sending.
+    #[error("connection to {0} closed")]
+    PeerClosed(String),
+    /// The message cannot be sent (a timestamped message too large for one frame).
+    #[error("message cannot be framed: {0}")]
+    Unframeable(#[from] crate::wire::FrameTooLarge),
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: PeerName,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) config: EndpointConfig,
+    pub(crate) peers: Mutex<HashMap<PeerName, Arc<PeerConn>>>,
+    pub(crate) events: mpsc::Sender<TransportEvent>,
+    pub(crate) ownership: Arc<OwnershipTable>,
+    pub(crate) stats: Arc<TransportStats>,
+    pub(crate) clock: Arc<dyn Clock>,
+    client_crypto: Arc<QuicClientConfig>,
+    server_crypto: Arc<QuicServerConfig>,
+}
+
+/// A node's transport: cheap to clone, all clones share one endpoint.
+#[derive(Clone)]
+pub struct Transport {
+    shared: Arc<Shared>,
+}
+
+impl Transport {
+    /// Binds the endpoint and starts accepting. Returns the transport and the stream of
+    /// its events, which the owner must drain (lane readers wait when it is full).
+    pub fn bind(
+        config: EndpointConfig,
+        identity: &NodeIdentity,
+        ownership: Arc<OwnershipTable>,
+    ) -> Result<(Transport, mpsc::Receiver<TransportEvent>), TransportError> {
+        Transport::bind_with_clock(config, identity, ownership, Arc::new(SystemClock))
+    }
+
+    /// [`Transport::bind`] with an explicit wall clock.
+    pub fn bind_with_clock(
+        config: EndpointConfig,
+        identity: &NodeIdentity,
+        ownership: Arc<OwnershipTable>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Transport, mpsc::Receiver<TransportEvent>), TransportError> {
+        let tls_err =
+            |e: &dyn std::fmt::Display| TransportError::Tls(TlsError::Config(e.to_string()));
+        let server_crypto = Arc::new(
+            QuicServerConfig::try_from(tls::server_config(identity)?).map_err(|e| tls_err(&e))?,
+        );
+        let client_crypto = Arc::new(
+            QuicClientConfig::try_from(tls::client_config(identity)?).map_err(|e| tls_err(&e))?,
+        );
+        let socket = bind_socket(config.listen, config.socket_buffer_bytes)?;
+        let default_server = server_config(
+            &server_crypto,
+            &config,
+            Arc::new(WindowGauge::new(
+                config.lower_lane_window_share_permille,
+                config.max_lower_in_flight_bytes,
+            )),
+        );
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(default_server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| TransportError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (events, rx) = mpsc::channel(config.event_queue.max(1));
+        let shared = Arc::new(Shared {
+            name: Arc::from(identity.name.as_str()),
+            endpoint,
+            config,
+            peers: Mutex::new(HashMap::new()),
+            events,
+            ownership,
+            stats: Arc::new(TransportStats::default()),
+            clock,
+            client_crypto,
+            server_crypto,
+        });
+        tokio::spawn(accept_loop(shared.clone()));
+        Ok((Transport { shared }, rx))
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &PeerName {
+        &self.shared.name
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.shared
+            .endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: self.shared.config.listen,
+                source,
+            })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The agent-ownership table the ingress checks read.
+    pub fn ownership(&self) -> &Arc<OwnershipTable> {
+        &self.shared.ownership
+    }
+
+    /// Connects to the node at `addr` (or returns the connection already there) and
+    /// returns its name. With `expected` set, a peer with another name is refused, and
+    /// a resumed session may send 0-RTT data on the lanes where that is safe.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&str>,
+    ) -> Result<PeerName, TransportError> {
+        if let Some(name) = expected {
+            if let Some(peer) = self.peer(name) {
+                return Ok(peer.name().clone());
+            }
+        }
+        let shared = &self.shared;
+        let gauge = new_gauge(&shared.config);
+        let mut client = quinn::ClientConfig::new(shared.client_crypto.clone());
+        client.transport_config(Arc::new(transport_config(&shared.config, gauge.clone())));
+        let connecting = shared
+            .endpoint
+            .connect_with(client, addr, expected.unwrap_or(UNKNOWN_PEER_SNI))
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        let (conn, handshake) = match (expected, connecting) {
+            // A resumed session to a named peer: usable at once for 0-RTT-safe lanes.
+            (Some(want), connecting) => match connecting.into_0rtt() {
+                Ok((conn, accepted)) => {
+                    let (tx, rx) = watch::channel(false);
+                    let (check, want) = (conn.clone(), want.to_string());
+                    tokio::spawn(async move {
+                        accepted.await;
+                        match peer_name(&check) {
+                            Ok(name) if *name == *want => {
+                                let _ = tx.send(true);
+                            }
+                            _ => check.close(
+                                VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+                                b"wrong node",
+                            ),
+                        }
+                    });
+                    (conn, rx)
+                }
+                Err(connecting) => (
+                    wait_handshake(connecting, addr).await?,
+                    watch::channel(true).1,
+                ),
+            },
+            (None, connecting) => (
+                wait_handshake(connecting, addr).await?,
+                watch::channel(true).1,
+            ),
+        };
+        let name = match expected {
+            Some(name) if !*handshake.borrow() => Arc::from(name),
+            _ => peer_name(&conn).map_err(TransportError::Tls)?,
+        };
+        if let Some(want) = expected {
+            if &*name != want {
+                conn.close(
+                    VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+                    b"wrong node",
+                );
+                return Err(TransportError::WrongPeer {
+                    addr,
+                    expected: want.to_string(),
+                    actual: name.to_string(),
+                });
+            }
+        }
+        register(shared.clone(), conn, name, true, gauge, handshake).ok_or_else(|| {
+            TransportError::SelfConnect {
+                addr,
+                name: shared.name.to_string(),
+            }
+        })
+    }
+
+    /// A handle on the connection to `peer`, if there is one.
+    pub fn peer(&self, peer: &str) -> Option<PeerHandle> {
+        let conn = self.shared.peers.lock().ok()?.get(peer)?.clone();
+        Some(PeerHandle::new(self.shared.clone(), conn))
+    }
+
+    /// The peers connected now.
+    pub fn peers(&self) -> Vec<PeerHandle> {
+        let Ok(peers) = self.shared.peers.lock() else {
+            return Vec::new();
+        };
+        peers
+            .values()
+            .map(|c| PeerHandle::new(self.shared.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Sends `message` to `peer` on the lane its header picks; waits while that lane's
+    /// queue is full.
+    pub async fn send(&self, peer: &str, message: Message) -> Result<(), TransportError> {
+        self.peer(peer)
+            .ok_or_else(|| TransportError::NotConnected(peer.to_string()))?
+            .send(message)
+            .await
+    }
+
+    /// Closes every connection with `code` and waits (briefly) for the peers to learn.
+    pub async fn shutdown(&self, code: AcpErrorCode, reason: &str) {
+        self.shared
+            .endpoint
+            .close(VarInt::from_u32(code.code()), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.shared.endpoint.wait_idle())
+            .await;
+    }
+}
+
+async fn wait_handshake(
+    connecting: quinn::Connecting,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, TransportError> {
+    connecting
+        .await
+        .map_err(|source| TransportError::Connection { addr, source })
+}
+
+fn new_gauge(config: &EndpointConfig) -> Arc<WindowGauge> {
+    Arc::new(WindowGauge::new(
+        config.lower_lane_window_share_permille,
+        config.max_lower_in_flight_bytes,
+    ))
+}
+
+fn transport_config(config: &EndpointConfig, gauge: Arc<WindowGauge>) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)));
+    t.max_idle_timeout(IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms)).ok());
+    // One unidirectional stream per lane; no bidirectional streams.
+    t.max_concurrent_uni_streams(VarInt::from_u32(4));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(Some(1024 * 1024));
+    t.datagram_send_buffer_size(1024 * 1024);
+    t.congestion_controller_factory(Arc::new(HeadroomFactory::new(gauge)));
+    t
+}
+
+fn server_config(
+    crypto: &Arc<QuicServerConfig>,
+    config: &EndpointConfig,
+    gauge: Arc<WindowGauge>,
+) -> quinn::ServerConfig {
+    let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
+    server.transport_config(Arc::new(transport_config(config, gauge)));
+    server
+}
+
+/// Binds the UDP socket with large buffers, so that loopback at full speed does not
+/// overflow them (a small receive buffer shows up as packet loss in quinn's stats).
+fn bind_socket(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+) -> Result<std::net::UdpSocket, TransportError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| TransportError::Bind { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    // Best effort: the OS caps these at net.core.{r,w}mem_max unless we may force it.
+    for (set, force) in [
+        (
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            "SO_RCVBUF",
+        ),
+        (Socket::set_send_buffer_size, "SO_SNDBUF"),
+    ] {
+        if let Err(e) = set(&socket, buffer_bytes) {
+            debug!(%addr, option = force, error = %e, "could not size the UDP socket buffer");
+        }
+    }
+    let recv = socket.recv_buffer_size().unwrap_or(0);
+    if recv < buffer_bytes / 2 {
+        debug!(%addr, asked = buffer_bytes, got = recv, "UDP receive buffer smaller than asked (raise net.core.rmem_max)");
+    }
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let gauge = new_gauge(&shared.config);
+            let config = Arc::new(server_config(
+                &shared.server_crypto,
+                &shared.config,
+                gauge.clone(),
+            ));
+            let connecting = match incoming.accept_with(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%remote, error = %e, "incoming connection failed");
+                    return;
+                }
+            };
+            let conn = match connecting.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let why = HandshakeRefusal::classify(&e.to_string());
+                    shared.stats.handshake_refused(why);
+                    warn!(%remote, reason = ?why, error = %e, "refused a connection at the handshake");
+                    return;
+                }
+            };
+            match peer_name(&conn) {
+                Ok(name) => {
+                    register(shared, conn, name, false, gauge, watch::channel(true).1);
+                }
+                Err(e) => {
+                    shared.stats.handshake_refused(HandshakeRefusal::Other);
+                    warn!(%remote, error = %e, "peer certificate names no node");
+                    conn.close(
+                        VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+                        b"no node name",
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// The node name in the peer's certificate (verified during the handshake).
+fn peer_name(conn: &quinn::Connection) -> Result<PeerName, TlsError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| TlsError::Malformed {
+            what: "peer identity".into(),
+            reason: "no certificate".into(),
+        })?;
+    let leaf = certs.first().ok_or_else(|| TlsError::Malformed {
+        what: "peer identity".into(),
+        reason: "empty chain".into(),
+    })?;
+    Ok(Arc::from(tls::node_name_of(leaf)?.as_str()))
+}
+
+/// Adds a connection to the peer table. If one to the same peer exists, both nodes
+/// keep the connection dialled by the node whose name sorts first, and close the
+/// other. Returns `None` for a connection to this node itself.
+fn register(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    name: PeerName,
+    dialled_by_us: bool,
+    gauge: Arc<WindowGauge>,
+    handshake: watch::Receiver<bool>,
+) -> Option<PeerName> {
+    if name == shared.name {
+        conn.close(
+            VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+            b"connected to itself",
+        );
+        return None;
+    }
+    let preferred_dialler_is_us = *shared.name < *name;
+    let new_preferred = dialled_by_us == preferred_dialler_is_us;
+    let peer = {
+        let Ok(mut peers) = shared.peers.lock() else {
+            return None;
+        };
+        if let Some(existing) = peers.get(&name) {
+            let existing_alive = existing.conn.close_reason().is_none();
+            let existing_preferred = existing.dialled_by_us == preferred_dialler_is_us;
+            if existing_alive && (existing_preferred || !new_preferred) {
+                debug!(peer = %name, "closing a duplicate connection");
+                conn.close(
+                    VarInt::from_u32(AcpErrorCode::NoError.code()),
+                    b"duplicate connection",
+                );
+                return Some(name);
+            }
+            if existing_alive {
+                debug!(peer = %name, "replacing the connection with the preferred one");
+                existing.conn.close(
+                    VarInt::from_u32(AcpErrorCode::NoError.code()),
+                    b"duplicate connection",
+                );
+            }
+        }
+        let peer = PeerConn::start(
+            shared.clone(),
+            conn.clone(),
+            name.clone(),
+            dialled_by_us,
+            gauge,
+            handshake,
+        );
+        peers.insert(name.clone(), peer.clone());
+        peer
+    };
+    let addr = conn.remote_address();
+    info!(peer = %name, %addr, dialled = dialled_by_us, "peer connected");
+    let events = shared.events.clone();
+    let up = TransportEvent::PeerUp {
+        peer: name.clone(),
+        addr,
+    };
+    tokio::spawn(async move {
+        let _ = events.send(up).await;
+        let reason = peer.conn.closed().await;
+        let removed = shared
+            .peers
+            .lock()
+            .map(|mut peers| {
+                let same = peers
+                    .get(&peer.name)
+                    .is_some_and(|p| p.conn.stable_id() == peer.conn.stable_id());
+                if same {
+                    peers.remove(&peer.name);
+                }
+                same
+            })
+            .unwrap_or(false);
+        peer.shut();
+        if removed {
+            info!(peer = %peer.name, %reason, "peer disconnected");
+            let _ = events
+                .send(TransportEvent::PeerDown {
+                    peer: peer.name.clone(),
+                    reason: reason.to_string(),
+                })
+                .await;
+        }
+    });
+    Some(name)
+}

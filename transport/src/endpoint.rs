@@ -471,29 +471,84 @@ async fn accept_loop(shared: Arc<Shared>) {
                     return;
                 }
             };
-            let conn = match connecting.await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    let why = HandshakeRefusal::classify(&e.to_string());
-                    shared.stats.handshake_refused(why);
-                    warn!(%remote, reason = ?why, error = %e, "refused a connection at the handshake");
-                    return;
-                }
+            // Take the connection before the handshake ends, so that streams a resuming
+            // client opens in 0-RTT data are accepted while handshaking and flagged
+            // (`RecvStream::is_0rtt`). On the server this always succeeds.
+            let (conn, handshake_done) = match connecting.into_0rtt() {
+                Ok(pair) => pair,
+                Err(connecting) => match connecting.await {
+                    Ok(conn) => {
+                        return accepted(shared, conn, gauge, Box::pin(async { true })).await;
+                    }
+                    Err(e) => return refused(&shared, remote, &e.to_string()),
+                },
             };
-            match peer_name(&conn) {
-                Ok(name) => {
-                    register(shared, conn, name, false, gauge, watch::channel(true).1);
-                }
-                Err(e) => {
-                    shared.stats.handshake_refused(HandshakeRefusal::Other);
-                    warn!(%remote, error = %e, "peer certificate names no node");
-                    conn.close(
-                        VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
-                        b"no node name",
-                    );
-                }
-            }
+            accepted(shared, conn, gauge, Box::pin(handshake_done)).await;
         });
+    }
+}
+
+fn refused(shared: &Shared, remote: SocketAddr, error: &str) {
+    let why = HandshakeRefusal::classify(error);
+    shared.stats.handshake_refused(why);
+    warn!(%remote, reason = ?why, error, "refused a connection at the handshake");
+}
+
+/// Registers an incoming connection. A resumed session names its client before the
+/// handshake ends (the identity comes from the session), so it is registered at once
+/// and checked again when the handshake ends; any other waits for the handshake.
+/// `handshake_done` resolves when the handshake ends either way (its value says
+/// whether 0-RTT was accepted, not whether the handshake succeeded).
+async fn accepted(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    gauge: Arc<WindowGauge>,
+    handshake_done: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+) {
+    let remote = conn.remote_address();
+    if let Ok(early) = peer_name(&conn) {
+        let (tx, rx) = watch::channel(false);
+        register(
+            shared.clone(),
+            conn.clone(),
+            early.clone(),
+            false,
+            gauge,
+            rx,
+        );
+        handshake_done.await;
+        match (conn.close_reason(), peer_name(&conn)) {
+            (None, Ok(name)) if name == early => {
+                let _ = tx.send(true);
+            }
+            _ => {
+                if let Some(reason) = conn.close_reason() {
+                    refused(&shared, remote, &reason.to_string());
+                }
+                conn.close(
+                    VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+                    b"handshake failed",
+                );
+            }
+        }
+        return;
+    }
+    handshake_done.await;
+    if let Some(reason) = conn.close_reason() {
+        return refused(&shared, remote, &reason.to_string());
+    }
+    match peer_name(&conn) {
+        Ok(name) => {
+            register(shared, conn, name, false, gauge, watch::channel(true).1);
+        }
+        Err(e) => {
+            shared.stats.handshake_refused(HandshakeRefusal::Other);
+            warn!(%remote, error = %e, "peer certificate names no node");
+            conn.close(
+                VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
+                b"no node name",
+            );
+        }
     }
 }
 

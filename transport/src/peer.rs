@@ -327,7 +327,7 @@ struct Reader {
 
 impl Reader {
     fn close(&self, code: AcpErrorCode, why: &str) {
-        self.shared.stats.closed_for_cause();
+        self.shared.stats.closed_for_cause(code);
         warn!(peer = %self.name, code = %code, reason = why, "closing the connection");
         self.conn
             .close(VarInt::from_u32(code.code()), why.as_bytes());

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::ingress::{DropReason, Via};
+use crate::wire::AcpErrorCode;
 
 /// Live counters, shared by every task of one endpoint.
 #[derive(Debug, Default)]
@@ -17,7 +18,7 @@ pub struct TransportStats {
     bytes_out: [AtomicU64; 5],
     dropped: [AtomicU64; 3],
     shed: [AtomicU64; 5],
-    closed_for_cause: AtomicU64,
+    closed_for_cause: [AtomicU64; 16],
     datagram_fallbacks: AtomicU64,
 }
 
@@ -99,8 +100,9 @@ pub struct StatsSnapshot {
     pub dropped: [u64; 3],
     /// Frames shed by the rate limiter or a full event queue, by carrier.
     pub shed: [u64; 5],
-    /// Connections this node closed because of what the peer sent.
-    pub closed_for_cause: u64,
+    /// Connections this node closed because of what the peer sent, by ACP error code
+    /// (index = code; codes above 15 count at 15).
+    pub closed_for_cause: [u64; 16],
     /// Datagram frames sent on the bulk lane because they were too large.
     pub datagram_fallbacks: u64,
 }
@@ -114,6 +116,11 @@ impl StatsSnapshot {
     /// Frames dropped because their Agent ID was not the peer's.
     pub fn not_owned(&self) -> u64 {
         self.dropped[DropReason::NotOwned as usize]
+    }
+
+    /// Connections closed for what the peer sent, with `code`.
+    pub fn closed_with(&self, code: AcpErrorCode) -> u64 {
+        self.closed_for_cause[(code.code() as usize).min(15)]
     }
 }
 
@@ -143,8 +150,9 @@ impl TransportStats {
         };
     }
 
-    pub(crate) fn closed_for_cause(&self) {
-        self.closed_for_cause.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn closed_for_cause(&self, code: AcpErrorCode) {
+        let i = (code.code() as usize).min(15);
+        self.closed_for_cause[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn datagram_fallback(&self) {
@@ -161,7 +169,7 @@ impl TransportStats {
             bytes_out: load(&self.bytes_out),
             dropped: load(&self.dropped),
             shed: load(&self.shed),
-            closed_for_cause: self.closed_for_cause.load(Ordering::Relaxed),
+            closed_for_cause: load(&self.closed_for_cause),
             datagram_fallbacks: self.datagram_fallbacks.load(Ordering::Relaxed),
         }
     }

@@ -1,0 +1,288 @@
+//! Lanes, datagrams and ingress security on real QUIC over loopback.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use agentmesh_transport::tls::ClusterCa;
+use agentmesh_transport::wire::{AcpErrorCode, Lane, MessageType};
+use agentmesh_transport::{TransportEvent, Via};
+use common::*;
+
+async fn pair(ca: &ClusterCa) -> (Node, Node) {
+    let mut a = node(ca, "alpha");
+    let mut b = node(ca, "beta");
+    a.transport.connect(b.addr, None).await.unwrap();
+    for n in [&mut a, &mut b] {
+        next_matching(&mut n.events, |e| {
+            matches!(e, TransportEvent::PeerUp { .. }).then_some(())
+        })
+        .await;
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_frames_overtake_queued_bulk_frames() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let peer = a.transport.peer("beta").unwrap();
+    const BULK: usize = 300;
+    const URGENT: usize = 20;
+    let bulk_sender = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            for i in 0..BULK {
+                let mut body = vec![0u8; 32 * 1024];
+                body[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                peer.send(envelope(10, &body)).await.unwrap();
+            }
+        })
+    };
+    // Let the bulk lane fill its queue and start flowing.
+    let mut order = Vec::new();
+    while order.len() < 10 {
+        order.extend(
+            receive(&mut b.events, 1)
+                .await
+                .into_iter()
+                .map(|(via, _)| via),
+        );
+    }
+    for i in 0..URGENT {
+        peer.send(envelope(230, format!("urgent {i}").as_bytes()))
+            .await
+            .unwrap();
+    }
+    while order.len() < BULK + URGENT {
+        order.extend(
+            receive(&mut b.events, 1)
+                .await
+                .into_iter()
+                .map(|(via, _)| via),
+        );
+    }
+    bulk_sender.await.unwrap();
+    let last_urgent = order
+        .iter()
+        .rposition(|v| *v == Via::Lane(Lane::Urgent))
+        .unwrap();
+    let bulk_before = order[..last_urgent]
+        .iter()
+        .filter(|v| **v == Via::Lane(Lane::Bulk))
+        .count();
+    assert_eq!(
+        order
+            .iter()
+            .filter(|v| **v == Via::Lane(Lane::Urgent))
+            .count(),
+        URGENT
+    );
+    assert!(
+        bulk_before < BULK / 2,
+        "{bulk_before} of {BULK} bulk frames arrived before the last urgent one"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_frame_closes_only_the_offender() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let raw = RawClient::new(&ca.node_identity("gamma").unwrap());
+    let conn = raw.connect(a.addr, "alpha").await;
+    let mut stream = conn.open_uni().await.unwrap();
+    // Version 2 in the first nibble.
+    stream
+        .write_all(&[0x29, 0, 96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&conn).await,
+        Some(u64::from(AcpErrorCode::UnsupportedVersion.code()))
+    );
+    assert_eq!(
+        a.transport
+            .stats()
+            .closed_with(AcpErrorCode::UnsupportedVersion),
+        1
+    );
+    a.transport
+        .send("beta", envelope(96, b"still here"))
+        .await
+        .unwrap();
+    let got = receive(&mut b.events, 1).await;
+    assert_eq!(&got[0].1.body[..], b"still here");
+}
+
+#[tokio::test]
+async fn a_replayed_frame_is_dropped_and_counted() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut a = node(&ca, "alpha");
+    let raw = RawClient::new(&ca.node_identity("gamma").unwrap());
+    let conn = raw.connect(a.addr, "alpha").await;
+    let mut stream = conn.open_uni().await.unwrap();
+    let first = frame_bytes(MessageType::Envelope, 96, 0, 5, b"once");
+    stream.write_all(&first).await.unwrap();
+    stream.write_all(&first).await.unwrap();
+    stream
+        .write_all(&frame_bytes(MessageType::Envelope, 96, 0, 6, b"next"))
+        .await
+        .unwrap();
+    let got = receive(&mut a.events, 2).await;
+    let bodies: Vec<&[u8]> = got.iter().map(|(_, m)| &m.body[..]).collect();
+    assert_eq!(bodies, [&b"once"[..], &b"next"[..]]);
+    assert_eq!(a.transport.stats().replayed(), 1);
+    assert!(
+        conn.close_reason().is_none(),
+        "a replay is dropped, not fatal"
+    );
+}
+
+#[tokio::test]
+async fn reports_travel_as_datagrams_and_oversized_ones_fall_back_to_the_bulk_lane() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let peer = a.transport.peer("beta").unwrap();
+    let mut report = envelope(96, &[1; 100]);
+    report.header.msg_type = MessageType::Report;
+    assert_eq!(
+        peer.send_datagram(report.clone()).await.unwrap(),
+        Via::Datagram
+    );
+    let got = receive(&mut b.events, 1).await;
+    assert_eq!(got[0].0, Via::Datagram);
+    assert!(got[0].1.timestamp_ms.is_some());
+    report.body = vec![2; 5_000].into();
+    assert_eq!(
+        peer.send_datagram(report).await.unwrap(),
+        Via::Lane(Lane::Bulk)
+    );
+    let got = receive(&mut b.events, 1).await;
+    assert_eq!(got[0].0, Via::Lane(Lane::Bulk));
+    assert_eq!(got[0].1.body.len(), 5_000);
+    assert_eq!(a.transport.stats().datagram_fallbacks, 1);
+}
+
+#[tokio::test]
+async fn a_frame_with_an_agent_id_the_peer_does_not_own_is_refused() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut a = node(&ca, "alpha");
+    let c = node(&ca, "gamma");
+    a.transport.ownership().assign(42, "beta");
+    a.transport.ownership().assign(43, "gamma");
+    c.transport.connect(a.addr, None).await.unwrap();
+    for agent in [42, 43] {
+        let mut m = envelope(96, format!("as {agent}").as_bytes());
+        m.header.agent = agent;
+        c.transport.send("alpha", m).await.unwrap();
+    }
+    let got = receive(&mut a.events, 1).await;
+    assert_eq!(got[0].1.header.agent, 43);
+    assert_eq!(a.transport.stats().not_owned(), 1);
+}
+
+/// Connects once (leaving a session ticket behind), then reconnects in 0-RTT.
+async fn resumed_0rtt(raw: &RawClient, addr: std::net::SocketAddr) -> quinn::Connection {
+    let first = raw.connect(addr, "alpha").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.close(0u32.into(), b"bye");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let connecting = raw
+        .endpoint
+        .connect_with(raw.config.clone(), addr, "alpha")
+        .unwrap();
+    let (conn, _accepted) = connecting
+        .into_0rtt()
+        .unwrap_or_else(|_| panic!("no 0-RTT on resumption"));
+    conn
+}
+
+#[tokio::test]
+async fn actor_messages_are_accepted_in_0rtt_data() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut a = node(&ca, "alpha");
+    let raw = RawClient::new(&ca.node_identity("gamma").unwrap());
+    let conn = resumed_0rtt(&raw, a.addr).await;
+    let mut normal = conn.open_uni().await.unwrap();
+    normal
+        .write_all(&frame_bytes(MessageType::Envelope, 96, 0, 0, b"early"))
+        .await
+        .unwrap();
+    let got = receive(&mut a.events, 1).await;
+    assert_eq!(&got[0].1.body[..], b"early");
+    assert!(conn.close_reason().is_none());
+}
+
+#[tokio::test]
+async fn state_changing_frames_are_refused_in_0rtt_data() {
+    let ca = ClusterCa::generate().unwrap();
+    let a = node(&ca, "alpha");
+    let raw = RawClient::new(&ca.node_identity("gamma").unwrap());
+    let conn = resumed_0rtt(&raw, a.addr).await;
+    let mut coordination = conn.open_uni().await.unwrap();
+    coordination
+        .write_all(&frame_bytes(MessageType::Allocate, 160, 0, 0, b"x"))
+        .await
+        .unwrap();
+    // The refusal comes while the handshake still runs, when QUIC may not carry an
+    // application code (RFC 9000 section 10.2.3): the client sees a bare abort, or the
+    // code if the handshake finished first. The server counts it by code.
+    let code = close_code(&conn).await;
+    assert!(
+        code.is_none() || code == Some(u64::from(AcpErrorCode::ZeroRttRefused.code())),
+        "{code:?}"
+    );
+    assert_eq!(
+        a.transport
+            .stats()
+            .closed_with(AcpErrorCode::ZeroRttRefused),
+        1
+    );
+}
+
+#[tokio::test]
+async fn simultaneous_dials_leave_one_connection_on_both_sides() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut a = node(&ca, "alpha");
+    let mut b = node(&ca, "beta");
+    let (x, y) = tokio::join!(
+        a.transport.connect(b.addr, Some("beta")),
+        b.transport.connect(a.addr, Some("alpha"))
+    );
+    assert_eq!(&*x.unwrap(), "beta");
+    assert_eq!(&*y.unwrap(), "alpha");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (n, peer) in [(&a, "beta"), (&b, "alpha")] {
+        let peers = n.transport.peers();
+        assert_eq!(peers.len(), 1);
+        assert!(n.transport.peer(peer).unwrap().is_open());
+    }
+    a.transport
+        .send("beta", envelope(96, b"to b"))
+        .await
+        .unwrap();
+    b.transport
+        .send("alpha", envelope(96, b"to a"))
+        .await
+        .unwrap();
+    assert_eq!(&receive(&mut b.events, 1).await[0].1.body[..], b"to b");
+    assert_eq!(&receive(&mut a.events, 1).await[0].1.body[..], b"to a");
+}
+
+#[tokio::test]
+async fn a_leaving_peer_is_reported_down_at_once() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut a, b) = pair(&ca).await;
+    b.transport.shutdown(AcpErrorCode::Leaving, "bye").await;
+    let (peer, reason) = next_matching(&mut a.events, |e| match e {
+        TransportEvent::PeerDown { peer, reason } => Some((peer, reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&*peer, "beta");
+    assert!(
+        reason.contains("11") || reason.to_lowercase().contains("closed"),
+        "{reason}"
+    );
+}

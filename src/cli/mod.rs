@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch for the `agentmesh` binary.
 
 mod acp;
+mod bench;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,11 @@ enum Command {
     },
     /// Walk the draft's task sequence through the ACP codec and print each frame.
     Demo(demo::DemoArgs),
+    /// Measure AgentMesh against bare libraries, with ratios.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 /// A command that did not succeed: what to print and the exit code.
@@ -53,5 +59,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Acp { command } => acp::run(command).map_err(Failure::bad_input),
         Command::Demo(demo) => demo::run(demo).map_err(Failure::failed),
+        Command::Bench { command } => bench::run(command).map_err(Failure::failed),
     }
 }

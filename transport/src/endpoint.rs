@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::clock::{Clock, SystemClock};
+use crate::events::{EventQueues, EventSenders, TransportEvents};
 use crate::headroom::{HeadroomFactory, WindowGauge};
 use crate::ingress::{IngressLimits, OwnershipTable, Via};
 use crate::peer::{PeerConn, PeerHandle};
@@ -52,8 +53,9 @@ pub struct EndpointConfig {
     pub ingress: IngressLimits,
     /// Freshness window for timestamped frames.
     pub timestamps: TimestampWindow,
-    /// Events buffered for the owner before lane readers wait (and datagrams are shed).
-    pub event_queue: usize,
+    /// Events buffered for the owner, per carrier, before lane readers wait (and
+    /// datagrams are shed).
+    pub event_queues: EventQueues,
     /// UDP socket send and receive buffer size asked of the OS.
     pub socket_buffer_bytes: usize,
 }
@@ -72,7 +74,7 @@ impl EndpointConfig {
             max_lower_in_flight_bytes: 256 * 1024,
             ingress: IngressLimits::default(),
             timestamps: TimestampWindow::default(),
-            event_queue: 1024,
+            event_queues: EventQueues::default(),
             socket_buffer_bytes: 8 * 1024 * 1024,
         }
     }
@@ -170,7 +172,7 @@ pub(crate) struct Shared {
     pub(crate) endpoint: quinn::Endpoint,
     pub(crate) config: EndpointConfig,
     pub(crate) peers: Mutex<HashMap<PeerName, Arc<PeerConn>>>,
-    pub(crate) events: mpsc::Sender<TransportEvent>,
+    pub(crate) events: EventSenders,
     pub(crate) ownership: Arc<OwnershipTable>,
     pub(crate) stats: Arc<TransportStats>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -191,7 +193,7 @@ impl Transport {
         config: EndpointConfig,
         identity: &NodeIdentity,
         ownership: Arc<OwnershipTable>,
-    ) -> Result<(Transport, mpsc::Receiver<TransportEvent>), TransportError> {
+    ) -> Result<(Transport, TransportEvents), TransportError> {
         Transport::bind_with_clock(config, identity, ownership, Arc::new(SystemClock))
     }
 
@@ -201,7 +203,7 @@ impl Transport {
         identity: &NodeIdentity,
         ownership: Arc<OwnershipTable>,
         clock: Arc<dyn Clock>,
-    ) -> Result<(Transport, mpsc::Receiver<TransportEvent>), TransportError> {
+    ) -> Result<(Transport, TransportEvents), TransportError> {
         let tls_err =
             |e: &dyn std::fmt::Display| TransportError::Tls(TlsError::Config(e.to_string()));
         let server_crypto = Arc::new(
@@ -229,7 +231,7 @@ impl Transport {
             addr: config.listen,
             source,
         })?;
-        let (events, rx) = mpsc::channel(config.event_queue.max(1));
+        let (events, rx) = crate::events::channels(config.event_queues);
         let shared = Arc::new(Shared {
             name: Arc::from(identity.name.as_str()),
             endpoint,
@@ -423,9 +425,9 @@ fn server_config(
     server
 }
 
-/// Binds the UDP socket with large buffers, so that loopback at full speed does not
+/// Binds a UDP socket with large buffers, so that loopback at full speed does not
 /// overflow them (a small receive buffer shows up as packet loss in quinn's stats).
-fn bind_socket(
+pub fn bind_socket(
     addr: SocketAddr,
     buffer_bytes: usize,
 ) -> Result<std::net::UdpSocket, TransportError> {
@@ -627,7 +629,7 @@ fn register(
     };
     let addr = conn.remote_address();
     info!(peer = %name, %addr, dialled = dialled_by_us, "peer connected");
-    let events = shared.events.clone();
+    let events = shared.events.peers().clone();
     let up = TransportEvent::PeerUp {
         peer: name.clone(),
         addr,

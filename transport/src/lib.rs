@@ -10,6 +10,7 @@
 
 pub mod clock;
 pub mod endpoint;
+pub mod events;
 pub mod headroom;
 pub mod ingress;
 mod peer;
@@ -18,6 +19,7 @@ pub mod tls;
 pub mod wire;
 
 pub use endpoint::{EndpointConfig, PeerName, Transport, TransportError, TransportEvent};
+pub use events::{EventQueues, TransportEvents};
 pub use ingress::{OwnershipTable, Via};
 pub use peer::PeerHandle;
 

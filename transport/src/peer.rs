@@ -24,21 +24,116 @@ use crate::wire::{
 const BATCH_BYTES: usize = 64 * 1024;
 /// Lower lanes write in pieces of this size, checking for headroom before each.
 const GATED_CHUNK_BYTES: usize = 16 * 1024;
-/// Largest piece a reader takes from quinn at once.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most chunks (each typically one packet's stream data) a lane reader takes at once.
+const READ_CHUNKS: usize = 64;
+/// The same for the bulk lane: few, so a busy bulk reader gives the thread back often
+/// to the tasks that carry urgent frames.
+const BULK_READ_CHUNKS: usize = 12;
 /// Highest Stream Prio of the bulk lane, where oversized datagrams fall back to.
 const BULK_PRIO_MAX: u8 = 63;
 
+/// What a queued lane's writer takes off its queue: one message, or a batch given to
+/// `send_batch`, with the queue budget it holds until written.
 struct Queued {
-    message: Message,
+    batch: Batch,
     _permit: OwnedSemaphorePermit,
 }
 
-struct LaneTx {
-    tx: mpsc::UnboundedSender<Queued>,
-    /// Bytes that may be queued; the unbounded channel is bounded by these permits.
-    budget: Arc<Semaphore>,
-    budget_bytes: usize,
+enum Batch {
+    One(Message),
+    Many(Vec<Message>),
+}
+
+impl Batch {
+    fn messages(&self) -> &[Message] {
+        match self {
+            Batch::One(m) => std::slice::from_ref(m),
+            Batch::Many(v) => v,
+        }
+    }
+
+    fn body_bytes(&self) -> usize {
+        self.messages()
+            .iter()
+            .map(|m| m.body.len() + HEADER_LEN)
+            .sum()
+    }
+}
+
+/// How messages reach a lane's stream.
+enum LaneTx {
+    /// Bulk and normal: a byte-bounded queue drained by a writer task that batches
+    /// small messages and waits for congestion-window headroom.
+    Queued {
+        tx: mpsc::UnboundedSender<Queued>,
+        /// Bytes that may be queued; the unbounded channel is bounded by these permits.
+        budget: Arc<Semaphore>,
+        budget_bytes: usize,
+    },
+    /// Urgent and coordination: the sender writes to the stream itself, under a lock,
+    /// which saves a task hop on the latency-critical lanes.
+    Direct(Arc<tokio::sync::Mutex<DirectLane>>),
+}
+
+/// A lane written by its senders directly.
+struct DirectLane {
+    lane: Lane,
+    conn: quinn::Connection,
+    handshake: watch::Receiver<bool>,
+    stream: Option<quinn::SendStream>,
+    seq: u16,
+    /// Encoded bytes not yet taken by quinn. A sender whose future is dropped mid-write
+    /// leaves the rest here and the next sender writes it first, so frames are never cut.
+    pending: Bytes,
+    buf: BytesMut,
+}
+
+impl DirectLane {
+    async fn send(
+        &mut self,
+        messages: &[Message],
+        max_frame_payload: usize,
+        stats: &TransportStats,
+    ) -> Result<(), ()> {
+        self.flush().await?;
+        let mut frames = 0u64;
+        for message in messages {
+            let n = message
+                .encode_frames(self.seq, max_frame_payload, &mut self.buf)
+                .map_err(|_| ())?;
+            self.seq = self.seq.wrapping_add(n);
+            frames += u64::from(n);
+        }
+        self.pending = self.buf.split().freeze();
+        let len = self.pending.len() as u64;
+        self.flush().await?;
+        stats.sent(Via::Lane(self.lane), frames, len);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.stream.is_none() {
+            // State-changing frames travel on these lanes: never in 0-RTT data.
+            self.handshake
+                .wait_for(|done| *done)
+                .await
+                .map_err(|_| ())?;
+            let stream = self.conn.open_uni().await.map_err(|_| ())?;
+            let _ = stream.set_priority(self.lane.index() as i32);
+            self.stream = Some(stream);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        while !self.pending.is_empty() {
+            let n = stream.write(&self.pending).await.map_err(|_| ())?;
+            bytes::Buf::advance(&mut self.pending, n);
+        }
+        Ok(())
+    }
 }
 
 /// The state of one connection to a peer.
@@ -63,6 +158,17 @@ impl PeerConn {
     ) -> Arc<PeerConn> {
         let config = &shared.config;
         let lanes = Lane::ALL.map(|lane| {
+            if matches!(lane, Lane::Urgent | Lane::Coordination) {
+                return LaneTx::Direct(Arc::new(tokio::sync::Mutex::new(DirectLane {
+                    lane,
+                    conn: conn.clone(),
+                    handshake: handshake.clone(),
+                    stream: None,
+                    seq: 0,
+                    pending: Bytes::new(),
+                    buf: BytesMut::new(),
+                })));
+            }
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(write_lane(
                 LaneWriter {
@@ -71,12 +177,11 @@ impl PeerConn {
                     gauge: gauge.clone(),
                     stats: shared.stats.clone(),
                     max_frame_payload: config.max_frame_payload,
-                    handshake: handshake.clone(),
                 },
                 rx,
             ));
             let budget_bytes = config.lane_queue_bytes.clamp(1, Semaphore::MAX_PERMITS);
-            LaneTx {
+            LaneTx::Queued {
                 tx,
                 budget: Arc::new(Semaphore::new(budget_bytes)),
                 budget_bytes,
@@ -106,7 +211,9 @@ impl PeerConn {
     /// Wakes senders waiting for queue space: the connection is gone.
     pub(crate) fn shut(&self) {
         for lane in &self.lanes {
-            lane.budget.close();
+            if let LaneTx::Queued { budget, .. } = lane {
+                budget.close();
+            }
         }
     }
 }
@@ -159,28 +266,76 @@ impl PeerHandle {
     /// Queues `message` on the lane its header picks (its sequence number is set by the
     /// lane), waiting while that lane's queue is full. Other lanes are unaffected.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
+        self.check_frameable(&message)?;
+        let lane = Lane::for_header(&message.header);
+        self.enqueue(lane, Batch::One(message)).await
+    }
+
+    /// Queues several messages at once: in order within each lane, for one queue
+    /// operation per lane rather than one per message.
+    pub async fn send_batch(&self, messages: Vec<Message>) -> Result<(), TransportError> {
+        for m in &messages {
+            self.check_frameable(m)?;
+        }
+        let first_lane = messages.first().map(|m| Lane::for_header(&m.header));
+        if let Some(lane) =
+            first_lane.filter(|l| messages.iter().all(|m| Lane::for_header(&m.header) == *l))
+        {
+            return self.enqueue(lane, Batch::Many(messages)).await;
+        }
+        let mut by_lane: [Vec<Message>; 4] = Default::default();
+        for m in messages {
+            by_lane[Lane::for_header(&m.header).index()].push(m);
+        }
+        for lane in Lane::ALL.into_iter().rev() {
+            let batch = std::mem::take(&mut by_lane[lane.index()]);
+            if !batch.is_empty() {
+                self.enqueue(lane, Batch::Many(batch)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_frameable(&self, message: &Message) -> Result<(), TransportError> {
         let max = self.shared.config.max_frame_payload;
         if message.timestamp_ms.is_some() && message.body.len() + TIMESTAMP_LEN > max {
             return Err(TransportError::Unframeable(crate::wire::FrameTooLarge {
                 len: message.body.len() + TIMESTAMP_LEN,
             }));
         }
-        let lane = &self.conn.lanes[Lane::for_header(&message.header).index()];
-        let cost = message.body.len() + HEADER_LEN * message.frame_count(max);
-        let permits = u32::try_from(cost.min(lane.budget_bytes)).unwrap_or(u32::MAX);
+        Ok(())
+    }
+
+    async fn enqueue(&self, lane: Lane, batch: Batch) -> Result<(), TransportError> {
+        let max = self.shared.config.max_frame_payload;
         let closed = || TransportError::PeerClosed(self.conn.name.to_string());
-        let permit = lane
-            .budget
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|_| closed())?;
-        lane.tx
-            .send(Queued {
-                message,
-                _permit: permit,
-            })
-            .map_err(|_| closed())
+        match &self.conn.lanes[lane.index()] {
+            LaneTx::Direct(direct) => direct
+                .lock()
+                .await
+                .send(batch.messages(), max, &self.shared.stats)
+                .await
+                .map_err(|()| closed()),
+            LaneTx::Queued {
+                tx,
+                budget,
+                budget_bytes,
+            } => {
+                let frames: usize = batch.messages().iter().map(|m| m.frame_count(max)).sum();
+                let cost = batch.body_bytes() + HEADER_LEN * frames;
+                let permits = u32::try_from(cost.min(*budget_bytes)).unwrap_or(u32::MAX);
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| closed())?;
+                tx.send(Queued {
+                    batch,
+                    _permit: permit,
+                })
+                .map_err(|_| closed())
+            }
+        }
     }
 
     /// Sends `message` as a timestamped QUIC datagram (unreliable). If it is larger than
@@ -233,31 +388,32 @@ struct LaneWriter {
     gauge: Arc<WindowGauge>,
     stats: Arc<TransportStats>,
     max_frame_payload: usize,
-    handshake: watch::Receiver<bool>,
 }
 
-/// Drains one lane's queue into its stream, batching small messages into one write.
-/// Sequence numbers are assigned here, the one place that knows the lane's order.
-async fn write_lane(mut w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
+/// Drains one queued lane (bulk or normal) into its stream, batching small messages
+/// into one write and waiting for window headroom. Sequence numbers are assigned here,
+/// the one place that knows the lane's order. These lanes carry nothing
+/// state-changing, so they may open in 0-RTT data.
+async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut stream: Option<quinn::SendStream> = None;
     let mut seq: u16 = 0;
     let mut buf = BytesMut::with_capacity(BATCH_BYTES);
     let mut batch: Vec<Queued> = Vec::new();
     while let Some(first) = rx.recv().await {
-        let mut queued = first.message.body.len();
+        let mut queued = first.batch.body_bytes();
         batch.push(first);
         while queued < BATCH_BYTES {
             match rx.try_recv() {
                 Ok(q) => {
-                    queued += q.message.body.len() + HEADER_LEN;
+                    queued += q.batch.body_bytes();
                     batch.push(q);
                 }
                 Err(_) => break,
             }
         }
         let mut frames = 0u64;
-        for q in &batch {
-            match q.message.encode_frames(seq, w.max_frame_payload, &mut buf) {
+        for message in batch.iter().flat_map(|q| q.batch.messages()) {
+            match message.encode_frames(seq, w.max_frame_payload, &mut buf) {
                 Ok(n) => {
                     seq = seq.wrapping_add(n);
                     frames += u64::from(n);
@@ -269,12 +425,6 @@ async fn write_lane(mut w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) 
             }
         }
         if stream.is_none() {
-            // State-changing frames travel on these lanes: never in 0-RTT data.
-            if matches!(w.lane, Lane::Urgent | Lane::Coordination)
-                && w.handshake.wait_for(|done| *done).await.is_err()
-            {
-                return;
-            }
             match w.conn.open_uni().await {
                 Ok(s) => {
                     let _ = s.set_priority(w.lane.index() as i32);
@@ -286,12 +436,7 @@ async fn write_lane(mut w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) 
         let Some(s) = stream.as_mut() else { return };
         let bytes = buf.split().freeze();
         let len = bytes.len() as u64;
-        let written = if w.lane <= Lane::Normal {
-            write_gated(s, bytes, &w.gauge).await
-        } else {
-            s.write_chunk(bytes).await
-        };
-        if written.is_err() {
+        if write_gated(s, bytes, &w.gauge).await.is_err() {
             return;
         }
         w.stats.sent(Via::Lane(w.lane), frames, len);
@@ -333,7 +478,14 @@ impl Reader {
             .close(VarInt::from_u32(code.code()), why.as_bytes());
     }
 
-    fn verdict(&self, via: Via, frame: &Frame, zero_rtt: bool, now_ms: u64) -> Verdict {
+    fn verdict(
+        &self,
+        guard: &mut IngressGuard,
+        via: Via,
+        frame: &Frame,
+        zero_rtt: bool,
+        now_ms: u64,
+    ) -> Verdict {
         let header = frame.header();
         let arrival = Arrival {
             via,
@@ -343,10 +495,7 @@ impl Reader {
             zero_rtt,
             agent_owned: self.shared.ownership.may_send_as(&self.name, header.agent),
         };
-        match self.guard.lock() {
-            Ok(mut guard) => guard.check(arrival, now_ms),
-            Err(_) => Verdict::Close(AcpErrorCode::InternalError, "ingress state poisoned"),
-        }
+        guard.check(arrival, now_ms)
     }
 
     fn dropped(&self, why: DropReason, via: Via, frame: &Frame) {
@@ -369,42 +518,56 @@ fn claim(claimed: &Mutex<[bool; 4]>, lane: Lane) -> bool {
         .unwrap_or(false)
 }
 
-/// Reads one lane: frames, ingress checks on each message's first frame, reassembly,
-/// and hand-off to the owner (waiting when the event queue is full, which holds back
-/// this lane only, through QUIC flow control).
-async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mutex<[bool; 4]>>) {
-    let config = &reader.shared.config;
-    let zero_rtt = recv.is_0rtt();
-    let mut decoder = FrameDecoder::new(config.max_frame_payload);
-    let mut reassembler = Reassembler::new(config.max_message_bytes);
-    let mut buf = BytesMut::new();
-    let mut lane: Option<Lane> = None;
-    // True while skipping the remaining fragments of a dropped message.
-    let mut skipping = false;
-    loop {
-        let chunk = match recv.read_chunk(READ_CHUNK_BYTES, true).await {
-            Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) | Err(_) => return,
-        };
-        buf.extend_from_slice(&chunk);
-        let now_ms = reader.shared.clock.now_unix_ms();
+/// The receiving state of one lane stream.
+struct LaneReader {
+    zero_rtt: bool,
+    decoder: FrameDecoder,
+    reassembler: Reassembler,
+    buf: BytesMut,
+    lane: Option<Lane>,
+    /// True while skipping the remaining fragments of a dropped message.
+    skipping: bool,
+}
+
+/// Why a lane reader closes the connection.
+type Close = (AcpErrorCode, String);
+
+impl LaneReader {
+    /// Cuts every whole frame out of the buffer, checks each message's first frame,
+    /// joins fragments; returns the whole messages and the frames and bytes read.
+    fn take_messages(
+        &mut self,
+        reader: &Reader,
+        claimed: &Mutex<[bool; 4]>,
+        now_ms: u64,
+    ) -> Result<(Vec<Message>, u64, u64), Close> {
+        let mut guard = reader.guard.lock().map_err(|_| {
+            (
+                AcpErrorCode::InternalError,
+                "ingress state poisoned".to_string(),
+            )
+        })?;
         let mut messages = Vec::new();
         let (mut frames, mut bytes) = (0u64, 0u64);
-        loop {
-            let frame = match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => return reader.close(e.code(), &e.to_string()),
-            };
+        while let Some(frame) = self
+            .decoder
+            .decode(&mut self.buf)
+            .map_err(|e| (e.code(), e.to_string()))?
+        {
             let this = Lane::for_header(frame.header());
-            match lane {
-                None if !claim(&claimed, this) => {
-                    return reader
-                        .close(AcpErrorCode::ProtocolViolation, "two streams for one lane")
+            match self.lane {
+                None if !claim(claimed, this) => {
+                    return Err((
+                        AcpErrorCode::ProtocolViolation,
+                        "two streams for one lane".into(),
+                    ))
                 }
-                None => lane = Some(this),
+                None => self.lane = Some(this),
                 Some(l) if l != this => {
-                    return reader.close(AcpErrorCode::ProtocolViolation, "frame on the wrong lane")
+                    return Err((
+                        AcpErrorCode::ProtocolViolation,
+                        "frame on the wrong lane".into(),
+                    ))
                 }
                 Some(_) => {}
             }
@@ -412,39 +575,89 @@ async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mut
             frames += 1;
             bytes += frame.encoded_len() as u64;
             let more = frame.header().flags.contains(Flags::CONTINUATION);
-            if skipping {
-                skipping = more;
+            if self.skipping {
+                self.skipping = more;
                 continue;
             }
-            if !reassembler.in_progress() {
-                match reader.verdict(via, &frame, zero_rtt, now_ms) {
+            if !self.reassembler.in_progress() {
+                match reader.verdict(&mut guard, via, &frame, self.zero_rtt, now_ms) {
                     Verdict::Accept => {}
                     Verdict::Drop(why) => {
                         reader.dropped(why, via, &frame);
-                        skipping = more;
+                        self.skipping = more;
                         continue;
                     }
-                    Verdict::Close(code, why) => return reader.close(code, why),
+                    Verdict::Close(code, why) => return Err((code, why.to_string())),
                 }
             }
-            match reassembler.push(frame) {
-                Ok(Some(message)) => messages.push(message),
-                Ok(None) => {}
-                Err(e) => return reader.close(e.code(), &e.to_string()),
+            if let Some(message) = self
+                .reassembler
+                .push(frame)
+                .map_err(|e| (e.code(), e.to_string()))?
+            {
+                messages.push(message);
             }
         }
-        if let Some(lane) = lane {
-            reader.shared.stats.received(Via::Lane(lane), frames, bytes);
-            if !messages.is_empty() {
-                let event = TransportEvent::Received {
-                    peer: reader.name.clone(),
-                    via: Via::Lane(lane),
-                    messages,
-                };
-                if reader.shared.events.send(event).await.is_err() {
-                    return;
-                }
-            }
+        Ok((messages, frames, bytes))
+    }
+}
+
+/// Reads one lane: frames, ingress checks on each message's first frame, reassembly,
+/// and hand-off to the owner (waiting when the lane's event queue is full, which holds
+/// back this lane only, through QUIC flow control).
+async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mutex<[bool; 4]>>) {
+    let config = &reader.shared.config;
+    let mut state = LaneReader {
+        zero_rtt: recv.is_0rtt(),
+        decoder: FrameDecoder::new(config.max_frame_payload),
+        reassembler: Reassembler::new(config.max_message_bytes),
+        buf: BytesMut::new(),
+        lane: None,
+        skipping: false,
+    };
+    let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
+    loop {
+        // Take every chunk quinn holds (up to READ_CHUNKS, each about a packet's worth)
+        // in one go, so per-read costs are paid per batch, not per packet. The bulk
+        // lane takes fewer at a time to keep its task's turns short, so the tasks of
+        // urgent frames wait less for a thread.
+        let max = if state.lane == Some(Lane::Bulk) {
+            BULK_READ_CHUNKS
+        } else {
+            READ_CHUNKS
+        };
+        let n = match recv.read_chunks(&mut chunks[..max]).await {
+            Ok(Some(n)) => n,
+            Ok(None) | Err(_) => return,
+        };
+        for chunk in &mut chunks[..n] {
+            state.buf.extend_from_slice(chunk);
+            *chunk = Bytes::new();
+        }
+        let now_ms = reader.shared.clock.now_unix_ms();
+        let (messages, frames, bytes) = match state.take_messages(&reader, &claimed, now_ms) {
+            Ok(taken) => taken,
+            Err((code, why)) => return reader.close(code, &why),
+        };
+        let Some(lane) = state.lane else { continue };
+        reader.shared.stats.received(Via::Lane(lane), frames, bytes);
+        if messages.is_empty() {
+            continue;
+        }
+        let event = TransportEvent::Received {
+            peer: reader.name.clone(),
+            via: Via::Lane(lane),
+            messages,
+        };
+        if reader
+            .shared
+            .events
+            .carrier(Via::Lane(lane))
+            .send(event)
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }
@@ -461,7 +674,11 @@ async fn read_datagrams(reader: Reader) {
         };
         reader.shared.stats.received(Via::Datagram, 1, len);
         let now_ms = reader.shared.clock.now_unix_ms();
-        match reader.verdict(Via::Datagram, &frame, false, now_ms) {
+        let verdict = match reader.guard.lock() {
+            Ok(mut guard) => reader.verdict(&mut guard, Via::Datagram, &frame, false, now_ms),
+            Err(_) => Verdict::Close(AcpErrorCode::InternalError, "ingress state poisoned"),
+        };
+        match verdict {
             Verdict::Accept => {}
             Verdict::Drop(why) => {
                 reader.dropped(why, Via::Datagram, &frame);
@@ -474,7 +691,7 @@ async fn read_datagrams(reader: Reader) {
             via: Via::Datagram,
             messages: vec![Message::from(frame)],
         };
-        match reader.shared.events.try_send(event) {
+        match reader.shared.events.carrier(Via::Datagram).try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 reader.shared.stats.dropped(DropReason::Shed, Via::Datagram);

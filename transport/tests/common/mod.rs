@@ -10,11 +10,10 @@ use agentmesh_transport::tls::{self, ClusterCa, NodeIdentity};
 use agentmesh_transport::wire::{Flags, Frame, Header, Message, MessageType};
 use agentmesh_transport::{EndpointConfig, OwnershipTable, Transport, TransportEvent, Via};
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 pub struct Node {
     pub transport: Transport,
-    pub events: mpsc::Receiver<TransportEvent>,
+    pub events: agentmesh_transport::TransportEvents,
     pub addr: SocketAddr,
 }
 
@@ -40,7 +39,7 @@ pub fn node_with(ca: &ClusterCa, name: &str, config: EndpointConfig) -> Node {
 
 /// Waits for the next event that matches, skipping others, up to 10 s.
 pub async fn next_matching<T>(
-    events: &mut mpsc::Receiver<TransportEvent>,
+    events: &mut agentmesh_transport::TransportEvents,
     mut pick: impl FnMut(TransportEvent) -> Option<T>,
 ) -> T {
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -56,7 +55,10 @@ pub async fn next_matching<T>(
 }
 
 /// Collects received messages until `n` have come, up to 10 s.
-pub async fn receive(events: &mut mpsc::Receiver<TransportEvent>, n: usize) -> Vec<(Via, Message)> {
+pub async fn receive(
+    events: &mut agentmesh_transport::TransportEvents,
+    n: usize,
+) -> Vec<(Via, Message)> {
     let mut out = Vec::new();
     while out.len() < n {
         let batch = next_matching(events, |e| match e {

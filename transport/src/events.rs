@@ -1,0 +1,130 @@
+//! How the transport hands what it receives to its owner: one bounded queue per
+//! carrier, read in priority order, so an urgent message never waits behind bulk data
+//! that already arrived.
+
+use tokio::sync::mpsc;
+
+use crate::endpoint::TransportEvent;
+use crate::ingress::Via;
+use crate::wire::Lane;
+
+/// Queue sizes, in events. A lane reader waits when its queue is full, which holds
+/// that lane back through QUIC flow control; a datagram is shed instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventQueues {
+    /// Peer up and down.
+    pub peers: usize,
+    /// Urgent-lane events.
+    pub urgent: usize,
+    /// Coordination-lane events.
+    pub coordination: usize,
+    /// Normal-lane events.
+    pub normal: usize,
+    /// Bulk-lane events: kept short, so bulk data waits in flow control, not in memory.
+    pub bulk: usize,
+    /// Datagram events.
+    pub datagrams: usize,
+}
+
+impl Default for EventQueues {
+    fn default() -> EventQueues {
+        EventQueues {
+            peers: 256,
+            urgent: 256,
+            coordination: 256,
+            normal: 256,
+            bulk: 8,
+            datagrams: 256,
+        }
+    }
+}
+
+/// The sending halves, held by the transport's tasks.
+#[derive(Clone)]
+pub(crate) struct EventSenders {
+    peers: mpsc::Sender<TransportEvent>,
+    lanes: [mpsc::Sender<TransportEvent>; 4],
+    datagrams: mpsc::Sender<TransportEvent>,
+}
+
+impl EventSenders {
+    pub(crate) fn peers(&self) -> &mpsc::Sender<TransportEvent> {
+        &self.peers
+    }
+
+    pub(crate) fn carrier(&self, via: Via) -> &mpsc::Sender<TransportEvent> {
+        match via {
+            Via::Lane(lane) => &self.lanes[lane.index()],
+            Via::Datagram => &self.datagrams,
+        }
+    }
+}
+
+/// What the owner of a transport reads: events in priority order (peer changes, then
+/// urgent, coordination, datagrams, normal, bulk); within one carrier, in arrival order.
+pub struct TransportEvents {
+    peers: mpsc::Receiver<TransportEvent>,
+    urgent: mpsc::Receiver<TransportEvent>,
+    coordination: mpsc::Receiver<TransportEvent>,
+    datagrams: mpsc::Receiver<TransportEvent>,
+    normal: mpsc::Receiver<TransportEvent>,
+    bulk: mpsc::Receiver<TransportEvent>,
+}
+
+pub(crate) fn channels(sizes: EventQueues) -> (EventSenders, TransportEvents) {
+    let (peers_tx, peers) = mpsc::channel(sizes.peers.max(1));
+    let (bulk_tx, bulk) = mpsc::channel(sizes.bulk.max(1));
+    let (normal_tx, normal) = mpsc::channel(sizes.normal.max(1));
+    let (coordination_tx, coordination) = mpsc::channel(sizes.coordination.max(1));
+    let (urgent_tx, urgent) = mpsc::channel(sizes.urgent.max(1));
+    let (datagrams_tx, datagrams) = mpsc::channel(sizes.datagrams.max(1));
+    // Indexed by `Lane::index`: bulk, normal, coordination, urgent.
+    let lanes = [bulk_tx, normal_tx, coordination_tx, urgent_tx];
+    debug_assert!(Lane::ALL.iter().enumerate().all(|(i, l)| l.index() == i));
+    (
+        EventSenders {
+            peers: peers_tx,
+            lanes,
+            datagrams: datagrams_tx,
+        },
+        TransportEvents {
+            peers,
+            urgent,
+            coordination,
+            datagrams,
+            normal,
+            bulk,
+        },
+    )
+}
+
+impl TransportEvents {
+    /// The next event, highest priority first; `None` once the transport is gone and
+    /// every queue is drained.
+    pub async fn recv(&mut self) -> Option<TransportEvent> {
+        tokio::select! {
+            biased;
+            Some(e) = self.peers.recv() => Some(e),
+            Some(e) = self.urgent.recv() => Some(e),
+            Some(e) = self.coordination.recv() => Some(e),
+            Some(e) = self.datagrams.recv() => Some(e),
+            Some(e) = self.normal.recv() => Some(e),
+            Some(e) = self.bulk.recv() => Some(e),
+            else => None,
+        }
+    }
+
+    /// The next event if one is ready now, highest priority first.
+    pub fn try_recv(&mut self) -> Option<TransportEvent> {
+        [
+            &mut self.peers,
+            &mut self.urgent,
+            &mut self.coordination,
+            &mut self.datagrams,
+            &mut self.normal,
+            &mut self.bulk,
+        ]
+        .into_iter()
+        .find_map(|rx| rx.try_recv().ok())
+    }
+}

@@ -2,7 +2,9 @@
 
 mod acp;
 mod bench;
+mod certs;
 mod demo;
+mod node;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,13 @@ enum Command {
     },
     /// Walk the draft's task sequence through the ACP codec and print each frame.
     Demo(demo::DemoArgs),
+    /// Create the cluster CA and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
+    /// Run a node.
+    Node(node::NodeArgs),
     /// Measure AgentMesh against bare libraries, with ratios.
     Bench {
         #[command(subcommand)]
@@ -60,5 +69,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Command::Acp { command } => acp::run(command).map_err(Failure::bad_input),
         Command::Demo(demo) => demo::run(demo).map_err(Failure::failed),
         Command::Bench { command } => bench::run(command).map_err(Failure::failed),
+        Command::Certs { command } => certs::run(command).map_err(Failure::bad_input),
+        Command::Node(args) => {
+            let (name, identity) = node::prepare(&args).map_err(Failure::bad_input)?;
+            node::run(args, name, identity).map_err(Failure::failed)
+        }
     }
 }

@@ -238,6 +238,7 @@ impl ClusterCa {
     /// Writes `ca.crt` and `ca.key` (mode 0600) into `dir`, refusing to overwrite.
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        refuse_existing(&[dir.join("ca.key"), dir.join("ca.crt")])?;
         write_new(&dir.join("ca.key"), self.pem.key_pem.as_bytes(), 0o600)?;
         write_new(&dir.join("ca.crt"), self.pem.cert_pem.as_bytes(), 0o644)
     }
@@ -251,6 +252,10 @@ impl ClusterCa {
 
     /// Issues node `name` and writes `NAME.crt` and `NAME.key` (mode 0600) into `dir`.
     pub fn issue_to(&self, dir: &Path, name: &str) -> Result<(), TlsError> {
+        refuse_existing(&[
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.crt")),
+        ])?;
         let pair = self.issue(name)?;
         write_new(
             &dir.join(format!("{name}.key")),
@@ -350,6 +355,14 @@ fn create_dev_ca(dir: &Path) -> Result<ClusterCa, TlsError> {
         Err(e) => return Err(io_err(dir)(e)),
     }
     ClusterCa::load(dir)
+}
+
+/// Fails if any of `paths` exists, before anything is written.
+fn refuse_existing(paths: &[PathBuf]) -> Result<(), TlsError> {
+    match paths.iter().find(|p| p.exists()) {
+        Some(path) => Err(TlsError::AlreadyExists { path: path.clone() }),
+        None => Ok(()),
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, TlsError> {

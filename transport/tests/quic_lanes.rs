@@ -286,3 +286,64 @@ async fn a_leaving_peer_is_reported_down_at_once() {
         "{reason}"
     );
 }
+
+#[tokio::test]
+async fn over_its_rate_a_peer_loses_bulk_frames_first_and_never_urgent_ones() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut config = agentmesh_transport::EndpointConfig::new(loopback());
+    // A bucket of 64 KiB that barely refills: bulk needs it half full to pass.
+    config.ingress = agentmesh_transport::ingress::IngressLimits {
+        rate_bytes_per_sec: 1,
+        burst_bytes: 64 * 1024,
+    };
+    let mut a = node_with(&ca, "alpha", config);
+    let b = node(&ca, "beta");
+    b.transport.connect(a.addr, None).await.unwrap();
+    let peer = loop {
+        if let Some(p) = b.transport.peer("alpha") {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // 40 KiB of bulk: the first 8 KiB frames pass while the bucket is over half full.
+    for _ in 0..5 {
+        peer.send(envelope(10, &[0; 8 * 1024])).await.unwrap();
+    }
+    for i in 0..5u8 {
+        peer.send(envelope(230, &[i; 100])).await.unwrap();
+    }
+    let mut urgent = 0;
+    let mut bulk = 0;
+    while urgent < 5 {
+        for (via, _) in receive(&mut a.events, 1).await {
+            match via {
+                Via::Lane(Lane::Urgent) => urgent += 1,
+                Via::Lane(Lane::Bulk) => bulk += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while let Some(event) = a.events.try_recv() {
+        if let TransportEvent::Received {
+            via: Via::Lane(Lane::Bulk),
+            messages,
+            ..
+        } = event
+        {
+            bulk += messages.len();
+        }
+    }
+    let shed = a.transport.stats().shed;
+    assert_eq!(urgent, 5, "urgent frames are never shed");
+    assert!(
+        bulk < 5,
+        "{bulk} bulk frames passed a bucket that only had room for a few"
+    );
+    assert_eq!(
+        shed[Lane::Bulk.index()] as usize,
+        5 - bulk,
+        "every bulk frame not delivered was counted as shed"
+    );
+    assert_eq!(shed[Lane::Urgent.index()], 0);
+}

@@ -124,8 +124,9 @@ impl FrameDecoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let mut raw = buf.split_to(total).freeze();
-        let payload = raw.split_off(HEADER_LEN);
+        // One buffer handle per frame: skip the header in place, split off the payload.
+        bytes::Buf::advance(buf, HEADER_LEN);
+        let payload = buf.split_to(len).freeze();
         Ok(Some(Frame::from_wire(header, payload)))
     }
 

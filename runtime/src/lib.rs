@@ -5,7 +5,9 @@
 //! Architecture invariant: this crate knows nothing of what a task or a capability
 //! means; it moves actor messages between nodes over `agentmesh-transport`.
 //!
-//! Status: the node is built in issue [3/6]. Until then this crate only re-exports the
-//! transport it stands on, so the dependency direction is fixed from the start.
+//! Status: membership (`membership`, sans-IO over foca) is in; the node's supervision
+//! tree, remote actor messaging and metrics are being built (issue [3/6]).
+
+pub mod membership;
 
 pub use agentmesh_transport as transport;

@@ -1,0 +1,211 @@
+//! Cluster membership and failure detection as a state machine with no I/O: foca's
+//! SWIM (with the infection and suspicion extensions) over node identities that name
+//! the node, its address and its incarnation. The caller feeds it gossip and timer
+//! events and carries out what it asks: bytes to send, timers to set, members up and
+//! down. Nothing here reads a clock; the only randomness is a seeded RNG.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{
+    AccumulatingRuntime, Config, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec,
+};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+pub use foca::Timer;
+
+/// A node as membership knows it. The name is the key: one live incarnation per name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId {
+    /// The node's name, as in its certificate.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Which life of the node this is: a restarted node takes a higher one (its start
+    /// time in milliseconds), so it replaces its former self at once.
+    pub incarnation: u64,
+}
+
+impl foca::Identity for NodeId {
+    type Addr = String;
+
+    /// After being declared down, a live node comes back as its next incarnation.
+    fn renew(&self) -> Option<NodeId> {
+        Some(NodeId {
+            incarnation: self.incarnation.saturating_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> String {
+        self.name.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &NodeId) -> bool {
+        self.incarnation > adversary.incarnation
+    }
+}
+
+/// Failure-detection timing. The defaults declare a node that stops answering down in
+/// under a second on a LAN or loopback; see `docs/architecture.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MembershipConfig {
+    /// How often each node probes one random member.
+    pub probe_period_ms: u64,
+    /// How long a direct probe may take before indirect probes go out.
+    pub probe_rtt_ms: u64,
+    /// How long a member stays suspect before it is declared down.
+    pub suspect_to_down_after_ms: u64,
+    /// How long a down member is remembered (so a stale copy cannot come back).
+    pub remove_down_after_ms: u64,
+    /// How often each node gossips to a few members, and how many.
+    pub gossip_period_ms: u64,
+    /// Largest gossip packet, in bytes (it must fit a QUIC datagram).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> MembershipConfig {
+        MembershipConfig {
+            probe_period_ms: 200,
+            probe_rtt_ms: 100,
+            suspect_to_down_after_ms: 300,
+            remove_down_after_ms: 30_000,
+            gossip_period_ms: 100,
+            max_packet_bytes: 1_100,
+        }
+    }
+}
+
+impl MembershipConfig {
+    fn foca(&self) -> Config {
+        let mut config = Config::simple();
+        config.probe_period = Duration::from_millis(self.probe_period_ms);
+        config.probe_rtt = Duration::from_millis(self.probe_rtt_ms);
+        config.num_indirect_probes = NonZeroUsize::MIN.saturating_add(1);
+        config.max_transmissions = NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN);
+        config.suspect_to_down_after = Duration::from_millis(self.suspect_to_down_after_ms);
+        config.remove_down_after = Some(Duration::from_millis(self.remove_down_after_ms));
+        config.max_packet_size =
+            NonZeroUsize::new(self.max_packet_bytes).unwrap_or(NonZeroUsize::MIN);
+        config.notify_down_members = true;
+        config.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.gossip_period_ms),
+            num_members: NonZeroUsize::MIN.saturating_add(2),
+        });
+        config
+    }
+}
+
+/// Something membership asks its driver to do.
+#[derive(Debug)]
+pub enum MembershipOutput {
+    /// Send these bytes to that node (as an ACP MEMBERSHIP frame).
+    Send {
+        /// The node.
+        to: NodeId,
+        /// foca's encoded message.
+        data: Bytes,
+    },
+    /// Call [`Membership::handle_timer`] with `timer` after this long.
+    SetTimer {
+        /// The delay.
+        after: Duration,
+        /// The timer to hand back.
+        timer: Timer<NodeId>,
+    },
+    /// A node is up (joined, or came back).
+    NodeUp(NodeId),
+    /// A node is down (failed, or left).
+    NodeDown(NodeId),
+    /// This node was declared down by the others and rejoined as a new incarnation.
+    Renewed(NodeId),
+}
+
+/// Why membership refused an input.
+#[derive(Debug, thiserror::Error)]
+#[error("membership: {0}")]
+pub struct MembershipError(String);
+
+/// The membership state of one node.
+pub struct Membership {
+    foca: Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>,
+    runtime: AccumulatingRuntime<NodeId>,
+}
+
+impl Membership {
+    /// Membership for `me`, with a seeded RNG (the live node seeds it from its
+    /// incarnation; the simulator from its seed).
+    pub fn new(me: NodeId, config: MembershipConfig, seed: u64) -> Membership {
+        Membership {
+            foca: Foca::new(
+                me,
+                config.foca(),
+                StdRng::seed_from_u64(seed),
+                PostcardCodec,
+            ),
+            runtime: AccumulatingRuntime::new(),
+        }
+    }
+
+    /// This node's current identity.
+    pub fn me(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Asks the node `via` (its name is enough; its incarnation may be unknown) to let
+    /// this node in.
+    pub fn join(&mut self, via: NodeId) -> Result<(), MembershipError> {
+        self.foca
+            .announce(via, &mut self.runtime)
+            .map_err(|e| MembershipError(e.to_string()))
+    }
+
+    /// Feeds gossip received from the network.
+    pub fn handle_data(&mut self, data: &[u8]) -> Result<(), MembershipError> {
+        self.foca
+            .handle_data(data, &mut self.runtime)
+            .map_err(|e| MembershipError(e.to_string()))
+    }
+
+    /// Feeds a timer set by an earlier [`MembershipOutput::SetTimer`].
+    pub fn handle_timer(&mut self, timer: Timer<NodeId>) -> Result<(), MembershipError> {
+        self.foca
+            .handle_timer(timer, &mut self.runtime)
+            .map_err(|e| MembershipError(e.to_string()))
+    }
+
+    /// Tells the cluster this node leaves.
+    pub fn leave(&mut self) -> Result<(), MembershipError> {
+        self.foca
+            .leave_cluster(&mut self.runtime)
+            .map_err(|e| MembershipError(e.to_string()))
+    }
+
+    /// Takes the next thing to do: data first, then timers, then notifications.
+    pub fn poll(&mut self) -> Option<MembershipOutput> {
+        if let Some((to, data)) = self.runtime.to_send() {
+            return Some(MembershipOutput::Send { to, data });
+        }
+        if let Some((after, timer)) = self.runtime.to_schedule() {
+            return Some(MembershipOutput::SetTimer { after, timer });
+        }
+        loop {
+            match self.runtime.to_notify()? {
+                OwnedNotification::MemberUp(id) => return Some(MembershipOutput::NodeUp(id)),
+                OwnedNotification::MemberDown(id) => return Some(MembershipOutput::NodeDown(id)),
+                OwnedNotification::Rejoin(id) => return Some(MembershipOutput::Renewed(id)),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The members this node believes are up (itself excluded).
+    pub fn members(&self) -> impl Iterator<Item = &NodeId> {
+        self.foca.iter_members().map(|m| m.id())
+    }
+}

@@ -4,99 +4,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // deadlines for child processes are wall time
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-fn agentmesh() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_agentmesh"))
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("agentmesh-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A node process whose stderr lines arrive on a channel.
-struct NodeProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl NodeProcess {
-    fn start(args: &[&str], dev_ca: Option<&Path>) -> NodeProcess {
-        let mut cmd = agentmesh();
-        cmd.arg("node")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(dir) = dev_ca {
-            cmd.env("AGENTMESH_DEV_CA_DIR", dir);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        NodeProcess { child, lines }
-    }
-
-    /// Waits up to 15 s for a log line containing every one of `words`.
-    fn expect(&self, words: &[&str]) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let mut seen = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if words.iter().all(|w| line.contains(w)) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => break,
-            }
-        }
-        panic!("no line with {words:?}; saw:\n{}", seen.join("\n"));
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node did not exit on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{agentmesh, free_port, temp_dir, NodeProcess};
 
 #[test]
 fn certs_init_and_issue_write_owner_only_keys_and_refuse_to_overwrite() {
@@ -161,16 +71,17 @@ fn nodes_with_issued_certificates_join_and_leave_gracefully() {
         &["--certs", d, "--name", "n2", "--listen", &a2, "--join", &a1],
         None,
     );
-    n2.expect(&["peer up", "n1"]);
-    n1.expect(&["peer up", "n2"]);
+    n2.expect(&["node up", "node=n1 "]);
+    n1.expect(&["node up", "node=n2 "]);
     assert!(
         n2.terminate().success(),
         "a node leaving on SIGTERM exits 0"
     );
-    let down = n1.expect(&["peer down", "n2"]);
+    n1.expect(&["node down", "node=n2 "]);
+    let closed = n1.expect(&["peer disconnected", "peer=n2"]);
     assert!(
-        down.contains("code 11"),
-        "the leave carries LEAVING: {down}"
+        closed.contains("code 11"),
+        "the connection closes with LEAVING: {closed}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -187,7 +98,7 @@ fn without_certificates_nodes_use_the_development_ca_and_say_so() {
         &["--name", "d2", "--listen", &a2, "--join", &a1],
         Some(&dev),
     );
-    n2.expect(&["peer up", "d1"]);
+    n2.expect(&["node up", "node=d1 "]);
     assert!(dev.join("ca.crt").exists() && dev.join("ca.key").exists());
     drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();

@@ -5,9 +5,14 @@
 //! Architecture invariant: this crate knows nothing of what a task or a capability
 //! means; it moves actor messages between nodes over `agentmesh-transport`.
 //!
-//! Status: membership (`membership`, sans-IO over foca) is in; the node's supervision
-//! tree, remote actor messaging and metrics are being built (issue [3/6]).
+//! Status: membership and failure detection (`membership`, sans-IO over foca) and the
+//! node that drives them over the transport (`node`) are in; the supervision tree,
+//! remote actor messaging and metrics are being built (issue [3/6]).
 
 pub mod membership;
+pub mod node;
+
+pub use membership::{MemberState, MembershipConfig, NodeId};
+pub use node::{ClusterEvent, MemberInfo, Node, NodeConfig, NodeError};
 
 pub use agentmesh_transport as transport;

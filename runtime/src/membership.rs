@@ -71,9 +71,9 @@ pub struct MembershipConfig {
 impl Default for MembershipConfig {
     fn default() -> MembershipConfig {
         MembershipConfig {
-            probe_period_ms: 200,
-            probe_rtt_ms: 100,
-            suspect_to_down_after_ms: 300,
+            probe_period_ms: 150,
+            probe_rtt_ms: 60,
+            suspect_to_down_after_ms: 250,
             remove_down_after_ms: 30_000,
             gossip_period_ms: 100,
             max_packet_bytes: 1_100,
@@ -99,6 +99,18 @@ impl MembershipConfig {
         });
         config
     }
+}
+
+/// What a node believes of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Answering.
+    Up,
+    /// Not answering lately; declared down unless it refutes in time.
+    Suspect,
+    /// Failed or left.
+    Down,
 }
 
 /// Something membership asks its driver to do.
@@ -135,6 +147,8 @@ pub struct MembershipError(String);
 pub struct Membership {
     foca: Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>,
     runtime: AccumulatingRuntime<NodeId>,
+    /// The second half of a rename (up after down), held for the next poll.
+    pending_up: Option<NodeId>,
 }
 
 impl Membership {
@@ -149,6 +163,7 @@ impl Membership {
                 PostcardCodec,
             ),
             runtime: AccumulatingRuntime::new(),
+            pending_up: None,
         }
     }
 
@@ -186,8 +201,12 @@ impl Membership {
             .map_err(|e| MembershipError(e.to_string()))
     }
 
-    /// Takes the next thing to do: data first, then timers, then notifications.
+    /// Takes the next thing to do: data first, then timers, then notifications. A node
+    /// seen again as a newer incarnation is reported down (old) then up (new).
     pub fn poll(&mut self) -> Option<MembershipOutput> {
+        if let Some(id) = self.pending_up.take() {
+            return Some(MembershipOutput::NodeUp(id));
+        }
         if let Some((to, data)) = self.runtime.to_send() {
             return Some(MembershipOutput::Send { to, data });
         }
@@ -199,6 +218,10 @@ impl Membership {
                 OwnedNotification::MemberUp(id) => return Some(MembershipOutput::NodeUp(id)),
                 OwnedNotification::MemberDown(id) => return Some(MembershipOutput::NodeDown(id)),
                 OwnedNotification::Rejoin(id) => return Some(MembershipOutput::Renewed(id)),
+                OwnedNotification::Rename(old, new) => {
+                    self.pending_up = Some(new);
+                    return Some(MembershipOutput::NodeDown(old));
+                }
                 _ => continue,
             }
         }
@@ -207,5 +230,18 @@ impl Membership {
     /// The members this node believes are up (itself excluded).
     pub fn members(&self) -> impl Iterator<Item = &NodeId> {
         self.foca.iter_members().map(|m| m.id())
+    }
+
+    /// Every member this node knows of, with its state, including those down and not
+    /// yet forgotten (itself excluded).
+    pub fn member_states(&self) -> impl Iterator<Item = (&NodeId, MemberState)> {
+        self.foca.iter_membership_state().map(|m| {
+            let state = match m.state() {
+                foca::State::Alive => MemberState::Up,
+                foca::State::Suspect => MemberState::Suspect,
+                foca::State::Down => MemberState::Down,
+            };
+            (m.id(), state)
+        })
     }
 }

@@ -1,19 +1,19 @@
-//! `agentmesh node`: runs a node. For now that is the secure ACP transport: it binds,
-//! dials the `--join` addresses, keeps the connections, and leaves cleanly on SIGINT
-//! or SIGTERM. Membership, failure detection and agents come on top of it.
+//! `agentmesh node`: runs a node: the secure ACP transport and cluster membership. It
+//! joins through the `--join` addresses, detects failed nodes, and leaves cleanly on
+//! SIGINT or SIGTERM. Remote actor messaging and agents come on top of it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tracing::{info, warn};
 
+use agentmesh::runtime::{MembershipConfig, Node, NodeConfig};
+use agentmesh::transport::clock::SystemClock;
 use agentmesh::transport::tls::{validate_node_name, NodeIdentity};
-use agentmesh::transport::wire::AcpErrorCode;
-use agentmesh::transport::{EndpointConfig, OwnershipTable, Transport, TransportEvent};
+use agentmesh::transport::EndpointConfig;
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -56,55 +56,24 @@ pub fn prepare(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
     Ok((name, identity))
 }
 
-/// Runs the node until SIGINT or SIGTERM.
+/// Runs the node until SIGINT or SIGTERM, then leaves the cluster cleanly.
 pub fn run(args: NodeArgs, name: String, identity: NodeIdentity) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let config = EndpointConfig::new(args.listen);
-        let (transport, mut events) = Transport::bind(config, &identity, Arc::new(OwnershipTable::new()))?;
-        info!(node = %name, addr = %transport.local_addr()?, "listening");
-        for addr in args.join.clone() {
-            tokio::spawn(join(transport.clone(), addr));
-        }
-        let stop = shutdown_signal();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                event = events.recv() => match event {
-                    Some(TransportEvent::PeerUp { peer, addr }) => info!(%peer, %addr, "peer up"),
-                    Some(TransportEvent::PeerDown { peer, reason }) => info!(%peer, %reason, "peer down"),
-                    Some(TransportEvent::Received { peer, via, messages }) => {
-                        info!(%peer, via = via.name(), count = messages.len(), "received");
-                    }
-                    None => break,
-                },
-            }
-        }
+        let config = NodeConfig {
+            transport: EndpointConfig::new(args.listen),
+            join: args.join.clone(),
+            membership: MembershipConfig::default(),
+        };
+        let node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
+        info!(node = %name, addr = %node.me().addr, "listening");
+        shutdown_signal().await;
         info!(node = %name, "leaving");
-        transport.shutdown(AcpErrorCode::Leaving, "node leaving").await;
+        node.leave().await;
         anyhow::Ok(())
     })
-}
-
-/// Dials `addr` until it answers, backing off from 100 ms to 5 s.
-async fn join(transport: Transport, addr: SocketAddr) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match transport.connect(addr, None).await {
-            Ok(peer) => {
-                info!(%peer, %addr, "joined");
-                return;
-            }
-            Err(e) => {
-                warn!(%addr, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the node to join");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,420 @@
+//! A running node: the secure transport plus cluster membership, driven by one task
+//! that owns the membership state machine. Gossip travels as ACP MEMBERSHIP datagrams;
+//! members the node hears of are dialled; subscribers get `NodeUp` and `NodeDown`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use agentmesh_transport::clock::Clock;
+use agentmesh_transport::tls::NodeIdentity;
+use agentmesh_transport::wire::payload::Membership as MembershipPayload;
+use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
+use agentmesh_transport::{
+    EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
+};
+
+use crate::membership::{
+    MemberState, Membership, MembershipConfig, MembershipOutput, NodeId, Timer,
+};
+
+/// How a node is set up.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Transport settings, including the address to listen on.
+    pub transport: EndpointConfig,
+    /// Addresses of members to join through.
+    pub join: Vec<SocketAddr>,
+    /// Failure-detection timing.
+    pub membership: MembershipConfig,
+}
+
+/// A change in cluster membership, for subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A node joined or came back.
+    NodeUp(NodeId),
+    /// A node failed or left.
+    NodeDown(NodeId),
+}
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberInfo {
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// `up`, `suspect` or `down`.
+    pub state: MemberState,
+    /// Which life of the node.
+    pub incarnation: u64,
+    /// Round-trip time on the connection to it, if connected.
+    pub rtt_us: Option<u64>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The transport could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+enum Command {
+    Members(oneshot::Sender<Vec<MemberInfo>>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// A running node. Dropping it stops its tasks without telling the cluster; call
+/// [`Node::leave`] to leave cleanly.
+pub struct Node {
+    transport: Transport,
+    me: NodeId,
+    cluster_events: broadcast::Sender<ClusterEvent>,
+    commands: mpsc::Sender<Command>,
+    driver: JoinHandle<()>,
+}
+
+/// Gossip messages kept for a member while its connection is being set up.
+const PENDING_GOSSIP_PER_MEMBER: usize = 16;
+/// How often a joining node repeats its announcement until someone answers.
+const REANNOUNCE_MS: u64 = 300;
+/// Cluster events buffered per subscriber; a slow subscriber misses the oldest.
+const CLUSTER_EVENT_BUFFER: usize = 1024;
+
+impl Node {
+    /// Binds the transport, starts membership and dials the `join` addresses.
+    pub async fn start(
+        config: NodeConfig,
+        identity: &NodeIdentity,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Node, NodeError> {
+        let ownership = Arc::new(OwnershipTable::new());
+        let (transport, events) = Transport::bind_with_clock(
+            config.transport.clone(),
+            identity,
+            ownership,
+            clock.clone(),
+        )?;
+        let me = NodeId {
+            name: identity.name.clone(),
+            addr: transport.local_addr()?,
+            incarnation: clock.now_unix_ms(),
+        };
+        let membership = Membership::new(me.clone(), config.membership, me.incarnation);
+        let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
+        let (commands, command_rx) = mpsc::channel(64);
+        let (joined_tx, joined_rx) = mpsc::channel(64);
+        for addr in config.join {
+            tokio::spawn(dial_seed(transport.clone(), addr, joined_tx.clone()));
+        }
+        let (dialled_tx, dialled_rx) = mpsc::channel(256);
+        let driver = Driver {
+            membership,
+            transport: transport.clone(),
+            cluster_events: cluster_events.clone(),
+            timers: BinaryHeap::new(),
+            timer_payloads: HashMap::new(),
+            next_timer: 0,
+            pending: HashMap::new(),
+            dialling: HashSet::new(),
+            dialled_tx,
+            seeds: Vec::new(),
+            next_announce: None,
+        };
+        let handle = tokio::spawn(driver.run(events, command_rx, joined_rx, dialled_rx));
+        info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
+        Ok(Node {
+            transport,
+            me,
+            cluster_events,
+            commands,
+            driver: handle,
+        })
+    }
+
+    /// This node's identity.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// The node's transport.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Membership changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.cluster_events.subscribe()
+    }
+
+    /// The members this node knows of, with their state.
+    pub async fn members(&self) -> Vec<MemberInfo> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Members(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Tells the cluster this node leaves, closes every connection with LEAVING, and
+    /// stops.
+    pub async fn leave(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.transport
+            .shutdown(AcpErrorCode::Leaving, "node leaving")
+            .await;
+        self.driver.abort();
+    }
+}
+
+/// Connects to a seed address until it answers, then hands its name to the driver.
+async fn dial_seed(transport: Transport, addr: SocketAddr, joined: mpsc::Sender<NodeId>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match transport.connect(addr, None).await {
+            Ok(name) => {
+                let via = NodeId {
+                    name: name.to_string(),
+                    addr,
+                    incarnation: 0,
+                };
+                let _ = joined.send(via).await;
+                return;
+            }
+            Err(e) => {
+                warn!(%addr, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the node to join");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The task that owns membership and carries out what it asks.
+struct Driver {
+    membership: Membership,
+    transport: Transport,
+    cluster_events: broadcast::Sender<ClusterEvent>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_payloads: HashMap<u64, Timer<NodeId>>,
+    next_timer: u64,
+    /// Gossip waiting for a connection, per member name.
+    pending: HashMap<String, VecDeque<Bytes>>,
+    dialling: HashSet<String>,
+    dialled_tx: mpsc::Sender<(String, bool)>,
+    /// Seeds joined through, re-announced to until someone answers.
+    seeds: Vec<NodeId>,
+    next_announce: Option<Instant>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut events: TransportEvents,
+        mut commands: mpsc::Receiver<Command>,
+        mut joined: mpsc::Receiver<NodeId>,
+        mut dialled: mpsc::Receiver<(String, bool)>,
+    ) {
+        let far = Duration::from_secs(3600);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let wake = [next_timer, self.next_announce]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or_else(|| Instant::now() + far);
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.on_transport(event).await,
+                    None => return,
+                },
+                Some(command) = commands.recv() => match command {
+                    Command::Members(reply) => {
+                        let _ = reply.send(self.member_infos());
+                    }
+                    Command::Leave(reply) => {
+                        if let Err(e) = self.membership.leave() {
+                            warn!(error = %e, "membership refused to leave");
+                        }
+                        self.drain().await;
+                        // Let the leave gossip reach the wire before connections close.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                },
+                Some(via) = joined.recv() => {
+                    info!(seed = %via.name, addr = %via.addr, "joining through");
+                    self.seeds.push(via.clone());
+                    if let Err(e) = self.membership.join(via) {
+                        warn!(error = %e, "cannot announce");
+                    }
+                    self.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
+                }
+                Some((name, ok)) = dialled.recv() => {
+                    self.dialling.remove(&name);
+                    let queued = self.pending.remove(&name).unwrap_or_default();
+                    if ok {
+                        for data in queued {
+                            self.send_gossip(&name, data).await;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => self.on_wake(),
+            }
+            self.drain().await;
+        }
+    }
+
+    fn on_wake(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(timer) = self.timer_payloads.remove(&key) {
+                if let Err(e) = self.membership.handle_timer(timer) {
+                    debug!(error = %e, "membership timer");
+                }
+            }
+        }
+        if self.next_announce.is_some_and(|at| at <= now) {
+            if self.membership.members().next().is_some() {
+                self.next_announce = None;
+            } else {
+                for seed in self.seeds.clone() {
+                    let _ = self.membership.join(seed);
+                }
+                self.next_announce = Some(now + Duration::from_millis(REANNOUNCE_MS));
+            }
+        }
+    }
+
+    async fn on_transport(&mut self, event: TransportEvent) {
+        match event {
+            TransportEvent::Received { peer, messages, .. } => {
+                for message in messages {
+                    if message.header.msg_type != MessageType::Membership {
+                        debug!(%peer, msg_type = %message.header.msg_type, "no handler for this message type yet");
+                        continue;
+                    }
+                    match Payload::decode(MessageType::Membership, &message.body) {
+                        Ok(Payload::Membership(m)) => {
+                            if let Err(e) = self.membership.handle_data(&m.gossip) {
+                                debug!(%peer, error = %e, "gossip refused");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(%peer, error = %e, "bad membership payload");
+                            if let Some(p) = self.transport.peer(&peer) {
+                                p.close(e.code(), "bad membership payload");
+                            }
+                        }
+                    }
+                }
+            }
+            TransportEvent::PeerUp { peer, addr } => debug!(%peer, %addr, "connection up"),
+            TransportEvent::PeerDown { peer, reason } => debug!(%peer, %reason, "connection down"),
+        }
+    }
+
+    /// Carries out everything membership has asked for.
+    async fn drain(&mut self) {
+        while let Some(output) = self.membership.poll() {
+            match output {
+                MembershipOutput::Send { to, data } => {
+                    if self.transport.peer(&to.name).is_some() {
+                        self.send_gossip(&to.name, data).await;
+                    } else {
+                        self.queue_and_dial(to, data);
+                    }
+                }
+                MembershipOutput::SetTimer { after, timer } => {
+                    self.next_timer += 1;
+                    self.timers
+                        .push(Reverse((Instant::now() + after, self.next_timer)));
+                    self.timer_payloads.insert(self.next_timer, timer);
+                }
+                MembershipOutput::NodeUp(id) => {
+                    info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node up");
+                    let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
+                }
+                MembershipOutput::NodeDown(id) => {
+                    info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node down");
+                    self.transport.ownership().remove_node(&id.name);
+                    let _ = self.cluster_events.send(ClusterEvent::NodeDown(id));
+                }
+                MembershipOutput::Renewed(id) => {
+                    warn!(
+                        incarnation = id.incarnation,
+                        "declared down by the cluster; rejoined as a new incarnation"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn send_gossip(&mut self, to: &str, data: Bytes) {
+        let Some(peer) = self.transport.peer(to) else {
+            return;
+        };
+        let body = match Payload::Membership(MembershipPayload { gossip: data }).encode() {
+            Ok(body) => Bytes::from(body),
+            Err(e) => return warn!(error = %e, "cannot encode gossip"),
+        };
+        let message = Message::new(Header::new(MessageType::Membership), body);
+        if let Err(e) = peer.send_datagram(message).await {
+            debug!(peer = %to, error = %e, "gossip not sent");
+        }
+    }
+
+    fn queue_and_dial(&mut self, to: NodeId, data: Bytes) {
+        let queue = self.pending.entry(to.name.clone()).or_default();
+        if queue.len() == PENDING_GOSSIP_PER_MEMBER {
+            queue.pop_front();
+        }
+        queue.push_back(data);
+        if self.dialling.insert(to.name.clone()) {
+            let (transport, done) = (self.transport.clone(), self.dialled_tx.clone());
+            tokio::spawn(async move {
+                let ok = transport.connect(to.addr, Some(&to.name)).await.is_ok();
+                let _ = done.send((to.name, ok)).await;
+            });
+        }
+    }
+
+    fn member_infos(&self) -> Vec<MemberInfo> {
+        let mut members: Vec<MemberInfo> = self
+            .membership
+            .member_states()
+            .map(|(id, state)| MemberInfo {
+                name: id.name.clone(),
+                addr: id.addr,
+                state,
+                incarnation: id.incarnation,
+                rtt_us: self
+                    .transport
+                    .peer(&id.name)
+                    .map(|p| p.rtt().as_micros() as u64),
+            })
+            .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name).then(b.incarnation.cmp(&a.incarnation)));
+        members
+    }
+}

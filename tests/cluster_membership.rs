@@ -1,0 +1,116 @@
+//! Cluster membership with real node processes on loopback, real QUIC and mutual TLS:
+//! three nodes join through one seed and all see all; a node killed with SIGKILL is
+//! declared down by the others within one second; restarted with the same name it
+//! rejoins as a new incarnation; a node that leaves is seen down at once.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // the failure-detection bound is wall time
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{free_port, temp_dir, NodeProcess};
+
+fn incarnation(line: &str) -> u64 {
+    line.split("incarnation=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no incarnation in {line:?}"))
+}
+
+struct Cluster {
+    dev_ca: std::path::PathBuf,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        Cluster {
+            dev_ca: temp_dir(tag),
+            addrs: (0..3)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect(),
+        }
+    }
+
+    fn start(&self, i: usize) -> NodeProcess {
+        let name = format!("n{i}");
+        let mut args = vec!["--name", &name, "--listen", &self.addrs[i]];
+        if i > 0 {
+            args.extend(["--join", &self.addrs[0]]);
+        }
+        NodeProcess::start(&args, Some(&self.dev_ca))
+    }
+
+    /// Starts three nodes and waits until each has seen the other two up; returns the
+    /// nodes and, by (observer, observed), the "node up" line.
+    fn start_all(&self) -> (Vec<NodeProcess>, HashMap<(usize, usize), String>) {
+        let first = self.start(0);
+        first.expect(&["listening"]);
+        let nodes = vec![first, self.start(1), self.start(2)];
+        let mut ups = HashMap::new();
+        for (i, node) in nodes.iter().enumerate() {
+            for j in (0..3).filter(|j| *j != i) {
+                ups.insert((i, j), node.expect(&["node up", &format!("node=n{j} ")]));
+            }
+        }
+        (nodes, ups)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dev_ca);
+    }
+}
+
+#[test]
+fn three_nodes_join_through_one_seed_and_see_each_other() {
+    let cluster = Cluster::new("join3");
+    let (_nodes, ups) = cluster.start_all();
+    assert_eq!(ups.len(), 6);
+}
+
+#[test]
+fn a_killed_node_is_declared_down_within_a_second_and_rejoins_as_a_new_incarnation() {
+    let cluster = Cluster::new("kill");
+    let (mut nodes, ups) = cluster.start_all();
+    let old = incarnation(&ups[&(0, 2)]);
+    let killed_at = Instant::now();
+    nodes[2].kill();
+    for survivor in &nodes[..2] {
+        survivor
+            .expect_within(
+                &["node down", "node=n2 "],
+                Duration::from_millis(1_000).saturating_sub(killed_at.elapsed()),
+            )
+            .unwrap_or_else(|seen| {
+                panic!("not declared down within 1 s; saw:\n{}", seen.join("\n"))
+            });
+    }
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    nodes[2] = cluster.start(2);
+    let back = nodes[0].expect(&["node up", "node=n2 "]);
+    nodes[1].expect(&["node up", "node=n2 "]);
+    assert!(incarnation(&back) > old, "{back}");
+}
+
+#[test]
+fn a_node_that_leaves_is_seen_down_at_once() {
+    let cluster = Cluster::new("leave");
+    let (mut nodes, _) = cluster.start_all();
+    let left_at = Instant::now();
+    assert!(nodes[1].terminate().success());
+    nodes[0].expect(&["node down", "node=n1 "]);
+    nodes[2].expect(&["node down", "node=n1 "]);
+    // The leave is gossiped; no failure detection involved.
+    assert!(
+        left_at.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        left_at.elapsed()
+    );
+}

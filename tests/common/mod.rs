@@ -1,0 +1,119 @@
+//! Helpers for tests that run the `agentmesh` binary: temporary folders, free ports,
+//! and node processes whose log lines can be awaited.
+#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)] // wall-clock deadlines for child processes
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn agentmesh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agentmesh-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node process whose stderr lines arrive on a channel.
+pub struct NodeProcess {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Lines read but not matched yet, for later calls of `expect`.
+    backlog: std::sync::Mutex<Vec<String>>,
+}
+
+impl NodeProcess {
+    pub fn start(args: &[&str], dev_ca: Option<&Path>) -> NodeProcess {
+        let mut cmd = agentmesh();
+        cmd.arg("node")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(dir) = dev_ca {
+            cmd.env("AGENTMESH_DEV_CA_DIR", dir);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        NodeProcess {
+            child,
+            lines,
+            backlog: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Waits up to 15 s for a log line containing every one of `words`.
+    pub fn expect(&self, words: &[&str]) -> String {
+        self.expect_within(words, Duration::from_secs(15))
+            .unwrap_or_else(|seen| panic!("no line with {words:?}; saw:\n{}", seen.join("\n")))
+    }
+
+    /// Waits up to `limit` for a log line containing every one of `words` (lines read
+    /// earlier and not matched yet count too); on failure returns the lines seen.
+    pub fn expect_within(&self, words: &[&str], limit: Duration) -> Result<String, Vec<String>> {
+        let matches = |line: &str| words.iter().all(|w| line.contains(w));
+        let mut backlog = self.backlog.lock().unwrap();
+        if let Some(i) = backlog.iter().position(|l| matches(l)) {
+            return Ok(backlog.remove(i));
+        }
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return Ok(line),
+                Ok(line) => backlog.push(line),
+                Err(_) => break,
+            }
+        }
+        seen.extend(backlog.iter().cloned());
+        Err(seen)
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

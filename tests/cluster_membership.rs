@@ -10,7 +10,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{free_port, temp_dir, NodeProcess};
+use common::{agentmesh, free_port, temp_dir, NodeProcess};
+use serde_json::Value;
 
 fn incarnation(line: &str) -> u64 {
     line.split("incarnation=")
@@ -60,6 +61,40 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// `agentmesh status --to` node `i`, as JSON.
+    fn status(&self, i: usize) -> Value {
+        let out = agentmesh()
+            .args(["status", "--json", "--to", &self.addrs[i]])
+            .env("AGENTMESH_DEV_CA_DIR", &self.dev_ca)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Node `i`'s view: name to state.
+    fn states(&self, i: usize) -> HashMap<String, String> {
+        let status = self.status(i);
+        status["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert!(m["addr"].is_string(), "{m}");
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    m["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dev_ca);
@@ -71,6 +106,13 @@ fn three_nodes_join_through_one_seed_and_see_each_other() {
     let cluster = Cluster::new("join3");
     let (_nodes, ups) = cluster.start_all();
     assert_eq!(ups.len(), 6);
+    for i in 0..3 {
+        let states = cluster.states(i);
+        let want: HashMap<String, String> = (0..3)
+            .map(|j| (format!("n{j}"), "up".to_string()))
+            .collect();
+        assert_eq!(states, want, "status of n{i}");
+    }
 }
 
 #[test]
@@ -92,6 +134,7 @@ fn a_killed_node_is_declared_down_within_a_second_and_rejoins_as_a_new_incarnati
     }
     let took = killed_at.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(cluster.states(0)["n2"], "down");
 
     nodes[2] = cluster.start(2);
     let back = nodes[0].expect(&["node up", "node=n2 "]);

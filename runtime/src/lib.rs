@@ -13,6 +13,9 @@ pub mod membership;
 pub mod node;
 
 pub use membership::{MemberState, MembershipConfig, NodeId};
-pub use node::{ClusterEvent, MemberInfo, Node, NodeConfig, NodeError};
+pub use node::{
+    request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusError,
+    StatusReport, STATUS_SERVICE,
+};
 
 pub use agentmesh_transport as transport;

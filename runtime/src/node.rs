@@ -4,12 +4,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use agentmesh_transport::clock::Clock;
 use agentmesh_transport::tls::NodeIdentity;
-use agentmesh_transport::wire::payload::Membership as MembershipPayload;
+use agentmesh_transport::wire::payload::{Envelope, Membership as MembershipPayload};
 use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
 use agentmesh_transport::{
     EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
@@ -48,7 +48,7 @@ pub enum ClusterEvent {
 }
 
 /// One member as this node sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
     /// Its name.
     pub name: String,
@@ -60,6 +60,105 @@ pub struct MemberInfo {
     pub incarnation: u64,
     /// Round-trip time on the connection to it, if connected.
     pub rtt_us: Option<u64>,
+}
+
+/// The cluster-wide name of the status service every node runs.
+pub const STATUS_SERVICE: &str = "agentmesh.status";
+const STATUS_REQUEST: &str = "agentmesh.status.request";
+const STATUS_REPLY: &str = "agentmesh.status.reply";
+
+/// What a node reports about itself and the cluster (`agentmesh status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The node asked.
+    pub node: String,
+    /// Every member it knows of, itself included (with no RTT), sorted by name.
+    pub members: Vec<MemberInfo>,
+}
+
+/// Why a status request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The node could not be reached.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// No answer in time.
+    #[error("no answer from {0} within {1} ms")]
+    Timeout(SocketAddr, u64),
+    /// The answer did not decode.
+    #[error("bad answer from {addr}: {reason}")]
+    BadReply {
+        /// The node's address.
+        addr: SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Asks the node at `addr` for its [`StatusReport`], as a short-lived client holding
+/// `identity` (a certificate of the same cluster).
+pub async fn request_status(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    timeout_ms: u64,
+) -> Result<StatusReport, StatusError> {
+    // Bind where the node can be reached from: loopback for a local node.
+    let ip: IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
+        (true, true) => Ipv4Addr::LOCALHOST.into(),
+        (true, false) => Ipv4Addr::UNSPECIFIED.into(),
+        (false, true) => Ipv6Addr::LOCALHOST.into(),
+        (false, false) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let local = SocketAddr::new(ip, 0);
+    let (transport, mut events) = Transport::bind(
+        EndpointConfig::new(local),
+        identity,
+        Arc::new(OwnershipTable::new()),
+    )?;
+    let peer = transport.connect(addr, None).await?;
+    let request = envelope(Envelope {
+        to: STATUS_SERVICE.into(),
+        kind: STATUS_REQUEST.into(),
+        correlation: 1,
+        reply: false,
+        trace_id: None,
+        body: Bytes::new(),
+    })
+    .map_err(|e| StatusError::BadReply {
+        addr,
+        reason: e.to_string(),
+    })?;
+    transport.send(&peer, request).await?;
+    let answer = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+        while let Some(event) = events.recv().await {
+            let TransportEvent::Received { messages, .. } = event else {
+                continue;
+            };
+            for m in messages {
+                if let Ok(Payload::Envelope(e)) = Payload::decode(m.header.msg_type, &m.body) {
+                    if e.reply && e.correlation == 1 && e.kind == STATUS_REPLY {
+                        return Some(e.body);
+                    }
+                }
+            }
+        }
+        None
+    })
+    .await;
+    transport.shutdown(AcpErrorCode::NoError, "done").await;
+    let body = answer
+        .ok()
+        .flatten()
+        .ok_or(StatusError::Timeout(addr, timeout_ms))?;
+    rmp_serde::from_slice(&body).map_err(|e| StatusError::BadReply {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+fn envelope(e: Envelope) -> Result<Message, agentmesh_transport::wire::PayloadError> {
+    let body = Bytes::from(Payload::Envelope(e).encode()?);
+    Ok(Message::new(Header::new(MessageType::Envelope), body))
 }
 
 /// Why a node could not start.
@@ -309,6 +408,10 @@ impl Driver {
         match event {
             TransportEvent::Received { peer, messages, .. } => {
                 for message in messages {
+                    if message.header.msg_type == MessageType::Envelope {
+                        self.on_envelope(&peer, &message).await;
+                        continue;
+                    }
                     if message.header.msg_type != MessageType::Membership {
                         debug!(%peer, msg_type = %message.header.msg_type, "no handler for this message type yet");
                         continue;
@@ -331,6 +434,59 @@ impl Driver {
             }
             TransportEvent::PeerUp { peer, addr } => debug!(%peer, %addr, "connection up"),
             TransportEvent::PeerDown { peer, reason } => debug!(%peer, %reason, "connection down"),
+        }
+    }
+
+    /// Answers requests to the node's own services (for now: status).
+    async fn on_envelope(&mut self, peer: &str, message: &Message) {
+        let request = match Payload::decode(MessageType::Envelope, &message.body) {
+            Ok(Payload::Envelope(e)) => e,
+            Ok(_) => return,
+            Err(e) => {
+                warn!(%peer, error = %e, "bad envelope");
+                if let Some(p) = self.transport.peer(peer) {
+                    p.close(e.code(), "bad envelope");
+                }
+                return;
+            }
+        };
+        if request.to != STATUS_SERVICE || request.kind != STATUS_REQUEST || request.reply {
+            debug!(%peer, to = %request.to, "no actor by that name here yet");
+            return;
+        }
+        let me = self.membership.me();
+        let mut members = self.member_infos();
+        members.push(MemberInfo {
+            name: me.name.clone(),
+            addr: me.addr,
+            state: MemberState::Up,
+            incarnation: me.incarnation,
+            rtt_us: None,
+        });
+        members.sort_by(|a, b| a.name.cmp(&b.name).then(b.incarnation.cmp(&a.incarnation)));
+        let report = StatusReport {
+            node: me.name.clone(),
+            members,
+        };
+        let body = match rmp_serde::to_vec_named(&report) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => return warn!(error = %e, "cannot encode status"),
+        };
+        let reply = envelope(Envelope {
+            to: String::new(),
+            kind: STATUS_REPLY.into(),
+            correlation: request.correlation,
+            reply: true,
+            trace_id: request.trace_id,
+            body,
+        });
+        match reply {
+            Ok(reply) => {
+                if let Err(e) = self.transport.send(peer, reply).await {
+                    debug!(%peer, error = %e, "status reply not sent");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode status reply"),
         }
     }
 

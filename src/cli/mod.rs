@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod demo;
 mod node;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -32,11 +33,23 @@ enum Command {
     },
     /// Run a node.
     Node(node::NodeArgs),
+    /// Show the cluster as a node sees it: members, their state and RTT.
+    Status(status::StatusArgs),
     /// Measure AgentMesh against bare libraries, with ratios.
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+}
+
+impl Args {
+    /// How much to log: a node reports what it does; one-shot commands only warn.
+    pub fn log_level(&self) -> tracing::Level {
+        match self.command {
+            Command::Node(_) => tracing::Level::INFO,
+            _ => tracing::Level::WARN,
+        }
+    }
 }
 
 /// A command that did not succeed: what to print and the exit code.
@@ -70,6 +83,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Command::Demo(demo) => demo::run(demo).map_err(Failure::failed),
         Command::Bench { command } => bench::run(command).map_err(Failure::failed),
         Command::Certs { command } => certs::run(command).map_err(Failure::bad_input),
+        Command::Status(args) => {
+            let identity = status::prepare(&args).map_err(Failure::bad_input)?;
+            status::run(args, identity).map_err(Failure::failed)
+        }
         Command::Node(args) => {
             let (name, identity) = node::prepare(&args).map_err(Failure::bad_input)?;
             node::run(args, name, identity).map_err(Failure::failed)

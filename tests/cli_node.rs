@@ -103,3 +103,55 @@ fn without_certificates_nodes_use_the_development_ca_and_say_so() {
     drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();
 }
+
+#[test]
+fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
+    use std::io::{Read, Write};
+    let dev = temp_dir("metrics");
+    let a1 = format!("127.0.0.1:{}", free_port());
+    let a2 = format!("127.0.0.1:{}", free_port());
+    let m1 = format!("127.0.0.1:{}", free_port());
+    let n1 = NodeProcess::start(
+        &[
+            "--name",
+            "p1",
+            "--listen",
+            &a1,
+            "--metrics",
+            &m1,
+            "--log-format",
+            "json",
+        ],
+        Some(&dev),
+    );
+    let line = n1.expect(&["serving metrics"]);
+    let parsed: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(parsed["level"], "INFO");
+    let n2 = NodeProcess::start(
+        &["--name", "p2", "--listen", &a2, "--join", &a1],
+        Some(&dev),
+    );
+    n2.expect(&["node up", "node=p1 "]);
+    n1.expect(&["node up", "p2"]);
+    let scrape = |path: &str| {
+        let mut s = std::net::TcpStream::connect(&m1).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let metrics = scrape("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    for name in [
+        "agentmesh_members{state=\"up\"} 1",
+        "agentmesh_frames_received_total{carrier=\"datagram\"}",
+        "agentmesh_frames_received_by_type_total{type=\"MEMBERSHIP\"}",
+        "agentmesh_peer_rtt_seconds{peer=\"p2\"}",
+        "agentmesh_handshakes_refused_total{reason=\"unknown_issuer\"} 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert!(scrape("/other").starts_with("HTTP/1.1 404"));
+    drop((n1, n2));
+    std::fs::remove_dir_all(&dev).unwrap();
+}

@@ -10,6 +10,7 @@
 //! remote actor messaging and metrics are being built (issue [3/6]).
 
 pub mod membership;
+pub mod metrics;
 pub mod node;
 
 pub use membership::{MemberState, MembershipConfig, NodeId};

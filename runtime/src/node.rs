@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub join: Vec<SocketAddr>,
     /// Failure-detection timing.
     pub membership: MembershipConfig,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A change in cluster membership, for subscribers.
@@ -167,6 +169,14 @@ pub enum NodeError {
     /// The transport could not start.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
 }
 
 enum Command {
@@ -182,6 +192,7 @@ pub struct Node {
     cluster_events: broadcast::Sender<ClusterEvent>,
     commands: mpsc::Sender<Command>,
     driver: JoinHandle<()>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 /// Gossip messages kept for a member while its connection is being set up.
@@ -218,7 +229,19 @@ impl Node {
             tokio::spawn(dial_seed(transport.clone(), addr, joined_tx.clone()));
         }
         let (dialled_tx, dialled_rx) = mpsc::channel(256);
+        let (members_tx, members_rx) = watch::channel(Vec::new());
+        let metrics = match config.metrics {
+            Some(addr) => {
+                let served = crate::metrics::serve(addr, transport.clone(), members_rx)
+                    .await
+                    .map_err(|source| NodeError::Metrics { addr, source })?;
+                info!(addr = %served.0, "serving metrics at /metrics");
+                Some(served)
+            }
+            None => None,
+        };
         let driver = Driver {
+            members_tx,
             membership,
             transport: transport.clone(),
             cluster_events: cluster_events.clone(),
@@ -239,12 +262,18 @@ impl Node {
             cluster_events,
             commands,
             driver: handle,
+            metrics,
         })
     }
 
     /// This node's identity.
     pub fn me(&self) -> &NodeId {
         &self.me
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The node's transport.
@@ -277,6 +306,9 @@ impl Node {
             .shutdown(AcpErrorCode::Leaving, "node leaving")
             .await;
         self.driver.abort();
+        if let Some((_, server)) = self.metrics {
+            server.abort();
+        }
     }
 }
 
@@ -305,6 +337,8 @@ async fn dial_seed(transport: Transport, addr: SocketAddr, joined: mpsc::Sender<
 
 /// The task that owns membership and carries out what it asks.
 struct Driver {
+    /// The member list, republished on every membership change (for metrics).
+    members_tx: watch::Sender<Vec<MemberInfo>>,
     membership: Membership,
     transport: Transport,
     cluster_events: broadcast::Sender<ClusterEvent>,
@@ -492,7 +526,12 @@ impl Driver {
 
     /// Carries out everything membership has asked for.
     async fn drain(&mut self) {
+        let mut changed = false;
         while let Some(output) = self.membership.poll() {
+            changed |= matches!(
+                output,
+                MembershipOutput::NodeUp(_) | MembershipOutput::NodeDown(_)
+            );
             match output {
                 MembershipOutput::Send { to, data } => {
                     if self.transport.peer(&to.name).is_some() {
@@ -523,6 +562,9 @@ impl Driver {
                     );
                 }
             }
+        }
+        if changed {
+            self.members_tx.send_replace(self.member_infos());
         }
     }
 

@@ -43,6 +43,11 @@ enum Command {
 }
 
 impl Args {
+    /// True if logs should be JSON objects (`node --log-format json`).
+    pub fn log_json(&self) -> bool {
+        matches!(&self.command, Command::Node(args) if args.log_format == node::LogFormat::Json)
+    }
+
     /// How much to log: a node reports what it does; one-shot commands only warn.
     pub fn log_level(&self) -> tracing::Level {
         match self.command {

@@ -27,9 +27,29 @@ pub struct NodeArgs {
     #[arg(long)]
     name: Option<String>,
     /// Folder with ca.crt, NAME.crt and NAME.key (`agentmesh certs`). Without it the
-    /// node uses the per-user development CA.
+    /// node uses the development CA (see --data-dir).
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// The node's data folder; the development CA is kept in DIR/dev-ca. Default: the
+    /// per-user data folder ($XDG_DATA_HOME/agentmesh or ~/.local/share/agentmesh, or
+    /// $AGENTMESH_DEV_CA_DIR for the CA itself).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Log lines as human-readable text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How a node writes its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event, for machines.
+    Json,
 }
 
 /// Checks the arguments and loads the identity: failures here are bad input.
@@ -43,7 +63,10 @@ pub fn prepare(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
         Some(dir) => NodeIdentity::load(dir, &name)
             .with_context(|| format!("loading the certificate of {name} from {}", dir.display()))?,
         None => {
-            let (identity, ca_dir) = NodeIdentity::development(&name)?;
+            let (identity, ca_dir) = match &args.data_dir {
+                Some(dir) => NodeIdentity::development_at(&dir.join("dev-ca"), &name)?,
+                None => NodeIdentity::development(&name)?,
+            };
             warn!(
                 ca = %ca_dir.display(),
                 "development mode: this node's certificate comes from the per-user development CA; \
@@ -66,6 +89,7 @@ pub fn run(args: NodeArgs, name: String, identity: NodeIdentity) -> anyhow::Resu
             transport: EndpointConfig::new(args.listen),
             join: args.join.clone(),
             membership: MembershipConfig::default(),
+            metrics: args.metrics,
         };
         let node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
         info!(node = %name, addr = %node.me().addr, "listening");

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use crate::endpoint::{PeerName, Shared, TransportError, TransportEvent};
 use crate::headroom::WindowGauge;
 use crate::ingress::{Arrival, DropReason, IngressGuard, Verdict, Via};
-use crate::stats::TransportStats;
+use crate::stats::{TransportStats, TypeCounts};
 use crate::wire::{
     AcpErrorCode, Flags, Frame, FrameDecoder, Lane, Message, Reassembler, HEADER_LEN, TIMESTAMP_LEN,
 };
@@ -97,17 +97,20 @@ impl DirectLane {
     ) -> Result<(), ()> {
         self.flush().await?;
         let mut frames = 0u64;
+        let mut types = TypeCounts::default();
         for message in messages {
             let n = message
                 .encode_frames(self.seq, max_frame_payload, &mut self.buf)
                 .map_err(|_| ())?;
             self.seq = self.seq.wrapping_add(n);
             frames += u64::from(n);
+            types.0[usize::from(message.header.msg_type.code())] += u64::from(n);
         }
         self.pending = self.buf.split().freeze();
         let len = self.pending.len() as u64;
         self.flush().await?;
         stats.sent(Via::Lane(self.lane), frames, len);
+        stats.sent_types(&types);
         Ok(())
     }
 
@@ -354,6 +357,9 @@ impl PeerHandle {
             match self.conn.conn.send_datagram(frame.to_bytes()) {
                 Ok(()) => {
                     self.shared.stats.sent(Via::Datagram, 1, wire_len as u64);
+                    let mut types = TypeCounts::default();
+                    types.add(header.msg_type);
+                    self.shared.stats.sent_types(&types);
                     return Ok(Via::Datagram);
                 }
                 Err(SendDatagramError::ConnectionLost(_)) => {
@@ -412,11 +418,13 @@ async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
             }
         }
         let mut frames = 0u64;
+        let mut types = TypeCounts::default();
         for message in batch.iter().flat_map(|q| q.batch.messages()) {
             match message.encode_frames(seq, w.max_frame_payload, &mut buf) {
                 Ok(n) => {
                     seq = seq.wrapping_add(n);
                     frames += u64::from(n);
+                    types.0[usize::from(message.header.msg_type.code())] += u64::from(n);
                 }
                 // `PeerHandle::send` refuses unframeable messages before queueing them.
                 Err(e) => {
@@ -440,6 +448,7 @@ async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
             return;
         }
         w.stats.sent(Via::Lane(w.lane), frames, len);
+        w.stats.sent_types(&types);
         batch.clear();
     }
     if let Some(mut s) = stream {
@@ -549,11 +558,13 @@ impl LaneReader {
         })?;
         let mut messages = Vec::new();
         let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut types = TypeCounts::default();
         while let Some(frame) = self
             .decoder
             .decode(&mut self.buf)
             .map_err(|e| (e.code(), e.to_string()))?
         {
+            types.add(frame.header().msg_type);
             let this = Lane::for_header(frame.header());
             match self.lane {
                 None if !claim(claimed, this) => {
@@ -598,6 +609,7 @@ impl LaneReader {
                 messages.push(message);
             }
         }
+        reader.shared.stats.received_types(&types);
         Ok((messages, frames, bytes))
     }
 }
@@ -673,6 +685,9 @@ async fn read_datagrams(reader: Reader) {
             Err(e) => return reader.close(e.code(), &e.to_string()),
         };
         reader.shared.stats.received(Via::Datagram, 1, len);
+        let mut types = TypeCounts::default();
+        types.add(frame.header().msg_type);
+        reader.shared.stats.received_types(&types);
         let now_ms = reader.shared.clock.now_unix_ms();
         let verdict = match reader.guard.lock() {
             Ok(mut guard) => reader.verdict(&mut guard, Via::Datagram, &frame, false, now_ms),

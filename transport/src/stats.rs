@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::ingress::{DropReason, Via};
-use crate::wire::AcpErrorCode;
+use crate::wire::{AcpErrorCode, MessageType};
 
 /// Live counters, shared by every task of one endpoint.
 #[derive(Debug, Default)]
@@ -20,6 +20,20 @@ pub struct TransportStats {
     shed: [AtomicU64; 5],
     closed_for_cause: [AtomicU64; 16],
     datagram_fallbacks: AtomicU64,
+    frames_in_by_type: [AtomicU64; 12],
+    frames_out_by_type: [AtomicU64; 12],
+}
+
+/// Frame counts by message type code, gathered per batch before they are added to the
+/// shared counters (one atomic add per type per batch, not per frame).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeCounts(pub [u64; 12]);
+
+impl TypeCounts {
+    /// Counts one frame of `msg_type`.
+    pub fn add(&mut self, msg_type: MessageType) {
+        self.0[usize::from(msg_type.code())] += 1;
+    }
 }
 
 /// Why a handshake was refused.
@@ -105,6 +119,10 @@ pub struct StatsSnapshot {
     pub closed_for_cause: [u64; 16],
     /// Datagram frames sent on the bulk lane because they were too large.
     pub datagram_fallbacks: u64,
+    /// Frames received, by message type code.
+    pub frames_in_by_type: [u64; 12],
+    /// Frames sent, by message type code.
+    pub frames_out_by_type: [u64; 12],
 }
 
 impl StatsSnapshot {
@@ -155,6 +173,22 @@ impl TransportStats {
         self.closed_for_cause[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn received_types(&self, counts: &TypeCounts) {
+        for (slot, n) in self.frames_in_by_type.iter().zip(counts.0) {
+            if n > 0 {
+                slot.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn sent_types(&self, counts: &TypeCounts) {
+        for (slot, n) in self.frames_out_by_type.iter().zip(counts.0) {
+            if n > 0 {
+                slot.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub(crate) fn datagram_fallback(&self) {
         self.datagram_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
@@ -171,6 +205,8 @@ impl TransportStats {
             shed: load(&self.shed),
             closed_for_cause: load(&self.closed_for_cause),
             datagram_fallbacks: self.datagram_fallbacks.load(Ordering::Relaxed),
+            frames_in_by_type: load(&self.frames_in_by_type),
+            frames_out_by_type: load(&self.frames_out_by_type),
         }
     }
 }

@@ -310,7 +310,12 @@ impl NodeIdentity {
     /// too, so the caller can say where it is. Development only: anyone with the same
     /// user account shares the CA.
     pub fn development(name: &str) -> Result<(NodeIdentity, PathBuf), TlsError> {
-        let dir = dev_ca_dir()?;
+        NodeIdentity::development_at(&dev_ca_dir()?, name)
+    }
+
+    /// [`NodeIdentity::development`] with the development CA in `dir`.
+    pub fn development_at(dir: &Path, name: &str) -> Result<(NodeIdentity, PathBuf), TlsError> {
+        let dir = dir.to_path_buf();
         let ca = match ClusterCa::load(&dir) {
             Ok(ca) => ca,
             Err(TlsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {

@@ -12,11 +12,13 @@
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod remote;
 
 pub use membership::{MemberState, MembershipConfig, NodeId};
 pub use node::{
     request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusError,
     StatusReport, STATUS_SERVICE,
 };
+pub use remote::{ActorAddr, AskError, Down, Mesh, RegisterError, RemoteMessage, SendError};
 
 pub use agentmesh_transport as transport;

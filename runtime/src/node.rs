@@ -26,6 +26,7 @@ use agentmesh_transport::{
 use crate::membership::{
     MemberState, Membership, MembershipConfig, MembershipOutput, NodeId, Timer,
 };
+use crate::remote::Mesh;
 
 /// How a node is set up.
 #[derive(Clone, Debug)]
@@ -188,6 +189,7 @@ enum Command {
 /// [`Node::leave`] to leave cleanly.
 pub struct Node {
     transport: Transport,
+    mesh: Mesh,
     me: NodeId,
     cluster_events: broadcast::Sender<ClusterEvent>,
     commands: mpsc::Sender<Command>,
@@ -222,6 +224,7 @@ impl Node {
             incarnation: clock.now_unix_ms(),
         };
         let membership = Membership::new(me.clone(), config.membership, me.incarnation);
+        let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
         let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
         let (commands, command_rx) = mpsc::channel(64);
         let (joined_tx, joined_rx) = mpsc::channel(64);
@@ -241,6 +244,7 @@ impl Node {
             None => None,
         };
         let driver = Driver {
+            mesh: mesh.clone(),
             members_tx,
             membership,
             transport: transport.clone(),
@@ -258,6 +262,7 @@ impl Node {
         info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
         Ok(Node {
             transport,
+            mesh,
             me,
             cluster_events,
             commands,
@@ -274,6 +279,11 @@ impl Node {
     /// Where metrics are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// Remote actor messaging on this node.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 
     /// The node's transport.
@@ -337,6 +347,7 @@ async fn dial_seed(transport: Transport, addr: SocketAddr, joined: mpsc::Sender<
 
 /// The task that owns membership and carries out what it asks.
 struct Driver {
+    mesh: Mesh,
     /// The member list, republished on every membership change (for metrics).
     members_tx: watch::Sender<Vec<MemberInfo>>,
     membership: Membership,
@@ -485,8 +496,7 @@ impl Driver {
             }
         };
         if request.to != STATUS_SERVICE || request.kind != STATUS_REQUEST || request.reply {
-            debug!(%peer, to = %request.to, "no actor by that name here yet");
-            return;
+            return self.mesh.on_envelope(peer, request).await;
         }
         let me = self.membership.me();
         let mut members = self.member_infos();
@@ -548,11 +558,14 @@ impl Driver {
                 }
                 MembershipOutput::NodeUp(id) => {
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node up");
+                    let (mesh, name, addr) = (self.mesh.clone(), id.name.clone(), id.addr);
+                    tokio::spawn(async move { mesh.node_up(&name, addr).await });
                     let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
                 }
                 MembershipOutput::NodeDown(id) => {
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node down");
                     self.transport.ownership().remove_node(&id.name);
+                    self.mesh.node_down(&id.name);
                     let _ = self.cluster_events.send(ClusterEvent::NodeDown(id));
                 }
                 MembershipOutput::Renewed(id) => {

@@ -1,0 +1,806 @@
+//! Remote actor messaging: ractor actors registered under cluster-wide names, typed
+//! serde messages sent to them from any node (locally without serialization), request
+//! and reply, and monitors that fire when a named actor stops or its node dies.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{ActorRef, RpcReplyPort};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use agentmesh_transport::wire::payload::Envelope;
+use agentmesh_transport::wire::{Header, Message, MessageType, Payload};
+use agentmesh_transport::{Transport, TransportError};
+
+/// A message that can cross nodes.
+pub trait RemoteMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Names the type on the wire; sender and receiver must agree.
+    const KIND: &'static str;
+
+    /// The Stream Prio it travels with, which picks its lane (default: normal).
+    fn priority(&self) -> u8 {
+        96
+    }
+}
+
+/// A cluster-wide actor address: a serializable remote reference.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ActorAddr {
+    /// The node the actor runs on.
+    pub node: String,
+    /// Its registered name.
+    pub name: String,
+}
+
+/// Why a message was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No actor is registered under that name anywhere this node knows of.
+    #[error("no actor named {0:?} in the cluster")]
+    UnknownName(String),
+    /// The actor takes another message type.
+    #[error("actor {name:?} takes {expected}, not {got}")]
+    WrongKind {
+        /// The actor's name.
+        name: String,
+        /// What it takes.
+        expected: &'static str,
+        /// What was sent.
+        got: &'static str,
+    },
+    /// The local actor has stopped.
+    #[error("actor {0:?} has stopped")]
+    Stopped(String),
+    /// The actor's node is not connected.
+    #[error("node {0:?} is not connected")]
+    NodeUnreachable(String),
+    /// The message did not encode.
+    #[error("cannot encode the message: {0}")]
+    Encode(String),
+    /// The transport refused it.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Why an ask got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// The request was not sent.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// No answer in time.
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+    /// The other side answered with an error.
+    #[error("{0}")]
+    Remote(String),
+    /// The answer did not decode.
+    #[error("cannot decode the answer: {0}")]
+    Decode(String),
+    /// Too many asks are waiting for answers.
+    #[error("{0} asks already wait for answers")]
+    TooMany(usize),
+}
+
+/// Why a monitored actor is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Down {
+    /// The actor stopped (or its name was unregistered).
+    Stopped(ActorAddr),
+    /// Its node left or was declared down.
+    NodeDown(ActorAddr),
+    /// No such actor was known when the monitor was set.
+    Unknown(ActorAddr),
+}
+
+/// Why a registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The name is taken on this node.
+    #[error("an actor is already registered as {0:?} here")]
+    Taken(String),
+    /// The name is reserved or malformed.
+    #[error("actor name {0:?} is reserved or empty")]
+    BadName(String),
+}
+
+/// Registry service name and kinds on the wire.
+pub(crate) const REGISTRY_SERVICE: &str = "agentmesh.registry";
+const REGISTRY_UPDATE: &str = "agentmesh.registry.update";
+const ERROR_KIND: &str = "agentmesh.error";
+/// Asks waiting for answers at once, per node.
+const MAX_PENDING_ASKS: usize = 65_536;
+/// Monitors set at once, per node.
+const MAX_MONITORS: usize = 65_536;
+/// Names known cluster-wide, per node.
+const MAX_REMOTE_NAMES: usize = 1_000_000;
+/// How long a local actor may take to answer a remote ask.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node's names, as it announces them.
+#[derive(Debug, Serialize, Deserialize)]
+struct RegistryUpdate {
+    /// The node the names belong to (must be the sender).
+    node: String,
+    /// True if `added` is the node's whole list, replacing what was known.
+    full: bool,
+    added: Vec<String>,
+    removed: Vec<String>,
+}
+
+type Deliver = Box<dyn Fn(&str, &[u8]) -> Result<(), String> + Send + Sync>;
+type Answer =
+    Box<dyn Fn(&[u8]) -> Result<oneshot::Receiver<Result<Bytes, String>>, String> + Send + Sync>;
+
+/// A locally registered actor, with typed handles for local sends and erased ones for
+/// what arrives from the network.
+struct LocalActor {
+    kind: &'static str,
+    /// `ActorRef<M>` for casts, or `Arc<dyn Fn(Req) -> ...>` for asks.
+    typed: Arc<dyn Any + Send + Sync>,
+    deliver: Option<Deliver>,
+    answer: Option<Answer>,
+    actor_id: ractor::ActorId,
+}
+
+type Ask<Req, Resp> = Arc<dyn Fn(Req) -> Result<oneshot::Receiver<Resp>, String> + Send + Sync>;
+
+/// Remote messaging for one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: String,
+    transport: Transport,
+    local: RwLock<HashMap<String, LocalActor>>,
+    remote: RwLock<HashMap<String, ActorAddr>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>,
+    monitors: Mutex<HashMap<ActorAddr, Vec<oneshot::Sender<Down>>>>,
+    next_correlation: AtomicU64,
+    trace_prefix: u64,
+}
+
+fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
+    rmp_serde::to_vec_named(m)
+        .map(Bytes::from)
+        .map_err(|e| SendError::Encode(e.to_string()))
+}
+
+fn envelope_message(prio: u8, envelope: Envelope) -> Result<Message, SendError> {
+    let body = Payload::Envelope(envelope)
+        .encode()
+        .map_err(|e| SendError::Encode(e.to_string()))?;
+    let mut header = Header::new(MessageType::Envelope);
+    header.prio = prio;
+    Ok(Message::new(header, Bytes::from(body)))
+}
+
+impl Mesh {
+    pub(crate) fn new(node: &str, incarnation: u64, transport: Transport) -> Mesh {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut hasher);
+        Mesh {
+            inner: Arc::new(Inner {
+                node: node.to_string(),
+                transport,
+                local: RwLock::new(HashMap::new()),
+                remote: RwLock::new(HashMap::new()),
+                pending: Mutex::new(HashMap::new()),
+                monitors: Mutex::new(HashMap::new()),
+                next_correlation: AtomicU64::new(1),
+                trace_prefix: hasher.finish() ^ incarnation,
+            }),
+        }
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// The address of `name` on this node.
+    pub fn local_addr(&self, name: &str) -> ActorAddr {
+        ActorAddr {
+            node: self.inner.node.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Registers a local actor under a cluster-wide name: other nodes can `send` to it
+    /// once they hear of it (at once for connected nodes). The name is released when the
+    /// actor stops.
+    pub fn register<M: RemoteMessage>(
+        &self,
+        name: &str,
+        actor: ActorRef<M>,
+    ) -> Result<ActorAddr, RegisterError> {
+        let deliver_to = actor.clone();
+        let deliver: Deliver = Box::new(move |kind, body| {
+            if kind != M::KIND {
+                return Err(format!("takes {}, not {kind}", M::KIND));
+            }
+            let message: M = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
+            deliver_to.cast(message).map_err(|e| e.to_string())
+        });
+        let id = actor.get_id();
+        self.insert(
+            name,
+            LocalActor {
+                kind: M::KIND,
+                typed: Arc::new(actor.clone()),
+                deliver: Some(deliver),
+                answer: None,
+                actor_id: id,
+            },
+        )?;
+        self.watch(name, actor.get_cell(), id);
+        Ok(self.local_addr(name))
+    }
+
+    /// Registers a local actor that answers requests: `wrap` turns a request and the
+    /// port to answer on into the actor's own message.
+    pub fn register_rpc<Req, Resp, Msg>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(Req, RpcReplyPort<Resp>) -> Msg,
+    ) -> Result<ActorAddr, RegisterError>
+    where
+        Req: RemoteMessage,
+        Resp: RemoteMessage,
+        Msg: ractor::Message,
+    {
+        let target = actor.clone();
+        let ask: Ask<Req, Resp> = Arc::new(move |req: Req| {
+            let (tx, rx) = oneshot::channel();
+            let port = RpcReplyPort::from(tx);
+            target.cast(wrap(req, port)).map_err(|e| e.to_string())?;
+            Ok(rx)
+        });
+        let erased = ask.clone();
+        let answer: Answer = Box::new(move |body| {
+            let req: Req = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
+            let typed = erased(req)?;
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                let reply = match tokio::time::timeout(ANSWER_TIMEOUT, typed).await {
+                    Ok(Ok(resp)) => encode(&resp).map_err(|e| e.to_string()),
+                    Ok(Err(_)) => Err("the actor dropped the request without answering".into()),
+                    Err(_) => Err(format!(
+                        "the actor did not answer within {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    )),
+                };
+                let _ = tx.send(reply);
+            });
+            Ok(rx)
+        });
+        let id = actor.get_id();
+        self.insert(
+            name,
+            LocalActor {
+                kind: Req::KIND,
+                typed: Arc::new(ask),
+                deliver: None,
+                answer: Some(answer),
+                actor_id: id,
+            },
+        )?;
+        self.watch(name, actor.get_cell(), id);
+        Ok(self.local_addr(name))
+    }
+
+    fn insert(&self, name: &str, actor: LocalActor) -> Result<(), RegisterError> {
+        if name.is_empty() || name.starts_with("agentmesh.") {
+            return Err(RegisterError::BadName(name.to_string()));
+        }
+        {
+            let mut local = self
+                .inner
+                .local
+                .write()
+                .map_err(|_| RegisterError::Taken(name.into()))?;
+            if local.contains_key(name) {
+                return Err(RegisterError::Taken(name.to_string()));
+            }
+            local.insert(name.to_string(), actor);
+        }
+        self.broadcast(RegistryUpdate {
+            node: self.inner.node.clone(),
+            full: false,
+            added: vec![name.to_string()],
+            removed: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Releases `name` when the actor stops.
+    fn watch(&self, name: &str, cell: ractor::ActorCell, id: ractor::ActorId) {
+        let (mesh, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            let _ = cell.wait(None).await;
+            mesh.unregister_if(&name, id);
+        });
+    }
+
+    fn unregister_if(&self, name: &str, id: ractor::ActorId) {
+        let removed = self
+            .inner
+            .local
+            .write()
+            .map(|mut local| match local.get(name) {
+                Some(a) if a.actor_id == id => local.remove(name).is_some(),
+                _ => false,
+            })
+            .unwrap_or(false);
+        if removed {
+            self.fire(&self.local_addr(name), Down::Stopped);
+            self.broadcast(RegistryUpdate {
+                node: self.inner.node.clone(),
+                full: false,
+                added: Vec::new(),
+                removed: vec![name.to_string()],
+            });
+        }
+    }
+
+    /// Where `name` lives, if this node knows.
+    pub fn lookup(&self, name: &str) -> Option<ActorAddr> {
+        if self.inner.local.read().ok()?.contains_key(name) {
+            return Some(self.local_addr(name));
+        }
+        self.inner.remote.read().ok()?.get(name).cloned()
+    }
+
+    /// Sends `message` to the actor registered as `name`, wherever it runs.
+    pub async fn send<M: RemoteMessage>(&self, name: &str, message: M) -> Result<(), SendError> {
+        let addr = self
+            .lookup(name)
+            .ok_or_else(|| SendError::UnknownName(name.to_string()))?;
+        self.send_to(&addr, message).await
+    }
+
+    /// Sends `message` to the actor at `addr`. A local actor gets it by a plain cast,
+    /// with no serialization.
+    pub async fn send_to<M: RemoteMessage>(
+        &self,
+        addr: &ActorAddr,
+        message: M,
+    ) -> Result<(), SendError> {
+        if addr.node == self.inner.node {
+            let typed = {
+                let local = self
+                    .inner
+                    .local
+                    .read()
+                    .map_err(|_| SendError::Stopped(addr.name.clone()))?;
+                let actor = local
+                    .get(&addr.name)
+                    .ok_or_else(|| SendError::UnknownName(addr.name.clone()))?;
+                if actor.kind != M::KIND || actor.deliver.is_none() {
+                    return Err(SendError::WrongKind {
+                        name: addr.name.clone(),
+                        expected: actor.kind,
+                        got: M::KIND,
+                    });
+                }
+                actor.typed.clone()
+            };
+            let actor =
+                typed
+                    .downcast_ref::<ActorRef<M>>()
+                    .ok_or_else(|| SendError::WrongKind {
+                        name: addr.name.clone(),
+                        expected: "another type",
+                        got: M::KIND,
+                    })?;
+            return actor
+                .cast(message)
+                .map_err(|_| SendError::Stopped(addr.name.clone()));
+        }
+        let prio = message.priority();
+        let envelope = Envelope {
+            to: addr.name.clone(),
+            kind: M::KIND.to_string(),
+            correlation: 0,
+            reply: false,
+            trace_id: Some(self.trace_id()),
+            body: encode(&message)?,
+        };
+        self.send_envelope(&addr.node, prio, envelope).await
+    }
+
+    /// Sends `request` to the actor registered as `name` and waits for its answer.
+    pub async fn ask<Req: RemoteMessage, Resp: RemoteMessage>(
+        &self,
+        name: &str,
+        request: Req,
+        timeout: Duration,
+    ) -> Result<Resp, AskError> {
+        let addr = self
+            .lookup(name)
+            .ok_or_else(|| SendError::UnknownName(name.to_string()))?;
+        self.ask_at(&addr, request, timeout).await
+    }
+
+    /// Sends `request` to the actor at `addr` and waits for its answer.
+    pub async fn ask_at<Req: RemoteMessage, Resp: RemoteMessage>(
+        &self,
+        addr: &ActorAddr,
+        request: Req,
+        timeout: Duration,
+    ) -> Result<Resp, AskError> {
+        let timeout_ms = timeout.as_millis() as u64;
+        if addr.node == self.inner.node {
+            let typed = {
+                let local = self
+                    .inner
+                    .local
+                    .read()
+                    .map_err(|_| SendError::Stopped(addr.name.clone()))?;
+                let actor = local
+                    .get(&addr.name)
+                    .ok_or_else(|| SendError::UnknownName(addr.name.clone()))?;
+                actor.typed.clone()
+            };
+            let ask =
+                typed
+                    .downcast_ref::<Ask<Req, Resp>>()
+                    .ok_or_else(|| SendError::WrongKind {
+                        name: addr.name.clone(),
+                        expected: "another request or answer type",
+                        got: Req::KIND,
+                    })?;
+            let answer = ask(request).map_err(AskError::Remote)?;
+            return match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Err(AskError::Remote(
+                    "the actor dropped the request without answering".into(),
+                )),
+                Err(_) => Err(AskError::Timeout(timeout_ms)),
+            };
+        }
+        let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self
+                .inner
+                .pending
+                .lock()
+                .map_err(|_| AskError::TooMany(0))?;
+            if pending.len() >= MAX_PENDING_ASKS {
+                return Err(AskError::TooMany(pending.len()));
+            }
+            pending.insert(correlation, tx);
+        }
+        let envelope = Envelope {
+            to: addr.name.clone(),
+            kind: Req::KIND.to_string(),
+            correlation,
+            reply: false,
+            trace_id: Some(self.trace_id()),
+            body: encode(&request)?,
+        };
+        let sent = self
+            .send_envelope(&addr.node, request.priority(), envelope)
+            .await;
+        let result = match sent {
+            Err(e) => Err(AskError::Send(e)),
+            Ok(()) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Ok(body))) => {
+                    rmp_serde::from_slice(&body).map_err(|e| AskError::Decode(e.to_string()))
+                }
+                Ok(Ok(Err(remote))) => Err(AskError::Remote(remote)),
+                Ok(Err(_)) => Err(AskError::Remote("the node went away".into())),
+                Err(_) => Err(AskError::Timeout(timeout_ms)),
+            },
+        };
+        if let Ok(mut pending) = self.inner.pending.lock() {
+            pending.remove(&correlation);
+        }
+        result
+    }
+
+    /// Resolves when the actor at `addr` stops or its node goes down.
+    pub fn monitor(&self, addr: &ActorAddr) -> oneshot::Receiver<Down> {
+        let (tx, rx) = oneshot::channel();
+        let known = if addr.node == self.inner.node {
+            self.inner
+                .local
+                .read()
+                .map(|l| l.contains_key(&addr.name))
+                .unwrap_or(false)
+        } else {
+            self.inner
+                .remote
+                .read()
+                .map(|r| r.get(&addr.name) == Some(addr))
+                .unwrap_or(false)
+        };
+        if !known {
+            let _ = tx.send(Down::Unknown(addr.clone()));
+            return rx;
+        }
+        if let Ok(mut monitors) = self.inner.monitors.lock() {
+            if monitors.len() < MAX_MONITORS || monitors.contains_key(addr) {
+                monitors.entry(addr.clone()).or_default().push(tx);
+                return rx;
+            }
+        }
+        warn!(actor = %addr.name, node = %addr.node, "too many monitors; this one fires at once");
+        let _ = tx.send(Down::Unknown(addr.clone()));
+        rx
+    }
+
+    fn fire(&self, addr: &ActorAddr, why: fn(ActorAddr) -> Down) {
+        let waiting = self
+            .inner
+            .monitors
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(addr));
+        for tx in waiting.into_iter().flatten() {
+            let _ = tx.send(why(addr.clone()));
+        }
+    }
+
+    fn trace_id(&self) -> Bytes {
+        let n = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.inner.trace_prefix.to_be_bytes());
+        id[8..].copy_from_slice(&n.to_be_bytes());
+        Bytes::copy_from_slice(&id)
+    }
+
+    async fn send_envelope(
+        &self,
+        node: &str,
+        prio: u8,
+        envelope: Envelope,
+    ) -> Result<(), SendError> {
+        let peer = self
+            .inner
+            .transport
+            .peer(node)
+            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
+        let message = envelope_message(prio, envelope)?;
+        peer.send(message).await.map_err(SendError::from)
+    }
+
+    /// Sends this node's names to every connected peer (a change) in the background.
+    fn broadcast(&self, update: RegistryUpdate) {
+        let mesh = self.clone();
+        tokio::spawn(async move {
+            let Ok(body) = encode(&update) else { return };
+            for peer in mesh.inner.transport.peers() {
+                let _ = mesh.send_registry(peer.name(), body.clone()).await;
+            }
+        });
+    }
+
+    async fn send_registry(&self, node: &str, body: Bytes) -> Result<(), SendError> {
+        let envelope = Envelope {
+            to: REGISTRY_SERVICE.into(),
+            kind: REGISTRY_UPDATE.into(),
+            correlation: 0,
+            reply: false,
+            trace_id: None,
+            body,
+        };
+        self.send_envelope(node, MessageType::Allocate.default_prio(), envelope)
+            .await
+    }
+
+    /// Sends every local name to `node` (it has just come up), connecting to it first
+    /// if membership heard of it through others.
+    pub(crate) async fn node_up(&self, node: &str, addr: std::net::SocketAddr) {
+        if let Err(e) = self.inner.transport.connect(addr, Some(node)).await {
+            return debug!(%node, error = %e, "cannot reach a node that came up");
+        }
+        let names: Vec<String> = self
+            .inner
+            .local
+            .read()
+            .map(|l| l.keys().cloned().collect())
+            .unwrap_or_default();
+        let update = RegistryUpdate {
+            node: self.inner.node.clone(),
+            full: true,
+            added: names,
+            removed: Vec::new(),
+        };
+        if let Ok(body) = encode(&update) {
+            if let Err(e) = self.send_registry(node, body).await {
+                debug!(%node, error = %e, "registry not sent");
+            }
+        }
+    }
+
+    /// Forgets every name on `node` and fires the monitors of its actors.
+    pub(crate) fn node_down(&self, node: &str) {
+        let gone: Vec<ActorAddr> = self
+            .inner
+            .remote
+            .write()
+            .map(|mut remote| {
+                let gone = remote
+                    .values()
+                    .filter(|a| a.node == node)
+                    .cloned()
+                    .collect();
+                remote.retain(|_, a| a.node != node);
+                gone
+            })
+            .unwrap_or_default();
+        for addr in &gone {
+            self.fire(addr, Down::NodeDown);
+        }
+        let orphans: Vec<ActorAddr> = self
+            .inner
+            .monitors
+            .lock()
+            .map(|m| m.keys().filter(|a| a.node == node).cloned().collect())
+            .unwrap_or_default();
+        for addr in &orphans {
+            self.fire(addr, Down::NodeDown);
+        }
+    }
+
+    /// Handles an ENVELOPE from `peer` that is not for the node's own services.
+    pub(crate) async fn on_envelope(&self, peer: &str, envelope: Envelope) {
+        if envelope.reply {
+            let waiting = self
+                .inner
+                .pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&envelope.correlation));
+            if let Some(tx) = waiting {
+                let result = if envelope.kind == ERROR_KIND {
+                    Err(String::from_utf8_lossy(&envelope.body).into_owned())
+                } else {
+                    Ok(envelope.body)
+                };
+                let _ = tx.send(result);
+            }
+            return;
+        }
+        if envelope.to == REGISTRY_SERVICE {
+            return self.on_registry(peer, &envelope.body);
+        }
+        let trace = envelope
+            .trace_id
+            .as_ref()
+            .map(hex::encode)
+            .unwrap_or_default();
+        debug!(%peer, to = %envelope.to, kind = %envelope.kind, trace_id = %trace, "actor message");
+        let outcome = {
+            let local = match self.inner.local.read() {
+                Ok(local) => local,
+                Err(_) => return,
+            };
+            match local.get(&envelope.to) {
+                None => Err(format!(
+                    "no actor named {:?} on node {}",
+                    envelope.to, self.inner.node
+                )),
+                Some(actor) if envelope.correlation == 0 => match &actor.deliver {
+                    Some(deliver) => deliver(&envelope.kind, &envelope.body).map(|()| None),
+                    None => Err(format!("actor {:?} only answers requests", envelope.to)),
+                },
+                Some(actor) => match &actor.answer {
+                    Some(answer) if envelope.kind == actor.kind => answer(&envelope.body).map(Some),
+                    Some(_) => Err(format!(
+                        "actor {:?} takes {}, not {}",
+                        envelope.to, actor.kind, envelope.kind
+                    )),
+                    None => Err(format!("actor {:?} does not answer requests", envelope.to)),
+                },
+            }
+        };
+        let answer = match outcome {
+            Ok(None) => return,
+            Ok(Some(answer)) => answer,
+            Err(e) => {
+                debug!(%peer, to = %envelope.to, error = %e, "actor message not delivered");
+                if envelope.correlation == 0 {
+                    return;
+                }
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(e));
+                rx
+            }
+        };
+        // The actor may take its time: answer from a task of its own, so the node's
+        // driver goes on.
+        let (mesh, peer) = (self.clone(), peer.to_string());
+        tokio::spawn(async move {
+            let reply = answer
+                .await
+                .unwrap_or_else(|_| Err("the answer was lost".into()));
+            mesh.send_answer(&peer, envelope, reply).await;
+        });
+    }
+
+    async fn send_answer(&self, peer: &str, envelope: Envelope, reply: Result<Bytes, String>) {
+        let (kind, body) = match reply {
+            Ok(body) => (String::new(), body),
+            Err(e) => (ERROR_KIND.to_string(), Bytes::from(e.into_bytes())),
+        };
+        let kind = if kind.is_empty() {
+            envelope.kind.clone()
+        } else {
+            kind
+        };
+        let answer = Envelope {
+            to: String::new(),
+            kind,
+            correlation: envelope.correlation,
+            reply: true,
+            trace_id: envelope.trace_id,
+            body,
+        };
+        if let Err(e) = self.send_envelope(peer, 96, answer).await {
+            debug!(%peer, error = %e, "answer not sent");
+        }
+    }
+
+    fn on_registry(&self, peer: &str, body: &[u8]) {
+        let update: RegistryUpdate = match rmp_serde::from_slice(body) {
+            Ok(u) => u,
+            Err(e) => return warn!(%peer, error = %e, "bad registry update"),
+        };
+        if update.node != peer {
+            return warn!(%peer, claimed = %update.node, "a node may only announce its own names");
+        }
+        let mut gone = Vec::new();
+        if let Ok(mut remote) = self.inner.remote.write() {
+            if update.full {
+                let keep: std::collections::HashSet<&String> = update.added.iter().collect();
+                let dropped: Vec<String> = remote
+                    .iter()
+                    .filter(|(name, a)| a.node == peer && !keep.contains(name))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in dropped {
+                    if let Some(addr) = remote.remove(&name) {
+                        gone.push(addr);
+                    }
+                }
+            }
+            for name in update.removed {
+                if remote.get(&name).is_some_and(|a| a.node == peer) {
+                    if let Some(addr) = remote.remove(&name) {
+                        gone.push(addr);
+                    }
+                }
+            }
+            for name in update.added {
+                if remote.len() >= MAX_REMOTE_NAMES {
+                    warn!(%peer, "name registry full; ignoring new names");
+                    break;
+                }
+                remote.insert(
+                    name.clone(),
+                    ActorAddr {
+                        node: peer.to_string(),
+                        name,
+                    },
+                );
+            }
+        }
+        for addr in &gone {
+            self.fire(addr, Down::Stopped);
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Remote actor messaging between real nodes in one process: loopback QUIC, mutual TLS,
+//! SWIM membership, ractor actors. Sends by cluster-wide name and by address, asks,
+//! local sends that never touch the network, monitors, and typed errors.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_runtime::{
+    ActorAddr, AskError, Down, MembershipConfig, Node, NodeConfig, RemoteMessage, SendError,
+};
+use agentmesh_transport::clock::SystemClock;
+use agentmesh_transport::tls::ClusterCa;
+use agentmesh_transport::EndpointConfig;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Note {
+    text: String,
+    reply_to: Option<ActorAddr>,
+}
+impl RemoteMessage for Note {
+    const KIND: &'static str = "test.Note";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Add(u64, u64);
+impl RemoteMessage for Add {
+    const KIND: &'static str = "test.Add";
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Sum(u64);
+impl RemoteMessage for Sum {
+    const KIND: &'static str = "test.Sum";
+}
+
+/// Forwards every note it gets to a channel the test reads.
+struct Inbox;
+impl Actor for Inbox {
+    type Msg = Note;
+    type State = mpsc::UnboundedSender<Note>;
+    type Arguments = mpsc::UnboundedSender<Note>;
+    async fn pre_start(
+        &self,
+        _: ActorRef<Note>,
+        tx: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Note>,
+        note: Note,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send(note);
+        Ok(())
+    }
+}
+
+enum AdderMsg {
+    Add(Add, RpcReplyPort<Sum>),
+}
+
+struct Adder;
+impl Actor for Adder {
+    type Msg = AdderMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<AdderMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<AdderMsg>,
+        msg: AdderMsg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let AdderMsg::Add(Add(a, b), reply) = msg;
+        let _ = reply.send(Sum(a + b));
+        Ok(())
+    }
+}
+
+async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for name in names {
+        let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
+        let config = NodeConfig {
+            transport: EndpointConfig::new("127.0.0.1:0".parse().unwrap()),
+            join,
+            membership: MembershipConfig::default(),
+            metrics: None,
+        };
+        let identity = ca.node_identity(name).unwrap();
+        nodes.push(
+            Node::start(config, &identity, Arc::new(SystemClock))
+                .await
+                .unwrap(),
+        );
+    }
+    for node in &nodes {
+        for _ in 0..200 {
+            if node.members().await.len() == names.len() - 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            node.members().await.len(),
+            names.len() - 1,
+            "{} sees all",
+            node.me().name
+        );
+    }
+    nodes
+}
+
+/// Waits until `node` knows where `name` lives.
+async fn resolves(node: &Node, name: &str) -> ActorAddr {
+    for _ in 0..200 {
+        if let Some(addr) = node.mesh().lookup(name) {
+            return addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} never heard of {name}", node.me().name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_by_name_reaches_the_actor_on_another_node_and_it_replies_by_reference() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+    let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+    let (inbox_a, _) = Actor::spawn(None, Inbox, a_tx).await.unwrap();
+    let (inbox_b, _) = Actor::spawn(None, Inbox, b_tx).await.unwrap();
+    nodes[0].mesh().register("inbox-a", inbox_a).unwrap();
+    let addr_b = nodes[1].mesh().register("inbox-b", inbox_b).unwrap();
+    resolves(&nodes[1], "inbox-a").await;
+    nodes[1]
+        .mesh()
+        .send(
+            "inbox-a",
+            Note {
+                text: "hello".into(),
+                reply_to: Some(addr_b),
+            },
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), a_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.text, "hello");
+    // Reply through the serialized remote reference.
+    let back = got.reply_to.unwrap();
+    assert_eq!(back.node, "beta");
+    nodes[0]
+        .mesh()
+        .send_to(
+            &back,
+            Note {
+                text: "hi back".into(),
+                reply_to: None,
+            },
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), b_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.text, "hi back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_across_nodes_gets_the_answer() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (adder, _) = Actor::spawn(None, Adder, ()).await.unwrap();
+    nodes[0]
+        .mesh()
+        .register_rpc("adder", adder, AdderMsg::Add)
+        .unwrap();
+    resolves(&nodes[1], "adder").await;
+    let sum: Sum = nodes[1]
+        .mesh()
+        .ask("adder", Add(2, 40), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sum, Sum(42));
+    // The same ask locally.
+    let sum: Sum = nodes[0]
+        .mesh()
+        .ask("adder", Add(1, 1), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sum, Sum(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_sends_stay_local() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (inbox, _) = Actor::spawn(None, Inbox, tx).await.unwrap();
+    nodes[0].mesh().register("inbox", inbox).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let envelopes_before = nodes[0].transport().stats().frames_out_by_type[9];
+    for i in 0..100 {
+        nodes[0]
+            .mesh()
+            .send(
+                "inbox",
+                Note {
+                    text: i.to_string(),
+                    reply_to: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..100 {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        nodes[0].transport().stats().frames_out_by_type[9],
+        envelopes_before,
+        "no ENVELOPE left the node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_fire_when_the_actor_stops_or_its_node_leaves() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut nodes = cluster(&ca, &["alpha", "beta", "gamma"]).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (inbox, _) = Actor::spawn(None, Inbox, tx.clone()).await.unwrap();
+    nodes[0]
+        .mesh()
+        .register("short-lived", inbox.clone())
+        .unwrap();
+    let addr = resolves(&nodes[1], "short-lived").await;
+    let stopped = nodes[1].mesh().monitor(&addr);
+    inbox.stop(None);
+    let down = tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(down, Down::Stopped(addr.clone()));
+    assert!(nodes[1].mesh().lookup("short-lived").is_none());
+
+    let (on_gamma, _) = Actor::spawn(None, Inbox, tx).await.unwrap();
+    nodes[2].mesh().register("on-gamma", on_gamma).unwrap();
+    let addr = resolves(&nodes[1], "on-gamma").await;
+    let gone = nodes[1].mesh().monitor(&addr);
+    nodes.pop().unwrap().leave().await;
+    let down = tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(down, Down::NodeDown(addr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistakes_come_back_as_typed_errors() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let err = nodes[1]
+        .mesh()
+        .send(
+            "nobody",
+            Note {
+                text: String::new(),
+                reply_to: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SendError::UnknownName(_)), "{err}");
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let (inbox, _) = Actor::spawn(None, Inbox, tx).await.unwrap();
+    nodes[0].mesh().register("inbox", inbox.clone()).unwrap();
+    assert!(
+        nodes[0].mesh().register("inbox", inbox).is_err(),
+        "a name is registered once per node"
+    );
+    resolves(&nodes[1], "inbox").await;
+    // Asking an actor that only takes casts: the remote side answers with an error.
+    let err = nodes[1]
+        .mesh()
+        .ask::<Add, Sum>("inbox", Add(1, 2), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AskError::Remote(ref why) if why.contains("does not answer")),
+        "{err}"
+    );
+    // A message of the wrong type to a local actor.
+    let err = nodes[0].mesh().send("inbox", Sum(1)).await.unwrap_err();
+    assert!(matches!(err, SendError::WrongKind { .. }), "{err}");
+}

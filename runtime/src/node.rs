@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use agentmesh_transport::clock::Clock;
 use agentmesh_transport::tls::NodeIdentity;
@@ -170,6 +171,9 @@ pub enum NodeError {
     /// The transport could not start.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The supervision tree could not start.
+    #[error("cannot start the node's actors: {0}")]
+    Start(String),
     /// The metrics address could not be bound.
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
@@ -180,11 +184,6 @@ pub enum NodeError {
     },
 }
 
-enum Command {
-    Members(oneshot::Sender<Vec<MemberInfo>>),
-    Leave(oneshot::Sender<()>),
-}
-
 /// A running node. Dropping it stops its tasks without telling the cluster; call
 /// [`Node::leave`] to leave cleanly.
 pub struct Node {
@@ -192,8 +191,10 @@ pub struct Node {
     mesh: Mesh,
     me: NodeId,
     cluster_events: broadcast::Sender<ClusterEvent>,
-    commands: mpsc::Sender<Command>,
-    driver: JoinHandle<()>,
+    /// The cluster actor now (none while it restarts).
+    current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+    supervisor: ActorRef<()>,
+    supervisor_handle: JoinHandle<()>,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
@@ -223,15 +224,8 @@ impl Node {
             addr: transport.local_addr()?,
             incarnation: clock.now_unix_ms(),
         };
-        let membership = Membership::new(me.clone(), config.membership, me.incarnation);
         let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
         let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
-        let (commands, command_rx) = mpsc::channel(64);
-        let (joined_tx, joined_rx) = mpsc::channel(64);
-        for addr in config.join {
-            tokio::spawn(dial_seed(transport.clone(), addr, joined_tx.clone()));
-        }
-        let (dialled_tx, dialled_rx) = mpsc::channel(256);
         let (members_tx, members_rx) = watch::channel(Vec::new());
         let metrics = match config.metrics {
             Some(addr) => {
@@ -243,30 +237,35 @@ impl Node {
             }
             None => None,
         };
-        let driver = Driver {
-            mesh: mesh.clone(),
-            members_tx,
-            membership,
-            transport: transport.clone(),
-            cluster_events: cluster_events.clone(),
-            timers: BinaryHeap::new(),
-            timer_payloads: HashMap::new(),
-            next_timer: 0,
-            pending: HashMap::new(),
-            dialling: HashSet::new(),
-            dialled_tx,
-            seeds: Vec::new(),
-            next_announce: None,
+        let (current_tx, current) = watch::channel(None);
+        let args = SupervisorArgs {
+            cluster: ClusterArgs {
+                me: me.clone(),
+                config: config.membership,
+                transport: transport.clone(),
+                mesh: mesh.clone(),
+                cluster_events: cluster_events.clone(),
+                members_tx: Arc::new(members_tx),
+                seeds: Arc::new(std::sync::Mutex::new(Vec::new())),
+            },
+            current: current_tx,
         };
-        let handle = tokio::spawn(driver.run(events, command_rx, joined_rx, dialled_rx));
+        let (supervisor, supervisor_handle) = Actor::spawn(None, NodeSupervisor, args)
+            .await
+            .map_err(|e| NodeError::Start(e.to_string()))?;
+        tokio::spawn(pump(events, current.clone()));
+        for addr in config.join {
+            tokio::spawn(dial_seed(transport.clone(), addr, current.clone()));
+        }
         info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
         Ok(Node {
             transport,
             mesh,
             me,
             cluster_events,
-            commands,
-            driver: handle,
+            current,
+            supervisor,
+            supervisor_handle,
             metrics,
         })
     }
@@ -296,45 +295,63 @@ impl Node {
         self.cluster_events.subscribe()
     }
 
-    /// The members this node knows of, with their state.
+    /// The members this node knows of, with their state (empty while the cluster
+    /// actor restarts).
     pub async fn members(&self) -> Vec<MemberInfo> {
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Members(tx)).await.is_err() {
+        let Some(actor) = self.current.borrow().clone() else {
             return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+        };
+        ractor::call!(actor, ClusterMsg::Members).unwrap_or_default()
     }
 
     /// Tells the cluster this node leaves, closes every connection with LEAVING, and
     /// stops.
     pub async fn leave(self) {
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::Leave(tx)).await.is_ok() {
-            let _ = rx.await;
+        let actor = self.current.borrow().clone();
+        if let Some(actor) = actor {
+            let _ = ractor::call!(actor, ClusterMsg::Leave);
         }
+        self.supervisor.stop(Some("leaving".into()));
         self.transport
             .shutdown(AcpErrorCode::Leaving, "node leaving")
             .await;
-        self.driver.abort();
+        let _ = self.supervisor_handle.await;
         if let Some((_, server)) = self.metrics {
             server.abort();
         }
     }
+
+    /// Resolves when the node's supervision tree has stopped (it gave up restarting,
+    /// or the node left).
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.supervisor_handle).await;
+    }
+
+    /// Makes the cluster actor fail, to exercise supervision (tests and drills).
+    #[doc(hidden)]
+    pub fn fail_cluster_actor(&self) {
+        if let Some(actor) = self.current.borrow().clone() {
+            let _ = actor.cast(ClusterMsg::Fail);
+        }
+    }
 }
 
-/// Connects to a seed address until it answers, then hands its name to the driver.
-async fn dial_seed(transport: Transport, addr: SocketAddr, joined: mpsc::Sender<NodeId>) {
+/// Connects to a seed address until it answers, then hands its name to the cluster
+/// actor.
+async fn dial_seed(
+    transport: Transport,
+    addr: SocketAddr,
+    mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+) {
     let mut delay = Duration::from_millis(100);
-    loop {
+    let via = loop {
         match transport.connect(addr, None).await {
             Ok(name) => {
-                let via = NodeId {
+                break NodeId {
                     name: name.to_string(),
                     addr,
                     incarnation: 0,
-                };
-                let _ = joined.send(via).await;
-                return;
+                }
             }
             Err(e) => {
                 warn!(%addr, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the node to join");
@@ -342,14 +359,24 @@ async fn dial_seed(transport: Transport, addr: SocketAddr, joined: mpsc::Sender<
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    };
+    loop {
+        if let Some(actor) = current.borrow_and_update().clone() {
+            let _ = actor.cast(ClusterMsg::Joined(via));
+            return;
+        }
+        if current.changed().await.is_err() {
+            return;
+        }
     }
 }
 
-/// The task that owns membership and carries out what it asks.
+/// The cluster actor's state: membership and what it asked for.
 struct Driver {
+    myself: ActorRef<ClusterMsg>,
     mesh: Mesh,
     /// The member list, republished on every membership change (for metrics).
-    members_tx: watch::Sender<Vec<MemberInfo>>,
+    members_tx: Arc<watch::Sender<Vec<MemberInfo>>>,
     membership: Membership,
     transport: Transport,
     cluster_events: broadcast::Sender<ClusterEvent>,
@@ -359,69 +386,284 @@ struct Driver {
     /// Gossip waiting for a connection, per member name.
     pending: HashMap<String, VecDeque<Bytes>>,
     dialling: HashSet<String>,
-    dialled_tx: mpsc::Sender<(String, bool)>,
-    /// Seeds joined through, re-announced to until someone answers.
-    seeds: Vec<NodeId>,
+    /// Seeds joined through, re-announced to until someone answers (kept across
+    /// restarts).
+    seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
     next_announce: Option<Instant>,
+    /// When the pending `Wake` is due, if one is.
+    wake_at: Option<Instant>,
 }
 
-impl Driver {
-    async fn run(
-        mut self,
-        mut events: TransportEvents,
-        mut commands: mpsc::Receiver<Command>,
-        mut joined: mpsc::Receiver<NodeId>,
-        mut dialled: mpsc::Receiver<(String, bool)>,
-    ) {
-        let far = Duration::from_secs(3600);
-        loop {
-            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
-            let wake = [next_timer, self.next_announce]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or_else(|| Instant::now() + far);
-            tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => self.on_transport(event).await,
-                    None => return,
-                },
-                Some(command) = commands.recv() => match command {
-                    Command::Members(reply) => {
-                        let _ = reply.send(self.member_infos());
-                    }
-                    Command::Leave(reply) => {
-                        if let Err(e) = self.membership.leave() {
-                            warn!(error = %e, "membership refused to leave");
-                        }
-                        self.drain().await;
-                        // Let the leave gossip reach the wire before connections close.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let _ = reply.send(());
-                        return;
-                    }
-                },
-                Some(via) = joined.recv() => {
-                    info!(seed = %via.name, addr = %via.addr, "joining through");
-                    self.seeds.push(via.clone());
-                    if let Err(e) = self.membership.join(via) {
-                        warn!(error = %e, "cannot announce");
-                    }
-                    self.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
-                }
-                Some((name, ok)) = dialled.recv() => {
-                    self.dialling.remove(&name);
-                    let queued = self.pending.remove(&name).unwrap_or_default();
-                    if ok {
-                        for data in queued {
-                            self.send_gossip(&name, data).await;
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(wake) => self.on_wake(),
-            }
-            self.drain().await;
+/// What the cluster actor handles.
+pub(crate) enum ClusterMsg {
+    /// Something from the transport; the permit bounds how many wait in the mailbox.
+    Transport(TransportEvent, OwnedSemaphorePermit),
+    /// A timer or re-announcement may be due.
+    Wake,
+    /// A seed answered: join through it.
+    Joined(NodeId),
+    /// A dial to a member finished.
+    Dialled(String, bool),
+    /// Who the members are.
+    Members(RpcReplyPort<Vec<MemberInfo>>),
+    /// Leave the cluster, then stop.
+    Leave(RpcReplyPort<()>),
+    /// Fails on purpose, to exercise supervision.
+    Fail,
+}
+
+/// Owns membership, answers the node's services and routes envelopes to the mesh.
+struct ClusterActor;
+
+/// What the cluster actor starts from; kept by the supervisor to restart it.
+#[derive(Clone)]
+struct ClusterArgs {
+    me: NodeId,
+    config: MembershipConfig,
+    transport: Transport,
+    mesh: Mesh,
+    cluster_events: broadcast::Sender<ClusterEvent>,
+    members_tx: Arc<watch::Sender<Vec<MemberInfo>>>,
+    seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
+}
+
+impl Actor for ClusterActor {
+    type Msg = ClusterMsg;
+    type State = Driver;
+    type Arguments = ClusterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ClusterMsg>,
+        args: ClusterArgs,
+    ) -> Result<Driver, ActorProcessingErr> {
+        let mut membership = Membership::new(args.me.clone(), args.config, args.me.incarnation);
+        // After a restart, rejoin through whoever is still connected.
+        let seeds = args.seeds.lock().map(|s| s.clone()).unwrap_or_default();
+        for peer in args.transport.peers() {
+            let via = NodeId {
+                name: peer.name().to_string(),
+                addr: peer.remote_addr(),
+                incarnation: 0,
+            };
+            let _ = membership.join(via);
         }
+        let mut driver = Driver {
+            myself: myself.clone(),
+            mesh: args.mesh,
+            members_tx: args.members_tx,
+            membership,
+            transport: args.transport,
+            cluster_events: args.cluster_events,
+            timers: BinaryHeap::new(),
+            timer_payloads: HashMap::new(),
+            next_timer: 0,
+            pending: HashMap::new(),
+            dialling: HashSet::new(),
+            seeds: args.seeds,
+            next_announce: None,
+            wake_at: None,
+        };
+        for seed in seeds {
+            let _ = driver.membership.join(seed);
+            driver.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
+        }
+        driver.drain().await;
+        driver.schedule_wake();
+        Ok(driver)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ClusterMsg>,
+        msg: ClusterMsg,
+        d: &mut Driver,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClusterMsg::Transport(event, _permit) => d.on_transport(event).await,
+            ClusterMsg::Wake => {
+                d.wake_at = None;
+                d.on_wake();
+            }
+            ClusterMsg::Joined(via) => {
+                info!(seed = %via.name, addr = %via.addr, "joining through");
+                if let Ok(mut seeds) = d.seeds.lock() {
+                    seeds.push(via.clone());
+                }
+                if let Err(e) = d.membership.join(via) {
+                    warn!(error = %e, "cannot announce");
+                }
+                d.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
+            }
+            ClusterMsg::Dialled(name, ok) => {
+                d.dialling.remove(&name);
+                let queued = d.pending.remove(&name).unwrap_or_default();
+                if ok {
+                    for data in queued {
+                        d.send_gossip(&name, data).await;
+                    }
+                }
+            }
+            ClusterMsg::Members(reply) => {
+                let _ = reply.send(d.member_infos());
+            }
+            ClusterMsg::Leave(reply) => {
+                if let Err(e) = d.membership.leave() {
+                    warn!(error = %e, "membership refused to leave");
+                }
+                d.drain().await;
+                // Let the leave gossip reach the wire before connections close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = reply.send(());
+                myself.stop(Some("left the cluster".into()));
+                return Ok(());
+            }
+            ClusterMsg::Fail => return Err("failing on request".into()),
+        }
+        d.drain().await;
+        d.schedule_wake();
+        Ok(())
+    }
+}
+
+/// Restarts allowed within [`RESTART_WINDOW`] before the node gives up.
+const MAX_RESTARTS: usize = 5;
+/// The window over which restarts are counted.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// The root of the node's supervision tree. Policy: when the cluster actor fails it
+/// is restarted after a backoff (100 ms, doubling), as the node's next incarnation,
+/// rejoining through the peers still connected; the transport, its connections and
+/// the name registry are kept. More than 5 failures within 60 s stop the node.
+struct NodeSupervisor;
+
+struct SupervisorState {
+    args: ClusterArgs,
+    current: watch::Sender<Option<ActorRef<ClusterMsg>>>,
+    child: ActorRef<ClusterMsg>,
+    failures: VecDeque<Instant>,
+}
+
+struct SupervisorArgs {
+    cluster: ClusterArgs,
+    current: watch::Sender<Option<ActorRef<ClusterMsg>>>,
+}
+
+impl Actor for NodeSupervisor {
+    type Msg = ();
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<()>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let (child, _) =
+            Actor::spawn_linked(None, ClusterActor, args.cluster.clone(), myself.get_cell())
+                .await?;
+        args.current.send_replace(Some(child.clone()));
+        Ok(SupervisorState {
+            args: args.cluster,
+            current: args.current,
+            child,
+            failures: VecDeque::new(),
+        })
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<()>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) if cell.get_id() == state.child.get_id() => {
+                state.current.send_replace(None);
+                let now = Instant::now();
+                state.failures.push_back(now);
+                while state
+                    .failures
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+                {
+                    state.failures.pop_front();
+                }
+                if state.failures.len() > MAX_RESTARTS {
+                    error!(%error, "the cluster actor keeps failing; stopping the node");
+                    myself.stop(Some("too many restarts".into()));
+                    return Ok(());
+                }
+                let backoff = Duration::from_millis(100 << (state.failures.len() - 1));
+                warn!(%error, backoff_ms = backoff.as_millis() as u64, "the cluster actor failed; restarting it");
+                tokio::time::sleep(backoff).await;
+                state.args.me.incarnation += 1;
+                let (child, _) =
+                    Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
+                        .await?;
+                state.child = child.clone();
+                state.current.send_replace(Some(child));
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason)
+                if cell.get_id() == state.child.get_id() =>
+            {
+                info!(
+                    reason = reason.as_deref().unwrap_or(""),
+                    "the cluster actor stopped; the node stops"
+                );
+                state.current.send_replace(None);
+                myself.stop(reason);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Moves transport events into the current cluster actor's mailbox, at most
+/// [`MAILBOX_EVENTS`] at a time, so the mailbox stays bounded and the transport's own
+/// queues push back when the actor is slow.
+async fn pump(
+    mut events: TransportEvents,
+    mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+) {
+    let permits = Arc::new(Semaphore::new(MAILBOX_EVENTS));
+    while let Some(event) = events.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let actor = loop {
+            if let Some(actor) = current.borrow_and_update().clone() {
+                break actor;
+            }
+            // Restarting: wait for the next actor (or the end of the node).
+            if current.changed().await.is_err() {
+                return;
+            }
+        };
+        if actor.cast(ClusterMsg::Transport(event, permit)).is_err() {
+            debug!("an event was lost while the cluster actor restarted");
+        }
+    }
+}
+
+/// Transport events waiting in the cluster actor's mailbox at most.
+const MAILBOX_EVENTS: usize = 1024;
+
+impl Driver {
+    /// Makes sure a `Wake` arrives when the next timer or re-announcement is due.
+    fn schedule_wake(&mut self) {
+        let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let Some(due) = [next_timer, self.next_announce].into_iter().flatten().min() else {
+            return;
+        };
+        if self.wake_at.is_some_and(|at| at <= due) {
+            return;
+        }
+        self.wake_at = Some(due);
+        let after = due.saturating_duration_since(Instant::now());
+        // Dropping the handle detaches the timer; it still fires.
+        drop(self.myself.send_after(after, || ClusterMsg::Wake));
     }
 
     fn on_wake(&mut self) {
@@ -441,7 +683,8 @@ impl Driver {
             if self.membership.members().next().is_some() {
                 self.next_announce = None;
             } else {
-                for seed in self.seeds.clone() {
+                let seeds = self.seeds.lock().map(|s| s.clone()).unwrap_or_default();
+                for seed in seeds {
                     let _ = self.membership.join(seed);
                 }
                 self.next_announce = Some(now + Duration::from_millis(REANNOUNCE_MS));
@@ -602,10 +845,10 @@ impl Driver {
         }
         queue.push_back(data);
         if self.dialling.insert(to.name.clone()) {
-            let (transport, done) = (self.transport.clone(), self.dialled_tx.clone());
+            let (transport, done) = (self.transport.clone(), self.myself.clone());
             tokio::spawn(async move {
                 let ok = transport.connect(to.addr, Some(&to.name)).await.is_ok();
-                let _ = done.send((to.name, ok)).await;
+                let _ = done.cast(ClusterMsg::Dialled(to.name, ok));
             });
         }
     }

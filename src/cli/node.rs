@@ -91,9 +91,15 @@ pub fn run(args: NodeArgs, name: String, identity: NodeIdentity) -> anyhow::Resu
             membership: MembershipConfig::default(),
             metrics: args.metrics,
         };
-        let node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
+        let mut node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
         info!(node = %name, addr = %node.me().addr, "listening");
-        shutdown_signal().await;
+        let gave_up = tokio::select! {
+            _ = shutdown_signal() => false,
+            _ = node.stopped() => true,
+        };
+        if gave_up {
+            anyhow::bail!("the node stopped: its cluster actor kept failing");
+        }
         info!(node = %name, "leaving");
         node.leave().await;
         anyhow::Ok(())

@@ -409,12 +409,14 @@ impl Mesh {
                 .map_err(|_| SendError::Stopped(addr.name.clone()));
         }
         let prio = message.priority();
+        let trace_id = self.trace_id();
+        debug!(to = %addr.name, node = %addr.node, kind = M::KIND, trace_id = %hex::encode(&trace_id), "actor message sent");
         let envelope = Envelope {
             to: addr.name.clone(),
             kind: M::KIND.to_string(),
             correlation: 0,
             reply: false,
-            trace_id: Some(self.trace_id()),
+            trace_id: Some(trace_id),
             body: encode(&message)?,
         };
         self.send_envelope(&addr.node, prio, envelope).await
@@ -683,7 +685,9 @@ impl Mesh {
             .as_ref()
             .map(hex::encode)
             .unwrap_or_default();
-        debug!(%peer, to = %envelope.to, kind = %envelope.kind, trace_id = %trace, "actor message");
+        let span = tracing::debug_span!("actor_message", %peer, to = %envelope.to, kind = %envelope.kind, trace_id = %trace);
+        let _entered = span.enter();
+        debug!("actor message arrived");
         let outcome = {
             let local = match self.inner.local.read() {
                 Ok(local) => local,

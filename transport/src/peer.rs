@@ -565,6 +565,16 @@ impl LaneReader {
             .map_err(|e| (e.code(), e.to_string()))?
         {
             types.add(frame.header().msg_type);
+            let h = frame.header();
+            let _frame = tracing::trace_span!(
+                "acp_frame",
+                peer = %reader.name,
+                msg_type = h.msg_type.name(),
+                seq = h.seq,
+                agent = h.agent,
+                len = frame.body().len()
+            )
+            .entered();
             let this = Lane::for_header(frame.header());
             match self.lane {
                 None if !claim(claimed, this) => {

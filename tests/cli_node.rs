@@ -8,20 +8,27 @@ mod common;
 
 use common::{agentmesh, free_port, temp_dir, NodeProcess};
 
+/// `certs init` in `dir`, then `certs issue` for each node; both must succeed.
+fn make_certs(dir: &str, nodes: &[&str]) {
+    let run = |args: &[&str]| {
+        let out = agentmesh().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["certs", "init", "--dir", dir]);
+    for node in nodes {
+        run(&["certs", "issue", "--dir", dir, "--node", node]);
+    }
+}
+
 #[test]
 fn certs_init_and_issue_write_owner_only_keys_and_refuse_to_overwrite() {
     let dir = temp_dir("certs");
     let d = dir.to_str().unwrap();
-    assert!(agentmesh()
-        .args(["certs", "init", "--dir", d])
-        .status()
-        .unwrap()
-        .success());
-    assert!(agentmesh()
-        .args(["certs", "issue", "--dir", d, "--node", "n1"])
-        .status()
-        .unwrap()
-        .success());
+    make_certs(d, &["n1"]);
     #[cfg(unix)]
     for key in ["ca.key", "n1.key"] {
         use std::os::unix::fs::PermissionsExt;
@@ -50,18 +57,7 @@ fn certs_init_and_issue_write_owner_only_keys_and_refuse_to_overwrite() {
 fn nodes_with_issued_certificates_join_and_leave_gracefully() {
     let dir = temp_dir("join");
     let d = dir.to_str().unwrap();
-    assert!(agentmesh()
-        .args(["certs", "init", "--dir", d])
-        .status()
-        .unwrap()
-        .success());
-    for n in ["n1", "n2"] {
-        assert!(agentmesh()
-            .args(["certs", "issue", "--dir", d, "--node", n])
-            .status()
-            .unwrap()
-            .success());
-    }
+    make_certs(d, &["n1", "n2"]);
     let (p1, p2) = (free_port(), free_port());
     let a1 = format!("127.0.0.1:{p1}");
     let a2 = format!("127.0.0.1:{p2}");

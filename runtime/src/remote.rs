@@ -362,6 +362,23 @@ impl Mesh {
         self.inner.remote.read().ok()?.get(name).cloned()
     }
 
+    /// The local actor registered as `name`: the kind it takes, its typed handle, and
+    /// whether it takes casts (as opposed to requests).
+    fn local_entry(
+        &self,
+        name: &str,
+    ) -> Result<(&'static str, Arc<dyn Any + Send + Sync>, bool), SendError> {
+        let local = self
+            .inner
+            .local
+            .read()
+            .map_err(|_| SendError::Stopped(name.to_string()))?;
+        let actor = local
+            .get(name)
+            .ok_or_else(|| SendError::UnknownName(name.to_string()))?;
+        Ok((actor.kind, actor.typed.clone(), actor.deliver.is_some()))
+    }
+
     /// Sends `message` to the actor registered as `name`, wherever it runs.
     pub async fn send<M: RemoteMessage>(&self, name: &str, message: M) -> Result<(), SendError> {
         let addr = self
@@ -378,24 +395,14 @@ impl Mesh {
         message: M,
     ) -> Result<(), SendError> {
         if addr.node == self.inner.node {
-            let typed = {
-                let local = self
-                    .inner
-                    .local
-                    .read()
-                    .map_err(|_| SendError::Stopped(addr.name.clone()))?;
-                let actor = local
-                    .get(&addr.name)
-                    .ok_or_else(|| SendError::UnknownName(addr.name.clone()))?;
-                if actor.kind != M::KIND || actor.deliver.is_none() {
-                    return Err(SendError::WrongKind {
-                        name: addr.name.clone(),
-                        expected: actor.kind,
-                        got: M::KIND,
-                    });
-                }
-                actor.typed.clone()
-            };
+            let (kind, typed, takes_casts) = self.local_entry(&addr.name)?;
+            if kind != M::KIND || !takes_casts {
+                return Err(SendError::WrongKind {
+                    name: addr.name.clone(),
+                    expected: kind,
+                    got: M::KIND,
+                });
+            }
             let actor =
                 typed
                     .downcast_ref::<ActorRef<M>>()
@@ -444,17 +451,7 @@ impl Mesh {
     ) -> Result<Resp, AskError> {
         let timeout_ms = timeout.as_millis() as u64;
         if addr.node == self.inner.node {
-            let typed = {
-                let local = self
-                    .inner
-                    .local
-                    .read()
-                    .map_err(|_| SendError::Stopped(addr.name.clone()))?;
-                let actor = local
-                    .get(&addr.name)
-                    .ok_or_else(|| SendError::UnknownName(addr.name.clone()))?;
-                actor.typed.clone()
-            };
+            let (_, typed, _) = self.local_entry(&addr.name)?;
             let ask =
                 typed
                     .downcast_ref::<Ask<Req, Resp>>()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use quinn::congestion::{Controller, ControllerFactory, CubicConfig};
 use quinn_proto::RttEstimator;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Shared between a connection's congestion controller and its lane writers.
@@ -29,7 +29,18 @@ pub struct WindowGauge {
     changed: Notify,
     share_permille: u64,
     max_lower_in_flight_bytes: u64,
+    /// Twice the estimated bandwidth-delay product: what the lower lanes may keep in
+    /// flight so that they build at most about one BDP of queue in front of urgent
+    /// frames. Starts at [`INITIAL_BDP_CAP_BYTES`] and follows the path.
+    bdp_cap_bytes: AtomicU64,
 }
+
+/// The lower lanes' in-flight cap before any delivery rate is measured.
+const INITIAL_BDP_CAP_BYTES: u64 = 64 * 1024;
+/// The cap never goes below this, so a lower lane always makes progress.
+const MIN_BDP_CAP_BYTES: u64 = 16 * 1024;
+/// Delivery-rate samples kept for the max filter.
+const RATE_SAMPLES: usize = 8;
 
 impl WindowGauge {
     /// A gauge letting lower lanes use `share_permille`/1000 of the window, and never
@@ -42,6 +53,7 @@ impl WindowGauge {
             changed: Notify::new(),
             share_permille: share_permille.min(1000),
             max_lower_in_flight_bytes,
+            bdp_cap_bytes: AtomicU64::new(INITIAL_BDP_CAP_BYTES.min(max_lower_in_flight_bytes)),
         }
     }
 
@@ -55,23 +67,39 @@ impl WindowGauge {
         self.in_flight_bytes.load(Ordering::Relaxed)
     }
 
-    /// The in-flight bytes a lower lane may write up to now.
-    pub fn lower_lane_limit(&self) -> (u64, bool) {
+    /// The in-flight bytes a lower lane may write up to now, and whether the window
+    /// share (rather than a cap) is what binds. The bulk lane is also held to twice the
+    /// bandwidth-delay product, so it keeps at most about one BDP of queue in front of
+    /// urgent frames; the normal lane only to the share and the absolute cap.
+    pub fn lower_lane_limit(&self, bulk: bool) -> (u64, bool) {
         let share = self.window_bytes().saturating_mul(self.share_permille) / 1000;
-        if share <= self.max_lower_in_flight_bytes {
+        let cap = if bulk {
+            self.bdp_cap_bytes
+                .load(Ordering::Relaxed)
+                .min(self.max_lower_in_flight_bytes)
+        } else {
+            self.max_lower_in_flight_bytes
+        };
+        if share <= cap {
             (share, true)
         } else {
-            (self.max_lower_in_flight_bytes, false)
+            (cap, false)
         }
     }
 
-    /// Waits until a lower lane may write more. Returns at once if it may.
-    pub async fn wait_for_room(&self) {
+    /// The current cap from the bandwidth-delay estimate.
+    pub fn bdp_cap_bytes(&self) -> u64 {
+        self.bdp_cap_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until a lower lane (`bulk` or normal) may write more. Returns at once if
+    /// it may.
+    pub async fn wait_for_room(&self, bulk: bool) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (limit, by_share) = self.lower_lane_limit();
+            let (limit, by_share) = self.lower_lane_limit(bulk);
             if self.in_flight_bytes() < limit {
                 return;
             }
@@ -97,11 +125,61 @@ impl WindowGauge {
     }
 }
 
+/// Delivery-rate estimation for the bandwidth-delay cap: bytes acknowledged per
+/// interval of at least one min-RTT, max-filtered over the last few intervals.
+#[derive(Clone, Debug)]
+struct RateEstimate {
+    interval_start: Option<Instant>,
+    acked_bytes: u64,
+    min_rtt: Duration,
+    samples: [u64; RATE_SAMPLES],
+    next: usize,
+}
+
+impl RateEstimate {
+    fn new() -> RateEstimate {
+        RateEstimate {
+            interval_start: None,
+            acked_bytes: 0,
+            min_rtt: Duration::MAX,
+            samples: [0; RATE_SAMPLES],
+            next: 0,
+        }
+    }
+
+    /// Records acknowledged bytes; returns a new cap when an interval closes.
+    fn on_acked(
+        &mut self,
+        now: Instant,
+        bytes: u64,
+        min_rtt: Duration,
+        max_cap: u64,
+    ) -> Option<u64> {
+        self.min_rtt = self.min_rtt.min(min_rtt);
+        self.acked_bytes += bytes;
+        let start = *self.interval_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed < self.min_rtt.max(Duration::from_millis(1)) {
+            return None;
+        }
+        let rate_bytes_per_sec =
+            (self.acked_bytes as u128 * 1_000_000 / elapsed.as_micros().max(1)) as u64;
+        self.samples[self.next] = rate_bytes_per_sec;
+        self.next = (self.next + 1) % RATE_SAMPLES;
+        self.interval_start = Some(now);
+        self.acked_bytes = 0;
+        let max_rate = self.samples.iter().copied().max().unwrap_or(0);
+        let bdp = (max_rate as u128 * self.min_rtt.as_micros() / 1_000_000) as u64;
+        Some((2 * bdp).clamp(MIN_BDP_CAP_BYTES, max_cap.max(MIN_BDP_CAP_BYTES)))
+    }
+}
+
 /// Cubic, reporting to a [`WindowGauge`].
 pub struct HeadroomController {
     inner: Box<dyn Controller>,
     gauge: Arc<WindowGauge>,
     in_flight_bytes: u64,
+    rate: RateEstimate,
 }
 
 impl Controller for HeadroomController {
@@ -123,6 +201,10 @@ impl Controller for HeadroomController {
     ) {
         let app_limited = app_limited && !self.gauge.held_back_by_share();
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+        let max_cap = self.gauge.max_lower_in_flight_bytes;
+        if let Some(cap) = self.rate.on_acked(now, bytes, rtt.min(), max_cap) {
+            self.gauge.bdp_cap_bytes.store(cap, Ordering::Relaxed);
+        }
     }
 
     fn on_end_acks(
@@ -172,6 +254,7 @@ impl Controller for HeadroomController {
             inner: self.inner.clone_box(),
             gauge: self.gauge.clone(),
             in_flight_bytes: self.in_flight_bytes,
+            rate: self.rate.clone(),
         })
     }
 
@@ -210,6 +293,68 @@ impl ControllerFactory for HeadroomFactory {
             inner,
             gauge: self.gauge.clone(),
             in_flight_bytes: 0,
+            rate: RateEstimate::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)] // a fixed base instant; the test moves time by hand
+    fn base() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn the_cap_follows_twice_the_bandwidth_delay_product() {
+        let t0 = base();
+        let mut r = RateEstimate::new();
+        let min_rtt = Duration::from_millis(2);
+        // 100 MB/s: 200 KB per 2 ms interval; BDP = 200 KB; cap = 400 KB.
+        let mut cap = None;
+        for i in 1..=10u64 {
+            cap = r
+                .on_acked(
+                    t0 + Duration::from_millis(2 * i),
+                    200_000,
+                    min_rtt,
+                    10_000_000,
+                )
+                .or(cap);
+        }
+        let cap = cap.unwrap();
+        assert!((390_000..=410_000).contains(&cap), "{cap}");
+    }
+
+    #[test]
+    fn the_cap_stays_within_its_bounds_and_survives_a_pause() {
+        let t0 = base();
+        let mut r = RateEstimate::new();
+        let min_rtt = Duration::from_millis(1);
+        r.on_acked(t0, 1_000_000, min_rtt, 10_000_000);
+        let high = r
+            .on_acked(t0 + Duration::from_millis(1), 1_000_000, min_rtt, 300_000)
+            .unwrap();
+        assert_eq!(high, 300_000, "never above the absolute cap");
+        // A few idle intervals do not collapse the estimate (max filter) ...
+        let after_pause = r
+            .on_acked(t0 + Duration::from_millis(5), 0, min_rtt, 10_000_000)
+            .unwrap();
+        assert!(after_pause > MIN_BDP_CAP_BYTES);
+        // ... but a long silence lets it fall to the floor, not below.
+        let mut last = after_pause;
+        for i in 0..RATE_SAMPLES as u64 + 1 {
+            last = r
+                .on_acked(
+                    t0 + Duration::from_millis(10 + 2 * i),
+                    0,
+                    min_rtt,
+                    10_000_000,
+                )
+                .unwrap();
+        }
+        assert_eq!(last, MIN_BDP_CAP_BYTES);
     }
 }

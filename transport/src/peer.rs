@@ -444,7 +444,10 @@ async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let Some(s) = stream.as_mut() else { return };
         let bytes = buf.split().freeze();
         let len = bytes.len() as u64;
-        if write_gated(s, bytes, &w.gauge).await.is_err() {
+        if write_gated(s, bytes, &w.gauge, w.lane == Lane::Bulk)
+            .await
+            .is_err()
+        {
             return;
         }
         w.stats.sent(Via::Lane(w.lane), frames, len);
@@ -461,9 +464,10 @@ async fn write_gated(
     stream: &mut quinn::SendStream,
     mut bytes: Bytes,
     gauge: &WindowGauge,
+    bulk: bool,
 ) -> Result<(), quinn::WriteError> {
     while !bytes.is_empty() {
-        gauge.wait_for_room().await;
+        gauge.wait_for_room(bulk).await;
         let piece = bytes.split_to(bytes.len().min(GATED_CHUNK_BYTES));
         stream.write_chunk(piece).await?;
     }

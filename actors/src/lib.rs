@@ -4,6 +4,9 @@
 //! only through `agentmesh-runtime`. Decision logic (registry, allocation ledger)
 //! is plain state machines that take `now` as input, so `agentmesh-sims` can run it.
 //!
-//! Status: built in issue [4/6]. Until then this crate only re-exports the runtime.
+//! Status: the allocation ledger (`ledger`) is in; the Agent API, discovery,
+//! coordinator and worker actors are being built (issue [4/6]).
+
+pub mod ledger;
 
 pub use agentmesh_runtime as runtime;

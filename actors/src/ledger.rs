@@ -1,0 +1,688 @@
+//! The coordinator's allocation ledger: which segment of which task runs where, in
+//! which attempt, and what has completed. A state machine with no I/O and no clock:
+//! inputs carry `now_ms`, outputs are values (allocations to send, attempts to cancel,
+//! tasks finished, when to wake up). The live coordinator and the simulator run it.
+//!
+//! Exactly-once accounting over a weak transport: every attempt has a number; the
+//! first result for a segment is accepted whichever attempt produced it (the work is
+//! done), every later copy is counted and discarded, and attempts still running
+//! elsewhere are cancelled.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use uuid::Uuid;
+
+/// A worker agent, as discovery lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its Agent ID.
+    pub agent: u32,
+    /// The node it runs on.
+    pub node: String,
+    /// Segments it runs at once.
+    pub capacity: u32,
+    /// Segments it reported in hand (its own view, from REPORTs or discovery).
+    pub load: u32,
+}
+
+/// Tuning of the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// How long an attempt may run before it is retried elsewhere.
+    pub segment_timeout_ms: u64,
+    /// Attempts per segment before the task fails.
+    pub max_attempts: u32,
+    /// Retries allowed on top of first attempts, in thousandths of them (Linkerd-style
+    /// budget: 200 = 20 % extra load).
+    pub retry_ratio_permille: u64,
+    /// Retries always allowed per second, whatever the ratio says.
+    pub retry_floor_per_sec: u64,
+    /// Consecutive failures after which a worker is skipped for a while.
+    pub breaker_failures: u32,
+    /// How long a tripped worker is skipped.
+    pub breaker_cooldown_ms: u64,
+    /// How long a task may wait for a free capable worker before it fails.
+    pub max_wait_ms: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> LedgerConfig {
+        LedgerConfig {
+            segment_timeout_ms: 30_000,
+            max_attempts: 5,
+            retry_ratio_permille: 200,
+            retry_floor_per_sec: 10,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 5_000,
+            max_wait_ms: 60_000,
+        }
+    }
+}
+
+/// Something the ledger asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerOutput {
+    /// Send ALLOCATE for this attempt to this worker.
+    Allocate {
+        /// The task.
+        task: Uuid,
+        /// The segment.
+        segment: u32,
+        /// The attempt number, from 1.
+        attempt: u32,
+        /// The worker.
+        agent: u32,
+        /// Its node.
+        node: String,
+    },
+    /// Send ADJUST cancel: this attempt is no longer needed.
+    Cancel {
+        /// The task.
+        task: Uuid,
+        /// The segment.
+        segment: u32,
+        /// The attempt.
+        attempt: u32,
+        /// The worker.
+        agent: u32,
+        /// Its node.
+        node: String,
+    },
+    /// Every segment has a result.
+    TaskCompleted {
+        /// The task.
+        task: Uuid,
+        /// Results in segment order.
+        results: Vec<Vec<u8>>,
+    },
+    /// The task cannot complete.
+    TaskFailed {
+        /// The task.
+        task: Uuid,
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+/// What the ledger made of a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResultVerdict {
+    /// The first result for the segment: counted.
+    Accepted,
+    /// The segment already had a result: discarded.
+    Duplicate,
+    /// No such task (finished or never known): discarded.
+    UnknownTask,
+    /// The ledger never started that attempt: discarded.
+    UnknownAttempt,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The task id is in use.
+    #[error("task {0} is already known")]
+    Duplicate(Uuid),
+    /// A task needs at least one segment.
+    #[error("a task needs at least one segment")]
+    NoSegments,
+}
+
+/// Counters for reports and checkers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LedgerStats {
+    /// Segments whose result was accepted.
+    pub segments_completed: u64,
+    /// Result copies discarded because the segment was already done.
+    pub duplicates_discarded: u64,
+    /// Attempts started again elsewhere (failure, timeout, worker or node down).
+    pub reallocated: u64,
+    /// Retries the budget refused (the segment waited instead).
+    pub retries_deferred: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SegmentState {
+    /// Waiting for a worker; `since_ms` is when it started waiting.
+    Pending {
+        since_ms: u64,
+        is_retry: bool,
+    },
+    /// At least one attempt is running (see `Segment::live`).
+    Running,
+    Done,
+}
+
+#[derive(Clone, Debug)]
+struct Segment {
+    state: SegmentState,
+    /// Attempts started so far.
+    attempts: u32,
+    /// Attempts started and not yet finished or cancelled: (attempt, agent, node).
+    live: Vec<(u32, u32, String)>,
+    result: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+struct Task {
+    segments: Vec<Segment>,
+    done: u32,
+    /// Task-level statistics.
+    duplicates: u64,
+    reallocated: u64,
+}
+
+/// Per-task figures, for `agentmesh submit --json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskFigures {
+    /// Segments in the task.
+    pub segments: u32,
+    /// Distinct segments completed.
+    pub completed: u32,
+    /// Result copies discarded.
+    pub duplicates_discarded: u64,
+    /// Attempts started again elsewhere.
+    pub reallocated: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    open_until_ms: u64,
+}
+
+/// A sliding count over the last ten seconds, one bucket per second.
+#[derive(Clone, Debug, Default)]
+struct Window {
+    buckets: [(u64, u64); 10],
+}
+
+impl Window {
+    fn add(&mut self, now_ms: u64) {
+        let sec = now_ms / 1000;
+        let slot = &mut self.buckets[(sec % 10) as usize];
+        if slot.0 != sec {
+            *slot = (sec, 0);
+        }
+        slot.1 += 1;
+    }
+
+    fn count(&self, now_ms: u64) -> u64 {
+        let sec = now_ms / 1000;
+        self.buckets
+            .iter()
+            .filter(|(s, _)| sec.saturating_sub(*s) < 10 && *s <= sec)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// The allocation ledger of one coordinator.
+pub struct Ledger {
+    config: LedgerConfig,
+    tasks: HashMap<Uuid, Task>,
+    /// Workers this ledger has work on: agent -> segments in flight from here.
+    in_flight: HashMap<u32, u32>,
+    breakers: HashMap<u32, Breaker>,
+    first_attempts: Window,
+    retries: Window,
+    rng: StdRng,
+    outputs: VecDeque<LedgerOutput>,
+    stats: LedgerStats,
+    /// Deadlines: when each running attempt times out, for `next_wakeup_ms`.
+    deadlines: BTreeMap<(u64, Uuid, u32), ()>,
+}
+
+impl Ledger {
+    /// An empty ledger; `seed` feeds the power-of-two-choices picks.
+    pub fn new(config: LedgerConfig, seed: u64) -> Ledger {
+        Ledger {
+            config,
+            tasks: HashMap::new(),
+            in_flight: HashMap::new(),
+            breakers: HashMap::new(),
+            first_attempts: Window::default(),
+            retries: Window::default(),
+            rng: StdRng::seed_from_u64(seed),
+            outputs: VecDeque::new(),
+            stats: LedgerStats::default(),
+            deadlines: BTreeMap::new(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LedgerStats {
+        self.stats
+    }
+
+    /// Tasks not finished yet.
+    pub fn open_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Figures of a task still open.
+    pub fn figures(&self, task: Uuid) -> Option<TaskFigures> {
+        self.tasks.get(&task).map(|t| TaskFigures {
+            segments: t.segments.len() as u32,
+            completed: t.done,
+            duplicates_discarded: t.duplicates,
+            reallocated: t.reallocated,
+        })
+    }
+
+    /// Takes the next thing to do.
+    pub fn poll(&mut self) -> Option<LedgerOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// When the ledger next needs [`Ledger::handle_timeout`] (the earliest deadline).
+    pub fn next_wakeup_ms(&self) -> Option<u64> {
+        self.deadlines.keys().next().map(|(at, _, _)| *at)
+    }
+
+    /// Takes a task of `segments` segments; allocate with [`Ledger::assign`].
+    pub fn submit(&mut self, task: Uuid, segments: u32, now_ms: u64) -> Result<(), SubmitError> {
+        if segments == 0 {
+            return Err(SubmitError::NoSegments);
+        }
+        if self.tasks.contains_key(&task) {
+            return Err(SubmitError::Duplicate(task));
+        }
+        let segment = Segment {
+            state: SegmentState::Pending {
+                since_ms: now_ms,
+                is_retry: false,
+            },
+            attempts: 0,
+            live: Vec::new(),
+            result: None,
+        };
+        self.tasks.insert(
+            task,
+            Task {
+                segments: vec![segment; segments as usize],
+                done: 0,
+                duplicates: 0,
+                reallocated: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Allocates every pending segment it can to `candidates` (the capable workers
+    /// discovery listed), by power of two choices over load. A task with segments still
+    /// pending and no candidate at all fails at once; one whose segments wait longer than
+    /// `max_wait_ms` for a free worker fails too.
+    pub fn assign(&mut self, task_id: Uuid, candidates: &[Candidate], now_ms: u64) {
+        let Some(task) = self.tasks.get(&task_id) else {
+            return;
+        };
+        let pending: Vec<(u32, u64, bool)> = task
+            .segments
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.state {
+                SegmentState::Pending { since_ms, is_retry } => {
+                    Some((i as u32, since_ms, is_retry))
+                }
+                _ => None,
+            })
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        if candidates.is_empty() {
+            return self.fail(
+                task_id,
+                "no agent offers the capability this task needs".into(),
+            );
+        }
+        for (segment, since_ms, is_retry) in pending {
+            if is_retry && !self.retry_allowed(now_ms) {
+                self.stats.retries_deferred += 1;
+                continue;
+            }
+            match self.pick(candidates, now_ms) {
+                Some(worker) => self.start_attempt(task_id, segment, worker, is_retry, now_ms),
+                None if now_ms.saturating_sub(since_ms) >= self.config.max_wait_ms => {
+                    return self.fail(
+                        task_id,
+                        format!(
+                            "no capable agent was free for {} ms",
+                            self.config.max_wait_ms
+                        ),
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Records a result for an attempt. The first result for a segment is accepted,
+    /// whichever attempt produced it and whatever became of its worker since (a late
+    /// result from a node already declared dead is still the work done); other attempts
+    /// of that segment are cancelled; later copies are discarded.
+    pub fn handle_result(
+        &mut self,
+        task_id: Uuid,
+        segment: u32,
+        attempt: u32,
+        output: Vec<u8>,
+    ) -> ResultVerdict {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return ResultVerdict::UnknownTask;
+        };
+        let Some(seg) = task.segments.get_mut(segment as usize) else {
+            return ResultVerdict::UnknownTask;
+        };
+        if attempt == 0 || attempt > seg.attempts {
+            return ResultVerdict::UnknownAttempt;
+        }
+        if seg.state == SegmentState::Done {
+            task.duplicates += 1;
+            self.stats.duplicates_discarded += 1;
+            return ResultVerdict::Duplicate;
+        }
+        seg.state = SegmentState::Done;
+        seg.result = Some(output);
+        task.done += 1;
+        self.stats.segments_completed += 1;
+        let live = std::mem::take(&mut seg.live);
+        for (a, agent, node) in live {
+            self.release(agent);
+            self.deadlines
+                .retain(|(_, t, s), _| !(*t == task_id && *s == segment));
+            if a == attempt {
+                self.breaker_success(agent);
+            } else {
+                self.outputs.push_back(LedgerOutput::Cancel {
+                    task: task_id,
+                    segment,
+                    attempt: a,
+                    agent,
+                    node,
+                });
+            }
+        }
+        self.maybe_complete(task_id);
+        ResultVerdict::Accepted
+    }
+
+    /// Records that an attempt failed (the worker said so, or it panicked): the segment
+    /// goes back to waiting for another worker, unless it has used all its attempts.
+    pub fn handle_failure(
+        &mut self,
+        task_id: Uuid,
+        segment: u32,
+        attempt: u32,
+        reason: &str,
+        now_ms: u64,
+    ) {
+        let Some(agent) = self.end_attempt(task_id, segment, attempt) else {
+            return;
+        };
+        self.breaker_failure(agent, now_ms);
+        self.requeue(task_id, segment, now_ms, reason);
+    }
+
+    /// Every attempt running on `node` is lost: reallocate them all.
+    pub fn handle_node_down(&mut self, node: &str, now_ms: u64) {
+        let lost = self.attempts_where(|_, n| n == node);
+        for (task, segment, attempt) in lost {
+            if self.end_attempt(task, segment, attempt).is_some() {
+                self.requeue(task, segment, now_ms, &format!("node {node} is down"));
+            }
+        }
+    }
+
+    /// Every attempt running on `agent` is lost (it stopped for good).
+    pub fn handle_worker_down(&mut self, agent: u32, now_ms: u64) {
+        let lost = self.attempts_where(|a, _| a == agent);
+        for (task, segment, attempt) in lost {
+            if self.end_attempt(task, segment, attempt).is_some() {
+                self.requeue(task, segment, now_ms, &format!("agent {agent} is gone"));
+            }
+        }
+    }
+
+    /// Attempts past their deadline count as failures of their workers (the breaker
+    /// learns of slow workers too); their segments wait for another attempt.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let due: Vec<(u64, Uuid, u32)> = self
+            .deadlines
+            .keys()
+            .take_while(|(at, _, _)| *at <= now_ms)
+            .copied()
+            .collect();
+        for (at, task, segment) in due {
+            self.deadlines.remove(&(at, task, segment));
+            let attempt = self
+                .tasks
+                .get(&task)
+                .and_then(|t| t.segments.get(segment as usize))
+                .and_then(|s| s.live.last().map(|(a, _, _)| *a));
+            if let Some(attempt) = attempt {
+                if let Some(agent) = self.end_attempt(task, segment, attempt) {
+                    self.breaker_failure(agent, now_ms);
+                    self.requeue(task, segment, now_ms, "timed out");
+                }
+            }
+        }
+    }
+
+    /// Cancels a task: its running attempts are cancelled, nothing more is accepted.
+    pub fn cancel(&mut self, task_id: Uuid) {
+        self.fail(task_id, "cancelled".into());
+    }
+
+    fn attempts_where(&self, pred: impl Fn(u32, &str) -> bool) -> Vec<(Uuid, u32, u32)> {
+        let mut out = Vec::new();
+        for (id, task) in &self.tasks {
+            for (i, seg) in task.segments.iter().enumerate() {
+                for (attempt, agent, node) in &seg.live {
+                    if pred(*agent, node) {
+                        out.push((*id, i as u32, *attempt));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Removes a live attempt; returns its agent if it was live.
+    fn end_attempt(&mut self, task_id: Uuid, segment: u32, attempt: u32) -> Option<u32> {
+        let seg = self
+            .tasks
+            .get_mut(&task_id)?
+            .segments
+            .get_mut(segment as usize)?;
+        let i = seg.live.iter().position(|(a, _, _)| *a == attempt)?;
+        let (_, agent, _) = seg.live.remove(i);
+        self.release(agent);
+        self.deadlines
+            .retain(|(_, t, s), _| !(*t == task_id && *s == segment));
+        Some(agent)
+    }
+
+    fn requeue(&mut self, task_id: Uuid, segment: u32, now_ms: u64, reason: &str) {
+        let max_attempts = self.config.max_attempts;
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        let Some(seg) = task.segments.get_mut(segment as usize) else {
+            return;
+        };
+        if seg.state == SegmentState::Done || !seg.live.is_empty() {
+            return;
+        }
+        if seg.attempts >= max_attempts {
+            let why = format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
+            return self.fail(task_id, why);
+        }
+        seg.state = SegmentState::Pending {
+            since_ms: now_ms,
+            is_retry: true,
+        };
+        task.reallocated += 1;
+        self.stats.reallocated += 1;
+    }
+
+    fn start_attempt(
+        &mut self,
+        task_id: Uuid,
+        segment: u32,
+        worker: Candidate,
+        is_retry: bool,
+        now_ms: u64,
+    ) {
+        let deadline_ms = now_ms + self.config.segment_timeout_ms;
+        let Some(seg) = self
+            .tasks
+            .get_mut(&task_id)
+            .and_then(|t| t.segments.get_mut(segment as usize))
+        else {
+            return;
+        };
+        seg.attempts += 1;
+        let attempt = seg.attempts;
+        seg.live.push((attempt, worker.agent, worker.node.clone()));
+        seg.state = SegmentState::Running;
+        *self.in_flight.entry(worker.agent).or_default() += 1;
+        self.deadlines.insert((deadline_ms, task_id, segment), ());
+        if is_retry {
+            self.retries.add(now_ms);
+        } else {
+            self.first_attempts.add(now_ms);
+        }
+        self.outputs.push_back(LedgerOutput::Allocate {
+            task: task_id,
+            segment,
+            attempt,
+            agent: worker.agent,
+            node: worker.node,
+        });
+    }
+
+    fn release(&mut self, agent: u32) {
+        if let Some(n) = self.in_flight.get_mut(&agent) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(&agent);
+            }
+        }
+    }
+
+    /// Linkerd-style budget: retries within the last 10 s may not exceed the ratio of
+    /// first attempts plus a floor per second.
+    fn retry_allowed(&self, now_ms: u64) -> bool {
+        let allowed = self.first_attempts.count(now_ms) * self.config.retry_ratio_permille / 1000
+            + self.config.retry_floor_per_sec * 10;
+        self.retries.count(now_ms) < allowed
+    }
+
+    fn eligible(&self, c: &Candidate, now_ms: u64) -> bool {
+        let busy = c
+            .load
+            .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));
+        let open = self
+            .breakers
+            .get(&c.agent)
+            .is_some_and(|b| b.open_until_ms > now_ms);
+        busy < c.capacity.max(1) && !open
+    }
+
+    /// Power of two choices: two random eligible workers, the less loaded wins.
+    fn pick(&mut self, candidates: &[Candidate], now_ms: u64) -> Option<Candidate> {
+        let eligible: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| self.eligible(c, now_ms))
+            .collect();
+        let score = |c: &Candidate| {
+            let busy = c
+                .load
+                .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));
+            // Load as a fraction of capacity, in thousandths, then by agent for ties.
+            (
+                u64::from(busy) * 1000 / u64::from(c.capacity.max(1)),
+                c.agent,
+            )
+        };
+        let chosen = match eligible.len() {
+            0 => return None,
+            1 => eligible[0],
+            n => {
+                let a = self.rng.random_range(0..n);
+                let mut b = self.rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if score(eligible[a]) <= score(eligible[b]) {
+                    eligible[a]
+                } else {
+                    eligible[b]
+                }
+            }
+        };
+        Some(chosen.clone())
+    }
+
+    fn breaker_failure(&mut self, agent: u32, now_ms: u64) {
+        let b = self.breakers.entry(agent).or_default();
+        b.consecutive_failures += 1;
+        if b.consecutive_failures >= self.config.breaker_failures {
+            b.open_until_ms = now_ms + self.config.breaker_cooldown_ms;
+            b.consecutive_failures = 0;
+        }
+    }
+
+    fn breaker_success(&mut self, agent: u32) {
+        self.breakers.remove(&agent);
+    }
+
+    fn maybe_complete(&mut self, task_id: Uuid) {
+        let complete = self
+            .tasks
+            .get(&task_id)
+            .is_some_and(|t| t.done as usize == t.segments.len());
+        if !complete {
+            return;
+        }
+        if let Some(task) = self.tasks.remove(&task_id) {
+            let results = task
+                .segments
+                .into_iter()
+                .map(|s| s.result.unwrap_or_default())
+                .collect();
+            self.outputs.push_back(LedgerOutput::TaskCompleted {
+                task: task_id,
+                results,
+            });
+        }
+    }
+
+    fn fail(&mut self, task_id: Uuid, reason: String) {
+        let Some(task) = self.tasks.remove(&task_id) else {
+            return;
+        };
+        for (i, seg) in task.segments.into_iter().enumerate() {
+            for (attempt, agent, node) in seg.live {
+                self.release(agent);
+                self.outputs.push_back(LedgerOutput::Cancel {
+                    task: task_id,
+                    segment: i as u32,
+                    attempt,
+                    agent,
+                    node,
+                });
+            }
+        }
+        self.deadlines.retain(|(_, t, _), _| *t != task_id);
+        self.outputs.push_back(LedgerOutput::TaskFailed {
+            task: task_id,
+            reason,
+        });
+    }
+}

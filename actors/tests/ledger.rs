@@ -1,0 +1,392 @@
+//! The allocation ledger, transition by transition, and its exactly-once invariants
+//! under arbitrary interleavings of results, copies, failures, crashes and timeouts.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeSet, HashMap};
+
+use agentmesh_actors::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn worker(agent: u32, node: &str, capacity: u32) -> Candidate {
+    Candidate {
+        agent,
+        node: node.into(),
+        capacity,
+        load: 0,
+    }
+}
+
+fn drain(l: &mut Ledger) -> Vec<LedgerOutput> {
+    std::iter::from_fn(|| l.poll()).collect()
+}
+
+/// (segment, attempt, agent) of every ALLOCATE in `out`.
+fn allocations(out: &[LedgerOutput]) -> Vec<(u32, u32, u32)> {
+    out.iter()
+        .filter_map(|o| match o {
+            LedgerOutput::Allocate {
+                segment,
+                attempt,
+                agent,
+                ..
+            } => Some((*segment, *attempt, *agent)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn task() -> Uuid {
+    Uuid::from_u128(0xfeed)
+}
+
+#[test]
+fn a_task_is_split_across_workers_and_completes_once_with_results_in_order() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    let workers = [worker(1, "a", 4), worker(2, "b", 4), worker(3, "c", 4)];
+    l.submit(task(), 6, 0).unwrap();
+    l.assign(task(), &workers, 0);
+    let allocs = allocations(&drain(&mut l));
+    assert_eq!(allocs.len(), 6);
+    let used: BTreeSet<u32> = allocs.iter().map(|a| a.2).collect();
+    assert!(
+        used.len() >= 2,
+        "power of two choices spreads the load: {allocs:?}"
+    );
+    for (segment, attempt, _) in &allocs {
+        assert_eq!(*attempt, 1);
+        let verdict = l.handle_result(task(), *segment, *attempt, vec![*segment as u8]);
+        assert_eq!(verdict, ResultVerdict::Accepted);
+    }
+    let out = drain(&mut l);
+    assert_eq!(
+        out,
+        vec![LedgerOutput::TaskCompleted {
+            task: task(),
+            results: (0..6).map(|i| vec![i]).collect()
+        }]
+    );
+    assert_eq!(
+        l.handle_result(task(), 0, 1, vec![9]),
+        ResultVerdict::UnknownTask
+    );
+    assert_eq!(l.open_tasks(), 0);
+}
+
+#[test]
+fn a_copy_of_a_result_is_counted_and_discarded() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    l.submit(task(), 2, 0).unwrap();
+    l.assign(task(), &[worker(1, "a", 4)], 0);
+    drain(&mut l);
+    assert_eq!(
+        l.handle_result(task(), 0, 1, vec![1]),
+        ResultVerdict::Accepted
+    );
+    assert_eq!(
+        l.handle_result(task(), 0, 1, vec![1]),
+        ResultVerdict::Duplicate
+    );
+    assert_eq!(l.figures(task()).unwrap().duplicates_discarded, 1);
+    assert_eq!(l.stats().duplicates_discarded, 1);
+    assert_eq!(l.stats().segments_completed, 1);
+}
+
+#[test]
+fn a_failed_attempt_is_reallocated_and_too_many_failures_fail_the_task() {
+    let config = LedgerConfig {
+        max_attempts: 2,
+        breaker_failures: 100,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    let workers = [worker(1, "a", 4), worker(2, "b", 4)];
+    l.submit(task(), 1, 0).unwrap();
+    l.assign(task(), &workers, 0);
+    let first = allocations(&drain(&mut l))[0];
+    l.handle_failure(task(), 0, first.1, "agent panicked", 10);
+    assert_eq!(l.figures(task()).unwrap().reallocated, 1);
+    l.assign(task(), &workers, 10);
+    let second = allocations(&drain(&mut l))[0];
+    assert_eq!(second.1, 2, "attempt numbers go up");
+    l.handle_failure(task(), 0, second.1, "agent panicked", 20);
+    match drain(&mut l).as_slice() {
+        [LedgerOutput::TaskFailed { reason, .. }] => {
+            assert!(reason.contains("2 attempts"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_dead_nodes_segments_are_reallocated_and_its_late_result_still_counts_once() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    l.submit(task(), 1, 0).unwrap();
+    l.assign(task(), &[worker(1, "dead", 4)], 0);
+    let on_dead = allocations(&drain(&mut l))[0];
+    l.handle_node_down("dead", 100);
+    assert_eq!(l.stats().reallocated, 1);
+    l.assign(task(), &[worker(2, "alive", 4)], 100);
+    let on_alive = allocations(&drain(&mut l))[0];
+    assert_eq!((on_alive.1, on_alive.2), (2, 2));
+    // The "dead" node had finished after all: its result arrives late, and counts.
+    assert_eq!(
+        l.handle_result(task(), 0, on_dead.1, b"late".to_vec()),
+        ResultVerdict::Accepted
+    );
+    let out = drain(&mut l);
+    assert!(
+        out.contains(&LedgerOutput::Cancel {
+            task: task(),
+            segment: 0,
+            attempt: 2,
+            agent: 2,
+            node: "alive".into()
+        }),
+        "{out:?}"
+    );
+    assert!(out.contains(&LedgerOutput::TaskCompleted {
+        task: task(),
+        results: vec![b"late".to_vec()]
+    }));
+    // The cancelled attempt answers anyway: a duplicate, not a second completion.
+    assert_eq!(
+        l.handle_result(task(), 0, 2, b"again".to_vec()),
+        ResultVerdict::UnknownTask
+    );
+}
+
+#[test]
+fn a_result_from_an_earlier_attempt_wins_and_the_later_one_is_cancelled() {
+    let config = LedgerConfig {
+        segment_timeout_ms: 1_000,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    l.submit(task(), 2, 0).unwrap();
+    l.assign(task(), &[worker(1, "a", 1), worker(2, "b", 1)], 0);
+    let allocs = allocations(&drain(&mut l));
+    let slow = allocs.iter().find(|a| a.0 == 0).copied().unwrap();
+    assert_eq!(l.next_wakeup_ms(), Some(1_000));
+    l.handle_timeout(1_000);
+    l.handle_result(task(), 1, 1, vec![1]);
+    drain(&mut l);
+    l.assign(task(), &[worker(1, "a", 1), worker(2, "b", 1)], 1_000);
+    let retry = allocations(&drain(&mut l))[0];
+    assert_eq!(retry.1, 2);
+    assert_eq!(
+        l.handle_result(task(), 0, slow.1, vec![0]),
+        ResultVerdict::Accepted
+    );
+    let out = drain(&mut l);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, LedgerOutput::Cancel { attempt: 2, .. })),
+        "{out:?}"
+    );
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, LedgerOutput::TaskCompleted { .. })));
+}
+
+#[test]
+fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
+    let config = LedgerConfig {
+        breaker_failures: 2,
+        breaker_cooldown_ms: 1_000,
+        max_attempts: 100,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    let bad = worker(1, "a", 10);
+    let good = worker(2, "b", 10);
+    // Two failures in a row trip the bad worker's breaker.
+    let first = Uuid::from_u128(1);
+    l.submit(first, 1, 0).unwrap();
+    for now in [0, 1] {
+        l.assign(first, std::slice::from_ref(&bad), now);
+        let a = allocations(&drain(&mut l))[0];
+        l.handle_failure(first, 0, a.1, "error", now);
+    }
+    // While it is open, work offered to both goes to the good one only.
+    let second = Uuid::from_u128(2);
+    l.submit(second, 5, 2).unwrap();
+    l.assign(second, &[bad.clone(), good.clone()], 2);
+    let allocs = allocations(&drain(&mut l));
+    assert_eq!(allocs.len(), 5);
+    assert!(allocs.iter().all(|a| a.2 == 2), "{allocs:?}");
+    // After the cooldown it is offered work again.
+    let third = Uuid::from_u128(3);
+    l.submit(third, 1, 1_002).unwrap();
+    l.assign(third, std::slice::from_ref(&bad), 1_002);
+    assert_eq!(allocations(&drain(&mut l))[0].2, 1);
+}
+
+#[test]
+fn capacity_is_respected_and_the_rest_waits_then_fails_if_nothing_frees_up() {
+    let config = LedgerConfig {
+        max_wait_ms: 500,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    let one = [worker(1, "a", 2)];
+    l.submit(task(), 5, 0).unwrap();
+    l.assign(task(), &one, 0);
+    let allocs = allocations(&drain(&mut l));
+    assert_eq!(allocs.len(), 2, "capacity 2");
+    for a in &allocs {
+        l.handle_result(task(), a.0, a.1, vec![]);
+    }
+    l.assign(task(), &one, 100);
+    assert_eq!(allocations(&drain(&mut l)).len(), 2);
+    // Nothing finishes; the fifth segment waits, then the task fails with a reason.
+    l.assign(task(), &one, 400);
+    assert!(drain(&mut l).is_empty());
+    l.assign(task(), &one, 600);
+    let out = drain(&mut l);
+    assert!(
+        matches!(out.last(), Some(LedgerOutput::TaskFailed { reason, .. }) if reason.contains("no capable agent was free")),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, LedgerOutput::Cancel { .. }))
+            .count(),
+        2,
+        "running attempts are cancelled"
+    );
+}
+
+#[test]
+fn no_capable_agent_fails_the_task_at_once() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    l.submit(task(), 3, 0).unwrap();
+    l.assign(task(), &[], 0);
+    match drain(&mut l).as_slice() {
+        [LedgerOutput::TaskFailed { reason, .. }] => assert!(reason.contains("no agent offers")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(l.open_tasks(), 0);
+}
+
+#[test]
+fn the_retry_budget_defers_retries_beyond_its_ratio_and_floor() {
+    let config = LedgerConfig {
+        retry_ratio_permille: 0,
+        retry_floor_per_sec: 1,
+        breaker_failures: 1_000,
+        max_attempts: 1_000,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    let w = [worker(1, "a", 1_000)];
+    l.submit(task(), 1, 0).unwrap();
+    l.assign(task(), &w, 0);
+    let mut attempt = allocations(&drain(&mut l))[0].1;
+    // A floor of 1/s over a 10 s window: 10 retries, then deferral.
+    let mut retried = 0;
+    for now in 1..50 {
+        l.handle_failure(task(), 0, attempt, "error", now);
+        l.assign(task(), &w, now);
+        match allocations(&drain(&mut l)).first() {
+            Some(a) => {
+                attempt = a.1;
+                retried += 1;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(retried, 10);
+    assert!(l.stats().retries_deferred >= 1);
+}
+
+#[test]
+fn submissions_are_checked() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    assert!(l.submit(task(), 0, 0).is_err());
+    l.submit(task(), 1, 0).unwrap();
+    assert!(l.submit(task(), 1, 0).is_err());
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Assign,
+    Result { pick: usize },
+    Copy { pick: usize },
+    Fail { pick: usize },
+    NodeDown { node: usize },
+    Tick { ms: u64 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Assign),
+        4 => any::<usize>().prop_map(|pick| Step::Result { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Copy { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Fail { pick }),
+        1 => (0usize..3).prop_map(|node| Step::NodeDown { node }),
+        2 => (0u64..2_000).prop_map(|ms| Step::Tick { ms }),
+    ]
+}
+
+proptest! {
+    /// Whatever happens, a segment's result is accepted at most once, a task completes
+    /// at most once and only with every segment, and nothing is lost: every open task
+    /// still has its segments accounted for.
+    #[test]
+    fn results_are_accepted_exactly_once(seed in any::<u64>(), segments in 1u32..8, steps in proptest::collection::vec(step(), 1..120)) {
+        let config = LedgerConfig { segment_timeout_ms: 500, max_attempts: 1_000, breaker_failures: 1_000, retry_floor_per_sec: 1_000, ..LedgerConfig::default() };
+        let mut l = Ledger::new(config, seed);
+        let nodes = ["n0", "n1", "n2"];
+        let workers: Vec<Candidate> = (0..3).map(|i| worker(i as u32 + 1, nodes[i], 3)).collect();
+        l.submit(task(), segments, 0).unwrap();
+        let mut now = 0u64;
+        let mut issued: Vec<(u32, u32)> = Vec::new();
+        let mut delivered: Vec<(u32, u32)> = Vec::new();
+        let mut accepted: HashMap<u32, u32> = HashMap::new();
+        let mut completions = 0;
+        for s in steps {
+            match s {
+                Step::Assign => l.assign(task(), &workers, now),
+                Step::Result { pick } if !issued.is_empty() => {
+                    let (seg, att) = issued[pick % issued.len()];
+                    delivered.push((seg, att));
+                    if l.handle_result(task(), seg, att, vec![seg as u8]) == ResultVerdict::Accepted {
+                        *accepted.entry(seg).or_default() += 1;
+                    }
+                }
+                Step::Copy { pick } if !delivered.is_empty() => {
+                    let (seg, att) = delivered[pick % delivered.len()];
+                    prop_assert_ne!(l.handle_result(task(), seg, att, vec![seg as u8]), ResultVerdict::Accepted);
+                }
+                Step::Fail { pick } if !issued.is_empty() => {
+                    let (seg, att) = issued[pick % issued.len()];
+                    l.handle_failure(task(), seg, att, "error", now);
+                }
+                Step::NodeDown { node } => l.handle_node_down(nodes[node], now),
+                Step::Tick { ms } => {
+                    now += ms;
+                    l.handle_timeout(now);
+                }
+                _ => {}
+            }
+            for out in std::iter::from_fn(|| l.poll()) {
+                match out {
+                    LedgerOutput::Allocate { segment, attempt, .. } => issued.push((segment, attempt)),
+                    LedgerOutput::TaskCompleted { results, .. } => {
+                        completions += 1;
+                        prop_assert_eq!(results.len() as u32, segments);
+                        prop_assert_eq!(accepted.len() as u32, segments);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        prop_assert!(accepted.values().all(|n| *n == 1), "accepted twice: {:?}", accepted);
+        prop_assert!(completions <= 1);
+        if completions == 0 {
+            let f = l.figures(task()).unwrap();
+            prop_assert_eq!(f.completed as usize, accepted.len());
+        }
+    }
+}

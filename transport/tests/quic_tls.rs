@@ -42,14 +42,7 @@ async fn a_certificate_from_another_ca_is_refused_and_counted() {
         .unwrap();
     identity.ca = ca.cert_der().clone();
     let client = RawClient::new(&identity);
-    let result = client
-        .endpoint
-        .connect_with(client.config.clone(), a.addr, "alpha")
-        .unwrap()
-        .await;
-    if let Ok(conn) = result {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
-    }
+    attempt_handshake(&client.endpoint, client.config.clone(), &a).await;
     wait_for_refusal(&a, 1).await;
     // A stranger that does not trust us either refuses us first: the server sees the
     // alert and counts it as another kind of failure.
@@ -64,15 +57,7 @@ async fn an_expired_certificate_is_refused_and_counted() {
     let expired = ca.issue_valid("old", (2020, 1, 1), (2021, 1, 1)).unwrap();
     let identity = NodeIdentity::from_pem("old", &expired, &ca.pem().cert_pem).unwrap();
     let client = RawClient::new(&identity);
-    let result = client
-        .endpoint
-        .connect_with(client.config.clone(), a.addr, "alpha")
-        .unwrap()
-        .await;
-    // The server refuses after the client's last flight; the client may see it then.
-    if let Ok(conn) = result {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
-    }
+    attempt_handshake(&client.endpoint, client.config.clone(), &a).await;
     wait_for_refusal(&a, 2).await;
 }
 
@@ -95,13 +80,7 @@ async fn a_client_without_a_certificate_is_refused_and_counted() {
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
     ));
     let endpoint = quinn::Endpoint::client(loopback()).unwrap();
-    let result = endpoint
-        .connect_with(config, a.addr, "alpha")
-        .unwrap()
-        .await;
-    if let Ok(conn) = result {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
-    }
+    attempt_handshake(&endpoint, config, &a).await;
     wait_for_refusal(&a, 0).await;
 }
 
@@ -116,6 +95,18 @@ async fn dialling_the_wrong_name_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("beta"), "{err}");
+}
+
+/// Dials `node` as "alpha" and waits for the outcome. The server refuses after the
+/// client's last flight, so the client may see the handshake succeed and then the close.
+async fn attempt_handshake(endpoint: &quinn::Endpoint, config: quinn::ClientConfig, node: &Node) {
+    let result = endpoint
+        .connect_with(config, node.addr, "alpha")
+        .unwrap()
+        .await;
+    if let Ok(conn) = result {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+    }
 }
 
 /// Waits until `node` has counted a refused handshake of kind `index` (no cert,

@@ -4,9 +4,10 @@
 //! only through `agentmesh-runtime`. Decision logic (registry, allocation ledger)
 //! is plain state machines that take `now` as input, so `agentmesh-sims` can run it.
 //!
-//! Status: the allocation ledger (`ledger`) is in; the Agent API, discovery,
+//! Status: the allocation ledger (`ledger`) and discovery's registry (`registry`) are in; the Agent API, discovery,
 //! coordinator and worker actors are being built (issue [4/6]).
 
 pub mod ledger;
+pub mod registry;
 
 pub use agentmesh_runtime as runtime;

@@ -1,0 +1,357 @@
+//! Discovery's registry, replicated on every node as a state machine with no I/O: each
+//! node is authoritative for its own agents and tells the others; a dead node's agents
+//! are purged; queries find capable agents with their load and health. Agent IDs are
+//! chosen by the owning node without coordination, and a collision (two nodes picking
+//! the same ID at once) is resolved the same way everywhere: the node whose name sorts
+//! first keeps the ID, the other gives its agent a new one.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health};
+
+/// One agent as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Its Agent ID, unique in the cluster.
+    pub agent: u32,
+    /// The node that runs it and owns the ID.
+    pub node: String,
+    /// Its type name.
+    pub agent_type: String,
+    /// Its coordination group.
+    pub group: u16,
+    /// What it can do.
+    pub capabilities: Vec<Capability>,
+    /// Segments in hand.
+    pub load: u32,
+    /// Its health.
+    pub health: Health,
+}
+
+/// What one node tells the others about its agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryDelta {
+    /// The node speaking; it may only speak for its own agents.
+    pub node: String,
+    /// True if `upserts` is the node's whole list, replacing what was known of it.
+    pub full: bool,
+    /// Agents added or changed.
+    pub upserts: Vec<AgentRecord>,
+    /// Agents gone.
+    pub removals: Vec<u32>,
+}
+
+/// Something the registry asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryOutput {
+    /// Send this delta to every other node.
+    Broadcast(RegistryDelta),
+    /// `node` owns `agent` (for the transport's ownership table).
+    Own {
+        /// The Agent ID.
+        agent: u32,
+        /// Its node.
+        node: String,
+    },
+    /// Nobody owns `agent` any more.
+    Disown {
+        /// The Agent ID.
+        agent: u32,
+    },
+    /// A local agent lost an ID collision and now has a new ID.
+    Reidentified {
+        /// The ID it had.
+        old: u32,
+        /// The ID it has now.
+        new: u32,
+    },
+}
+
+/// Why a registration was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry holds as many agents as it may.
+    #[error("the registry is full ({0} agents)")]
+    Full(usize),
+    /// An agent must offer at least one capability.
+    #[error("an agent must offer at least one capability")]
+    NoCapability,
+}
+
+/// Why a delta from another node was refused (it is dropped; the node goes on).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// The delta speaks for another node than the one that sent it.
+    #[error("{sender} sent a delta for {claimed}")]
+    NotItsOwn {
+        /// The authenticated sender.
+        sender: String,
+        /// The node the delta claims to be.
+        claimed: String,
+    },
+}
+
+/// The registry on one node.
+pub struct Registry {
+    me: String,
+    max_agents: usize,
+    agents: BTreeMap<u32, AgentRecord>,
+    by_node: BTreeMap<String, BTreeSet<u32>>,
+    rng: StdRng,
+    outputs: VecDeque<RegistryOutput>,
+}
+
+impl Registry {
+    /// The registry of node `me`, holding at most `max_agents` agents cluster-wide.
+    pub fn new(me: &str, max_agents: usize, seed: u64) -> Registry {
+        Registry {
+            me: me.to_string(),
+            max_agents,
+            agents: BTreeMap::new(),
+            by_node: BTreeMap::new(),
+            rng: StdRng::seed_from_u64(seed),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Takes the next thing to do.
+    pub fn poll(&mut self) -> Option<RegistryOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// Agents known, cluster-wide.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// True if no agent is known.
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// The record of `agent`.
+    pub fn get(&self, agent: u32) -> Option<&AgentRecord> {
+        self.agents.get(&agent)
+    }
+
+    /// Registers a local agent: picks an unused ID, records it, and asks for the news
+    /// to be broadcast (REGISTER handled; the record is the REGISTER_ACK's content).
+    pub fn register(
+        &mut self,
+        agent_type: &str,
+        capabilities: Vec<Capability>,
+        group: u16,
+    ) -> Result<AgentRecord, RegistryError> {
+        if capabilities.is_empty() {
+            return Err(RegistryError::NoCapability);
+        }
+        if self.agents.len() >= self.max_agents {
+            return Err(RegistryError::Full(self.max_agents));
+        }
+        let record = AgentRecord {
+            agent: self.fresh_id(),
+            node: self.me.clone(),
+            agent_type: agent_type.to_string(),
+            group,
+            capabilities,
+            load: 0,
+            health: Health::Ok,
+        };
+        self.insert(record.clone());
+        self.broadcast(vec![record.clone()], Vec::new());
+        Ok(record)
+    }
+
+    /// Removes a local agent.
+    pub fn deregister(&mut self, agent: u32) {
+        if self.agents.get(&agent).is_some_and(|r| r.node == self.me) {
+            self.remove(agent);
+            self.broadcast(Vec::new(), vec![agent]);
+        }
+    }
+
+    /// Updates a local agent's load and health, and spreads the change.
+    pub fn update(&mut self, agent: u32, load: u32, health: Health) {
+        let Some(record) = self.agents.get_mut(&agent).filter(|r| r.node == self.me) else {
+            return;
+        };
+        if (record.load, record.health) == (load, health) {
+            return;
+        }
+        record.load = load;
+        record.health = health;
+        let record = record.clone();
+        self.broadcast(vec![record], Vec::new());
+    }
+
+    /// The delta that tells a node that has just come up about every local agent.
+    pub fn full_delta(&self) -> RegistryDelta {
+        RegistryDelta {
+            node: self.me.clone(),
+            full: true,
+            upserts: self.local_records(),
+            removals: Vec::new(),
+        }
+    }
+
+    /// Applies a delta sent by `sender` (the authenticated peer).
+    pub fn handle_delta(&mut self, sender: &str, delta: RegistryDelta) -> Result<(), DeltaError> {
+        if delta.node != sender || sender == self.me {
+            return Err(DeltaError::NotItsOwn {
+                sender: sender.to_string(),
+                claimed: delta.node,
+            });
+        }
+        if delta.full {
+            let keep: BTreeSet<u32> = delta.upserts.iter().map(|r| r.agent).collect();
+            let dropped: Vec<u32> = self
+                .by_node
+                .get(sender)
+                .map(|ids| ids.difference(&keep).copied().collect())
+                .unwrap_or_default();
+            for agent in dropped {
+                self.remove(agent);
+            }
+        }
+        for agent in delta.removals {
+            if self.agents.get(&agent).is_some_and(|r| r.node == sender) {
+                self.remove(agent);
+            }
+        }
+        for mut record in delta.upserts {
+            record.node = sender.to_string();
+            let holder = self.agents.get(&record.agent).map(|r| r.node.clone());
+            if let Some(holder) = holder.filter(|h| h != sender) {
+                if holder.as_str() < sender {
+                    // The holder sorts first and keeps the ID; the sender will move its
+                    // agent when it hears of the holder's.
+                    continue;
+                }
+                // The sender sorts first and takes the ID.
+                if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
+                    self.insert(record);
+                    self.move_local(ours);
+                    continue;
+                }
+            }
+            if self.agents.len() >= self.max_agents && !self.agents.contains_key(&record.agent) {
+                continue;
+            }
+            self.insert(record);
+        }
+        Ok(())
+    }
+
+    /// Purges every agent of a node that is down.
+    pub fn handle_node_down(&mut self, node: &str) {
+        let ids: Vec<u32> = self
+            .by_node
+            .get(node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for agent in ids {
+            self.remove(agent);
+        }
+    }
+
+    /// Agents offering `capability` with every one of `tags`, healthiest and least
+    /// loaded first, at most `limit` (0: all).
+    pub fn query(&self, capability: &str, tags: &[String], limit: usize) -> Vec<AgentInfo> {
+        let mut found: Vec<AgentInfo> =
+            self.agents
+                .values()
+                .filter_map(|r| {
+                    let cap = r.capabilities.iter().find(|c| {
+                        c.name == capability && tags.iter().all(|t| c.tags.contains(t))
+                    })?;
+                    Some(AgentInfo {
+                        agent: r.agent,
+                        node: r.node.clone(),
+                        agent_type: r.agent_type.clone(),
+                        group: r.group,
+                        capability: cap.clone(),
+                        load: r.load,
+                        health: r.health,
+                    })
+                })
+                .collect();
+        let health_rank = |h: Health| match h {
+            Health::Ok => 0,
+            Health::Degraded => 1,
+            Health::Unhealthy => 2,
+        };
+        found.sort_by_key(|a| {
+            let share = u64::from(a.load) * 1000 / u64::from(a.capability.capacity.max(1));
+            (health_rank(a.health), share, a.agent)
+        });
+        if limit > 0 {
+            found.truncate(limit);
+        }
+        found
+    }
+
+    fn local_records(&self) -> Vec<AgentRecord> {
+        self.by_node
+            .get(&self.me)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.agents.get(id).cloned())
+            .collect()
+    }
+
+    /// Gives a local agent that lost its ID a fresh one, and says so.
+    fn move_local(&mut self, mut ours: AgentRecord) {
+        let old = ours.agent;
+        ours.agent = self.fresh_id();
+        let new = ours.agent;
+        self.insert(ours.clone());
+        self.outputs
+            .push_back(RegistryOutput::Reidentified { old, new });
+        self.broadcast(vec![ours], vec![old]);
+    }
+
+    fn fresh_id(&mut self) -> u32 {
+        loop {
+            let id = self.rng.random_range(1..=u32::MAX);
+            if !self.agents.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn insert(&mut self, record: AgentRecord) {
+        let (agent, node) = (record.agent, record.node.clone());
+        let known = self.agents.get(&agent).map(|r| r.node.clone());
+        self.agents.insert(agent, record);
+        self.by_node.entry(node.clone()).or_default().insert(agent);
+        if known.as_deref() != Some(node.as_str()) {
+            self.outputs.push_back(RegistryOutput::Own { agent, node });
+        }
+    }
+
+    fn remove(&mut self, agent: u32) -> Option<AgentRecord> {
+        let record = self.agents.remove(&agent)?;
+        if let Some(ids) = self.by_node.get_mut(&record.node) {
+            ids.remove(&agent);
+            if ids.is_empty() {
+                self.by_node.remove(&record.node);
+            }
+        }
+        self.outputs.push_back(RegistryOutput::Disown { agent });
+        Some(record)
+    }
+
+    fn broadcast(&mut self, upserts: Vec<AgentRecord>, removals: Vec<u32>) {
+        self.outputs
+            .push_back(RegistryOutput::Broadcast(RegistryDelta {
+                node: self.me.clone(),
+                full: false,
+                upserts,
+                removals,
+            }));
+    }
+}

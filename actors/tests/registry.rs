@@ -1,0 +1,189 @@
+//! Discovery's replicated registry: registration, replication between nodes, queries,
+//! purging a dead node, refusing a node that speaks for another, and resolving an
+//! Agent ID chosen by two nodes at once the same way on both.
+#![allow(clippy::unwrap_used)]
+
+use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryError, RegistryOutput};
+use agentmesh_runtime::transport::wire::payload::{Capability, Health};
+
+fn cap(name: &str, tags: &[&str], capacity: u32) -> Capability {
+    Capability {
+        name: name.into(),
+        version: "1.0.0".into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        capacity,
+    }
+}
+
+fn drain(r: &mut Registry) -> Vec<RegistryOutput> {
+    std::iter::from_fn(|| r.poll()).collect()
+}
+
+/// Delivers every broadcast `from` has queued to `to`; returns the other outputs.
+fn deliver(from: &mut Registry, from_name: &str, to: &mut Registry) -> Vec<RegistryOutput> {
+    let mut rest = Vec::new();
+    for out in drain(from) {
+        match out {
+            RegistryOutput::Broadcast(delta) => to.handle_delta(from_name, delta).unwrap(),
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
+#[test]
+fn a_registered_agent_gets_an_id_ownership_and_a_broadcast() {
+    let mut r = Registry::new("a", 100, 1);
+    let rec = r
+        .register("summarizer", vec![cap("summarize", &[], 4)], 7)
+        .unwrap();
+    assert_ne!(rec.agent, 0);
+    assert_eq!((rec.node.as_str(), rec.group), ("a", 7));
+    let out = drain(&mut r);
+    assert!(out.contains(&RegistryOutput::Own {
+        agent: rec.agent,
+        node: "a".into()
+    }));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, RegistryOutput::Broadcast(d) if d.upserts == vec![rec.clone()])));
+    assert_eq!(r.register("x", vec![], 0), Err(RegistryError::NoCapability));
+}
+
+#[test]
+fn agents_replicate_to_other_nodes_and_queries_rank_by_health_and_load() {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    let x = a
+        .register("s", vec![cap("summarize", &["en"], 4)], 0)
+        .unwrap();
+    let y = a
+        .register("s", vec![cap("summarize", &["en", "gpu"], 4)], 0)
+        .unwrap();
+    let z = a.register("t", vec![cap("translate", &[], 1)], 0).unwrap();
+    a.update(x.agent, 3, Health::Ok);
+    a.update(y.agent, 1, Health::Ok);
+    let owned = deliver(&mut a, "a", &mut b);
+    assert!(owned
+        .iter()
+        .all(|o| matches!(o, RegistryOutput::Own { .. })));
+    assert_eq!(b.len(), 3);
+    for o in drain(&mut b) {
+        assert!(
+            matches!(o, RegistryOutput::Own { ref node, .. } if node == "a"),
+            "{o:?}"
+        );
+    }
+    let found: Vec<u32> = b
+        .query("summarize", &[], 0)
+        .iter()
+        .map(|i| i.agent)
+        .collect();
+    assert_eq!(found, vec![y.agent, x.agent], "least loaded first");
+    assert_eq!(b.query("summarize", &["gpu".into()], 0).len(), 1);
+    assert_eq!(b.query("summarize", &[], 1).len(), 1);
+    assert_eq!(b.query("nothing", &[], 0).len(), 0);
+    a.update(y.agent, 1, Health::Unhealthy);
+    deliver(&mut a, "a", &mut b);
+    assert_eq!(
+        b.query("summarize", &[], 0)[0].agent,
+        x.agent,
+        "healthy before unhealthy"
+    );
+    a.deregister(z.agent);
+    deliver(&mut a, "a", &mut b);
+    assert!(b.get(z.agent).is_none());
+}
+
+#[test]
+fn a_dead_nodes_agents_are_purged_and_a_full_delta_replaces_a_nodes_list() {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    let x = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    let y = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    deliver(&mut a, "a", &mut b);
+    drain(&mut b);
+    // A full list without y drops y.
+    let mut full = a.full_delta();
+    full.upserts.retain(|r| r.agent != y.agent);
+    b.handle_delta("a", full).unwrap();
+    assert!(b.get(y.agent).is_none() && b.get(x.agent).is_some());
+    b.handle_node_down("a");
+    assert!(b.is_empty());
+    assert!(drain(&mut b).contains(&RegistryOutput::Disown { agent: x.agent }));
+}
+
+#[test]
+fn a_node_may_only_speak_for_itself() {
+    let mut b = Registry::new("b", 100, 2);
+    let delta = RegistryDelta {
+        node: "a".into(),
+        full: true,
+        upserts: Vec::new(),
+        removals: Vec::new(),
+    };
+    assert!(b.handle_delta("mallory", delta.clone()).is_err());
+    let own = RegistryDelta {
+        node: "b".into(),
+        ..delta
+    };
+    assert!(
+        b.handle_delta("b", own).is_err(),
+        "nobody speaks for this node but itself"
+    );
+}
+
+#[test]
+fn an_id_picked_by_two_nodes_at_once_stays_with_the_first_name_and_the_other_moves() {
+    // Same seed: both pick the same first ID.
+    let mut a = Registry::new("a", 100, 42);
+    let mut b = Registry::new("b", 100, 42);
+    let ra = a.register("s", vec![cap("summarize", &[], 1)], 0).unwrap();
+    let rb = b.register("s", vec![cap("summarize", &[], 1)], 0).unwrap();
+    assert_eq!(ra.agent, rb.agent, "the test needs a collision");
+    // Both deltas cross in flight.
+    let from_a: Vec<_> = drain(&mut a);
+    let from_b: Vec<_> = drain(&mut b);
+    for o in from_a {
+        if let RegistryOutput::Broadcast(d) = o {
+            b.handle_delta("a", d).unwrap();
+        }
+    }
+    for o in from_b {
+        if let RegistryOutput::Broadcast(d) = o {
+            a.handle_delta("b", d).unwrap();
+        }
+    }
+    // "a" sorts first and keeps the ID; "b" moved its agent and says so.
+    let moved = drain(&mut b);
+    let new = moved
+        .iter()
+        .find_map(|o| match o {
+            RegistryOutput::Reidentified { old, new } => Some((*old, *new)),
+            _ => None,
+        })
+        .expect("b re-identified its agent");
+    assert_eq!(new.0, ra.agent);
+    assert_ne!(new.1, ra.agent);
+    for o in moved {
+        if let RegistryOutput::Broadcast(d) = o {
+            a.handle_delta("b", d).unwrap();
+        }
+    }
+    for r in [&a, &b] {
+        assert_eq!(r.get(ra.agent).unwrap().node, "a");
+        assert_eq!(r.get(new.1).unwrap().node, "b");
+        assert_eq!(r.len(), 2);
+    }
+}
+
+#[test]
+fn the_registry_is_bounded() {
+    let mut a = Registry::new("a", 2, 1);
+    a.register("s", vec![cap("c", &[], 1)], 0).unwrap();
+    a.register("s", vec![cap("c", &[], 1)], 0).unwrap();
+    assert_eq!(
+        a.register("s", vec![cap("c", &[], 1)], 0),
+        Err(RegistryError::Full(2))
+    );
+}

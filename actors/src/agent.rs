@@ -1,0 +1,115 @@
+//! The `Agent` API: what a user implements to put an AI agent on the mesh. Typed input
+//! and output (serde), the capabilities it offers, and an async `work` method that gets
+//! one segment and a context for progress and adjustments.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use agentmesh_runtime::transport::wire::payload::Capability;
+
+/// An agent: the unit of work on the mesh. One value serves every segment its worker
+/// runs; replicas of a worker share it.
+pub trait Agent: Send + Sync + 'static {
+    /// A segment's input.
+    type Input: DeserializeOwned + Send + 'static;
+    /// A segment's result.
+    type Output: Serialize + Send + 'static;
+
+    /// The agent's type name, as discovery lists it (e.g. `"summarizer"`).
+    fn agent_type(&self) -> &str;
+
+    /// What it can do.
+    fn capabilities(&self) -> Vec<Capability>;
+
+    /// Works on one segment. Report progress and watch for adjustments through `ctx`.
+    /// An error fails this attempt (the coordinator may retry it elsewhere); a panic
+    /// does too, and restarts the replica.
+    fn work(
+        &self,
+        input: Self::Input,
+        ctx: &mut SegmentContext,
+    ) -> impl Future<Output = Result<Self::Output, AgentError>> + Send;
+}
+
+/// Why an agent could not finish a segment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AgentError(pub String);
+
+impl AgentError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> AgentError {
+        AgentError(message.into())
+    }
+}
+
+/// What the coordinator changed about a running segment (ADJUST).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adjustment {
+    /// Parameters set so far, by name.
+    pub params: BTreeMap<String, String>,
+    /// The new priority, if it changed.
+    pub priority: Option<u8>,
+    /// Stop: the result is no longer wanted.
+    pub cancelled: bool,
+}
+
+/// One segment's view of the mesh while an agent works on it.
+pub struct SegmentContext {
+    segment: u32,
+    attempt: u32,
+    progress: mpsc::Sender<u16>,
+    adjustments: watch::Receiver<Adjustment>,
+}
+
+impl SegmentContext {
+    pub(crate) fn new(
+        segment: u32,
+        attempt: u32,
+        progress: mpsc::Sender<u16>,
+        adjustments: watch::Receiver<Adjustment>,
+    ) -> SegmentContext {
+        SegmentContext {
+            segment,
+            attempt,
+            progress,
+            adjustments,
+        }
+    }
+
+    /// The segment's index in its task.
+    pub fn segment(&self) -> u32 {
+        self.segment
+    }
+
+    /// Which attempt this is (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Reports progress in thousandths (0..=1000; more is taken as 1000). Reports are
+    /// sampled: if the previous one has not gone out yet, this one is dropped.
+    pub fn progress(&self, permille: u16) {
+        let _ = self.progress.try_send(permille.min(1000));
+    }
+
+    /// The latest adjustment.
+    pub fn adjustment(&self) -> Adjustment {
+        self.adjustments.borrow().clone()
+    }
+
+    /// True once the coordinator cancelled this segment.
+    pub fn is_cancelled(&self) -> bool {
+        self.adjustments.borrow().cancelled
+    }
+
+    /// Waits for the next adjustment (for agents that want to react at once).
+    pub async fn adjusted(&mut self) -> Adjustment {
+        let _ = self.adjustments.changed().await;
+        self.adjustments.borrow_and_update().clone()
+    }
+}

@@ -1,0 +1,382 @@
+//! Workers: a supervisor running replicas of one agent as ractor actors, handing each
+//! allocated segment to a free replica, reporting progress and results, routing
+//! adjustments to the running segment, and restarting a replica that panics (its
+//! segment is reported failed, so the coordinator reallocates it).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::agent::{Adjustment, Agent, SegmentContext};
+
+/// One attempt of one segment, as the coordinator allocated it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// The task.
+    pub task: Uuid,
+    /// The segment.
+    pub segment: u32,
+    /// The attempt number.
+    pub attempt: u32,
+    /// The segment's input (the agent's own msgpack encoding).
+    pub input: Vec<u8>,
+}
+
+/// What a worker reports about an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// Progress in thousandths.
+    Progress {
+        /// The attempt.
+        allocation: (Uuid, u32, u32),
+        /// 0..=1000.
+        permille: u16,
+    },
+    /// The attempt produced a result (msgpack of the agent's output).
+    Done {
+        /// The attempt.
+        allocation: (Uuid, u32, u32),
+        /// The result.
+        output: Vec<u8>,
+    },
+    /// The attempt failed: the agent said so, its input did not decode, it was
+    /// cancelled, or its replica panicked.
+    Failed {
+        /// The attempt.
+        allocation: (Uuid, u32, u32),
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a worker supervisor handles.
+pub enum WorkerMsg {
+    /// Run this attempt on a free replica (queued while all are busy).
+    Run(Allocation),
+    /// Adjust a running or queued attempt of this task (and segment, if given).
+    Adjust {
+        /// The task.
+        task: Uuid,
+        /// The segment, or every segment of the task here.
+        segment: Option<u32>,
+        /// The change.
+        adjustment: Adjustment,
+    },
+    /// A replica finished its attempt.
+    Finished(ActorId),
+}
+
+/// Restart policy for replicas: at most this many restarts of one replica within the
+/// window; a replica that keeps panicking is retired.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Attempts waiting for a free replica, at most; more are refused as failed.
+const MAX_QUEUED: usize = 1_024;
+
+/// Supervises the replicas of one agent.
+pub struct WorkerSupervisor<A: Agent> {
+    _agent: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<A: Agent> Default for WorkerSupervisor<A> {
+    fn default() -> Self {
+        WorkerSupervisor {
+            _agent: std::marker::PhantomData,
+        }
+    }
+}
+
+/// How a worker supervisor starts.
+pub struct WorkerArgs<A: Agent> {
+    /// The agent the replicas run.
+    pub agent: Arc<A>,
+    /// How many segments run at once.
+    pub replicas: usize,
+    /// Where reports go (the node sends them on as REPORTs).
+    pub events: mpsc::Sender<WorkerEvent>,
+}
+
+struct Running {
+    allocation: Allocation,
+    adjust: watch::Sender<Adjustment>,
+}
+
+/// The supervisor's state.
+pub struct WorkerState<A: Agent> {
+    agent: Arc<A>,
+    events: mpsc::Sender<WorkerEvent>,
+    idle: Vec<ActorRef<ReplicaMsg>>,
+    running: HashMap<ActorId, (ActorRef<ReplicaMsg>, Running)>,
+    queue: VecDeque<Allocation>,
+    failures: HashMap<ActorId, VecDeque<Instant>>,
+}
+
+impl<A: Agent> Actor for WorkerSupervisor<A> {
+    type Msg = WorkerMsg;
+    type State = WorkerState<A>;
+    type Arguments = WorkerArgs<A>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerArgs<A>,
+    ) -> Result<WorkerState<A>, ActorProcessingErr> {
+        let mut idle = Vec::with_capacity(args.replicas);
+        for _ in 0..args.replicas.max(1) {
+            idle.push(spawn_replica(&myself, &args.agent, &args.events).await?);
+        }
+        Ok(WorkerState {
+            agent: args.agent,
+            events: args.events,
+            idle,
+            running: HashMap::new(),
+            queue: VecDeque::new(),
+            failures: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        state: &mut WorkerState<A>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Run(allocation) => {
+                if state.queue.len() >= MAX_QUEUED {
+                    let _ = state.events.try_send(WorkerEvent::Failed {
+                        allocation: key(&allocation),
+                        reason: "worker queue full".into(),
+                    });
+                } else {
+                    state.queue.push_back(allocation);
+                }
+            }
+            WorkerMsg::Adjust {
+                task,
+                segment,
+                adjustment,
+            } => {
+                for (_, run) in state.running.values() {
+                    let a = &run.allocation;
+                    if a.task == task && segment.is_none_or(|s| s == a.segment) {
+                        run.adjust.send_replace(adjustment.clone());
+                    }
+                }
+                if adjustment.cancelled {
+                    state
+                        .queue
+                        .retain(|a| a.task != task || segment.is_some_and(|s| s != a.segment));
+                }
+            }
+            WorkerMsg::Finished(id) => {
+                if let Some((replica, _)) = state.running.remove(&id) {
+                    state.idle.push(replica);
+                }
+            }
+        }
+        dispatch(state);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        event: SupervisionEvent,
+        state: &mut WorkerState<A>,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, error) = event else {
+            return Ok(());
+        };
+        let id = cell.get_id();
+        state.idle.retain(|r| r.get_id() != id);
+        if let Some((_, run)) = state.running.remove(&id) {
+            let _ = state
+                .events
+                .send(WorkerEvent::Failed {
+                    allocation: key(&run.allocation),
+                    reason: format!("agent panicked: {error}"),
+                })
+                .await;
+        }
+        let now = Instant::now();
+        let mut history = state.failures.remove(&id).unwrap_or_default();
+        history.push_back(now);
+        while history
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            history.pop_front();
+        }
+        if history.len() > MAX_RESTARTS {
+            warn!(
+                agent = state.agent.agent_type(),
+                "a replica keeps panicking; retiring it"
+            );
+        } else {
+            let backoff = Duration::from_millis(50 << (history.len() - 1));
+            info!(
+                agent = state.agent.agent_type(),
+                backoff_ms = backoff.as_millis() as u64,
+                "restarting a replica after a panic"
+            );
+            tokio::time::sleep(backoff).await;
+            let replica = spawn_replica(&myself, &state.agent, &state.events).await?;
+            state.failures.insert(replica.get_id(), history);
+            state.idle.push(replica);
+        }
+        dispatch(state);
+        Ok(())
+    }
+}
+
+fn key(a: &Allocation) -> (Uuid, u32, u32) {
+    (a.task, a.segment, a.attempt)
+}
+
+/// Hands queued attempts to idle replicas.
+fn dispatch<A: Agent>(state: &mut WorkerState<A>) {
+    while !state.queue.is_empty() {
+        let Some(replica) = state.idle.pop() else {
+            return;
+        };
+        let Some(allocation) = state.queue.pop_front() else {
+            return;
+        };
+        let (adjust, adjustments) = watch::channel(Adjustment::default());
+        let run = Running {
+            allocation: allocation.clone(),
+            adjust,
+        };
+        if replica
+            .cast(ReplicaMsg::Run(allocation, adjustments))
+            .is_ok()
+        {
+            state.running.insert(replica.get_id(), (replica, run));
+        }
+    }
+}
+
+async fn spawn_replica<A: Agent>(
+    supervisor: &ActorRef<WorkerMsg>,
+    agent: &Arc<A>,
+    events: &mpsc::Sender<WorkerEvent>,
+) -> Result<ActorRef<ReplicaMsg>, ActorProcessingErr> {
+    let args = ReplicaArgs {
+        agent: agent.clone(),
+        events: events.clone(),
+        supervisor: supervisor.clone(),
+    };
+    let (replica, _) =
+        Actor::spawn_linked(None, Replica::<A>::default(), args, supervisor.get_cell()).await?;
+    Ok(replica)
+}
+
+/// What a replica handles.
+pub enum ReplicaMsg {
+    /// Work on this attempt, watching these adjustments.
+    Run(Allocation, watch::Receiver<Adjustment>),
+}
+
+/// One replica of an agent: runs one segment at a time.
+pub struct Replica<A: Agent> {
+    _agent: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<A: Agent> Default for Replica<A> {
+    fn default() -> Self {
+        Replica {
+            _agent: std::marker::PhantomData,
+        }
+    }
+}
+
+/// How a replica starts.
+pub struct ReplicaArgs<A: Agent> {
+    agent: Arc<A>,
+    events: mpsc::Sender<WorkerEvent>,
+    supervisor: ActorRef<WorkerMsg>,
+}
+
+impl<A: Agent> Actor for Replica<A> {
+    type Msg = ReplicaMsg;
+    type State = ReplicaArgs<A>;
+    type Arguments = ReplicaArgs<A>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<ReplicaMsg>,
+        args: ReplicaArgs<A>,
+    ) -> Result<ReplicaArgs<A>, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ReplicaMsg>,
+        msg: ReplicaMsg,
+        state: &mut ReplicaArgs<A>,
+    ) -> Result<(), ActorProcessingErr> {
+        let ReplicaMsg::Run(allocation, adjustments) = msg;
+        let id = key(&allocation);
+        let event = match rmp_serde::from_slice::<A::Input>(&allocation.input) {
+            Err(e) => WorkerEvent::Failed {
+                allocation: id,
+                reason: format!("input does not decode: {e}"),
+            },
+            Ok(input) => {
+                let (progress_tx, mut progress_rx) = mpsc::channel(1);
+                let mut ctx = SegmentContext::new(
+                    allocation.segment,
+                    allocation.attempt,
+                    progress_tx,
+                    adjustments,
+                );
+                let events = state.events.clone();
+                let forward = tokio::spawn(async move {
+                    while let Some(permille) = progress_rx.recv().await {
+                        let _ = events
+                            .send(WorkerEvent::Progress {
+                                allocation: id,
+                                permille,
+                            })
+                            .await;
+                    }
+                });
+                let result = state.agent.work(input, &mut ctx).await;
+                let cancelled = ctx.is_cancelled();
+                drop(ctx);
+                let _ = forward.await;
+                match result {
+                    _ if cancelled => WorkerEvent::Failed {
+                        allocation: id,
+                        reason: "cancelled".into(),
+                    },
+                    Ok(output) => match rmp_serde::to_vec_named(&output) {
+                        Ok(output) => WorkerEvent::Done {
+                            allocation: id,
+                            output,
+                        },
+                        Err(e) => WorkerEvent::Failed {
+                            allocation: id,
+                            reason: format!("output does not encode: {e}"),
+                        },
+                    },
+                    Err(e) => WorkerEvent::Failed {
+                        allocation: id,
+                        reason: e.0,
+                    },
+                }
+            }
+        };
+        let _ = state.events.send(event).await;
+        let _ = state.supervisor.cast(WorkerMsg::Finished(myself.get_id()));
+        Ok(())
+    }
+}

@@ -1,0 +1,242 @@
+//! Workers running real agents as ractor actors: results and progress, concurrency
+//! bounded by replicas, adjustments reaching the running segment, bad input, and a
+//! panicking agent whose segment is reported failed while its replica restarts.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_actors::agent::{Adjustment, Agent, AgentError, SegmentContext};
+use agentmesh_actors::worker::{Allocation, WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
+use agentmesh_runtime::transport::wire::payload::Capability;
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+struct Doubler;
+impl Agent for Doubler {
+    type Input = u64;
+    type Output = u64;
+    fn agent_type(&self) -> &str {
+        "doubler"
+    }
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![Capability {
+            name: "double".into(),
+            version: "1".into(),
+            tags: vec![],
+            capacity: 1,
+        }]
+    }
+    async fn work(&self, n: u64, ctx: &mut SegmentContext) -> Result<u64, AgentError> {
+        ctx.progress(500);
+        if n == 13 {
+            return Err(AgentError::new("unlucky"));
+        }
+        Ok(n * 2)
+    }
+}
+
+/// Sleeps its input in milliseconds, in steps, stopping early when cancelled; counts
+/// how many run at once, and panics on u64::MAX.
+#[derive(Default)]
+struct Sleeper {
+    running: AtomicUsize,
+    most: AtomicUsize,
+}
+impl Agent for Sleeper {
+    type Input = u64;
+    type Output = String;
+    fn agent_type(&self) -> &str {
+        "sleeper"
+    }
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![Capability {
+            name: "sleep".into(),
+            version: "1".into(),
+            tags: vec![],
+            capacity: 2,
+        }]
+    }
+    async fn work(&self, ms: u64, ctx: &mut SegmentContext) -> Result<String, AgentError> {
+        if ms == u64::MAX {
+            panic!("asked to crash");
+        }
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        let mut slept = 0;
+        while slept < ms && !ctx.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            slept += 5;
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(ctx
+            .adjustment()
+            .params
+            .get("tag")
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+fn alloc(segment: u32, input: &impl serde::Serialize) -> Allocation {
+    Allocation {
+        task: Uuid::from_u128(1),
+        segment,
+        attempt: 1,
+        input: rmp_serde::to_vec_named(input).unwrap(),
+    }
+}
+
+async fn start<A: Agent>(
+    agent: Arc<A>,
+    replicas: usize,
+) -> (ActorRef<WorkerMsg>, mpsc::Receiver<WorkerEvent>) {
+    let (events, rx) = mpsc::channel(1024);
+    let (worker, _) = Actor::spawn(
+        None,
+        WorkerSupervisor::<A>::default(),
+        WorkerArgs {
+            agent,
+            replicas,
+            events,
+        },
+    )
+    .await
+    .unwrap();
+    (worker, rx)
+}
+
+/// Collects events until `n` of them end an attempt (Done or Failed).
+async fn outcomes(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<WorkerEvent> {
+    let mut all = Vec::new();
+    let mut ended = 0;
+    while ended < n {
+        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if !matches!(e, WorkerEvent::Progress { .. }) {
+            ended += 1;
+        }
+        all.push(e);
+    }
+    all
+}
+
+#[tokio::test]
+async fn segments_run_and_report_progress_and_typed_results() {
+    let (worker, mut rx) = start(Arc::new(Doubler), 2).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &21u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(1, &13u64))).unwrap();
+    let events = outcomes(&mut rx, 2).await;
+    let id = |s| (Uuid::from_u128(1), s, 1);
+    assert!(events.contains(&WorkerEvent::Progress {
+        allocation: id(0),
+        permille: 500
+    }));
+    assert!(events.contains(&WorkerEvent::Done {
+        allocation: id(0),
+        output: rmp_serde::to_vec_named(&42u64).unwrap()
+    }));
+    assert!(events.contains(&WorkerEvent::Failed {
+        allocation: id(1),
+        reason: "unlucky".into()
+    }));
+}
+
+#[tokio::test]
+async fn replicas_bound_how_many_segments_run_at_once() {
+    let agent = Arc::new(Sleeper::default());
+    let (worker, mut rx) = start(agent.clone(), 2).await;
+    for s in 0..6 {
+        worker.cast(WorkerMsg::Run(alloc(s, &30u64))).unwrap();
+    }
+    let events = outcomes(&mut rx, 6).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, WorkerEvent::Done { .. }))
+            .count(),
+        6
+    );
+    assert_eq!(agent.most.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn adjustments_reach_the_running_segment_and_cancel_stops_it() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &200u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(1, &200u64))).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut tagged = Adjustment::default();
+    tagged.params.insert("tag".into(), "steered".into());
+    worker
+        .cast(WorkerMsg::Adjust {
+            task: Uuid::from_u128(1),
+            segment: Some(0),
+            adjustment: tagged,
+        })
+        .unwrap();
+    let events = outcomes(&mut rx, 1).await;
+    assert_eq!(
+        events.last(),
+        Some(&WorkerEvent::Done {
+            allocation: (Uuid::from_u128(1), 0, 1),
+            output: rmp_serde::to_vec_named("steered").unwrap()
+        })
+    );
+    // Cancel the whole task: the running segment stops early.
+    let cancel = Adjustment {
+        cancelled: true,
+        ..Adjustment::default()
+    };
+    worker
+        .cast(WorkerMsg::Adjust {
+            task: Uuid::from_u128(1),
+            segment: None,
+            adjustment: cancel,
+        })
+        .unwrap();
+    let events = outcomes(&mut rx, 1).await;
+    assert_eq!(
+        events.last(),
+        Some(&WorkerEvent::Failed {
+            allocation: (Uuid::from_u128(1), 1, 1),
+            reason: "cancelled".into()
+        })
+    );
+}
+
+#[tokio::test]
+async fn input_that_does_not_decode_fails_the_attempt() {
+    let (worker, mut rx) = start(Arc::new(Doubler), 1).await;
+    worker
+        .cast(WorkerMsg::Run(alloc(0, &"not a number")))
+        .unwrap();
+    match outcomes(&mut rx, 1).await.last() {
+        Some(WorkerEvent::Failed { reason, .. }) => {
+            assert!(reason.contains("does not decode"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_panic_fails_its_segment_and_the_replica_comes_back() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &u64::MAX))).unwrap();
+    match outcomes(&mut rx, 1).await.last() {
+        Some(WorkerEvent::Failed { reason, .. }) => {
+            assert!(reason.contains("panicked"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The only replica was restarted: the next segment still runs.
+    worker.cast(WorkerMsg::Run(alloc(1, &5u64))).unwrap();
+    assert!(matches!(
+        outcomes(&mut rx, 1).await.last(),
+        Some(WorkerEvent::Done { .. })
+    ));
+}

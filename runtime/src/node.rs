@@ -779,12 +779,7 @@ impl Driver {
 
     /// Carries out everything membership has asked for.
     async fn drain(&mut self) {
-        let mut changed = false;
         while let Some(output) = self.membership.poll() {
-            changed |= matches!(
-                output,
-                MembershipOutput::NodeUp(_) | MembershipOutput::NodeDown(_)
-            );
             match output {
                 MembershipOutput::Send { to, data } => {
                     if self.transport.peer(&to.name).is_some() {
@@ -800,12 +795,15 @@ impl Driver {
                     self.timer_payloads.insert(self.next_timer, timer);
                 }
                 MembershipOutput::NodeUp(id) => {
+                    // Publish first: whoever sees the log line sees the new list.
+                    self.members_tx.send_replace(self.member_infos());
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node up");
                     let (mesh, name, addr) = (self.mesh.clone(), id.name.clone(), id.addr);
                     tokio::spawn(async move { mesh.node_up(&name, addr).await });
                     let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
                 }
                 MembershipOutput::NodeDown(id) => {
+                    self.members_tx.send_replace(self.member_infos());
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node down");
                     self.transport.ownership().remove_node(&id.name);
                     self.mesh.node_down(&id.name);
@@ -818,9 +816,6 @@ impl Driver {
                     );
                 }
             }
-        }
-        if changed {
-            self.members_tx.send_replace(self.member_infos());
         }
     }
 

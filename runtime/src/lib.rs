@@ -19,6 +19,8 @@ pub use node::{
     request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusError,
     StatusReport, STATUS_SERVICE,
 };
-pub use remote::{ActorAddr, AskError, Down, Mesh, RegisterError, RemoteMessage, SendError};
+pub use remote::{
+    ActorAddr, AskError, Down, FromPeer, Mesh, RegisterError, RemoteMessage, SendError,
+};
 
 pub use agentmesh_transport as transport;

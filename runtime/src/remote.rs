@@ -136,7 +136,20 @@ struct RegistryUpdate {
     removed: Vec<String>,
 }
 
-type Deliver = Box<dyn Fn(&str, &[u8]) -> Result<(), String> + Send + Sync>;
+/// Decodes an envelope body and delivers it: (sending node, kind, body).
+type Deliver = Box<dyn Fn(&str, &str, &[u8]) -> Result<(), String> + Send + Sync>;
+/// Delivers a typed message from a node: the local fast path and `Deliver`'s last step.
+type Cast<M> = Arc<dyn Fn(M, &str) -> Result<(), String> + Send + Sync>;
+
+/// A message together with the node that sent it: the authenticated peer for a message
+/// from another node (its certificate's name), this node for a local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FromPeer<M> {
+    /// The sending node.
+    pub peer: String,
+    /// The message.
+    pub message: M,
+}
 type Answer =
     Box<dyn Fn(&[u8]) -> Result<oneshot::Receiver<Result<Bytes, String>>, String> + Send + Sync>;
 
@@ -144,7 +157,7 @@ type Answer =
 /// what arrives from the network.
 struct LocalActor {
     kind: &'static str,
-    /// `ActorRef<M>` for casts, or `Arc<dyn Fn(Req) -> ...>` for asks.
+    /// `Cast<M>` for casts, or `Ask<Req, Resp>` for asks.
     typed: Arc<dyn Any + Send + Sync>,
     deliver: Option<Deliver>,
     answer: Option<Answer>,
@@ -224,26 +237,58 @@ impl Mesh {
         name: &str,
         actor: ActorRef<M>,
     ) -> Result<ActorAddr, RegisterError> {
-        let deliver_to = actor.clone();
-        let deliver: Deliver = Box::new(move |kind, body| {
+        let target = actor.clone();
+        let cast: Cast<M> =
+            Arc::new(move |message, _| target.cast(message).map_err(|e| e.to_string()));
+        self.register_cast(name, actor.get_cell(), cast)
+    }
+
+    /// Like [`Mesh::register`], for an actor that needs to know which node sent each
+    /// message (to check that a node speaks only for itself, say): it gets
+    /// [`FromPeer`], with the authenticated sender.
+    pub fn register_from_peer<M: RemoteMessage>(
+        &self,
+        name: &str,
+        actor: ActorRef<FromPeer<M>>,
+    ) -> Result<ActorAddr, RegisterError> {
+        let target = actor.clone();
+        let cast: Cast<M> = Arc::new(move |message, peer| {
+            target
+                .cast(FromPeer {
+                    peer: peer.to_string(),
+                    message,
+                })
+                .map_err(|e| e.to_string())
+        });
+        self.register_cast(name, actor.get_cell(), cast)
+    }
+
+    fn register_cast<M: RemoteMessage>(
+        &self,
+        name: &str,
+        cell: ractor::ActorCell,
+        cast: Cast<M>,
+    ) -> Result<ActorAddr, RegisterError> {
+        let remote = cast.clone();
+        let deliver: Deliver = Box::new(move |peer, kind, body| {
             if kind != M::KIND {
                 return Err(format!("takes {}, not {kind}", M::KIND));
             }
             let message: M = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
-            deliver_to.cast(message).map_err(|e| e.to_string())
+            remote(message, peer)
         });
-        let id = actor.get_id();
+        let id = cell.get_id();
         self.insert(
             name,
             LocalActor {
                 kind: M::KIND,
-                typed: Arc::new(actor.clone()),
+                typed: Arc::new(cast),
                 deliver: Some(deliver),
                 answer: None,
                 actor_id: id,
             },
         )?;
-        self.watch(name, actor.get_cell(), id);
+        self.watch(name, cell, id);
         Ok(self.local_addr(name))
     }
 
@@ -403,16 +448,14 @@ impl Mesh {
                     got: M::KIND,
                 });
             }
-            let actor =
-                typed
-                    .downcast_ref::<ActorRef<M>>()
-                    .ok_or_else(|| SendError::WrongKind {
-                        name: addr.name.clone(),
-                        expected: "another type",
-                        got: M::KIND,
-                    })?;
-            return actor
-                .cast(message)
+            let cast = typed
+                .downcast_ref::<Cast<M>>()
+                .ok_or_else(|| SendError::WrongKind {
+                    name: addr.name.clone(),
+                    expected: "another type",
+                    got: M::KIND,
+                })?;
+            return cast(message, &self.inner.node)
                 .map_err(|_| SendError::Stopped(addr.name.clone()));
         }
         let prio = message.priority();
@@ -696,7 +739,7 @@ impl Mesh {
                     envelope.to, self.inner.node
                 )),
                 Some(actor) if envelope.correlation == 0 => match &actor.deliver {
-                    Some(deliver) => deliver(&envelope.kind, &envelope.body).map(|()| None),
+                    Some(deliver) => deliver(peer, &envelope.kind, &envelope.body).map(|()| None),
                     None => Err(format!("actor {:?} only answers requests", envelope.to)),
                 },
                 Some(actor) => match &actor.answer {

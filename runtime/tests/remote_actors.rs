@@ -308,3 +308,79 @@ async fn mistakes_come_back_as_typed_errors() {
     let err = nodes[0].mesh().send("inbox", Sum(1)).await.unwrap_err();
     assert!(matches!(err, SendError::WrongKind { .. }), "{err}");
 }
+
+/// Forwards what it gets, with the sending node, to a channel the test reads.
+struct Witness;
+impl Actor for Witness {
+    type Msg = agentmesh_runtime::FromPeer<Note>;
+    type State = mpsc::UnboundedSender<(String, String)>;
+    type Arguments = mpsc::UnboundedSender<(String, String)>;
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        tx: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send((msg.peer, msg.message.text));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_can_know_which_node_sent_each_message() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (witness, _) = Actor::spawn(None, Witness, tx).await.unwrap();
+    nodes[0]
+        .mesh()
+        .register_from_peer::<Note>("witness", witness)
+        .unwrap();
+    resolves(&nodes[1], "witness").await;
+    nodes[1]
+        .mesh()
+        .send(
+            "witness",
+            Note {
+                text: "from beta".into(),
+                reply_to: None,
+            },
+        )
+        .await
+        .unwrap();
+    nodes[0]
+        .mesh()
+        .send(
+            "witness",
+            Note {
+                text: "from alpha".into(),
+                reply_to: None,
+            },
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("alpha".to_string(), "from alpha".to_string()),
+            ("beta".to_string(), "from beta".to_string())
+        ]
+    );
+}

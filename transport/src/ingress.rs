@@ -218,22 +218,16 @@ impl IngressGuard {
                 &mut self.lanes[lane.index()]
             }
             Via::Datagram => {
-                let Some(ts) = arrival.timestamp_ms else {
+                if arrival.timestamp_ms.is_none() {
                     return Verdict::Close(
                         AcpErrorCode::ProtocolViolation,
                         "datagram without timestamp",
                     );
-                };
-                if self.timestamps.check(ts, now_ms).is_err() {
-                    return Verdict::Drop(DropReason::Stale);
                 }
                 &mut self.datagrams
             }
         };
-        if let Some(ts) = arrival
-            .timestamp_ms
-            .filter(|_| arrival.via != Via::Datagram)
-        {
+        if let Some(ts) = arrival.timestamp_ms {
             if self.timestamps.check(ts, now_ms).is_err() {
                 return Verdict::Drop(DropReason::Stale);
             }

@@ -104,7 +104,7 @@ impl DirectLane {
                 .map_err(|_| ())?;
             self.seq = self.seq.wrapping_add(n);
             frames += u64::from(n);
-            types.0[usize::from(message.header.msg_type.code())] += u64::from(n);
+            types.add_frames(message.header.msg_type, n);
         }
         self.pending = self.buf.split().freeze();
         let len = self.pending.len() as u64;
@@ -424,7 +424,7 @@ async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
                 Ok(n) => {
                     seq = seq.wrapping_add(n);
                     frames += u64::from(n);
-                    types.0[usize::from(message.header.msg_type.code())] += u64::from(n);
+                    types.add_frames(message.header.msg_type, n);
                 }
                 // `PeerHandle::send` refuses unframeable messages before queueing them.
                 Err(e) => {

@@ -32,7 +32,12 @@ pub struct TypeCounts(pub [u64; 12]);
 impl TypeCounts {
     /// Counts one frame of `msg_type`.
     pub fn add(&mut self, msg_type: MessageType) {
-        self.0[usize::from(msg_type.code())] += 1;
+        self.add_frames(msg_type, 1);
+    }
+
+    /// Counts `n` frames of `msg_type`.
+    pub fn add_frames(&mut self, msg_type: MessageType, n: u16) {
+        self.0[usize::from(msg_type.code())] += u64::from(n);
     }
 }
 

@@ -9,15 +9,17 @@
 //! node that drives them over the transport (`node`) are in; the supervision tree,
 //! remote actor messaging and metrics are being built (issue [3/6]).
 
+pub mod client;
 pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod remote;
 
+pub use client::{Client, ClientError};
 pub use membership::{MemberState, MembershipConfig, NodeId};
 pub use node::{
-    request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusError,
-    StatusReport, STATUS_SERVICE,
+    request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusReport,
+    STATUS_SERVICE,
 };
 pub use remote::{
     ActorAddr, AskError, Down, FromPeer, Mesh, RegisterError, RemoteMessage, SendError,

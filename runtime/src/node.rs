@@ -4,7 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use agentmesh_transport::{
     EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
 };
 
+use crate::client::{Client, ClientError};
 use crate::membership::{
     MemberState, Membership, MembershipConfig, MembershipOutput, NodeId, Timer,
 };
@@ -80,81 +81,24 @@ pub struct StatusReport {
     pub members: Vec<MemberInfo>,
 }
 
-/// Why a status request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StatusError {
-    /// The node could not be reached.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// No answer in time.
-    #[error("no answer from {0} within {1} ms")]
-    Timeout(SocketAddr, u64),
-    /// The answer did not decode.
-    #[error("bad answer from {addr}: {reason}")]
-    BadReply {
-        /// The node's address.
-        addr: SocketAddr,
-        /// What was wrong.
-        reason: String,
-    },
-}
-
 /// Asks the node at `addr` for its [`StatusReport`], as a short-lived client holding
 /// `identity` (a certificate of the same cluster).
 pub async fn request_status(
     identity: &NodeIdentity,
     addr: SocketAddr,
     timeout_ms: u64,
-) -> Result<StatusReport, StatusError> {
-    // Bind where the node can be reached from: loopback for a local node.
-    let ip: IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
-        (true, true) => Ipv4Addr::LOCALHOST.into(),
-        (true, false) => Ipv4Addr::UNSPECIFIED.into(),
-        (false, true) => Ipv6Addr::LOCALHOST.into(),
-        (false, false) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let local = SocketAddr::new(ip, 0);
-    let (transport, mut events) = Transport::bind(
-        EndpointConfig::new(local),
-        identity,
-        Arc::new(OwnershipTable::new()),
-    )?;
-    let peer = transport.connect(addr, None).await?;
-    let request = envelope(Envelope {
-        to: STATUS_SERVICE.into(),
-        kind: STATUS_REQUEST.into(),
-        correlation: 1,
-        reply: false,
-        trace_id: None,
-        body: Bytes::new(),
-    })
-    .map_err(|e| StatusError::BadReply {
-        addr,
-        reason: e.to_string(),
-    })?;
-    transport.send(&peer, request).await?;
-    let answer = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
-        while let Some(event) = events.recv().await {
-            let TransportEvent::Received { messages, .. } = event else {
-                continue;
-            };
-            for m in messages {
-                if let Ok(Payload::Envelope(e)) = Payload::decode(m.header.msg_type, &m.body) {
-                    if e.reply && e.correlation == 1 && e.kind == STATUS_REPLY {
-                        return Some(e.body);
-                    }
-                }
-            }
-        }
-        None
-    })
-    .await;
-    transport.shutdown(AcpErrorCode::NoError, "done").await;
-    let body = answer
-        .ok()
-        .flatten()
-        .ok_or(StatusError::Timeout(addr, timeout_ms))?;
-    rmp_serde::from_slice(&body).map_err(|e| StatusError::BadReply {
+) -> Result<StatusReport, ClientError> {
+    let mut client = Client::connect(identity, addr).await?;
+    let answer = client
+        .request_raw(
+            STATUS_SERVICE,
+            STATUS_REQUEST,
+            Bytes::new(),
+            Duration::from_millis(timeout_ms),
+        )
+        .await;
+    client.close().await;
+    rmp_serde::from_slice(&answer?).map_err(|e| ClientError::BadReply {
         addr,
         reason: e.to_string(),
     })
@@ -701,7 +645,7 @@ impl Driver {
                         continue;
                     }
                     if message.header.msg_type != MessageType::Membership {
-                        debug!(%peer, msg_type = %message.header.msg_type, "no handler for this message type yet");
+                        self.mesh.on_acp(&peer, message);
                         continue;
                     }
                     match Payload::decode(MessageType::Membership, &message.body) {

@@ -13,12 +13,12 @@ use bytes::Bytes;
 use ractor::{ActorRef, RpcReplyPort};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use agentmesh_transport::wire::payload::Envelope;
 use agentmesh_transport::wire::{Header, Message, MessageType, Payload};
-use agentmesh_transport::{Transport, TransportError};
+use agentmesh_transport::{OwnershipTable, Transport, TransportError};
 
 /// A message that can cross nodes.
 pub trait RemoteMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -115,7 +115,7 @@ pub enum RegisterError {
 /// Registry service name and kinds on the wire.
 pub(crate) const REGISTRY_SERVICE: &str = "agentmesh.registry";
 const REGISTRY_UPDATE: &str = "agentmesh.registry.update";
-const ERROR_KIND: &str = "agentmesh.error";
+use crate::client::ERROR_KIND;
 /// Asks waiting for answers at once, per node.
 const MAX_PENDING_ASKS: usize = 65_536;
 /// Monitors set at once, per node.
@@ -162,6 +162,8 @@ struct LocalActor {
     deliver: Option<Deliver>,
     answer: Option<Answer>,
     actor_id: ractor::ActorId,
+    /// A node service (`agentmesh.*`, on every node, addressed by node): never announced.
+    service: bool,
 }
 
 type Ask<Req, Resp> = Arc<dyn Fn(Req) -> Result<oneshot::Receiver<Resp>, String> + Send + Sync>;
@@ -179,6 +181,7 @@ struct Inner {
     remote: RwLock<HashMap<String, ActorAddr>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>,
     monitors: Mutex<HashMap<ActorAddr, Vec<oneshot::Sender<Down>>>>,
+    acp_routes: RwLock<HashMap<MessageType, mpsc::Sender<FromPeer<Message>>>>,
     next_correlation: AtomicU64,
     trace_prefix: u64,
 }
@@ -210,6 +213,7 @@ impl Mesh {
                 remote: RwLock::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
                 monitors: Mutex::new(HashMap::new()),
+                acp_routes: RwLock::new(HashMap::new()),
                 next_correlation: AtomicU64::new(1),
                 trace_prefix: hasher.finish() ^ incarnation,
             }),
@@ -240,7 +244,7 @@ impl Mesh {
         let target = actor.clone();
         let cast: Cast<M> =
             Arc::new(move |message, _| target.cast(message).map_err(|e| e.to_string()));
-        self.register_cast(name, actor.get_cell(), cast)
+        self.register_cast(name, actor.get_cell(), cast, false)
     }
 
     /// Like [`Mesh::register`], for an actor that needs to know which node sent each
@@ -260,7 +264,29 @@ impl Mesh {
                 })
                 .map_err(|e| e.to_string())
         });
-        self.register_cast(name, actor.get_cell(), cast)
+        self.register_cast(name, actor.get_cell(), cast, false)
+    }
+
+    /// Registers a node service: an actor that every node runs under the same
+    /// `agentmesh.`-prefixed name (discovery, the coordinator …), addressed with
+    /// [`ActorAddr`] on a given node and never announced to the cluster. `wrap` turns
+    /// each message, with its authenticated sender, into the actor's own message.
+    pub fn register_service<M: RemoteMessage, Msg: ractor::Message>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(FromPeer<M>) -> Msg,
+    ) -> Result<ActorAddr, RegisterError> {
+        let target = actor.clone();
+        let cast: Cast<M> = Arc::new(move |message, peer| {
+            target
+                .cast(wrap(FromPeer {
+                    peer: peer.to_string(),
+                    message,
+                }))
+                .map_err(|e| e.to_string())
+        });
+        self.register_cast(name, actor.get_cell(), cast, true)
     }
 
     fn register_cast<M: RemoteMessage>(
@@ -268,6 +294,7 @@ impl Mesh {
         name: &str,
         cell: ractor::ActorCell,
         cast: Cast<M>,
+        service: bool,
     ) -> Result<ActorAddr, RegisterError> {
         let remote = cast.clone();
         let deliver: Deliver = Box::new(move |peer, kind, body| {
@@ -286,6 +313,7 @@ impl Mesh {
                 deliver: Some(deliver),
                 answer: None,
                 actor_id: id,
+                service,
             },
         )?;
         self.watch(name, cell, id);
@@ -305,6 +333,39 @@ impl Mesh {
         Resp: RemoteMessage,
         Msg: ractor::Message,
     {
+        self.rpc(name, actor, wrap, ANSWER_TIMEOUT, false)
+    }
+
+    /// Like [`Mesh::register_rpc`], for a node service (see [`Mesh::register_service`])
+    /// that may take up to `answer_timeout` to answer (a submitted task runs to its end).
+    pub fn register_service_rpc<Req, Resp, Msg>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(Req, RpcReplyPort<Resp>) -> Msg,
+        answer_timeout: Duration,
+    ) -> Result<ActorAddr, RegisterError>
+    where
+        Req: RemoteMessage,
+        Resp: RemoteMessage,
+        Msg: ractor::Message,
+    {
+        self.rpc(name, actor, wrap, answer_timeout, true)
+    }
+
+    fn rpc<Req, Resp, Msg>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(Req, RpcReplyPort<Resp>) -> Msg,
+        answer_timeout: Duration,
+        service: bool,
+    ) -> Result<ActorAddr, RegisterError>
+    where
+        Req: RemoteMessage,
+        Resp: RemoteMessage,
+        Msg: ractor::Message,
+    {
         let target = actor.clone();
         let ask: Ask<Req, Resp> = Arc::new(move |req: Req| {
             let (tx, rx) = oneshot::channel();
@@ -318,12 +379,12 @@ impl Mesh {
             let typed = erased(req)?;
             let (tx, rx) = oneshot::channel();
             tokio::spawn(async move {
-                let reply = match tokio::time::timeout(ANSWER_TIMEOUT, typed).await {
+                let reply = match tokio::time::timeout(answer_timeout, typed).await {
                     Ok(Ok(resp)) => encode(&resp).map_err(|e| e.to_string()),
                     Ok(Err(_)) => Err("the actor dropped the request without answering".into()),
                     Err(_) => Err(format!(
                         "the actor did not answer within {} s",
-                        ANSWER_TIMEOUT.as_secs()
+                        answer_timeout.as_secs()
                     )),
                 };
                 let _ = tx.send(reply);
@@ -339,6 +400,7 @@ impl Mesh {
                 deliver: None,
                 answer: Some(answer),
                 actor_id: id,
+                service,
             },
         )?;
         self.watch(name, actor.get_cell(), id);
@@ -346,7 +408,9 @@ impl Mesh {
     }
 
     fn insert(&self, name: &str, actor: LocalActor) -> Result<(), RegisterError> {
-        if name.is_empty() || name.starts_with("agentmesh.") {
+        let service = actor.service;
+        let reserved = name == REGISTRY_SERVICE || name == crate::node::STATUS_SERVICE;
+        if name.is_empty() || name.starts_with("agentmesh.") != service || reserved {
             return Err(RegisterError::BadName(name.to_string()));
         }
         {
@@ -359,6 +423,9 @@ impl Mesh {
                 return Err(RegisterError::Taken(name.to_string()));
             }
             local.insert(name.to_string(), actor);
+        }
+        if service {
+            return Ok(());
         }
         self.broadcast(RegistryUpdate {
             node: self.inner.node.clone(),
@@ -384,12 +451,15 @@ impl Mesh {
             .local
             .write()
             .map(|mut local| match local.get(name) {
-                Some(a) if a.actor_id == id => local.remove(name).is_some(),
-                _ => false,
+                Some(a) if a.actor_id == id => local.remove(name).map(|a| a.service),
+                _ => None,
             })
-            .unwrap_or(false);
-        if removed {
+            .unwrap_or(None);
+        if let Some(service) = removed {
             self.fire(&self.local_addr(name), Down::Stopped);
+            if service {
+                return;
+            }
             self.broadcast(RegistryUpdate {
                 node: self.inner.node.clone(),
                 full: false,
@@ -397,6 +467,82 @@ impl Mesh {
                 removed: vec![name.to_string()],
             });
         }
+    }
+
+    /// Hands every ACP message of these types that arrives (from any peer, or from this
+    /// node through [`Mesh::send_acp`]) to `to`, with its authenticated sender. The
+    /// channel is the bound: when it is full the message is dropped and counted
+    /// (`agentmesh_acp_shed_total`), so one slow consumer never stalls the node.
+    /// ENVELOPE and MEMBERSHIP belong to the node and cannot be routed.
+    pub fn route_acp(&self, types: &[MessageType], to: mpsc::Sender<FromPeer<Message>>) {
+        if let Ok(mut routes) = self.inner.acp_routes.write() {
+            for t in types {
+                if !matches!(t, MessageType::Envelope | MessageType::Membership) {
+                    routes.insert(*t, to.clone());
+                }
+            }
+        }
+    }
+
+    /// Delivers an ACP message that arrived from `peer` to the consumer of its type.
+    pub(crate) fn on_acp(&self, peer: &str, message: Message) {
+        let msg_type = message.header.msg_type;
+        let route = self
+            .inner
+            .acp_routes
+            .read()
+            .ok()
+            .and_then(|r| r.get(&msg_type).cloned());
+        let Some(route) = route else {
+            return debug!(%peer, %msg_type, "no consumer for this message type");
+        };
+        let item = FromPeer {
+            peer: peer.to_string(),
+            message,
+        };
+        if let Err(e) = route.try_send(item) {
+            metrics::counter!("agentmesh_acp_shed_total", "type" => msg_type.name()).increment(1);
+            debug!(%peer, %msg_type, error = %e, "ACP message shed: its consumer is behind");
+        }
+    }
+
+    /// Sends an ACP message to `node` on the lane its Stream Prio picks; to this node
+    /// itself it is handed straight to the local consumer.
+    pub async fn send_acp(&self, node: &str, message: Message) -> Result<(), SendError> {
+        if node == self.inner.node {
+            self.on_acp(node, message);
+            return Ok(());
+        }
+        let peer = self
+            .inner
+            .transport
+            .peer(node)
+            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
+        peer.send(message).await.map_err(SendError::from)
+    }
+
+    /// Sends an ACP message to `node` as a datagram (unreliable: progress reports),
+    /// on the bulk lane if it is too large.
+    pub async fn send_acp_datagram(&self, node: &str, message: Message) -> Result<(), SendError> {
+        if node == self.inner.node {
+            self.on_acp(node, message);
+            return Ok(());
+        }
+        let peer = self
+            .inner
+            .transport
+            .peer(node)
+            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
+        peer.send_datagram(message)
+            .await
+            .map(|_| ())
+            .map_err(SendError::from)
+    }
+
+    /// Which node owns which Agent ID: the transport refuses frames from a peer
+    /// speaking for an agent it does not own. Discovery fills it.
+    pub fn ownership(&self) -> Arc<OwnershipTable> {
+        self.inner.transport.ownership().clone()
     }
 
     /// Where `name` lives, if this node knows.
@@ -653,7 +799,12 @@ impl Mesh {
             .inner
             .local
             .read()
-            .map(|l| l.keys().cloned().collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, a)| !a.service)
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         let update = RegistryUpdate {
             node: self.inner.node.clone(),

@@ -1,0 +1,171 @@
+//! A short-lived client of one node, for the CLI (`status`, `submit`, `policy apply`):
+//! it holds a certificate of the cluster, connects over the same mutual-TLS QUIC as
+//! nodes do, asks a node service with an ENVELOPE and waits for the answer. It does not
+//! join the cluster.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use agentmesh_transport::tls::NodeIdentity;
+use agentmesh_transport::wire::payload::Envelope;
+use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
+use agentmesh_transport::{
+    EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
+};
+
+/// The kind a node answers with when a request failed (the body is the reason).
+pub(crate) const ERROR_KIND: &str = "agentmesh.error";
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node could not be reached.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// No answer in time.
+    #[error("no answer from {0} within {1} ms")]
+    Timeout(SocketAddr, u64),
+    /// The node answered with an error.
+    #[error("{addr} refused: {reason}")]
+    Refused {
+        /// The node's address.
+        addr: SocketAddr,
+        /// What it said.
+        reason: String,
+    },
+    /// The request or the answer did not encode or decode.
+    #[error("bad exchange with {addr}: {reason}")]
+    BadReply {
+        /// The node's address.
+        addr: SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A connection to one node for requests.
+pub struct Client {
+    transport: Transport,
+    events: TransportEvents,
+    peer: String,
+    addr: SocketAddr,
+    next_correlation: u64,
+}
+
+impl Client {
+    /// Connects to the node at `addr` as `identity` (a certificate of the same cluster).
+    pub async fn connect(identity: &NodeIdentity, addr: SocketAddr) -> Result<Client, ClientError> {
+        // Bind where the node can be reached from: loopback for a local node.
+        let ip: IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
+            (true, true) => Ipv4Addr::LOCALHOST.into(),
+            (true, false) => Ipv4Addr::UNSPECIFIED.into(),
+            (false, true) => Ipv6Addr::LOCALHOST.into(),
+            (false, false) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let (transport, events) = Transport::bind(
+            EndpointConfig::new(SocketAddr::new(ip, 0)),
+            identity,
+            Arc::new(OwnershipTable::new()),
+        )?;
+        let peer = transport.connect(addr, None).await?;
+        Ok(Client {
+            transport,
+            events,
+            peer: peer.to_string(),
+            addr,
+            next_correlation: 1,
+        })
+    }
+
+    /// The node's name, from its certificate.
+    pub fn node(&self) -> &str {
+        &self.peer
+    }
+
+    /// Asks `service` with a raw body of `kind`; returns the answer's body.
+    pub async fn request_raw(
+        &mut self,
+        service: &str,
+        kind: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, ClientError> {
+        let correlation = self.next_correlation;
+        self.next_correlation += 1;
+        let payload = Payload::Envelope(Envelope {
+            to: service.into(),
+            kind: kind.into(),
+            correlation,
+            reply: false,
+            trace_id: None,
+            body,
+        })
+        .encode()
+        .map_err(|e| self.bad(e))?;
+        let message = Message::new(Header::new(MessageType::Envelope), Bytes::from(payload));
+        self.transport.send(&self.peer, message).await?;
+        let timeout_ms = timeout.as_millis() as u64;
+        let events = &mut self.events;
+        let answer = tokio::time::timeout(timeout, async {
+            while let Some(event) = events.recv().await {
+                let TransportEvent::Received { messages, .. } = event else {
+                    continue;
+                };
+                for m in messages {
+                    if let Ok(Payload::Envelope(e)) = Payload::decode(m.header.msg_type, &m.body) {
+                        if e.reply && e.correlation == correlation {
+                            return Some(e);
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await;
+        let answer = answer
+            .ok()
+            .flatten()
+            .ok_or(ClientError::Timeout(self.addr, timeout_ms))?;
+        if answer.kind == ERROR_KIND {
+            return Err(ClientError::Refused {
+                addr: self.addr,
+                reason: String::from_utf8_lossy(&answer.body).into_owned(),
+            });
+        }
+        Ok(answer.body)
+    }
+
+    /// Asks `service` with a typed request (msgpack) and decodes the typed answer.
+    pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        service: &str,
+        kind: &str,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let body = rmp_serde::to_vec_named(request).map_err(|e| self.bad(e))?;
+        let answer = self
+            .request_raw(service, kind, Bytes::from(body), timeout)
+            .await?;
+        rmp_serde::from_slice(&answer).map_err(|e| self.bad(e))
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.transport
+            .shutdown(AcpErrorCode::NoError, "client done")
+            .await;
+    }
+
+    fn bad(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::BadReply {
+            addr: self.addr,
+            reason: e.to_string(),
+        }
+    }
+}

@@ -10,11 +10,11 @@ use bytes::{Bytes, BytesMut};
 use clap::Args;
 use uuid::Uuid;
 
-use agentmesh::transport::wire::payload::{
+use crate::transport::wire::payload::{
     Adjust, AgentInfo, Allocate, Capability, Health, ListAgents, QueryCapableAgents, Register,
     RegisterAck, Report, Sync, SyncAck,
 };
-use agentmesh::transport::wire::{
+use crate::transport::wire::{
     Flags, FrameDecoder, Header, Lane, Message, Payload, Reassembler, ReplayError, ReplayWindow,
     TimestampWindow, MAX_PAYLOAD_LEN,
 };
@@ -68,7 +68,7 @@ impl Walkthrough {
         let mut header = Header::new(msg_type);
         header.group = GROUP;
         header.agent = from.agent;
-        if msg_type == agentmesh::transport::MessageType::Adjust {
+        if msg_type == crate::transport::MessageType::Adjust {
             header.flags = Flags::URGENT;
         }
         let lane = Lane::for_header(&header);
@@ -80,8 +80,7 @@ impl Walkthrough {
             let frames = msg.into_frames(*seq, MAX_PAYLOAD_LEN)?;
             *seq = seq.wrapping_add(1);
             let wire = frames[0].to_bytes();
-            let frame =
-                agentmesh::transport::Frame::decode_datagram(wire.clone(), MAX_PAYLOAD_LEN)?;
+            let frame = crate::transport::Frame::decode_datagram(wire.clone(), MAX_PAYLOAD_LEN)?;
             TimestampWindow::default().check(frame.timestamp_ms().unwrap_or(0), self.now_ms)?;
             self.datagrams
                 .entry(from.name)
@@ -288,6 +287,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             capability: "summarize".into(),
             timeout_ms: 30_000,
             input,
+            peers: Vec::new(),
         };
         let to = worker.name;
         w.send(&mut c, to, Payload::Allocate(alloc), false)?;

@@ -80,20 +80,22 @@ fn payload() -> impl Strategy<Value = Payload> {
             any::<u32>(),
             text(),
             any::<u32>(),
-            bytes(300)
+            bytes(300),
+            proptest::collection::vec(any::<u32>(), 0..4)
         )
             .prop_map(
-                |(target, task, segment, attempt, capability, timeout_ms, input)| Payload::Allocate(
-                    Allocate {
+                |(target, task, segment, attempt, capability, timeout_ms, input, peers)| {
+                    Payload::Allocate(Allocate {
                         target,
                         task,
                         segment,
                         attempt,
                         capability,
                         timeout_ms,
-                        input
-                    }
-                )
+                        input,
+                        peers,
+                    })
+                }
             ),
         (
             any::<u32>(),

@@ -107,6 +107,10 @@ pub struct Allocate {
     /// The segment's input, opaque to ACP (the agent's own serde encoding).
     #[serde(with = "super::bytes_serde")]
     pub input: Bytes,
+    /// Workers holding other segments of the task when this one was allocated, for
+    /// SYNC between them (optional; absent means none known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<u32>,
 }
 
 /// REPORT (1): progress and health of one attempt, and finally its result.

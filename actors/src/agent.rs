@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use agentmesh_runtime::transport::wire::payload::Capability;
+use agentmesh_runtime::transport::wire::payload::{Capability, MAX_HASH_LEN};
+use uuid::Uuid;
+
+use crate::worker::WorkerEvent;
 
 /// An agent: the unit of work on the mesh. One value serves every segment its worker
 /// runs; replicas of a worker share it.
@@ -58,27 +61,94 @@ pub struct Adjustment {
     pub cancelled: bool,
 }
 
+/// What another worker of the same task shared (SYNC), or its answer to ours
+/// (SYNC_ACK).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncEvent {
+    /// Another worker's intermediate result.
+    Sync {
+        /// Its Agent ID.
+        from: u32,
+        /// Its segment.
+        segment: u32,
+        /// Its sync round.
+        round: u32,
+        /// Hash of its intermediate result.
+        hash: Vec<u8>,
+        /// The data it sent along.
+        body: Vec<u8>,
+    },
+    /// Another worker's answer to one of our SYNCs.
+    Ack {
+        /// Its Agent ID.
+        from: u32,
+        /// The round answered.
+        round: u32,
+        /// True if its own hash for that round matched ours.
+        agreed: bool,
+    },
+}
+
 /// One segment's view of the mesh while an agent works on it.
 pub struct SegmentContext {
+    task: Uuid,
     segment: u32,
     attempt: u32,
     progress: mpsc::Sender<u16>,
     adjustments: watch::Receiver<Adjustment>,
+    syncs: mpsc::Receiver<SyncEvent>,
+    events: mpsc::Sender<WorkerEvent>,
 }
 
 impl SegmentContext {
     pub(crate) fn new(
-        segment: u32,
-        attempt: u32,
+        (task, segment, attempt): (Uuid, u32, u32),
         progress: mpsc::Sender<u16>,
         adjustments: watch::Receiver<Adjustment>,
+        syncs: mpsc::Receiver<SyncEvent>,
+        events: mpsc::Sender<WorkerEvent>,
     ) -> SegmentContext {
         SegmentContext {
+            task,
             segment,
             attempt,
             progress,
             adjustments,
+            syncs,
+            events,
         }
+    }
+
+    /// The task this segment belongs to.
+    pub fn task(&self) -> Uuid {
+        self.task
+    }
+
+    /// Shares an intermediate result with the other workers of this task (SYNC, sent
+    /// worker to worker, never through the coordinator). `hash` is cut to 64 bytes.
+    /// Workers whose own hash for `round` matches answer `agreed` (see
+    /// [`SegmentContext::next_sync`]).
+    pub async fn sync(&self, round: u32, hash: &[u8], body: &[u8]) {
+        let hash = hash[..hash.len().min(MAX_HASH_LEN)].to_vec();
+        let _ = self
+            .events
+            .send(WorkerEvent::Sync {
+                allocation: (self.task, self.segment, self.attempt),
+                round,
+                hash,
+                body: body.to_vec(),
+            })
+            .await;
+    }
+
+    /// Waits for the next SYNC or SYNC_ACK from another worker of this task.
+    pub async fn next_sync(&mut self) -> Option<SyncEvent> {
+        self.syncs.recv().await
+    }
+
+    /// The next SYNC or SYNC_ACK if one is waiting.
+    pub fn try_next_sync(&mut self) -> Option<SyncEvent> {
+        self.syncs.try_recv().ok()
     }
 
     /// The segment's index in its task.

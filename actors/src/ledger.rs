@@ -96,6 +96,8 @@ pub enum LedgerOutput {
         task: Uuid,
         /// Results in segment order.
         results: Vec<Vec<u8>>,
+        /// Its figures at the end.
+        figures: TaskFigures,
     },
     /// The task cannot complete.
     TaskFailed {
@@ -103,6 +105,8 @@ pub enum LedgerOutput {
         task: Uuid,
         /// Why, for people.
         reason: String,
+        /// Its figures at the end.
+        figures: TaskFigures,
     },
 }
 
@@ -172,6 +176,17 @@ struct Task {
     /// Task-level statistics.
     duplicates: u64,
     reallocated: u64,
+}
+
+impl Task {
+    fn figures(&self) -> TaskFigures {
+        TaskFigures {
+            segments: self.segments.len() as u32,
+            completed: self.done,
+            duplicates_discarded: self.duplicates,
+            reallocated: self.reallocated,
+        }
+    }
 }
 
 /// Per-task figures, for `agentmesh submit --json`.
@@ -264,12 +279,39 @@ impl Ledger {
 
     /// Figures of a task still open.
     pub fn figures(&self, task: Uuid) -> Option<TaskFigures> {
-        self.tasks.get(&task).map(|t| TaskFigures {
-            segments: t.segments.len() as u32,
-            completed: t.done,
-            duplicates_discarded: t.duplicates,
-            reallocated: t.reallocated,
+        self.tasks.get(&task).map(Task::figures)
+    }
+
+    /// The agents holding live attempts of `task` (for SYNC rosters), each once.
+    pub fn holders(&self, task: Uuid) -> Vec<u32> {
+        let mut agents: Vec<u32> = self
+            .tasks
+            .get(&task)
+            .map(|t| {
+                t.segments
+                    .iter()
+                    .flat_map(|s| s.live.iter().map(|(_, agent, _)| *agent))
+                    .collect()
+            })
+            .unwrap_or_default();
+        agents.sort_unstable();
+        agents.dedup();
+        agents
+    }
+
+    /// True if `task` has segments waiting for a worker.
+    pub fn has_pending(&self, task: Uuid) -> bool {
+        self.tasks.get(&task).is_some_and(|t| {
+            t.segments
+                .iter()
+                .any(|s| matches!(s.state, SegmentState::Pending { .. }))
         })
+    }
+
+    /// Fails a task for a reason of the driver's (say, policy forbids every capable
+    /// agent): its running attempts are cancelled, nothing more is accepted.
+    pub fn fail_task(&mut self, task_id: Uuid, reason: String) {
+        self.fail(task_id, reason);
     }
 
     /// Takes the next thing to do.
@@ -651,6 +693,7 @@ impl Ledger {
             return;
         }
         if let Some(task) = self.tasks.remove(&task_id) {
+            let figures = task.figures();
             let results = task
                 .segments
                 .into_iter()
@@ -659,6 +702,7 @@ impl Ledger {
             self.outputs.push_back(LedgerOutput::TaskCompleted {
                 task: task_id,
                 results,
+                figures,
             });
         }
     }
@@ -667,6 +711,7 @@ impl Ledger {
         let Some(task) = self.tasks.remove(&task_id) else {
             return;
         };
+        let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
             for (attempt, agent, node) in seg.live {
                 self.release(agent);
@@ -683,6 +728,7 @@ impl Ledger {
         self.outputs.push_back(LedgerOutput::TaskFailed {
             task: task_id,
             reason,
+            figures,
         });
     }
 }

@@ -1,17 +1,24 @@
 //! The user-facing `Agent` API and the Discovery, Coordinator and Worker actors.
 //!
 //! Architecture invariant: no sockets and no quinn here; actors reach other nodes
-//! only through `agentmesh-runtime`. Decision logic (registry, allocation ledger)
-//! is plain state machines that take `now` as input, so `agentmesh-sims` can run it.
-//!
-//! Status: the Agent API (`agent`), workers (`worker`), the allocation ledger
-//! (`ledger`) and discovery's registry (`registry`) are in; the discovery and
-//! coordinator actors that put them on the mesh, and the CLI, are being built (issue
-//! [4/6]).
+//! only through `agentmesh-runtime`. Decision logic (registry, allocation ledger,
+//! policy) is plain state machines that take `now` as input, so `agentmesh-sims` can
+//! run it; the actors (`discovery`, `coordinator`, `workers`, `worker`) put them on
+//! the mesh, and `host` starts them on a node.
 
 pub mod agent;
+pub mod coordinator;
+pub mod discovery;
+pub mod host;
 pub mod ledger;
+pub mod policy;
 pub mod registry;
+pub mod service;
 pub mod worker;
+pub mod workers;
+
+pub use agent::{Adjustment, Agent, AgentError, SegmentContext, SyncEvent};
+pub use host::{AgentHost, HostConfig, HostError, PolicyStore};
+pub use service::{SubmitRequest, TaskOutcome, TaskStatus};
 
 pub use agentmesh_runtime as runtime;

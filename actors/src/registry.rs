@@ -133,6 +133,16 @@ impl Registry {
         self.agents.is_empty()
     }
 
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Every agent known, by Agent ID.
+    pub fn records(&self) -> impl Iterator<Item = &AgentRecord> {
+        self.agents.values()
+    }
+
     /// The record of `agent`.
     pub fn get(&self, agent: u32) -> Option<&AgentRecord> {
         self.agents.get(&agent)

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::agent::{Adjustment, Agent, SegmentContext};
+use crate::agent::{Adjustment, Agent, SegmentContext, SyncEvent};
 
 /// One attempt of one segment, as the coordinator allocated it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct Allocation {
     pub attempt: u32,
     /// The segment's input (the agent's own msgpack encoding).
     pub input: Vec<u8>,
+    /// Queue priority: higher runs first when every replica is busy.
+    pub priority: u8,
 }
 
 /// What a worker reports about an attempt.
@@ -53,6 +55,17 @@ pub enum WorkerEvent {
         /// Why.
         reason: String,
     },
+    /// The agent shares an intermediate result with the other workers of its task.
+    Sync {
+        /// The attempt.
+        allocation: (Uuid, u32, u32),
+        /// Its sync round.
+        round: u32,
+        /// Hash of the intermediate result (at most 64 bytes).
+        hash: Vec<u8>,
+        /// Small data to go with it.
+        body: Vec<u8>,
+    },
 }
 
 /// What a worker supervisor handles.
@@ -67,6 +80,16 @@ pub enum WorkerMsg {
         segment: Option<u32>,
         /// The change.
         adjustment: Adjustment,
+    },
+    /// A SYNC or SYNC_ACK for the running attempts of this task (but not the one of
+    /// `skip_segment`, the sender's own).
+    Sync {
+        /// The task.
+        task: Uuid,
+        /// The sending segment, if it runs here too.
+        skip_segment: Option<u32>,
+        /// What arrived.
+        event: SyncEvent,
     },
     /// A replica finished its attempt.
     Finished(ActorId),
@@ -105,7 +128,12 @@ pub struct WorkerArgs<A: Agent> {
 struct Running {
     allocation: Allocation,
     adjust: watch::Sender<Adjustment>,
+    sync: mpsc::Sender<SyncEvent>,
 }
+
+/// SYNC messages waiting for an agent to read them, per running segment; more are
+/// dropped (SYNC is advisory).
+const SYNC_INBOX: usize = 64;
 
 /// The supervisor's state.
 pub struct WorkerState<A: Agent> {
@@ -155,7 +183,13 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                         reason: "worker queue full".into(),
                     });
                 } else {
-                    state.queue.push_back(allocation);
+                    // Highest priority first, first come first within a priority.
+                    let at = state
+                        .queue
+                        .iter()
+                        .position(|a| a.priority < allocation.priority)
+                        .unwrap_or(state.queue.len());
+                    state.queue.insert(at, allocation);
                 }
             }
             WorkerMsg::Adjust {
@@ -173,6 +207,18 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     state
                         .queue
                         .retain(|a| a.task != task || segment.is_some_and(|s| s != a.segment));
+                }
+            }
+            WorkerMsg::Sync {
+                task,
+                skip_segment,
+                event,
+            } => {
+                for (_, run) in state.running.values() {
+                    let a = &run.allocation;
+                    if a.task == task && skip_segment != Some(a.segment) {
+                        let _ = run.sync.try_send(event.clone());
+                    }
                 }
             }
             WorkerMsg::Finished(id) => {
@@ -250,12 +296,14 @@ fn dispatch<A: Agent>(state: &mut WorkerState<A>) {
             return;
         };
         let (adjust, adjustments) = watch::channel(Adjustment::default());
+        let (sync, syncs) = mpsc::channel(SYNC_INBOX);
         let run = Running {
             allocation: allocation.clone(),
             adjust,
+            sync,
         };
         if replica
-            .cast(ReplicaMsg::Run(allocation, adjustments))
+            .cast(ReplicaMsg::Run(allocation, adjustments, syncs))
             .is_ok()
         {
             state.running.insert(replica.get_id(), (replica, run));
@@ -280,8 +328,12 @@ async fn spawn_replica<A: Agent>(
 
 /// What a replica handles.
 pub enum ReplicaMsg {
-    /// Work on this attempt, watching these adjustments.
-    Run(Allocation, watch::Receiver<Adjustment>),
+    /// Work on this attempt, watching these adjustments and SYNCs.
+    Run(
+        Allocation,
+        watch::Receiver<Adjustment>,
+        mpsc::Receiver<SyncEvent>,
+    ),
 }
 
 /// One replica of an agent: runs one segment at a time.
@@ -323,7 +375,7 @@ impl<A: Agent> Actor for Replica<A> {
         msg: ReplicaMsg,
         state: &mut ReplicaArgs<A>,
     ) -> Result<(), ActorProcessingErr> {
-        let ReplicaMsg::Run(allocation, adjustments) = msg;
+        let ReplicaMsg::Run(allocation, adjustments, syncs) = msg;
         let id = key(&allocation);
         let event = match rmp_serde::from_slice::<A::Input>(&allocation.input) {
             Err(e) => WorkerEvent::Failed {
@@ -332,12 +384,8 @@ impl<A: Agent> Actor for Replica<A> {
             },
             Ok(input) => {
                 let (progress_tx, mut progress_rx) = mpsc::channel(1);
-                let mut ctx = SegmentContext::new(
-                    allocation.segment,
-                    allocation.attempt,
-                    progress_tx,
-                    adjustments,
-                );
+                let mut ctx =
+                    SegmentContext::new(id, progress_tx, adjustments, syncs, state.events.clone());
                 let events = state.events.clone();
                 let forward = tokio::spawn(async move {
                     while let Some(permille) = progress_rx.recv().await {

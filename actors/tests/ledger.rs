@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use agentmesh_actors::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict};
+use agentmesh_actors::ledger::{
+    Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -63,7 +65,13 @@ fn a_task_is_split_across_workers_and_completes_once_with_results_in_order() {
         out,
         vec![LedgerOutput::TaskCompleted {
             task: task(),
-            results: (0..6).map(|i| vec![i]).collect()
+            results: (0..6).map(|i| vec![i]).collect(),
+            figures: TaskFigures {
+                segments: 6,
+                completed: 6,
+                duplicates_discarded: 0,
+                reallocated: 0
+            }
         }]
     );
     assert_eq!(
@@ -145,10 +153,10 @@ fn a_dead_nodes_segments_are_reallocated_and_its_late_result_still_counts_once()
         }),
         "{out:?}"
     );
-    assert!(out.contains(&LedgerOutput::TaskCompleted {
-        task: task(),
-        results: vec![b"late".to_vec()]
-    }));
+    assert!(out.iter().any(|o| matches!(o,
+        LedgerOutput::TaskCompleted { task: t, results, figures }
+            if *t == task() && results == &vec![b"late".to_vec()] && figures.completed == 1
+    )));
     // The cancelled attempt answers anyway: a duplicate, not a second completion.
     assert_eq!(
         l.handle_result(task(), 0, 2, b"again".to_vec()),

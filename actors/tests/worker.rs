@@ -86,6 +86,7 @@ fn alloc(segment: u32, input: &impl serde::Serialize) -> Allocation {
         segment,
         attempt: 1,
         input: rmp_serde::to_vec_named(input).unwrap(),
+        priority: 128,
     }
 }
 

@@ -1,0 +1,520 @@
+//! The coordinator actor: puts the allocation ledger (`ledger`, no I/O) on the mesh.
+//! It takes submitted tasks, asks discovery for capable agents (filtered by the
+//! policy), sends ALLOCATE on the coordination lane, reads REPORTs (trusting a result
+//! only from the agent and node that were given the attempt), cancels with ADJUST on
+//! the urgent lane, reallocates when a node goes down, and answers the submitter when
+//! the task completes or fails.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use agentmesh_runtime::transport::wire::payload::{Adjust, Allocate, Health, Report};
+use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
+use agentmesh_runtime::{FromPeer, Mesh};
+
+use crate::discovery::DiscoveryMsg;
+use crate::host::PolicyStore;
+use crate::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures};
+use crate::service::serde_bytes_vec::Blob;
+use crate::service::{
+    AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, TaskSummary,
+    AGENTS_SERVICE, COORDINATOR_SERVICE,
+};
+use crate::workers::encode;
+
+/// How often timeouts are checked and waiting segments offered to free workers.
+const TICK: Duration = Duration::from_millis(50);
+/// Frames waiting to go out at most (the coordinator waits when it is full).
+const OUTBOX: usize = 4_096;
+/// Tasks open at once at one coordinator; more are refused.
+pub const MAX_OPEN_TASKS: usize = 10_000;
+/// Segments in one task at most.
+pub const MAX_SEGMENTS: usize = 1_000_000;
+/// How long a submitter may wait for its task.
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(3_600);
+
+/// What the coordinator handles.
+pub enum CoordinatorMsg {
+    /// A task to run; answered when it ends.
+    Submit(SubmitRequest, RpcReplyPort<TaskOutcome>),
+    /// An ACP frame for the coordinator (REPORT).
+    Acp(FromPeer<Message>, OwnedSemaphorePermit),
+    /// A node is down: its attempts are reallocated.
+    NodeDown(String),
+    /// An ALLOCATE could not be sent.
+    SendFailed {
+        /// The attempt.
+        attempt: (Uuid, u32, u32),
+        /// Why.
+        reason: String,
+    },
+    /// Check timeouts and offer waiting segments to workers.
+    Tick,
+    /// The agents and tasks this node knows.
+    Status(AgentsRequest, RpcReplyPort<AgentsStatus>),
+}
+
+/// The coordinator actor.
+pub struct Coordinator;
+
+/// How the coordinator starts.
+pub struct CoordinatorArgs {
+    /// The node's mesh.
+    pub mesh: Mesh,
+    /// Discovery on this node.
+    pub discovery: ActorRef<DiscoveryMsg>,
+    /// The policy in force.
+    pub policy: PolicyStore,
+    /// Ledger tuning.
+    pub ledger: LedgerConfig,
+}
+
+struct TaskMeta {
+    capability: String,
+    tags: Vec<String>,
+    group: u16,
+    priority: u8,
+    inputs: Vec<Bytes>,
+    started: Instant,
+    reply: Option<RpcReplyPort<TaskOutcome>>,
+}
+
+/// The coordinator's state.
+pub struct CoordinatorState {
+    discovery: ActorRef<DiscoveryMsg>,
+    policy: PolicyStore,
+    ledger: Ledger,
+    config: LedgerConfig,
+    tasks: HashMap<Uuid, TaskMeta>,
+    /// Every attempt started, with the agent and node it was given to, until its task
+    /// ends: a result is trusted only from them (a late one from a dead node too).
+    attempts: HashMap<(Uuid, u32, u32), (u32, String)>,
+    epoch: Instant,
+    rng: StdRng,
+    outbox: mpsc::Sender<Outgoing>,
+}
+
+struct Outgoing {
+    node: String,
+    message: Message,
+    /// The attempt an ALLOCATE starts (its failure to send is a failed attempt).
+    attempt: Option<(Uuid, u32, u32)>,
+}
+
+impl Actor for Coordinator {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorState;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CoordinatorMsg>,
+        args: CoordinatorArgs,
+    ) -> Result<CoordinatorState, ActorProcessingErr> {
+        args.mesh.register_service_rpc(
+            COORDINATOR_SERVICE,
+            myself.clone(),
+            CoordinatorMsg::Submit,
+            SUBMIT_TIMEOUT,
+        )?;
+        args.mesh.register_service_rpc(
+            AGENTS_SERVICE,
+            myself.clone(),
+            CoordinatorMsg::Status,
+            Duration::from_secs(10),
+        )?;
+        let (outbox, queue) = mpsc::channel(OUTBOX);
+        tokio::spawn(send_frames(args.mesh.clone(), queue, myself.clone()));
+        drop(myself.send_interval(TICK, || CoordinatorMsg::Tick));
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Ok(CoordinatorState {
+            discovery: args.discovery,
+            policy: args.policy,
+            ledger: Ledger::new(args.ledger, seed),
+            config: args.ledger,
+            tasks: HashMap::new(),
+            attempts: HashMap::new(),
+            epoch: Instant::now(),
+            rng: StdRng::seed_from_u64(seed.rotate_left(17)),
+            outbox,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<CoordinatorMsg>,
+        msg: CoordinatorMsg,
+        state: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = state.now_ms();
+        match msg {
+            CoordinatorMsg::Submit(request, reply) => state.submit(request, reply).await,
+            CoordinatorMsg::Acp(FromPeer { peer, message }, permit) => {
+                state.on_acp(&peer, message).await;
+                drop(permit);
+            }
+            CoordinatorMsg::NodeDown(node) => {
+                info!(%node, "node down: reallocating its segments");
+                state.ledger.handle_node_down(&node, now);
+                state.assign_waiting().await;
+            }
+            CoordinatorMsg::SendFailed { attempt, reason } => {
+                let (task, segment, attempt) = attempt;
+                state
+                    .ledger
+                    .handle_failure(task, segment, attempt, &reason, now);
+                state.assign(task).await;
+            }
+            CoordinatorMsg::Tick => {
+                if state.tasks.is_empty() {
+                    return Ok(());
+                }
+                state.ledger.handle_timeout(now);
+                state.assign_waiting().await;
+            }
+            CoordinatorMsg::Status(_, reply) => {
+                let agents = ractor::call!(state.discovery, DiscoveryMsg::List).unwrap_or_default();
+                let mut tasks: Vec<TaskSummary> = state
+                    .tasks
+                    .iter()
+                    .map(|(id, meta)| {
+                        let f = state.ledger.figures(*id).unwrap_or_default();
+                        TaskSummary {
+                            task: *id,
+                            capability: meta.capability.clone(),
+                            priority: meta.priority,
+                            group: meta.group,
+                            segments: f.segments,
+                            completed: f.completed,
+                            reallocated: f.reallocated,
+                            elapsed_ms: meta.started.elapsed().as_millis() as u64,
+                        }
+                    })
+                    .collect();
+                tasks.sort_by_key(|t| t.task);
+                let _ = reply.send(AgentsStatus { agents, tasks });
+            }
+        }
+        state.drain().await;
+        Ok(())
+    }
+}
+
+impl CoordinatorState {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    async fn submit(&mut self, request: SubmitRequest, reply: RpcReplyPort<TaskOutcome>) {
+        let task = uuid::Builder::from_random_bytes(self.rng.random()).into_uuid();
+        let refuse = |reason: String| TaskOutcome {
+            task,
+            status: TaskStatus::Failed,
+            segments: request.inputs.len() as u32,
+            completed: 0,
+            duplicates_discarded: 0,
+            reallocated: 0,
+            elapsed_ms: 0,
+            reason: Some(reason),
+            results: Vec::new(),
+        };
+        if self.tasks.len() >= MAX_OPEN_TASKS {
+            let _ = reply.send(refuse(format!(
+                "the coordinator runs {MAX_OPEN_TASKS} tasks already; try later"
+            )));
+            return;
+        }
+        if request.inputs.len() > MAX_SEGMENTS {
+            let _ = reply.send(refuse(format!(
+                "a task has at most {MAX_SEGMENTS} segments"
+            )));
+            return;
+        }
+        if let Err(e) = self
+            .ledger
+            .submit(task, request.inputs.len() as u32, self.now_ms())
+        {
+            let _ = reply.send(refuse(e.to_string()));
+            return;
+        }
+        let priority = request
+            .priority
+            .unwrap_or_else(|| self.policy.get().priority(request.group));
+        info!(%task, capability = %request.capability, segments = request.inputs.len(), priority, group = request.group, "task submitted");
+        self.tasks.insert(
+            task,
+            TaskMeta {
+                capability: request.capability,
+                tags: request.tags,
+                group: request.group,
+                priority,
+                inputs: request
+                    .inputs
+                    .into_iter()
+                    .map(|b| Bytes::from(b.0))
+                    .collect(),
+                started: Instant::now(),
+                reply: Some(reply),
+            },
+        );
+        self.assign(task).await;
+    }
+
+    /// Offers the waiting segments of every task to capable workers.
+    async fn assign_waiting(&mut self) {
+        let waiting: Vec<Uuid> = self
+            .tasks
+            .keys()
+            .copied()
+            .filter(|t| self.ledger.has_pending(*t))
+            .collect();
+        for task in waiting {
+            self.assign(task).await;
+        }
+    }
+
+    /// Offers a task's waiting segments to the capable agents its group may use.
+    async fn assign(&mut self, task: Uuid) {
+        let Some(meta) = self.tasks.get(&task) else {
+            return;
+        };
+        if !self.ledger.has_pending(task) {
+            return;
+        }
+        let (capability, tags, group) = (meta.capability.clone(), meta.tags.clone(), meta.group);
+        let found = ractor::call!(self.discovery, |reply| DiscoveryMsg::Query {
+            capability: capability.clone(),
+            tags,
+            limit: 0,
+            reply,
+        })
+        .unwrap_or_default();
+        let policy = self.policy.get();
+        let candidates: Vec<Candidate> = found
+            .iter()
+            .filter(|a| a.health != Health::Unhealthy && policy.allows(group, a.group))
+            .map(|a| Candidate {
+                agent: a.agent,
+                node: a.node.clone(),
+                capacity: a.capability.capacity,
+                load: a.load,
+            })
+            .collect();
+        let now = self.now_ms();
+        if found.is_empty() {
+            self.ledger
+                .fail_task(task, format!("no agent offers capability {capability:?}"));
+        } else if candidates.is_empty() {
+            let mut groups: Vec<u16> = found.iter().map(|a| a.group).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            metrics::counter!("agentmesh_policy_denials_total", "reason" => "group", "from" => group.to_string(), "to" => "any").increment(1);
+            warn!(%task, group, ?groups, "policy denies every capable agent");
+            self.ledger.fail_task(
+                task,
+                format!(
+                    "denied by policy: group {group} may not send to group(s) {groups:?}, where every agent with capability {capability:?} is"
+                ),
+            );
+        } else {
+            self.ledger.assign(task, &candidates, now);
+        }
+    }
+
+    async fn on_acp(&mut self, peer: &str, message: Message) {
+        let header = message.header;
+        let report = match Payload::decode(header.msg_type, &message.body) {
+            Ok(Payload::Report(r)) => r,
+            Ok(other) => {
+                return debug!(%peer, msg_type = %other.msg_type(), "not for the coordinator")
+            }
+            Err(e) => return warn!(%peer, error = %e, "REPORT refused"),
+        };
+        let key = (report.task, report.segment, report.attempt);
+        match self.attempts.get(&key) {
+            Some((agent, node)) if *agent == header.agent && node == peer => {}
+            Some(_) => {
+                metrics::counter!("agentmesh_reports_refused_total", "reason" => "not_its_attempt")
+                    .increment(1);
+                return warn!(%peer, agent = header.agent, task = %report.task, "REPORT for an attempt given to another agent");
+            }
+            None => return, // A task already finished, or never ours.
+        }
+        self.on_report(report).await;
+    }
+
+    async fn on_report(&mut self, report: Report) {
+        let now = self.now_ms();
+        let (task, segment, attempt) = (report.task, report.segment, report.attempt);
+        if let Some(output) = report.output {
+            match self
+                .ledger
+                .handle_result(task, segment, attempt, output.to_vec())
+            {
+                ResultVerdict::Accepted => {}
+                verdict => debug!(%task, segment, attempt, ?verdict, "result discarded"),
+            }
+        } else if let Some(error) = report.error {
+            info!(%task, segment, attempt, %error, "attempt failed");
+            self.ledger
+                .handle_failure(task, segment, attempt, &error, now);
+            self.assign(task).await;
+        }
+    }
+
+    /// Carries out what the ledger asked for.
+    async fn drain(&mut self) {
+        while let Some(output) = self.ledger.poll() {
+            match output {
+                LedgerOutput::Allocate {
+                    task,
+                    segment,
+                    attempt,
+                    agent,
+                    node,
+                } => {
+                    let Some(meta) = self.tasks.get(&task) else {
+                        continue;
+                    };
+                    let allocate = Allocate {
+                        target: agent,
+                        task,
+                        segment,
+                        attempt,
+                        capability: meta.capability.clone(),
+                        timeout_ms: self.config.segment_timeout_ms.min(u64::from(u32::MAX)) as u32,
+                        input: meta
+                            .inputs
+                            .get(segment as usize)
+                            .cloned()
+                            .unwrap_or_default(),
+                        peers: self.ledger.holders(task),
+                    };
+                    // The task's priority orders ALLOCATEs within the coordination lane
+                    // and the worker's queue.
+                    let prio = 128 + meta.priority / 4;
+                    let Some(message) =
+                        encode(Payload::Allocate(allocate), 0, meta.group, Some(prio))
+                    else {
+                        continue;
+                    };
+                    self.attempts
+                        .insert((task, segment, attempt), (agent, node.clone()));
+                    self.send(node, message, Some((task, segment, attempt)))
+                        .await;
+                }
+                LedgerOutput::Cancel {
+                    task,
+                    segment,
+                    attempt,
+                    agent,
+                    node,
+                } => {
+                    debug!(%task, segment, attempt, agent, %node, "cancelling an attempt");
+                    let group = self.tasks.get(&task).map_or(0, |m| m.group);
+                    let adjust = Adjust {
+                        target: agent,
+                        task,
+                        segment: Some(segment),
+                        params: Default::default(),
+                        priority: None,
+                        cancel: true,
+                    };
+                    if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
+                        message.header.flags = message.header.flags.with(Flags::URGENT);
+                        self.send(node, message, None).await;
+                    }
+                }
+                LedgerOutput::TaskCompleted {
+                    task,
+                    results,
+                    figures,
+                } => self.finish(task, TaskStatus::Completed, None, figures, results),
+                LedgerOutput::TaskFailed {
+                    task,
+                    reason,
+                    figures,
+                } => self.finish(task, TaskStatus::Failed, Some(reason), figures, Vec::new()),
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        task: Uuid,
+        status: TaskStatus,
+        reason: Option<String>,
+        figures: TaskFigures,
+        results: Vec<Vec<u8>>,
+    ) {
+        self.attempts.retain(|(t, _, _), _| *t != task);
+        let Some(meta) = self.tasks.remove(&task) else {
+            return;
+        };
+        let elapsed_ms = meta.started.elapsed().as_millis() as u64;
+        info!(%task, ?status, completed = figures.completed, reallocated = figures.reallocated, duplicates = figures.duplicates_discarded, elapsed_ms, reason = reason.as_deref().unwrap_or(""), "task ended");
+        let label = match status {
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+        };
+        metrics::counter!("agentmesh_tasks_total", "status" => label).increment(1);
+        metrics::counter!("agentmesh_segments_reallocated_total").increment(figures.reallocated);
+        metrics::counter!("agentmesh_results_discarded_total")
+            .increment(figures.duplicates_discarded);
+        if let Some(reply) = meta.reply {
+            let _ = reply.send(TaskOutcome {
+                task,
+                status,
+                segments: figures.segments,
+                completed: figures.completed,
+                duplicates_discarded: figures.duplicates_discarded,
+                reallocated: figures.reallocated,
+                elapsed_ms,
+                reason,
+                results: results.into_iter().map(Blob).collect(),
+            });
+        }
+    }
+
+    async fn send(&self, node: String, message: Message, attempt: Option<(Uuid, u32, u32)>) {
+        let out = Outgoing {
+            node,
+            message,
+            attempt,
+        };
+        if self.outbox.send(out).await.is_err() {
+            warn!("the coordinator's sender has stopped");
+        }
+    }
+}
+
+/// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt.
+async fn send_frames(
+    mesh: Mesh,
+    mut queue: mpsc::Receiver<Outgoing>,
+    coordinator: ActorRef<CoordinatorMsg>,
+) {
+    while let Some(out) = queue.recv().await {
+        if let Err(e) = mesh.send_acp(&out.node, out.message).await {
+            debug!(node = %out.node, error = %e, "frame not sent");
+            if let Some(attempt) = out.attempt {
+                let _ = coordinator.cast(CoordinatorMsg::SendFailed {
+                    attempt,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The discovery actor: puts the replicated registry (`registry`, no I/O) on the mesh.
+//! Local agents register here (REGISTER -> REGISTER_ACK); changes go to discovery on
+//! every other node, in order, and theirs come here, each accepted only from the node
+//! it speaks for; a node declared down has its agents purged. Agent ownership feeds the
+//! transport, which then refuses frames from a peer speaking for an agent not its own.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health, RegisterAck};
+use agentmesh_runtime::transport::OwnershipTable;
+use agentmesh_runtime::{ActorAddr, FromPeer, Mesh};
+
+use crate::registry::{AgentRecord, Registry, RegistryDelta, RegistryOutput};
+use crate::service::DISCOVERY_SERVICE;
+use crate::workers::WorkersMsg;
+
+/// Agents the registry holds at most, cluster-wide.
+pub const MAX_AGENTS: usize = 1_000_000;
+/// Deltas waiting to go out at most; past that the node sends its whole list instead.
+const OUTBOX: usize = 4_096;
+/// How often every node's whole list is sent again (repairs anything lost).
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+
+/// What discovery handles.
+pub enum DiscoveryMsg {
+    /// REGISTER from a local agent.
+    Register {
+        /// Its type.
+        agent_type: String,
+        /// What it can do.
+        capabilities: Vec<Capability>,
+        /// Its coordination group.
+        group: u16,
+        /// REGISTER_ACK, or why not.
+        reply: RpcReplyPort<Result<RegisterAck, String>>,
+    },
+    /// A local agent is gone.
+    Deregister(u32),
+    /// A local agent's load and health changed.
+    Update {
+        /// The agent.
+        agent: u32,
+        /// Segments in hand.
+        load: u32,
+        /// Health.
+        health: Health,
+    },
+    /// QUERY_CAPABLE_AGENTS -> LIST_AGENTS.
+    Query {
+        /// The capability.
+        capability: String,
+        /// Tags it must have.
+        tags: Vec<String>,
+        /// At most this many (0: all).
+        limit: usize,
+        /// The answer.
+        reply: RpcReplyPort<Vec<AgentInfo>>,
+    },
+    /// Every agent known.
+    List(RpcReplyPort<Vec<AgentRecord>>),
+    /// The node an agent runs on.
+    Locate(u32, RpcReplyPort<Option<String>>),
+    /// A delta from another node.
+    Delta(FromPeer<RegistryDelta>),
+    /// A node came up: it gets our whole list.
+    NodeUp(String),
+    /// A node is down: its agents are purged.
+    NodeDown(String),
+    /// Where to tell about local agents that changed ID after a collision.
+    SetWorkers(ActorRef<WorkersMsg>),
+    /// Send our whole list to everyone (periodic repair).
+    Resync,
+}
+
+/// The discovery actor.
+pub struct Discovery;
+
+/// How discovery starts.
+pub struct DiscoveryArgs {
+    /// The node's mesh.
+    pub mesh: Mesh,
+    /// Nodes up when discovery starts.
+    pub members: Vec<String>,
+    /// Seed for Agent IDs.
+    pub seed: u64,
+}
+
+/// Discovery's state.
+pub struct DiscoveryState {
+    registry: Registry,
+    ownership: Arc<OwnershipTable>,
+    members: BTreeSet<String>,
+    outbox: mpsc::Sender<(Vec<String>, RegistryDelta)>,
+    /// A delta could not be queued: send the whole list at the next resync.
+    behind: bool,
+    workers: Option<ActorRef<WorkersMsg>>,
+}
+
+impl Actor for Discovery {
+    type Msg = DiscoveryMsg;
+    type State = DiscoveryState;
+    type Arguments = DiscoveryArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DiscoveryMsg>,
+        args: DiscoveryArgs,
+    ) -> Result<DiscoveryState, ActorProcessingErr> {
+        args.mesh
+            .register_service(DISCOVERY_SERVICE, myself.clone(), DiscoveryMsg::Delta)?;
+        let (outbox, queue) = mpsc::channel(OUTBOX);
+        tokio::spawn(send_deltas(args.mesh.clone(), queue));
+        drop(myself.send_interval(RESYNC_EVERY, || DiscoveryMsg::Resync));
+        let state = DiscoveryState {
+            registry: Registry::new(args.mesh.node(), MAX_AGENTS, args.seed),
+            ownership: args.mesh.ownership(),
+            members: args.members.into_iter().collect(),
+            outbox,
+            behind: false,
+            workers: None,
+        };
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<DiscoveryMsg>,
+        msg: DiscoveryMsg,
+        state: &mut DiscoveryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DiscoveryMsg::Register {
+                agent_type,
+                capabilities,
+                group,
+                reply,
+            } => {
+                let answer = state
+                    .registry
+                    .register(&agent_type, capabilities, group)
+                    .map(|record| RegisterAck {
+                        nonce: 0,
+                        agent: record.agent,
+                        group,
+                    })
+                    .map_err(|e| e.to_string());
+                if let Ok(ack) = &answer {
+                    info!(agent = ack.agent, %agent_type, group, "agent registered");
+                }
+                let _ = reply.send(answer);
+            }
+            DiscoveryMsg::Deregister(agent) => state.registry.deregister(agent),
+            DiscoveryMsg::Update {
+                agent,
+                load,
+                health,
+            } => state.registry.update(agent, load, health),
+            DiscoveryMsg::Query {
+                capability,
+                tags,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(state.registry.query(&capability, &tags, limit));
+            }
+            DiscoveryMsg::List(reply) => {
+                let mut all = Vec::with_capacity(state.registry.len());
+                all.extend(state.registry.records().cloned());
+                let _ = reply.send(all);
+            }
+            DiscoveryMsg::Locate(agent, reply) => {
+                let _ = reply.send(state.registry.get(agent).map(|r| r.node.clone()));
+            }
+            DiscoveryMsg::Delta(FromPeer { peer, message }) => {
+                if let Err(e) = state.registry.handle_delta(&peer, message) {
+                    warn!(%peer, error = %e, "registry delta refused");
+                    metrics::counter!("agentmesh_registry_deltas_refused_total").increment(1);
+                }
+            }
+            DiscoveryMsg::NodeUp(node) => {
+                if node != state.registry.me() {
+                    state.members.insert(node.clone());
+                    let full = state.registry.full_delta();
+                    state.queue(vec![node], full);
+                }
+            }
+            DiscoveryMsg::NodeDown(node) => {
+                state.members.remove(&node);
+                state.registry.handle_node_down(&node);
+            }
+            DiscoveryMsg::SetWorkers(workers) => state.workers = Some(workers),
+            DiscoveryMsg::Resync => {
+                if state.behind || !state.members.is_empty() {
+                    state.behind = false;
+                    let targets: Vec<String> = state.members.iter().cloned().collect();
+                    let full = state.registry.full_delta();
+                    state.queue(targets, full);
+                }
+            }
+        }
+        state.drain();
+        Ok(())
+    }
+}
+
+impl DiscoveryState {
+    fn queue(&mut self, targets: Vec<String>, delta: RegistryDelta) {
+        if targets.is_empty() {
+            return;
+        }
+        if self.outbox.try_send((targets, delta)).is_err() {
+            self.behind = true;
+        }
+    }
+
+    /// Carries out what the registry asked for.
+    fn drain(&mut self) {
+        while let Some(output) = self.registry.poll() {
+            match output {
+                RegistryOutput::Broadcast(delta) => {
+                    let targets: Vec<String> = self.members.iter().cloned().collect();
+                    self.queue(targets, delta);
+                }
+                RegistryOutput::Own { agent, node } => self.ownership.assign(agent, &node),
+                RegistryOutput::Disown { agent } => self.ownership.remove(agent),
+                RegistryOutput::Reidentified { old, new } => {
+                    info!(
+                        old,
+                        new, "a local agent lost an ID collision and was renumbered"
+                    );
+                    if let Some(w) = &self.workers {
+                        let _ = w.cast(WorkersMsg::Reidentified { old, new });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends deltas in the order they were made, one node after another.
+async fn send_deltas(mesh: Mesh, mut queue: mpsc::Receiver<(Vec<String>, RegistryDelta)>) {
+    while let Some((targets, delta)) = queue.recv().await {
+        for node in targets {
+            let addr = ActorAddr {
+                node,
+                name: DISCOVERY_SERVICE.into(),
+            };
+            if let Err(e) = mesh.send_to(&addr, delta.clone()).await {
+                debug!(node = %addr.node, error = %e, "registry delta not sent");
+            }
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The agent layer of one node: starts discovery, the worker host, the coordinator
+//! and the policy actor under one supervisor on top of a running `Node`, routes ACP
+//! frames to them through bounded queues, feeds them membership changes, and lets a
+//! program add its agents. This is what `agentmesh node --agents …` and
+//! `agentmesh::Cli` run.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use agentmesh_runtime::transport::clock::{Clock, SystemClock};
+use agentmesh_runtime::transport::wire::{Message, MessageType};
+use agentmesh_runtime::{ActorAddr, ClusterEvent, FromPeer, MemberState, Mesh, Node};
+
+use crate::agent::Agent;
+use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg};
+use crate::discovery::{Discovery, DiscoveryArgs, DiscoveryMsg};
+use crate::ledger::LedgerConfig;
+use crate::policy::{Policy, PolicyError, VersionedPolicy};
+use crate::service::{
+    AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied, SubmitRequest, TaskOutcome,
+    POLICY_SERVICE, POLICY_SPREAD_SERVICE,
+};
+use crate::worker::{WorkerArgs, WorkerSupervisor};
+use crate::workers::{Workers, WorkersArgs, WorkersMsg};
+
+/// ACP frames queued for the workers or the coordinator at most; more are shed.
+const ACP_QUEUE: usize = 4_096;
+/// Of those, handed to the actor's mailbox at once (the mailbox stays bounded).
+const ACP_IN_MAILBOX: usize = 1_024;
+/// Worker events queued per agent at most (replicas wait when it is full).
+const EVENTS_PER_AGENT: usize = 1_024;
+
+/// The policy in force on this node, shared by the actors that enforce it.
+#[derive(Clone)]
+pub struct PolicyStore {
+    inner: Arc<RwLock<(VersionedPolicy, Arc<Policy>)>>,
+}
+
+impl PolicyStore {
+    /// A store holding `policy`, read from `text`, as version 0 (a node's start-up
+    /// file; any policy applied later replaces it).
+    pub fn new(policy: Policy, text: String, origin: &str) -> PolicyStore {
+        let versioned = VersionedPolicy {
+            version: 0,
+            origin: origin.to_string(),
+            text,
+        };
+        PolicyStore {
+            inner: Arc::new(RwLock::new((versioned, Arc::new(policy)))),
+        }
+    }
+
+    /// The policy now.
+    pub fn get(&self) -> Arc<Policy> {
+        self.inner.read().map(|g| g.1.clone()).unwrap_or_default()
+    }
+
+    /// The policy now, with its version.
+    pub fn current(&self) -> VersionedPolicy {
+        self.inner
+            .read()
+            .map(|g| g.0.clone())
+            .unwrap_or_else(|_| VersionedPolicy {
+                version: 0,
+                origin: String::new(),
+                text: String::new(),
+            })
+    }
+
+    /// Takes `offered` if it is newer than the policy in force and valid; true if it
+    /// replaced it.
+    pub fn offer(&self, offered: VersionedPolicy) -> Result<bool, PolicyError> {
+        let policy = Policy::from_toml(&offered.text)?;
+        let mut guard = self
+            .inner
+            .write()
+            .map_err(|_| PolicyError::Parse("policy store poisoned".into()))?;
+        if !offered.newer_than(&guard.0) {
+            return Ok(false);
+        }
+        *guard = (offered, Arc::new(policy));
+        Ok(true)
+    }
+}
+
+/// How a node's agent layer is set up.
+#[derive(Clone, Debug, Default)]
+pub struct HostConfig {
+    /// The coordination group agents join unless told otherwise.
+    pub group: u16,
+    /// The policy file's text, read at start (`--policy FILE`).
+    pub policy: Option<String>,
+    /// Ledger tuning for the coordinator.
+    pub ledger: LedgerConfig,
+}
+
+/// Why the agent layer could not start or take an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The policy file is not valid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// An actor could not start.
+    #[error("cannot start {what}: {reason}")]
+    Start {
+        /// Which actor.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Discovery refused the agent.
+    #[error("cannot register agent {agent_type:?}: {reason}")]
+    Register {
+        /// The agent's type.
+        agent_type: String,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator did not answer.
+    #[error("the coordinator did not answer: {0}")]
+    Coordinator(String),
+}
+
+fn start_err(what: &'static str) -> impl Fn(ractor::SpawnErr) -> HostError {
+    move |e| HostError::Start {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// The agent layer of a running node.
+pub struct AgentHost {
+    discovery: ActorRef<DiscoveryMsg>,
+    workers: ActorRef<WorkersMsg>,
+    coordinator: ActorRef<CoordinatorMsg>,
+    policy: PolicyStore,
+    group: u16,
+    supervisor: ActorRef<()>,
+    stopped: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl AgentHost {
+    /// Starts discovery, the worker host, the coordinator and the policy actor on
+    /// `node`.
+    pub async fn start(node: &Node, config: HostConfig) -> Result<AgentHost, HostError> {
+        let mesh = node.mesh().clone();
+        let me = node.me().name.clone();
+        let text = config.policy.clone().unwrap_or_default();
+        let policy = PolicyStore::new(Policy::from_toml(&text)?, text, &me);
+        let (stopped_tx, stopped) = watch::channel(false);
+        let (supervisor, _) = Actor::spawn(None, HostSupervisor, stopped_tx)
+            .await
+            .map_err(start_err("the agent supervisor"))?;
+        let cell = supervisor.get_cell();
+        let members: Vec<String> = node
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.state == MemberState::Up)
+            .map(|m| m.name)
+            .collect();
+        let seed = node.me().incarnation ^ 0x9e37_79b9_7f4a_7c15;
+        let (discovery, _) = Actor::spawn_linked(
+            None,
+            Discovery,
+            DiscoveryArgs {
+                mesh: mesh.clone(),
+                members: members.clone(),
+                seed,
+            },
+            cell.clone(),
+        )
+        .await
+        .map_err(start_err("discovery"))?;
+        let (workers, _) = Actor::spawn_linked(
+            None,
+            Workers,
+            WorkersArgs {
+                mesh: mesh.clone(),
+                discovery: discovery.clone(),
+                policy: policy.clone(),
+            },
+            cell.clone(),
+        )
+        .await
+        .map_err(start_err("the worker host"))?;
+        let _ = discovery.cast(DiscoveryMsg::SetWorkers(workers.clone()));
+        let (coordinator, _) = Actor::spawn_linked(
+            None,
+            Coordinator,
+            CoordinatorArgs {
+                mesh: mesh.clone(),
+                discovery: discovery.clone(),
+                policy: policy.clone(),
+                ledger: config.ledger,
+            },
+            cell.clone(),
+        )
+        .await
+        .map_err(start_err("the coordinator"))?;
+        let (policy_actor, _) = Actor::spawn_linked(
+            None,
+            PolicyActor,
+            PolicyArgs {
+                mesh: mesh.clone(),
+                store: policy.clone(),
+                members,
+            },
+            cell,
+        )
+        .await
+        .map_err(start_err("the policy actor"))?;
+
+        let mut tasks = Vec::new();
+        let (to_workers, rx) = mpsc::channel(ACP_QUEUE);
+        mesh.route_acp(
+            &[
+                MessageType::Allocate,
+                MessageType::Adjust,
+                MessageType::Sync,
+                MessageType::SyncAck,
+            ],
+            to_workers,
+        );
+        tasks.push(tokio::spawn(pump(rx, workers.clone(), WorkersMsg::Acp)));
+        let (to_coordinator, rx) = mpsc::channel(ACP_QUEUE);
+        mesh.route_acp(&[MessageType::Report], to_coordinator);
+        tasks.push(tokio::spawn(pump(
+            rx,
+            coordinator.clone(),
+            CoordinatorMsg::Acp,
+        )));
+        tasks.push(tokio::spawn(follow_membership(
+            node.subscribe(),
+            discovery.clone(),
+            coordinator.clone(),
+            policy_actor,
+        )));
+        info!(node = %me, group = config.group, "agent layer started");
+        Ok(AgentHost {
+            discovery,
+            workers,
+            coordinator,
+            policy,
+            group: config.group,
+            supervisor,
+            stopped,
+            tasks,
+        })
+    }
+
+    /// Runs `agent` with `replicas` segments at once on this node, in the default
+    /// group; returns its Agent ID.
+    pub async fn add<A: Agent>(&self, agent: A, replicas: usize) -> Result<u32, HostError> {
+        self.add_in_group(agent, replicas, self.group).await
+    }
+
+    /// Like [`AgentHost::add`], in coordination group `group`.
+    pub async fn add_in_group<A: Agent>(
+        &self,
+        agent: A,
+        replicas: usize,
+        group: u16,
+    ) -> Result<u32, HostError> {
+        let replicas = replicas.max(1);
+        let agent_type = agent.agent_type().to_string();
+        let mut capabilities = agent.capabilities();
+        for c in &mut capabilities {
+            c.capacity = replicas as u32;
+        }
+        let (events, mut events_rx) = mpsc::channel(EVENTS_PER_AGENT);
+        let (supervisor, _) = Actor::spawn_linked(
+            None,
+            WorkerSupervisor::<A>::default(),
+            WorkerArgs {
+                agent: Arc::new(agent),
+                replicas,
+                events,
+            },
+            self.workers.get_cell(),
+        )
+        .await
+        .map_err(start_err("a worker supervisor"))?;
+        let register = ractor::call!(self.discovery, |reply| DiscoveryMsg::Register {
+            agent_type: agent_type.clone(),
+            capabilities,
+            group,
+            reply,
+        });
+        let ack = match register {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(reason)) => {
+                supervisor.stop(None);
+                return Err(HostError::Register { agent_type, reason });
+            }
+            Err(e) => {
+                supervisor.stop(None);
+                return Err(HostError::Register {
+                    agent_type,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let _ = self.workers.cast(WorkersMsg::Add {
+            agent: ack.agent,
+            agent_type,
+            group,
+            supervisor,
+        });
+        let (workers, agent) = (self.workers.clone(), ack.agent);
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                if workers.cast(WorkersMsg::Event(agent, event)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ack.agent)
+    }
+
+    /// Submits a task to this node's coordinator and waits for its end.
+    pub async fn submit(&self, request: SubmitRequest) -> Result<TaskOutcome, HostError> {
+        ractor::call!(self.coordinator, CoordinatorMsg::Submit, request)
+            .map_err(|e| HostError::Coordinator(e.to_string()))
+    }
+
+    /// The agents this node knows and the tasks its coordinator runs.
+    pub async fn status(&self) -> Result<AgentsStatus, HostError> {
+        ractor::call!(self.coordinator, CoordinatorMsg::Status, AgentsRequest {})
+            .map_err(|e| HostError::Coordinator(e.to_string()))
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &PolicyStore {
+        &self.policy
+    }
+
+    /// Resolves if one of the layer's actors failed (the layer stops; the node should
+    /// too, and be restarted by whatever runs it).
+    pub async fn stopped(&mut self) {
+        let _ = self.stopped.wait_for(|s| *s).await;
+    }
+
+    /// Stops the agent layer.
+    pub fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.supervisor.stop(Some("node stopping".into()));
+    }
+}
+
+/// Moves routed ACP frames into an actor's mailbox, at most [`ACP_IN_MAILBOX`] at once.
+async fn pump<M: ractor::Message>(
+    mut rx: mpsc::Receiver<FromPeer<Message>>,
+    actor: ActorRef<M>,
+    wrap: fn(FromPeer<Message>, OwnedSemaphorePermit) -> M,
+) {
+    let permits = Arc::new(Semaphore::new(ACP_IN_MAILBOX));
+    while let Some(item) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        if actor.cast(wrap(item, permit)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Tells the actors about nodes coming and going.
+async fn follow_membership(
+    mut events: broadcast::Receiver<ClusterEvent>,
+    discovery: ActorRef<DiscoveryMsg>,
+    coordinator: ActorRef<CoordinatorMsg>,
+    policy: ActorRef<PolicyMsg>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(ClusterEvent::NodeUp(id)) => {
+                let _ = discovery.cast(DiscoveryMsg::NodeUp(id.name.clone()));
+                let _ = policy.cast(PolicyMsg::NodeUp(id.name));
+            }
+            Ok(ClusterEvent::NodeDown(id)) => {
+                let _ = discovery.cast(DiscoveryMsg::NodeDown(id.name.clone()));
+                let _ = coordinator.cast(CoordinatorMsg::NodeDown(id.name.clone()));
+                let _ = policy.cast(PolicyMsg::NodeDown(id.name));
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "membership events missed; the periodic resync repairs the registry"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Supervises the layer's actors: any failure stops the layer (their state, the
+/// ledger above all, cannot be rebuilt from nothing; the node is restarted whole).
+struct HostSupervisor;
+
+impl Actor for HostSupervisor {
+    type Msg = ();
+    type State = watch::Sender<bool>;
+    type Arguments = watch::Sender<bool>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<()>,
+        stopped: watch::Sender<bool>,
+    ) -> Result<watch::Sender<bool>, ActorProcessingErr> {
+        Ok(stopped)
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<()>,
+        stopped: &mut watch::Sender<bool>,
+    ) -> Result<(), ActorProcessingErr> {
+        stopped.send_replace(true);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<()>,
+        event: SupervisionEvent,
+        _: &mut watch::Sender<bool>,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, e) = event {
+            error!(actor = ?cell.get_id(), error = %e, "an agent-layer actor failed; stopping the agent layer");
+            myself.stop(Some("an agent-layer actor failed".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What the policy actor handles.
+pub enum PolicyMsg {
+    /// `agentmesh policy apply`.
+    Apply(ApplyPolicy, RpcReplyPort<PolicyApplied>),
+    /// A policy spread by another node.
+    Spread(FromPeer<VersionedPolicy>),
+    /// A node came up: it gets the policy in force.
+    NodeUp(String),
+    /// A node is down.
+    NodeDown(String),
+}
+
+struct PolicyActor;
+
+struct PolicyArgs {
+    mesh: Mesh,
+    store: PolicyStore,
+    members: Vec<String>,
+}
+
+struct PolicyState {
+    mesh: Mesh,
+    store: PolicyStore,
+    members: BTreeSet<String>,
+}
+
+impl Actor for PolicyActor {
+    type Msg = PolicyMsg;
+    type State = PolicyState;
+    type Arguments = PolicyArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PolicyMsg>,
+        args: PolicyArgs,
+    ) -> Result<PolicyState, ActorProcessingErr> {
+        args.mesh.register_service_rpc(
+            POLICY_SERVICE,
+            myself.clone(),
+            PolicyMsg::Apply,
+            Duration::from_secs(10),
+        )?;
+        args.mesh
+            .register_service(POLICY_SPREAD_SERVICE, myself, PolicyMsg::Spread)?;
+        Ok(PolicyState {
+            mesh: args.mesh,
+            store: args.store,
+            members: args.members.into_iter().collect(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<PolicyMsg>,
+        msg: PolicyMsg,
+        state: &mut PolicyState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PolicyMsg::Apply(ApplyPolicy { text }, reply) => {
+                let current = state.store.current();
+                let offered = VersionedPolicy {
+                    version: SystemClock.now_unix_ms().max(current.version + 1),
+                    origin: state.mesh.node().to_string(),
+                    text,
+                };
+                let error = match state.store.offer(offered.clone()) {
+                    Ok(_) => {
+                        info!(version = offered.version, "policy applied");
+                        for node in state.members.clone() {
+                            state.spread(node, offered.clone());
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "policy refused");
+                        Some(e.to_string())
+                    }
+                };
+                let now = state.store.current();
+                let _ = reply.send(PolicyApplied {
+                    version: now.version,
+                    origin: now.origin,
+                    groups: state.store.get().groups.len(),
+                    error,
+                });
+            }
+            PolicyMsg::Spread(FromPeer { peer, message }) => {
+                if message.version == 0 {
+                    return Ok(()); // Start-up files stay on their node.
+                }
+                match state.store.offer(message) {
+                    Ok(true) => info!(from = %peer, "policy updated by another node"),
+                    Ok(false) => {}
+                    Err(e) => warn!(from = %peer, error = %e, "policy from another node refused"),
+                }
+            }
+            PolicyMsg::NodeUp(node) => {
+                state.members.insert(node.clone());
+                let current = state.store.current();
+                if current.version > 0 {
+                    state.spread(node, current);
+                }
+            }
+            PolicyMsg::NodeDown(node) => {
+                state.members.remove(&node);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PolicyState {
+    fn spread(&self, node: String, policy: VersionedPolicy) {
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            let addr = ActorAddr {
+                node,
+                name: POLICY_SPREAD_SERVICE.into(),
+            };
+            if let Err(e) = mesh.send_to(&addr, policy).await {
+                warn!(node = %addr.node, error = %e, "policy not spread");
+            }
+        });
+    }
+}

@@ -1,0 +1,210 @@
+//! The node services' names and the requests and answers they exchange as actor
+//! messages (ENVELOPE): what `agentmesh submit`, `status` and `policy apply` send, and
+//! what nodes tell each other about their agents and the policy.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use agentmesh_runtime::RemoteMessage;
+
+use crate::policy::VersionedPolicy;
+use crate::registry::{AgentRecord, RegistryDelta};
+
+/// Discovery on every node: takes registry deltas from the others.
+pub const DISCOVERY_SERVICE: &str = "agentmesh.discovery";
+/// The coordinator on every node: takes submissions and answers status.
+pub const COORDINATOR_SERVICE: &str = "agentmesh.coordinator";
+/// The status of agents and tasks on every node.
+pub const AGENTS_SERVICE: &str = "agentmesh.agents";
+/// The policy on every node: takes a new file, and policies spread by other nodes.
+pub const POLICY_SERVICE: &str = "agentmesh.policy";
+/// Where nodes spread policies (kept apart from `apply`, which answers).
+pub const POLICY_SPREAD_SERVICE: &str = "agentmesh.policy.spread";
+
+impl RemoteMessage for RegistryDelta {
+    const KIND: &'static str = "agentmesh.registry.delta";
+
+    fn priority(&self) -> u8 {
+        160
+    }
+}
+
+impl RemoteMessage for VersionedPolicy {
+    const KIND: &'static str = "agentmesh.policy.spread";
+
+    fn priority(&self) -> u8 {
+        224
+    }
+}
+
+/// A task, as submitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// The capability every segment needs.
+    pub capability: String,
+    /// Tags the agents must have too.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The task's priority, 0..=255 (default: its group's, from the policy).
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// The coordination group the task acts in.
+    #[serde(default)]
+    pub group: u16,
+    /// Each segment's input, as the agent decodes it (msgpack).
+    pub inputs: Vec<serde_bytes_vec::Blob>,
+}
+
+impl RemoteMessage for SubmitRequest {
+    const KIND: &'static str = "agentmesh.task.submit";
+
+    fn priority(&self) -> u8 {
+        160
+    }
+}
+
+/// `completed` or `failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Every segment has a result.
+    Completed,
+    /// The task cannot complete (see the reason).
+    Failed,
+}
+
+/// How a task ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    /// The task's id.
+    pub task: Uuid,
+    /// How it ended.
+    pub status: TaskStatus,
+    /// Segments in the task.
+    pub segments: u32,
+    /// Distinct segments completed.
+    pub completed: u32,
+    /// Result copies discarded because the segment already had one.
+    pub duplicates_discarded: u64,
+    /// Attempts started again elsewhere.
+    pub reallocated: u64,
+    /// From submission to the end, at the coordinator.
+    pub elapsed_ms: u64,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Each segment's result (msgpack of the agent's output), in segment order;
+    /// empty when the task failed.
+    pub results: Vec<serde_bytes_vec::Blob>,
+}
+
+impl RemoteMessage for TaskOutcome {
+    const KIND: &'static str = "agentmesh.task.submit";
+}
+
+/// A request for the agents and tasks a node knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentsRequest {}
+
+impl RemoteMessage for AgentsRequest {
+    const KIND: &'static str = "agentmesh.agents.status";
+}
+
+/// A task still running at a coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    /// The task's id.
+    pub task: Uuid,
+    /// The capability it needs.
+    pub capability: String,
+    /// Its priority.
+    pub priority: u8,
+    /// Its group.
+    pub group: u16,
+    /// Segments in it.
+    pub segments: u32,
+    /// Segments completed so far.
+    pub completed: u32,
+    /// Reallocations so far.
+    pub reallocated: u64,
+    /// Since submission.
+    pub elapsed_ms: u64,
+}
+
+/// The agents a node knows (cluster-wide) and the tasks its coordinator runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentsStatus {
+    /// Every agent in the replicated registry, by Agent ID.
+    pub agents: Vec<AgentRecord>,
+    /// Tasks running at this node's coordinator.
+    pub tasks: Vec<TaskSummary>,
+}
+
+impl RemoteMessage for AgentsStatus {
+    const KIND: &'static str = "agentmesh.agents.status";
+}
+
+/// A new policy file for `agentmesh policy apply`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyPolicy {
+    /// The file's text (TOML).
+    pub text: String,
+}
+
+impl RemoteMessage for ApplyPolicy {
+    const KIND: &'static str = "agentmesh.policy.apply";
+
+    fn priority(&self) -> u8 {
+        224
+    }
+}
+
+/// The policy now in force at the node asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// Its version (Unix ms when it was applied).
+    pub version: u64,
+    /// The node it was applied at.
+    pub origin: String,
+    /// Groups with rules.
+    pub groups: usize,
+    /// Why the file was refused (the policy above stays in force).
+    pub error: Option<String>,
+}
+
+impl RemoteMessage for PolicyApplied {
+    const KIND: &'static str = "agentmesh.policy.apply";
+}
+
+/// Byte strings carried as msgpack `bin` (not arrays of integers).
+pub mod serde_bytes_vec {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// A byte string that serializes as msgpack `bin`.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Blob(pub Vec<u8>);
+
+    impl Serialize for Blob {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Blob {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Blob, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = Blob;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a byte string")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+                    Ok(Blob(v.to_vec()))
+                }
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+                    Ok(Blob(v))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! The node's worker host: the actor between ACP and the worker supervisors of this
+//! node's agents. ALLOCATE from a coordinator (checked against the policy and the
+//! agent's rate limit) becomes a run on the agent's supervisor; the attempt's progress
+//! goes back as REPORT datagrams and its end as a REPORT on the coordination lane;
+//! ADJUST from the task's coordinator reaches the running segment; SYNC and SYNC_ACK go
+//! worker to worker, never through the coordinator.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use agentmesh_runtime::transport::wire::payload::{
+    Adjust, Allocate, Health, Report, Sync, SyncAck,
+};
+use agentmesh_runtime::transport::wire::{Header, Message, Payload};
+use agentmesh_runtime::{FromPeer, Mesh};
+
+use crate::agent::{Adjustment, SyncEvent};
+use crate::discovery::DiscoveryMsg;
+use crate::host::PolicyStore;
+use crate::policy::RateLimiter;
+use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
+
+/// Frames waiting to go out from this host at most (the host waits when it is full).
+const OUTBOX: usize = 4_096;
+/// Stream Prio of final REPORTs: the coordination lane, reliable and in order.
+const FINAL_REPORT_PRIO: u8 = 160;
+
+/// What the worker host handles.
+pub enum WorkersMsg {
+    /// A local agent registered: its supervisor takes its allocations.
+    Add {
+        /// Its Agent ID.
+        agent: u32,
+        /// Its type.
+        agent_type: String,
+        /// Its coordination group.
+        group: u16,
+        /// Its supervisor.
+        supervisor: ActorRef<WorkerMsg>,
+    },
+    /// An ACP frame for the workers (ALLOCATE, ADJUST, SYNC, SYNC_ACK).
+    Acp(FromPeer<Message>, OwnedSemaphorePermit),
+    /// What an agent's supervisor reports.
+    Event(u32, WorkerEvent),
+    /// A local agent has a new ID (it lost a collision).
+    Reidentified {
+        /// The ID it had.
+        old: u32,
+        /// The ID it has now.
+        new: u32,
+    },
+}
+
+/// The worker host actor.
+pub struct Workers;
+
+/// How the worker host starts.
+pub struct WorkersArgs {
+    /// The node's mesh.
+    pub mesh: Mesh,
+    /// Discovery on this node.
+    pub discovery: ActorRef<DiscoveryMsg>,
+    /// The policy in force.
+    pub policy: PolicyStore,
+}
+
+struct Slot {
+    group: u16,
+    supervisor: ActorRef<WorkerMsg>,
+    load: u32,
+}
+
+struct AttemptInfo {
+    agent: u32,
+    coordinator: String,
+    coordinator_agent: u32,
+}
+
+/// The worker host's state.
+pub struct WorkersState {
+    mesh: Mesh,
+    discovery: ActorRef<DiscoveryMsg>,
+    policy: PolicyStore,
+    agents: HashMap<u32, Slot>,
+    attempts: HashMap<(Uuid, u32, u32), AttemptInfo>,
+    /// Agents known to work on each task here (from ALLOCATE and from their SYNCs).
+    rosters: HashMap<Uuid, BTreeSet<u32>>,
+    /// Our agents' own hashes, by (task, agent, round), to answer SYNC_ACK.
+    hashes: HashMap<(Uuid, u32, u32), Vec<u8>>,
+    limiter: RateLimiter,
+    epoch: Instant,
+    outbox: mpsc::Sender<Outgoing>,
+}
+
+struct Outgoing {
+    node: String,
+    message: Message,
+    datagram: bool,
+}
+
+impl Actor for Workers {
+    type Msg = WorkersMsg;
+    type State = WorkersState;
+    type Arguments = WorkersArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<WorkersMsg>,
+        args: WorkersArgs,
+    ) -> Result<WorkersState, ActorProcessingErr> {
+        let (outbox, queue) = mpsc::channel(OUTBOX);
+        tokio::spawn(send_frames(args.mesh.clone(), queue));
+        Ok(WorkersState {
+            mesh: args.mesh,
+            discovery: args.discovery,
+            policy: args.policy,
+            agents: HashMap::new(),
+            attempts: HashMap::new(),
+            rosters: HashMap::new(),
+            hashes: HashMap::new(),
+            limiter: RateLimiter::default(),
+            epoch: Instant::now(),
+            outbox,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<WorkersMsg>,
+        msg: WorkersMsg,
+        state: &mut WorkersState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkersMsg::Add {
+                agent,
+                agent_type,
+                group,
+                supervisor,
+            } => {
+                debug!(agent, %agent_type, group, "worker added");
+                state.agents.insert(
+                    agent,
+                    Slot {
+                        group,
+                        supervisor,
+                        load: 0,
+                    },
+                );
+            }
+            WorkersMsg::Acp(FromPeer { peer, message }, permit) => {
+                state.on_acp(&peer, message).await;
+                drop(permit);
+            }
+            WorkersMsg::Event(agent, event) => state.on_event(agent, event).await,
+            WorkersMsg::Reidentified { old, new } => {
+                if let Some(slot) = state.agents.remove(&old) {
+                    state.agents.insert(new, slot);
+                }
+                for a in state.attempts.values_mut().filter(|a| a.agent == old) {
+                    a.agent = new;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WorkersState {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    async fn on_acp(&mut self, peer: &str, message: Message) {
+        let header = message.header;
+        let payload = match Payload::decode(header.msg_type, &message.body) {
+            Ok(p) => p,
+            Err(e) => {
+                // The transport checked the frame; a payload that does not decode is
+                // the sender's bug: drop it, tell the logs, go on serving others.
+                return warn!(%peer, msg_type = %header.msg_type, error = %e, "payload refused");
+            }
+        };
+        match payload {
+            Payload::Allocate(a) => self.on_allocate(peer, header, a).await,
+            Payload::Adjust(a) => self.on_adjust(peer, a),
+            Payload::Sync(s) => self.on_sync(peer, header, s).await,
+            Payload::SyncAck(s) => self.on_sync_ack(header, s),
+            other => debug!(%peer, msg_type = %other.msg_type(), "not for the workers"),
+        }
+    }
+
+    async fn on_allocate(&mut self, peer: &str, header: Header, a: Allocate) {
+        let key = (a.task, a.segment, a.attempt);
+        if self.attempts.contains_key(&key) {
+            return; // The same ALLOCATE again: the attempt runs already.
+        }
+        let now_ms = self.now_ms();
+        let refusal = match self.agents.get(&a.target) {
+            None => Some(format!(
+                "no agent {} on node {}",
+                a.target,
+                self.mesh.node()
+            )),
+            Some(slot) => {
+                let policy = self.policy.get();
+                if !policy.allows(header.group, slot.group) {
+                    deny("group", header.group, slot.group);
+                    Some(format!(
+                        "denied by policy: group {} may not send to group {}",
+                        header.group, slot.group
+                    ))
+                } else if let Some(rate) = policy.rate_per_agent(slot.group) {
+                    if self.limiter.allow(a.target, rate, now_ms) {
+                        None
+                    } else {
+                        deny("rate", header.group, slot.group);
+                        Some(format!(
+                            "rate limited: agent {} takes {rate} allocations per second",
+                            a.target
+                        ))
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(reason) = refusal {
+            warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused");
+            let report = Report {
+                target: header.agent,
+                task: a.task,
+                segment: a.segment,
+                attempt: a.attempt,
+                progress_permille: 0,
+                health: Health::Ok,
+                load: 0,
+                output: None,
+                error: Some(reason),
+            };
+            let group = self.agents.get(&a.target).map_or(0, |s| s.group);
+            let agent = if self.agents.contains_key(&a.target) {
+                a.target
+            } else {
+                0
+            };
+            if let Some(m) = report_message(report, agent, group, true) {
+                self.send(peer, m, false).await;
+            }
+            return;
+        }
+        let Some(slot) = self.agents.get_mut(&a.target) else {
+            return;
+        };
+        slot.load += 1;
+        let (load, supervisor) = (slot.load, slot.supervisor.clone());
+        let roster = self.rosters.entry(a.task).or_default();
+        roster.extend(a.peers.iter().copied());
+        roster.insert(a.target);
+        self.attempts.insert(
+            key,
+            AttemptInfo {
+                agent: a.target,
+                coordinator: peer.to_string(),
+                coordinator_agent: header.agent,
+            },
+        );
+        let run = WorkerMsg::Run(Allocation {
+            task: a.task,
+            segment: a.segment,
+            attempt: a.attempt,
+            input: a.input.to_vec(),
+            priority: header.prio,
+        });
+        if supervisor.cast(run).is_err() {
+            self.on_event(
+                a.target,
+                WorkerEvent::Failed {
+                    allocation: key,
+                    reason: "the agent's supervisor has stopped".into(),
+                },
+            )
+            .await;
+            return;
+        }
+        let _ = self.discovery.cast(DiscoveryMsg::Update {
+            agent: a.target,
+            load,
+            health: Health::Ok,
+        });
+    }
+
+    fn on_adjust(&mut self, peer: &str, a: Adjust) {
+        let from_coordinator = self
+            .attempts
+            .iter()
+            .any(|((task, _, _), info)| *task == a.task && info.coordinator == peer);
+        if !from_coordinator {
+            metrics::counter!("agentmesh_adjust_refused_total").increment(1);
+            return debug!(%peer, task = %a.task, "ADJUST from a node that does not coordinate this task");
+        }
+        let Some(slot) = self.agents.get(&a.target) else {
+            return;
+        };
+        let _ = slot.supervisor.cast(WorkerMsg::Adjust {
+            task: a.task,
+            segment: a.segment,
+            adjustment: Adjustment {
+                params: a.params,
+                priority: a.priority,
+                cancelled: a.cancel,
+            },
+        });
+    }
+
+    async fn on_sync(&mut self, peer: &str, header: Header, s: Sync) {
+        let Some(slot) = self.agents.get(&s.target) else {
+            return;
+        };
+        let mine = self.hashes.get(&(s.task, s.target, s.round));
+        let agreed = mine.is_some_and(|h| h.as_slice() == s.hash.as_ref());
+        let _ = slot.supervisor.cast(WorkerMsg::Sync {
+            task: s.task,
+            skip_segment: (header.agent == s.target).then_some(s.segment),
+            event: SyncEvent::Sync {
+                from: header.agent,
+                segment: s.segment,
+                round: s.round,
+                hash: s.hash.to_vec(),
+                body: s.body.to_vec(),
+            },
+        });
+        if let Some(roster) = self.rosters.get_mut(&s.task) {
+            roster.insert(header.agent);
+        }
+        let ack = SyncAck {
+            target: header.agent,
+            task: s.task,
+            segment: s.segment,
+            round: s.round,
+            hash: s.hash,
+            agreed,
+        };
+        let group = slot.group;
+        if let Some(m) = encode(Payload::SyncAck(ack), s.target, group, None) {
+            self.send(peer, m, false).await;
+        }
+    }
+
+    fn on_sync_ack(&mut self, header: Header, s: SyncAck) {
+        let Some(slot) = self.agents.get(&s.target) else {
+            return;
+        };
+        let _ = slot.supervisor.cast(WorkerMsg::Sync {
+            task: s.task,
+            skip_segment: None,
+            event: SyncEvent::Ack {
+                from: header.agent,
+                round: s.round,
+                agreed: s.agreed,
+            },
+        });
+    }
+
+    async fn on_event(&mut self, agent: u32, event: WorkerEvent) {
+        let (key, progress, output, error) = match event {
+            WorkerEvent::Progress {
+                allocation,
+                permille,
+            } => (allocation, permille, None, None),
+            WorkerEvent::Done { allocation, output } => {
+                (allocation, 1000, Some(Bytes::from(output)), None)
+            }
+            WorkerEvent::Failed { allocation, reason } => (allocation, 0, None, Some(reason)),
+            WorkerEvent::Sync {
+                allocation,
+                round,
+                hash,
+                body,
+            } => return self.share(agent, allocation, round, hash, body).await,
+        };
+        let is_final = output.is_some() || error.is_some();
+        let Some(info) = (if is_final {
+            self.attempts.remove(&key)
+        } else {
+            self.attempts.get(&key).map(|i| AttemptInfo {
+                agent: i.agent,
+                coordinator: i.coordinator.clone(),
+                coordinator_agent: i.coordinator_agent,
+            })
+        }) else {
+            return;
+        };
+        let (load, group) = match self.agents.get_mut(&info.agent) {
+            Some(slot) => {
+                if is_final {
+                    slot.load = slot.load.saturating_sub(1);
+                }
+                (slot.load, slot.group)
+            }
+            None => (0, 0),
+        };
+        let report = Report {
+            target: info.coordinator_agent,
+            task: key.0,
+            segment: key.1,
+            attempt: key.2,
+            progress_permille: progress,
+            health: Health::Ok,
+            load,
+            output,
+            error,
+        };
+        let message = match report_message(report.clone(), info.agent, group, is_final) {
+            Some(m) => Some(m),
+            None => report_message(
+                Report {
+                    output: None,
+                    error: Some("the result does not encode as a REPORT".into()),
+                    ..report
+                },
+                info.agent,
+                group,
+                is_final,
+            ),
+        };
+        if let Some(message) = message {
+            self.send(&info.coordinator, message, !is_final).await;
+        }
+        if is_final {
+            let _ = self.discovery.cast(DiscoveryMsg::Update {
+                agent: info.agent,
+                load,
+                health: Health::Ok,
+            });
+            if !self.attempts.keys().any(|(t, _, _)| *t == key.0) {
+                self.rosters.remove(&key.0);
+                self.hashes.retain(|(t, _, _), _| *t != key.0);
+            }
+        }
+    }
+
+    /// Sends an agent's SYNC to every other worker of its task that this host knows.
+    async fn share(
+        &mut self,
+        agent: u32,
+        (task, segment, attempt): (Uuid, u32, u32),
+        round: u32,
+        hash: Vec<u8>,
+        body: Vec<u8>,
+    ) {
+        if !self.attempts.contains_key(&(task, segment, attempt)) {
+            return;
+        }
+        self.hashes.insert((task, agent, round), hash.clone());
+        let group = self.agents.get(&agent).map_or(0, |s| s.group);
+        let peers: Vec<u32> = self
+            .rosters
+            .get(&task)
+            .map(|r| r.iter().copied().collect())
+            .unwrap_or_default();
+        for peer_agent in peers {
+            let node = match ractor::call!(self.discovery, DiscoveryMsg::Locate, peer_agent) {
+                Ok(Some(node)) => node,
+                _ => continue,
+            };
+            let sync = Sync {
+                target: peer_agent,
+                task,
+                segment,
+                round,
+                hash: Bytes::from(hash.clone()),
+                body: Bytes::from(body.clone()),
+            };
+            if let Some(m) = encode(Payload::Sync(sync), agent, group, None) {
+                self.send(&node, m, false).await;
+            }
+        }
+    }
+
+    async fn send(&self, node: &str, message: Message, datagram: bool) {
+        let out = Outgoing {
+            node: node.to_string(),
+            message,
+            datagram,
+        };
+        if self.outbox.send(out).await.is_err() {
+            warn!("the worker host's sender has stopped");
+        }
+    }
+}
+
+fn deny(reason: &'static str, from: u16, to: u16) {
+    metrics::counter!(
+        "agentmesh_policy_denials_total",
+        "reason" => reason,
+        "from" => from.to_string(),
+        "to" => to.to_string()
+    )
+    .increment(1);
+}
+
+/// An ACP message from `agent` of `group` with this payload (and Stream Prio, or the
+/// type's default).
+pub(crate) fn encode(
+    payload: Payload,
+    agent: u32,
+    group: u16,
+    prio: Option<u8>,
+) -> Option<Message> {
+    let msg_type = payload.msg_type();
+    match payload.encode() {
+        Ok(body) => {
+            let mut header = Header::new(msg_type);
+            header.agent = agent;
+            header.group = group;
+            if let Some(p) = prio {
+                header.prio = p;
+            }
+            Some(Message::new(header, Bytes::from(body)))
+        }
+        Err(e) => {
+            warn!(%msg_type, error = %e, "cannot encode");
+            None
+        }
+    }
+}
+
+fn report_message(report: Report, agent: u32, group: u16, is_final: bool) -> Option<Message> {
+    let prio = is_final.then_some(FINAL_REPORT_PRIO);
+    encode(Payload::Report(report), agent, group, prio)
+}
+
+/// Sends frames in the order they were queued.
+async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = queue.recv().await {
+        let sent = if out.datagram {
+            mesh.send_acp_datagram(&out.node, out.message).await
+        } else {
+            mesh.send_acp(&out.node, out.message).await
+        };
+        if let Err(e) = sent {
+            debug!(node = %out.node, error = %e, "frame not sent");
+        }
+    }
+}

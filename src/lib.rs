@@ -5,6 +5,11 @@
 //! This facade re-exports the member crates; `agentmesh::prelude` gathers what an
 //! application needs.
 
+pub mod builtin;
+mod cli;
+
+pub use cli::{AgentCatalog, Cli};
+
 pub use agentmesh_actors as actors;
 pub use agentmesh_runtime as runtime;
 pub use agentmesh_sims as sims;
@@ -12,6 +17,13 @@ pub use agentmesh_transport as transport;
 
 pub mod prelude {
     //! The names most applications use.
+    pub use agentmesh_actors::{
+        Adjustment, Agent, AgentError, AgentHost, HostConfig, SegmentContext, SubmitRequest,
+        SyncEvent, TaskOutcome, TaskStatus,
+    };
+    pub use agentmesh_runtime::{Node, NodeConfig};
+
+    pub use crate::Cli;
     pub use agentmesh_transport::wire::payload::{
         Adjust, AgentInfo, Allocate, Capability, Control, ControlOp, Envelope, Health, ListAgents,
         Membership, QueryCapableAgents, Register, RegisterAck, Report, Sync, SyncAck,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use agentmesh::transport::wire::{
+use crate::transport::wire::{
     decode_all, Flags, Frame, Header, MessageType, Payload, MAX_PAYLOAD_LEN, PROTOCOL_VERSION,
 };
 

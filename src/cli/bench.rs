@@ -15,10 +15,10 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use agentmesh::transport::endpoint::bind_socket;
-use agentmesh::transport::tls::{self, ClusterCa, NodeIdentity};
-use agentmesh::transport::wire::{Flags, Header, Message, MessageType};
-use agentmesh::transport::{EndpointConfig, OwnershipTable, PeerHandle, Transport, TransportEvent};
+use crate::transport::endpoint::bind_socket;
+use crate::transport::tls::{self, ClusterCa, NodeIdentity};
+use crate::transport::wire::{Flags, Header, Message, MessageType};
+use crate::transport::{EndpointConfig, OwnershipTable, PeerHandle, Transport, TransportEvent};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -226,7 +226,7 @@ fn plain(prio: u8, body: &Bytes) -> Message {
 /// the rest.
 async fn acp_echo(
     peer: PeerHandle,
-    mut events: agentmesh::transport::TransportEvents,
+    mut events: crate::transport::TransportEvents,
     received: Arc<AtomicU64>,
 ) {
     while let Some(event) = events.recv().await {
@@ -249,7 +249,7 @@ async fn acp_echo(
 /// the transport's event stream, as an owner would.
 async fn acp_round_trips(
     peer: &PeerHandle,
-    events: &mut agentmesh::transport::TransportEvents,
+    events: &mut crate::transport::TransportEvents,
     prio: u8,
     n: usize,
     gap: Option<Duration>,
@@ -272,7 +272,7 @@ async fn acp_round_trips(
     Ok(samples)
 }
 
-async fn next_reply(events: &mut agentmesh::transport::TransportEvents) -> anyhow::Result<()> {
+async fn next_reply(events: &mut crate::transport::TransportEvents) -> anyhow::Result<()> {
     loop {
         match events.recv().await.context("event stream ended")? {
             TransportEvent::Received { .. } => return Ok(()),
@@ -282,7 +282,7 @@ async fn next_reply(events: &mut agentmesh::transport::TransportEvents) -> anyho
 }
 
 async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figures> {
-    let bind = |name: &str| -> anyhow::Result<(Transport, agentmesh::transport::TransportEvents)> {
+    let bind = |name: &str| -> anyhow::Result<(Transport, crate::transport::TransportEvents)> {
         let identity = ca.node_identity(name)?;
         Ok(Transport::bind(
             args.endpoint_config(),
@@ -374,9 +374,9 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     f.urgent_with_bulk_p99_us = percentile_us(&mut busy, 0.99);
     f.lost_packets = to_b.connection_stats().path.lost_packets;
     let _ = tokio::time::timeout(Duration::from_secs(5), bulk).await;
-    a.shutdown(agentmesh::transport::wire::AcpErrorCode::NoError, "done")
+    a.shutdown(crate::transport::wire::AcpErrorCode::NoError, "done")
         .await;
-    b.shutdown(agentmesh::transport::wire::AcpErrorCode::NoError, "done")
+    b.shutdown(crate::transport::wire::AcpErrorCode::NoError, "done")
         .await;
     Ok(f)
 }

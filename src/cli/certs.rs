@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 
-use agentmesh::transport::tls::{validate_node_name, ClusterCa};
+use crate::transport::tls::{validate_node_name, ClusterCa};
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {

@@ -1,18 +1,30 @@
-//! Command-line parsing and dispatch for the `agentmesh` binary.
+//! The `agentmesh` command line, as a library: the `agentmesh` binary is
+//! `Cli::new().run()`, and a program with agents of its own gets the same commands
+//! (node, status, submit, policy …) with `Cli::new().agent::<MyAgent>(replicas).run()`.
 
 mod acp;
 mod bench;
 mod certs;
+mod client;
 mod demo;
 mod node;
+mod policy;
 mod status;
+mod submit;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::actors::{Agent, AgentHost, HostError};
+use crate::builtin;
 
 /// AgentMesh: supervised AI agents across machines, talking ACP over QUIC.
 #[derive(Debug, Parser)]
 #[command(name = "agentmesh", version, about)]
-pub struct Args {
+struct Args {
     #[command(subcommand)]
     command: Command,
 }
@@ -33,8 +45,15 @@ enum Command {
     },
     /// Run a node.
     Node(node::NodeArgs),
-    /// Show the cluster as a node sees it: members, their state and RTT.
+    /// Show the cluster as a node sees it: members, agents and running tasks.
     Status(status::StatusArgs),
+    /// Submit a task to a node's coordinator and wait for its end.
+    Submit(submit::SubmitArgs),
+    /// Check a policy file, or apply it to a running cluster.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Measure AgentMesh against bare libraries, with ratios.
     Bench {
         #[command(subcommand)]
@@ -58,11 +77,11 @@ impl Args {
 }
 
 /// A command that did not succeed: what to print and the exit code.
-pub struct Failure {
+struct Failure {
     /// Printed on one line to stderr.
-    pub error: anyhow::Error,
+    error: anyhow::Error,
     /// 2 for bad input (arguments, bytes); 1 for anything else.
-    pub exit_code: u8,
+    exit_code: u8,
 }
 
 impl Failure {
@@ -81,8 +100,125 @@ impl Failure {
     }
 }
 
+type StartAgent = Box<
+    dyn for<'a> Fn(
+            &'a AgentHost,
+            usize,
+        ) -> Pin<Box<dyn Future<Output = Result<u32, HostError>> + Send + 'a>>
+        + Send
+        + Sync,
+>;
+
+/// The agents a node can start: by name (`--agents NAME=N`), and those it always
+/// starts.
+pub struct AgentCatalog {
+    known: Vec<(String, StartAgent)>,
+    always: Vec<(String, usize)>,
+}
+
+impl AgentCatalog {
+    fn add<A: Agent + Default>(&mut self) -> String {
+        let name = A::default().agent_type().to_string();
+        let start: StartAgent =
+            Box::new(|host, replicas| Box::pin(host.add(A::default(), replicas)));
+        self.known.retain(|(n, _)| *n != name);
+        self.known.push((name.clone(), start));
+        name
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.known.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Starts the agents asked for plus those always started.
+    async fn start(&self, host: &AgentHost, asked: &[(String, usize)]) -> anyhow::Result<()> {
+        for (name, replicas) in self.always.iter().chain(asked) {
+            let Some((_, start)) = self.known.iter().find(|(n, _)| n == name) else {
+                anyhow::bail!("no agent named {name:?}");
+            };
+            let id = start(host, *replicas).await?;
+            tracing::info!(agent = id, %name, replicas, "agent started");
+        }
+        Ok(())
+    }
+}
+
+/// The `agentmesh` command line, with the agents a node can run.
+pub struct Cli {
+    agents: AgentCatalog,
+}
+
+impl Default for Cli {
+    fn default() -> Self {
+        Cli::new()
+    }
+}
+
+impl Cli {
+    /// The command line with the built-in demo agents (`echo`, `sleep`, `wordcount`,
+    /// `crash`), started with `node --agents NAME=N`.
+    pub fn new() -> Cli {
+        let mut agents = AgentCatalog {
+            known: Vec::new(),
+            always: Vec::new(),
+        };
+        agents.add::<builtin::Echo>();
+        agents.add::<builtin::Sleep>();
+        agents.add::<builtin::WordCount>();
+        agents.add::<builtin::Crash>();
+        Cli { agents }
+    }
+
+    /// Every `node` this program runs starts `replicas` replicas of `A` (it can also be
+    /// asked for by its agent type with `--agents`).
+    pub fn agent<A: Agent + Default>(mut self, replicas: usize) -> Cli {
+        let name = self.agents.add::<A>();
+        self.agents.always.push((name, replicas.max(1)));
+        self
+    }
+
+    /// Parses the process's arguments, runs the command, and returns the exit code:
+    /// 0 on success, 2 for bad input, 1 for any other failure (one line on stderr).
+    pub fn run(self) -> ExitCode {
+        let args = Args::parse();
+        let logs = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_max_level(args.log_level());
+        if args.log_json() {
+            logs.json().init();
+        } else {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+        }
+        match run(args, &self.agents) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => {
+                eprintln!("agentmesh: {}", one_line(&failure.error));
+                ExitCode::from(failure.exit_code)
+            }
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message
+/// before it already contains (our errors often say their cause themselves).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Runs the parsed command.
-pub fn run(args: Args) -> Result<(), Failure> {
+fn run(args: Args, agents: &AgentCatalog) -> Result<(), Failure> {
     match args.command {
         Command::Acp { command } => acp::run(command).map_err(Failure::bad_input),
         Command::Demo(demo) => demo::run(demo).map_err(Failure::failed),
@@ -93,8 +229,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
             status::run(args, identity).map_err(Failure::failed)
         }
         Command::Node(args) => {
-            let (name, identity) = node::prepare(&args).map_err(Failure::bad_input)?;
-            node::run(args, name, identity).map_err(Failure::failed)
+            let prepared = node::prepare(&args, &agents.names()).map_err(Failure::bad_input)?;
+            node::run(args, prepared, agents).map_err(Failure::failed)
         }
+        Command::Submit(args) => {
+            let (identity, inputs) = submit::prepare(&args).map_err(Failure::bad_input)?;
+            submit::run(args, identity, inputs).map_err(Failure::failed)
+        }
+        Command::Policy { command } => match policy::prepare(&command)
+            .map_err(Failure::bad_input)?
+        {
+            None => Ok(()),
+            Some((text, identity)) => policy::run(command, text, identity).map_err(Failure::failed),
+        },
     }
 }

@@ -1,6 +1,7 @@
-//! `agentmesh node`: runs a node: the secure ACP transport and cluster membership. It
+//! `agentmesh node`: runs a node: the secure ACP transport, cluster membership, and the
+//! agent layer (discovery, coordinator, workers, policy) with the agents asked for. It
 //! joins through the `--join` addresses, detects failed nodes, and leaves cleanly on
-//! SIGINT or SIGTERM. Remote actor messaging and agents come on top of it.
+//! SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,10 +11,12 @@ use anyhow::Context;
 use clap::Args;
 use tracing::{info, warn};
 
-use agentmesh::runtime::{MembershipConfig, Node, NodeConfig};
-use agentmesh::transport::clock::SystemClock;
-use agentmesh::transport::tls::{validate_node_name, NodeIdentity};
-use agentmesh::transport::EndpointConfig;
+use crate::actors::ledger::LedgerConfig;
+use crate::actors::{AgentHost, HostConfig};
+use crate::runtime::{MembershipConfig, Node, NodeConfig};
+use crate::transport::clock::SystemClock;
+use crate::transport::tls::{validate_node_name, NodeIdentity};
+use crate::transport::EndpointConfig;
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -38,6 +41,17 @@ pub struct NodeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Agents to run here, as NAME=REPLICAS separated by commas (built in: echo,
+    /// sleep, wordcount, crash).
+    #[arg(long, value_parser = parse_agents, default_value = "")]
+    agents: AgentList,
+    /// The coordination group this node's agents join.
+    #[arg(long, default_value_t = 0)]
+    group: u16,
+    /// Access policy per coordination group (TOML); `agentmesh policy apply` replaces
+    /// it later without a restart.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -52,8 +66,64 @@ pub enum LogFormat {
     Json,
 }
 
-/// Checks the arguments and loads the identity: failures here are bad input.
-pub fn prepare(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
+/// The agents asked for with `--agents`, in order: (name, replicas).
+#[derive(Clone, Debug, Default)]
+pub struct AgentList(pub Vec<(String, usize)>);
+
+/// Replicas of one agent on one node at most.
+const MAX_REPLICAS: usize = 10_000;
+
+fn parse_agents(text: &str) -> Result<AgentList, String> {
+    let mut list = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, n) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: write NAME=REPLICAS, e.g. sleep=4"))?;
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("{item:?}: replicas must be a number"))?;
+        if n == 0 || n > MAX_REPLICAS {
+            return Err(format!("{item:?}: replicas must be 1..={MAX_REPLICAS}"));
+        }
+        if list.iter().any(|(seen, _)| seen == name) {
+            return Err(format!("{name:?} is listed twice"));
+        }
+        list.push((name.to_string(), n));
+    }
+    Ok(AgentList(list))
+}
+
+/// What `prepare` checked and read, for `run`.
+pub struct Prepared {
+    name: String,
+    identity: NodeIdentity,
+    policy: Option<String>,
+}
+
+/// Checks the arguments, loads the identity and the policy: failures here are bad
+/// input.
+pub fn prepare(args: &NodeArgs, known: &[&str]) -> anyhow::Result<Prepared> {
+    for (agent, _) in &args.agents.0 {
+        if !known.contains(&agent.as_str()) {
+            anyhow::bail!(
+                "--agents: no agent named {agent:?} (known: {})",
+                known.join(", ")
+            );
+        }
+    }
+    let policy = match &args.policy {
+        Some(path) => Some(super::policy::read(path)?.0),
+        None => None,
+    };
+    let (name, identity) = identity(args)?;
+    Ok(Prepared {
+        name,
+        identity,
+        policy,
+    })
+}
+
+fn identity(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
     let name = args
         .name
         .clone()
@@ -80,7 +150,12 @@ pub fn prepare(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
 }
 
 /// Runs the node until SIGINT or SIGTERM, then leaves the cluster cleanly.
-pub fn run(args: NodeArgs, name: String, identity: NodeIdentity) -> anyhow::Result<()> {
+pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> anyhow::Result<()> {
+    let Prepared {
+        name,
+        identity,
+        policy,
+    } = prepared;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -93,14 +168,23 @@ pub fn run(args: NodeArgs, name: String, identity: NodeIdentity) -> anyhow::Resu
         };
         let mut node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
         info!(node = %name, addr = %node.me().addr, "listening");
-        let gave_up = tokio::select! {
-            _ = shutdown_signal() => false,
-            _ = node.stopped() => true,
+        let host_config = HostConfig {
+            group: args.group,
+            policy,
+            ledger: LedgerConfig::default(),
         };
-        if gave_up {
-            anyhow::bail!("the node stopped: its cluster actor kept failing");
+        let mut host = AgentHost::start(&node, host_config).await?;
+        agents.start(&host, &args.agents.0).await?;
+        let stopped = tokio::select! {
+            _ = shutdown_signal() => None,
+            _ = node.stopped() => Some("its cluster actor kept failing"),
+            _ = host.stopped() => Some("an actor of its agent layer failed"),
+        };
+        if let Some(why) = stopped {
+            anyhow::bail!("the node stopped: {why}");
         }
         info!(node = %name, "leaving");
+        host.stop();
         node.leave().await;
         anyhow::Ok(())
     })

@@ -1,70 +1,78 @@
-//! `agentmesh status --to ADDR`: asks a node for the cluster as it sees it.
+//! `agentmesh status --to ADDR`: asks a node for the cluster as it sees it: members,
+//! the agents in its registry and the tasks its coordinator runs.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
+use serde::Serialize;
 
-use agentmesh::runtime::{request_status, StatusReport};
-use agentmesh::transport::tls::{validate_node_name, NodeIdentity};
+use super::client::{runtime, ClientArgs};
+use crate::actors::service::{AgentsRequest, AgentsStatus, AGENTS_SERVICE};
+use crate::runtime::{request_status, Client, MemberInfo, RemoteMessage};
+use crate::transport::tls::NodeIdentity;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The node's ACP address (its --listen).
-    #[arg(long)]
-    to: SocketAddr,
-    /// Print one JSON object instead of a table.
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
-    /// Folder with the cluster certificates; the client needs its own certificate,
-    /// issued like a node's (`agentmesh certs issue --node NAME`). Without it the
-    /// development CA is used, as nodes do.
-    #[arg(long)]
-    certs: Option<PathBuf>,
-    /// The certificate name to use with --certs.
-    #[arg(long, default_value = "admin")]
-    name: String,
     /// How long to wait for the answer.
     #[arg(long, default_value_t = 5_000)]
     timeout_ms: u64,
 }
 
+#[derive(Serialize)]
+struct Status {
+    node: String,
+    members: Vec<MemberInfo>,
+    #[serde(flatten)]
+    agents: AgentsStatus,
+}
+
 /// Checks the arguments and loads the identity: failures here are bad input.
 pub fn prepare(args: &StatusArgs) -> anyhow::Result<NodeIdentity> {
-    validate_node_name(&args.name)?;
-    Ok(match &args.certs {
-        Some(dir) => NodeIdentity::load(dir, &args.name).with_context(|| {
-            format!(
-                "loading the certificate of {} from {}",
-                args.name,
-                dir.display()
-            )
-        })?,
-        None => NodeIdentity::development(&format!("status-{}", std::process::id()))?.0,
-    })
+    args.client.identity("status")
 }
 
 pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let report = runtime.block_on(request_status(&identity, args.to, args.timeout_ms))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    runtime()?.block_on(async move {
+        let to = args.client.to;
+        let report = request_status(&identity, to, args.timeout_ms).await?;
+        // A node without an agent layer has no agents to list.
+        let mut client = Client::connect(&identity, to).await?;
+        let agents: AgentsStatus = client
+            .request(
+                AGENTS_SERVICE,
+                <AgentsRequest as RemoteMessage>::KIND,
+                &AgentsRequest {},
+                Duration::from_millis(args.timeout_ms),
+            )
+            .await
+            .unwrap_or_default();
+        client.close().await;
+        let status = Status {
+            node: report.node,
+            members: report.members,
+            agents,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&status)?);
+        } else {
+            print_tables(&status);
+        }
+        anyhow::Ok(())
+    })
 }
 
-fn print_table(report: &StatusReport) {
-    println!("cluster as seen by {}\n", report.node);
+fn print_tables(status: &Status) {
+    println!("cluster as seen by {}\n", status.node);
     println!(
         "{:<20} {:<24} {:<8} {:>10} {:>16}",
         "NAME", "ADDR", "STATE", "RTT (us)", "INCARNATION"
     );
-    for m in &report.members {
+    for m in &status.members {
         let state = serde_json::to_value(m.state)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
@@ -78,5 +86,40 @@ fn print_table(report: &StatusReport) {
             rtt,
             m.incarnation
         );
+    }
+    println!(
+        "\n{:>10} {:<20} {:<12} {:>6} {:<24} {:>5} {:>9}",
+        "AGENT", "NODE", "TYPE", "GROUP", "CAPABILITIES", "LOAD", "HEALTH"
+    );
+    for a in &status.agents.agents {
+        let caps: Vec<&str> = a.capabilities.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "{:>10} {:<20} {:<12} {:>6} {:<24} {:>5} {:>9}",
+            a.agent,
+            a.node,
+            a.agent_type,
+            a.group,
+            caps.join(","),
+            a.load,
+            format!("{:?}", a.health).to_lowercase()
+        );
+    }
+    if !status.agents.tasks.is_empty() {
+        println!(
+            "\n{:<36} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
+            "TASK", "CAPABILITY", "PRIO", "GROUP", "DONE", "REALLOCATED", "ELAPSED ms"
+        );
+        for t in &status.agents.tasks {
+            println!(
+                "{:<36} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
+                t.task.to_string(),
+                t.capability,
+                t.priority,
+                t.group,
+                format!("{}/{}", t.completed, t.segments),
+                t.reallocated,
+                t.elapsed_ms
+            );
+        }
     }
 }

@@ -1,0 +1,238 @@
+//! `agentmesh submit`: hands a task to a node's coordinator and waits for its end.
+//! Each segment's input is built here: from a JSON Lines file (one segment per line,
+//! for any agent), from a text file cut into `--segments` chunks (for `wordcount`,
+//! `echo`), or from `--segment-ms` alone (for `sleep`, `crash`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+use super::client::{runtime, ClientArgs};
+use crate::actors::coordinator::SUBMIT_TIMEOUT;
+use crate::actors::service::serde_bytes_vec::Blob;
+use crate::actors::service::{SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE};
+use crate::builtin::SegmentInput;
+use crate::runtime::{Client, RemoteMessage};
+use crate::transport::tls::NodeIdentity;
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The capability every segment needs.
+    #[arg(long)]
+    capability: String,
+    /// Segments to split the task into (with a .jsonl --input: its line count).
+    #[arg(long)]
+    segments: Option<u32>,
+    /// Milliseconds each segment works (`sleep`, `crash`).
+    #[arg(long, default_value_t = 0)]
+    segment_ms: u64,
+    /// Input: a .jsonl file gives one segment's input per line (as JSON); any other
+    /// file is text cut into --segments chunks at word boundaries.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Task priority 0..=255 (default: the group's, from the policy, else 128).
+    #[arg(long)]
+    priority: Option<u8>,
+    /// The coordination group the task acts in.
+    #[arg(long, default_value_t = 0)]
+    group: u16,
+    /// Tags the agents must have.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// `crash` agents panic on attempts up to this one.
+    #[arg(long, default_value_t = 0)]
+    panic_attempts: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also print each segment's result.
+    #[arg(long)]
+    results: bool,
+}
+
+/// Segments in one submission at most.
+const MAX_SEGMENTS: u32 = 1_000_000;
+/// Largest input file read.
+const MAX_INPUT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Checks the arguments, loads the identity and builds the inputs: failures here are
+/// bad input.
+pub fn prepare(args: &SubmitArgs) -> anyhow::Result<(NodeIdentity, Vec<Blob>)> {
+    let identity = args.client.identity("submit")?;
+    let inputs = inputs(args)?;
+    Ok((identity, inputs))
+}
+
+fn encode(input: &impl Serialize) -> anyhow::Result<Blob> {
+    Ok(Blob(rmp_serde::to_vec_named(input)?))
+}
+
+fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
+    if args.capability.is_empty() {
+        bail!("--capability must not be empty");
+    }
+    let jsonl = args
+        .input
+        .as_ref()
+        .is_some_and(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    let text = match &args.input {
+        None => None,
+        Some(path) => {
+            let len = std::fs::metadata(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .len();
+            if len > MAX_INPUT_BYTES {
+                bail!("{} is larger than {MAX_INPUT_BYTES} bytes", path.display());
+            }
+            Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {} (as UTF-8 text)", path.display()))?,
+            )
+        }
+    };
+    if jsonl {
+        let mut out = Vec::new();
+        for (i, line) in text.unwrap_or_default().lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("line {} of the input is not JSON", i + 1))?;
+            out.push(encode(&value)?);
+        }
+        if out.is_empty() {
+            bail!("the input file has no segments");
+        }
+        if args.segments.is_some_and(|n| n as usize != out.len()) {
+            bail!(
+                "--segments says {} but the input has {} lines",
+                args.segments.unwrap_or_default(),
+                out.len()
+            );
+        }
+        return Ok(out);
+    }
+    let n = args
+        .segments
+        .context("--segments is needed (unless --input is a .jsonl file)")?;
+    if n == 0 || n > MAX_SEGMENTS {
+        bail!("--segments must be 1..={MAX_SEGMENTS}");
+    }
+    let chunks = match text {
+        Some(text) => split_words(&text, n as usize),
+        None => vec![String::new(); n as usize],
+    };
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            encode(&SegmentInput {
+                segment: i as u32,
+                ms: args.segment_ms,
+                text,
+                panic_attempts: args.panic_attempts,
+            })
+        })
+        .collect()
+}
+
+/// Cuts `text` into `n` chunks of about the same number of words.
+fn split_words(text: &str, n: usize) -> Vec<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let per = words.len().div_ceil(n).max(1);
+    let mut chunks: Vec<String> = words.chunks(per).map(|c| c.join(" ")).collect();
+    chunks.resize(n, String::new());
+    chunks
+}
+
+#[derive(Serialize)]
+struct Printed<'a> {
+    task: String,
+    status: TaskStatus,
+    segments: u32,
+    completed: u32,
+    duplicates_discarded: u64,
+    reallocated: u64,
+    elapsed_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    results: Option<Vec<serde_json::Value>>,
+}
+
+/// Submits and waits; a task that failed is an error (exit code 1) after its figures
+/// are printed.
+pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyhow::Result<()> {
+    let request = SubmitRequest {
+        capability: args.capability.clone(),
+        tags: args.tags.clone(),
+        priority: args.priority,
+        group: args.group,
+        inputs,
+    };
+    let outcome: TaskOutcome = runtime()?.block_on(async {
+        let mut client = Client::connect(&identity, args.client.to).await?;
+        let outcome = client
+            .request(
+                COORDINATOR_SERVICE,
+                <SubmitRequest as RemoteMessage>::KIND,
+                &request,
+                SUBMIT_TIMEOUT,
+            )
+            .await;
+        client.close().await;
+        anyhow::Ok(outcome?)
+    })?;
+    let results = args.results.then(|| {
+        outcome
+            .results
+            .iter()
+            .map(|r| rmp_serde::from_slice::<serde_json::Value>(&r.0).unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    let printed = Printed {
+        task: outcome.task.to_string(),
+        status: outcome.status,
+        segments: outcome.segments,
+        completed: outcome.completed,
+        duplicates_discarded: outcome.duplicates_discarded,
+        reallocated: outcome.reallocated,
+        elapsed_ms: outcome.elapsed_ms,
+        reason: outcome.reason.as_deref(),
+        results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&printed)?);
+    } else {
+        let status = match outcome.status {
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+        };
+        println!(
+            "task {} {status}: {}/{} segments, {} reallocated, {} duplicates discarded, {} ms",
+            printed.task,
+            outcome.completed,
+            outcome.segments,
+            outcome.reallocated,
+            outcome.duplicates_discarded,
+            outcome.elapsed_ms
+        );
+        if let Some(reason) = &outcome.reason {
+            println!("reason: {reason}");
+        }
+        for (i, r) in printed.results.iter().flatten().enumerate() {
+            println!("segment {i}: {r}");
+        }
+    }
+    if outcome.status == TaskStatus::Failed {
+        bail!(
+            "the task failed: {}",
+            outcome.reason.unwrap_or_else(|| "no reason given".into())
+        );
+    }
+    Ok(())
+}

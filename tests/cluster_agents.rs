@@ -1,0 +1,299 @@
+//! Agents across real node processes (loopback, real QUIC and mutual TLS): a task
+//! survives the SIGKILL of a node with every segment completed once; a crash agent's
+//! panic is restarted and its segment completed; a policy denial fails a task, is
+//! counted, and a new policy applied without restart lifts it; a capability nobody
+//! has fails the task with a reason.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+#![allow(clippy::disallowed_methods)] // waiting on child processes is wall time
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{agentmesh, free_port, temp_dir, NodeProcess};
+use serde_json::Value;
+
+struct Cluster {
+    dir: PathBuf,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    fn new(tag: &str, nodes: usize) -> Cluster {
+        let dir = temp_dir(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        Cluster {
+            dir,
+            addrs: (0..nodes)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect(),
+        }
+    }
+
+    fn start(&self, i: usize, extra: &[&str]) -> NodeProcess {
+        let name = format!("n{i}");
+        let mut args = vec!["--name", &name, "--listen", &self.addrs[i]];
+        if i > 0 {
+            args.extend(["--join", &self.addrs[0]]);
+        }
+        args.extend(extra);
+        NodeProcess::start(&args, Some(&self.dir.join("ca")))
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = agentmesh();
+        cmd.args(args).env("AGENTMESH_DEV_CA_DIR", self.dir.join("ca"));
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// `submit --json` to node `i`, started in the background.
+    fn submit(&self, i: usize, args: &[&str]) -> Child {
+        let mut all = vec!["submit", "--json", "--to", &self.addrs[i]];
+        all.extend(args);
+        self.command(&all)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until node `i`'s registry lists `n` agents.
+    fn wait_for_agents(&self, i: usize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.run(&["status", "--json", "--to", &self.addrs[i]]);
+            if out.status.success() {
+                let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+                if status["agents"].as_array().map_or(0, Vec::len) == n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never listed {n} agents: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for a `submit --json` and returns its exit status and object.
+fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
+    let out = child.wait_with_output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status, json)
+}
+
+#[test]
+fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
+    let cluster = Cluster::new("agents-kill", 3);
+    let first = cluster.start(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    let _second = cluster.start(1, &["--agents", "sleep=2"]);
+    let mut third = cluster.start(2, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 3);
+
+    // 30 segments of 300 ms on 6 replicas: about 1.5 s of work.
+    let submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "sleep",
+            "--segments",
+            "30",
+            "--segment-ms",
+            "300",
+            "--results",
+        ],
+    );
+    // n2 holds two segments at any time once work starts.
+    std::thread::sleep(Duration::from_millis(700));
+    third.kill();
+
+    let (status, task) = outcome(submit);
+    assert!(status.success(), "{task}");
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["segments"], 30, "{task}");
+    assert_eq!(task["completed"], 30, "{task}");
+    assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
+    assert!(task["elapsed_ms"].as_u64().is_some(), "{task}");
+    assert!(task["duplicates_discarded"].as_u64().is_some(), "{task}");
+    let results = task["results"].as_array().unwrap();
+    assert_eq!(results.len(), 30);
+    assert!(results.iter().all(|r| r == 300), "{task}");
+    first.expect(&["node down: reallocating its segments", "node=n2"]);
+}
+
+#[test]
+fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
+    let cluster = Cluster::new("agents-crash", 1);
+    let node = cluster.start(0, &["--agents", "crash=1"]);
+    cluster.wait_for_agents(0, 1);
+    let submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "crash",
+            "--segments",
+            "2",
+            "--segment-ms",
+            "50",
+            "--panic-attempts",
+            "1",
+        ],
+    );
+    let (status, task) = outcome(submit);
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 2, "{task}");
+    assert!(task["reallocated"].as_u64().unwrap() >= 2, "{task}");
+    node.expect(&["restarting a replica after a panic"]);
+}
+
+#[test]
+fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
+    let cluster = Cluster::new("agents-policy", 1);
+    let strict = cluster.dir.join("strict.toml");
+    std::fs::write(
+        &strict,
+        "[[group]]\nid = 1\nname = \"frontline\"\nmay_send_to = [3]\n",
+    )
+    .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _node = cluster.start(
+        0,
+        &[
+            "--agents",
+            "echo=1",
+            "--group",
+            "2",
+            "--policy",
+            strict.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+        ],
+    );
+    cluster.wait_for_agents(0, 1);
+    let args = ["--capability", "echo", "--segments", "2", "--group", "1"];
+
+    let (status, task) = outcome(cluster.submit(0, &args));
+    assert!(!status.success());
+    assert_eq!(task["status"], "failed", "{task}");
+    let reason = task["reason"].as_str().unwrap();
+    assert!(reason.contains("denied by policy"), "{reason}");
+    assert!(reason.contains("group 1"), "{reason}");
+    let scraped = scrape(&metrics);
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l.starts_with("agentmesh_policy_denials_total") && l.contains("from=\"1\"")),
+        "{scraped}"
+    );
+
+    // Group 0 (unlisted) may still send anywhere.
+    let (status, task) = outcome(cluster.submit(0, &["--capability", "echo", "--segments", "1"]));
+    assert!(status.success(), "{task}");
+
+    let open = cluster.dir.join("open.toml");
+    std::fs::write(&open, "[[group]]\nid = 1\nmay_send_to = [2, 3]\n").unwrap();
+    let out = cluster.run(&[
+        "policy",
+        "apply",
+        open.to_str().unwrap(),
+        "--to",
+        &cluster.addrs[0],
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, task) = outcome(cluster.submit(0, &args));
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 2, "{task}");
+
+    let bad = cluster.dir.join("bad.toml");
+    std::fs::write(&bad, "[[group]]\nid = 1\nmay_sent_to = [2]\n").unwrap();
+    let out = cluster.run(&[
+        "policy",
+        "apply",
+        bad.to_str().unwrap(),
+        "--to",
+        &cluster.addrs[0],
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may_sent_to"), "{err}");
+}
+
+#[test]
+fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
+    let cluster = Cluster::new("agents-none", 1);
+    let _node = cluster.start(0, &["--agents", "echo=1"]);
+    cluster.wait_for_agents(0, 1);
+    let (status, task) = outcome(cluster.submit(
+        0,
+        &["--capability", "translate", "--segments", "3"],
+    ));
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(task["status"], "failed");
+    assert_eq!(task["completed"], 0);
+    assert!(
+        task["reason"].as_str().unwrap().contains("\"translate\""),
+        "{task}"
+    );
+}
+
+#[test]
+fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
+    let cluster = Cluster::new("agents-args", 1);
+    for args in [
+        vec!["node", "--agents", "bogus=1"],
+        vec!["node", "--agents", "sleep=0"],
+        vec!["node", "--agents", "sleep"],
+        vec!["submit", "--to", "127.0.0.1:1", "--capability", "x"],
+        vec![
+            "submit",
+            "--to",
+            "127.0.0.1:1",
+            "--capability",
+            "x",
+            "--segments",
+            "0",
+        ],
+    ] {
+        let out = cluster.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{args:?}");
+    }
+}
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}

@@ -44,7 +44,8 @@ impl Cluster {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = agentmesh();
-        cmd.args(args).env("AGENTMESH_DEV_CA_DIR", self.dir.join("ca"));
+        cmd.args(args)
+            .env("AGENTMESH_DEV_CA_DIR", self.dir.join("ca"));
         cmd
     }
 
@@ -249,10 +250,8 @@ fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
     let cluster = Cluster::new("agents-none", 1);
     let _node = cluster.start(0, &["--agents", "echo=1"]);
     cluster.wait_for_agents(0, 1);
-    let (status, task) = outcome(cluster.submit(
-        0,
-        &["--capability", "translate", "--segments", "3"],
-    ));
+    let (status, task) =
+        outcome(cluster.submit(0, &["--capability", "translate", "--segments", "3"]));
     assert_eq!(status.code(), Some(1));
     assert_eq!(task["status"], "failed");
     assert_eq!(task["completed"], 0);
@@ -260,6 +259,17 @@ fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
         task["reason"].as_str().unwrap().contains("\"translate\""),
         "{task}"
     );
+    let out = cluster.run(&[
+        "adjust",
+        "--to",
+        &cluster.addrs[0],
+        "--task",
+        "6f1c2a4e-0000-4000-8000-000000000001",
+        "--cancel",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no task"), "{err}");
 }
 
 #[test]
@@ -270,6 +280,21 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
         vec!["node", "--agents", "sleep=0"],
         vec!["node", "--agents", "sleep"],
         vec!["submit", "--to", "127.0.0.1:1", "--capability", "x"],
+        vec![
+            "adjust",
+            "--to",
+            "127.0.0.1:1",
+            "--task",
+            "nope",
+            "--cancel",
+        ],
+        vec![
+            "adjust",
+            "--to",
+            "127.0.0.1:1",
+            "--task",
+            "6f1c2a4e-0000-4000-8000-000000000001",
+        ],
         vec![
             "submit",
             "--to",

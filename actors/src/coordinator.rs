@@ -27,8 +27,8 @@ use crate::host::PolicyStore;
 use crate::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, TaskSummary,
-    AGENTS_SERVICE, COORDINATOR_SERVICE,
+    AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
+    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE,
 };
 use crate::workers::encode;
 
@@ -62,6 +62,8 @@ pub enum CoordinatorMsg {
     Tick,
     /// The agents and tasks this node knows.
     Status(AgentsRequest, RpcReplyPort<AgentsStatus>),
+    /// Steer a running task: ADJUST on the urgent lane to every attempt running.
+    Adjust(AdjustRequest, RpcReplyPort<AdjustAnswer>),
 }
 
 /// The coordinator actor.
@@ -133,6 +135,12 @@ impl Actor for Coordinator {
             CoordinatorMsg::Status,
             Duration::from_secs(10),
         )?;
+        args.mesh.register_service_rpc(
+            ADJUST_SERVICE,
+            myself.clone(),
+            CoordinatorMsg::Adjust,
+            Duration::from_secs(10),
+        )?;
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_frames(args.mesh.clone(), queue, myself.clone()));
         drop(myself.send_interval(TICK, || CoordinatorMsg::Tick));
@@ -183,6 +191,10 @@ impl Actor for Coordinator {
                 }
                 state.ledger.handle_timeout(now);
                 state.assign_waiting().await;
+            }
+            CoordinatorMsg::Adjust(request, reply) => {
+                let answer = state.adjust(request).await;
+                let _ = reply.send(answer);
             }
             CoordinatorMsg::Status(_, reply) => {
                 let agents = ractor::call!(state.discovery, DiscoveryMsg::List).unwrap_or_default();
@@ -270,6 +282,45 @@ impl CoordinatorState {
             },
         );
         self.assign(task).await;
+    }
+
+    async fn adjust(&mut self, request: AdjustRequest) -> AdjustAnswer {
+        let Some(meta) = self.tasks.get_mut(&request.task) else {
+            return AdjustAnswer {
+                sent: 0,
+                error: Some(format!("no task {} runs here", request.task)),
+            };
+        };
+        if let Some(p) = request.priority {
+            meta.priority = p;
+        }
+        let group = meta.group;
+        if request.cancel {
+            info!(task = %request.task, "task cancelled");
+            let running = self.ledger.live_attempts(request.task).len() as u32;
+            self.ledger.cancel(request.task);
+            return AdjustAnswer {
+                sent: running,
+                error: None,
+            };
+        }
+        let mut sent = 0;
+        for (segment, _, agent, node) in self.ledger.live_attempts(request.task) {
+            let adjust = Adjust {
+                target: agent,
+                task: request.task,
+                segment: Some(segment),
+                params: request.params.clone(),
+                priority: request.priority,
+                cancel: false,
+            };
+            if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
+                message.header.flags = message.header.flags.with(Flags::URGENT);
+                self.send(node, message, None).await;
+                sent += 1;
+            }
+        }
+        AdjustAnswer { sent, error: None }
     }
 
     /// Offers the waiting segments of every task to capable workers.

@@ -23,8 +23,8 @@ use crate::discovery::{Discovery, DiscoveryArgs, DiscoveryMsg};
 use crate::ledger::LedgerConfig;
 use crate::policy::{Policy, PolicyError, VersionedPolicy};
 use crate::service::{
-    AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied, SubmitRequest, TaskOutcome,
-    POLICY_SERVICE, POLICY_SPREAD_SERVICE,
+    AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied,
+    SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
 };
 use crate::worker::{WorkerArgs, WorkerSupervisor};
 use crate::workers::{Workers, WorkersArgs, WorkersMsg};
@@ -328,6 +328,13 @@ impl AgentHost {
     /// Submits a task to this node's coordinator and waits for its end.
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskOutcome, HostError> {
         ractor::call!(self.coordinator, CoordinatorMsg::Submit, request)
+            .map_err(|e| HostError::Coordinator(e.to_string()))
+    }
+
+    /// Steers a running task of this node's coordinator (ADJUST to every attempt
+    /// running; `cancel` ends it).
+    pub async fn adjust(&self, request: AdjustRequest) -> Result<AdjustAnswer, HostError> {
+        ractor::call!(self.coordinator, CoordinatorMsg::Adjust, request)
             .map_err(|e| HostError::Coordinator(e.to_string()))
     }
 

@@ -299,6 +299,22 @@ impl Ledger {
         agents
     }
 
+    /// The live attempts of `task`: (segment, attempt, agent, node).
+    pub fn live_attempts(&self, task: Uuid) -> Vec<(u32, u32, u32, String)> {
+        let Some(t) = self.tasks.get(&task) else {
+            return Vec::new();
+        };
+        t.segments
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                s.live
+                    .iter()
+                    .map(move |(a, agent, node)| (i as u32, *a, *agent, node.clone()))
+            })
+            .collect()
+    }
+
     /// True if `task` has segments waiting for a worker.
     pub fn has_pending(&self, task: Uuid) -> bool {
         self.tasks.get(&task).is_some_and(|t| {

@@ -14,6 +14,8 @@ use crate::registry::{AgentRecord, RegistryDelta};
 pub const DISCOVERY_SERVICE: &str = "agentmesh.discovery";
 /// The coordinator on every node: takes submissions and answers status.
 pub const COORDINATOR_SERVICE: &str = "agentmesh.coordinator";
+/// The coordinator's ADJUST requests (`agentmesh adjust`).
+pub const ADJUST_SERVICE: &str = "agentmesh.coordinator.adjust";
 /// The status of agents and tasks on every node.
 pub const AGENTS_SERVICE: &str = "agentmesh.agents";
 /// The policy on every node: takes a new file, and policies spread by other nodes.
@@ -207,4 +209,42 @@ pub mod serde_bytes_vec {
             d.deserialize_bytes(V)
         }
     }
+}
+
+/// Steers a running task (`agentmesh adjust`): new parameters and priority go to
+/// every attempt running; `cancel` ends the task as failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustRequest {
+    /// The task.
+    pub task: Uuid,
+    /// Parameters to set, by name.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
+    /// A new priority.
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// Stop the task.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+impl RemoteMessage for AdjustRequest {
+    const KIND: &'static str = "agentmesh.task.adjust";
+
+    fn priority(&self) -> u8 {
+        224
+    }
+}
+
+/// What an ADJUST request reached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustAnswer {
+    /// ADJUST frames sent (one per running attempt).
+    pub sent: u32,
+    /// Why nothing was done, if so.
+    pub error: Option<String>,
+}
+
+impl RemoteMessage for AdjustAnswer {
+    const KIND: &'static str = "agentmesh.task.adjust";
 }

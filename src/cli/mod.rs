@@ -3,6 +3,7 @@
 //! (node, status, submit, policy …) with `Cli::new().agent::<MyAgent>(replicas).run()`.
 
 mod acp;
+mod adjust;
 mod bench;
 mod certs;
 mod client;
@@ -49,6 +50,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Submit a task to a node's coordinator and wait for its end.
     Submit(submit::SubmitArgs),
+    /// Steer a running task: set parameters or priority, or cancel it.
+    Adjust(adjust::AdjustArgs),
     /// Check a policy file, or apply it to a running cluster.
     Policy {
         #[command(subcommand)]
@@ -231,6 +234,10 @@ fn run(args: Args, agents: &AgentCatalog) -> Result<(), Failure> {
         Command::Node(args) => {
             let prepared = node::prepare(&args, &agents.names()).map_err(Failure::bad_input)?;
             node::run(args, prepared, agents).map_err(Failure::failed)
+        }
+        Command::Adjust(args) => {
+            let (identity, request) = adjust::prepare(&args).map_err(Failure::bad_input)?;
+            adjust::run(args, identity, request).map_err(Failure::failed)
         }
         Command::Submit(args) => {
             let (identity, inputs) = submit::prepare(&args).map_err(Failure::bad_input)?;

@@ -1,0 +1,305 @@
+//! The agent layer on real nodes in one process (loopback QUIC, mutual TLS): workers of
+//! one task on two nodes exchange SYNC and SYNC_ACK directly; the coordinator steers a
+//! running segment with ADJUST and cancels a task; a spoofed Agent ID is refused by
+//! the transport once discovery has filled the ownership table.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_actors::service::serde_bytes_vec::Blob;
+use agentmesh_actors::service::{AdjustRequest, SubmitRequest, TaskStatus};
+use agentmesh_actors::{Agent, AgentError, AgentHost, HostConfig, SegmentContext, SyncEvent};
+use agentmesh_runtime::transport::clock::SystemClock;
+use agentmesh_runtime::transport::tls::ClusterCa;
+use agentmesh_runtime::transport::wire::payload::Capability;
+use agentmesh_runtime::transport::EndpointConfig;
+use agentmesh_runtime::{MembershipConfig, Node, NodeConfig};
+
+async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for name in names {
+        let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
+        let config = NodeConfig {
+            transport: EndpointConfig::new("127.0.0.1:0".parse().unwrap()),
+            join,
+            membership: MembershipConfig::default(),
+            metrics: None,
+        };
+        let identity = ca.node_identity(name).unwrap();
+        nodes.push(
+            Node::start(config, &identity, Arc::new(SystemClock))
+                .await
+                .unwrap(),
+        );
+    }
+    for node in &nodes {
+        for _ in 0..200 {
+            if node.members().await.len() == names.len() - 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut out = Vec::new();
+    for node in nodes {
+        let host = AgentHost::start(&node, HostConfig::default())
+            .await
+            .unwrap();
+        out.push((node, host));
+    }
+    out
+}
+
+async fn wait_for_agents(host: &AgentHost, n: usize) {
+    for _ in 0..300 {
+        if host.status().await.unwrap().agents.len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never saw {n} agents");
+}
+
+fn caps(name: &str) -> Vec<Capability> {
+    vec![Capability {
+        name: name.into(),
+        version: "1".into(),
+        tags: Vec::new(),
+        capacity: 1,
+    }]
+}
+
+fn inputs(n: u32) -> Vec<Blob> {
+    (0..n)
+        .map(|i| Blob(rmp_serde::to_vec_named(&i).unwrap()))
+        .collect()
+}
+
+/// Segment 0 offers a bid until segment 1 answers with its own; segment 1 waits for
+/// the offer, answers with the same hash and expects agreement.
+struct Bidder;
+
+const HASH: &[u8] = b"round-1-state";
+
+impl Agent for Bidder {
+    type Input = u32;
+    type Output = Vec<String>;
+
+    fn agent_type(&self) -> &str {
+        "bidder"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("bid")
+    }
+
+    async fn work(
+        &self,
+        segment: u32,
+        ctx: &mut SegmentContext,
+    ) -> Result<Vec<String>, AgentError> {
+        let mut seen = Vec::new();
+        let body = format!("bid:{segment}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        if segment == 1 {
+            loop {
+                match tokio::time::timeout_at(deadline, ctx.next_sync()).await {
+                    Ok(Some(SyncEvent::Sync { body, segment, .. })) => {
+                        seen.push(format!(
+                            "sync from {segment}: {}",
+                            String::from_utf8_lossy(&body)
+                        ));
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => return Err(AgentError::new("no offer came")),
+                }
+            }
+        }
+        loop {
+            ctx.sync(1, HASH, body.as_bytes()).await;
+            let wait = tokio::time::Instant::now() + Duration::from_millis(200);
+            while let Ok(Some(event)) = tokio::time::timeout_at(wait, ctx.next_sync()).await {
+                match event {
+                    SyncEvent::Sync { body, segment, .. } => seen.push(format!(
+                        "sync from {segment}: {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    SyncEvent::Ack { agreed, round, .. } => {
+                        seen.push(format!("ack {round} agreed={agreed}"))
+                    }
+                }
+            }
+            let done = if segment == 0 {
+                seen.iter().any(|s| s == "sync from 1: bid:1")
+            } else {
+                seen.iter().any(|s| s == "ack 1 agreed=true")
+            };
+            if done {
+                return Ok(seen);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(AgentError::new(format!("no answer; saw {seen:?}")));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    nodes[0].1.add(Bidder, 1).await.unwrap();
+    nodes[1].1.add(Bidder, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 2).await;
+    let outcome = nodes[0]
+        .1
+        .submit(SubmitRequest {
+            capability: "bid".into(),
+            tags: Vec::new(),
+            priority: None,
+            group: 0,
+            inputs: inputs(2),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    let results: Vec<Vec<String>> = outcome
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect();
+    assert!(
+        results[0].contains(&"sync from 1: bid:1".to_string()),
+        "{results:?}"
+    );
+    assert!(
+        results[1].contains(&"sync from 0: bid:0".to_string()),
+        "{results:?}"
+    );
+    assert!(
+        results[1].contains(&"ack 1 agreed=true".to_string()),
+        "{results:?}"
+    );
+}
+
+/// Waits until the coordinator sets the `answer` parameter, and returns it.
+struct Patient;
+
+impl Agent for Patient {
+    type Input = u32;
+    type Output = String;
+
+    fn agent_type(&self) -> &str {
+        "patient"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("wait")
+    }
+
+    async fn work(&self, _: u32, ctx: &mut SegmentContext) -> Result<String, AgentError> {
+        loop {
+            let adjustment = tokio::time::timeout(Duration::from_secs(10), ctx.adjusted())
+                .await
+                .map_err(|_| AgentError::new("never adjusted"))?;
+            if adjustment.cancelled {
+                return Err(AgentError::new("cancelled"));
+            }
+            if let Some(answer) = adjustment.params.get("answer") {
+                return Ok(format!("{answer} at priority {:?}", adjustment.priority));
+            }
+        }
+    }
+}
+
+async fn running_task(host: &AgentHost) -> uuid::Uuid {
+    for _ in 0..300 {
+        let status = host.status().await.unwrap();
+        if let Some(t) = status.tasks.first() {
+            return t.task;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no task running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_task() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster(&ca, &["alpha", "beta"]).await);
+    nodes[1].1.add(Patient, 2).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let request = SubmitRequest {
+        capability: "wait".into(),
+        tags: Vec::new(),
+        priority: None,
+        group: 0,
+        inputs: inputs(2),
+    };
+
+    let n = nodes.clone();
+    let r = request.clone();
+    let submitted = tokio::spawn(async move { n[0].1.submit(r).await.unwrap() });
+    let task = running_task(&nodes[0].1).await;
+    // The ALLOCATEs may still be on their way: adjust until both segments are reached.
+    let mut reached = 0;
+    for _ in 0..100 {
+        let answer = nodes[0]
+            .1
+            .adjust(AdjustRequest {
+                task,
+                params: [("answer".to_string(), "42".to_string())].into(),
+                priority: Some(200),
+                cancel: false,
+            })
+            .await
+            .unwrap();
+        reached = answer.sent;
+        if reached == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reached, 2);
+    let outcome = submitted.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    for r in &outcome.results {
+        let text: String = rmp_serde::from_slice(&r.0).unwrap();
+        assert_eq!(text, "42 at priority Some(200)");
+    }
+
+    let n = nodes.clone();
+    let submitted = tokio::spawn(async move { n[0].1.submit(request).await.unwrap() });
+    let task = running_task(&nodes[0].1).await;
+    nodes[0]
+        .1
+        .adjust(AdjustRequest {
+            task,
+            cancel: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let outcome = submitted.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    assert_eq!(outcome.reason.as_deref(), Some("cancelled"));
+    let unknown = nodes[0].1.adjust(AdjustRequest::default()).await.unwrap();
+    assert!(unknown.error.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_fills_the_ownership_table_that_the_transport_checks() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let id = nodes[1].1.add(Patient, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let table = nodes[0].0.transport().ownership();
+    assert!(table.may_send_as("beta", id));
+    assert!(
+        !table.may_send_as("alpha", id),
+        "only its node may speak for it"
+    );
+    assert!(!table.may_send_as("beta", id.wrapping_add(1)));
+}

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agentmesh, free_port, temp_dir, NodeProcess};
+use common::{agentmesh, example, free_port, temp_dir, NodeProcess};
 use serde_json::Value;
 
 struct Cluster {
@@ -243,6 +243,68 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("may_sent_to"), "{err}");
+}
+
+#[test]
+fn a_rate_limit_per_agent_spaces_allocations_out() {
+    let cluster = Cluster::new("agents-rate", 1);
+    let policy = cluster.dir.join("rate.toml");
+    // Two allocations per second per agent (a burst of two, then one every 500 ms).
+    std::fs::write(&policy, "[[group]]\nid = 0\nrate_per_agent = 2\n").unwrap();
+    let _node = cluster.start(
+        0,
+        &["--agents", "echo=8", "--policy", policy.to_str().unwrap()],
+    );
+    cluster.wait_for_agents(0, 1);
+    let (status, task) = outcome(cluster.submit(0, &["--capability", "echo", "--segments", "6"]));
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 6, "{task}");
+    // Without the limit 6 echoes on 8 replicas take a few ms; with it the last two
+    // tokens come 4 x 500 ms after the burst. A lower bound only: a slow machine
+    // cannot make this fail.
+    assert!(task["elapsed_ms"].as_u64().unwrap() >= 1_500, "{task}");
+}
+
+#[test]
+fn a_users_own_binary_runs_its_agent_with_the_whole_cli() {
+    let cluster = Cluster::new("agents-own", 1);
+    let name = "own0";
+    let args = [
+        "--name",
+        name,
+        "--listen",
+        &cluster.addrs[0],
+        "--agents",
+        "echo=1",
+    ];
+    let _node = NodeProcess::start_program(
+        example("custom_agent"),
+        &args,
+        Some(&cluster.dir.join("ca")),
+    );
+    // Its own `shout` (always started) and the built-in `echo` it asked for.
+    cluster.wait_for_agents(0, 2);
+    let text = cluster.dir.join("words.txt");
+    std::fs::write(&text, "quiet words grow loud when shouted").unwrap();
+    let (status, task) = outcome(cluster.submit(
+        0,
+        &[
+            "--capability",
+            "shout",
+            "--segments",
+            "2",
+            "--input",
+            text.to_str().unwrap(),
+            "--results",
+        ],
+    ));
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 2, "{task}");
+    assert_eq!(
+        task["results"],
+        serde_json::json!(["QUIET WORDS GROW", "LOUD WHEN SHOUTED"]),
+        "{task}"
+    );
 }
 
 #[test]

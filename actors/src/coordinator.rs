@@ -18,13 +18,14 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use agentmesh_runtime::transport::wire::payload::{Adjust, Allocate, Health, Report};
+use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
 use crate::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures};
+use crate::policy::RateLimiter;
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
@@ -87,6 +88,8 @@ struct TaskMeta {
     group: u16,
     priority: u8,
     inputs: Vec<Bytes>,
+    /// Latest progress of each segment's running attempt, in thousandths.
+    progress: HashMap<u32, u16>,
     started: Instant,
     reply: Option<RpcReplyPort<TaskOutcome>>,
 }
@@ -104,6 +107,11 @@ pub struct CoordinatorState {
     epoch: Instant,
     rng: StdRng,
     outbox: mpsc::Sender<Outgoing>,
+    /// The policy's allocations per second per agent, as this coordinator spends them
+    /// (workers enforce them too, for every coordinator).
+    limiter: RateLimiter,
+    /// Each known agent's group, for its rate limit.
+    agent_groups: HashMap<u32, u16>,
 }
 
 struct Outgoing {
@@ -157,6 +165,8 @@ impl Actor for Coordinator {
             epoch: Instant::now(),
             rng: StdRng::seed_from_u64(seed.rotate_left(17)),
             outbox,
+            limiter: RateLimiter::default(),
+            agent_groups: HashMap::new(),
         })
     }
 
@@ -203,6 +213,11 @@ impl Actor for Coordinator {
                     .iter()
                     .map(|(id, meta)| {
                         let f = state.ledger.figures(*id).unwrap_or_default();
+                        // Done segments count whole; running ones by their last REPORT.
+                        let running: u64 = meta.progress.values().map(|p| u64::from(*p)).sum();
+                        let progress_permille = ((u64::from(f.completed) * 1000 + running)
+                            / u64::from(f.segments.max(1)))
+                        .min(1000) as u16;
                         TaskSummary {
                             task: *id,
                             capability: meta.capability.clone(),
@@ -211,6 +226,7 @@ impl Actor for Coordinator {
                             segments: f.segments,
                             completed: f.completed,
                             reallocated: f.reallocated,
+                            progress_permille,
                             elapsed_ms: meta.started.elapsed().as_millis() as u64,
                         }
                     })
@@ -277,6 +293,7 @@ impl CoordinatorState {
                     .into_iter()
                     .map(|b| Bytes::from(b.0))
                     .collect(),
+                progress: HashMap::new(),
                 started: Instant::now(),
                 reply: Some(reply),
             },
@@ -353,21 +370,40 @@ impl CoordinatorState {
         })
         .unwrap_or_default();
         let policy = self.policy.get();
-        let candidates: Vec<Candidate> = found
+        let now = self.now_ms();
+        for a in &found {
+            self.agent_groups.insert(a.agent, a.group);
+        }
+        let allowed: Vec<&AgentInfo> = found
             .iter()
             .filter(|a| a.health != Health::Unhealthy && policy.allows(group, a.group))
-            .map(|a| Candidate {
-                agent: a.agent,
-                node: a.node.clone(),
-                capacity: a.capability.capacity,
-                load: a.load,
+            .collect();
+        // An agent at its rate limit takes no more than its tokens allow.
+        let candidates: Vec<Candidate> = allowed
+            .iter()
+            .map(|a| {
+                let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
+                if let Some(rate) = policy.rate_per_agent(a.group) {
+                    let tokens = self.limiter.tokens(a.agent, rate, now);
+                    let room = capacity.min(load.saturating_add(tokens));
+                    if room <= load {
+                        load = capacity; // No token left: it looks full, so segments wait.
+                    } else {
+                        capacity = room;
+                    }
+                }
+                Candidate {
+                    agent: a.agent,
+                    node: a.node.clone(),
+                    capacity,
+                    load,
+                }
             })
             .collect();
-        let now = self.now_ms();
         if found.is_empty() {
             self.ledger
                 .fail_task(task, format!("no agent offers capability {capability:?}"));
-        } else if candidates.is_empty() {
+        } else if allowed.is_empty() {
             let mut groups: Vec<u16> = found.iter().map(|a| a.group).collect();
             groups.sort_unstable();
             groups.dedup();
@@ -409,6 +445,11 @@ impl CoordinatorState {
     async fn on_report(&mut self, report: Report) {
         let now = self.now_ms();
         let (task, segment, attempt) = (report.task, report.segment, report.attempt);
+        if report.is_final() {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                meta.progress.remove(&segment);
+            }
+        }
         if let Some(output) = report.output {
             match self
                 .ledger
@@ -417,7 +458,13 @@ impl CoordinatorState {
                 ResultVerdict::Accepted => {}
                 verdict => debug!(%task, segment, attempt, ?verdict, "result discarded"),
             }
-        } else if let Some(error) = report.error {
+        } else if report.error.is_none() {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                meta.progress
+                    .insert(segment, report.progress_permille.min(1000));
+            }
+        }
+        if let Some(error) = report.error {
             info!(%task, segment, attempt, %error, "attempt failed");
             self.ledger
                 .handle_failure(task, segment, attempt, &error, now);
@@ -463,6 +510,11 @@ impl CoordinatorState {
                     };
                     self.attempts
                         .insert((task, segment, attempt), (agent, node.clone()));
+                    let group = self.agent_groups.get(&agent).copied().unwrap_or(0);
+                    if let Some(rate) = self.policy.get().rate_per_agent(group) {
+                        let now = self.now_ms();
+                        let _ = self.limiter.allow(agent, rate, now);
+                    }
                     self.send(node, message, Some((task, segment, attempt)))
                         .await;
                 }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use agentmesh_runtime::transport::clock::{Clock, SystemClock};
+use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::wire::{Message, MessageType};
 use agentmesh_runtime::{ActorAddr, ClusterEvent, FromPeer, MemberState, Mesh, Node};
 
@@ -26,7 +27,7 @@ use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied,
     SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
 };
-use crate::worker::{WorkerArgs, WorkerSupervisor};
+use crate::worker::{WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
 use crate::workers::{Workers, WorkersArgs, WorkersMsg};
 
 /// ACP frames queued for the workers or the coordinator at most; more are shed.
@@ -275,7 +276,7 @@ impl AgentHost {
         for c in &mut capabilities {
             c.capacity = replicas as u32;
         }
-        let (events, mut events_rx) = mpsc::channel(EVENTS_PER_AGENT);
+        let (events, events_rx) = mpsc::channel(EVENTS_PER_AGENT);
         let (supervisor, _) = Actor::spawn_linked(
             None,
             WorkerSupervisor::<A>::default(),
@@ -288,6 +289,37 @@ impl AgentHost {
         )
         .await
         .map_err(start_err("a worker supervisor"))?;
+        self.register_worker(agent_type, capabilities, group, supervisor, events_rx)
+            .await
+    }
+
+    /// The power path: registers a plain ractor actor as a worker of this node and
+    /// returns its Agent ID. The actor takes [`WorkerMsg`]: `Run` for each allocated
+    /// attempt, `Adjust` and `Sync` for running ones (`Finished` is the supervisor's
+    /// own and never sent to it). It reports every attempt's progress and end, and
+    /// its SYNCs, as [`WorkerEvent`]s on the sender whose receiver is `events` (a
+    /// bounded channel the caller makes, so the actor can hold the sender from its
+    /// start).
+    pub async fn add_actor(
+        &self,
+        agent_type: &str,
+        capabilities: Vec<Capability>,
+        group: u16,
+        actor: ActorRef<WorkerMsg>,
+        events: mpsc::Receiver<WorkerEvent>,
+    ) -> Result<u32, HostError> {
+        self.register_worker(agent_type.to_string(), capabilities, group, actor, events)
+            .await
+    }
+
+    async fn register_worker(
+        &self,
+        agent_type: String,
+        capabilities: Vec<Capability>,
+        group: u16,
+        supervisor: ActorRef<WorkerMsg>,
+        mut events_rx: mpsc::Receiver<WorkerEvent>,
+    ) -> Result<u32, HostError> {
         let register = ractor::call!(self.discovery, |reply| DiscoveryMsg::Register {
             agent_type: agent_type.clone(),
             capabilities,

@@ -20,5 +20,6 @@ pub mod workers;
 pub use agent::{Adjustment, Agent, AgentError, SegmentContext, SyncEvent};
 pub use host::{AgentHost, HostConfig, HostError, PolicyStore};
 pub use service::{SubmitRequest, TaskOutcome, TaskStatus};
+pub use worker::{Allocation, WorkerEvent, WorkerMsg};
 
 pub use agentmesh_runtime as runtime;

@@ -149,6 +149,14 @@ impl RateLimiter {
         }
     }
 
+    /// Whole tokens in `agent`'s bucket now (none is taken).
+    pub fn tokens(&self, agent: u32, rate: u32, now_ms: u64) -> u32 {
+        let cap = u64::from(rate) * 1000;
+        let (tokens, last) = self.buckets.get(&agent).copied().unwrap_or((cap, now_ms));
+        let refill = now_ms.saturating_sub(last) * u64::from(rate);
+        ((tokens + refill).min(cap) / 1000) as u32
+    }
+
     /// Forgets `agent`.
     pub fn forget(&mut self, agent: u32) {
         self.buckets.remove(&agent);
@@ -238,5 +246,10 @@ id = 3
             "one token back after half a second at 2/s"
         );
         assert!(r.allow(8, 2, 500), "buckets are per agent");
+        assert_eq!(r.tokens(7, 2, 500), 0);
+        assert_eq!(r.tokens(7, 2, 1000), 1, "counting takes nothing");
+        assert_eq!(r.tokens(7, 2, 1000), 1);
+        assert_eq!(r.tokens(7, 2, 5000), 2, "at most one second's worth");
+        assert_eq!(r.tokens(9, 3, 0), 3, "a new bucket starts full");
     }
 }

@@ -128,6 +128,9 @@ pub struct TaskSummary {
     pub completed: u32,
     /// Reallocations so far.
     pub reallocated: u64,
+    /// Progress of the whole task in thousandths (done segments, plus running ones by
+    /// their last REPORT).
+    pub progress_permille: u16,
     /// Since submission.
     pub elapsed_ms: u64,
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{AdjustRequest, SubmitRequest, TaskStatus};
-use agentmesh_actors::{Agent, AgentError, AgentHost, HostConfig, SegmentContext, SyncEvent};
+use agentmesh_actors::{
+    Agent, AgentError, AgentHost, HostConfig, SegmentContext, SyncEvent, WorkerEvent, WorkerMsg,
+};
 use agentmesh_runtime::transport::clock::SystemClock;
 use agentmesh_runtime::transport::tls::ClusterCa;
 use agentmesh_runtime::transport::wire::payload::Capability;
@@ -302,4 +304,82 @@ async fn discovery_fills_the_ownership_table_that_the_transport_checks() {
         "only its node may speak for it"
     );
     assert!(!table.may_send_as("beta", id.wrapping_add(1)));
+}
+
+/// The power path: a plain ractor actor speaking the worker message, no Agent trait.
+struct Doubler;
+
+impl ractor::Actor for Doubler {
+    type Msg = WorkerMsg;
+    type State = tokio::sync::mpsc::Sender<WorkerEvent>;
+    type Arguments = tokio::sync::mpsc::Sender<WorkerEvent>;
+
+    async fn pre_start(
+        &self,
+        _: ractor::ActorRef<WorkerMsg>,
+        events: Self::Arguments,
+    ) -> Result<Self::State, ractor::ActorProcessingErr> {
+        Ok(events)
+    }
+
+    async fn handle(
+        &self,
+        _: ractor::ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        events: &mut Self::State,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        if let WorkerMsg::Run(a) = msg {
+            let allocation = (a.task, a.segment, a.attempt);
+            let event = match rmp_serde::from_slice::<u32>(&a.input) {
+                Ok(n) => WorkerEvent::Done {
+                    allocation,
+                    output: rmp_serde::to_vec(&(n * 2)).unwrap(),
+                },
+                Err(e) => WorkerEvent::Failed {
+                    allocation,
+                    reason: e.to_string(),
+                },
+            };
+            events.send(event).await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_ractor_actor_serves_as_a_worker() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["solo"]).await;
+    let host = &nodes[0].1;
+    let (events, events_rx) = tokio::sync::mpsc::channel(16);
+    let (actor, _) = ractor::Actor::spawn(None, Doubler, events).await.unwrap();
+    let id = host
+        .add_actor("doubler", caps("double"), 0, actor, events_rx)
+        .await
+        .unwrap();
+    wait_for_agents(host, 1).await;
+    let outcome = host
+        .submit(SubmitRequest {
+            capability: "double".into(),
+            tags: Vec::new(),
+            priority: None,
+            group: 0,
+            inputs: inputs(5),
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    let doubled: Vec<u32> = outcome
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect();
+    assert_eq!(doubled, vec![0, 2, 4, 6, 8]);
+    assert!(host
+        .status()
+        .await
+        .unwrap()
+        .agents
+        .iter()
+        .any(|a| a.agent == id));
 }

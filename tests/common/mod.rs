@@ -12,6 +12,20 @@ pub fn agentmesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agentmesh"))
 }
 
+/// An example program built by `cargo test` (which builds every example) next to the
+/// test binaries: `target/<profile>/examples/NAME`.
+pub fn example(name: &str) -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo test` (it builds the examples) or `cargo build --examples`",
+        path.display()
+    );
+    Command::new(path)
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("agentmesh-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -36,7 +50,11 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(args: &[&str], dev_ca: Option<&Path>) -> NodeProcess {
-        let mut cmd = agentmesh();
+        NodeProcess::start_program(agentmesh(), args, dev_ca)
+    }
+
+    /// `node` of another program that runs the agentmesh CLI (an example).
+    pub fn start_program(mut cmd: Command, args: &[&str], dev_ca: Option<&Path>) -> NodeProcess {
         cmd.arg("node")
             .args(args)
             .stdout(Stdio::null())

@@ -1,13 +1,15 @@
 //! The AgentMesh node: supervision root, cluster membership and failure detection,
-//! peer connections, routing of actor messages by priority, policy enforcement,
-//! metrics and tracing, clock and RNG injection.
+//! peer connections, routing of actor messages and ACP frames by priority, metrics
+//! and tracing, clock injection.
 //!
 //! Architecture invariant: this crate knows nothing of what a task or a capability
 //! means; it moves actor messages between nodes over `agentmesh-transport`.
 //!
-//! Status: membership and failure detection (`membership`, sans-IO over foca) and the
-//! node that drives them over the transport (`node`) are in; the supervision tree,
-//! remote actor messaging and metrics are being built (issue [3/6]).
+//! Map: `membership` (sans-IO failure detection over foca), `node` (the supervision
+//! tree that drives it over the transport), `remote` (cluster-wide actor names, typed
+//! messages, ask/reply, node services, ACP routes), `client` (requests from outside
+//! the cluster, for the CLI), `metrics` (the Prometheus endpoint). Coordination-group
+//! policy lives with the agents in `agentmesh-actors`, which knows what a group is.
 
 pub mod client;
 pub mod membership;

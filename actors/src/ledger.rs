@@ -166,6 +166,8 @@ struct Segment {
     attempts: u32,
     /// Attempts started and not yet finished or cancelled: (attempt, agent, node).
     live: Vec<(u32, u32, String)>,
+    /// The keys of this segment's entries in `Ledger::deadlines` (their times).
+    deadlines: Vec<u64>,
     result: Option<Vec<u8>>,
 }
 
@@ -173,6 +175,8 @@ struct Segment {
 struct Task {
     segments: Vec<Segment>,
     done: u32,
+    /// Segments in the `Pending` state.
+    pending: u32,
     /// Task-level statistics.
     duplicates: u64,
     reallocated: u64,
@@ -317,11 +321,7 @@ impl Ledger {
 
     /// True if `task` has segments waiting for a worker.
     pub fn has_pending(&self, task: Uuid) -> bool {
-        self.tasks.get(&task).is_some_and(|t| {
-            t.segments
-                .iter()
-                .any(|s| matches!(s.state, SegmentState::Pending { .. }))
-        })
+        self.tasks.get(&task).is_some_and(|t| t.pending > 0)
     }
 
     /// Fails a task for a reason of the driver's (say, policy forbids every capable
@@ -355,6 +355,7 @@ impl Ledger {
             },
             attempts: 0,
             live: Vec::new(),
+            deadlines: Vec::new(),
             result: None,
         };
         self.tasks.insert(
@@ -362,6 +363,7 @@ impl Ledger {
             Task {
                 segments: vec![segment; segments as usize],
                 done: 0,
+                pending: segments,
                 duplicates: 0,
                 reallocated: 0,
             },
@@ -374,7 +376,7 @@ impl Ledger {
     /// pending and no candidate at all fails at once; one whose segments wait longer than
     /// `max_wait_ms` for a free worker fails too.
     pub fn assign(&mut self, task_id: Uuid, candidates: &[Candidate], now_ms: u64) {
-        let Some(task) = self.tasks.get(&task_id) else {
+        let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
         let pending: Vec<(u32, u64, bool)> = task
@@ -397,23 +399,27 @@ impl Ledger {
                 "no agent offers the capability this task needs".into(),
             );
         }
-        for (segment, since_ms, is_retry) in pending {
+        let oldest_ms = pending.iter().map(|p| p.1).min().unwrap_or(now_ms);
+        for (segment, _, is_retry) in pending {
             if is_retry && !self.retry_allowed(now_ms) {
                 self.stats.retries_deferred += 1;
                 continue;
             }
             match self.pick(candidates, now_ms) {
                 Some(worker) => self.start_attempt(task_id, segment, worker, is_retry, now_ms),
-                None if now_ms.saturating_sub(since_ms) >= self.config.max_wait_ms => {
-                    return self.fail(
-                        task_id,
-                        format!(
-                            "no capable agent was free for {} ms",
-                            self.config.max_wait_ms
-                        ),
-                    );
+                // No worker is free now: the other segments would find none either.
+                None => {
+                    if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
+                        self.fail(
+                            task_id,
+                            format!(
+                                "no capable agent was free for {} ms",
+                                self.config.max_wait_ms
+                            ),
+                        );
+                    }
+                    return;
                 }
-                None => {}
             }
         }
     }
@@ -443,15 +449,19 @@ impl Ledger {
             self.stats.duplicates_discarded += 1;
             return ResultVerdict::Duplicate;
         }
+        if matches!(seg.state, SegmentState::Pending { .. }) {
+            task.pending -= 1;
+        }
         seg.state = SegmentState::Done;
         seg.result = Some(output);
         task.done += 1;
         self.stats.segments_completed += 1;
         let live = std::mem::take(&mut seg.live);
+        for at in std::mem::take(&mut seg.deadlines) {
+            self.deadlines.remove(&(at, task_id, segment));
+        }
         for (a, agent, node) in live {
             self.release(agent);
-            self.deadlines
-                .retain(|(_, t, s), _| !(*t == task_id && *s == segment));
             if a == attempt {
                 self.breaker_success(agent);
             } else {
@@ -482,15 +492,22 @@ impl Ledger {
             return;
         };
         self.breaker_failure(agent, now_ms);
-        self.requeue(task_id, segment, now_ms, reason);
+        self.requeue(task_id, segment, now_ms, reason, true);
     }
 
-    /// Every attempt running on `node` is lost: reallocate them all.
+    /// Every attempt running on `node` is lost: reallocate them all. These are not
+    /// retries of failed work, so the retry budget does not hold them back.
     pub fn handle_node_down(&mut self, node: &str, now_ms: u64) {
         let lost = self.attempts_where(|_, n| n == node);
         for (task, segment, attempt) in lost {
             if self.end_attempt(task, segment, attempt).is_some() {
-                self.requeue(task, segment, now_ms, &format!("node {node} is down"));
+                self.requeue(
+                    task,
+                    segment,
+                    now_ms,
+                    &format!("node {node} is down"),
+                    false,
+                );
             }
         }
     }
@@ -500,7 +517,13 @@ impl Ledger {
         let lost = self.attempts_where(|a, _| a == agent);
         for (task, segment, attempt) in lost {
             if self.end_attempt(task, segment, attempt).is_some() {
-                self.requeue(task, segment, now_ms, &format!("agent {agent} is gone"));
+                self.requeue(
+                    task,
+                    segment,
+                    now_ms,
+                    &format!("agent {agent} is gone"),
+                    false,
+                );
             }
         }
     }
@@ -524,7 +547,7 @@ impl Ledger {
             if let Some(attempt) = attempt {
                 if let Some(agent) = self.end_attempt(task, segment, attempt) {
                     self.breaker_failure(agent, now_ms);
-                    self.requeue(task, segment, now_ms, "timed out");
+                    self.requeue(task, segment, now_ms, "timed out", true);
                 }
             }
         }
@@ -559,13 +582,16 @@ impl Ledger {
             .get_mut(segment as usize)?;
         let i = seg.live.iter().position(|(a, _, _)| *a == attempt)?;
         let (_, agent, _) = seg.live.remove(i);
+        for at in std::mem::take(&mut seg.deadlines) {
+            self.deadlines.remove(&(at, task_id, segment));
+        }
         self.release(agent);
-        self.deadlines
-            .retain(|(_, t, s), _| !(*t == task_id && *s == segment));
         Some(agent)
     }
 
-    fn requeue(&mut self, task_id: Uuid, segment: u32, now_ms: u64, reason: &str) {
+    /// Puts a segment back to wait for a worker; `budgeted` retries (after a failure or
+    /// a timeout) count against the retry budget.
+    fn requeue(&mut self, task_id: Uuid, segment: u32, now_ms: u64, reason: &str, budgeted: bool) {
         let max_attempts = self.config.max_attempts;
         let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
@@ -582,8 +608,9 @@ impl Ledger {
         }
         seg.state = SegmentState::Pending {
             since_ms: now_ms,
-            is_retry: true,
+            is_retry: budgeted,
         };
+        task.pending += 1;
         task.reallocated += 1;
         self.stats.reallocated += 1;
     }
@@ -597,16 +624,19 @@ impl Ledger {
         now_ms: u64,
     ) {
         let deadline_ms = now_ms + self.config.segment_timeout_ms;
-        let Some(seg) = self
-            .tasks
-            .get_mut(&task_id)
-            .and_then(|t| t.segments.get_mut(segment as usize))
-        else {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
         };
+        let Some(seg) = task.segments.get_mut(segment as usize) else {
+            return;
+        };
+        if matches!(seg.state, SegmentState::Pending { .. }) {
+            task.pending -= 1;
+        }
         seg.attempts += 1;
         let attempt = seg.attempts;
         seg.live.push((attempt, worker.agent, worker.node.clone()));
+        seg.deadlines.push(deadline_ms);
         seg.state = SegmentState::Running;
         *self.in_flight.entry(worker.agent).or_default() += 1;
         self.deadlines.insert((deadline_ms, task_id, segment), ());
@@ -652,22 +682,34 @@ impl Ledger {
         busy < c.capacity.max(1) && !open
     }
 
-    /// Power of two choices: two random eligible workers, the less loaded wins.
+    /// Power of two choices: two random eligible workers, the less loaded wins. Drawn
+    /// by sampling (a few draws, whatever the number of candidates); only when that
+    /// finds fewer than two does it look at every candidate.
     fn pick(&mut self, candidates: &[Candidate], now_ms: u64) -> Option<Candidate> {
+        const DRAWS: usize = 8;
+        if candidates.len() > DRAWS {
+            let mut found: [Option<usize>; 2] = [None, None];
+            for _ in 0..DRAWS {
+                let i = self.rng.random_range(0..candidates.len());
+                if found[0] == Some(i) || !self.eligible(&candidates[i], now_ms) {
+                    continue;
+                }
+                if found[0].is_none() {
+                    found[0] = Some(i);
+                } else {
+                    found[1] = Some(i);
+                    break;
+                }
+            }
+            if let [Some(a), Some(b)] = found {
+                let (a, b) = (&candidates[a], &candidates[b]);
+                return Some(if self.score(a) <= self.score(b) { a } else { b }.clone());
+            }
+        }
         let eligible: Vec<&Candidate> = candidates
             .iter()
             .filter(|c| self.eligible(c, now_ms))
             .collect();
-        let score = |c: &Candidate| {
-            let busy = c
-                .load
-                .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));
-            // Load as a fraction of capacity, in thousandths, then by agent for ties.
-            (
-                u64::from(busy) * 1000 / u64::from(c.capacity.max(1)),
-                c.agent,
-            )
-        };
         let chosen = match eligible.len() {
             0 => return None,
             1 => eligible[0],
@@ -677,7 +719,7 @@ impl Ledger {
                 if b >= a {
                     b += 1;
                 }
-                if score(eligible[a]) <= score(eligible[b]) {
+                if self.score(eligible[a]) <= self.score(eligible[b]) {
                     eligible[a]
                 } else {
                     eligible[b]
@@ -685,6 +727,17 @@ impl Ledger {
             }
         };
         Some(chosen.clone())
+    }
+
+    /// Load as a fraction of capacity, in thousandths, then the agent for ties.
+    fn score(&self, c: &Candidate) -> (u64, u32) {
+        let busy = c
+            .load
+            .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));
+        (
+            u64::from(busy) * 1000 / u64::from(c.capacity.max(1)),
+            c.agent,
+        )
     }
 
     fn breaker_failure(&mut self, agent: u32, now_ms: u64) {
@@ -729,6 +782,9 @@ impl Ledger {
         };
         let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
+            for at in seg.deadlines {
+                self.deadlines.remove(&(at, task_id, i as u32));
+            }
             for (attempt, agent, node) in seg.live {
                 self.release(agent);
                 self.outputs.push_back(LedgerOutput::Cancel {
@@ -740,7 +796,6 @@ impl Ledger {
                 });
             }
         }
-        self.deadlines.retain(|(_, t, _), _| *t != task_id);
         self.outputs.push_back(LedgerOutput::TaskFailed {
             task: task_id,
             reason,

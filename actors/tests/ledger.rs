@@ -309,6 +309,44 @@ fn the_retry_budget_defers_retries_beyond_its_ratio_and_floor() {
 }
 
 #[test]
+fn a_dead_nodes_segments_are_reallocated_even_with_the_retry_budget_spent() {
+    let config = LedgerConfig {
+        retry_ratio_permille: 0,
+        retry_floor_per_sec: 0,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    l.submit(task(), 40, 0).unwrap();
+    l.assign(task(), &[worker(1, "a", 100)], 0);
+    assert_eq!(allocations(&drain(&mut l)).len(), 40);
+    l.handle_node_down("a", 10);
+    l.assign(task(), &[worker(2, "b", 100)], 10);
+    let again = allocations(&drain(&mut l));
+    assert_eq!(again.len(), 40, "{again:?}");
+    assert!(again.iter().all(|(_, attempt, agent)| *attempt == 2 && *agent == 2));
+    assert_eq!(l.stats().retries_deferred, 0);
+}
+
+#[test]
+fn power_of_two_choices_over_many_candidates_prefers_the_less_loaded() {
+    let mut l = Ledger::new(LedgerConfig::default(), 7);
+    // 1,000 workers, half of them nearly full: the picks land on the idle half far
+    // more often than a uniform draw would (half).
+    let workers: Vec<Candidate> = (1..=1_000)
+        .map(|a| Candidate {
+            load: if a % 2 == 0 { 9 } else { 0 },
+            ..worker(a, "n", 10)
+        })
+        .collect();
+    l.submit(task(), 400, 0).unwrap();
+    l.assign(task(), &workers, 0);
+    let allocs = allocations(&drain(&mut l));
+    assert_eq!(allocs.len(), 400);
+    let idle = allocs.iter().filter(|a| a.2 % 2 == 1).count();
+    assert!(idle > 260, "{idle} of 400 on idle workers");
+}
+
+#[test]
 fn submissions_are_checked() {
     let mut l = Ledger::new(LedgerConfig::default(), 1);
     assert!(l.submit(task(), 0, 0).is_err());

@@ -323,7 +323,9 @@ fn a_dead_nodes_segments_are_reallocated_even_with_the_retry_budget_spent() {
     l.assign(task(), &[worker(2, "b", 100)], 10);
     let again = allocations(&drain(&mut l));
     assert_eq!(again.len(), 40, "{again:?}");
-    assert!(again.iter().all(|(_, attempt, agent)| *attempt == 2 && *agent == 2));
+    assert!(again
+        .iter()
+        .all(|(_, attempt, agent)| *attempt == 2 && *agent == 2));
     assert_eq!(l.stats().retries_deferred, 0);
 }
 

@@ -2,8 +2,22 @@
 //! and reports.
 //!
 //! Architecture invariant: no quinn and no real time; the simulator drives the same
-//! state machines as the live runtime.
+//! state machines as the live runtime (`Registry`, `Ledger`, `Membership`), it never
+//! re-implements them.
 //!
-//! Status: built in issue [5/6]. Until then this crate only re-exports the actors.
+//! Map: `workload` (the JSON Lines format), `sim` (the simulator), `check` (the
+//! invariant checkers), `faults` (random faults, `--faults`), `report` (figures and the
+//! event log's digest).
+
+pub mod check;
+pub mod faults;
+pub mod generate;
+pub mod report;
+pub mod sim;
+pub mod workload;
 
 pub use agentmesh_actors as actors;
+pub use faults::FaultSpec;
+pub use report::Report;
+pub use sim::{Sim, SimConfig, Stopped};
+pub use workload::{Event, EventKind, Workload, WorkloadError};

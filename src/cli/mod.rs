@@ -10,6 +10,7 @@ mod client;
 mod demo;
 mod node;
 mod policy;
+mod sim;
 mod status;
 mod submit;
 
@@ -56,6 +57,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
+    },
+    /// Replay workloads deterministically on virtual time.
+    Sim {
+        #[command(subcommand)]
+        command: sim::SimCommand,
     },
     /// Measure AgentMesh against bare libraries, with ratios.
     Bench {
@@ -243,6 +249,10 @@ fn run(args: Args, agents: &AgentCatalog) -> Result<(), Failure> {
             let (identity, inputs) = submit::prepare(&args).map_err(Failure::bad_input)?;
             submit::run(args, identity, inputs).map_err(Failure::failed)
         }
+        Command::Sim { command } => sim::run(command).map_err(|f| match f {
+            sim::SimFailure::BadInput(e) => Failure::bad_input(e),
+            sim::SimFailure::Failed(e) => Failure::failed(e),
+        }),
         Command::Policy { command } => match policy::prepare(&command)
             .map_err(Failure::bad_input)?
         {

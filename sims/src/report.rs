@@ -1,0 +1,274 @@
+//! What a simulation run measured, and the digest of its event log.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// FNV-1a, 64 bits, over the event log's bytes: equal logs give equal digests. Not a
+/// cryptographic hash; it tells runs apart, it does not authenticate them.
+#[derive(Clone, Copy, Debug)]
+pub struct Digest(u64);
+
+impl Default for Digest {
+    fn default() -> Digest {
+        Digest::new()
+    }
+}
+
+impl Digest {
+    /// The digest of nothing.
+    pub fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// As 16 hex digits.
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// How one task ended.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskRecord {
+    /// Completed (or failed).
+    pub completed: bool,
+    /// Its priority.
+    pub priority: u8,
+    /// When it was submitted (simulated microseconds).
+    pub submitted_us: u64,
+    /// When it ended.
+    pub ended_us: u64,
+    /// Its segments.
+    pub segments: u32,
+    /// Segments with an accepted result.
+    pub completed_segments: u32,
+    /// Attempts started again elsewhere.
+    pub reallocated: u64,
+}
+
+/// Latency of completed tasks of one priority class.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Tasks completed.
+    pub tasks: u64,
+    /// Median submit-to-completion time, simulated milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+}
+
+/// The figures of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// The workload's name.
+    pub workload: String,
+    /// The seed.
+    pub seed: u64,
+    /// Events in the workload file.
+    pub workload_events: u64,
+    /// Agents registered (restarts register again).
+    pub agents_registered: u64,
+    /// Registrations refused (registry full).
+    pub registrations_refused: u64,
+    /// Tasks submitted.
+    pub tasks_submitted: u64,
+    /// Tasks completed.
+    pub tasks_completed: u64,
+    /// Tasks failed (with a reason).
+    pub tasks_failed: u64,
+    /// Tasks refused at submission (coordinator down).
+    pub tasks_refused: u64,
+    /// Tasks lost because their coordinator's node crashed.
+    pub tasks_lost_with_coordinator: u64,
+    /// Why tasks failed, and how many for each reason.
+    pub failure_reasons: BTreeMap<String, u64>,
+    /// Segments in the tasks submitted.
+    pub segments_submitted: u64,
+    /// Segments of completed tasks without an accepted result (must be 0).
+    pub lost: u64,
+    /// Results accepted a second time (must be 0).
+    pub duplicates_accepted: u64,
+    /// Result copies discarded by the ledger.
+    pub duplicates_discarded: u64,
+    /// Reports for attempts or tasks the ledger no longer knows.
+    pub stale_reports: u64,
+    /// Attempts started again elsewhere.
+    pub reallocated: u64,
+    /// ALLOCATEs sent.
+    pub allocations: u64,
+    /// Attempts that ran to their end.
+    pub attempts_finished: u64,
+    /// Node crashes (workload's and random).
+    pub crashes: u64,
+    /// Agent panics.
+    pub panics: u64,
+    /// Partitions.
+    pub partitions: u64,
+    /// Messages put on the simulated network.
+    pub messages: u64,
+    /// Messages lost or dropped (loss, partition, dead receiver).
+    pub messages_dropped: u64,
+    /// Time from a node's crash to each of its segments' new attempt, simulated ms.
+    pub crash_to_realloc_p50_ms: f64,
+    /// 99th percentile.
+    pub crash_to_realloc_p99_ms: f64,
+    /// Segments reallocated after crashes (the sample of the two figures above).
+    pub crash_reallocations: u64,
+    /// From the first submission to the last task's end, simulated ms.
+    pub makespan_ms: f64,
+    /// Task latency by priority class (urgent 192+, high 128+, normal 64+, low).
+    pub latency_by_priority: BTreeMap<String, Latency>,
+    /// Simulated time at the end, ms.
+    pub simulated_ms: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Wall-clock time of the run, ms.
+    pub wall_ms: f64,
+    /// Events per second of wall time.
+    pub events_per_sec: f64,
+    /// Peak resident memory of the process, MiB (Linux; 0 elsewhere).
+    pub peak_memory_mib: f64,
+    /// Digest of the event log.
+    pub digest: String,
+    #[serde(skip)]
+    ended: Vec<TaskRecord>,
+}
+
+fn class(priority: u8) -> &'static str {
+    match priority {
+        192.. => "urgent",
+        128..=191 => "high",
+        64..=127 => "normal",
+        _ => "low",
+    }
+}
+
+/// The `q` quantile of sorted values, by nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+impl Report {
+    /// An empty report.
+    pub fn new(workload: &str, seed: u64) -> Report {
+        Report {
+            workload: workload.to_string(),
+            seed,
+            ..Report::default()
+        }
+    }
+
+    /// A task ended.
+    pub fn task_ended(&mut self, t: TaskRecord) {
+        if t.completed {
+            self.tasks_completed += 1;
+            self.lost += u64::from(t.segments.saturating_sub(t.completed_segments));
+        } else {
+            self.tasks_failed += 1;
+        }
+        self.reallocated += t.reallocated;
+        self.ended.push(t);
+    }
+
+    /// Counts a failure reason (the task's own id left out, so alike reasons add up).
+    pub fn note_failure(&mut self, reason: &str) {
+        *self.failure_reasons.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// The tasks that ended, in the order they did.
+    pub fn tasks(&self) -> &[TaskRecord] {
+        &self.ended
+    }
+
+    /// Fills in the figures known at the end.
+    pub fn finish(
+        &mut self,
+        events: u64,
+        now_us: u64,
+        wall: Duration,
+        digest: String,
+        mut realloc_us: Vec<u64>,
+    ) {
+        self.events = events;
+        self.simulated_ms = now_us as f64 / 1000.0;
+        self.wall_ms = wall.as_secs_f64() * 1000.0;
+        self.events_per_sec = events as f64 / wall.as_secs_f64().max(1e-9);
+        self.digest = digest;
+        realloc_us.sort_unstable();
+        self.crash_reallocations = realloc_us.len() as u64;
+        self.crash_to_realloc_p50_ms = quantile(&realloc_us, 0.5) as f64 / 1000.0;
+        self.crash_to_realloc_p99_ms = quantile(&realloc_us, 0.99) as f64 / 1000.0;
+        let first = self.ended.iter().map(|t| t.submitted_us).min().unwrap_or(0);
+        let last = self.ended.iter().map(|t| t.ended_us).max().unwrap_or(0);
+        self.makespan_ms = last.saturating_sub(first) as f64 / 1000.0;
+        let mut by_class: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for t in self.ended.iter().filter(|t| t.completed) {
+            by_class
+                .entry(class(t.priority))
+                .or_default()
+                .push(t.ended_us - t.submitted_us);
+        }
+        for (name, mut v) in by_class {
+            v.sort_unstable();
+            self.latency_by_priority.insert(
+                name.to_string(),
+                Latency {
+                    tasks: v.len() as u64,
+                    p50_ms: quantile(&v, 0.5) as f64 / 1000.0,
+                    p99_ms: quantile(&v, 0.99) as f64 / 1000.0,
+                },
+            );
+        }
+        self.peak_memory_mib = peak_memory_mib();
+    }
+}
+
+/// The process's peak resident set (VmHWM), in MiB.
+fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), 50);
+        assert_eq!(quantile(&v, 0.99), 99);
+        assert_eq!(quantile(&[], 0.5), 0);
+        assert_eq!(quantile(&[7], 0.99), 7);
+    }
+
+    #[test]
+    fn the_digest_tells_logs_apart() {
+        let mut a = Digest::new();
+        a.update(b"1 0 join a\n");
+        let mut b = Digest::new();
+        b.update(b"1 0 join b\n");
+        assert_ne!(a.hex(), b.hex());
+        assert_eq!(Digest::new().hex(), "cbf29ce484222325");
+    }
+}

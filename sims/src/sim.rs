@@ -1,0 +1,1248 @@
+//! The simulator: a workload replayed on virtual time over a simulated network, with
+//! the live runtime's own state machines (discovery's `Registry`, the coordinator's
+//! `Ledger`, SWIM `Membership`) called as they are. Time jumps from one event or timer
+//! to the next; every random choice comes from one seeded RNG; every event processed
+//! is a line of the event log, whose digest says whether two runs were the same.
+//!
+//! What is modelled around the state machines, and how simply: a message between two
+//! nodes takes the link's latency plus a little jitter; a reliable message (ALLOCATE,
+//! REPORT, ADJUST, registry deltas) that loses a packet arrives one retransmission
+//! later, a gossip datagram is lost; a partition drops what crosses it. An agent runs
+//! `capacity` segments at once, each for the workload's work time, and queues the rest.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+
+use agentmesh_actors::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict};
+use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
+use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, Timer};
+use agentmesh_actors::runtime::transport::wire::payload::Capability;
+use agentmesh_actors::runtime::{MembershipConfig, NodeId};
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use uuid::Uuid;
+
+use crate::check::{Checker, Violation, NO_TASK_HANGING};
+use crate::faults::FaultSpec;
+use crate::report::{Digest, Report, TaskRecord};
+use crate::workload::{EventKind, Workload};
+
+/// How often a coordinator looks at its open tasks (as the live one does).
+const TICK_US: u64 = 50_000;
+/// Agents registered cluster-wide, at most (as discovery's bound).
+const MAX_AGENTS: usize = 2_000_000;
+/// Attempts queued per agent while all its slots are busy (as the worker's bound).
+const MAX_QUEUED: usize = 1_024;
+/// A panicking replica is back after this long (the supervisor's first backoff).
+const RESTART_BACKOFF_US: u64 = 50_000;
+/// How often random faults are drawn.
+const FAULT_PERIOD_US: u64 = 1_000_000;
+
+/// Settings of one run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Seeds every random choice.
+    pub seed: u64,
+    /// Random faults on top of the workload's.
+    pub faults: FaultSpec,
+    /// The coordinators' ledger settings.
+    pub ledger: LedgerConfig,
+    /// Failure detection settings.
+    pub membership: MembershipConfig,
+    /// A crashed node's segments must get a new attempt within this long.
+    pub realloc_bound_ms: u64,
+    /// One-way latency at the start, in microseconds.
+    pub latency_us: u64,
+    /// Keep the event log's lines (for `--log`); the digest is computed either way.
+    pub keep_log: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            seed: 1,
+            faults: FaultSpec::default(),
+            ledger: LedgerConfig::default(),
+            membership: MembershipConfig::default(),
+            realloc_bound_ms: 5_000,
+            latency_us: 500,
+            keep_log: false,
+        }
+    }
+}
+
+/// A run that stopped at a violated invariant.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The run's seed.
+    pub seed: u64,
+    /// The number of the event at which it stopped.
+    pub event: u64,
+    /// Simulated time then, in milliseconds.
+    pub t_ms: u64,
+    /// What did not hold.
+    pub violation: Violation,
+    /// The figures up to that point.
+    pub report: Report,
+    /// The event log up to that point, if kept.
+    pub log: Vec<String>,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invariant violated: {} (seed {}, event {}, t = {} ms): {}",
+            self.violation.invariant, self.seed, self.event, self.t_ms, self.violation.detail
+        )
+    }
+}
+
+type NodeIx = usize;
+type AgentIx = usize;
+
+enum Msg {
+    Gossip(Bytes),
+    Delta(RegistryDelta),
+    Allocate {
+        task: Uuid,
+        segment: u32,
+        attempt: u32,
+        agent: u32,
+        work_us: u64,
+        coordinator: NodeIx,
+    },
+    Report {
+        task: Uuid,
+        segment: u32,
+        attempt: u32,
+        ok: bool,
+    },
+    Cancel {
+        task: Uuid,
+        segment: u32,
+        attempt: u32,
+        agent: u32,
+    },
+}
+
+enum Event {
+    Workload(usize),
+    Deliver {
+        from: NodeIx,
+        to: NodeIx,
+        epoch: u32,
+        msg: Msg,
+    },
+    Timer {
+        node: NodeIx,
+        epoch: u32,
+        timer: Timer<NodeId>,
+    },
+    Tick {
+        node: NodeIx,
+        epoch: u32,
+    },
+    WorkDone {
+        agent: AgentIx,
+        gen: u64,
+        key: (Uuid, u32, u32),
+    },
+    ReplicaBack {
+        agent: AgentIx,
+        gen: u64,
+    },
+    Restart(NodeIx),
+    Heal,
+    Faults,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // A max-heap: the earliest (then the first scheduled) on top.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct AgentSpec {
+    agent_type: String,
+    capabilities: Vec<Capability>,
+    group: u16,
+}
+
+struct TaskMeta {
+    capability: String,
+    priority: u8,
+    work_us: u64,
+    segments: u32,
+    submitted_us: u64,
+}
+
+struct SimNode {
+    name: String,
+    up: bool,
+    /// Bumped at every crash and restart: events for an older life are dropped.
+    epoch: u32,
+    lives: u64,
+    membership: Membership,
+    registry: Registry,
+    /// Bumped when the registry changes, to invalidate `candidates`.
+    registry_gen: u64,
+    candidates: BTreeMap<String, (u64, Rc<[Candidate]>)>,
+    ledger: Ledger,
+    tasks: BTreeMap<Uuid, TaskMeta>,
+    /// Agent ID -> the simulated agent, for agents of this node.
+    agents: BTreeMap<u32, AgentIx>,
+    specs: Vec<AgentSpec>,
+    tick_armed: bool,
+    /// The side of the partition it is on (0 when there is none).
+    side: u32,
+}
+
+struct Running {
+    key: (Uuid, u32, u32),
+    coordinator: NodeIx,
+}
+
+struct Queued {
+    key: (Uuid, u32, u32),
+    coordinator: NodeIx,
+    work_us: u64,
+}
+
+struct SimAgent {
+    node: NodeIx,
+    agent_type: String,
+    capacity: u32,
+    /// Bumped when the agent's work is lost (its node crashed).
+    gen: u64,
+    running: Vec<Running>,
+    queue: VecDeque<Queued>,
+    /// Replicas restarting after a panic.
+    down_slots: u32,
+    alive: bool,
+}
+
+/// One simulation run.
+pub struct Sim {
+    config: SimConfig,
+    workload: Workload,
+    rng: StdRng,
+    now_us: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<SimNode>,
+    by_name: HashMap<String, NodeIx>,
+    agents: Vec<SimAgent>,
+    loss_permille: u32,
+    latency_us: u64,
+    checker: Checker,
+    report: Report,
+    digest: Digest,
+    line: String,
+    log: Vec<String>,
+    events: u64,
+    workload_done: bool,
+    /// Tasks open at live coordinators.
+    open: BTreeMap<(NodeIx, Uuid), ()>,
+}
+
+impl Sim {
+    /// A run of `workload` with `config`.
+    pub fn new(workload: Workload, config: SimConfig) -> Sim {
+        let mut report = Report::new(&workload.header.name, config.seed);
+        report.workload_events = workload.events.len() as u64;
+        Sim {
+            rng: StdRng::seed_from_u64(config.seed),
+            checker: Checker::new(config.realloc_bound_ms * 1000),
+            loss_permille: config.faults.loss_permille,
+            latency_us: config.latency_us,
+            config,
+            workload,
+            now_us: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+            agents: Vec::new(),
+            report,
+            digest: Digest::new(),
+            line: String::new(),
+            log: Vec::new(),
+            events: 0,
+            workload_done: false,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// Runs to the end: every workload event replayed and every task ended (or the
+    /// horizon passed), or the first violated invariant. `progress` is called now and
+    /// then with (simulated ms, events so far).
+    pub fn run(
+        mut self,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(Report, Vec<String>), Box<Stopped>> {
+        // Wall time measures the simulator itself (events per second); it never feeds
+        // the simulation, whose time is virtual.
+        #[allow(clippy::disallowed_methods)]
+        let started = std::time::Instant::now();
+        if !self.workload.events.is_empty() {
+            let t = self.workload.events[0].t * 1000;
+            self.schedule_at(t, Event::Workload(0));
+        }
+        if !self.config.faults.is_none() {
+            self.schedule(FAULT_PERIOD_US, Event::Faults);
+        }
+        let end_of_workload_us = self.workload.duration_ms() * 1000;
+        let c = self.config.ledger;
+        let hang_us = (c.segment_timeout_ms * u64::from(c.max_attempts.max(1)) + c.max_wait_ms)
+            * 1000
+            + self.config.realloc_bound_ms * 1000;
+        let horizon_us = end_of_workload_us + hang_us;
+        while let Some(next) = self.queue.pop() {
+            if self.workload_done && self.open.is_empty() {
+                break;
+            }
+            if next.at > horizon_us {
+                self.now_us = horizon_us;
+                break;
+            }
+            self.now_us = next.at;
+            self.events += 1;
+            if let Err(v) = self.handle(next.event) {
+                return Err(self.stop(v, started));
+            }
+            if let Err(v) = self.checker.check_time(self.now_us) {
+                return Err(self.stop(v, started));
+            }
+            if self.events.is_multiple_of(65_536) {
+                progress(self.now_us / 1000, self.events);
+            }
+        }
+        if let Err(v) = self.checker.check_time(self.now_us) {
+            return Err(self.stop(v, started));
+        }
+        if let Some(((node, task), _)) = self.open.iter().next() {
+            let v = Violation {
+                invariant: NO_TASK_HANGING,
+                detail: format!(
+                    "task {task} at {} still open {} ms after the workload ended ({} open in all)",
+                    self.nodes[*node].name,
+                    (self.now_us - end_of_workload_us) / 1000,
+                    self.open.len()
+                ),
+            };
+            return Err(self.stop(v, started));
+        }
+        let report = self.finish(started);
+        Ok((report, std::mem::take(&mut self.log)))
+    }
+
+    fn finish(&mut self, started: std::time::Instant) -> Report {
+        let mut report = std::mem::replace(&mut self.report, Report::new("", 0));
+        report.finish(
+            self.events,
+            self.now_us,
+            started.elapsed(),
+            self.digest.hex(),
+            std::mem::take(&mut self.checker.realloc_latencies_us),
+        );
+        report
+    }
+
+    fn stop(&mut self, violation: Violation, started: std::time::Instant) -> Box<Stopped> {
+        Box::new(Stopped {
+            seed: self.config.seed,
+            event: self.events,
+            t_ms: self.now_us / 1000,
+            violation,
+            report: self.finish(started),
+            log: std::mem::take(&mut self.log),
+        })
+    }
+
+    fn schedule(&mut self, after_us: u64, event: Event) {
+        self.schedule_at(self.now_us + after_us, event);
+    }
+
+    fn schedule_at(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        });
+    }
+
+    /// Appends a line to the event log (and its digest).
+    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+        self.line.clear();
+        let _ = write!(self.line, "{} {} ", self.events, self.now_us);
+        let _ = self.line.write_fmt(args);
+        self.digest.update(self.line.as_bytes());
+        self.digest.update(b"\n");
+        if self.config.keep_log {
+            self.log.push(self.line.clone());
+        }
+    }
+
+    fn chance(&mut self, permille: u32) -> bool {
+        permille > 0 && self.rng.random_range(0..1000) < permille
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        match event {
+            Event::Workload(i) => self.workload_event(i),
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                msg,
+            } => {
+                let n = &self.nodes[to];
+                if !n.up || n.epoch != epoch || n.side != self.nodes[from].side {
+                    self.log(format_args!("drop {from}>{to}"));
+                    self.report.messages_dropped += 1;
+                    return Ok(());
+                }
+                self.deliver(from, to, msg)
+            }
+            Event::Timer { node, epoch, timer } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.log(format_args!("timer {node}"));
+                    let _ = self.nodes[node].membership.handle_timer(timer);
+                    self.drain_membership(node)?;
+                }
+                Ok(())
+            }
+            Event::Tick { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    self.nodes[node].tick_armed = false;
+                    self.log(format_args!("tick {node}"));
+                    self.coordinate(node)?;
+                }
+                Ok(())
+            }
+            Event::WorkDone { agent, gen, key } => self.work_done(agent, gen, key),
+            Event::ReplicaBack { agent, gen } => {
+                let a = &mut self.agents[agent];
+                if a.gen == gen && a.alive {
+                    a.down_slots = a.down_slots.saturating_sub(1);
+                    self.log(format_args!("replica-back {agent}"));
+                    self.start_queued(agent);
+                }
+                Ok(())
+            }
+            Event::Restart(node) => {
+                self.log(format_args!("restart {node} (fault)"));
+                self.start_node(node);
+                Ok(())
+            }
+            Event::Heal => {
+                self.log(format_args!("heal (fault)"));
+                self.heal();
+                Ok(())
+            }
+            Event::Faults => {
+                self.random_faults();
+                Ok(())
+            }
+        }
+    }
+
+    fn workload_event(&mut self, i: usize) -> Result<(), Violation> {
+        let kind = self.workload.events[i].kind.clone();
+        match self.workload.events.get(i + 1).map(|e| e.t * 1000) {
+            Some(t) => self.schedule_at(t.max(self.now_us), Event::Workload(i + 1)),
+            None => self.workload_done = true,
+        }
+        match kind {
+            EventKind::NodeJoin { node } => {
+                self.log(format_args!("join {node}"));
+                let ix = self.add_node(&node);
+                self.start_node(ix);
+            }
+            EventKind::NodeRestart { node } => {
+                self.log(format_args!("restart {node}"));
+                let ix = self.by_name[&node];
+                if !self.nodes[ix].up {
+                    self.start_node(ix);
+                }
+            }
+            EventKind::NodeCrash { node } => {
+                self.log(format_args!("crash {node}"));
+                let ix = self.by_name[&node];
+                self.crash(ix);
+            }
+            EventKind::NodeLeave { node } => {
+                self.log(format_args!("leave {node}"));
+                let ix = self.by_name[&node];
+                if self.nodes[ix].up {
+                    let _ = self.nodes[ix].membership.leave();
+                    self.drain_membership(ix)?;
+                    self.crash(ix);
+                }
+            }
+            EventKind::Register {
+                node,
+                agent_type,
+                capabilities,
+                tags,
+                capacity,
+                group,
+                count,
+            } => {
+                self.log(format_args!("register {node} {agent_type} x{count}"));
+                let ix = self.by_name[&node];
+                let capabilities: Vec<Capability> = capabilities
+                    .into_iter()
+                    .map(|name| Capability {
+                        name,
+                        version: "1".into(),
+                        tags: tags.clone(),
+                        capacity,
+                    })
+                    .collect();
+                for _ in 0..count {
+                    self.nodes[ix].specs.push(AgentSpec {
+                        agent_type: agent_type.clone(),
+                        capabilities: capabilities.clone(),
+                        group,
+                    });
+                }
+                if self.nodes[ix].up {
+                    let from = self.nodes[ix].specs.len() - count as usize;
+                    self.register_specs(ix, from);
+                }
+            }
+            EventKind::Submit {
+                node,
+                capability,
+                priority,
+                segments,
+                work_ms,
+                ..
+            } => {
+                let ix = self.by_name[&node];
+                let task = Uuid::from_u128(self.rng.random::<u128>());
+                self.log(format_args!(
+                    "submit {node} {task} {capability} p{priority} x{segments}"
+                ));
+                self.report.tasks_submitted += 1;
+                if !self.nodes[ix].up {
+                    self.report.tasks_refused += 1;
+                    return Ok(());
+                }
+                let now_ms = self.now_us / 1000;
+                let n = &mut self.nodes[ix];
+                if n.ledger.submit(task, segments, now_ms).is_err() {
+                    self.report.tasks_refused += 1;
+                    return Ok(());
+                }
+                n.tasks.insert(
+                    task,
+                    TaskMeta {
+                        capability,
+                        priority,
+                        work_us: work_ms * 1000,
+                        segments,
+                        submitted_us: self.now_us,
+                    },
+                );
+                self.open.insert((ix, task), ());
+                self.report.segments_submitted += u64::from(segments);
+                self.coordinate(ix)?;
+            }
+            EventKind::AgentPanic { node, agent_type } => {
+                self.log(format_args!("panic {node} {agent_type}"));
+                let ix = self.by_name[&node];
+                self.panic_agent(ix, &agent_type);
+            }
+            EventKind::Partition { sides } => {
+                self.log(format_args!("partition {sides:?}"));
+                for n in &mut self.nodes {
+                    n.side = sides.len() as u32 + 1;
+                }
+                for (i, side) in sides.iter().enumerate() {
+                    for name in side {
+                        if let Some(&ix) = self.by_name.get(name) {
+                            self.nodes[ix].side = i as u32 + 1;
+                        }
+                    }
+                }
+                self.report.partitions += 1;
+            }
+            EventKind::Heal => {
+                self.log(format_args!("heal"));
+                self.heal();
+            }
+            EventKind::Net {
+                loss_permille,
+                latency_us,
+            } => {
+                self.log(format_args!("net {loss_permille:?} {latency_us:?}"));
+                if let Some(l) = loss_permille {
+                    self.loss_permille = (l + self.config.faults.loss_permille).min(1000);
+                }
+                if let Some(l) = latency_us {
+                    self.latency_us = l;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn heal(&mut self) {
+        for n in &mut self.nodes {
+            n.side = 0;
+        }
+    }
+
+    fn add_node(&mut self, name: &str) -> NodeIx {
+        let ix = self.nodes.len();
+        let seed = self.config.seed ^ (ix as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let id = node_id(name, ix, 0);
+        self.nodes.push(SimNode {
+            name: name.to_string(),
+            up: false,
+            epoch: 0,
+            lives: 0,
+            membership: Membership::new(id, self.config.membership, seed),
+            registry: Registry::new(name, MAX_AGENTS, seed),
+            registry_gen: 0,
+            candidates: BTreeMap::new(),
+            ledger: Ledger::new(self.config.ledger, seed),
+            tasks: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            specs: Vec::new(),
+            tick_armed: false,
+            side: 0,
+        });
+        self.by_name.insert(name.to_string(), ix);
+        ix
+    }
+
+    /// Starts (or restarts) a node with fresh state, joins it to the cluster through
+    /// another node that is up, and registers its agents.
+    fn start_node(&mut self, ix: NodeIx) {
+        let seed = self.rng.random::<u64>();
+        let n = &mut self.nodes[ix];
+        n.lives += 1;
+        n.epoch += 1;
+        n.up = true;
+        n.membership = Membership::new(node_id(&n.name, ix, n.lives), self.config.membership, seed);
+        n.registry = Registry::new(&n.name, MAX_AGENTS, seed);
+        n.registry_gen += 1;
+        n.ledger = Ledger::new(self.config.ledger, seed);
+        n.tasks.clear();
+        n.agents.clear();
+        n.tick_armed = false;
+        let via = (0..self.nodes.len()).find(|&o| o != ix && self.nodes[o].up);
+        if let Some(via) = via {
+            let id = self.nodes[via].membership.me().clone();
+            let _ = self.nodes[ix].membership.join(id);
+        }
+        let _ = self.drain_membership(ix);
+        self.register_specs(ix, 0);
+    }
+
+    fn register_specs(&mut self, ix: NodeIx, from: usize) {
+        for s in from..self.nodes[ix].specs.len() {
+            let spec = &self.nodes[ix].specs[s];
+            let (agent_type, caps, group) = (
+                spec.agent_type.clone(),
+                spec.capabilities.clone(),
+                spec.group,
+            );
+            let capacity = caps.iter().map(|c| c.capacity).max().unwrap_or(1);
+            let Ok(record) = self.nodes[ix].registry.register(&agent_type, caps, group) else {
+                self.report.registrations_refused += 1;
+                continue;
+            };
+            let a = self.agents.len();
+            self.agents.push(SimAgent {
+                node: ix,
+                agent_type,
+                capacity,
+                gen: 0,
+                running: Vec::new(),
+                queue: VecDeque::new(),
+                down_slots: 0,
+                alive: true,
+            });
+            self.nodes[ix].agents.insert(record.agent, a);
+            self.report.agents_registered += 1;
+        }
+        self.nodes[ix].registry_gen += 1;
+        self.drain_registry(ix);
+    }
+
+    /// Sends the registry's news; coalesces consecutive deltas into one message per
+    /// member (the live discovery sends them in order; here fewer, larger messages).
+    fn drain_registry(&mut self, ix: NodeIx) {
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        while let Some(out) = self.nodes[ix].registry.poll() {
+            match out {
+                RegistryOutput::Broadcast(d) => {
+                    upserts.extend(d.upserts);
+                    removals.extend(d.removals);
+                }
+                RegistryOutput::Reidentified { old, new } => {
+                    if let Some(a) = self.nodes[ix].agents.remove(&old) {
+                        self.nodes[ix].agents.insert(new, a);
+                    }
+                }
+                RegistryOutput::Own { .. } | RegistryOutput::Disown { .. } => {}
+            }
+        }
+        if upserts.is_empty() && removals.is_empty() {
+            return;
+        }
+        let delta = RegistryDelta {
+            node: self.nodes[ix].name.clone(),
+            full: false,
+            upserts,
+            removals,
+        };
+        let members: Vec<NodeIx> = self.nodes[ix]
+            .membership
+            .members()
+            .filter_map(|m| self.by_name.get(&m.name).copied())
+            .collect();
+        for to in members {
+            self.send(ix, to, Msg::Delta(delta.clone()), true);
+        }
+    }
+
+    fn drain_membership(&mut self, ix: NodeIx) -> Result<(), Violation> {
+        while let Some(out) = self.nodes[ix].membership.poll() {
+            match out {
+                MembershipOutput::Send { to, data } => {
+                    if let Some(&to) = self.by_name.get(&to.name) {
+                        self.send(ix, to, Msg::Gossip(data), false);
+                    }
+                }
+                MembershipOutput::SetTimer { after, timer } => {
+                    let epoch = self.nodes[ix].epoch;
+                    self.schedule(
+                        after.as_micros() as u64,
+                        Event::Timer {
+                            node: ix,
+                            epoch,
+                            timer,
+                        },
+                    );
+                }
+                MembershipOutput::NodeUp(id) => {
+                    self.log(format_args!("up {ix} sees {}", id.name));
+                    if let Some(&to) = self.by_name.get(&id.name) {
+                        let full = self.nodes[ix].registry.full_delta();
+                        self.send(ix, to, Msg::Delta(full), true);
+                    }
+                }
+                MembershipOutput::NodeDown(id) => {
+                    self.log(format_args!("down {ix} sees {}", id.name));
+                    let now_ms = self.now_us / 1000;
+                    let n = &mut self.nodes[ix];
+                    n.registry.handle_node_down(&id.name);
+                    n.registry_gen += 1;
+                    n.ledger.handle_node_down(&id.name, now_ms);
+                    self.drain_ledger(ix)?;
+                    self.coordinate(ix)?;
+                }
+                MembershipOutput::Renewed(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a message on the simulated network.
+    fn send(&mut self, from: NodeIx, to: NodeIx, msg: Msg, reliable: bool) {
+        if from == to {
+            let epoch = self.nodes[to].epoch;
+            self.schedule(
+                0,
+                Event::Deliver {
+                    from,
+                    to,
+                    epoch,
+                    msg,
+                },
+            );
+            return;
+        }
+        let mut delay = self.latency_us + self.rng.random_range(0..=self.latency_us / 4);
+        if reliable {
+            // Each lost packet costs a retransmission (about a probe timeout).
+            let mut tries = 0;
+            while self.chance(self.loss_permille) && tries < 16 {
+                delay += (3 * self.latency_us).max(1_000);
+                tries += 1;
+            }
+        } else if self.chance(self.loss_permille) {
+            self.report.messages_dropped += 1;
+            return;
+        }
+        if self.nodes[from].side != self.nodes[to].side {
+            self.report.messages_dropped += 1;
+            return;
+        }
+        self.report.messages += 1;
+        let epoch = self.nodes[to].epoch;
+        self.schedule(
+            delay,
+            Event::Deliver {
+                from,
+                to,
+                epoch,
+                msg,
+            },
+        );
+    }
+
+    fn deliver(&mut self, from: NodeIx, to: NodeIx, msg: Msg) -> Result<(), Violation> {
+        match msg {
+            Msg::Gossip(data) => {
+                self.log(format_args!("gossip {from}>{to} {}", data.len()));
+                let _ = self.nodes[to].membership.handle_data(&data);
+                self.drain_membership(to)
+            }
+            Msg::Delta(delta) => {
+                self.log(format_args!(
+                    "delta {from}>{to} +{} -{}",
+                    delta.upserts.len(),
+                    delta.removals.len()
+                ));
+                let sender = self.nodes[from].name.clone();
+                let n = &mut self.nodes[to];
+                if n.registry.handle_delta(&sender, delta).is_ok() {
+                    n.registry_gen += 1;
+                }
+                self.drain_registry(to);
+                Ok(())
+            }
+            Msg::Allocate {
+                task,
+                segment,
+                attempt,
+                agent,
+                work_us,
+                coordinator,
+            } => {
+                self.log(format_args!(
+                    "allocate {task} {segment}/{attempt} > {agent}"
+                ));
+                let key = (task, segment, attempt);
+                let Some(&a) = self.nodes[to].agents.get(&agent) else {
+                    self.report_to(to, coordinator, key, false);
+                    return Ok(());
+                };
+                let ag = &mut self.agents[a];
+                if ag.queue.len() >= MAX_QUEUED {
+                    self.report_to(to, coordinator, key, false);
+                    return Ok(());
+                }
+                ag.queue.push_back(Queued {
+                    key,
+                    coordinator,
+                    work_us,
+                });
+                self.start_queued(a);
+                Ok(())
+            }
+            Msg::Report {
+                task,
+                segment,
+                attempt,
+                ok,
+            } => {
+                self.log(format_args!("report {task} {segment}/{attempt} {ok}"));
+                let now_ms = self.now_us / 1000;
+                if ok {
+                    let verdict =
+                        self.nodes[to]
+                            .ledger
+                            .handle_result(task, segment, attempt, Vec::new());
+                    match verdict {
+                        ResultVerdict::Accepted => {
+                            if let Err(v) = self.checker.result_accepted(to, task, segment) {
+                                self.report.duplicates_accepted += 1;
+                                return Err(v);
+                            }
+                        }
+                        ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
+                        ResultVerdict::UnknownTask | ResultVerdict::UnknownAttempt => {
+                            self.report.stale_reports += 1
+                        }
+                    }
+                } else {
+                    self.nodes[to]
+                        .ledger
+                        .handle_failure(task, segment, attempt, "failed", now_ms);
+                }
+                self.drain_ledger(to)?;
+                self.arm_tick(to);
+                Ok(())
+            }
+            Msg::Cancel {
+                task,
+                segment,
+                attempt,
+                agent,
+            } => {
+                self.log(format_args!("cancel {task} {segment}/{attempt}"));
+                let key = (task, segment, attempt);
+                if let Some(&a) = self.nodes[to].agents.get(&agent) {
+                    let ag = &mut self.agents[a];
+                    ag.queue.retain(|q| q.key != key);
+                    let before = ag.running.len();
+                    ag.running.retain(|r| r.key != key);
+                    if ag.running.len() != before {
+                        self.start_queued(a);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn report_to(&mut self, from: NodeIx, coordinator: NodeIx, key: (Uuid, u32, u32), ok: bool) {
+        let (task, segment, attempt) = key;
+        self.send(
+            from,
+            coordinator,
+            Msg::Report {
+                task,
+                segment,
+                attempt,
+                ok,
+            },
+            true,
+        );
+    }
+
+    /// Starts queued attempts on free slots.
+    fn start_queued(&mut self, a: AgentIx) {
+        loop {
+            let ag = &mut self.agents[a];
+            if !ag.alive || ag.running.len() as u32 + ag.down_slots >= ag.capacity {
+                return;
+            }
+            let Some(q) = ag.queue.pop_front() else {
+                return;
+            };
+            ag.running.push(Running {
+                key: q.key,
+                coordinator: q.coordinator,
+            });
+            let gen = ag.gen;
+            self.schedule(
+                q.work_us,
+                Event::WorkDone {
+                    agent: a,
+                    gen,
+                    key: q.key,
+                },
+            );
+        }
+    }
+
+    fn work_done(&mut self, a: AgentIx, gen: u64, key: (Uuid, u32, u32)) -> Result<(), Violation> {
+        let ag = &mut self.agents[a];
+        if ag.gen != gen || !ag.alive {
+            return Ok(());
+        }
+        let Some(i) = ag.running.iter().position(|r| r.key == key) else {
+            return Ok(()); // cancelled meanwhile
+        };
+        let r = ag.running.swap_remove(i);
+        let node = ag.node;
+        self.log(format_args!("done {} {}/{} at {a}", key.0, key.1, key.2));
+        self.report.attempts_finished += 1;
+        self.report_to(node, r.coordinator, key, true);
+        self.start_queued(a);
+        Ok(())
+    }
+
+    fn panic_agent(&mut self, node: NodeIx, agent_type: &str) {
+        let victim = self.nodes[node]
+            .agents
+            .values()
+            .copied()
+            .filter(|&a| self.agents[a].agent_type == agent_type && self.agents[a].alive)
+            .max_by_key(|&a| (self.agents[a].running.len(), std::cmp::Reverse(a)));
+        let Some(a) = victim else {
+            return;
+        };
+        self.report.panics += 1;
+        let ag = &mut self.agents[a];
+        ag.down_slots += 1;
+        let gen = ag.gen;
+        if !ag.running.is_empty() {
+            let r = ag.running.remove(0);
+            self.report_to(node, r.coordinator, r.key, false);
+        }
+        self.schedule(RESTART_BACKOFF_US, Event::ReplicaBack { agent: a, gen });
+    }
+
+    /// A node dies: its agents' work, its ledger and its registry are gone.
+    fn crash(&mut self, ix: NodeIx) {
+        if !self.nodes[ix].up {
+            return;
+        }
+        self.report.crashes += 1;
+        // The checker learns which segments lost their worker.
+        let now = self.now_us;
+        let mut orphans = Vec::new();
+        for &a in self.nodes[ix].agents.values() {
+            let ag = &self.agents[a];
+            for r in &ag.running {
+                orphans.push((r.coordinator, r.key.0, r.key.1));
+            }
+            for q in &ag.queue {
+                orphans.push((q.coordinator, q.key.0, q.key.1));
+            }
+        }
+        orphans.retain(|(c, _, _)| *c != ix && self.nodes[*c].up);
+        orphans.sort();
+        orphans.dedup();
+        self.checker.node_crashed(now, orphans);
+        let agents: Vec<AgentIx> = self.nodes[ix].agents.values().copied().collect();
+        for a in agents {
+            let ag = &mut self.agents[a];
+            ag.alive = false;
+            ag.gen += 1;
+            ag.running.clear();
+            ag.queue.clear();
+        }
+        // Tasks it coordinated are lost with it (their submitters see an error).
+        let tasks: Vec<Uuid> = self.nodes[ix].tasks.keys().copied().collect();
+        for task in tasks {
+            self.open.remove(&(ix, task));
+            self.checker.task_ended(ix, task);
+            self.report.tasks_lost_with_coordinator += 1;
+        }
+        let n = &mut self.nodes[ix];
+        n.up = false;
+        n.epoch += 1;
+        n.tasks.clear();
+        n.agents.clear();
+    }
+
+    fn random_faults(&mut self) {
+        let f = self.config.faults;
+        if self.workload_done {
+            return;
+        }
+        let crash_permille = (f.crash_per_sec * 1_000_000.0) as u64;
+        for ix in 0..self.nodes.len() {
+            if self.nodes[ix].up && self.rng.random_range(0..1_000_000) < crash_permille {
+                self.log(format_args!("crash {ix} (fault)"));
+                self.crash(ix);
+                self.schedule(f.restart_ms * 1000, Event::Restart(ix));
+            }
+        }
+        let partition = (f.partition_per_sec * 1_000_000.0) as u64;
+        if self.nodes.len() > 1
+            && self.nodes.iter().all(|n| n.side == 0)
+            && self.rng.random_range(0..1_000_000) < partition
+        {
+            let cut = self.rng.random_range(1..self.nodes.len());
+            for (i, n) in self.nodes.iter_mut().enumerate() {
+                n.side = if i < cut { 1 } else { 2 };
+            }
+            self.report.partitions += 1;
+            self.log(format_args!("partition at {cut} (fault)"));
+            self.schedule(f.partition_ms * 1000, Event::Heal);
+        }
+        self.schedule(FAULT_PERIOD_US, Event::Faults);
+    }
+
+    fn arm_tick(&mut self, ix: NodeIx) {
+        let n = &mut self.nodes[ix];
+        if n.up && !n.tick_armed && n.ledger.open_tasks() > 0 {
+            n.tick_armed = true;
+            let epoch = n.epoch;
+            self.schedule(TICK_US, Event::Tick { node: ix, epoch });
+        }
+    }
+
+    /// What the live coordinator does on its tick: timeouts, then every task with
+    /// segments waiting gets the capable agents discovery lists.
+    fn coordinate(&mut self, ix: NodeIx) -> Result<(), Violation> {
+        let now_ms = self.now_us / 1000;
+        self.nodes[ix].ledger.handle_timeout(now_ms);
+        let waiting: Vec<(Uuid, String)> = self.nodes[ix]
+            .tasks
+            .iter()
+            .filter(|(t, _)| self.nodes[ix].ledger.has_pending(**t))
+            .map(|(t, m)| (*t, m.capability.clone()))
+            .collect();
+        for (task, capability) in waiting {
+            let candidates = self.candidates(ix, &capability);
+            let n = &mut self.nodes[ix];
+            if candidates.is_empty() {
+                n.ledger
+                    .fail_task(task, format!("no agent offers capability {capability:?}"));
+            } else {
+                n.ledger.assign(task, &candidates, now_ms);
+            }
+        }
+        self.drain_ledger(ix)?;
+        self.arm_tick(ix);
+        Ok(())
+    }
+
+    /// The capable agents in this node's registry, cached until the registry changes.
+    fn candidates(&mut self, ix: NodeIx, capability: &str) -> Rc<[Candidate]> {
+        let n = &mut self.nodes[ix];
+        if let Some((gen, list)) = n.candidates.get(capability) {
+            if *gen == n.registry_gen {
+                return list.clone();
+            }
+        }
+        let list: Vec<Candidate> = n
+            .registry
+            .query(capability, &[], 0)
+            .into_iter()
+            .map(|a| Candidate {
+                agent: a.agent,
+                node: a.node,
+                capacity: a.capability.capacity,
+                load: a.load,
+            })
+            .collect();
+        let list: Rc<[Candidate]> = Rc::from(list);
+        n.candidates
+            .insert(capability.to_string(), (n.registry_gen, list.clone()));
+        list
+    }
+
+    fn drain_ledger(&mut self, ix: NodeIx) -> Result<(), Violation> {
+        while let Some(out) = self.nodes[ix].ledger.poll() {
+            match out {
+                LedgerOutput::Allocate {
+                    task,
+                    segment,
+                    attempt,
+                    agent,
+                    node,
+                } => {
+                    self.checker.allocated(self.now_us, (ix, task, segment))?;
+                    self.report.allocations += 1;
+                    let work_us = self.nodes[ix].tasks.get(&task).map_or(0, |m| m.work_us);
+                    if let Some(&to) = self.by_name.get(&node) {
+                        self.send(
+                            ix,
+                            to,
+                            Msg::Allocate {
+                                task,
+                                segment,
+                                attempt,
+                                agent,
+                                work_us,
+                                coordinator: ix,
+                            },
+                            true,
+                        );
+                    }
+                }
+                LedgerOutput::Cancel {
+                    task,
+                    segment,
+                    attempt,
+                    agent,
+                    node,
+                } => {
+                    if let Some(&to) = self.by_name.get(&node) {
+                        self.send(
+                            ix,
+                            to,
+                            Msg::Cancel {
+                                task,
+                                segment,
+                                attempt,
+                                agent,
+                            },
+                            true,
+                        );
+                    }
+                }
+                LedgerOutput::TaskCompleted { task, figures, .. } => {
+                    self.log(format_args!("completed {task}"));
+                    let meta = self.nodes[ix].tasks.remove(&task);
+                    self.open.remove(&(ix, task));
+                    let segments = meta.as_ref().map_or(figures.segments, |m| m.segments);
+                    if let Err(v) = self.checker.task_completed(ix, task, segments) {
+                        self.report.lost +=
+                            u64::from(figures.segments - figures.completed.min(figures.segments))
+                                .max(1);
+                        return Err(v);
+                    }
+                    self.report.task_ended(TaskRecord {
+                        completed: true,
+                        priority: meta.as_ref().map_or(128, |m| m.priority),
+                        submitted_us: meta.as_ref().map_or(0, |m| m.submitted_us),
+                        ended_us: self.now_us,
+                        segments: figures.segments,
+                        completed_segments: figures.completed,
+                        reallocated: figures.reallocated,
+                    });
+                }
+                LedgerOutput::TaskFailed {
+                    task,
+                    reason,
+                    figures,
+                } => {
+                    self.log(format_args!("failed {task}: {reason}"));
+                    let meta = self.nodes[ix].tasks.remove(&task);
+                    self.open.remove(&(ix, task));
+                    self.checker.task_ended(ix, task);
+                    self.report.task_ended(TaskRecord {
+                        completed: false,
+                        priority: meta.as_ref().map_or(128, |m| m.priority),
+                        submitted_us: meta.as_ref().map_or(0, |m| m.submitted_us),
+                        ended_us: self.now_us,
+                        segments: figures.segments,
+                        completed_segments: figures.completed,
+                        reallocated: figures.reallocated,
+                    });
+                    self.report.note_failure(&reason);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node's identity in the simulation: a made-up address, and its life as the
+/// incarnation (deterministic, unlike the live node's clock-based one).
+fn node_id(name: &str, ix: usize, life: u64) -> NodeId {
+    let ip = Ipv4Addr::new(10, 0, (ix / 250) as u8, (ix % 250) as u8 + 1);
+    NodeId {
+        name: name.to_string(),
+        addr: SocketAddr::new(ip.into(), 7600),
+        incarnation: life,
+    }
+}

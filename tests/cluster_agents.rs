@@ -308,6 +308,56 @@ fn a_users_own_binary_runs_its_agent_with_the_whole_cli() {
 }
 
 #[test]
+fn a_recorded_live_run_replays_in_the_simulator() {
+    let cluster = Cluster::new("agents-record", 2);
+    let file = cluster.dir.join("live.jsonl");
+    let mut first = cluster.start(
+        0,
+        &["--agents", "sleep=2", "--record", file.to_str().unwrap()],
+    );
+    let _second = cluster.start(1, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 2);
+    let (status, task) = outcome(cluster.submit(
+        0,
+        &[
+            "--capability",
+            "sleep",
+            "--segments",
+            "6",
+            "--segment-ms",
+            "100",
+        ],
+    ));
+    assert!(status.success(), "{task}");
+    assert!(first.terminate().success());
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |ev: &str| events.iter().filter(|e| e["ev"] == ev).count();
+    assert_eq!(count("node_join"), 2, "{text}");
+    assert_eq!(count("register"), 2, "{text}");
+    assert_eq!(count("submit"), 1, "{text}");
+    let submit = events.iter().find(|e| e["ev"] == "submit").unwrap();
+    assert_eq!(submit["segments"], 6, "{text}");
+    assert!(submit["work_ms"].as_u64().unwrap() >= 100, "{text}");
+
+    let out = cluster.run(&["sim", "run", file.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replay: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(replay["tasks_completed"], 1, "{replay}");
+    assert_eq!(replay["lost"], 0, "{replay}");
+    assert_eq!(replay["agents_registered"], 2, "{replay}");
+}
+
+#[test]
 fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
     let cluster = Cluster::new("agents-none", 1);
     let _node = cluster.start(0, &["--agents", "echo=1"]);

@@ -55,7 +55,10 @@ fn bad_workloads_and_arguments_exit_2_with_the_reason() {
     for (args, expected) in [
         (vec!["sim", "run", bad.to_str().unwrap()], "line 2"),
         (vec!["sim", "run", "/nonexistent.jsonl"], "cannot open"),
-        (vec!["sim", "run", smoke, "--faults", "crash=7"], "not a chance"),
+        (
+            vec!["sim", "run", smoke, "--faults", "crash=7"],
+            "not a chance",
+        ),
         (vec!["sim", "gen", "everything"], "no workload kind"),
     ] {
         let out = agentmesh().args(&args).output().unwrap();

@@ -26,6 +26,7 @@ use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
 use crate::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures};
 use crate::policy::RateLimiter;
+use crate::record::{Observation, Recorder};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
@@ -80,6 +81,8 @@ pub struct CoordinatorArgs {
     pub policy: PolicyStore,
     /// Ledger tuning.
     pub ledger: LedgerConfig,
+    /// Where submissions and segment times are observed (`--record`).
+    pub recorder: Option<Recorder>,
 }
 
 struct TaskMeta {
@@ -112,6 +115,9 @@ pub struct CoordinatorState {
     limiter: RateLimiter,
     /// Each known agent's group, for its rate limit.
     agent_groups: HashMap<u32, u16>,
+    recorder: Option<Recorder>,
+    /// When each attempt was allocated (only while recording).
+    allocated_ms: HashMap<(Uuid, u32, u32), u64>,
 }
 
 struct Outgoing {
@@ -167,6 +173,8 @@ impl Actor for Coordinator {
             outbox,
             limiter: RateLimiter::default(),
             agent_groups: HashMap::new(),
+            recorder: args.recorder,
+            allocated_ms: HashMap::new(),
         })
     }
 
@@ -281,6 +289,15 @@ impl CoordinatorState {
             .priority
             .unwrap_or_else(|| self.policy.get().priority(request.group));
         info!(%task, capability = %request.capability, segments = request.inputs.len(), priority, group = request.group, "task submitted");
+        if let Some(recorder) = &self.recorder {
+            recorder.observe(Observation::Submitted {
+                task,
+                capability: request.capability.clone(),
+                priority,
+                group: request.group,
+                segments: request.inputs.len() as u32,
+            });
+        }
         self.tasks.insert(
             task,
             TaskMeta {
@@ -455,7 +472,17 @@ impl CoordinatorState {
                 .ledger
                 .handle_result(task, segment, attempt, output.to_vec())
             {
-                ResultVerdict::Accepted => {}
+                ResultVerdict::Accepted => {
+                    if let (Some(recorder), Some(t0)) = (
+                        &self.recorder,
+                        self.allocated_ms.remove(&(task, segment, attempt)),
+                    ) {
+                        recorder.observe(Observation::SegmentDone {
+                            task,
+                            work_ms: now.saturating_sub(t0),
+                        });
+                    }
+                }
                 verdict => debug!(%task, segment, attempt, ?verdict, "result discarded"),
             }
         } else if report.error.is_none() {
@@ -510,6 +537,10 @@ impl CoordinatorState {
                     };
                     self.attempts
                         .insert((task, segment, attempt), (agent, node.clone()));
+                    if self.recorder.is_some() {
+                        let now = self.now_ms();
+                        self.allocated_ms.insert((task, segment, attempt), now);
+                    }
                     let group = self.agent_groups.get(&agent).copied().unwrap_or(0);
                     if let Some(rate) = self.policy.get().rate_per_agent(group) {
                         let now = self.now_ms();
@@ -566,6 +597,10 @@ impl CoordinatorState {
         let Some(meta) = self.tasks.remove(&task) else {
             return;
         };
+        if let Some(recorder) = &self.recorder {
+            self.allocated_ms.retain(|(t, _, _), _| *t != task);
+            recorder.observe(Observation::TaskEnded { task });
+        }
         let elapsed_ms = meta.started.elapsed().as_millis() as u64;
         info!(%task, ?status, completed = figures.completed, reallocated = figures.reallocated, duplicates = figures.duplicates_discarded, elapsed_ms, reason = reason.as_deref().unwrap_or(""), "task ended");
         let label = match status {

@@ -16,6 +16,7 @@ use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health,
 use agentmesh_runtime::transport::OwnershipTable;
 use agentmesh_runtime::{ActorAddr, FromPeer, Mesh};
 
+use crate::record::{Observation, Recorder};
 use crate::registry::{AgentRecord, Registry, RegistryDelta, RegistryOutput};
 use crate::service::DISCOVERY_SERVICE;
 use crate::workers::WorkersMsg;
@@ -89,6 +90,8 @@ pub struct DiscoveryArgs {
     pub members: Vec<String>,
     /// Seed for Agent IDs.
     pub seed: u64,
+    /// Where agents that appear are observed (`--record`).
+    pub recorder: Option<Recorder>,
 }
 
 /// Discovery's state.
@@ -100,6 +103,7 @@ pub struct DiscoveryState {
     /// A delta could not be queued: send the whole list at the next resync.
     behind: bool,
     workers: Option<ActorRef<WorkersMsg>>,
+    recorder: Option<Recorder>,
 }
 
 impl Actor for Discovery {
@@ -124,6 +128,7 @@ impl Actor for Discovery {
             outbox,
             behind: false,
             workers: None,
+            recorder: args.recorder,
         };
         Ok(state)
     }
@@ -227,7 +232,18 @@ impl DiscoveryState {
                     let targets: Vec<String> = self.members.iter().cloned().collect();
                     self.queue(targets, delta);
                 }
-                RegistryOutput::Own { agent, node } => self.ownership.assign(agent, &node),
+                RegistryOutput::Own { agent, node } => {
+                    self.ownership.assign(agent, &node);
+                    if let (Some(recorder), Some(r)) = (&self.recorder, self.registry.get(agent)) {
+                        recorder.observe(Observation::Registered {
+                            agent,
+                            node,
+                            agent_type: r.agent_type.clone(),
+                            capabilities: r.capabilities.clone(),
+                            group: r.group,
+                        });
+                    }
+                }
                 RegistryOutput::Disown { agent } => self.ownership.remove(agent),
                 RegistryOutput::Reidentified { old, new } => {
                     info!(

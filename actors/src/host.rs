@@ -23,6 +23,7 @@ use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg};
 use crate::discovery::{Discovery, DiscoveryArgs, DiscoveryMsg};
 use crate::ledger::LedgerConfig;
 use crate::policy::{Policy, PolicyError, VersionedPolicy};
+use crate::record::{Observation, Recorder};
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied,
     SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
@@ -99,6 +100,8 @@ pub struct HostConfig {
     pub policy: Option<String>,
     /// Ledger tuning for the coordinator.
     pub ledger: LedgerConfig,
+    /// Where what the node sees is observed (`agentmesh node --record`).
+    pub recorder: Option<Recorder>,
 }
 
 /// Why the agent layer could not start or take an agent.
@@ -175,6 +178,7 @@ impl AgentHost {
                 mesh: mesh.clone(),
                 members: members.clone(),
                 seed,
+                recorder: config.recorder.clone(),
             },
             cell.clone(),
         )
@@ -201,6 +205,7 @@ impl AgentHost {
                 discovery: discovery.clone(),
                 policy: policy.clone(),
                 ledger: config.ledger,
+                recorder: config.recorder.clone(),
             },
             cell.clone(),
         )
@@ -243,6 +248,7 @@ impl AgentHost {
             discovery.clone(),
             coordinator.clone(),
             policy_actor,
+            config.recorder.clone(),
         )));
         info!(node = %me, group = config.group, "agent layer started");
         Ok(AgentHost {
@@ -419,9 +425,17 @@ async fn follow_membership(
     discovery: ActorRef<DiscoveryMsg>,
     coordinator: ActorRef<CoordinatorMsg>,
     policy: ActorRef<PolicyMsg>,
+    recorder: Option<Recorder>,
 ) {
     loop {
-        match events.recv().await {
+        let event = events.recv().await;
+        if let (Some(r), Ok(e)) = (&recorder, &event) {
+            r.observe(match e {
+                ClusterEvent::NodeUp(id) => Observation::NodeUp(id.name.clone()),
+                ClusterEvent::NodeDown(id) => Observation::NodeDown(id.name.clone()),
+            });
+        }
+        match event {
             Ok(ClusterEvent::NodeUp(id)) => {
                 let _ = discovery.cast(DiscoveryMsg::NodeUp(id.name.clone()));
                 let _ = policy.cast(PolicyMsg::NodeUp(id.name));

@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod host;
 pub mod ledger;
 pub mod policy;
+pub mod record;
 pub mod registry;
 pub mod service;
 pub mod worker;

@@ -10,6 +10,7 @@ mod client;
 mod demo;
 mod node;
 mod policy;
+mod record;
 mod sim;
 mod status;
 mod submit;

@@ -12,6 +12,7 @@ use clap::Args;
 use tracing::{info, warn};
 
 use crate::actors::ledger::LedgerConfig;
+use crate::actors::record::Recorder;
 use crate::actors::{AgentHost, HostConfig};
 use crate::runtime::{MembershipConfig, Node, NodeConfig};
 use crate::transport::clock::SystemClock;
@@ -52,6 +53,10 @@ pub struct NodeArgs {
     /// it later without a restart.
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// Record what this node sees as a workload (JSON Lines) that `agentmesh sim run`
+    /// replays.
+    #[arg(long)]
+    record: Option<PathBuf>,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -168,10 +173,25 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         };
         let mut node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
         info!(node = %name, addr = %node.me().addr, "listening");
+        let (recorder, recording) = match &args.record {
+            Some(path) => {
+                let (recorder, observations) = Recorder::new();
+                let (finish, finished) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(super::record::record(
+                    name.clone(),
+                    path.clone(),
+                    observations,
+                    finished,
+                ));
+                (Some(recorder), Some((finish, task)))
+            }
+            None => (None, None),
+        };
         let host_config = HostConfig {
             group: args.group,
             policy,
             ledger: LedgerConfig::default(),
+            recorder,
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;
@@ -186,6 +206,10 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         info!(node = %name, "leaving");
         host.stop();
         node.leave().await;
+        if let Some((finish, task)) = recording {
+            let _ = finish.send(());
+            let _ = task.await;
+        }
         anyhow::Ok(())
     })
 }

@@ -1024,7 +1024,17 @@ impl Sim {
                 orphans.push((q.coordinator, q.key.0, q.key.1));
             }
         }
-        orphans.retain(|(c, _, _)| *c != ix && self.nodes[*c].up);
+        // Only attempts their coordinator still counts as live: a task that ended, or
+        // a segment done by another attempt, has nothing left to reallocate.
+        orphans.retain(|(c, task, segment)| {
+            *c != ix
+                && self.nodes[*c].up
+                && self.nodes[*c]
+                    .ledger
+                    .live_attempts(*task)
+                    .iter()
+                    .any(|(s, _, _, node)| s == segment && *node == self.nodes[ix].name)
+        });
         orphans.sort();
         orphans.dedup();
         self.checker.node_crashed(now, orphans);

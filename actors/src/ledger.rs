@@ -499,31 +499,21 @@ impl Ledger {
     /// retries of failed work, so the retry budget does not hold them back.
     pub fn handle_node_down(&mut self, node: &str, now_ms: u64) {
         let lost = self.attempts_where(|_, n| n == node);
-        for (task, segment, attempt) in lost {
-            if self.end_attempt(task, segment, attempt).is_some() {
-                self.requeue(
-                    task,
-                    segment,
-                    now_ms,
-                    &format!("node {node} is down"),
-                    false,
-                );
-            }
-        }
+        self.reallocate_lost(lost, now_ms, &format!("node {node} is down"));
     }
 
     /// Every attempt running on `agent` is lost (it stopped for good).
     pub fn handle_worker_down(&mut self, agent: u32, now_ms: u64) {
         let lost = self.attempts_where(|a, _| a == agent);
+        self.reallocate_lost(lost, now_ms, &format!("agent {agent} is gone"));
+    }
+
+    /// Ends attempts lost with their worker and puts their segments back to wait,
+    /// outside the retry budget (they are not retries of failed work).
+    fn reallocate_lost(&mut self, lost: Vec<(Uuid, u32, u32)>, now_ms: u64, reason: &str) {
         for (task, segment, attempt) in lost {
             if self.end_attempt(task, segment, attempt).is_some() {
-                self.requeue(
-                    task,
-                    segment,
-                    now_ms,
-                    &format!("agent {agent} is gone"),
-                    false,
-                );
+                self.requeue(task, segment, now_ms, reason, false);
             }
         }
     }

@@ -15,7 +15,9 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
-use agentmesh_actors::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict};
+use agentmesh_actors::ledger::{
+    Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+};
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
 use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, Timer};
 use agentmesh_actors::runtime::transport::wire::payload::Capability;
@@ -1201,8 +1203,7 @@ impl Sim {
                 }
                 LedgerOutput::TaskCompleted { task, figures, .. } => {
                     self.log(format_args!("completed {task}"));
-                    let meta = self.nodes[ix].tasks.remove(&task);
-                    self.open.remove(&(ix, task));
+                    let meta = self.take_task(ix, task);
                     let segments = meta.as_ref().map_or(figures.segments, |m| m.segments);
                     if let Err(v) = self.checker.task_completed(ix, task, segments) {
                         self.report.lost +=
@@ -1210,15 +1211,7 @@ impl Sim {
                                 .max(1);
                         return Err(v);
                     }
-                    self.report.task_ended(TaskRecord {
-                        completed: true,
-                        priority: meta.as_ref().map_or(128, |m| m.priority),
-                        submitted_us: meta.as_ref().map_or(0, |m| m.submitted_us),
-                        ended_us: self.now_us,
-                        segments: figures.segments,
-                        completed_segments: figures.completed,
-                        reallocated: figures.reallocated,
-                    });
+                    self.record_end(meta.as_ref(), true, figures);
                 }
                 LedgerOutput::TaskFailed {
                     task,
@@ -1226,23 +1219,34 @@ impl Sim {
                     figures,
                 } => {
                     self.log(format_args!("failed {task}: {reason}"));
-                    let meta = self.nodes[ix].tasks.remove(&task);
-                    self.open.remove(&(ix, task));
+                    let meta = self.take_task(ix, task);
                     self.checker.task_ended(ix, task);
-                    self.report.task_ended(TaskRecord {
-                        completed: false,
-                        priority: meta.as_ref().map_or(128, |m| m.priority),
-                        submitted_us: meta.as_ref().map_or(0, |m| m.submitted_us),
-                        ended_us: self.now_us,
-                        segments: figures.segments,
-                        completed_segments: figures.completed,
-                        reallocated: figures.reallocated,
-                    });
+                    self.record_end(meta.as_ref(), false, figures);
                     self.report.note_failure(&reason);
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl Sim {
+    /// A task of coordinator `ix` ended: it is no longer open there.
+    fn take_task(&mut self, ix: NodeIx, task: Uuid) -> Option<TaskMeta> {
+        self.open.remove(&(ix, task));
+        self.nodes[ix].tasks.remove(&task)
+    }
+
+    fn record_end(&mut self, meta: Option<&TaskMeta>, completed: bool, figures: TaskFigures) {
+        self.report.task_ended(TaskRecord {
+            completed,
+            priority: meta.map_or(128, |m| m.priority),
+            submitted_us: meta.map_or(0, |m| m.submitted_us),
+            ended_us: self.now_us,
+            segments: figures.segments,
+            completed_segments: figures.completed,
+            reallocated: figures.reallocated,
+        });
     }
 }
 

@@ -183,7 +183,7 @@ impl Actor for Discovery {
                 let _ = reply.send(state.registry.get(agent).map(|r| r.node.clone()));
             }
             DiscoveryMsg::Delta(FromPeer { peer, message }) => {
-                if let Err(e) = state.registry.handle_delta(&peer, message) {
+                if let Err(e) = state.registry.handle_delta(&peer, &message) {
                     warn!(%peer, error = %e, "registry delta refused");
                     metrics::counter!("agentmesh_registry_deltas_refused_total").increment(1);
                 }

@@ -208,12 +208,14 @@ impl Registry {
         }
     }
 
-    /// Applies a delta sent by `sender` (the authenticated peer).
-    pub fn handle_delta(&mut self, sender: &str, delta: RegistryDelta) -> Result<(), DeltaError> {
+    /// Applies a delta sent by `sender` (the authenticated peer). Records the registry
+    /// already holds unchanged are not copied, so a full delta repeated when a node is
+    /// seen again costs a comparison per agent, not an allocation.
+    pub fn handle_delta(&mut self, sender: &str, delta: &RegistryDelta) -> Result<(), DeltaError> {
         if delta.node != sender || sender == self.me {
             return Err(DeltaError::NotItsOwn {
                 sender: sender.to_string(),
-                claimed: delta.node,
+                claimed: delta.node.clone(),
             });
         }
         if delta.full {
@@ -227,16 +229,32 @@ impl Registry {
                 self.remove(agent);
             }
         }
-        for agent in delta.removals {
+        for &agent in &delta.removals {
             if self.agents.get(&agent).is_some_and(|r| r.node == sender) {
                 self.remove(agent);
             }
         }
-        for mut record in delta.upserts {
-            record.node = sender.to_string();
-            let holder = self.agents.get(&record.agent).map(|r| r.node.clone());
-            if let Some(holder) = holder.filter(|h| h != sender) {
-                if holder.as_str() < sender {
+        for record in &delta.upserts {
+            // The sender speaks for itself whatever node its records name.
+            let same = |held: &AgentRecord| {
+                held.node == sender
+                    && held.agent_type == record.agent_type
+                    && held.group == record.group
+                    && held.capabilities == record.capabilities
+                    && held.load == record.load
+                    && held.health == record.health
+            };
+            let holder_sorts_first = match self.agents.get(&record.agent) {
+                Some(held) if same(held) => continue,
+                Some(held) if held.node != sender => Some(held.node.as_str() < sender),
+                _ => None,
+            };
+            let mut record = record.clone();
+            if record.node != sender {
+                record.node = sender.to_string();
+            }
+            if let Some(holder_first) = holder_sorts_first {
+                if holder_first {
                     // The holder sorts first and keeps the ID; the sender will move its
                     // agent when it hears of the holder's.
                     continue;
@@ -268,27 +286,37 @@ impl Registry {
         }
     }
 
+    /// Every agent offering `capability` with every one of `tags`, with that capability,
+    /// in Agent ID order, borrowed (for callers that need only a few fields).
+    pub fn capable<'a>(
+        &'a self,
+        capability: &'a str,
+        tags: &'a [String],
+    ) -> impl Iterator<Item = (&'a AgentRecord, &'a Capability)> + 'a {
+        self.agents.values().filter_map(move |r| {
+            let cap = r
+                .capabilities
+                .iter()
+                .find(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))?;
+            Some((r, cap))
+        })
+    }
+
     /// Agents offering `capability` with every one of `tags`, healthiest and least
     /// loaded first, at most `limit` (0: all).
     pub fn query(&self, capability: &str, tags: &[String], limit: usize) -> Vec<AgentInfo> {
-        let mut found: Vec<AgentInfo> =
-            self.agents
-                .values()
-                .filter_map(|r| {
-                    let cap = r.capabilities.iter().find(|c| {
-                        c.name == capability && tags.iter().all(|t| c.tags.contains(t))
-                    })?;
-                    Some(AgentInfo {
-                        agent: r.agent,
-                        node: r.node.clone(),
-                        agent_type: r.agent_type.clone(),
-                        group: r.group,
-                        capability: cap.clone(),
-                        load: r.load,
-                        health: r.health,
-                    })
-                })
-                .collect();
+        let mut found: Vec<AgentInfo> = self
+            .capable(capability, tags)
+            .map(|(r, cap)| AgentInfo {
+                agent: r.agent,
+                node: r.node.clone(),
+                agent_type: r.agent_type.clone(),
+                group: r.group,
+                capability: cap.clone(),
+                load: r.load,
+                health: r.health,
+            })
+            .collect();
         let health_rank = |h: Health| match h {
             Health::Ok => 0,
             Health::Degraded => 1,
@@ -334,13 +362,27 @@ impl Registry {
     }
 
     fn insert(&mut self, record: AgentRecord) {
-        let (agent, node) = (record.agent, record.node.clone());
-        let known = self.agents.get(&agent).map(|r| r.node.clone());
-        self.agents.insert(agent, record);
-        self.by_node.entry(node.clone()).or_default().insert(agent);
-        if known.as_deref() != Some(node.as_str()) {
-            self.outputs.push_back(RegistryOutput::Own { agent, node });
+        let agent = record.agent;
+        let owner_changed = self
+            .agents
+            .get(&agent)
+            .is_none_or(|held| held.node != record.node);
+        if owner_changed {
+            self.outputs.push_back(RegistryOutput::Own {
+                agent,
+                node: record.node.clone(),
+            });
         }
+        match self.by_node.get_mut(record.node.as_str()) {
+            Some(ids) => {
+                ids.insert(agent);
+            }
+            None => {
+                self.by_node
+                    .insert(record.node.clone(), BTreeSet::from([agent]));
+            }
+        }
+        self.agents.insert(agent, record);
     }
 
     fn remove(&mut self, agent: u32) -> Option<AgentRecord> {

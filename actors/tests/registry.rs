@@ -24,7 +24,7 @@ fn deliver(from: &mut Registry, from_name: &str, to: &mut Registry) -> Vec<Regis
     let mut rest = Vec::new();
     for out in drain(from) {
         match out {
-            RegistryOutput::Broadcast(delta) => to.handle_delta(from_name, delta).unwrap(),
+            RegistryOutput::Broadcast(delta) => to.handle_delta(from_name, &delta).unwrap(),
             other => rest.push(other),
         }
     }
@@ -106,7 +106,7 @@ fn a_dead_nodes_agents_are_purged_and_a_full_delta_replaces_a_nodes_list() {
     // A full list without y drops y.
     let mut full = a.full_delta();
     full.upserts.retain(|r| r.agent != y.agent);
-    b.handle_delta("a", full).unwrap();
+    b.handle_delta("a", &full).unwrap();
     assert!(b.get(y.agent).is_none() && b.get(x.agent).is_some());
     b.handle_node_down("a");
     assert!(b.is_empty());
@@ -122,13 +122,13 @@ fn a_node_may_only_speak_for_itself() {
         upserts: Vec::new(),
         removals: Vec::new(),
     };
-    assert!(b.handle_delta("mallory", delta.clone()).is_err());
+    assert!(b.handle_delta("mallory", &delta).is_err());
     let own = RegistryDelta {
         node: "b".into(),
         ..delta
     };
     assert!(
-        b.handle_delta("b", own).is_err(),
+        b.handle_delta("b", &own).is_err(),
         "nobody speaks for this node but itself"
     );
 }
@@ -146,12 +146,12 @@ fn an_id_picked_by_two_nodes_at_once_stays_with_the_first_name_and_the_other_mov
     let from_b: Vec<_> = drain(&mut b);
     for o in from_a {
         if let RegistryOutput::Broadcast(d) = o {
-            b.handle_delta("a", d).unwrap();
+            b.handle_delta("a", &d).unwrap();
         }
     }
     for o in from_b {
         if let RegistryOutput::Broadcast(d) = o {
-            a.handle_delta("b", d).unwrap();
+            a.handle_delta("b", &d).unwrap();
         }
     }
     // "a" sorts first and keeps the ID; "b" moved its agent and says so.
@@ -167,7 +167,7 @@ fn an_id_picked_by_two_nodes_at_once_stays_with_the_first_name_and_the_other_mov
     assert_ne!(new.1, ra.agent);
     for o in moved {
         if let RegistryOutput::Broadcast(d) = o {
-            a.handle_delta("b", d).unwrap();
+            a.handle_delta("b", &d).unwrap();
         }
     }
     for r in [&a, &b] {

@@ -60,11 +60,49 @@ fn bad_workloads_and_arguments_exit_2_with_the_reason() {
             "not a chance",
         ),
         (vec!["sim", "gen", "everything"], "no workload kind"),
+        (
+            vec!["sim", "run", smoke, "--report", "/tmp/x.png"],
+            "must name an .svg file",
+        ),
     ] {
         let out = agentmesh().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_report_draws_completions_with_crash_markers_and_latency_by_priority() {
+    let dir = temp_dir("sim-report");
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("smoke.svg");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/sims/workloads/smoke.jsonl");
+    let r = sim_json(&[
+        "sim",
+        "run",
+        file,
+        "--json",
+        "--report",
+        svg.to_str().unwrap(),
+    ]);
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawn.starts_with("<svg"),
+        "{}",
+        &drawn[..drawn.len().min(200)]
+    );
+    assert!(drawn.contains("segments completed"));
+    // The legend names each crash count and each priority class that completed tasks.
+    let crashes = r["crashes"].as_u64().unwrap();
+    assert!(crashes > 0, "the smoke workload crashes a node");
+    assert!(drawn.contains(&format!("{crashes} node crashes")));
+    for (class, l) in r["latency_by_priority"].as_object().unwrap() {
+        assert!(
+            drawn.contains(&format!("{class}: {} tasks", l["tasks"])),
+            "{class} missing from the chart"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,17 +7,19 @@
 //!
 //! Map: `workload` (the JSON Lines format), `sim` (the simulator), `check` (the
 //! invariant checkers), `faults` (random faults, `--faults`), `report` (figures and the
-//! event log's digest).
+//! event log's digest), `plot` (the SVG report).
 
 pub mod check;
 pub mod faults;
 pub mod generate;
+pub mod plot;
 pub mod report;
 pub mod sim;
 pub mod workload;
 
 pub use agentmesh_actors as actors;
 pub use faults::FaultSpec;
+pub use plot::{draw_svg, PlotError};
 pub use report::Report;
 pub use sim::{Sim, SimConfig, Stopped};
 pub use workload::{Event, EventKind, Workload, WorkloadError};

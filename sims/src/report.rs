@@ -141,6 +141,12 @@ pub struct Report {
     pub digest: String,
     #[serde(skip)]
     ended: Vec<TaskRecord>,
+    /// When each segment result was accepted, simulated microseconds (for the chart).
+    #[serde(skip)]
+    completions_us: Vec<u64>,
+    /// When each node crashed, simulated microseconds, with the node's name.
+    #[serde(skip)]
+    crashes_us: Vec<(u64, String)>,
 }
 
 fn class(priority: u8) -> &'static str {
@@ -186,6 +192,32 @@ impl Report {
     /// Counts a failure reason (the task's own id left out, so alike reasons add up).
     pub fn note_failure(&mut self, reason: &str) {
         *self.failure_reasons.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// A segment's result was accepted at `at_us`.
+    pub fn segment_completed(&mut self, at_us: u64) {
+        self.completions_us.push(at_us);
+    }
+
+    /// A node crashed at `at_us`.
+    pub fn node_crashed(&mut self, at_us: u64, node: &str) {
+        self.crashes += 1;
+        self.crashes_us.push((at_us, node.to_string()));
+    }
+
+    /// When segment results were accepted, in order, simulated microseconds.
+    pub fn completions_us(&self) -> &[u64] {
+        &self.completions_us
+    }
+
+    /// When nodes crashed, in order, simulated microseconds, with their names.
+    pub fn crashes_us(&self) -> &[(u64, String)] {
+        &self.crashes_us
+    }
+
+    /// The class name of a priority (urgent 192+, high 128+, normal 64+, low).
+    pub fn class(priority: u8) -> &'static str {
+        class(priority)
     }
 
     /// The tasks that ended, in the order they did.

@@ -108,7 +108,7 @@ type AgentIx = usize;
 
 enum Msg {
     Gossip(Bytes),
-    Delta(RegistryDelta),
+    Delta(Rc<RegistryDelta>),
     Allocate {
         task: Uuid,
         segment: u32,
@@ -211,6 +211,9 @@ struct SimNode {
     /// Bumped when the registry changes, to invalidate `candidates`.
     registry_gen: u64,
     candidates: BTreeMap<String, (u64, Rc<[Candidate]>)>,
+    /// The full delta of this node's agents, kept until one of them changes (it is
+    /// sent to every node that comes up).
+    full_delta: Option<Rc<RegistryDelta>>,
     ledger: Ledger,
     tasks: BTreeMap<Uuid, TaskMeta>,
     /// Agent ID -> the simulated agent, for agents of this node.
@@ -633,6 +636,7 @@ impl Sim {
             registry: Registry::new(name, MAX_AGENTS, seed),
             registry_gen: 0,
             candidates: BTreeMap::new(),
+            full_delta: None,
             ledger: Ledger::new(self.config.ledger, seed),
             tasks: BTreeMap::new(),
             agents: BTreeMap::new(),
@@ -655,6 +659,7 @@ impl Sim {
         n.membership = Membership::new(node_id(&n.name, ix, n.lives), self.config.membership, seed);
         n.registry = Registry::new(&n.name, MAX_AGENTS, seed);
         n.registry_gen += 1;
+        n.full_delta = None;
         n.ledger = Ledger::new(self.config.ledger, seed);
         n.tasks.clear();
         n.agents.clear();
@@ -707,6 +712,7 @@ impl Sim {
         while let Some(out) = self.nodes[ix].registry.poll() {
             match out {
                 RegistryOutput::Broadcast(d) => {
+                    self.nodes[ix].full_delta = None;
                     upserts.extend(d.upserts);
                     removals.extend(d.removals);
                 }
@@ -732,6 +738,7 @@ impl Sim {
             .members()
             .filter_map(|m| self.by_name.get(&m.name).copied())
             .collect();
+        let delta = Rc::new(delta);
         for to in members {
             self.send(ix, to, Msg::Delta(delta.clone()), true);
         }
@@ -759,7 +766,11 @@ impl Sim {
                 MembershipOutput::NodeUp(id) => {
                     self.log(format_args!("up {ix} sees {}", id.name));
                     if let Some(&to) = self.by_name.get(&id.name) {
-                        let full = self.nodes[ix].registry.full_delta();
+                        let n = &mut self.nodes[ix];
+                        let full = n
+                            .full_delta
+                            .get_or_insert_with(|| Rc::new(n.registry.full_delta()))
+                            .clone();
                         self.send(ix, to, Msg::Delta(full), true);
                     }
                 }
@@ -838,7 +849,7 @@ impl Sim {
                 ));
                 let sender = self.nodes[from].name.clone();
                 let n = &mut self.nodes[to];
-                if n.registry.handle_delta(&sender, delta).is_ok() {
+                if n.registry.handle_delta(&sender, &delta).is_ok() {
                     n.registry_gen += 1;
                 }
                 self.drain_registry(to);
@@ -892,6 +903,7 @@ impl Sim {
                                 self.report.duplicates_accepted += 1;
                                 return Err(v);
                             }
+                            self.report.segment_completed(self.now_us);
                         }
                         ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
                         ResultVerdict::UnknownTask | ResultVerdict::UnknownAttempt => {
@@ -1013,7 +1025,8 @@ impl Sim {
         if !self.nodes[ix].up {
             return;
         }
-        self.report.crashes += 1;
+        let name = self.nodes[ix].name.clone();
+        self.report.node_crashed(self.now_us, &name);
         // The checker learns which segments lost their worker.
         let now = self.now_us;
         let mut orphans = Vec::new();
@@ -1136,12 +1149,11 @@ impl Sim {
         }
         let list: Vec<Candidate> = n
             .registry
-            .query(capability, &[], 0)
-            .into_iter()
-            .map(|a| Candidate {
+            .capable(capability, &[])
+            .map(|(a, cap)| Candidate {
                 agent: a.agent,
-                node: a.node,
-                capacity: a.capability.capacity,
+                node: a.node.clone(),
+                capacity: cap.capacity,
                 load: a.load,
             })
             .collect();

@@ -40,6 +40,10 @@ pub struct SimRunArgs {
     /// Write the event log (one line per event) to this file.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Draw segment completions over time (with crash markers) and latency by
+    /// priority into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    report: Option<PathBuf>,
 }
 
 /// What went wrong: bad input (exit 2) or a violated invariant (exit 1).
@@ -82,33 +86,67 @@ pub fn run(command: SimCommand) -> Result<(), SimFailure> {
                 keep_log: args.log.is_some(),
                 ..SimConfig::default()
             };
-            let sim = Sim::new(workload, config);
-            let show = std::io::stderr().is_terminal();
-            let progress = |t_ms: u64, events: u64| {
-                if show {
-                    eprint!(
-                        "\r  simulated {:>8.1} s, {events:>12} events",
-                        t_ms as f64 / 1000.0
-                    );
+            if let Some(path) = &args.report {
+                if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+                    return Err(SimFailure::BadInput(anyhow::anyhow!(
+                        "--report {} must name an .svg file",
+                        path.display()
+                    )));
                 }
-            };
-            let outcome = sim.run(progress);
-            if show {
-                eprintln!();
+            }
+            let horizon_ms = workload.duration_ms().max(1);
+            let sim = Sim::new(workload, config);
+            let bar = progress_bar(horizon_ms);
+            let outcome = sim.run(|t_ms, events| {
+                if let Some(bar) = &bar {
+                    bar.set_position(t_ms.min(horizon_ms));
+                    bar.set_message(format!("{events} events"));
+                }
+            });
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
             match outcome {
                 Ok((report, log)) => {
                     write_log(&args, &log).map_err(SimFailure::Failed)?;
+                    draw(&args, &report).map_err(SimFailure::Failed)?;
                     print(&report, args.json).map_err(SimFailure::Failed)
                 }
                 Err(stopped) => {
                     write_log(&args, &stopped.log).map_err(SimFailure::Failed)?;
+                    draw(&args, &stopped.report).map_err(SimFailure::Failed)?;
                     print(&stopped.report, args.json).map_err(SimFailure::Failed)?;
                     Err(SimFailure::Failed(anyhow::anyhow!("{stopped}")))
                 }
             }
         }
     }
+}
+
+/// A progress bar over the workload's simulated time, on standard error, only when it is
+/// a terminal (never in pipes, files or CI logs).
+fn progress_bar(horizon_ms: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(horizon_ms);
+    let style = indicatif::ProgressStyle::with_template(
+        "  {bar:40} simulated {pos}/{len} ms  {msg}  ({elapsed})",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
+}
+
+fn draw(args: &SimRunArgs, report: &Report) -> anyhow::Result<()> {
+    let Some(path) = &args.report else {
+        return Ok(());
+    };
+    crate::sims::draw_svg(report, path)?;
+    if !args.json {
+        eprintln!("report drawn in {}", path.display());
+    }
+    Ok(())
 }
 
 fn write_log(args: &SimRunArgs, log: &[String]) -> anyhow::Result<()> {

@@ -163,6 +163,9 @@ impl AgentHost {
             .await
             .map_err(start_err("the agent supervisor"))?;
         let cell = supervisor.get_cell();
+        // Subscribe before taking the member list: a node that comes up in between is
+        // then in the list, or in the events, or both (harmless), never in neither.
+        let membership_events = node.subscribe();
         let members: Vec<String> = node
             .members()
             .await
@@ -170,7 +173,17 @@ impl AgentHost {
             .filter(|m| m.state == MemberState::Up)
             .map(|m| m.name)
             .collect();
-        let seed = node.me().incarnation ^ 0x9e37_79b9_7f4a_7c15;
+        // Nodes started in the same millisecond have the same incarnation: the name
+        // keeps their Agent ID sequences apart (collisions are still resolved, but each
+        // costs a renumbering).
+        let name_hash = node
+            .me()
+            .name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let seed = node.me().incarnation ^ name_hash ^ 0x9e37_79b9_7f4a_7c15;
         let (discovery, _) = Actor::spawn_linked(
             None,
             Discovery,
@@ -244,7 +257,7 @@ impl AgentHost {
             CoordinatorMsg::Acp,
         )));
         tasks.push(tokio::spawn(follow_membership(
-            node.subscribe(),
+            membership_events,
             discovery.clone(),
             coordinator.clone(),
             policy_actor,

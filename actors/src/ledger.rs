@@ -27,6 +27,13 @@ pub struct Candidate {
     pub load: u32,
 }
 
+/// The order in which a coordinator offers workers to its waiting tasks, given as
+/// (priority, submitted at, task): highest priority first, then the earliest
+/// submitted, then by task id, so the order is total and the same live and simulated.
+pub fn service_order(waiting: &mut [(u8, u64, Uuid)]) {
+    waiting.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+}
+
 /// Tuning of the ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerConfig {

@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
 use agentmesh_actors::ledger::{
-    Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+    service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
 use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, Timer};
@@ -1118,13 +1118,15 @@ impl Sim {
     fn coordinate(&mut self, ix: NodeIx) -> Result<(), Violation> {
         let now_ms = self.now_us / 1000;
         self.nodes[ix].ledger.handle_timeout(now_ms);
-        let waiting: Vec<(Uuid, String)> = self.nodes[ix]
+        let mut waiting: Vec<(u8, u64, Uuid)> = self.nodes[ix]
             .tasks
             .iter()
             .filter(|(t, _)| self.nodes[ix].ledger.has_pending(**t))
-            .map(|(t, m)| (*t, m.capability.clone()))
+            .map(|(t, m)| (m.priority, m.submitted_us, *t))
             .collect();
-        for (task, capability) in waiting {
+        service_order(&mut waiting);
+        for (_, _, task) in waiting {
+            let capability = self.nodes[ix].tasks[&task].capability.clone();
             let candidates = self.candidates(ix, &capability);
             let n = &mut self.nodes[ix];
             if candidates.is_empty() {

@@ -35,7 +35,7 @@ fn capability(name: &str) -> Vec<Capability> {
 
 /// Works for the segment's `ms` milliseconds, reporting progress and stopping early
 /// when cancelled. Used by `sleep` and `crash`.
-async fn work_for(ms: u64, ctx: &mut SegmentContext) -> Result<u64, AgentError> {
+pub(crate) async fn work_for(ms: u64, ctx: &mut SegmentContext) -> Result<u64, AgentError> {
     const STEP_MS: u64 = 50;
     let mut slept = 0;
     while slept < ms {

@@ -7,6 +7,8 @@
 
 pub mod builtin;
 mod cli;
+pub mod local;
+pub mod rag;
 
 pub use cli::{AgentCatalog, Cli};
 

@@ -222,8 +222,8 @@ fn decode_reads_several_frames_from_one_capture() {
 }
 
 #[test]
-fn the_demo_walks_the_task_sequence_and_refuses_the_replay() {
-    let out = agentmesh(&["demo", "--chunk-bytes", "7"]);
+fn the_walkthrough_follows_the_task_sequence_and_refuses_the_replay() {
+    let out = agentmesh(&["acp", "walkthrough", "--chunk-bytes", "7"]);
     assert!(
         out.status.success(),
         "{}",

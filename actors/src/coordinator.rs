@@ -24,13 +24,15 @@ use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
-use crate::ledger::{Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures};
+use crate::ledger::{
+    service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+};
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
-    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE,
+    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN,
 };
 use crate::workers::encode;
 
@@ -87,6 +89,7 @@ pub struct CoordinatorArgs {
 
 struct TaskMeta {
     capability: String,
+    label: Option<String>,
     tags: Vec<String>,
     group: u16,
     priority: u8,
@@ -94,6 +97,8 @@ struct TaskMeta {
     /// Latest progress of each segment's running attempt, in thousandths.
     progress: HashMap<u32, u16>,
     started: Instant,
+    /// When it was submitted, on the ledger's clock (orders waiting tasks).
+    submitted_ms: u64,
     reply: Option<RpcReplyPort<TaskOutcome>>,
 }
 
@@ -229,6 +234,7 @@ impl Actor for Coordinator {
                         TaskSummary {
                             task: *id,
                             capability: meta.capability.clone(),
+                            label: meta.label.clone(),
                             priority: meta.priority,
                             group: meta.group,
                             segments: f.segments,
@@ -272,6 +278,16 @@ impl CoordinatorState {
             )));
             return;
         }
+        if request
+            .label
+            .as_ref()
+            .is_some_and(|l| l.len() > MAX_LABEL_LEN)
+        {
+            let _ = reply.send(refuse(format!(
+                "a task label has at most {MAX_LABEL_LEN} bytes"
+            )));
+            return;
+        }
         if request.inputs.len() > MAX_SEGMENTS {
             let _ = reply.send(refuse(format!(
                 "a task has at most {MAX_SEGMENTS} segments"
@@ -302,6 +318,7 @@ impl CoordinatorState {
             task,
             TaskMeta {
                 capability: request.capability,
+                label: request.label,
                 tags: request.tags,
                 group: request.group,
                 priority,
@@ -312,6 +329,7 @@ impl CoordinatorState {
                     .collect(),
                 progress: HashMap::new(),
                 started: Instant::now(),
+                submitted_ms: self.now_ms(),
                 reply: Some(reply),
             },
         );
@@ -359,13 +377,14 @@ impl CoordinatorState {
 
     /// Offers the waiting segments of every task to capable workers.
     async fn assign_waiting(&mut self) {
-        let waiting: Vec<Uuid> = self
+        let mut waiting: Vec<(u8, u64, Uuid)> = self
             .tasks
-            .keys()
-            .copied()
-            .filter(|t| self.ledger.has_pending(*t))
+            .iter()
+            .filter(|(t, _)| self.ledger.has_pending(**t))
+            .map(|(t, m)| (m.priority, m.submitted_ms, *t))
             .collect();
-        for task in waiting {
+        service_order(&mut waiting);
+        for (_, _, task) in waiting {
             self.assign(task).await;
         }
     }

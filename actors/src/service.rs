@@ -55,7 +55,14 @@ pub struct SubmitRequest {
     pub group: u16,
     /// Each segment's input, as the agent decodes it (msgpack).
     pub inputs: Vec<serde_bytes_vec::Blob>,
+    /// A name for people (shown by `status` and the demo), at most
+    /// [`MAX_LABEL_LEN`] bytes.
+    #[serde(default)]
+    pub label: Option<String>,
 }
+
+/// The longest task label accepted.
+pub const MAX_LABEL_LEN: usize = 128;
 
 impl RemoteMessage for SubmitRequest {
     const KIND: &'static str = "agentmesh.task.submit";
@@ -118,6 +125,9 @@ pub struct TaskSummary {
     pub task: Uuid,
     /// The capability it needs.
     pub capability: String,
+    /// The label it was submitted with.
+    #[serde(default)]
+    pub label: Option<String>,
     /// Its priority.
     pub priority: u8,
     /// Its group.

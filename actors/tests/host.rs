@@ -163,6 +163,7 @@ async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
             priority: None,
             group: 0,
             inputs: inputs(2),
+            label: None,
         })
         .await
         .unwrap();
@@ -239,6 +240,7 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
         priority: None,
         group: 0,
         inputs: inputs(2),
+        label: None,
     };
 
     let n = nodes.clone();
@@ -365,6 +367,7 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
             priority: None,
             group: 0,
             inputs: inputs(5),
+            label: None,
         })
         .await
         .unwrap();

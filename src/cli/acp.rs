@@ -22,6 +22,8 @@ pub enum AcpCommand {
     },
     /// Encode one frame from its header fields and a JSON payload; prints hex.
     Encode(EncodeArgs),
+    /// Walk the draft's task sequence through the codec and print each frame.
+    Walkthrough(super::walkthrough::WalkthroughArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +118,7 @@ pub fn run(command: AcpCommand) -> anyhow::Result<()> {
     match command {
         AcpCommand::Decode { hex } => decode(&hex),
         AcpCommand::Encode(args) => encode(args),
+        AcpCommand::Walkthrough(args) => super::walkthrough::run(args),
     }
 }
 

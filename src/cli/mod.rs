@@ -14,6 +14,7 @@ mod record;
 mod sim;
 mod status;
 mod submit;
+mod walkthrough;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +40,7 @@ enum Command {
         #[command(subcommand)]
         command: acp::AcpCommand,
     },
-    /// Walk the draft's task sequence through the ACP codec and print each frame.
+    /// A local three-node cluster runs a RAG workload; one node is killed midway.
     Demo(demo::DemoArgs),
     /// Create the cluster CA and node certificates.
     Certs {
@@ -166,7 +167,7 @@ impl Default for Cli {
 
 impl Cli {
     /// The command line with the built-in demo agents (`echo`, `sleep`, `wordcount`,
-    /// `crash`), started with `node --agents NAME=N`.
+    /// `crash`, `retrieve`, `summarize`), started with `node --agents NAME=N`.
     pub fn new() -> Cli {
         let mut agents = AgentCatalog {
             known: Vec::new(),
@@ -176,6 +177,8 @@ impl Cli {
         agents.add::<builtin::Sleep>();
         agents.add::<builtin::WordCount>();
         agents.add::<builtin::Crash>();
+        agents.add::<crate::rag::Retrieve>();
+        agents.add::<crate::rag::Summarize>();
         Cli { agents }
     }
 

@@ -43,7 +43,7 @@ pub struct NodeArgs {
     #[arg(long)]
     metrics: Option<SocketAddr>,
     /// Agents to run here, as NAME=REPLICAS separated by commas (built in: echo,
-    /// sleep, wordcount, crash).
+    /// sleep, wordcount, crash, retrieve, summarize).
     #[arg(long, value_parser = parse_agents, default_value = "")]
     agents: AgentList,
     /// The coordination group this node's agents join.

@@ -106,13 +106,14 @@ fn print_tables(status: &Status) {
     }
     if !status.agents.tasks.is_empty() {
         println!(
-            "\n{:<36} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
-            "TASK", "CAPABILITY", "PRIO", "GROUP", "DONE", "REALLOCATED", "ELAPSED ms"
+            "\n{:<36} {:<16} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
+            "TASK", "LABEL", "CAPABILITY", "PRIO", "GROUP", "DONE", "REALLOCATED", "ELAPSED ms"
         );
         for t in &status.agents.tasks {
             println!(
-                "{:<36} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
+                "{:<36} {:<16} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
                 t.task.to_string(),
+                t.label.as_deref().unwrap_or("-"),
                 t.capability,
                 t.priority,
                 t.group,

@@ -46,6 +46,9 @@ pub struct SubmitArgs {
     /// `crash` agents panic on attempts up to this one.
     #[arg(long, default_value_t = 0)]
     panic_attempts: u32,
+    /// A name for the task, shown by `agentmesh status` (at most 128 bytes).
+    #[arg(long)]
+    label: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -173,6 +176,7 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         priority: args.priority,
         group: args.group,
         inputs,
+        label: args.label.clone(),
     };
     let outcome: TaskOutcome = runtime()?.block_on(async {
         let mut client = Client::connect(&identity, args.client.to).await?;

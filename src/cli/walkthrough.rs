@@ -1,5 +1,4 @@
-//! `agentmesh demo`: until the cluster runtime exists, the most complete real thing
-//! this binary does: the ACP draft's task sequence (register, query, allocate, sync,
+//! `agentmesh acp walkthrough`: the ACP draft's task sequence (register, query, allocate, sync,
 //! report, adjust) encoded frame by frame, cut into arbitrary chunks as a stream
 //! would, decoded, reassembled, checked against the replay window, and printed.
 
@@ -20,7 +19,7 @@ use crate::transport::wire::{
 };
 
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub struct WalkthroughArgs {
     /// Size in bytes of the chunks the byte streams are cut into before decoding.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
     chunk_bytes: u32,
@@ -186,7 +185,7 @@ fn summary(p: &Payload) -> String {
     }
 }
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub fn run(args: WalkthroughArgs) -> anyhow::Result<()> {
     println!("AgentMesh demo: the ACP draft's task sequence through the real wire codec.");
     println!("(This build has the ACP wire format; the networked cluster is not built yet.)\n");
     let mut w = Walkthrough {

@@ -144,12 +144,14 @@ impl LocalCluster {
     }
 }
 
-/// Encodes segment inputs the way agents decode them (MessagePack with field names).
+/// Encodes one segment input the way agents decode it (MessagePack with field names).
+pub fn input<T: Serialize + ?Sized>(item: &T) -> anyhow::Result<Blob> {
+    Ok(Blob(rmp_serde::to_vec_named(item)?))
+}
+
+/// Encodes segment inputs, one per segment (see [`input`]).
 pub fn inputs<T: Serialize>(items: impl IntoIterator<Item = T>) -> anyhow::Result<Vec<Blob>> {
-    items
-        .into_iter()
-        .map(|item| Ok(Blob(rmp_serde::to_vec_named(&item)?)))
-        .collect()
+    items.into_iter().map(|item| input(&item)).collect()
 }
 
 /// Decodes each segment's result, in segment order.

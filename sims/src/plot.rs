@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::report::{quantile, Report};
+use crate::report::{class, quantile, Report};
 
 /// The chart could not be drawn or written.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,16 @@ pub fn draw_svg(report: &Report, path: &Path) -> Result<(), PlotError> {
     latencies(report, &bottom).map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;
     Ok(())
+}
+
+/// At most about [`MAX_POINTS`] of `values`, evenly spaced, the last one always kept,
+/// with their indices.
+fn thinned<T>(values: &[T]) -> impl Iterator<Item = (usize, &T)> {
+    let step = values.len().div_ceil(MAX_POINTS).max(1);
+    values
+        .iter()
+        .enumerate()
+        .filter(move |(i, _)| (i + 1) % step == 0 || i + 1 == values.len())
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
@@ -65,14 +75,8 @@ fn completions<'a>(report: &Report, area: &Area<'a>) -> DrawResult<'a> {
         .x_desc("simulated time (s)")
         .y_desc("segments completed")
         .draw()?;
-    let step = done.len().div_ceil(MAX_POINTS).max(1);
     let mut points: Vec<(f64, f64)> = vec![(0.0, 0.0)];
-    points.extend(
-        done.iter()
-            .enumerate()
-            .filter(|(i, _)| (i + 1) % step == 0 || i + 1 == done.len())
-            .map(|(i, &t)| (t as f64 / 1e6, (i + 1) as f64)),
-    );
+    points.extend(thinned(done).map(|(i, &t)| (t as f64 / 1e6, (i + 1) as f64)));
     chart
         .draw_series(LineSeries::new(points, BLUE.stroke_width(2)))?
         .label("segments completed (cumulative)")
@@ -100,7 +104,7 @@ fn latencies<'a>(report: &Report, area: &Area<'a>) -> DrawResult<'a> {
     let colours = [RED, MAGENTA, BLUE, GREEN];
     let mut by_class: Vec<Vec<u64>> = vec![Vec::new(); classes.len()];
     for t in report.tasks().iter().filter(|t| t.completed) {
-        let c = Report::class(t.priority);
+        let c = class(t.priority);
         if let Some(i) = classes.iter().position(|&n| n == c) {
             by_class[i].push(t.ended_us.saturating_sub(t.submitted_us));
         }
@@ -134,11 +138,7 @@ fn latencies<'a>(report: &Report, area: &Area<'a>) -> DrawResult<'a> {
             continue;
         }
         let n = v.len() as f64;
-        let step = v.len().div_ceil(MAX_POINTS).max(1);
-        let points: Vec<(f64, f64)> = v
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| (i + 1) % step == 0 || i + 1 == v.len())
+        let points: Vec<(f64, f64)> = thinned(v)
             .map(|(i, &l)| (l as f64 / 1000.0, (i + 1) as f64 / n))
             .collect();
         let p50 = quantile(v, 0.5) as f64 / 1000.0;

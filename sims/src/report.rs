@@ -149,7 +149,8 @@ pub struct Report {
     crashes_us: Vec<(u64, String)>,
 }
 
-fn class(priority: u8) -> &'static str {
+/// The class name of a priority: urgent 192+, high 128+, normal 64+, low.
+pub fn class(priority: u8) -> &'static str {
     match priority {
         192.. => "urgent",
         128..=191 => "high",
@@ -213,11 +214,6 @@ impl Report {
     /// When nodes crashed, in order, simulated microseconds, with their names.
     pub fn crashes_us(&self) -> &[(u64, String)] {
         &self.crashes_us
-    }
-
-    /// The class name of a priority (urgent 192+, high 128+, normal 64+, low).
-    pub fn class(priority: u8) -> &'static str {
-        class(priority)
     }
 
     /// The tasks that ended, in the order they did.

@@ -24,9 +24,10 @@ use crate::actors::service::{
     AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, AGENTS_SERVICE,
     COORDINATOR_SERVICE,
 };
+use crate::local::{input, inputs, results};
 use crate::rag::{chunks, Passage, RetrieveInput, SummarizeInput, Summary, CORPUS};
 use crate::runtime::{Client, RemoteMessage};
-use crate::sims::report::quantile;
+use crate::sims::report::{class, quantile};
 use crate::transport::tls::{ClusterCa, NodeIdentity};
 
 #[derive(Debug, Args)]
@@ -464,10 +465,6 @@ fn lock(flow: &Mutex<Flow>) -> std::sync::MutexGuard<'_, Flow> {
     flow.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn encode(value: &impl serde::Serialize) -> anyhow::Result<Blob> {
-    Ok(Blob(rmp_serde::to_vec_named(value)?))
-}
-
 async fn submit(
     client: &mut Client,
     label: String,
@@ -514,18 +511,13 @@ async fn question_flow(
 ) -> anyhow::Result<()> {
     let mut client = Client::connect(identity, to).await?;
     lock(flow).stage = "retrieve";
-    let inputs = docs
-        .iter()
-        .map(|(source, text)| {
-            encode(&RetrieveInput {
-                query: query.into(),
-                source: source.clone(),
-                text: text.clone(),
-                top: 4,
-                ms,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let inputs = inputs(docs.iter().map(|(source, text)| RetrieveInput {
+        query: query.into(),
+        source: source.clone(),
+        text: text.clone(),
+        top: 4,
+        ms,
+    }))?;
     let retrieved = submit(
         &mut client,
         format!("q{} retrieve", q + 1),
@@ -536,17 +528,12 @@ async fn question_flow(
     .await?;
     // Each result must be its own segment's: a result accepted for the wrong segment, or
     // twice, would show here as a source that does not match.
-    let mut passages: Vec<Passage> = Vec::new();
-    let mut misplaced = 0;
-    for (i, r) in retrieved.results.iter().enumerate() {
-        let found: Vec<Passage> = rmp_serde::from_slice(&r.0)
-            .with_context(|| format!("retrieve segment {i}'s result"))?;
-        misplaced += found.iter().filter(|p| p.source != docs[i].0).count() as u64;
-        passages.extend(found);
+    let found: Vec<Vec<Passage>> = results(&retrieved)?;
+    let mut misplaced = docs.len().abs_diff(found.len()) as u64;
+    for (passages, (source, _)) in found.iter().zip(docs) {
+        misplaced += passages.iter().filter(|p| &p.source != source).count() as u64;
     }
-    if retrieved.results.len() != docs.len() {
-        misplaced += docs.len().abs_diff(retrieved.results.len()) as u64;
-    }
+    let mut passages: Vec<Passage> = found.into_iter().flatten().collect();
     passages.sort_by(|a, b| b.score.cmp(&a.score).then(a.text.len().cmp(&b.text.len())));
     passages.truncate(PASSAGES_KEPT);
     {
@@ -555,7 +542,7 @@ async fn question_flow(
         f.retrieve = Some(retrieved);
         f.misplaced = misplaced;
     }
-    let input = encode(&SummarizeInput {
+    let input = input(&SummarizeInput {
         query: query.into(),
         passages,
         sentences: 2,
@@ -569,22 +556,13 @@ async fn question_flow(
         vec![input],
     )
     .await?;
-    let summary: Summary = summarized
-        .results
-        .first()
-        .map(|r| rmp_serde::from_slice(&r.0))
-        .transpose()?
-        .unwrap_or_default();
+    let summary: Summary = results(&summarized)?.into_iter().next().unwrap_or_default();
     client.close().await;
     let mut f = lock(flow);
     f.stage = "done";
     f.summarize = Some(summarized);
     f.summary = Some(summary);
     Ok(())
-}
-
-fn class(priority: u8) -> &'static str {
-    crate::sims::Report::class(priority)
 }
 
 /// Reads one counter from a node's Prometheus endpoint (summed over its labels).

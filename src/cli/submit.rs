@@ -14,6 +14,7 @@ use crate::actors::coordinator::SUBMIT_TIMEOUT;
 use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE};
 use crate::builtin::SegmentInput;
+use crate::local::input;
 use crate::runtime::{Client, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 
@@ -70,10 +71,6 @@ pub fn prepare(args: &SubmitArgs) -> anyhow::Result<(NodeIdentity, Vec<Blob>)> {
     Ok((identity, inputs))
 }
 
-fn encode(input: &impl Serialize) -> anyhow::Result<Blob> {
-    Ok(Blob(rmp_serde::to_vec_named(input)?))
-}
-
 fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
     if args.capability.is_empty() {
         bail!("--capability must not be empty");
@@ -105,7 +102,7 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
             }
             let value: serde_json::Value = serde_json::from_str(line)
                 .with_context(|| format!("line {} of the input is not JSON", i + 1))?;
-            out.push(encode(&value)?);
+            out.push(input(&value)?);
         }
         if out.is_empty() {
             bail!("the input file has no segments");
@@ -133,7 +130,7 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
         .into_iter()
         .enumerate()
         .map(|(i, text)| {
-            encode(&SegmentInput {
+            input(&SegmentInput {
                 segment: i as u32,
                 ms: args.segment_ms,
                 text,

@@ -25,6 +25,11 @@ pub enum BenchCommand {
     /// Two endpoints on loopback: throughput, request/reply and urgent latency, for ACP
     /// and for a bare quinn stream.
     Transport(TransportBench),
+    /// SIGKILL of a worker node: time until the coordinator has reallocated all its
+    /// segments, over many runs (three node processes each).
+    Failover(super::failover::FailoverBench),
+    /// Memory per idle agent and registration rate, for many agents on one node.
+    Scale(super::scale::ScaleBench),
 }
 
 #[derive(Debug, Args)]
@@ -94,7 +99,11 @@ struct Report {
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Transport(args) = command;
+    let args = match command {
+        BenchCommand::Transport(args) => args,
+        BenchCommand::Failover(args) => return super::failover::run(args),
+        BenchCommand::Scale(args) => return super::scale::run(args),
+    };
     if args.messages == 0 || args.round_trips == 0 {
         bail!("--messages and --round-trips must be at least 1");
     }

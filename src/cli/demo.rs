@@ -6,16 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // The demo measures wall-clock latency, as its user sees it.
 use tokio::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -28,7 +27,9 @@ use crate::local::{input, inputs, results};
 use crate::rag::{chunks, Passage, RetrieveInput, SummarizeInput, Summary, CORPUS};
 use crate::runtime::{Client, RemoteMessage};
 use crate::sims::report::{class, quantile};
-use crate::transport::tls::{ClusterCa, NodeIdentity};
+use crate::transport::tls::NodeIdentity;
+
+use super::procs::{free_tcp_port, NodeSpec, Processes, WorkDir};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -100,71 +101,6 @@ const STATUS_EVERY: Duration = Duration::from_millis(200);
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The node processes; killed when dropped, whatever happened.
-struct Processes {
-    children: Vec<Option<Child>>,
-    logs: Vec<PathBuf>,
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Processes {
-    fn kill(&mut self, i: usize) -> anyhow::Result<()> {
-        if let Some(mut child) = self.children[i].take() {
-            child.kill().context("killing the node")?;
-            let _ = child.wait();
-        }
-        Ok(())
-    }
-
-    /// A node that exited on its own is an error, with the end of its log.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (i, child) in self.children.iter_mut().enumerate() {
-            if let Some(c) = child {
-                if let Some(status) = c.try_wait()? {
-                    let log = std::fs::read_to_string(&self.logs[i]).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(8).collect();
-                    bail!(
-                        "node {} exited ({status}); the end of its log:\n{}",
-                        NODES[i],
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The folder for certificates and logs: removed at the end unless asked to keep it.
-struct WorkDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn free_tcp_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// One question's way through the two stages.
 #[derive(Default)]
 struct Flow {
@@ -178,35 +114,26 @@ struct Flow {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let work = match &args.keep {
-        Some(p) => WorkDir {
-            path: p.clone(),
-            keep: true,
-        },
-        None => WorkDir {
-            path: std::env::temp_dir().join(format!("agentmesh-demo-{}", std::process::id())),
-            keep: false,
-        },
-    };
-    std::fs::create_dir_all(&work.path)
-        .with_context(|| format!("creating {}", work.path.display()))?;
-    let ca = ClusterCa::generate()?;
-    ca.save(&work.path)?;
-    for name in NODES {
-        ca.issue_to(&work.path, name)?;
-    }
+    let (work, ca) = WorkDir::with_certs(args.keep.as_deref(), "demo", &NODES)?;
     // A node keeps one connection per peer name: every concurrent client has its own.
     let identity = ca.node_identity("demo-watch")?;
     let flow_identities: Vec<NodeIdentity> = (1..=args.questions)
         .map(|q| ca.node_identity(&format!("demo-q{q}")))
         .collect::<Result<_, _>>()?;
-    let addrs: Vec<SocketAddr> = (0..NODES.len())
-        .map(|_| free_udp_port())
-        .collect::<anyhow::Result<_>>()?;
     let metrics: Vec<SocketAddr> = (0..NODES.len())
         .map(|_| free_tcp_port())
         .collect::<anyhow::Result<_>>()?;
-    let mut procs = start_nodes(&work.path, &addrs, &metrics)?;
+    let specs: Vec<NodeSpec<'_>> = NODES
+        .iter()
+        .zip(&metrics)
+        .map(|(name, m)| NodeSpec {
+            name,
+            agents: AGENTS_PER_NODE,
+            metrics: Some(*m),
+        })
+        .collect();
+    let mut procs = Processes::start(&work.path, &specs)?;
+    let addrs = procs.addrs.clone();
     println!(
         "AgentMesh demo: three nodes on loopback, mutual TLS with a CA made in {}",
         work.path.display()
@@ -231,42 +158,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let reallocated_metric = scrape(metrics[0], "agentmesh_segments_reallocated_total");
     drop(procs);
     summarize_run(&args, &flows, reallocated_metric)
-}
-
-fn start_nodes(
-    dir: &Path,
-    addrs: &[SocketAddr],
-    metrics: &[SocketAddr],
-) -> anyhow::Result<Processes> {
-    let exe = std::env::current_exe().context("finding this program to start the nodes")?;
-    let mut procs = Processes {
-        children: Vec::new(),
-        logs: Vec::new(),
-    };
-    for (i, name) in NODES.iter().enumerate() {
-        let log_path = dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("node")
-            .args(["--name", name])
-            .args(["--listen", &addrs[i].to_string()])
-            .args(["--metrics", &metrics[i].to_string()])
-            .arg("--certs")
-            .arg(dir)
-            .args(["--agents", AGENTS_PER_NODE])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if i > 0 {
-            cmd.args(["--join", &addrs[0].to_string()]);
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting node {name}"))?;
-        procs.children.push(Some(child));
-        procs.logs.push(log_path);
-    }
-    Ok(procs)
 }
 
 async fn status(client: &mut Client) -> anyhow::Result<AgentsStatus> {

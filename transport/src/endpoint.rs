@@ -58,6 +58,10 @@ pub struct EndpointConfig {
     pub event_queues: EventQueues,
     /// UDP socket send and receive buffer size asked of the OS.
     pub socket_buffer_bytes: usize,
+    /// The longest the peer may hold back an ACK, asked of it through QUIC's ACK
+    /// frequency extension (QUIC's default is 25 ms). It bounds how soon a lost tail
+    /// packet, such as an urgent reply with nothing sent after it, is probed again.
+    pub max_ack_delay_ms: u64,
 }
 
 impl EndpointConfig {
@@ -76,6 +80,7 @@ impl EndpointConfig {
             timestamps: TimestampWindow::default(),
             event_queues: EventQueues::default(),
             socket_buffer_bytes: 8 * 1024 * 1024,
+            max_ack_delay_ms: 2,
         }
     }
 }
@@ -412,6 +417,11 @@ fn transport_config(config: &EndpointConfig, gauge: Arc<WindowGauge>) -> quinn::
     t.datagram_receive_buffer_size(Some(1024 * 1024));
     t.datagram_send_buffer_size(1024 * 1024);
     t.congestion_controller_factory(Arc::new(HeadroomFactory::new(gauge)));
+    // The probe timeout is RTT + 4 RTT variance + the peer's max_ack_delay: with the
+    // default 25 ms, a lost urgent reply waited ~25 ms for its probe on a 1 ms path.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.max_ack_delay(Some(Duration::from_millis(config.max_ack_delay_ms)));
+    t.ack_frequency_config(Some(ack));
     t
 }
 

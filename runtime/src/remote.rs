@@ -186,10 +186,23 @@ struct Inner {
     trace_prefix: u64,
 }
 
+/// A trace id shown in hex, computed only if a log line is written.
+struct HexId<'a>(Option<&'a [u8]>);
+
+impl std::fmt::Display for HexId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0.unwrap_or_default() {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
-    rmp_serde::to_vec_named(m)
-        .map(Bytes::from)
-        .map_err(|e| SendError::Encode(e.to_string()))
+    // Room for a small message up front: growing from empty cost more than encoding.
+    let mut out = Vec::with_capacity(128);
+    rmp_serde::encode::write_named(&mut out, m).map_err(|e| SendError::Encode(e.to_string()))?;
+    Ok(Bytes::from(out))
 }
 
 fn envelope_message(prio: u8, envelope: Envelope) -> Result<Message, SendError> {
@@ -871,11 +884,7 @@ impl Mesh {
         if envelope.to == REGISTRY_SERVICE {
             return self.on_registry(peer, &envelope.body);
         }
-        let trace = envelope
-            .trace_id
-            .as_ref()
-            .map(hex::encode)
-            .unwrap_or_default();
+        let trace = HexId(envelope.trace_id.as_deref());
         let span = tracing::debug_span!("actor_message", %peer, to = %envelope.to, kind = %envelope.kind, trace_id = %trace);
         let _entered = span.enter();
         debug!("actor message arrived");

@@ -122,7 +122,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
+    // Everything runs as a task on the runtime's workers, as an application's actors
+    // do, not on the thread that blocks on the runtime.
+    let task = runtime.spawn(async move {
         match cli.command {
             Command::Serve {
                 system,
@@ -159,6 +161,9 @@ fn main() -> std::process::ExitCode {
             Command::Report(args) => report::run_all(args).await,
         }
     });
+    let result = runtime
+        .block_on(task)
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the benchmark task failed: {e}")));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -126,7 +126,10 @@ async fn main() -> anyhow::Result<()> {
             port,
             messages,
             round_trips,
-        } => client(server_port, port, messages, round_trips).await,
+        } => {
+            // As a task on the runtime's workers, as an application's actors run.
+            tokio::spawn(client(server_port, port, messages, round_trips)).await?
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod bytes_serde;
 mod decoder;
+mod envelope_codec;
 mod error_code;
 mod frame;
 mod header;

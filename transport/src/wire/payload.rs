@@ -393,6 +393,13 @@ impl Payload {
 
     /// Decodes and validates the msgpack body of a message of `msg_type`.
     pub fn decode(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
+        if msg_type == MessageType::Envelope {
+            if let Some(e) = super::envelope_codec::decode(body) {
+                let payload = Payload::Envelope(e);
+                payload.validate()?;
+                return Ok(payload);
+            }
+        }
         // The reader-based deserializer copies declared lengths through `take(len)`,
         // so a length field that lies cannot make it allocate more than `body` holds.
         let mut de = rmp_serde::Deserializer::new(body);
@@ -411,6 +418,9 @@ impl Payload {
 
     /// Encodes the payload as a msgpack map with named fields.
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        if let Payload::Envelope(e) = self {
+            return Ok(super::envelope_codec::encode(e));
+        }
         rmp_serde::to_vec_named(self).map_err(|e| PayloadError::Unencodable {
             msg_type: self.msg_type(),
             reason: e.to_string(),

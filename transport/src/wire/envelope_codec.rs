@@ -1,0 +1,163 @@
+//! A hand-written MessagePack codec for ENVELOPE, the one payload on the path of every
+//! remote actor message. It writes exactly the bytes serde's named-map encoding
+//! writes, and reads that layout without serde; anything else (other key orders,
+//! extra keys, other types) falls back to the general decoder, which is also the
+//! one that reports errors. The tests hold both to the same bytes.
+
+use bytes::Bytes;
+
+use super::payload::Envelope;
+
+const KEYS: [&str; 6] = ["to", "kind", "correlation", "reply", "trace_id", "body"];
+
+/// Encodes as `rmp_serde::to_vec_named` does.
+pub(crate) fn encode(e: &Envelope) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + e.to.len() + e.kind.len() + e.body.len());
+    // Writing to a Vec cannot fail: the results are Ok by construction.
+    let _ = rmp::encode::write_map_len(&mut out, KEYS.len() as u32);
+    let _ = rmp::encode::write_str(&mut out, KEYS[0]);
+    let _ = rmp::encode::write_str(&mut out, &e.to);
+    let _ = rmp::encode::write_str(&mut out, KEYS[1]);
+    let _ = rmp::encode::write_str(&mut out, &e.kind);
+    let _ = rmp::encode::write_str(&mut out, KEYS[2]);
+    let _ = rmp::encode::write_uint(&mut out, e.correlation);
+    let _ = rmp::encode::write_str(&mut out, KEYS[3]);
+    let _ = rmp::encode::write_bool(&mut out, e.reply);
+    let _ = rmp::encode::write_str(&mut out, KEYS[4]);
+    match &e.trace_id {
+        Some(t) => {
+            let _ = rmp::encode::write_bin(&mut out, t);
+        }
+        None => {
+            let _ = rmp::encode::write_nil(&mut out);
+        }
+    }
+    let _ = rmp::encode::write_str(&mut out, KEYS[5]);
+    let _ = rmp::encode::write_bin(&mut out, &e.body);
+    out
+}
+
+/// Takes `len` bytes off the front of `rd`.
+fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
+    let len = usize::try_from(len).ok()?;
+    if rd.len() < len {
+        return None;
+    }
+    let (head, rest) = rd.split_at(len);
+    *rd = rest;
+    Some(head)
+}
+
+fn str<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
+    let len = rmp::decode::read_str_len(rd).ok()?;
+    std::str::from_utf8(take(rd, len)?).ok()
+}
+
+fn key(rd: &mut &[u8], expected: &str) -> Option<()> {
+    let len = rmp::decode::read_str_len(rd).ok()?;
+    (take(rd, len)? == expected.as_bytes()).then_some(())
+}
+
+fn bin(rd: &mut &[u8]) -> Option<Bytes> {
+    let len = rmp::decode::read_bin_len(rd).ok()?;
+    Some(Bytes::copy_from_slice(take(rd, len)?))
+}
+
+/// Reads the layout [`encode`] writes (any integer width for `correlation`); `None`
+/// for anything else, including trailing bytes.
+pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
+    let mut rd = body;
+    if rmp::decode::read_map_len(&mut rd).ok()? != KEYS.len() as u32 {
+        return None;
+    }
+    key(&mut rd, KEYS[0])?;
+    let to = str(&mut rd)?.to_string();
+    key(&mut rd, KEYS[1])?;
+    let kind = str(&mut rd)?.to_string();
+    key(&mut rd, KEYS[2])?;
+    let correlation: u64 = rmp::decode::read_int(&mut rd).ok()?;
+    key(&mut rd, KEYS[3])?;
+    let reply = rmp::decode::read_bool(&mut rd).ok()?;
+    key(&mut rd, KEYS[4])?;
+    let trace_id = if rd.first() == Some(&0xc0) {
+        rd = &rd[1..];
+        None
+    } else {
+        Some(bin(&mut rd)?)
+    };
+    key(&mut rd, KEYS[5])?;
+    let body = bin(&mut rd)?;
+    rd.is_empty().then_some(Envelope {
+        to,
+        kind,
+        correlation,
+        reply,
+        trace_id,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            ".{0,40}",
+            ".{0,300}",
+            any::<u64>(),
+            any::<bool>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+            proptest::collection::vec(any::<u8>(), 0..70_000),
+        )
+            .prop_map(|(to, kind, correlation, reply, trace, body)| Envelope {
+                to,
+                kind,
+                correlation,
+                reply,
+                trace_id: trace.map(Bytes::from),
+                body: Bytes::from(body),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn writes_what_serde_writes_and_reads_it_back(e in envelope()) {
+            let fast = encode(&e);
+            let serde = rmp_serde::to_vec_named(&e).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&fast, &serde);
+            prop_assert_eq!(decode(&fast), Some(e));
+        }
+
+        #[test]
+        fn never_panics_and_agrees_with_serde_on_whatever_it_accepts(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Some(e) = decode(&bytes) {
+                let serde: Envelope = rmp_serde::from_slice(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(e, serde);
+            }
+        }
+    }
+
+    #[test]
+    fn other_layouts_are_left_to_the_general_decoder() {
+        let e = Envelope {
+            to: "a".into(),
+            kind: "k".into(),
+            correlation: 300,
+            reply: false,
+            trace_id: None,
+            body: Bytes::from_static(b"x"),
+        };
+        let mut bytes = encode(&e);
+        bytes.push(0);
+        assert_eq!(decode(&bytes), None, "trailing bytes");
+        // Fields as an array (serde's compact form) are not the fast path's.
+        let compact = rmp_serde::to_vec(&e).unwrap_or_default();
+        assert_eq!(decode(&compact), None);
+        assert_eq!(decode(&encode(&e)[..5]), None, "truncated");
+    }
+}

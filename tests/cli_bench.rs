@@ -1,0 +1,63 @@
+//! `agentmesh bench failover` and `bench scale`, the two benchmarks `benches/run.sh`
+//! takes from the binary: small runs that must report what they measured, and lose
+//! nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::agentmesh;
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = agentmesh().args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn failover_times_the_reallocation_of_a_killed_nodes_segments() {
+    let f = json(&[
+        "bench",
+        "failover",
+        "--runs",
+        "2",
+        "--replicas",
+        "2",
+        "--segment-ms",
+        "600",
+        "--json",
+    ]);
+    assert_eq!(f["runs"], 2);
+    assert_eq!(f["lost"], 0);
+    assert_eq!(f["samples_ms"].as_array().unwrap().len(), 2);
+    // The victim held at least one segment in each timed run, and each was reallocated.
+    assert!(f["segments_reallocated"].as_u64().unwrap() >= 2, "{f}");
+    let (p50, max) = (f["p50_ms"].as_f64().unwrap(), f["max_ms"].as_f64().unwrap());
+    // Detection runs on SWIM timers of a few hundred ms: never instant, never the
+    // 3 s QUIC idle timeout on a healthy machine. Generous bounds: CI is shared.
+    assert!(p50 > 50.0 && p50 <= max && max < 30_000.0, "{f}");
+}
+
+#[test]
+fn scale_registers_every_agent_and_reports_its_cost() {
+    let f = json(&["bench", "scale", "--agents", "300", "--json"]);
+    assert_eq!(f["agents"], 300);
+    assert!(f["registrations_per_sec"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(f["bytes_per_idle_agent"].as_f64().unwrap() > 0.0, "{f}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_usage_error() {
+    for args in [
+        &["bench", "failover", "--runs", "0"][..],
+        &["bench", "failover", "--segment-ms", "5"],
+        &["bench", "scale", "--agents", "0"],
+    ] {
+        let out = agentmesh().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}

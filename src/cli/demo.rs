@@ -20,8 +20,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{
-    AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, AGENTS_SERVICE,
-    COORDINATOR_SERVICE,
+    AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
 };
 use crate::local::{input, inputs, results};
 use crate::rag::{chunks, Passage, RetrieveInput, SummarizeInput, Summary, CORPUS};
@@ -29,7 +28,7 @@ use crate::runtime::{Client, RemoteMessage};
 use crate::sims::report::{class, quantile};
 use crate::transport::tls::NodeIdentity;
 
-use super::procs::{free_tcp_port, NodeSpec, Processes, WorkDir};
+use super::procs::{agents_status, free_tcp_port, NodeSpec, Processes, WorkDir};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -161,14 +160,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn status(client: &mut Client) -> anyhow::Result<AgentsStatus> {
-    Ok(client
-        .request(
-            AGENTS_SERVICE,
-            <AgentsRequest as RemoteMessage>::KIND,
-            &AgentsRequest {},
-            Duration::from_secs(5),
-        )
-        .await?)
+    agents_status(client, Duration::from_secs(5)).await
 }
 
 /// Waits for the cluster, runs every question's flow with a live view, kills the victim

@@ -18,10 +18,9 @@ use crate::runtime::{Client, RemoteMessage};
 use crate::sims::report::quantile;
 use crate::transport::tls::NodeIdentity;
 
-use super::procs::{NodeSpec, Processes, WorkDir};
+use super::procs::{agents_status, NodeSpec, Processes, WorkDir};
 use crate::actors::service::{
-    AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, AGENTS_SERVICE,
-    COORDINATOR_SERVICE,
+    AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
 };
 use crate::local::input;
 
@@ -161,14 +160,7 @@ async fn connect(
 }
 
 async fn status(client: &mut Client) -> anyhow::Result<AgentsStatus> {
-    Ok(client
-        .request(
-            AGENTS_SERVICE,
-            <AgentsRequest as RemoteMessage>::KIND,
-            &AgentsRequest {},
-            ASK,
-        )
-        .await?)
+    agents_status(client, ASK).await
 }
 
 /// One kill: `None` if the victim held no segment, else the milliseconds from the

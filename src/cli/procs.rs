@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
 
+use crate::actors::service::{AgentsRequest, AgentsStatus, AGENTS_SERVICE};
+use crate::runtime::{Client, RemoteMessage};
 use crate::transport::tls::ClusterCa;
 
 /// One node to start.
@@ -161,4 +163,19 @@ pub fn free_udp_port() -> anyhow::Result<SocketAddr> {
 /// A loopback TCP address free right now.
 pub fn free_tcp_port() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The agents a node knows and the tasks its coordinator runs.
+pub async fn agents_status(
+    client: &mut Client,
+    timeout: std::time::Duration,
+) -> anyhow::Result<AgentsStatus> {
+    Ok(client
+        .request(
+            AGENTS_SERVICE,
+            <AgentsRequest as RemoteMessage>::KIND,
+            &AgentsRequest {},
+            timeout,
+        )
+        .await?)
 }

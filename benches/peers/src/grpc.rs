@@ -5,14 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::time::Instant;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::stats::{self, Figures};
+use crate::stats::{self, Echo, Figures};
 use crate::{Hol, Messaging, BULK_BYTES, PAYLOAD_BYTES};
 
 /// Bytes, both ways.
@@ -88,6 +87,15 @@ impl Bench for Service {
     }
 }
 
+impl Echo for BenchClient<tonic::transport::Channel> {
+    async fn echo(&mut self) -> anyhow::Result<usize> {
+        let blob = Blob {
+            data: vec![9u8; PAYLOAD_BYTES],
+        };
+        Ok(BenchClient::echo(self, blob).await?.into_inner().data.len())
+    }
+}
+
 /// Serves until killed.
 pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -133,20 +141,7 @@ pub async fn messaging(server: SocketAddr, run: &Messaging) -> anyhow::Result<Fi
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut rtts = Vec::with_capacity(run.round_trips);
-    for _ in 0..run.round_trips {
-        let sent = Instant::now();
-        let back = client
-            .echo(Blob {
-                data: payload.clone(),
-            })
-            .await?
-            .into_inner();
-        rtts.push(sent.elapsed().as_secs_f64() * 1e6);
-        if back.data.len() != PAYLOAD_BYTES {
-            bail!("the echo came back with {} bytes", back.data.len());
-        }
-    }
+    let rtts = stats::round_trips(run.round_trips, None, &mut client).await?;
     let mut figures = Figures {
         system: "tonic".into(),
         messages,
@@ -187,39 +182,8 @@ pub async fn hol(server: SocketAddr, run: &Hol) -> anyhow::Result<Figures> {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut client = client;
-    let payload = vec![9u8; PAYLOAD_BYTES];
-    let mut tick = tokio::time::interval(Duration::from_millis(run.interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let bytes_before = sent_bytes.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let mut rtts = Vec::with_capacity(run.requests);
-    for _ in 0..run.requests {
-        tick.tick().await;
-        let sent = Instant::now();
-        let back = client
-            .echo(Blob {
-                data: payload.clone(),
-            })
-            .await?
-            .into_inner();
-        rtts.push(sent.elapsed().as_secs_f64() * 1e3);
-        if back.data.len() != PAYLOAD_BYTES {
-            bail!("the urgent echo came back with {} bytes", back.data.len());
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let moved = sent_bytes.load(Ordering::Relaxed) - bytes_before;
-    stop.store(true, Ordering::Relaxed);
-    if bulk_task.is_finished() {
-        bail!("the bulk call ended early: {:?}", bulk_task.await);
-    }
-    bulk_task.abort();
-    let mut figures = Figures {
-        system: "tonic".into(),
-        ..Figures::default()
-    };
-    stats::urgent(&mut figures, rtts, moved, seconds);
+    let figures =
+        stats::under_bulk("tonic", run, &mut client, &sent_bytes, &stop, bulk_task).await?;
     Ok(figures)
 }

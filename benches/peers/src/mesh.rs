@@ -14,13 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::time::Instant;
 
-use agentmesh::runtime::remote::{ActorAddr, RemoteMessage};
+use agentmesh::runtime::remote::{ActorAddr, Mesh, RemoteMessage};
 use agentmesh::runtime::{MembershipConfig, Node, NodeConfig};
 use agentmesh::transport::clock::SystemClock;
 use agentmesh::transport::tls::NodeIdentity;
 use agentmesh::transport::EndpointConfig;
 
-use crate::stats::{self, Figures};
+use crate::stats::{self, Echo, Figures};
 use crate::{Hol, Messaging, BULK_BYTES, PAYLOAD_BYTES};
 
 const SERVER: &str = "bench-server";
@@ -170,6 +170,32 @@ pub async fn serve(certs: &Path, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An ask of a 64-byte payload, on the normal lane or the urgent one.
+struct MeshEcho {
+    mesh: Mesh,
+    to: ActorAddr,
+    urgent: bool,
+}
+
+impl Echo for MeshEcho {
+    async fn echo(&mut self) -> anyhow::Result<usize> {
+        let payload = ByteBuf::from(vec![9u8; PAYLOAD_BYTES]);
+        Ok(if self.urgent {
+            let Urgent(back) = self
+                .mesh
+                .ask_at(&self.to, Urgent(payload), ASK_TIMEOUT)
+                .await?;
+            back.len()
+        } else {
+            let Ping(back) = self
+                .mesh
+                .ask_at(&self.to, Ping(payload), ASK_TIMEOUT)
+                .await?;
+            back.len()
+        })
+    }
+}
+
 /// Joins the server's node and waits until its actors are known here.
 async fn join(certs: &Path, server: SocketAddr) -> anyhow::Result<(Node, Vec<ActorAddr>)> {
     let node = start_node(certs, CLIENT, ([127, 0, 0, 1], 0).into(), vec![server]).await?;
@@ -211,17 +237,12 @@ pub async fn messaging(
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut rtts = Vec::with_capacity(run.round_trips);
-    for _ in 0..run.round_trips {
-        let sent = Instant::now();
-        let Ping(back) = mesh
-            .ask_at(echo, Ping(payload.clone()), ASK_TIMEOUT)
-            .await?;
-        rtts.push(sent.elapsed().as_secs_f64() * 1e6);
-        if back.len() != PAYLOAD_BYTES {
-            bail!("the echo came back with {} bytes", back.len());
-        }
-    }
+    let mut echo = MeshEcho {
+        mesh: mesh.clone(),
+        to: echo.clone(),
+        urgent: false,
+    };
+    let rtts = stats::round_trips(run.round_trips, None, &mut echo).await?;
     let mut figures = Figures {
         system: "agentmesh".into(),
         messages: run.messages,
@@ -251,37 +272,13 @@ pub async fn hol(certs: &Path, server: SocketAddr, run: &Hol) -> anyhow::Result<
             anyhow::Ok(())
         })
     };
-    // Let the bulk transfer fill the pipe first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let payload = ByteBuf::from(vec![9u8; PAYLOAD_BYTES]);
-    let mut tick = tokio::time::interval(Duration::from_millis(run.interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let bytes_before = sent_bytes.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let mut rtts = Vec::with_capacity(run.requests);
-    for _ in 0..run.requests {
-        tick.tick().await;
-        let sent = Instant::now();
-        let Urgent(back) = mesh
-            .ask_at(&urgent, Urgent(payload.clone()), ASK_TIMEOUT)
-            .await?;
-        rtts.push(sent.elapsed().as_secs_f64() * 1e3);
-        if back.len() != PAYLOAD_BYTES {
-            bail!("the urgent echo came back with {} bytes", back.len());
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let moved = sent_bytes.load(Ordering::Relaxed) - bytes_before;
-    stop.store(true, Ordering::Relaxed);
-    if bulk_task.is_finished() {
-        bail!("the bulk transfer stopped early: {:?}", bulk_task.await);
-    }
-    bulk_task.abort();
-    let mut figures = Figures {
-        system: "agentmesh".into(),
-        ..Figures::default()
+    let mut echo = MeshEcho {
+        mesh,
+        to: urgent,
+        urgent: true,
     };
-    stats::urgent(&mut figures, rtts, moved, seconds);
+    let figures =
+        stats::under_bulk("agentmesh", run, &mut echo, &sent_bytes, &stop, bulk_task).await?;
     node.leave().await;
     Ok(figures)
 }

@@ -282,38 +282,25 @@ async fn messaging_once(
     certs: &str,
     args: &ReportArgs,
 ) -> anyhow::Result<Figures> {
-    if system == "ractor_cluster" {
+    let (server, program, mut client_args) = if system == "ractor_cluster" {
         let port = free_tcp_port()?;
         let server = Server::start(None, ractor_peer, &[s("serve"), s("--port"), s(port)]).await?;
-        let figures = client(
+        let client_args = vec![
+            s("client"),
+            s("--server-port"),
+            s(port),
+            s("--port"),
+            s(free_tcp_port()?),
+        ];
+        (server, ractor_peer, client_args)
+    } else {
+        let server = Server::start(
             None,
-            ractor_peer,
-            &[
-                s("client"),
-                s("--server-port"),
-                s(port),
-                s("--port"),
-                s(free_tcp_port()?),
-                s("--messages"),
-                s(args.messages),
-                s("--round-trips"),
-                s(args.round_trips),
-            ],
+            peers,
+            &[s("serve"), s(system), s("--certs"), s(certs)],
         )
-        .await;
-        server.stop().await;
-        return figures;
-    }
-    let server = Server::start(
-        None,
-        peers,
-        &[s("serve"), s(system), s("--certs"), s(certs)],
-    )
-    .await?;
-    let figures = client(
-        None,
-        peers,
-        &[
+        .await?;
+        let client_args = vec![
             s("client"),
             s(system),
             s("--server"),
@@ -321,13 +308,16 @@ async fn messaging_once(
             s("--certs"),
             s(certs),
             s("messaging"),
-            s("--messages"),
-            s(args.messages),
-            s("--round-trips"),
-            s(args.round_trips),
-        ],
-    )
-    .await;
+        ];
+        (server, peers, client_args)
+    };
+    client_args.extend([
+        s("--messages"),
+        s(args.messages),
+        s("--round-trips"),
+        s(args.round_trips),
+    ]);
+    let figures = client(None, program, &client_args).await;
     server.stop().await;
     figures
 }

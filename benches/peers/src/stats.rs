@@ -1,7 +1,19 @@
 //! What a benchmark client prints: one JSON object of figures, the same shape for
 //! every system, so the report can put them side by side.
 
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::bail;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::{Hol, PAYLOAD_BYTES};
+
+/// How long a bulk transfer runs before the urgent requests start, to fill the pipe.
+const WARM_UP: Duration = Duration::from_millis(500);
 
 /// One client run's figures; the fields a workload does not measure stay zero.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -52,9 +64,77 @@ pub fn sorted(mut samples: Vec<f64>) -> Vec<f64> {
     samples
 }
 
-/// Fills the urgent fields from round trips in milliseconds.
-pub fn urgent(figures: &mut Figures, rtts_ms: Vec<f64>, bulk_bytes: u64, seconds: f64) {
-    let rtts = sorted(rtts_ms);
+/// One request/reply of a 64-byte payload, as each system makes it.
+pub(crate) trait Echo {
+    /// Sends the request and returns the length of the payload that came back.
+    async fn echo(&mut self) -> anyhow::Result<usize>;
+}
+
+/// Times `n` round trips one after another, spaced `every` apart if given, each
+/// checked to bring the payload back; microseconds.
+pub(crate) async fn round_trips(
+    n: usize,
+    every: Option<Duration>,
+    echo: &mut impl Echo,
+) -> anyhow::Result<Vec<f64>> {
+    let mut tick = every.map(|e| {
+        let mut t = tokio::time::interval(e);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut rtts = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let sent = Instant::now();
+        let len = echo.echo().await?;
+        rtts.push(sent.elapsed().as_secs_f64() * 1e6);
+        if len != PAYLOAD_BYTES {
+            bail!("the echo came back with {len} bytes, not {PAYLOAD_BYTES}");
+        }
+    }
+    Ok(rtts)
+}
+
+/// The head-of-line measurement, with a bulk transfer already started (it counts
+/// what it sends in `bulk_sent` and stops when `stop` is set): lets it fill the pipe,
+/// times the urgent requests, and checks that the transfer ran throughout.
+pub(crate) async fn under_bulk<T: Debug>(
+    system: &str,
+    run: &Hol,
+    echo: &mut impl Echo,
+    bulk_sent: &AtomicU64,
+    stop: &AtomicBool,
+    bulk: JoinHandle<T>,
+) -> anyhow::Result<Figures> {
+    tokio::time::sleep(WARM_UP).await;
+    let before = bulk_sent.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let rtts = round_trips(
+        run.requests,
+        Some(Duration::from_millis(run.interval_ms)),
+        echo,
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let moved = bulk_sent.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    if bulk.is_finished() {
+        bail!("the bulk transfer stopped early: {:?}", bulk.await);
+    }
+    bulk.abort();
+    let mut figures = Figures {
+        system: system.into(),
+        ..Figures::default()
+    };
+    urgent(&mut figures, rtts, moved, seconds);
+    Ok(figures)
+}
+
+/// Fills the urgent fields from round trips in microseconds.
+pub fn urgent(figures: &mut Figures, rtts_us: Vec<f64>, bulk_bytes: u64, seconds: f64) {
+    let rtts: Vec<f64> = sorted(rtts_us).into_iter().map(|us| us / 1e3).collect();
     figures.urgent_count = rtts.len();
     figures.urgent_p50_ms = percentile(&rtts, 50.0);
     figures.urgent_p99_ms = percentile(&rtts, 99.0);

@@ -5,15 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::bail;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use crate::stats::{self, Figures};
+use crate::stats::{self, Echo, Figures};
 use crate::{Hol, PAYLOAD_BYTES};
 
 const BULK: u8 = 1;
@@ -76,13 +74,29 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// An urgent frame handed to the writer, and its echo from the reader.
+struct TcpEcho {
+    urgent_tx: mpsc::Sender<Vec<u8>>,
+    reply_rx: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Echo for TcpEcho {
+    async fn echo(&mut self) -> anyhow::Result<usize> {
+        self.urgent_tx.send(vec![9u8; PAYLOAD_BYTES]).await?;
+        match self.reply_rx.recv().await {
+            Some(back) => Ok(back.len()),
+            None => bail!("the connection closed"),
+        }
+    }
+}
+
 /// Urgent requests every interval on the connection the bulk transfer keeps full.
 pub async fn hol(server: SocketAddr, run: &Hol) -> anyhow::Result<Figures> {
     let stream = TcpStream::connect(server).await?;
     stream.set_nodelay(true)?;
     let (mut r, mut w) = stream.into_split();
     let (urgent_tx, mut urgent_rx) = mpsc::channel::<Vec<u8>>(1);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(1);
+    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(1);
     let stop = Arc::new(AtomicBool::new(false));
     let sent_bytes = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -107,35 +121,10 @@ pub async fn hol(server: SocketAddr, run: &Hol) -> anyhow::Result<Figures> {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut tick = tokio::time::interval(Duration::from_millis(run.interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let bytes_before = sent_bytes.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let mut rtts = Vec::with_capacity(run.requests);
-    for _ in 0..run.requests {
-        tick.tick().await;
-        let sent = Instant::now();
-        urgent_tx.send(vec![9u8; PAYLOAD_BYTES]).await?;
-        let Some(back) = reply_rx.recv().await else {
-            bail!("the connection closed");
-        };
-        rtts.push(sent.elapsed().as_secs_f64() * 1e3);
-        if back.len() != PAYLOAD_BYTES {
-            bail!("the urgent echo came back with {} bytes", back.len());
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let moved = sent_bytes.load(Ordering::Relaxed) - bytes_before;
-    stop.store(true, Ordering::Relaxed);
-    if writer.is_finished() {
-        bail!("the bulk writer stopped early: {:?}", writer.await);
-    }
-    writer.abort();
-    let mut figures = Figures {
-        system: "tcp".into(),
-        ..Figures::default()
+    let mut echo = TcpEcho {
+        urgent_tx,
+        reply_rx,
     };
-    stats::urgent(&mut figures, rtts, moved, seconds);
+    let figures = stats::under_bulk("tcp", run, &mut echo, &sent_bytes, &stop, writer).await?;
     Ok(figures)
 }

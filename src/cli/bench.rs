@@ -32,7 +32,7 @@ pub enum BenchCommand {
     Scale(super::scale::ScaleBench),
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct TransportBench {
     /// 64-byte messages sent one way for the throughput figure.
     #[arg(long, default_value_t = 3_000_000)]
@@ -111,7 +111,11 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(async {
+    // Both sides run as tasks on the runtime's workers, as a node's actors do; from the
+    // thread blocking on the runtime, every send would be a cross-thread wake-up.
+    let bench_args = args.clone();
+    let task = runtime.spawn(async move {
+        let args = bench_args;
         let ca = ClusterCa::generate()?;
         let acp = bench_acp(&ca, &args).await.context("ACP")?;
         let bare = bench_quinn(&ca, &args).await.context("bare quinn")?;
@@ -124,7 +128,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             acp,
             bare_quinn: bare,
         })
-    })?;
+    });
+    let report = runtime.block_on(task)??;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

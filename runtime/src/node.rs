@@ -683,7 +683,10 @@ impl Driver {
             }
         };
         if request.to != STATUS_SERVICE || request.kind != STATUS_REQUEST || request.reply {
-            return self.mesh.on_envelope(peer, request).await;
+            return self
+                .mesh
+                .on_envelope(peer, message.header.prio, request)
+                .await;
         }
         let me = self.membership.me();
         let mut members = self.member_infos();

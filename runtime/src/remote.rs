@@ -150,8 +150,9 @@ pub struct FromPeer<M> {
     /// The message.
     pub message: M,
 }
-type Answer =
-    Box<dyn Fn(&[u8]) -> Result<oneshot::Receiver<Result<Bytes, String>>, String> + Send + Sync>;
+/// The encoded answer to a request, or why there is none.
+type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>>;
+type Answer = Box<dyn Fn(&[u8]) -> Result<Reply, String> + Send + Sync>;
 
 /// A locally registered actor, with typed handles for local sends and erased ones for
 /// what arrives from the network.
@@ -390,19 +391,17 @@ impl Mesh {
         let answer: Answer = Box::new(move |body| {
             let req: Req = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
             let typed = erased(req)?;
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(async move {
-                let reply = match tokio::time::timeout(answer_timeout, typed).await {
+            let reply: Reply = Box::pin(async move {
+                match tokio::time::timeout(answer_timeout, typed).await {
                     Ok(Ok(resp)) => encode(&resp).map_err(|e| e.to_string()),
                     Ok(Err(_)) => Err("the actor dropped the request without answering".into()),
                     Err(_) => Err(format!(
                         "the actor did not answer within {} s",
                         answer_timeout.as_secs()
                     )),
-                };
-                let _ = tx.send(reply);
+                }
             });
-            Ok(rx)
+            Ok(reply)
         });
         let id = actor.get_id();
         self.insert(
@@ -863,7 +862,9 @@ impl Mesh {
     }
 
     /// Handles an ENVELOPE from `peer` that is not for the node's own services.
-    pub(crate) async fn on_envelope(&self, peer: &str, envelope: Envelope) {
+    /// Delivers an ENVELOPE that came with Stream Prio `prio` (an answer goes back at
+    /// the request's priority, so an urgent ask is answered on the urgent lane).
+    pub(crate) async fn on_envelope(&self, peer: &str, prio: u8, envelope: Envelope) {
         if envelope.reply {
             let waiting = self
                 .inner
@@ -920,23 +921,25 @@ impl Mesh {
                 if envelope.correlation == 0 {
                     return;
                 }
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Err(e));
-                rx
+                Box::pin(std::future::ready(Err(e)))
             }
         };
-        // The actor may take its time: answer from a task of its own, so the node's
-        // driver goes on.
+        // The actor may take its time: one task per request waits for its answer and
+        // sends it, so the node's driver goes on.
         let (mesh, peer) = (self.clone(), peer.to_string());
         tokio::spawn(async move {
-            let reply = answer
-                .await
-                .unwrap_or_else(|_| Err("the answer was lost".into()));
-            mesh.send_answer(&peer, envelope, reply).await;
+            let reply = answer.await;
+            mesh.send_answer(&peer, prio, envelope, reply).await;
         });
     }
 
-    async fn send_answer(&self, peer: &str, envelope: Envelope, reply: Result<Bytes, String>) {
+    async fn send_answer(
+        &self,
+        peer: &str,
+        prio: u8,
+        envelope: Envelope,
+        reply: Result<Bytes, String>,
+    ) {
         let (kind, body) = match reply {
             Ok(body) => (String::new(), body),
             Err(e) => (ERROR_KIND.to_string(), Bytes::from(e.into_bytes())),
@@ -954,7 +957,7 @@ impl Mesh {
             trace_id: envelope.trace_id,
             body,
         };
-        if let Err(e) = self.send_envelope(peer, 96, answer).await {
+        if let Err(e) = self.send_envelope(peer, prio, answer).await {
             debug!(%peer, error = %e, "answer not sent");
         }
     }

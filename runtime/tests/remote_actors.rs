@@ -178,6 +178,65 @@ async fn a_message_sent_by_name_reaches_the_actor_on_another_node_and_it_replies
     assert_eq!(got.text, "hi back");
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+struct UrgentAdd(u64, u64);
+impl RemoteMessage for UrgentAdd {
+    const KIND: &'static str = "test.UrgentAdd";
+    fn priority(&self) -> u8 {
+        230
+    }
+}
+
+enum UrgentAdderMsg {
+    Add(UrgentAdd, RpcReplyPort<Sum>),
+}
+
+struct UrgentAdder;
+impl Actor for UrgentAdder {
+    type Msg = UrgentAdderMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        UrgentAdderMsg::Add(UrgentAdd(a, b), reply): Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = reply.send(Sum(a + b));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_ask_is_answered_on_the_urgent_lane() {
+    const URGENT: usize = 3; // StatsSnapshot carriers: bulk, normal, coordination, urgent, datagram
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (adder, _) = Actor::spawn(None, UrgentAdder, ()).await.unwrap();
+    nodes[0]
+        .mesh()
+        .register_rpc("urgent-adder", adder, UrgentAdderMsg::Add)
+        .unwrap();
+    resolves(&nodes[1], "urgent-adder").await;
+    let before = nodes[0].transport().stats().frames_out[URGENT];
+    for i in 0..20 {
+        let sum: Sum = nodes[1]
+            .mesh()
+            .ask("urgent-adder", UrgentAdd(i, 1), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(sum, Sum(i + 1));
+    }
+    let answered = nodes[0].transport().stats().frames_out[URGENT] - before;
+    assert!(
+        answered >= 20,
+        "{answered} urgent frames from the answering node"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ask_across_nodes_gets_the_answer() {
     let ca = ClusterCa::generate().unwrap();

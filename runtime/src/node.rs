@@ -197,7 +197,12 @@ impl Node {
         let (supervisor, supervisor_handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
             .map_err(|e| NodeError::Start(e.to_string()))?;
-        tokio::spawn(pump(events, current.clone()));
+        tokio::spawn(pump(
+            events,
+            current.clone(),
+            mesh.clone(),
+            transport.clone(),
+        ));
         for addr in config.join {
             tokio::spawn(dial_seed(transport.clone(), addr, current.clone()));
         }
@@ -564,15 +569,51 @@ impl Actor for NodeSupervisor {
     }
 }
 
-/// Moves transport events into the current cluster actor's mailbox, at most
-/// [`MAILBOX_EVENTS`] at a time, so the mailbox stays bounded and the transport's own
-/// queues push back when the actor is slow.
+/// Delivers what arrives from the transport. Actor messages (ENVELOPE) and the other
+/// ACP types routed to actors go straight to the mesh from here, in arrival order, one
+/// hop fewer than through the cluster actor. What is the cluster actor's own
+/// (membership gossip, status requests, connection events) moves into its mailbox,
+/// at most [`MAILBOX_EVENTS`] events at a time, so the mailbox stays bounded and the
+/// transport's own queues push back when the actor is slow.
 async fn pump(
     mut events: TransportEvents,
     mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+    mesh: Mesh,
+    transport: Transport,
 ) {
     let permits = Arc::new(Semaphore::new(MAILBOX_EVENTS));
     while let Some(event) = events.recv().await {
+        let event = match event {
+            TransportEvent::Received {
+                peer,
+                via,
+                messages,
+            } => {
+                let mut driver_part = Vec::new();
+                for message in messages {
+                    match message.header.msg_type {
+                        MessageType::Membership => driver_part.push(message),
+                        MessageType::Envelope => {
+                            if let Some(m) =
+                                deliver_envelope(&mesh, &transport, &peer, message).await
+                            {
+                                driver_part.push(m);
+                            }
+                        }
+                        _ => mesh.on_acp(&peer, message),
+                    }
+                }
+                if driver_part.is_empty() {
+                    continue;
+                }
+                TransportEvent::Received {
+                    peer,
+                    via,
+                    messages: driver_part,
+                }
+            }
+            other => other,
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
@@ -589,6 +630,33 @@ async fn pump(
             debug!("an event was lost while the cluster actor restarted");
         }
     }
+}
+
+/// Hands an ENVELOPE to the mesh, or gives it back if it asks the node itself (status,
+/// which the cluster actor answers from the membership it owns). A payload that does
+/// not decode closes the sender's connection with the ACP error code.
+async fn deliver_envelope(
+    mesh: &Mesh,
+    transport: &Transport,
+    peer: &str,
+    message: Message,
+) -> Option<Message> {
+    let envelope = match Payload::decode(MessageType::Envelope, &message.body) {
+        Ok(Payload::Envelope(e)) => e,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(%peer, error = %e, "bad envelope");
+            if let Some(p) = transport.peer(peer) {
+                p.close(e.code(), "bad envelope");
+            }
+            return None;
+        }
+    };
+    if envelope.to == STATUS_SERVICE && envelope.kind == STATUS_REQUEST && !envelope.reply {
+        return Some(message);
+    }
+    mesh.on_envelope(peer, message.header.prio, envelope).await;
+    None
 }
 
 /// Transport events waiting in the cluster actor's mailbox at most.

@@ -349,6 +349,12 @@ async fn measure(
     ractor_peer: &Path,
     certs: &str,
 ) -> anyhow::Result<String> {
+    if !args.loss.is_empty() {
+        // Fail before the long runs, not after them, when the namespace cannot be made.
+        drop(Netns::create(0).context(
+            "setting up the network namespace for the head-of-line runs (needs root, ip, ethtool and nft)",
+        )?);
+    }
     let mut messaging = Vec::new();
     for system in ["agentmesh", "ractor_cluster", "tonic"] {
         let mut runs = Vec::new();

@@ -652,11 +652,16 @@ async fn deliver_envelope(
             return None;
         }
     };
-    if envelope.to == STATUS_SERVICE && envelope.kind == STATUS_REQUEST && !envelope.reply {
+    if is_status_request(&envelope) {
         return Some(message);
     }
     mesh.on_envelope(peer, message.header.prio, envelope).await;
     None
+}
+
+/// A request to the node's own status service, which the cluster actor answers.
+fn is_status_request(envelope: &Envelope) -> bool {
+    envelope.to == STATUS_SERVICE && envelope.kind == STATUS_REQUEST && !envelope.reply
 }
 
 /// Transport events waiting in the cluster actor's mailbox at most.
@@ -707,13 +712,11 @@ impl Driver {
     async fn on_transport(&mut self, event: TransportEvent) {
         match event {
             TransportEvent::Received { peer, messages, .. } => {
+                // The pump hands everything else to the mesh: what reaches the actor is
+                // membership gossip and requests to the node's status service.
                 for message in messages {
                     if message.header.msg_type == MessageType::Envelope {
-                        self.on_envelope(&peer, &message).await;
-                        continue;
-                    }
-                    if message.header.msg_type != MessageType::Membership {
-                        self.mesh.on_acp(&peer, message);
+                        self.answer_status(&peer, &message).await;
                         continue;
                     }
                     match Payload::decode(MessageType::Membership, &message.body) {
@@ -737,24 +740,15 @@ impl Driver {
         }
     }
 
-    /// Answers requests to the node's own services (for now: status).
-    async fn on_envelope(&mut self, peer: &str, message: &Message) {
-        let request = match Payload::decode(MessageType::Envelope, &message.body) {
-            Ok(Payload::Envelope(e)) => e,
-            Ok(_) => return,
-            Err(e) => {
-                warn!(%peer, error = %e, "bad envelope");
-                if let Some(p) = self.transport.peer(peer) {
-                    p.close(e.code(), "bad envelope");
-                }
-                return;
-            }
+    /// Answers a request to the node's status service (the pump has already decoded
+    /// the envelope once and sent it here for that reason alone).
+    async fn answer_status(&mut self, peer: &str, message: &Message) {
+        let Ok(Payload::Envelope(request)) = Payload::decode(MessageType::Envelope, &message.body)
+        else {
+            return;
         };
-        if request.to != STATUS_SERVICE || request.kind != STATUS_REQUEST || request.reply {
-            return self
-                .mesh
-                .on_envelope(peer, message.header.prio, request)
-                .await;
+        if !is_status_request(&request) {
+            return;
         }
         let me = self.membership.me();
         let mut members = self.member_infos();

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use agentmesh_transport::wire::payload::Envelope;
 use agentmesh_transport::wire::{Header, Message, MessageType, Payload};
-use agentmesh_transport::{OwnershipTable, Transport, TransportError};
+use agentmesh_transport::{OwnershipTable, PeerHandle, Transport, TransportError};
 
 /// A message that can cross nodes.
 pub trait RemoteMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -518,6 +518,14 @@ impl Mesh {
         }
     }
 
+    /// The connection to `node`, if there is one.
+    fn peer(&self, node: &str) -> Result<PeerHandle, SendError> {
+        self.inner
+            .transport
+            .peer(node)
+            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))
+    }
+
     /// Sends an ACP message to `node` on the lane its Stream Prio picks; to this node
     /// itself it is handed straight to the local consumer.
     pub async fn send_acp(&self, node: &str, message: Message) -> Result<(), SendError> {
@@ -525,12 +533,10 @@ impl Mesh {
             self.on_acp(node, message);
             return Ok(());
         }
-        let peer = self
-            .inner
-            .transport
-            .peer(node)
-            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
-        peer.send(message).await.map_err(SendError::from)
+        self.peer(node)?
+            .send(message)
+            .await
+            .map_err(SendError::from)
     }
 
     /// Sends an ACP message to `node` as a datagram (unreliable: progress reports),
@@ -540,12 +546,8 @@ impl Mesh {
             self.on_acp(node, message);
             return Ok(());
         }
-        let peer = self
-            .inner
-            .transport
-            .peer(node)
-            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
-        peer.send_datagram(message)
+        self.peer(node)?
+            .send_datagram(message)
             .await
             .map(|_| ())
             .map_err(SendError::from)
@@ -768,11 +770,7 @@ impl Mesh {
         prio: u8,
         envelope: Envelope,
     ) -> Result<(), SendError> {
-        let peer = self
-            .inner
-            .transport
-            .peer(node)
-            .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))?;
+        let peer = self.peer(node)?;
         let message = envelope_message(prio, envelope)?;
         peer.send(message).await.map_err(SendError::from)
     }
@@ -861,9 +859,9 @@ impl Mesh {
         }
     }
 
-    /// Handles an ENVELOPE from `peer` that is not for the node's own services.
-    /// Delivers an ENVELOPE that came with Stream Prio `prio` (an answer goes back at
-    /// the request's priority, so an urgent ask is answered on the urgent lane).
+    /// Handles an ENVELOPE from `peer` that is not for the node's own services. It came
+    /// with Stream Prio `prio`: an answer goes back at the request's priority, so an
+    /// urgent ask is answered on the urgent lane.
     pub(crate) async fn on_envelope(&self, peer: &str, prio: u8, envelope: Envelope) {
         if envelope.reply {
             let waiting = self
@@ -941,13 +939,8 @@ impl Mesh {
         reply: Result<Bytes, String>,
     ) {
         let (kind, body) = match reply {
-            Ok(body) => (String::new(), body),
+            Ok(body) => (envelope.kind, body),
             Err(e) => (ERROR_KIND.to_string(), Bytes::from(e.into_bytes())),
-        };
-        let kind = if kind.is_empty() {
-            envelope.kind.clone()
-        } else {
-            kind
         };
         let answer = Envelope {
             to: String::new(),

@@ -255,7 +255,9 @@ async fn one_run(
             outcome.reason.unwrap_or_default()
         );
     }
+    // Segments without a result (the ledger's count and the results agree on a
+    // completed task; take the larger if they ever did not).
     let missing = u64::from(outcome.segments.saturating_sub(outcome.completed))
-        + (u64::from(args.replicas)).saturating_sub(outcome.results.len() as u64);
+        .max(u64::from(args.replicas).saturating_sub(outcome.results.len() as u64));
     Ok(Some((elapsed.as_secs_f64() * 1e3, held, missing)))
 }

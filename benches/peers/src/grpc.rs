@@ -155,7 +155,7 @@ pub async fn messaging(server: SocketAddr, run: &Messaging) -> anyhow::Result<Fi
 /// Unary urgent calls every interval while a client-streaming call carries bulk data,
 /// both on one channel (one HTTP/2 connection).
 pub async fn hol(server: SocketAddr, run: &Hol) -> anyhow::Result<Figures> {
-    let client = connect(server).await?;
+    let mut client = connect(server).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let sent_bytes = Arc::new(AtomicU64::new(0));
     let bulk_task = {
@@ -182,8 +182,5 @@ pub async fn hol(server: SocketAddr, run: &Hol) -> anyhow::Result<Figures> {
                 .await
         })
     };
-    let mut client = client;
-    let figures =
-        stats::under_bulk("tonic", run, &mut client, &sent_bytes, &stop, bulk_task).await?;
-    Ok(figures)
+    stats::under_bulk("tonic", run, &mut client, &sent_bytes, &stop, bulk_task).await
 }

@@ -48,7 +48,7 @@ fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
     Some(head)
 }
 
-fn str<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
+fn string<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
     let len = rmp::decode::read_str_len(rd).ok()?;
     std::str::from_utf8(take(rd, len)?).ok()
 }
@@ -71,9 +71,9 @@ pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
         return None;
     }
     key(&mut rd, KEYS[0])?;
-    let to = str(&mut rd)?.to_string();
+    let to = string(&mut rd)?.to_string();
     key(&mut rd, KEYS[1])?;
-    let kind = str(&mut rd)?.to_string();
+    let kind = string(&mut rd)?.to_string();
     key(&mut rd, KEYS[2])?;
     let correlation: u64 = rmp::decode::read_int(&mut rd).ok()?;
     key(&mut rd, KEYS[3])?;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -368,7 +369,7 @@ impl CoordinatorState {
             };
             if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                 message.header.flags = message.header.flags.with(Flags::URGENT);
-                self.send(node, message, None).await;
+                self.send(node.to_string(), message, None).await;
                 sent += 1;
             }
         }
@@ -430,7 +431,7 @@ impl CoordinatorState {
                 }
                 Candidate {
                     agent: a.agent,
-                    node: a.node.clone(),
+                    node: Arc::from(a.node.as_str()),
                     capacity,
                     load,
                 }
@@ -555,7 +556,7 @@ impl CoordinatorState {
                         continue;
                     };
                     self.attempts
-                        .insert((task, segment, attempt), (agent, node.clone()));
+                        .insert((task, segment, attempt), (agent, node.to_string()));
                     if self.recorder.is_some() {
                         let now = self.now_ms();
                         self.allocated_ms.insert((task, segment, attempt), now);
@@ -565,7 +566,7 @@ impl CoordinatorState {
                         let now = self.now_ms();
                         let _ = self.limiter.allow(agent, rate, now);
                     }
-                    self.send(node, message, Some((task, segment, attempt)))
+                    self.send(node.to_string(), message, Some((task, segment, attempt)))
                         .await;
                 }
                 LedgerOutput::Cancel {
@@ -587,7 +588,7 @@ impl CoordinatorState {
                     };
                     if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                         message.header.flags = message.header.flags.with(Flags::URGENT);
-                        self.send(node, message, None).await;
+                        self.send(node.to_string(), message, None).await;
                     }
                 }
                 LedgerOutput::TaskCompleted {

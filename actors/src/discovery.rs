@@ -180,7 +180,7 @@ impl Actor for Discovery {
                 let _ = reply.send(all);
             }
             DiscoveryMsg::Locate(agent, reply) => {
-                let _ = reply.send(state.registry.get(agent).map(|r| r.node.clone()));
+                let _ = reply.send(state.registry.get(agent).map(|r| r.node.to_string()));
             }
             DiscoveryMsg::Delta(FromPeer { peer, message }) => {
                 if let Err(e) = state.registry.handle_delta(&peer, &message) {
@@ -237,9 +237,9 @@ impl DiscoveryState {
                     if let (Some(recorder), Some(r)) = (&self.recorder, self.registry.get(agent)) {
                         recorder.observe(Observation::Registered {
                             agent,
-                            node,
-                            agent_type: r.agent_type.clone(),
-                            capabilities: r.capabilities.clone(),
+                            node: node.to_string(),
+                            agent_type: r.agent_type.to_string(),
+                            capabilities: r.capabilities.to_vec(),
                             group: r.group,
                         });
                     }

@@ -9,6 +9,7 @@
 //! elsewhere are cancelled.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -19,8 +20,8 @@ use uuid::Uuid;
 pub struct Candidate {
     /// Its Agent ID.
     pub agent: u32,
-    /// The node it runs on.
-    pub node: String,
+    /// The node it runs on (shared with the registry's record).
+    pub node: Arc<str>,
     /// Segments it runs at once.
     pub capacity: u32,
     /// Segments it reported in hand (its own view, from REPORTs or discovery).
@@ -82,7 +83,7 @@ pub enum LedgerOutput {
         /// The worker.
         agent: u32,
         /// Its node.
-        node: String,
+        node: Arc<str>,
     },
     /// Send ADJUST cancel: this attempt is no longer needed.
     Cancel {
@@ -95,7 +96,7 @@ pub enum LedgerOutput {
         /// The worker.
         agent: u32,
         /// Its node.
-        node: String,
+        node: Arc<str>,
     },
     /// Every segment has a result.
     TaskCompleted {
@@ -172,7 +173,7 @@ struct Segment {
     /// Attempts started so far.
     attempts: u32,
     /// Attempts started and not yet finished or cancelled: (attempt, agent, node).
-    live: Vec<(u32, u32, String)>,
+    live: Vec<(u32, u32, Arc<str>)>,
     /// The keys of this segment's entries in `Ledger::deadlines` (their times).
     deadlines: Vec<u64>,
     result: Option<Vec<u8>>,
@@ -311,7 +312,7 @@ impl Ledger {
     }
 
     /// The live attempts of `task`: (segment, attempt, agent, node).
-    pub fn live_attempts(&self, task: Uuid) -> Vec<(u32, u32, u32, String)> {
+    pub fn live_attempts(&self, task: Uuid) -> Vec<(u32, u32, u32, Arc<str>)> {
         let Some(t) = self.tasks.get(&task) else {
             return Vec::new();
         };

@@ -5,7 +5,9 @@
 //! the same ID at once) is resolved the same way everywhere: the node whose name sorts
 //! first keeps the ID, the other gives its agent a new one.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -13,19 +15,21 @@ use serde::{Deserialize, Serialize};
 
 use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health};
 
-/// One agent as the registry knows it.
+/// One agent as the registry knows it. Its strings and capabilities are shared
+/// (`Arc`), so the copies every node keeps of every agent cost a reference count, not
+/// an allocation; on the wire they are plain strings and lists.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
     /// Its Agent ID, unique in the cluster.
     pub agent: u32,
     /// The node that runs it and owns the ID.
-    pub node: String,
+    pub node: Arc<str>,
     /// Its type name.
-    pub agent_type: String,
+    pub agent_type: Arc<str>,
     /// Its coordination group.
     pub group: u16,
     /// What it can do.
-    pub capabilities: Vec<Capability>,
+    pub capabilities: Arc<[Capability]>,
     /// Segments in hand.
     pub load: u32,
     /// Its health.
@@ -55,7 +59,7 @@ pub enum RegistryOutput {
         /// The Agent ID.
         agent: u32,
         /// Its node.
-        node: String,
+        node: Arc<str>,
     },
     /// Nobody owns `agent` any more.
     Disown {
@@ -97,10 +101,10 @@ pub enum DeltaError {
 
 /// The registry on one node.
 pub struct Registry {
-    me: String,
+    me: Arc<str>,
     max_agents: usize,
     agents: BTreeMap<u32, AgentRecord>,
-    by_node: BTreeMap<String, BTreeSet<u32>>,
+    by_node: BTreeMap<Arc<str>, BTreeSet<u32>>,
     rng: StdRng,
     outputs: VecDeque<RegistryOutput>,
 }
@@ -109,7 +113,7 @@ impl Registry {
     /// The registry of node `me`, holding at most `max_agents` agents cluster-wide.
     pub fn new(me: &str, max_agents: usize, seed: u64) -> Registry {
         Registry {
-            me: me.to_string(),
+            me: Arc::from(me),
             max_agents,
             agents: BTreeMap::new(),
             by_node: BTreeMap::new(),
@@ -165,9 +169,9 @@ impl Registry {
         let record = AgentRecord {
             agent: self.fresh_id(),
             node: self.me.clone(),
-            agent_type: agent_type.to_string(),
+            agent_type: Arc::from(agent_type),
             group,
-            capabilities,
+            capabilities: Arc::from(capabilities),
             load: 0,
             health: Health::Ok,
         };
@@ -201,18 +205,19 @@ impl Registry {
     /// The delta that tells a node that has just come up about every local agent.
     pub fn full_delta(&self) -> RegistryDelta {
         RegistryDelta {
-            node: self.me.clone(),
+            node: self.me.to_string(),
             full: true,
             upserts: self.local_records(),
             removals: Vec::new(),
         }
     }
 
-    /// Applies a delta sent by `sender` (the authenticated peer). Records the registry
-    /// already holds unchanged are not copied, so a full delta repeated when a node is
-    /// seen again costs a comparison per agent, not an allocation.
+    /// Applies a delta sent by `sender` (the authenticated peer). A record the registry
+    /// already holds for that node is updated in place, and the copies it keeps share
+    /// the sender's strings, so a full delta repeated when a node is seen again costs a
+    /// comparison per agent, not an allocation.
     pub fn handle_delta(&mut self, sender: &str, delta: &RegistryDelta) -> Result<(), DeltaError> {
-        if delta.node != sender || sender == self.me {
+        if delta.node != sender || sender == &*self.me {
             return Err(DeltaError::NotItsOwn {
                 sender: sender.to_string(),
                 claimed: delta.node.clone(),
@@ -230,29 +235,30 @@ impl Registry {
             }
         }
         for &agent in &delta.removals {
-            if self.agents.get(&agent).is_some_and(|r| r.node == sender) {
+            if self.agents.get(&agent).is_some_and(|r| &*r.node == sender) {
                 self.remove(agent);
             }
         }
+        // One shared copy of the sender's name for every record it speaks for.
+        let name: Arc<str> = match self.by_node.get_key_value(sender) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(sender),
+        };
         for record in &delta.upserts {
+            let holder_sorts_first = match self.agents.get_mut(&record.agent) {
+                Some(held) if held.node == name => {
+                    // Known, and the sender's already: only what changed is replaced.
+                    update(held, record);
+                    continue;
+                }
+                Some(held) => Some(*held.node < *sender),
+                None => None,
+            };
             // The sender speaks for itself whatever node its records name.
-            let same = |held: &AgentRecord| {
-                held.node == sender
-                    && held.agent_type == record.agent_type
-                    && held.group == record.group
-                    && held.capabilities == record.capabilities
-                    && held.load == record.load
-                    && held.health == record.health
+            let record = AgentRecord {
+                node: name.clone(),
+                ..record.clone()
             };
-            let holder_sorts_first = match self.agents.get(&record.agent) {
-                Some(held) if same(held) => continue,
-                Some(held) if held.node != sender => Some(held.node.as_str() < sender),
-                _ => None,
-            };
-            let mut record = record.clone();
-            if record.node != sender {
-                record.node = sender.to_string();
-            }
             if let Some(holder_first) = holder_sorts_first {
                 if holder_first {
                     // The holder sorts first and keeps the ID; the sender will move its
@@ -309,8 +315,8 @@ impl Registry {
             .capable(capability, tags)
             .map(|(r, cap)| AgentInfo {
                 agent: r.agent,
-                node: r.node.clone(),
-                agent_type: r.agent_type.clone(),
+                node: r.node.to_string(),
+                agent_type: r.agent_type.to_string(),
                 group: r.group,
                 capability: cap.clone(),
                 load: r.load,
@@ -361,28 +367,33 @@ impl Registry {
         }
     }
 
-    fn insert(&mut self, record: AgentRecord) {
+    fn insert(&mut self, mut record: AgentRecord) {
         let agent = record.agent;
-        let owner_changed = self
-            .agents
-            .get(&agent)
-            .is_none_or(|held| held.node != record.node);
+        match self.by_node.entry(record.node.clone()) {
+            Entry::Occupied(ids) => {
+                // Every record of a node shares its one copy of the name.
+                record.node = ids.key().clone();
+                ids.into_mut().insert(agent);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(BTreeSet::from([agent]));
+            }
+        }
+        let owner_changed = match self.agents.entry(agent) {
+            Entry::Occupied(mut held) => {
+                let changed = held.get().node != record.node;
+                held.insert(record);
+                changed
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(record);
+                true
+            }
+        };
         if owner_changed {
-            self.outputs.push_back(RegistryOutput::Own {
-                agent,
-                node: record.node.clone(),
-            });
+            let node = self.agents[&agent].node.clone();
+            self.outputs.push_back(RegistryOutput::Own { agent, node });
         }
-        match self.by_node.get_mut(record.node.as_str()) {
-            Some(ids) => {
-                ids.insert(agent);
-            }
-            None => {
-                self.by_node
-                    .insert(record.node.clone(), BTreeSet::from([agent]));
-            }
-        }
-        self.agents.insert(agent, record);
     }
 
     fn remove(&mut self, agent: u32) -> Option<AgentRecord> {
@@ -400,10 +411,24 @@ impl Registry {
     fn broadcast(&mut self, upserts: Vec<AgentRecord>, removals: Vec<u32>) {
         self.outputs
             .push_back(RegistryOutput::Broadcast(RegistryDelta {
-                node: self.me.clone(),
+                node: self.me.to_string(),
                 full: false,
                 upserts,
                 removals,
             }));
     }
+}
+
+/// Brings a record up to date with what its node now says, replacing only what changed
+/// (shared strings and capability lists are kept when they are equal).
+fn update(held: &mut AgentRecord, news: &AgentRecord) {
+    if held.agent_type != news.agent_type {
+        held.agent_type = news.agent_type.clone();
+    }
+    if held.capabilities != news.capabilities {
+        held.capabilities = news.capabilities.clone();
+    }
+    held.group = news.group;
+    held.load = news.load;
+    held.health = news.health;
 }

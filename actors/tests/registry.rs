@@ -38,7 +38,7 @@ fn a_registered_agent_gets_an_id_ownership_and_a_broadcast() {
         .register("summarizer", vec![cap("summarize", &[], 4)], 7)
         .unwrap();
     assert_ne!(rec.agent, 0);
-    assert_eq!((rec.node.as_str(), rec.group), ("a", 7));
+    assert_eq!((&*rec.node, rec.group), ("a", 7));
     let out = drain(&mut r);
     assert!(out.contains(&RegistryOutput::Own {
         agent: rec.agent,
@@ -70,7 +70,7 @@ fn agents_replicate_to_other_nodes_and_queries_rank_by_health_and_load() {
     assert_eq!(b.len(), 3);
     for o in drain(&mut b) {
         assert!(
-            matches!(o, RegistryOutput::Own { ref node, .. } if node == "a"),
+            matches!(o, RegistryOutput::Own { ref node, .. } if &**node == "a"),
             "{o:?}"
         );
     }
@@ -171,8 +171,8 @@ fn an_id_picked_by_two_nodes_at_once_stays_with_the_first_name_and_the_other_mov
         }
     }
     for r in [&a, &b] {
-        assert_eq!(r.get(ra.agent).unwrap().node, "a");
-        assert_eq!(r.get(new.1).unwrap().node, "b");
+        assert_eq!(r.get(ra.agent).unwrap().node.as_ref(), "a");
+        assert_eq!(r.get(new.1).unwrap().node.as_ref(), "b");
         assert_eq!(r.len(), 2);
     }
 }
@@ -186,4 +186,40 @@ fn the_registry_is_bounded() {
         a.register("s", vec![cap("c", &[], 1)], 0),
         Err(RegistryError::Full(2))
     );
+}
+
+#[test]
+fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    let x = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    let y = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    deliver(&mut a, "a", &mut b);
+    drain(&mut b);
+    // The two copies share one name.
+    let (bx, by) = (b.get(x.agent).unwrap(), b.get(y.agent).unwrap());
+    assert!(std::sync::Arc::ptr_eq(&bx.node, &by.node));
+
+    // New load, health and capabilities replace the old ones; ownership is unchanged,
+    // so nothing is said about it.
+    a.update(x.agent, 2, Health::Degraded);
+    deliver(&mut a, "a", &mut b);
+    let mut changed = a.get(x.agent).unwrap().clone();
+    changed.capabilities = vec![cap("translate", &[], 1)].into();
+    b.handle_delta(
+        "a",
+        &RegistryDelta {
+            node: "a".into(),
+            full: false,
+            upserts: vec![changed],
+            removals: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    let held = b.get(x.agent).unwrap();
+    assert_eq!((held.load, held.health), (2, Health::Degraded));
+    assert_eq!(&held.capabilities[..], &[cap("translate", &[], 1)]);
+    assert!(b.query("summarize", &[], 0).iter().all(|i| i.agent != x.agent));
+    assert_eq!(b.query("translate", &[], 0)[0].agent, x.agent);
 }

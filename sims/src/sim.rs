@@ -1048,7 +1048,7 @@ impl Sim {
                     .ledger
                     .live_attempts(*task)
                     .iter()
-                    .any(|(s, _, _, node)| s == segment && *node == self.nodes[ix].name)
+                    .any(|(s, _, _, node)| s == segment && **node == *self.nodes[ix].name)
         });
         orphans.sort();
         orphans.dedup();
@@ -1178,7 +1178,7 @@ impl Sim {
                     self.checker.allocated(self.now_us, (ix, task, segment))?;
                     self.report.allocations += 1;
                     let work_us = self.nodes[ix].tasks.get(&task).map_or(0, |m| m.work_us);
-                    if let Some(&to) = self.by_name.get(&node) {
+                    if let Some(&to) = self.by_name.get(&*node) {
                         self.send(
                             ix,
                             to,
@@ -1201,7 +1201,7 @@ impl Sim {
                     agent,
                     node,
                 } => {
-                    if let Some(&to) = self.by_name.get(&node) {
+                    if let Some(&to) = self.by_name.get(&*node) {
                         self.send(
                             ix,
                             to,

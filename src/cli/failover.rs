@@ -228,7 +228,7 @@ async fn one_run(
         .await?
         .agents
         .iter()
-        .filter(|a| a.node == NODES[VICTIM])
+        .filter(|a| &*a.node == NODES[VICTIM])
         .map(|a| u64::from(a.load))
         .sum();
     if held == 0 {

@@ -148,7 +148,7 @@ impl Actor for Discovery {
             } => {
                 let answer = state
                     .registry
-                    .register(&agent_type, capabilities, group)
+                    .register(agent_type.as_str(), capabilities, group)
                     .map(|record| RegisterAck {
                         nonce: 0,
                         agent: record.agent,

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health};
 
+/// Deltas with more records than this are applied in Agent ID order.
+const SORTED_DELTA_MIN: usize = 64;
+
 /// One agent as the registry knows it. Its strings and capabilities are shared
 /// (`Arc`), so the copies every node keeps of every agent cost a reference count, not
 /// an allocation; on the wire they are plain strings and lists.
@@ -154,12 +157,14 @@ impl Registry {
 
     /// Registers a local agent: picks an unused ID, records it, and asks for the news
     /// to be broadcast (REGISTER handled; the record is the REGISTER_ACK's content).
+    /// The type and capabilities may be shared (`Arc`) by many agents of one kind.
     pub fn register(
         &mut self,
-        agent_type: &str,
-        capabilities: Vec<Capability>,
+        agent_type: impl Into<Arc<str>>,
+        capabilities: impl Into<Arc<[Capability]>>,
         group: u16,
     ) -> Result<AgentRecord, RegistryError> {
+        let capabilities = capabilities.into();
         if capabilities.is_empty() {
             return Err(RegistryError::NoCapability);
         }
@@ -169,9 +174,9 @@ impl Registry {
         let record = AgentRecord {
             agent: self.fresh_id(),
             node: self.me.clone(),
-            agent_type: Arc::from(agent_type),
+            agent_type: agent_type.into(),
             group,
-            capabilities: Arc::from(capabilities),
+            capabilities,
             load: 0,
             health: Health::Ok,
         };
@@ -244,40 +249,55 @@ impl Registry {
             Some((name, _)) => name.clone(),
             None => Arc::from(sender),
         };
-        for record in &delta.upserts {
-            let holder_sorts_first = match self.agents.get_mut(&record.agent) {
-                Some(held) if held.node == name => {
-                    // Known, and the sender's already: only what changed is replaced.
-                    update(held, record);
-                    continue;
-                }
-                Some(held) => Some(*held.node < *sender),
-                None => None,
-            };
-            // The sender speaks for itself whatever node its records name.
-            let record = AgentRecord {
-                node: name.clone(),
-                ..record.clone()
-            };
-            if let Some(holder_first) = holder_sorts_first {
-                if holder_first {
-                    // The holder sorts first and keeps the ID; the sender will move its
-                    // agent when it hears of the holder's.
-                    continue;
-                }
-                // The sender sorts first and takes the ID.
-                if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
-                    self.insert(record);
-                    self.move_local(ours);
-                    continue;
-                }
+        // A large delta (a node's whole list, a burst of registrations) is applied in
+        // Agent ID order, so that consecutive lookups walk neighbouring parts of the
+        // map instead of jumping across it; the sort is stable, so the last record of
+        // an agent still wins.
+        if delta.upserts.len() > SORTED_DELTA_MIN {
+            let mut order: Vec<&AgentRecord> = delta.upserts.iter().collect();
+            order.sort_by_key(|r| r.agent);
+            for record in order {
+                self.upsert(&name, record);
             }
-            if self.agents.len() >= self.max_agents && !self.agents.contains_key(&record.agent) {
-                continue;
+        } else {
+            for record in &delta.upserts {
+                self.upsert(&name, record);
             }
-            self.insert(record);
         }
         Ok(())
+    }
+
+    /// Applies one record sent by node `sender` (it speaks for itself, whatever node
+    /// the record names).
+    fn upsert(&mut self, sender: &Arc<str>, record: &AgentRecord) {
+        let holder_sorts_first = match self.agents.get_mut(&record.agent) {
+            Some(held) if held.node == *sender => {
+                // Known, and the sender's already: only what changed is replaced.
+                return update(held, record);
+            }
+            Some(held) => Some(held.node < *sender),
+            None => None,
+        };
+        let record = AgentRecord {
+            node: sender.clone(),
+            ..record.clone()
+        };
+        if let Some(holder_first) = holder_sorts_first {
+            if holder_first {
+                // The holder sorts first and keeps the ID; the sender will move its
+                // agent when it hears of the holder's.
+                return;
+            }
+            // The sender sorts first and takes the ID.
+            if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
+                self.insert(record);
+                return self.move_local(ours);
+            }
+        }
+        if self.agents.len() >= self.max_agents && !self.agents.contains_key(&record.agent) {
+            return;
+        }
+        self.insert(record);
     }
 
     /// Purges every agent of a node that is down.

@@ -220,6 +220,9 @@ fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
     let held = b.get(x.agent).unwrap();
     assert_eq!((held.load, held.health), (2, Health::Degraded));
     assert_eq!(&held.capabilities[..], &[cap("translate", &[], 1)]);
-    assert!(b.query("summarize", &[], 0).iter().all(|i| i.agent != x.agent));
+    assert!(b
+        .query("summarize", &[], 0)
+        .iter()
+        .all(|i| i.agent != x.agent));
     assert_eq!(b.query("translate", &[], 0)[0].agent, x.agent);
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use agentmesh_actors::ledger::{
     service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
@@ -186,9 +187,11 @@ impl Ord for Scheduled {
     }
 }
 
+/// One agent to register (again after a restart); agents of one workload event share
+/// their type and capabilities.
 struct AgentSpec {
-    agent_type: String,
-    capabilities: Vec<Capability>,
+    agent_type: Arc<str>,
+    capabilities: Arc<[Capability]>,
     group: u16,
 }
 
@@ -237,7 +240,7 @@ struct Queued {
 
 struct SimAgent {
     node: NodeIx,
-    agent_type: String,
+    agent_type: Arc<str>,
     capacity: u32,
     /// Bumped when the agent's work is lost (its node crashed).
     gen: u64,
@@ -519,7 +522,8 @@ impl Sim {
             } => {
                 self.log(format_args!("register {node} {agent_type} x{count}"));
                 let ix = self.by_name[&node];
-                let capabilities: Vec<Capability> = capabilities
+                let agent_type: Arc<str> = Arc::from(agent_type);
+                let capabilities: Arc<[Capability]> = capabilities
                     .into_iter()
                     .map(|name| Capability {
                         name,
@@ -682,7 +686,10 @@ impl Sim {
                 spec.group,
             );
             let capacity = caps.iter().map(|c| c.capacity).max().unwrap_or(1);
-            let Ok(record) = self.nodes[ix].registry.register(&agent_type, caps, group) else {
+            let Ok(record) = self.nodes[ix]
+                .registry
+                .register(agent_type.clone(), caps, group)
+            else {
                 self.report.registrations_refused += 1;
                 continue;
             };
@@ -1004,7 +1011,7 @@ impl Sim {
             .agents
             .values()
             .copied()
-            .filter(|&a| self.agents[a].agent_type == agent_type && self.agents[a].alive)
+            .filter(|&a| &*self.agents[a].agent_type == agent_type && self.agents[a].alive)
             .max_by_key(|&a| (self.agents[a].running.len(), std::cmp::Reverse(a)));
         let Some(a) = victim else {
             return;

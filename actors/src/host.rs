@@ -444,19 +444,19 @@ async fn follow_membership(
         let event = events.recv().await;
         if let (Some(r), Ok(e)) = (&recorder, &event) {
             r.observe(match e {
-                ClusterEvent::NodeUp(id) => Observation::NodeUp(id.name.clone()),
-                ClusterEvent::NodeDown(id) => Observation::NodeDown(id.name.clone()),
+                ClusterEvent::NodeUp(id) => Observation::NodeUp(id.name.to_string()),
+                ClusterEvent::NodeDown(id) => Observation::NodeDown(id.name.to_string()),
             });
         }
         match event {
             Ok(ClusterEvent::NodeUp(id)) => {
-                let _ = discovery.cast(DiscoveryMsg::NodeUp(id.name.clone()));
-                let _ = policy.cast(PolicyMsg::NodeUp(id.name));
+                let _ = discovery.cast(DiscoveryMsg::NodeUp(id.name.to_string()));
+                let _ = policy.cast(PolicyMsg::NodeUp(id.name.to_string()));
             }
             Ok(ClusterEvent::NodeDown(id)) => {
-                let _ = discovery.cast(DiscoveryMsg::NodeDown(id.name.clone()));
-                let _ = coordinator.cast(CoordinatorMsg::NodeDown(id.name.clone()));
-                let _ = policy.cast(PolicyMsg::NodeDown(id.name));
+                let _ = discovery.cast(DiscoveryMsg::NodeDown(id.name.to_string()));
+                let _ = coordinator.cast(CoordinatorMsg::NodeDown(id.name.to_string()));
+                let _ = policy.cast(PolicyMsg::NodeDown(id.name.to_string()));
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 warn!(

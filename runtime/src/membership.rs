@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,8 +22,9 @@ pub use foca::Timer;
 /// A node as membership knows it. The name is the key: one live incarnation per name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId {
-    /// The node's name, as in its certificate.
-    pub name: String,
+    /// The node's name, as in its certificate (shared: foca compares and copies
+    /// identities' names on every update it applies).
+    pub name: Arc<str>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Which life of the node this is: a restarted node takes a higher one (its start
@@ -31,7 +33,7 @@ pub struct NodeId {
 }
 
 impl foca::Identity for NodeId {
-    type Addr = String;
+    type Addr = Arc<str>;
 
     /// After being declared down, a live node comes back as its next incarnation.
     fn renew(&self) -> Option<NodeId> {
@@ -41,7 +43,7 @@ impl foca::Identity for NodeId {
         })
     }
 
-    fn addr(&self) -> String {
+    fn addr(&self) -> Arc<str> {
         self.name.clone()
     }
 

@@ -164,7 +164,7 @@ impl Node {
             clock.clone(),
         )?;
         let me = NodeId {
-            name: identity.name.clone(),
+            name: Arc::from(identity.name.as_str()),
             addr: transport.local_addr()?,
             incarnation: clock.now_unix_ms(),
         };
@@ -297,7 +297,7 @@ async fn dial_seed(
         match transport.connect(addr, None).await {
             Ok(name) => {
                 break NodeId {
-                    name: name.to_string(),
+                    name,
                     addr,
                     incarnation: 0,
                 }
@@ -391,7 +391,7 @@ impl Actor for ClusterActor {
         let seeds = args.seeds.lock().map(|s| s.clone()).unwrap_or_default();
         for peer in args.transport.peers() {
             let via = NodeId {
-                name: peer.name().to_string(),
+                name: Arc::from(peer.name().as_ref()),
                 addr: peer.remote_addr(),
                 incarnation: 0,
             };
@@ -753,7 +753,7 @@ impl Driver {
         let me = self.membership.me();
         let mut members = self.member_infos();
         members.push(MemberInfo {
-            name: me.name.clone(),
+            name: me.name.to_string(),
             addr: me.addr,
             state: MemberState::Up,
             incarnation: me.incarnation,
@@ -761,7 +761,7 @@ impl Driver {
         });
         members.sort_by(|a, b| a.name.cmp(&b.name).then(b.incarnation.cmp(&a.incarnation)));
         let report = StatusReport {
-            node: me.name.clone(),
+            node: me.name.to_string(),
             members,
         };
         let body = match rmp_serde::to_vec_named(&report) {
@@ -843,16 +843,16 @@ impl Driver {
     }
 
     fn queue_and_dial(&mut self, to: NodeId, data: Bytes) {
-        let queue = self.pending.entry(to.name.clone()).or_default();
+        let queue = self.pending.entry(to.name.to_string()).or_default();
         if queue.len() == PENDING_GOSSIP_PER_MEMBER {
             queue.pop_front();
         }
         queue.push_back(data);
-        if self.dialling.insert(to.name.clone()) {
+        if self.dialling.insert(to.name.to_string()) {
             let (transport, done) = (self.transport.clone(), self.myself.clone());
             tokio::spawn(async move {
                 let ok = transport.connect(to.addr, Some(&to.name)).await.is_ok();
-                let _ = done.cast(ClusterMsg::Dialled(to.name, ok));
+                let _ = done.cast(ClusterMsg::Dialled(to.name.to_string(), ok));
             });
         }
     }
@@ -862,7 +862,7 @@ impl Driver {
             .membership
             .member_states()
             .map(|(id, state)| MemberInfo {
-                name: id.name.clone(),
+                name: id.name.to_string(),
                 addr: id.addr,
                 state,
                 incarnation: id.incarnation,

@@ -93,7 +93,7 @@ impl Cluster {
                     self.push(
                         at,
                         Event::Deliver {
-                            to: to.name,
+                            to: to.name.to_string(),
                             data: data.to_vec(),
                         },
                     );
@@ -110,10 +110,10 @@ impl Cluster {
                     );
                 }
                 MembershipOutput::NodeUp(n) => {
-                    self.views.get_mut(name).unwrap().insert(n.name);
+                    self.views.get_mut(name).unwrap().insert(n.name.to_string());
                 }
                 MembershipOutput::NodeDown(n) => {
-                    self.views.get_mut(name).unwrap().remove(&n.name);
+                    self.views.get_mut(name).unwrap().remove(&*n.name);
                 }
                 MembershipOutput::Renewed(_) => {}
             }
@@ -204,7 +204,7 @@ fn a_restarted_node_rejoins_as_a_new_incarnation() {
     assert!(back.is_some(), "rejoined: {:?}", c.views);
     assert!(c.nodes["a"]
         .members()
-        .any(|m| m.name == "c" && m.incarnation == 2));
+        .any(|m| &*m.name == "c" && m.incarnation == 2));
 }
 
 #[test]

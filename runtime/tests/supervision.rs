@@ -98,7 +98,7 @@ async fn a_failed_cluster_actor_is_restarted_and_the_node_carries_on() {
     let back = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Ok(ClusterEvent::NodeUp(id)) = events.recv().await {
-                if id.name == "alpha" && id.incarnation > a.me().incarnation {
+                if &*id.name == "alpha" && id.incarnation > a.me().incarnation {
                     return id;
                 }
             }

@@ -743,7 +743,7 @@ impl Sim {
         let members: Vec<NodeIx> = self.nodes[ix]
             .membership
             .members()
-            .filter_map(|m| self.by_name.get(&m.name).copied())
+            .filter_map(|m| self.by_name.get(&*m.name).copied())
             .collect();
         let delta = Rc::new(delta);
         for to in members {
@@ -755,7 +755,7 @@ impl Sim {
         while let Some(out) = self.nodes[ix].membership.poll() {
             match out {
                 MembershipOutput::Send { to, data } => {
-                    if let Some(&to) = self.by_name.get(&to.name) {
+                    if let Some(&to) = self.by_name.get(&*to.name) {
                         self.send(ix, to, Msg::Gossip(data), false);
                     }
                 }
@@ -772,7 +772,7 @@ impl Sim {
                 }
                 MembershipOutput::NodeUp(id) => {
                     self.log(format_args!("up {ix} sees {}", id.name));
-                    if let Some(&to) = self.by_name.get(&id.name) {
+                    if let Some(&to) = self.by_name.get(&*id.name) {
                         let n = &mut self.nodes[ix];
                         let full = n
                             .full_delta
@@ -1276,7 +1276,7 @@ impl Sim {
 fn node_id(name: &str, ix: usize, life: u64) -> NodeId {
     let ip = Ipv4Addr::new(10, 0, (ix / 250) as u8, (ix % 250) as u8 + 1);
     NodeId {
-        name: name.to_string(),
+        name: Arc::from(name),
         addr: SocketAddr::new(ip.into(), 7600),
         incarnation: life,
     }

@@ -3,7 +3,9 @@
 //! Agent ID chosen by two nodes at once the same way on both.
 #![allow(clippy::unwrap_used)]
 
-use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryError, RegistryOutput};
+use agentmesh_actors::registry::{
+    AgentRecord, Registry, RegistryDelta, RegistryError, RegistryOutput,
+};
 use agentmesh_runtime::transport::wire::payload::{Capability, Health};
 
 fn cap(name: &str, tags: &[&str], capacity: u32) -> Capability {
@@ -29,6 +31,18 @@ fn deliver(from: &mut Registry, from_name: &str, to: &mut Registry) -> Vec<Regis
         }
     }
     rest
+}
+
+/// Nodes a and b, with two "summarize" agents registered on a and replicated to b
+/// (every output drained).
+fn two_agents_of_a_known_to_b() -> (Registry, Registry, AgentRecord, AgentRecord) {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    let x = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    let y = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    deliver(&mut a, "a", &mut b);
+    drain(&mut b);
+    (a, b, x, y)
 }
 
 #[test]
@@ -97,12 +111,7 @@ fn agents_replicate_to_other_nodes_and_queries_rank_by_health_and_load() {
 
 #[test]
 fn a_dead_nodes_agents_are_purged_and_a_full_delta_replaces_a_nodes_list() {
-    let mut a = Registry::new("a", 100, 1);
-    let mut b = Registry::new("b", 100, 2);
-    let x = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
-    let y = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
-    deliver(&mut a, "a", &mut b);
-    drain(&mut b);
+    let (a, mut b, x, y) = two_agents_of_a_known_to_b();
     // A full list without y drops y.
     let mut full = a.full_delta();
     full.upserts.retain(|r| r.agent != y.agent);
@@ -190,12 +199,7 @@ fn the_registry_is_bounded() {
 
 #[test]
 fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
-    let mut a = Registry::new("a", 100, 1);
-    let mut b = Registry::new("b", 100, 2);
-    let x = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
-    let y = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
-    deliver(&mut a, "a", &mut b);
-    drain(&mut b);
+    let (mut a, mut b, x, y) = two_agents_of_a_known_to_b();
     // The two copies share one name.
     let (bx, by) = (b.get(x.agent).unwrap(), b.get(y.agent).unwrap());
     assert!(std::sync::Arc::ptr_eq(&bx.node, &by.node));

@@ -641,7 +641,7 @@ async fn deliver_envelope(
     peer: &str,
     message: Message,
 ) -> Option<Message> {
-    let envelope = match Payload::decode(MessageType::Envelope, &message.body) {
+    let envelope = match Payload::decode_shared(MessageType::Envelope, &message.body) {
         Ok(Payload::Envelope(e)) => e,
         Ok(_) => return None,
         Err(e) => {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use agentmesh_transport::wire::payload::Envelope;
-use agentmesh_transport::wire::{Header, Message, MessageType, Payload};
+use agentmesh_transport::wire::{EnvelopeParts, Header, Message, MessageType};
 use agentmesh_transport::{OwnershipTable, PeerHandle, Transport, TransportError};
 
 /// A message that can cross nodes.
@@ -206,13 +206,10 @@ fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
     Ok(Bytes::from(out))
 }
 
-fn envelope_message(prio: u8, envelope: Envelope) -> Result<Message, SendError> {
-    let body = Payload::Envelope(envelope)
-        .encode()
-        .map_err(|e| SendError::Encode(e.to_string()))?;
+fn envelope_message(prio: u8, envelope: &EnvelopeParts<'_>) -> Message {
     let mut header = Header::new(MessageType::Envelope);
     header.prio = prio;
-    Ok(Message::new(header, Bytes::from(body)))
+    Message::new(header, Bytes::from(envelope.encode()))
 }
 
 impl Mesh {
@@ -620,16 +617,17 @@ impl Mesh {
         }
         let prio = message.priority();
         let trace_id = self.trace_id();
-        debug!(to = %addr.name, node = %addr.node, kind = M::KIND, trace_id = %hex::encode(&trace_id), "actor message sent");
-        let envelope = Envelope {
-            to: addr.name.clone(),
-            kind: M::KIND.to_string(),
+        debug!(to = %addr.name, node = %addr.node, kind = M::KIND, trace_id = %HexId(Some(&trace_id)), "actor message sent");
+        let body = encode(&message)?;
+        let envelope = EnvelopeParts {
+            to: &addr.name,
+            kind: M::KIND,
             correlation: 0,
             reply: false,
-            trace_id: Some(trace_id),
-            body: encode(&message)?,
+            trace_id: Some(&trace_id),
+            body: &body,
         };
-        self.send_envelope(&addr.node, prio, envelope).await
+        self.send_envelope(&addr.node, prio, &envelope).await
     }
 
     /// Sends `request` to the actor registered as `name` and waits for its answer.
@@ -685,16 +683,17 @@ impl Mesh {
             }
             pending.insert(correlation, tx);
         }
-        let envelope = Envelope {
-            to: addr.name.clone(),
-            kind: Req::KIND.to_string(),
+        let (trace_id, body) = (self.trace_id(), encode(&request)?);
+        let envelope = EnvelopeParts {
+            to: &addr.name,
+            kind: Req::KIND,
             correlation,
             reply: false,
-            trace_id: Some(self.trace_id()),
-            body: encode(&request)?,
+            trace_id: Some(&trace_id),
+            body: &body,
         };
         let sent = self
-            .send_envelope(&addr.node, request.priority(), envelope)
+            .send_envelope(&addr.node, request.priority(), &envelope)
             .await;
         let result = match sent {
             Err(e) => Err(AskError::Send(e)),
@@ -756,22 +755,22 @@ impl Mesh {
         }
     }
 
-    fn trace_id(&self) -> Bytes {
+    fn trace_id(&self) -> [u8; 16] {
         let n = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.inner.trace_prefix.to_be_bytes());
         id[8..].copy_from_slice(&n.to_be_bytes());
-        Bytes::copy_from_slice(&id)
+        id
     }
 
     async fn send_envelope(
         &self,
         node: &str,
         prio: u8,
-        envelope: Envelope,
+        envelope: &EnvelopeParts<'_>,
     ) -> Result<(), SendError> {
         let peer = self.peer(node)?;
-        let message = envelope_message(prio, envelope)?;
+        let message = envelope_message(prio, envelope);
         peer.send(message).await.map_err(SendError::from)
     }
 
@@ -787,15 +786,15 @@ impl Mesh {
     }
 
     async fn send_registry(&self, node: &str, body: Bytes) -> Result<(), SendError> {
-        let envelope = Envelope {
-            to: REGISTRY_SERVICE.into(),
-            kind: REGISTRY_UPDATE.into(),
+        let envelope = EnvelopeParts {
+            to: REGISTRY_SERVICE,
+            kind: REGISTRY_UPDATE,
             correlation: 0,
             reply: false,
             trace_id: None,
-            body,
+            body: &body,
         };
-        self.send_envelope(node, MessageType::Allocate.default_prio(), envelope)
+        self.send_envelope(node, MessageType::Allocate.default_prio(), &envelope)
             .await
     }
 
@@ -938,19 +937,19 @@ impl Mesh {
         envelope: Envelope,
         reply: Result<Bytes, String>,
     ) {
-        let (kind, body) = match reply {
-            Ok(body) => (envelope.kind, body),
-            Err(e) => (ERROR_KIND.to_string(), Bytes::from(e.into_bytes())),
+        let (kind, body) = match &reply {
+            Ok(body) => (envelope.kind.as_str(), &body[..]),
+            Err(e) => (ERROR_KIND, e.as_bytes()),
         };
-        let answer = Envelope {
-            to: String::new(),
+        let answer = EnvelopeParts {
+            to: "",
             kind,
             correlation: envelope.correlation,
             reply: true,
-            trace_id: envelope.trace_id,
+            trace_id: envelope.trace_id.as_deref(),
             body,
         };
-        if let Err(e) = self.send_envelope(peer, prio, answer).await {
+        if let Err(e) = self.send_envelope(peer, prio, &answer).await {
             debug!(%peer, error = %e, "answer not sent");
         }
     }

@@ -12,29 +12,63 @@ const KEYS: [&str; 6] = ["to", "kind", "correlation", "reply", "trace_id", "body
 
 /// Encodes as `rmp_serde::to_vec_named` does.
 pub(crate) fn encode(e: &Envelope) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + e.to.len() + e.kind.len() + e.body.len());
-    // Writing to a Vec cannot fail: the results are Ok by construction.
-    let _ = rmp::encode::write_map_len(&mut out, KEYS.len() as u32);
-    let _ = rmp::encode::write_str(&mut out, KEYS[0]);
-    let _ = rmp::encode::write_str(&mut out, &e.to);
-    let _ = rmp::encode::write_str(&mut out, KEYS[1]);
-    let _ = rmp::encode::write_str(&mut out, &e.kind);
-    let _ = rmp::encode::write_str(&mut out, KEYS[2]);
-    let _ = rmp::encode::write_uint(&mut out, e.correlation);
-    let _ = rmp::encode::write_str(&mut out, KEYS[3]);
-    let _ = rmp::encode::write_bool(&mut out, e.reply);
-    let _ = rmp::encode::write_str(&mut out, KEYS[4]);
-    match &e.trace_id {
-        Some(t) => {
-            let _ = rmp::encode::write_bin(&mut out, t);
-        }
-        None => {
-            let _ = rmp::encode::write_nil(&mut out);
-        }
+    EnvelopeParts {
+        to: &e.to,
+        kind: &e.kind,
+        correlation: e.correlation,
+        reply: e.reply,
+        trace_id: e.trace_id.as_deref(),
+        body: &e.body,
     }
-    let _ = rmp::encode::write_str(&mut out, KEYS[5]);
-    let _ = rmp::encode::write_bin(&mut out, &e.body);
-    out
+    .encode()
+}
+
+/// An ENVELOPE's fields, borrowed: what a sender has in hand before it would build an
+/// [`Envelope`], so that encoding one costs one allocation (the output).
+#[derive(Clone, Copy, Debug)]
+pub struct EnvelopeParts<'a> {
+    /// The receiving actor's cluster-wide name.
+    pub to: &'a str,
+    /// The message's type tag.
+    pub kind: &'a str,
+    /// Request/reply correlation (0: none).
+    pub correlation: u64,
+    /// True if this answers the request with the same correlation.
+    pub reply: bool,
+    /// Trace id, or absent.
+    pub trace_id: Option<&'a [u8]>,
+    /// The message.
+    pub body: &'a [u8],
+}
+
+impl EnvelopeParts<'_> {
+    /// Encodes the fields as an [`Envelope`] holding them is encoded.
+    pub fn encode(&self) -> Vec<u8> {
+        let e = self;
+        let mut out = Vec::with_capacity(64 + e.to.len() + e.kind.len() + e.body.len());
+        // Writing to a Vec cannot fail: the results are Ok by construction.
+        let _ = rmp::encode::write_map_len(&mut out, KEYS.len() as u32);
+        let _ = rmp::encode::write_str(&mut out, KEYS[0]);
+        let _ = rmp::encode::write_str(&mut out, e.to);
+        let _ = rmp::encode::write_str(&mut out, KEYS[1]);
+        let _ = rmp::encode::write_str(&mut out, e.kind);
+        let _ = rmp::encode::write_str(&mut out, KEYS[2]);
+        let _ = rmp::encode::write_uint(&mut out, e.correlation);
+        let _ = rmp::encode::write_str(&mut out, KEYS[3]);
+        let _ = rmp::encode::write_bool(&mut out, e.reply);
+        let _ = rmp::encode::write_str(&mut out, KEYS[4]);
+        match e.trace_id {
+            Some(t) => {
+                let _ = rmp::encode::write_bin(&mut out, t);
+            }
+            None => {
+                let _ = rmp::encode::write_nil(&mut out);
+            }
+        }
+        let _ = rmp::encode::write_str(&mut out, KEYS[5]);
+        let _ = rmp::encode::write_bin(&mut out, e.body);
+        out
+    }
 }
 
 /// Takes `len` bytes off the front of `rd`.
@@ -58,14 +92,24 @@ fn key(rd: &mut &[u8], expected: &str) -> Option<()> {
     (take(rd, len)? == expected.as_bytes()).then_some(())
 }
 
-fn bin(rd: &mut &[u8]) -> Option<Bytes> {
+fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = rmp::decode::read_bin_len(rd).ok()?;
-    Some(Bytes::copy_from_slice(take(rd, len)?))
+    take(rd, len)
 }
 
 /// Reads the layout [`encode`] writes (any integer width for `correlation`); `None`
 /// for anything else, including trailing bytes.
 pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
+    decode_with(body, Bytes::copy_from_slice)
+}
+
+/// As [`decode`], with the trace id and body sharing `body`'s buffer instead of
+/// copied out of it.
+pub(crate) fn decode_shared(body: &Bytes) -> Option<Envelope> {
+    decode_with(body, |part| body.slice_ref(part))
+}
+
+fn decode_with(body: &[u8], bytes: impl Fn(&[u8]) -> Bytes) -> Option<Envelope> {
     let mut rd = body;
     if rmp::decode::read_map_len(&mut rd).ok()? != KEYS.len() as u32 {
         return None;
@@ -83,10 +127,10 @@ pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
         rd = &rd[1..];
         None
     } else {
-        Some(bin(&mut rd)?)
+        Some(bytes(bin(&mut rd)?))
     };
     key(&mut rd, KEYS[5])?;
-    let body = bin(&mut rd)?;
+    let body = bytes(bin(&mut rd)?);
     rd.is_empty().then_some(Envelope {
         to,
         kind,
@@ -130,7 +174,15 @@ mod tests {
             let fast = encode(&e);
             let serde = rmp_serde::to_vec_named(&e).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&fast, &serde);
-            prop_assert_eq!(decode(&fast), Some(e));
+            prop_assert_eq!(decode(&fast), Some(e.clone()));
+            // The shared decoder reads the same, with the body pointing into the buffer.
+            let whole = Bytes::from(fast);
+            let shared = decode_shared(&whole);
+            prop_assert_eq!(shared.as_ref(), Some(&e));
+            if let Some(s) = shared.filter(|s| !s.body.is_empty()) {
+                let range = whole.as_ptr_range();
+                prop_assert!(range.contains(&s.body.as_ptr()));
+            }
         }
 
         #[test]

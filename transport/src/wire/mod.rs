@@ -16,6 +16,7 @@ mod reassembly;
 mod replay;
 
 pub use decoder::{decode_all, DecodeError, FrameDecoder};
+pub use envelope_codec::EnvelopeParts;
 pub use error_code::AcpErrorCode;
 pub use frame::{Frame, FrameTooLarge, Message};
 pub use header::{

@@ -400,6 +400,23 @@ impl Payload {
                 return Ok(payload);
             }
         }
+        Payload::decode_general(msg_type, body)
+    }
+
+    /// As [`Payload::decode`]; an ENVELOPE's trace id and body share `body`'s buffer
+    /// instead of being copied (for the receive path, where `body` is a frame's).
+    pub fn decode_shared(msg_type: MessageType, body: &Bytes) -> Result<Payload, PayloadError> {
+        if msg_type == MessageType::Envelope {
+            if let Some(e) = super::envelope_codec::decode_shared(body) {
+                let payload = Payload::Envelope(e);
+                payload.validate()?;
+                return Ok(payload);
+            }
+        }
+        Payload::decode_general(msg_type, body)
+    }
+
+    fn decode_general(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
         // The reader-based deserializer copies declared lengths through `take(len)`,
         // so a length field that lies cannot make it allocate more than `body` holds.
         let mut de = rmp_serde::Deserializer::new(body);

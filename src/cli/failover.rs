@@ -173,12 +173,19 @@ async fn one_run(
 ) -> anyhow::Result<Option<(f64, u64, u64)>> {
     let mut watch = connect(&identities[0], procs, COORDINATOR).await?;
     let mut probe = connect(&identities[1], procs, VICTIM).await?;
-    // Wait until the coordinator knows both worker nodes' agents.
+    // Wait until the coordinator knows both worker nodes' agents. A node that has
+    // just started accepts connections a moment before its agents service is
+    // registered, so a refusal counts as "not yet" until the settle timeout.
     let started = Instant::now();
-    while status(&mut watch).await?.agents.len() < 2 {
+    loop {
+        let known = status(&mut watch).await.map(|s| s.agents.len());
+        if matches!(known, Ok(n) if n >= 2) {
+            break;
+        }
         procs.check_alive()?;
         if started.elapsed() > SETTLE_TIMEOUT {
-            bail!("the coordinator never learnt of both worker nodes");
+            let why = known.map_or_else(|e| format!("{e:#}"), |n| format!("{n} agents known"));
+            bail!("the coordinator never learnt of both worker nodes ({why})");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -112,7 +112,7 @@ pub struct CoordinatorState {
     tasks: HashMap<Uuid, TaskMeta>,
     /// Every attempt started, with the agent and node it was given to, until its task
     /// ends: a result is trusted only from them (a late one from a dead node too).
-    attempts: HashMap<(Uuid, u32, u32), (u32, String)>,
+    attempts: HashMap<(Uuid, u32, u32), (u32, Arc<str>)>,
     epoch: Instant,
     rng: StdRng,
     outbox: mpsc::Sender<Outgoing>,
@@ -127,7 +127,7 @@ pub struct CoordinatorState {
 }
 
 struct Outgoing {
-    node: String,
+    node: Arc<str>,
     message: Message,
     /// The attempt an ALLOCATE starts (its failure to send is a failed attempt).
     attempt: Option<(Uuid, u32, u32)>,
@@ -369,7 +369,7 @@ impl CoordinatorState {
             };
             if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                 message.header.flags = message.header.flags.with(Flags::URGENT);
-                self.send(node.to_string(), message, None).await;
+                self.send(node, message, None).await;
                 sent += 1;
             }
         }
@@ -468,7 +468,7 @@ impl CoordinatorState {
         };
         let key = (report.task, report.segment, report.attempt);
         match self.attempts.get(&key) {
-            Some((agent, node)) if *agent == header.agent && node == peer => {}
+            Some((agent, node)) if *agent == header.agent && &**node == peer => {}
             Some(_) => {
                 metrics::counter!("agentmesh_reports_refused_total", "reason" => "not_its_attempt")
                     .increment(1);
@@ -556,7 +556,7 @@ impl CoordinatorState {
                         continue;
                     };
                     self.attempts
-                        .insert((task, segment, attempt), (agent, node.to_string()));
+                        .insert((task, segment, attempt), (agent, node.clone()));
                     if self.recorder.is_some() {
                         let now = self.now_ms();
                         self.allocated_ms.insert((task, segment, attempt), now);
@@ -566,7 +566,7 @@ impl CoordinatorState {
                         let now = self.now_ms();
                         let _ = self.limiter.allow(agent, rate, now);
                     }
-                    self.send(node.to_string(), message, Some((task, segment, attempt)))
+                    self.send(node, message, Some((task, segment, attempt)))
                         .await;
                 }
                 LedgerOutput::Cancel {
@@ -588,7 +588,7 @@ impl CoordinatorState {
                     };
                     if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                         message.header.flags = message.header.flags.with(Flags::URGENT);
-                        self.send(node.to_string(), message, None).await;
+                        self.send(node, message, None).await;
                     }
                 }
                 LedgerOutput::TaskCompleted {
@@ -646,7 +646,7 @@ impl CoordinatorState {
         }
     }
 
-    async fn send(&self, node: String, message: Message, attempt: Option<(Uuid, u32, u32)>) {
+    async fn send(&self, node: Arc<str>, message: Message, attempt: Option<(Uuid, u32, u32)>) {
         let out = Outgoing {
             node,
             message,

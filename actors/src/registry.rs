@@ -399,19 +399,15 @@ impl Registry {
                 slot.insert(BTreeSet::from([agent]));
             }
         }
+        let node = record.node.clone();
         let owner_changed = match self.agents.entry(agent) {
-            Entry::Occupied(mut held) => {
-                let changed = held.get().node != record.node;
-                held.insert(record);
-                changed
-            }
+            Entry::Occupied(mut held) => held.insert(record).node != node,
             Entry::Vacant(slot) => {
                 slot.insert(record);
                 true
             }
         };
         if owner_changed {
-            let node = self.agents[&agent].node.clone();
             self.outputs.push_back(RegistryOutput::Own { agent, node });
         }
     }

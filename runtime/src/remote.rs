@@ -206,12 +206,6 @@ fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
     Ok(Bytes::from(out))
 }
 
-fn envelope_message(prio: u8, envelope: &EnvelopeParts<'_>) -> Message {
-    let mut header = Header::new(MessageType::Envelope);
-    header.prio = prio;
-    Message::new(header, Bytes::from(envelope.encode()))
-}
-
 impl Mesh {
     pub(crate) fn new(node: &str, incarnation: u64, transport: Transport) -> Mesh {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -770,7 +764,9 @@ impl Mesh {
         envelope: &EnvelopeParts<'_>,
     ) -> Result<(), SendError> {
         let peer = self.peer(node)?;
-        let message = envelope_message(prio, envelope);
+        let mut header = Header::new(MessageType::Envelope);
+        header.prio = prio;
+        let message = Message::new(header, Bytes::from(envelope.encode()));
         peer.send(message).await.map_err(SendError::from)
     }
 
@@ -780,19 +776,19 @@ impl Mesh {
         tokio::spawn(async move {
             let Ok(body) = encode(&update) else { return };
             for peer in mesh.inner.transport.peers() {
-                let _ = mesh.send_registry(peer.name(), body.clone()).await;
+                let _ = mesh.send_registry(peer.name(), &body).await;
             }
         });
     }
 
-    async fn send_registry(&self, node: &str, body: Bytes) -> Result<(), SendError> {
+    async fn send_registry(&self, node: &str, body: &[u8]) -> Result<(), SendError> {
         let envelope = EnvelopeParts {
             to: REGISTRY_SERVICE,
             kind: REGISTRY_UPDATE,
             correlation: 0,
             reply: false,
             trace_id: None,
-            body: &body,
+            body,
         };
         self.send_envelope(node, MessageType::Allocate.default_prio(), &envelope)
             .await
@@ -822,7 +818,7 @@ impl Mesh {
             removed: Vec::new(),
         };
         if let Ok(body) = encode(&update) {
-            if let Err(e) = self.send_registry(node, body).await {
+            if let Err(e) = self.send_registry(node, &body).await {
                 debug!(%node, error = %e, "registry not sent");
             }
         }

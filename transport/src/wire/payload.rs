@@ -393,30 +393,31 @@ impl Payload {
 
     /// Decodes and validates the msgpack body of a message of `msg_type`.
     pub fn decode(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
-        if msg_type == MessageType::Envelope {
-            if let Some(e) = super::envelope_codec::decode(body) {
-                let payload = Payload::Envelope(e);
-                payload.validate()?;
-                return Ok(payload);
-            }
-        }
-        Payload::decode_general(msg_type, body)
+        Payload::decode_with(msg_type, body, super::envelope_codec::decode)
     }
 
     /// As [`Payload::decode`]; an ENVELOPE's trace id and body share `body`'s buffer
     /// instead of being copied (for the receive path, where `body` is a frame's).
     pub fn decode_shared(msg_type: MessageType, body: &Bytes) -> Result<Payload, PayloadError> {
+        Payload::decode_with(msg_type, body, |_| {
+            super::envelope_codec::decode_shared(body)
+        })
+    }
+
+    /// ENVELOPE's usual layout through `envelope` (the hand-written codec), and
+    /// anything else through serde.
+    fn decode_with(
+        msg_type: MessageType,
+        body: &[u8],
+        envelope: impl FnOnce(&[u8]) -> Option<Envelope>,
+    ) -> Result<Payload, PayloadError> {
         if msg_type == MessageType::Envelope {
-            if let Some(e) = super::envelope_codec::decode_shared(body) {
+            if let Some(e) = envelope(body) {
                 let payload = Payload::Envelope(e);
                 payload.validate()?;
                 return Ok(payload);
             }
         }
-        Payload::decode_general(msg_type, body)
-    }
-
-    fn decode_general(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
         // The reader-based deserializer copies declared lengths through `take(len)`,
         // so a length field that lies cannot make it allocate more than `body` holds.
         let mut de = rmp_serde::Deserializer::new(body);

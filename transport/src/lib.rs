@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod events;
 pub mod headroom;
 pub mod ingress;
+mod lane_queue;
 mod peer;
 pub mod stats;
 pub mod tls;

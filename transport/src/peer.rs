@@ -3,25 +3,24 @@
 //! check every incoming frame before handing it to the transport's owner.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{SendDatagramError, VarInt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::endpoint::{PeerName, Shared, TransportError, TransportEvent};
 use crate::headroom::WindowGauge;
 use crate::ingress::{Arrival, DropReason, IngressGuard, Verdict, Via};
+use crate::lane_queue::{Closed, LaneQueue};
 use crate::stats::{TransportStats, TypeCounts};
 use crate::wire::{
     AcpErrorCode, Flags, Frame, FrameDecoder, Lane, Message, Reassembler, HEADER_LEN, TIMESTAMP_LEN,
 };
 
-/// A writer takes up to this many queued bytes into one write.
-const BATCH_BYTES: usize = 64 * 1024;
 /// Lower lanes write in pieces of this size, checking for headroom before each.
 const GATED_CHUNK_BYTES: usize = 16 * 1024;
 /// Most chunks (each typically one packet's stream data) a lane reader takes at once.
@@ -32,44 +31,11 @@ const BULK_READ_CHUNKS: usize = 12;
 /// Highest Stream Prio of the bulk lane, where oversized datagrams fall back to.
 const BULK_PRIO_MAX: u8 = 63;
 
-/// What a queued lane's writer takes off its queue: one message, or a batch given to
-/// `send_batch`, with the queue budget it holds until written.
-struct Queued {
-    batch: Batch,
-    _permit: OwnedSemaphorePermit,
-}
-
-enum Batch {
-    One(Message),
-    Many(Vec<Message>),
-}
-
-impl Batch {
-    fn messages(&self) -> &[Message] {
-        match self {
-            Batch::One(m) => std::slice::from_ref(m),
-            Batch::Many(v) => v,
-        }
-    }
-
-    fn body_bytes(&self) -> usize {
-        self.messages()
-            .iter()
-            .map(|m| m.body.len() + HEADER_LEN)
-            .sum()
-    }
-}
-
 /// How messages reach a lane's stream.
 enum LaneTx {
-    /// Bulk and normal: a byte-bounded queue drained by a writer task that batches
-    /// small messages and waits for congestion-window headroom.
-    Queued {
-        tx: mpsc::UnboundedSender<Queued>,
-        /// Bytes that may be queued; the unbounded channel is bounded by these permits.
-        budget: Arc<Semaphore>,
-        budget_bytes: usize,
-    },
+    /// Bulk and normal: a byte-bounded buffer of encoded frames, drained by a writer
+    /// task that writes all of it at once and waits for congestion-window headroom.
+    Queued(Arc<LaneQueue>),
     /// Urgent and coordination: the sender writes to the stream itself, under a lock,
     /// which saves a task hop on the latency-critical lanes.
     Direct(Arc<tokio::sync::Mutex<DirectLane>>),
@@ -86,6 +52,7 @@ struct DirectLane {
     /// leaves the rest here and the next sender writes it first, so frames are never cut.
     pending: Bytes,
     buf: BytesMut,
+    urgent: Arc<UrgentActivity>,
 }
 
 impl DirectLane {
@@ -110,6 +77,9 @@ impl DirectLane {
         let len = self.pending.len() as u64;
         self.flush().await?;
         stats.sent(Via::Lane(self.lane), frames, len);
+        if self.lane == Lane::Urgent {
+            self.urgent.bump();
+        }
         stats.sent_types(&types);
         Ok(())
     }
@@ -139,6 +109,45 @@ impl DirectLane {
     }
 }
 
+/// When urgent frames last moved on one connection (sent or received), so the lower
+/// lanes' tasks can tell that urgent frames are about and step aside for them.
+struct UrgentActivity {
+    epoch: tokio::time::Instant,
+    /// Microseconds after `epoch` of the last urgent send or arrival.
+    last_us: AtomicU64,
+}
+
+impl Default for UrgentActivity {
+    fn default() -> Self {
+        UrgentActivity {
+            epoch: tokio::time::Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How long after an urgent frame moved the lower lanes keep stepping aside: longer
+/// than an urgent round trip under load on loopback, so a request and its answer are
+/// both covered.
+const URGENT_RECENT: Duration = Duration::from_millis(5);
+
+impl UrgentActivity {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn bump(&self) {
+        // +1 so that activity at the epoch itself is told apart from none.
+        self.last_us.store(self.now_us() + 1, Ordering::Relaxed);
+    }
+
+    /// True if urgent frames moved within [`URGENT_RECENT`].
+    fn recent(&self) -> bool {
+        let last = self.last_us.load(Ordering::Relaxed);
+        last != 0 && self.now_us() < last + URGENT_RECENT.as_micros() as u64
+    }
+}
+
 /// The state of one connection to a peer.
 pub(crate) struct PeerConn {
     pub(crate) name: PeerName,
@@ -160,6 +169,7 @@ impl PeerConn {
         handshake: watch::Receiver<bool>,
     ) -> Arc<PeerConn> {
         let config = &shared.config;
+        let urgent = Arc::new(UrgentActivity::default());
         let lanes = Lane::ALL.map(|lane| {
             if matches!(lane, Lane::Urgent | Lane::Coordination) {
                 return LaneTx::Direct(Arc::new(tokio::sync::Mutex::new(DirectLane {
@@ -170,25 +180,24 @@ impl PeerConn {
                     seq: 0,
                     pending: Bytes::new(),
                     buf: BytesMut::new(),
+                    urgent: urgent.clone(),
                 })));
             }
-            let (tx, rx) = mpsc::unbounded_channel();
+            let queue = Arc::new(LaneQueue::new(
+                config.lane_queue_bytes,
+                config.max_frame_payload,
+            ));
             tokio::spawn(write_lane(
                 LaneWriter {
                     conn: conn.clone(),
                     lane,
                     gauge: gauge.clone(),
                     stats: shared.stats.clone(),
-                    max_frame_payload: config.max_frame_payload,
+                    urgent: urgent.clone(),
                 },
-                rx,
+                queue.clone(),
             ));
-            let budget_bytes = config.lane_queue_bytes.clamp(1, Semaphore::MAX_PERMITS);
-            LaneTx::Queued {
-                tx,
-                budget: Arc::new(Semaphore::new(budget_bytes)),
-                budget_bytes,
-            }
+            LaneTx::Queued(queue)
         });
         let reader = Reader {
             guard: Arc::new(Mutex::new(IngressGuard::new(
@@ -198,6 +207,7 @@ impl PeerConn {
             shared: shared.clone(),
             name: name.clone(),
             conn: conn.clone(),
+            urgent,
         };
         tokio::spawn(accept_lanes(reader.clone()));
         tokio::spawn(read_datagrams(reader));
@@ -214,8 +224,8 @@ impl PeerConn {
     /// Wakes senders waiting for queue space: the connection is gone.
     pub(crate) fn shut(&self) {
         for lane in &self.lanes {
-            if let LaneTx::Queued { budget, .. } = lane {
-                budget.close();
+            if let LaneTx::Queued(queue) = lane {
+                queue.close();
             }
         }
     }
@@ -271,7 +281,7 @@ impl PeerHandle {
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
         self.check_frameable(&message)?;
         let lane = Lane::for_header(&message.header);
-        self.enqueue(lane, Batch::One(message)).await
+        self.enqueue(lane, std::slice::from_ref(&message)).await
     }
 
     /// Queues several messages at once: in order within each lane, for one queue
@@ -284,16 +294,16 @@ impl PeerHandle {
         if let Some(lane) =
             first_lane.filter(|l| messages.iter().all(|m| Lane::for_header(&m.header) == *l))
         {
-            return self.enqueue(lane, Batch::Many(messages)).await;
+            return self.enqueue(lane, &messages).await;
         }
         let mut by_lane: [Vec<Message>; 4] = Default::default();
         for m in messages {
             by_lane[Lane::for_header(&m.header).index()].push(m);
         }
         for lane in Lane::ALL.into_iter().rev() {
-            let batch = std::mem::take(&mut by_lane[lane.index()]);
+            let batch = &by_lane[lane.index()];
             if !batch.is_empty() {
-                self.enqueue(lane, Batch::Many(batch)).await?;
+                self.enqueue(lane, batch).await?;
             }
         }
         Ok(())
@@ -309,35 +319,17 @@ impl PeerHandle {
         Ok(())
     }
 
-    async fn enqueue(&self, lane: Lane, batch: Batch) -> Result<(), TransportError> {
+    async fn enqueue(&self, lane: Lane, messages: &[Message]) -> Result<(), TransportError> {
         let max = self.shared.config.max_frame_payload;
         let closed = || TransportError::PeerClosed(self.conn.name.to_string());
         match &self.conn.lanes[lane.index()] {
             LaneTx::Direct(direct) => direct
                 .lock()
                 .await
-                .send(batch.messages(), max, &self.shared.stats)
+                .send(messages, max, &self.shared.stats)
                 .await
                 .map_err(|()| closed()),
-            LaneTx::Queued {
-                tx,
-                budget,
-                budget_bytes,
-            } => {
-                let frames: usize = batch.messages().iter().map(|m| m.frame_count(max)).sum();
-                let cost = batch.body_bytes() + HEADER_LEN * frames;
-                let permits = u32::try_from(cost.min(*budget_bytes)).unwrap_or(u32::MAX);
-                let permit = budget
-                    .clone()
-                    .acquire_many_owned(permits)
-                    .await
-                    .map_err(|_| closed())?;
-                tx.send(Queued {
-                    batch,
-                    _permit: permit,
-                })
-                .map_err(|_| closed())
-            }
+            LaneTx::Queued(queue) => queue.push(messages).await.map_err(|Closed| closed()),
         }
     }
 
@@ -393,67 +385,40 @@ struct LaneWriter {
     lane: Lane,
     gauge: Arc<WindowGauge>,
     stats: Arc<TransportStats>,
-    max_frame_payload: usize,
+    urgent: Arc<UrgentActivity>,
 }
 
-/// Drains one queued lane (bulk or normal) into its stream, batching small messages
-/// into one write and waiting for window headroom. Sequence numbers are assigned here,
-/// the one place that knows the lane's order. These lanes carry nothing
-/// state-changing, so they may open in 0-RTT data.
-async fn write_lane(w: LaneWriter, mut rx: mpsc::UnboundedReceiver<Queued>) {
+/// Drains one queued lane (bulk or normal) into its stream: it takes everything its
+/// senders have encoded since the last write and writes it in pieces, each once the
+/// window has headroom. These lanes carry nothing state-changing, so they may open in
+/// 0-RTT data.
+async fn write_lane(w: LaneWriter, queue: Arc<LaneQueue>) {
     let mut stream: Option<quinn::SendStream> = None;
-    let mut seq: u16 = 0;
-    let mut buf = BytesMut::with_capacity(BATCH_BYTES);
-    let mut batch: Vec<Queued> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut queued = first.batch.body_bytes();
-        batch.push(first);
-        while queued < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(q) => {
-                    queued += q.batch.body_bytes();
-                    batch.push(q);
-                }
-                Err(_) => break,
-            }
-        }
-        let mut frames = 0u64;
-        let mut types = TypeCounts::default();
-        for message in batch.iter().flat_map(|q| q.batch.messages()) {
-            match message.encode_frames(seq, w.max_frame_payload, &mut buf) {
-                Ok(n) => {
-                    seq = seq.wrapping_add(n);
-                    frames += u64::from(n);
-                    types.add_frames(message.header.msg_type, n);
-                }
-                // `PeerHandle::send` refuses unframeable messages before queueing them.
-                Err(e) => {
-                    warn!(lane = w.lane.name(), error = %e, "dropping an unframeable message")
-                }
-            }
-        }
+    while let Some(taken) = queue.take().await {
         if stream.is_none() {
             match w.conn.open_uni().await {
                 Ok(s) => {
                     let _ = s.set_priority(w.lane.index() as i32);
                     stream = Some(s);
                 }
-                Err(_) => return,
+                Err(_) => break,
             }
         }
-        let Some(s) = stream.as_mut() else { return };
-        let bytes = buf.split().freeze();
-        let len = bytes.len() as u64;
-        if write_gated(s, bytes, &w.gauge, w.lane == Lane::Bulk)
+        let Some(s) = stream.as_mut() else { break };
+        let len = taken.bytes.len() as u64;
+        let bulk = w.lane == Lane::Bulk;
+        if write_gated(s, taken.bytes.clone(), &w.gauge, bulk, &w.urgent)
             .await
             .is_err()
         {
-            return;
+            break;
         }
-        w.stats.sent(Via::Lane(w.lane), frames, len);
-        w.stats.sent_types(&types);
-        batch.clear();
+        queue.written(&taken);
+        w.stats.sent(Via::Lane(w.lane), taken.frames, len);
+        w.stats.sent_types(&taken.types);
     }
+    // Senders waiting for room learn that the lane is gone.
+    queue.close();
     if let Some(mut s) = stream {
         let _ = s.finish();
     }
@@ -465,11 +430,19 @@ async fn write_gated(
     mut bytes: Bytes,
     gauge: &WindowGauge,
     bulk: bool,
+    urgent: &UrgentActivity,
 ) -> Result<(), quinn::WriteError> {
     while !bytes.is_empty() {
         gauge.wait_for_room(bulk).await;
         let piece = bytes.split_to(bytes.len().min(GATED_CHUNK_BYTES));
         stream.write_chunk(piece).await?;
+        if !bytes.is_empty() && urgent.recent() {
+            // quinn takes a piece without waiting while its buffer has room, so a
+            // lower lane with megabytes queued would keep this thread from the tasks
+            // that carry urgent frames until all of it is handed over. While urgent
+            // frames are about, it lets them go first after every piece.
+            tokio::task::yield_now().await;
+        }
     }
     Ok(())
 }
@@ -481,6 +454,7 @@ struct Reader {
     name: PeerName,
     conn: quinn::Connection,
     guard: Arc<Mutex<IngressGuard>>,
+    urgent: Arc<UrgentActivity>,
 }
 
 impl Reader {
@@ -667,6 +641,13 @@ async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mut
         };
         let Some(lane) = state.lane else { continue };
         reader.shared.stats.received(Via::Lane(lane), frames, bytes);
+        match lane {
+            Lane::Urgent if frames > 0 => reader.urgent.bump(),
+            // As the bulk writer does: while urgent frames are about, the bulk
+            // reader lets their tasks go first after each of its batches.
+            Lane::Bulk if reader.urgent.recent() => tokio::task::yield_now().await,
+            _ => {}
+        }
         if messages.is_empty() {
             continue;
         }

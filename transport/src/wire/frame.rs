@@ -180,6 +180,21 @@ impl Message {
         max_frame_payload: usize,
         out: &mut BytesMut,
     ) -> Result<u16, FrameTooLarge> {
+        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
+        if self.timestamp_ms.is_none() && self.body.len() <= chunk {
+            // The common case, one plain frame, written straight from the body: no
+            // `Bytes` clone (which would allocate for a body built from a `Vec`).
+            let mut header = self.header;
+            header.flags = header
+                .flags
+                .without(Flags::CONTINUATION)
+                .without(Flags::TIMESTAMPED);
+            header.seq = first_seq;
+            // `chunk` is at most MAX_PAYLOAD_LEN, so the length fits.
+            header.encode(self.body.len() as u16, out);
+            out.put_slice(&self.body);
+            return Ok(1);
+        }
         let mut count = 0u16;
         self.for_each_frame(first_seq, max_frame_payload, |frame| {
             frame.encode(out);
@@ -287,6 +302,36 @@ mod tests {
         assert_eq!(cont, [true, true, false]);
         let joined: Vec<u8> = frames.iter().flat_map(|f| f.body().to_vec()).collect();
         assert_eq!(joined, body);
+    }
+
+    proptest::proptest! {
+        /// `encode_frames` (with its one-frame shortcut) writes exactly the bytes of
+        /// the frames `into_frames` builds.
+        #[test]
+        fn encode_frames_writes_the_frames_into_frames_builds(
+            flags in proptest::prelude::any::<u8>(),
+            ts in proptest::option::of(proptest::prelude::any::<u64>()),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            chunk in 1usize..400,
+            seq in proptest::prelude::any::<u16>(),
+        ) {
+            let mut header = Header::new(MessageType::Envelope);
+            header.flags = Flags::from_bits(flags & 0x1f).unwrap_or_default();
+            let msg = Message { header, timestamp_ms: ts, body: Bytes::from(body) };
+            let mut out = BytesMut::new();
+            let fast = msg.encode_frames(seq, chunk, &mut out);
+            match msg.into_frames(seq, chunk) {
+                Ok(frames) => {
+                    let mut expected = BytesMut::new();
+                    for f in &frames {
+                        f.encode(&mut expected);
+                    }
+                    proptest::prop_assert_eq!(fast, Ok(frames.len() as u16));
+                    proptest::prop_assert_eq!(out, expected);
+                }
+                Err(e) => proptest::prop_assert_eq!(fast, Err(e)),
+            }
+        }
     }
 
     #[test]

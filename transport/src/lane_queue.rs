@@ -1,0 +1,262 @@
+//! The send queue of a lower lane (normal, bulk): senders encode their frames into one
+//! shared, byte-bounded buffer and the lane's writer takes all of it at once, so a
+//! message costs a short lock and a copy, not a channel node, a semaphore permit of
+//! its own and a later re-encoding by the writer.
+//!
+//! Bound: senders take byte permits from a semaphore (FIFO, so a large message is not
+//! starved by small ones) before they encode; the writer gives them back once quinn has
+//! taken the bytes. A message larger than the whole budget waits for the queue to empty
+//! and then goes in alone, as it did with per-message permits.
+
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use tracing::warn;
+
+use crate::stats::TypeCounts;
+use crate::wire::{Message, HEADER_LEN, TIMESTAMP_LEN};
+
+/// The lane is gone (its connection closed or its writer stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// One lower lane's queue.
+pub(crate) struct LaneQueue {
+    state: Mutex<State>,
+    /// Byte permits: what may be queued or in the writer's hands.
+    budget: Semaphore,
+    budget_bytes: usize,
+    max_frame_payload: usize,
+    /// The writer waits here for bytes.
+    filled: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Encoded frames, in lane order, sequence numbers assigned.
+    buf: BytesMut,
+    /// The lane's next sequence number.
+    seq: u16,
+    frames: u64,
+    types: TypeCounts,
+    /// Permits held by what is in `buf`.
+    permits: usize,
+    closed: bool,
+}
+
+/// What the writer takes off the queue at once.
+pub(crate) struct Taken {
+    /// The encoded frames.
+    pub(crate) bytes: Bytes,
+    /// How many frames, for the statistics.
+    pub(crate) frames: u64,
+    /// Frames by message type, for the statistics.
+    pub(crate) types: TypeCounts,
+    permits: usize,
+}
+
+impl LaneQueue {
+    /// A queue holding at most `budget_bytes` of encoded frames (at least 1).
+    pub(crate) fn new(budget_bytes: usize, max_frame_payload: usize) -> LaneQueue {
+        let budget_bytes = budget_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        LaneQueue {
+            state: Mutex::new(State::default()),
+            budget: Semaphore::new(budget_bytes),
+            budget_bytes,
+            max_frame_payload,
+            filled: Notify::new(),
+        }
+    }
+
+    /// Bytes `messages` take on the wire.
+    fn wire_bytes(&self, messages: &[Message]) -> usize {
+        messages
+            .iter()
+            .map(|m| {
+                let ts = m.timestamp_ms.map_or(0, |_| TIMESTAMP_LEN);
+                m.body.len() + ts + HEADER_LEN * m.frame_count(self.max_frame_payload)
+            })
+            .sum()
+    }
+
+    /// Encodes `messages` at the end of the queue, in order and with consecutive
+    /// sequence numbers, waiting while the queue is full. Cancel-safe: a sender dropped
+    /// while it waits has queued nothing.
+    pub(crate) async fn push(&self, messages: &[Message]) -> Result<(), Closed> {
+        // A sender that always finds room never waits: without this it would keep its
+        // worker thread for as long as it has messages, and tasks carrying urgent
+        // frames would wait for it. (tokio's own channels and semaphores do the same.)
+        tokio::task::consume_budget().await;
+        let wanted = self.wire_bytes(messages).min(self.budget_bytes);
+        // `wanted` <= budget_bytes <= Semaphore::MAX_PERMITS < u32::MAX.
+        let permits = wanted as u32;
+        match self.budget.try_acquire_many(permits) {
+            Ok(p) => p.forget(),
+            Err(TryAcquireError::Closed) => return Err(Closed),
+            Err(TryAcquireError::NoPermits) => self
+                .budget
+                .acquire_many(permits)
+                .await
+                .map_err(|_| Closed)?
+                .forget(),
+        }
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.closed {
+                return Err(Closed);
+            }
+            let State {
+                buf,
+                seq,
+                frames,
+                types,
+                permits: held,
+                ..
+            } = &mut *s;
+            for message in messages {
+                match message.encode_frames(*seq, self.max_frame_payload, buf) {
+                    Ok(n) => {
+                        *seq = seq.wrapping_add(n);
+                        *frames += u64::from(n);
+                        types.add_frames(message.header.msg_type, n);
+                    }
+                    // `PeerHandle::send` refuses unframeable messages before this.
+                    Err(e) => warn!(error = %e, "dropping an unframeable message"),
+                }
+            }
+            *held += wanted;
+        }
+        self.filled.notify_one();
+        Ok(())
+    }
+
+    /// Takes everything queued, waiting while nothing is; `None` once the queue is
+    /// closed. Only the lane's writer calls it.
+    pub(crate) async fn take(&self) -> Option<Taken> {
+        loop {
+            {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if s.closed {
+                    return None;
+                }
+                if !s.buf.is_empty() {
+                    return Some(Taken {
+                        bytes: s.buf.split().freeze(),
+                        frames: std::mem::take(&mut s.frames),
+                        types: std::mem::take(&mut s.types),
+                        permits: std::mem::take(&mut s.permits),
+                    });
+                }
+            }
+            // A `notify_one` with no writer waiting is kept for the next wait, so a
+            // push between the check above and this wait is not missed.
+            self.filled.notified().await;
+        }
+    }
+
+    /// quinn has taken what `take` gave: its room is free for senders again.
+    pub(crate) fn written(&self, taken: &Taken) {
+        self.budget.add_permits(taken.permits);
+    }
+
+    /// Closes the queue: waiting and later senders get [`Closed`], the writer stops,
+    /// what is queued is dropped with the connection.
+    pub(crate) fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.budget.close();
+        self.filled.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Header, MessageType};
+
+    fn message(len: usize, fill: u8) -> Message {
+        Message::new(
+            Header::new(MessageType::Envelope),
+            Bytes::from(vec![fill; len]),
+        )
+    }
+
+    fn decode_all(bytes: &Bytes) -> Vec<(u16, usize, u8)> {
+        crate::wire::decode_all(bytes, 65_535)
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let first = f.body().first().copied().unwrap_or(0);
+                (f.header().seq, f.body().len(), first)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn frames_come_out_in_order_with_consecutive_sequence_numbers() {
+        let q = LaneQueue::new(1 << 20, 10);
+        q.push(&[message(3, 1)]).await.unwrap();
+        q.push(&[message(25, 2), message(0, 3)]).await.unwrap();
+        let taken = q.take().await.unwrap();
+        assert_eq!(taken.frames, 5);
+        assert_eq!(
+            decode_all(&taken.bytes),
+            [(0, 3, 1), (1, 10, 2), (2, 10, 2), (3, 5, 2), (4, 0, 0)]
+        );
+        q.written(&taken);
+        q.push(&[message(1, 4)]).await.unwrap();
+        assert_eq!(decode_all(&q.take().await.unwrap().bytes), [(5, 1, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_senders_wait_until_the_writer_has_written() {
+        let q = std::sync::Arc::new(LaneQueue::new(100, 1000));
+        q.push(&[message(80, 1)]).await.unwrap();
+        let blocked = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push(&[message(20, 2)]).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !blocked.is_finished(),
+            "93 + 33 bytes exceed the budget of 100"
+        );
+        let taken = q.take().await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "taken is not yet written");
+        q.written(&taken);
+        blocked.await.unwrap().unwrap();
+        assert_eq!(decode_all(&q.take().await.unwrap().bytes), [(1, 20, 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_budget_goes_alone_once_the_queue_is_empty() {
+        let q = std::sync::Arc::new(LaneQueue::new(100, 1000));
+        q.push(&[message(10, 1)]).await.unwrap();
+        let big = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push(&[message(500, 2)]).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!big.is_finished());
+        let taken = q.take().await.unwrap();
+        q.written(&taken);
+        big.await.unwrap().unwrap();
+        assert_eq!(decode_all(&q.take().await.unwrap().bytes), [(1, 500, 2)]);
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_waiting_senders_and_the_writer() {
+        let q = std::sync::Arc::new(LaneQueue::new(10, 1000));
+        q.push(&[message(5, 1)]).await.unwrap();
+        let waiting = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push(&[message(5, 2)]).await })
+        };
+        tokio::task::yield_now().await;
+        q.close();
+        assert_eq!(waiting.await.unwrap(), Err(Closed));
+        assert!(q.take().await.is_none());
+        assert_eq!(q.push(&[message(1, 3)]).await, Err(Closed));
+    }
+}

@@ -48,12 +48,13 @@ impl LocalCluster {
             bail!("a cluster needs at least one node");
         }
         let ca = ClusterCa::generate()?;
-        let mut nodes: Vec<Node> = Vec::with_capacity(names.len());
+        // Each node joins only once its agent layer is up, so a node the others can
+        // see already answers for its services.
+        let mut members: Vec<(Node, AgentHost)> = Vec::with_capacity(names.len());
         for name in names {
-            let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
             let node_config = NodeConfig {
                 transport: EndpointConfig::new(([127, 0, 0, 1], 0).into()),
-                join,
+                join: Vec::new(),
                 membership: MembershipConfig::default(),
                 metrics: None,
             };
@@ -61,21 +62,20 @@ impl LocalCluster {
             let node = Node::start(node_config, &identity, Arc::new(SystemClock))
                 .await
                 .with_context(|| format!("starting node {name}"))?;
-            nodes.push(node);
+            let host = AgentHost::start(&node, config.clone()).await?;
+            if let Some((seed, _)) = members.first() {
+                node.join([seed.me().addr]);
+            }
+            members.push((node, host));
         }
         let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
-        for node in &nodes {
+        for (node, _) in &members {
             while node.members().await.len() < names.len() - 1 {
                 if tokio::time::Instant::now() > deadline {
                     bail!("node {} never saw the whole cluster", node.me().name);
                 }
                 tokio::time::sleep(POLL).await;
             }
-        }
-        let mut members = Vec::with_capacity(nodes.len());
-        for node in nodes {
-            let host = AgentHost::start(&node, config.clone()).await?;
-            members.push((node, host));
         }
         Ok(LocalCluster { members })
     }

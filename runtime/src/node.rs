@@ -35,7 +35,9 @@ use crate::remote::Mesh;
 pub struct NodeConfig {
     /// Transport settings, including the address to listen on.
     pub transport: EndpointConfig,
-    /// Addresses of members to join through.
+    /// Addresses of members to join through, dialled as soon as the node has started.
+    /// A node that should be seen only once it hosts its services and agents leaves
+    /// this empty and calls [`Node::join`] when they are up.
     pub join: Vec<SocketAddr>,
     /// Failure-detection timing.
     pub membership: MembershipConfig,
@@ -203,11 +205,8 @@ impl Node {
             mesh.clone(),
             transport.clone(),
         ));
-        for addr in config.join {
-            tokio::spawn(dial_seed(transport.clone(), addr, current.clone()));
-        }
         info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
-        Ok(Node {
+        let node = Node {
             transport,
             mesh,
             me,
@@ -216,7 +215,22 @@ impl Node {
             supervisor,
             supervisor_handle,
             metrics,
-        })
+        };
+        node.join(config.join);
+        Ok(node)
+    }
+
+    /// Joins the cluster through `seeds`: dials each (retrying with backoff until one
+    /// answers) and announces this node. Until then other nodes learn of it only if
+    /// they dial it themselves.
+    pub fn join(&self, seeds: impl IntoIterator<Item = SocketAddr>) {
+        for addr in seeds {
+            tokio::spawn(dial_seed(
+                self.transport.clone(),
+                addr,
+                self.current.clone(),
+            ));
+        }
     }
 
     /// This node's identity.

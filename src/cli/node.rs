@@ -167,7 +167,9 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
     runtime.block_on(async move {
         let config = NodeConfig {
             transport: EndpointConfig::new(args.listen),
-            join: args.join.clone(),
+            // Joined below, once its services and agents are up: a node others can see
+            // answers for them at once.
+            join: Vec::new(),
             membership: MembershipConfig::default(),
             metrics: args.metrics,
         };
@@ -195,6 +197,7 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;
+        node.join(args.join.iter().copied());
         let stopped = tokio::select! {
             _ = shutdown_signal() => None,
             _ = node.stopped() => Some("its cluster actor kept failing"),

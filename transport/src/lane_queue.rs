@@ -11,11 +11,11 @@
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use tokio::sync::{Notify, Semaphore};
 use tracing::warn;
 
 use crate::stats::TypeCounts;
-use crate::wire::{Message, HEADER_LEN, TIMESTAMP_LEN};
+use crate::wire::{FrameTooLarge, Message, HEADER_LEN, TIMESTAMP_LEN};
 
 /// The lane is gone (its connection closed or its writer stopped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,14 +32,44 @@ pub(crate) struct LaneQueue {
     filled: Notify,
 }
 
+/// A lane's sequence numbers, and the frames encoded since the statistics last took
+/// their counts: what every lane's sender side keeps, queued or direct.
+#[derive(Default)]
+pub(crate) struct Numbering {
+    seq: u16,
+    frames: u64,
+    types: TypeCounts,
+}
+
+impl Numbering {
+    /// Appends `message`'s frames to `out`, numbered on from the lane's last frame.
+    pub(crate) fn encode(
+        &mut self,
+        message: &Message,
+        max_frame_payload: usize,
+        out: &mut BytesMut,
+    ) -> Result<(), FrameTooLarge> {
+        let n = message.encode_frames(self.seq, max_frame_payload, out)?;
+        self.seq = self.seq.wrapping_add(n);
+        self.frames += u64::from(n);
+        self.types.add_frames(message.header.msg_type, n);
+        Ok(())
+    }
+
+    /// Frames, and frames by type, encoded since the last call.
+    pub(crate) fn take_counts(&mut self) -> (u64, TypeCounts) {
+        (
+            std::mem::take(&mut self.frames),
+            std::mem::take(&mut self.types),
+        )
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Encoded frames, in lane order, sequence numbers assigned.
     buf: BytesMut,
-    /// The lane's next sequence number.
-    seq: u16,
-    frames: u64,
-    types: TypeCounts,
+    numbering: Numbering,
     /// Permits held by what is in `buf`.
     permits: usize,
     closed: bool,
@@ -84,48 +114,30 @@ impl LaneQueue {
     /// sequence numbers, waiting while the queue is full. Cancel-safe: a sender dropped
     /// while it waits has queued nothing.
     pub(crate) async fn push(&self, messages: &[Message]) -> Result<(), Closed> {
-        // A sender that always finds room never waits: without this it would keep its
-        // worker thread for as long as it has messages, and tasks carrying urgent
-        // frames would wait for it. (tokio's own channels and semaphores do the same.)
-        tokio::task::consume_budget().await;
         let wanted = self.wire_bytes(messages).min(self.budget_bytes);
         // `wanted` <= budget_bytes <= Semaphore::MAX_PERMITS < u32::MAX.
         let permits = wanted as u32;
-        match self.budget.try_acquire_many(permits) {
-            Ok(p) => p.forget(),
-            Err(TryAcquireError::Closed) => return Err(Closed),
-            Err(TryAcquireError::NoPermits) => self
-                .budget
-                .acquire_many(permits)
-                .await
-                .map_err(|_| Closed)?
-                .forget(),
-        }
+        // The acquire also counts against tokio's cooperative budget, so a sender that
+        // always finds room still gives its thread up now and then, to the tasks that
+        // carry urgent frames among others.
+        self.budget
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Closed)?
+            .forget();
         {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if s.closed {
                 return Err(Closed);
             }
-            let State {
-                buf,
-                seq,
-                frames,
-                types,
-                permits: held,
-                ..
-            } = &mut *s;
+            let State { buf, numbering, .. } = &mut *s;
             for message in messages {
-                match message.encode_frames(*seq, self.max_frame_payload, buf) {
-                    Ok(n) => {
-                        *seq = seq.wrapping_add(n);
-                        *frames += u64::from(n);
-                        types.add_frames(message.header.msg_type, n);
-                    }
-                    // `PeerHandle::send` refuses unframeable messages before this.
-                    Err(e) => warn!(error = %e, "dropping an unframeable message"),
+                // `PeerHandle::send` refuses unframeable messages before this.
+                if let Err(e) = numbering.encode(message, self.max_frame_payload, buf) {
+                    warn!(error = %e, "dropping an unframeable message");
                 }
             }
-            *held += wanted;
+            s.permits += wanted;
         }
         self.filled.notify_one();
         Ok(())
@@ -141,10 +153,11 @@ impl LaneQueue {
                     return None;
                 }
                 if !s.buf.is_empty() {
+                    let (frames, types) = s.numbering.take_counts();
                     return Some(Taken {
                         bytes: s.buf.split().freeze(),
-                        frames: std::mem::take(&mut s.frames),
-                        types: std::mem::take(&mut s.types),
+                        frames,
+                        types,
                         permits: std::mem::take(&mut s.permits),
                     });
                 }
@@ -181,6 +194,15 @@ mod tests {
         )
     }
 
+    /// A sender pushing `message` in its own task, so a test can see it wait.
+    fn spawn_push(
+        q: &std::sync::Arc<LaneQueue>,
+        message: Message,
+    ) -> tokio::task::JoinHandle<Result<(), Closed>> {
+        let q = q.clone();
+        tokio::spawn(async move { q.push(&[message]).await })
+    }
+
     fn decode_all(bytes: &Bytes) -> Vec<(u16, usize, u8)> {
         crate::wire::decode_all(bytes, 65_535)
             .unwrap()
@@ -212,10 +234,7 @@ mod tests {
     async fn a_full_queue_makes_senders_wait_until_the_writer_has_written() {
         let q = std::sync::Arc::new(LaneQueue::new(100, 1000));
         q.push(&[message(80, 1)]).await.unwrap();
-        let blocked = {
-            let q = q.clone();
-            tokio::spawn(async move { q.push(&[message(20, 2)]).await })
-        };
+        let blocked = spawn_push(&q, message(20, 2));
         tokio::task::yield_now().await;
         assert!(
             !blocked.is_finished(),
@@ -233,10 +252,7 @@ mod tests {
     async fn a_message_larger_than_the_budget_goes_alone_once_the_queue_is_empty() {
         let q = std::sync::Arc::new(LaneQueue::new(100, 1000));
         q.push(&[message(10, 1)]).await.unwrap();
-        let big = {
-            let q = q.clone();
-            tokio::spawn(async move { q.push(&[message(500, 2)]).await })
-        };
+        let big = spawn_push(&q, message(500, 2));
         tokio::task::yield_now().await;
         assert!(!big.is_finished());
         let taken = q.take().await.unwrap();
@@ -249,10 +265,7 @@ mod tests {
     async fn closing_wakes_waiting_senders_and_the_writer() {
         let q = std::sync::Arc::new(LaneQueue::new(10, 1000));
         q.push(&[message(5, 1)]).await.unwrap();
-        let waiting = {
-            let q = q.clone();
-            tokio::spawn(async move { q.push(&[message(5, 2)]).await })
-        };
+        let waiting = spawn_push(&q, message(5, 2));
         tokio::task::yield_now().await;
         q.close();
         assert_eq!(waiting.await.unwrap(), Err(Closed));

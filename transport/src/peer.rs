@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use crate::endpoint::{PeerName, Shared, TransportError, TransportEvent};
 use crate::headroom::WindowGauge;
 use crate::ingress::{Arrival, DropReason, IngressGuard, Verdict, Via};
-use crate::lane_queue::{Closed, LaneQueue};
+use crate::lane_queue::{Closed, LaneQueue, Numbering};
 use crate::stats::{TransportStats, TypeCounts};
 use crate::wire::{
     AcpErrorCode, Flags, Frame, FrameDecoder, Lane, Message, Reassembler, HEADER_LEN, TIMESTAMP_LEN,
@@ -47,7 +47,7 @@ struct DirectLane {
     conn: quinn::Connection,
     handshake: watch::Receiver<bool>,
     stream: Option<quinn::SendStream>,
-    seq: u16,
+    numbering: Numbering,
     /// Encoded bytes not yet taken by quinn. A sender whose future is dropped mid-write
     /// leaves the rest here and the next sender writes it first, so frames are never cut.
     pending: Bytes,
@@ -63,16 +63,12 @@ impl DirectLane {
         stats: &TransportStats,
     ) -> Result<(), ()> {
         self.flush().await?;
-        let mut frames = 0u64;
-        let mut types = TypeCounts::default();
         for message in messages {
-            let n = message
-                .encode_frames(self.seq, max_frame_payload, &mut self.buf)
+            self.numbering
+                .encode(message, max_frame_payload, &mut self.buf)
                 .map_err(|_| ())?;
-            self.seq = self.seq.wrapping_add(n);
-            frames += u64::from(n);
-            types.add_frames(message.header.msg_type, n);
         }
+        let (frames, types) = self.numbering.take_counts();
         self.pending = self.buf.split().freeze();
         let len = self.pending.len() as u64;
         self.flush().await?;
@@ -177,7 +173,7 @@ impl PeerConn {
                     conn: conn.clone(),
                     handshake: handshake.clone(),
                     stream: None,
-                    seq: 0,
+                    numbering: Numbering::default(),
                     pending: Bytes::new(),
                     buf: BytesMut::new(),
                     urgent: urgent.clone(),

@@ -379,10 +379,9 @@ impl CoordinatorState {
     /// Offers the waiting segments of every task to capable workers.
     async fn assign_waiting(&mut self) {
         let mut waiting: Vec<(u8, u64, Uuid)> = self
-            .tasks
-            .iter()
-            .filter(|(t, _)| self.ledger.has_pending(**t))
-            .map(|(t, m)| (m.priority, m.submitted_ms, *t))
+            .ledger
+            .waiting()
+            .filter_map(|t| self.tasks.get(&t).map(|m| (m.priority, m.submitted_ms, t)))
             .collect();
         service_order(&mut waiting);
         for (_, _, task) in waiting {

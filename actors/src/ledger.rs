@@ -8,7 +8,10 @@
 //! done), every later copy is counted and discarded, and attempts still running
 //! elsewhere are cancelled.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use foldhash::fast::SeedableRandomState;
+use foldhash::SharedSeed;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
@@ -249,10 +252,13 @@ impl Window {
 /// The allocation ledger of one coordinator.
 pub struct Ledger {
     config: LedgerConfig,
-    tasks: HashMap<Uuid, Task>,
+    tasks: HashMap<Uuid, Task, SeedableRandomState>,
     /// Workers this ledger has work on: agent -> segments in flight from here.
-    in_flight: HashMap<u32, u32>,
-    breakers: HashMap<u32, Breaker>,
+    in_flight: HashMap<u32, u32, SeedableRandomState>,
+    breakers: HashMap<u32, Breaker, SeedableRandomState>,
+    /// Tasks with at least one segment pending, so a coordinator's tick looks at those
+    /// rather than at every open task.
+    waiting: HashSet<Uuid, SeedableRandomState>,
     first_attempts: Window,
     retries: Window,
     rng: StdRng,
@@ -263,13 +269,16 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// An empty ledger; `seed` feeds the power-of-two-choices picks.
+    /// An empty ledger; `seed` feeds the power-of-two-choices picks and its hash maps'
+    /// hasher (foldhash: these maps are looked up for every result and every pick).
     pub fn new(config: LedgerConfig, seed: u64) -> Ledger {
+        let hasher = SeedableRandomState::with_seed(seed, SharedSeed::global_fixed());
         Ledger {
             config,
-            tasks: HashMap::new(),
-            in_flight: HashMap::new(),
-            breakers: HashMap::new(),
+            tasks: HashMap::with_hasher(hasher.clone()),
+            in_flight: HashMap::with_hasher(hasher.clone()),
+            breakers: HashMap::with_hasher(hasher.clone()),
+            waiting: HashSet::with_hasher(hasher),
             first_attempts: Window::default(),
             retries: Window::default(),
             rng: StdRng::seed_from_u64(seed),
@@ -332,6 +341,12 @@ impl Ledger {
         self.tasks.get(&task).is_some_and(|t| t.pending > 0)
     }
 
+    /// The tasks with segments waiting for a worker (those for which `has_pending` is
+    /// true), in no useful order: sort them with [`service_order`].
+    pub fn waiting(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.waiting.iter().copied()
+    }
+
     /// Fails a task for a reason of the driver's (say, policy forbids every capable
     /// agent): its running attempts are cancelled, nothing more is accepted.
     pub fn fail_task(&mut self, task_id: Uuid, reason: String) {
@@ -376,6 +391,7 @@ impl Ledger {
                 reallocated: 0,
             },
         );
+        self.waiting.insert(task);
         Ok(())
     }
 
@@ -459,6 +475,9 @@ impl Ledger {
         }
         if matches!(seg.state, SegmentState::Pending { .. }) {
             task.pending -= 1;
+            if task.pending == 0 {
+                self.waiting.remove(&task_id);
+            }
         }
         seg.state = SegmentState::Done;
         seg.result = Some(output);
@@ -609,6 +628,7 @@ impl Ledger {
             is_retry: budgeted,
         };
         task.pending += 1;
+        self.waiting.insert(task_id);
         task.reallocated += 1;
         self.stats.reallocated += 1;
     }
@@ -630,6 +650,9 @@ impl Ledger {
         };
         if matches!(seg.state, SegmentState::Pending { .. }) {
             task.pending -= 1;
+            if task.pending == 0 {
+                self.waiting.remove(&task_id);
+            }
         }
         seg.attempts += 1;
         let attempt = seg.attempts;
@@ -760,6 +783,7 @@ impl Ledger {
             return;
         }
         if let Some(task) = self.tasks.remove(&task_id) {
+            self.waiting.remove(&task_id);
             let figures = task.figures();
             let results = task
                 .segments
@@ -778,6 +802,7 @@ impl Ledger {
         let Some(task) = self.tasks.remove(&task_id) else {
             return;
         };
+        self.waiting.remove(&task_id);
         let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
             for at in seg.deadlines {

@@ -380,7 +380,7 @@ fn step() -> impl Strategy<Value = Step> {
 proptest! {
     /// Whatever happens, a segment's result is accepted at most once, a task completes
     /// at most once and only with every segment, and nothing is lost: every open task
-    /// still has its segments accounted for.
+    /// still has its segments accounted for. The waiting list agrees with `has_pending`.
     #[test]
     fn results_are_accepted_exactly_once(seed in any::<u64>(), segments in 1u32..8, steps in proptest::collection::vec(step(), 1..120)) {
         let config = LedgerConfig { segment_timeout_ms: 500, max_attempts: 1_000, breaker_failures: 1_000, retry_floor_per_sec: 1_000, ..LedgerConfig::default() };
@@ -418,6 +418,7 @@ proptest! {
                 }
                 _ => {}
             }
+            prop_assert_eq!(l.waiting().collect::<Vec<_>>(), if l.has_pending(task()) { vec![task()] } else { vec![] });
             for out in std::iter::from_fn(|| l.poll()) {
                 match out {
                     LedgerOutput::Allocate { segment, attempt, .. } => issued.push((segment, attempt)),

@@ -230,3 +230,34 @@ fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
         .all(|i| i.agent != x.agent));
     assert_eq!(b.query("translate", &[], 0)[0].agent, x.agent);
 }
+
+#[test]
+fn news_between_polls_goes_out_as_one_delta_unless_a_removal_follows_an_upsert() {
+    let (mut a, mut b, x, y) = two_agents_of_a_known_to_b();
+    let z = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    let w = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();
+    a.deregister(z.agent);
+    a.deregister(x.agent);
+    let broadcasts: Vec<RegistryDelta> = drain(&mut a)
+        .into_iter()
+        .filter_map(|o| match o {
+            RegistryOutput::Broadcast(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    // The two registrations travel together; the removals may not join them (z would
+    // be removed before it is added), so they follow as a second delta.
+    assert_eq!(broadcasts.len(), 2);
+    assert_eq!(broadcasts[0].upserts, vec![z.clone(), w.clone()]);
+    assert!(broadcasts[0].removals.is_empty());
+    assert!(broadcasts[1].upserts.is_empty());
+    assert_eq!(broadcasts[1].removals, vec![z.agent, x.agent]);
+    for d in &broadcasts {
+        b.handle_delta("a", d).unwrap();
+    }
+    let mut held: Vec<u32> = b.records().map(|r| r.agent).collect();
+    held.sort_unstable();
+    let mut expected = vec![y.agent, w.agent];
+    expected.sort_unstable();
+    assert_eq!(held, expected);
+}

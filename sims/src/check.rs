@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use foldhash::fast::FixedState;
+
 use uuid::Uuid;
 
 /// An invariant that did not hold.
@@ -31,8 +33,8 @@ type Key = (usize, Uuid, u32);
 #[derive(Debug, Default)]
 pub struct Checker {
     realloc_bound_us: u64,
-    accepted: HashSet<(Uuid, u32)>,
-    accepted_per_task: HashMap<Uuid, u32>,
+    accepted: HashSet<(Uuid, u32), FixedState>,
+    accepted_per_task: HashMap<Uuid, u32, FixedState>,
     /// Segments whose worker's node crashed, waiting for a new attempt: since when.
     awaiting: BTreeMap<Key, u64>,
     awaiting_by_time: BTreeSet<(u64, Key)>,

@@ -7,11 +7,12 @@
 //!
 //! Map: `workload` (the JSON Lines format), `sim` (the simulator), `check` (the
 //! invariant checkers), `faults` (random faults, `--faults`), `report` (figures and the
-//! event log's digest), `plot` (the SVG report).
+//! event log's digest), `line` (log lines without `core::fmt`), `plot` (the SVG report).
 
 pub mod check;
 pub mod faults;
 pub mod generate;
+mod line;
 pub mod plot;
 pub mod report;
 pub mod sim;

@@ -24,12 +24,14 @@ use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, Timer}
 use agentmesh_actors::runtime::transport::wire::payload::Capability;
 use agentmesh_actors::runtime::{MembershipConfig, NodeId};
 use bytes::Bytes;
+use foldhash::fast::FixedState;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
 use crate::check::{Checker, Violation, NO_TASK_HANGING};
 use crate::faults::FaultSpec;
+use crate::line::log;
 use crate::report::{Digest, Report, TaskRecord};
 use crate::workload::{EventKind, Workload};
 
@@ -163,10 +165,13 @@ enum Event {
     Faults,
 }
 
+/// An entry of the timeline: when, in what order among events at the same time, and
+/// where the event waits in the slab. The events themselves stay put while the heap
+/// reorders these small keys.
 struct Scheduled {
     at: u64,
     seq: u64,
-    event: Event,
+    slot: u32,
 }
 
 impl PartialEq for Scheduled {
@@ -184,6 +189,39 @@ impl Ord for Scheduled {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // A max-heap: the earliest (then the first scheduled) on top.
         (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// The events waiting on the timeline, each in a slot that is reused once the event is
+/// taken.
+#[derive(Default)]
+struct Timeline {
+    heap: BinaryHeap<Scheduled>,
+    slots: Vec<Option<Event>>,
+    free: Vec<u32>,
+}
+
+impl Timeline {
+    fn push(&mut self, at: u64, seq: u64, event: Event) {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                self.slots.push(Some(event));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.heap.push(Scheduled { at, seq, slot });
+    }
+
+    /// The earliest event and its time.
+    fn pop(&mut self) -> Option<(u64, Event)> {
+        let next = self.heap.pop()?;
+        self.free.push(next.slot);
+        let event = self.slots[next.slot as usize].take()?;
+        Some((next.at, event))
     }
 }
 
@@ -258,9 +296,9 @@ pub struct Sim {
     rng: StdRng,
     now_us: u64,
     seq: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: Timeline,
     nodes: Vec<SimNode>,
-    by_name: HashMap<String, NodeIx>,
+    by_name: HashMap<String, NodeIx, FixedState>,
     agents: Vec<SimAgent>,
     loss_permille: u32,
     latency_us: u64,
@@ -289,9 +327,9 @@ impl Sim {
             workload,
             now_us: 0,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: Timeline::default(),
             nodes: Vec::new(),
-            by_name: HashMap::new(),
+            by_name: HashMap::default(),
             agents: Vec::new(),
             report,
             digest: Digest::new(),
@@ -327,17 +365,17 @@ impl Sim {
             * 1000
             + self.config.realloc_bound_ms * 1000;
         let horizon_us = end_of_workload_us + hang_us;
-        while let Some(next) = self.queue.pop() {
+        while let Some((at, event)) = self.queue.pop() {
             if self.workload_done && self.open.is_empty() {
                 break;
             }
-            if next.at > horizon_us {
+            if at > horizon_us {
                 self.now_us = horizon_us;
                 break;
             }
-            self.now_us = next.at;
+            self.now_us = at;
             self.events += 1;
-            if let Err(v) = self.handle(next.event) {
+            if let Err(v) = self.handle(event) {
                 return Err(self.stop(v, started));
             }
             if let Err(v) = self.checker.check_time(self.now_us) {
@@ -395,23 +433,32 @@ impl Sim {
 
     fn schedule_at(&mut self, at: u64, event: Event) {
         self.seq += 1;
-        self.queue.push(Scheduled {
-            at,
-            seq: self.seq,
-            event,
-        });
+        self.queue.push(at, self.seq, event);
     }
 
-    /// Appends a line to the event log (and its digest).
+    /// Appends a line to the event log (and its digest), for the rare events whose
+    /// line needs `core::fmt`; the others use [`log!`].
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
-        self.line.clear();
-        let _ = write!(self.line, "{} {} ", self.events, self.now_us);
-        let _ = self.line.write_fmt(args);
-        self.digest.update(self.line.as_bytes());
+        let mut line = self.begin_line();
+        let _ = line.write_fmt(args);
+        self.end_line(line);
+    }
+
+    /// A log line with its prefix (event number, time), to be completed and ended.
+    fn begin_line(&mut self) -> String {
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        log_parts(&mut line, self.events, self.now_us);
+        line
+    }
+
+    fn end_line(&mut self, line: String) {
+        self.digest.update(line.as_bytes());
         self.digest.update(b"\n");
         if self.config.keep_log {
-            self.log.push(self.line.clone());
+            self.log.push(line.clone());
         }
+        self.line = line;
     }
 
     fn chance(&mut self, permille: u32) -> bool {
@@ -429,7 +476,7 @@ impl Sim {
             } => {
                 let n = &self.nodes[to];
                 if !n.up || n.epoch != epoch || n.side != self.nodes[from].side {
-                    self.log(format_args!("drop {from}>{to}"));
+                    log!(self, "drop ", from, ">", to);
                     self.report.messages_dropped += 1;
                     return Ok(());
                 }
@@ -437,7 +484,7 @@ impl Sim {
             }
             Event::Timer { node, epoch, timer } => {
                 if self.nodes[node].up && self.nodes[node].epoch == epoch {
-                    self.log(format_args!("timer {node}"));
+                    log!(self, "timer ", node);
                     let _ = self.nodes[node].membership.handle_timer(timer);
                     self.drain_membership(node)?;
                 }
@@ -446,7 +493,7 @@ impl Sim {
             Event::Tick { node, epoch } => {
                 if self.nodes[node].up && self.nodes[node].epoch == epoch {
                     self.nodes[node].tick_armed = false;
-                    self.log(format_args!("tick {node}"));
+                    log!(self, "tick ", node);
                     self.coordinate(node)?;
                 }
                 Ok(())
@@ -456,7 +503,7 @@ impl Sim {
                 let a = &mut self.agents[agent];
                 if a.gen == gen && a.alive {
                     a.down_slots = a.down_slots.saturating_sub(1);
-                    self.log(format_args!("replica-back {agent}"));
+                    log!(self, "replica-back ", agent);
                     self.start_queued(agent);
                 }
                 Ok(())
@@ -771,7 +818,7 @@ impl Sim {
                     );
                 }
                 MembershipOutput::NodeUp(id) => {
-                    self.log(format_args!("up {ix} sees {}", id.name));
+                    log!(self, "up ", ix, " sees ", &*id.name);
                     if let Some(&to) = self.by_name.get(&*id.name) {
                         let n = &mut self.nodes[ix];
                         let full = n
@@ -782,7 +829,7 @@ impl Sim {
                     }
                 }
                 MembershipOutput::NodeDown(id) => {
-                    self.log(format_args!("down {ix} sees {}", id.name));
+                    log!(self, "down ", ix, " sees ", &*id.name);
                     let now_ms = self.now_us / 1000;
                     let n = &mut self.nodes[ix];
                     n.registry.handle_node_down(&id.name);
@@ -844,16 +891,22 @@ impl Sim {
     fn deliver(&mut self, from: NodeIx, to: NodeIx, msg: Msg) -> Result<(), Violation> {
         match msg {
             Msg::Gossip(data) => {
-                self.log(format_args!("gossip {from}>{to} {}", data.len()));
+                log!(self, "gossip ", from, ">", to, " ", data.len());
                 let _ = self.nodes[to].membership.handle_data(&data);
                 self.drain_membership(to)
             }
             Msg::Delta(delta) => {
-                self.log(format_args!(
-                    "delta {from}>{to} +{} -{}",
+                log!(
+                    self,
+                    "delta ",
+                    from,
+                    ">",
+                    to,
+                    " +",
                     delta.upserts.len(),
+                    " -",
                     delta.removals.len()
-                ));
+                );
                 let sender = self.nodes[from].name.clone();
                 let n = &mut self.nodes[to];
                 if n.registry.handle_delta(&sender, &delta).is_ok() {
@@ -870,9 +923,17 @@ impl Sim {
                 work_us,
                 coordinator,
             } => {
-                self.log(format_args!(
-                    "allocate {task} {segment}/{attempt} > {agent}"
-                ));
+                log!(
+                    self,
+                    "allocate ",
+                    task,
+                    " ",
+                    segment,
+                    "/",
+                    attempt,
+                    " > ",
+                    agent
+                );
                 let key = (task, segment, attempt);
                 let Some(&a) = self.nodes[to].agents.get(&agent) else {
                     self.report_to(to, coordinator, key, false);
@@ -897,7 +958,7 @@ impl Sim {
                 attempt,
                 ok,
             } => {
-                self.log(format_args!("report {task} {segment}/{attempt} {ok}"));
+                log!(self, "report ", task, " ", segment, "/", attempt, " ", ok);
                 let now_ms = self.now_us / 1000;
                 if ok {
                     let verdict =
@@ -932,7 +993,7 @@ impl Sim {
                 attempt,
                 agent,
             } => {
-                self.log(format_args!("cancel {task} {segment}/{attempt}"));
+                log!(self, "cancel ", task, " ", segment, "/", attempt);
                 let key = (task, segment, attempt);
                 if let Some(&a) = self.nodes[to].agents.get(&agent) {
                     let ag = &mut self.agents[a];
@@ -999,7 +1060,7 @@ impl Sim {
         };
         let r = ag.running.swap_remove(i);
         let node = ag.node;
-        self.log(format_args!("done {} {}/{} at {a}", key.0, key.1, key.2));
+        log!(self, "done ", key.0, " ", key.1, "/", key.2, " at ", a);
         self.report.attempts_finished += 1;
         self.report_to(node, r.coordinator, key, true);
         self.start_queued(a);
@@ -1125,11 +1186,11 @@ impl Sim {
     fn coordinate(&mut self, ix: NodeIx) -> Result<(), Violation> {
         let now_ms = self.now_us / 1000;
         self.nodes[ix].ledger.handle_timeout(now_ms);
-        let mut waiting: Vec<(u8, u64, Uuid)> = self.nodes[ix]
-            .tasks
-            .iter()
-            .filter(|(t, _)| self.nodes[ix].ledger.has_pending(**t))
-            .map(|(t, m)| (m.priority, m.submitted_us, *t))
+        let n = &self.nodes[ix];
+        let mut waiting: Vec<(u8, u64, Uuid)> = n
+            .ledger
+            .waiting()
+            .filter_map(|t| n.tasks.get(&t).map(|m| (m.priority, m.submitted_us, t)))
             .collect();
         service_order(&mut waiting);
         for (_, _, task) in waiting {
@@ -1223,7 +1284,7 @@ impl Sim {
                     }
                 }
                 LedgerOutput::TaskCompleted { task, figures, .. } => {
-                    self.log(format_args!("completed {task}"));
+                    log!(self, "completed ", task);
                     let meta = self.take_task(ix, task);
                     let segments = meta.as_ref().map_or(figures.segments, |m| m.segments);
                     if let Err(v) = self.checker.task_completed(ix, task, segments) {
@@ -1269,6 +1330,14 @@ impl Sim {
             reallocated: figures.reallocated,
         });
     }
+}
+
+fn log_parts(line: &mut String, events: u64, now_us: u64) {
+    use crate::line::Part;
+    events.put(line);
+    line.push(' ');
+    now_us.put(line);
+    line.push(' ');
 }
 
 /// A node's identity in the simulation: a made-up address, and its life as the

@@ -21,6 +21,7 @@ pub use foca::Timer;
 
 /// A node as membership knows it. The name is the key: one live incarnation per name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "WireNodeId<'_>")]
 pub struct NodeId {
     /// The node's name, as in its certificate (shared: foca compares and copies
     /// identities' names on every update it applies).
@@ -30,6 +31,28 @@ pub struct NodeId {
     /// Which life of the node this is: a restarted node takes a higher one (its start
     /// time in milliseconds), so it replaces its former self at once.
     pub incarnation: u64,
+}
+
+/// `NodeId` as it is decoded: the name borrowed from the datagram when the format
+/// allows, so that it is copied once, into its `Arc`, instead of into a `String` first
+/// (every gossip datagram carries several identities). Same fields, same encoding.
+#[derive(Deserialize)]
+#[serde(rename = "NodeId")]
+struct WireNodeId<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    addr: SocketAddr,
+    incarnation: u64,
+}
+
+impl From<WireNodeId<'_>> for NodeId {
+    fn from(w: WireNodeId<'_>) -> NodeId {
+        NodeId {
+            name: Arc::from(&*w.name),
+            addr: w.addr,
+            incarnation: w.incarnation,
+        }
+    }
 }
 
 impl foca::Identity for NodeId {

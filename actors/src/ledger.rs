@@ -9,11 +9,10 @@
 //! elsewhere are cancelled.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use foldhash::fast::SeedableRandomState;
 use foldhash::SharedSeed;
-use std::sync::Arc;
-
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
@@ -249,6 +248,14 @@ impl Window {
     }
 }
 
+/// A segment of `task` left the Pending state: the task stops waiting with its last.
+fn leave_pending(waiting: &mut HashSet<Uuid, SeedableRandomState>, task: Uuid, pending: &mut u32) {
+    *pending -= 1;
+    if *pending == 0 {
+        waiting.remove(&task);
+    }
+}
+
 /// The allocation ledger of one coordinator.
 pub struct Ledger {
     config: LedgerConfig,
@@ -474,10 +481,7 @@ impl Ledger {
             return ResultVerdict::Duplicate;
         }
         if matches!(seg.state, SegmentState::Pending { .. }) {
-            task.pending -= 1;
-            if task.pending == 0 {
-                self.waiting.remove(&task_id);
-            }
+            leave_pending(&mut self.waiting, task_id, &mut task.pending);
         }
         seg.state = SegmentState::Done;
         seg.result = Some(output);
@@ -649,10 +653,7 @@ impl Ledger {
             return;
         };
         if matches!(seg.state, SegmentState::Pending { .. }) {
-            task.pending -= 1;
-            if task.pending == 0 {
-                self.waiting.remove(&task_id);
-            }
+            leave_pending(&mut self.waiting, task_id, &mut task.pending);
         }
         seg.attempts += 1;
         let attempt = seg.attempts;

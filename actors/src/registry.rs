@@ -269,7 +269,9 @@ impl Registry {
             None => Arc::from(sender),
         };
         // Room for a large delta (a node's whole list, a burst of registrations) at
-        // once, rather than growing the table step by step while applying it.
+        // once, rather than growing the table step by step while applying it. The
+        // table's growth history also decides its iteration order, which candidate
+        // lists (and so simulated runs and their digests) follow.
         let room = delta
             .upserts
             .len()
@@ -332,7 +334,8 @@ impl Registry {
     }
 
     /// Every agent offering `capability` with every one of `tags`, with that capability,
-    /// in the registry's order (the same for the same seed and history), borrowed (for callers that need only a few fields).
+    /// in the registry's order (the same for the same seed and history), borrowed (for
+    /// callers that need only a few fields).
     pub fn capable<'a>(
         &'a self,
         capability: &'a str,

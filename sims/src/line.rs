@@ -23,12 +23,6 @@ impl<T: Part + ?Sized> Part for &T {
     }
 }
 
-impl Part for String {
-    fn put(&self, line: &mut String) {
-        line.push_str(self);
-    }
-}
-
 impl Part for bool {
     fn put(&self, line: &mut String) {
         line.push_str(if *self { "true" } else { "false" });
@@ -51,7 +45,7 @@ macro_rules! integer_part {
         }
     )*};
 }
-integer_part!(u8, u16, u32, u64, usize);
+integer_part!(u8, u32, u64, usize);
 
 /// Appends a line made of `parts` (each `Display`-equal to its `{}`) to the simulator's
 /// event log: `log!(self, "drop ", from, ">", to)` writes what

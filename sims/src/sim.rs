@@ -193,16 +193,19 @@ impl Ord for Scheduled {
 }
 
 /// The events waiting on the timeline, each in a slot that is reused once the event is
-/// taken.
+/// taken; events at the same time come out in the order they were pushed.
 #[derive(Default)]
 struct Timeline {
     heap: BinaryHeap<Scheduled>,
     slots: Vec<Option<Event>>,
     free: Vec<u32>,
+    seq: u64,
 }
 
 impl Timeline {
-    fn push(&mut self, at: u64, seq: u64, event: Event) {
+    fn push(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        let seq = self.seq;
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(event);
@@ -295,7 +298,6 @@ pub struct Sim {
     workload: Workload,
     rng: StdRng,
     now_us: u64,
-    seq: u64,
     queue: Timeline,
     nodes: Vec<SimNode>,
     by_name: HashMap<String, NodeIx, FixedState>,
@@ -326,7 +328,6 @@ impl Sim {
             config,
             workload,
             now_us: 0,
-            seq: 0,
             queue: Timeline::default(),
             nodes: Vec::new(),
             by_name: HashMap::default(),
@@ -432,8 +433,7 @@ impl Sim {
     }
 
     fn schedule_at(&mut self, at: u64, event: Event) {
-        self.seq += 1;
-        self.queue.push(at, self.seq, event);
+        self.queue.push(at, event);
     }
 
     /// Appends a line to the event log (and its digest), for the rare events whose
@@ -448,7 +448,10 @@ impl Sim {
     fn begin_line(&mut self) -> String {
         let mut line = std::mem::take(&mut self.line);
         line.clear();
-        log_parts(&mut line, self.events, self.now_us);
+        crate::line::Part::put(&self.events, &mut line);
+        line.push(' ');
+        crate::line::Part::put(&self.now_us, &mut line);
+        line.push(' ');
         line
     }
 
@@ -1330,14 +1333,6 @@ impl Sim {
             reallocated: figures.reallocated,
         });
     }
-}
-
-fn log_parts(line: &mut String, events: u64, now_us: u64) {
-    use crate::line::Part;
-    events.put(line);
-    line.push(' ');
-    now_us.put(line);
-    line.push(' ');
 }
 
 /// A node's identity in the simulation: a made-up address, and its life as the

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-pub use foca::Timer;
+use foca::Timer;
 
 /// A node as membership knows it. The name is the key: one live incarnation per name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -91,6 +91,10 @@ pub struct MembershipConfig {
     pub gossip_period_ms: u64,
     /// Largest gossip packet, in bytes (it must fit a QUIC datagram).
     pub max_packet_bytes: usize,
+    /// While this node is out of the cluster (not yet joined, cut off from every
+    /// member, or just renewed after being declared down), how often it announces
+    /// itself again to a few of the nodes it knows.
+    pub reannounce_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -102,6 +106,7 @@ impl Default for MembershipConfig {
             remove_down_after_ms: 30_000,
             gossip_period_ms: 100,
             max_packet_bytes: 1_100,
+            reannounce_ms: 300,
         }
     }
 }
@@ -153,7 +158,7 @@ pub enum MembershipOutput {
         /// The delay.
         after: Duration,
         /// The timer to hand back.
-        timer: Timer<NodeId>,
+        timer: MembershipTimer,
     },
     /// A node is up (joined, or came back).
     NodeUp(NodeId),
@@ -168,12 +173,44 @@ pub enum MembershipOutput {
 #[error("membership: {0}")]
 pub struct MembershipError(String);
 
+/// A timer membership set through [`MembershipOutput::SetTimer`], to be handed back to
+/// [`Membership::handle_timer`] when due. Opaque to the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipTimer(TimerKind);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TimerKind {
+    /// One of foca's (probe, suspicion, gossip, ...).
+    Foca(Timer<NodeId>),
+    /// Time to announce again if still out of the cluster.
+    Reannounce,
+}
+
+/// How many join addresses are remembered as contacts for re-announcing.
+const MAX_CONTACTS: usize = 16;
+/// How many nodes each re-announce round goes to.
+const ANNOUNCE_FANOUT: usize = 3;
+
 /// The membership state of one node.
 pub struct Membership {
     foca: Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>,
     runtime: AccumulatingRuntime<NodeId>,
     /// The second half of a rename (up after down), held for the next poll.
     pending_up: Option<NodeId>,
+    /// Whether foca is connected: it has an active member and is probing. foca stops
+    /// every timer when it is not (cut off from all, or renewed after being declared
+    /// down) and only connects again when a message addressed to its current identity
+    /// arrives; so until then this node announces itself, see [`Membership::poll`].
+    connected: bool,
+    /// The nodes this node was asked to join through (the newest last, bounded).
+    contacts: Vec<NodeId>,
+    /// Where the next announce round starts among the candidates.
+    next_contact: usize,
+    /// A re-announce timer is set and not yet handled.
+    reannounce_set: bool,
+    /// A re-announce timer is to be handed to the driver at the next poll.
+    reannounce_due: bool,
+    reannounce_after: Duration,
 }
 
 impl Membership {
@@ -189,7 +226,19 @@ impl Membership {
             ),
             runtime: AccumulatingRuntime::new(),
             pending_up: None,
+            connected: false,
+            contacts: Vec::new(),
+            next_contact: 0,
+            reannounce_set: false,
+            reannounce_due: false,
+            reannounce_after: Duration::from_millis(config.reannounce_ms),
         }
+    }
+
+    /// Whether this node is in the cluster as far as it knows: it has at least one
+    /// active member and its failure detector runs.
+    pub fn is_connected(&self) -> bool {
+        self.connected
     }
 
     /// This node's current identity.
@@ -199,10 +248,19 @@ impl Membership {
 
     /// Asks the node `via` (its name is enough; its incarnation may be unknown) to let
     /// this node in.
+    /// Until this node is connected it announces again every `reannounce_ms`, to this
+    /// node among others.
     pub fn join(&mut self, via: NodeId) -> Result<(), MembershipError> {
+        self.contacts.retain(|c| c.name != via.name);
+        if self.contacts.len() == MAX_CONTACTS {
+            self.contacts.remove(0);
+        }
+        self.contacts.push(via.clone());
         self.foca
             .announce(via, &mut self.runtime)
-            .map_err(|e| MembershipError(e.to_string()))
+            .map_err(|e| MembershipError(e.to_string()))?;
+        self.set_reannounce();
+        Ok(())
     }
 
     /// Feeds gossip received from the network.
@@ -213,10 +271,60 @@ impl Membership {
     }
 
     /// Feeds a timer set by an earlier [`MembershipOutput::SetTimer`].
-    pub fn handle_timer(&mut self, timer: Timer<NodeId>) -> Result<(), MembershipError> {
-        self.foca
-            .handle_timer(timer, &mut self.runtime)
-            .map_err(|e| MembershipError(e.to_string()))
+    pub fn handle_timer(&mut self, timer: MembershipTimer) -> Result<(), MembershipError> {
+        match timer.0 {
+            TimerKind::Foca(timer) => self
+                .foca
+                .handle_timer(timer, &mut self.runtime)
+                .map_err(|e| MembershipError(e.to_string())),
+            TimerKind::Reannounce => {
+                self.reannounce_set = false;
+                if !self.connected {
+                    self.announce_round();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Announces this node to a few of the nodes it knows: the contacts it joined
+    /// through and every member it remembers, down ones included (they may be back
+    /// by now; a node that is really gone costs one lost datagram). An announce is
+    /// accepted by the node's name whatever incarnation the sender had in mind, and
+    /// answered with a feed addressed to this node's current identity, which is what
+    /// foca needs to connect again. Sets the next round's timer.
+    fn announce_round(&mut self) {
+        let mut candidates: Vec<NodeId> = self.contacts.clone();
+        for (id, _) in self.member_states() {
+            if !candidates.iter().any(|c| c.name == id.name) {
+                candidates.push(id.clone());
+            }
+        }
+        if candidates.is_empty() {
+            return;
+        }
+        for i in 0..ANNOUNCE_FANOUT.min(candidates.len()) {
+            let to = candidates[(self.next_contact + i) % candidates.len()].clone();
+            // Encoding our own identity cannot fail; if it did, the next round retries.
+            let _ = self.foca.announce(to, &mut self.runtime);
+        }
+        self.next_contact = (self.next_contact + ANNOUNCE_FANOUT) % candidates.len();
+        self.set_reannounce();
+    }
+
+    fn set_reannounce(&mut self) {
+        if !self.reannounce_set {
+            self.reannounce_set = true;
+            self.reannounce_due = true;
+        }
+    }
+
+    /// foca went out of the cluster: announce now, and on a timer until back.
+    fn lost_contact(&mut self) {
+        self.connected = false;
+        if !self.reannounce_set {
+            self.announce_round();
+        }
     }
 
     /// Tells the cluster this node leaves.
@@ -228,26 +336,45 @@ impl Membership {
 
     /// Takes the next thing to do: data first, then timers, then notifications. A node
     /// seen again as a newer incarnation is reported down (old) then up (new).
+    ///
+    /// When foca reports that this node went out of the cluster (idle: every member is
+    /// down; or renewed: the cluster declared it down and it took its next
+    /// incarnation), this node announces itself to a few nodes it knows, and again
+    /// every `reannounce_ms` until it is connected. Without that, a node whose first
+    /// word after a renewal went to identities that no longer exist stayed out for
+    /// good, silent and blind to crashes (the simulator found it); and a node cut off
+    /// from every member never came back after the partition healed.
     pub fn poll(&mut self) -> Option<MembershipOutput> {
-        if let Some(id) = self.pending_up.take() {
-            return Some(MembershipOutput::NodeUp(id));
-        }
-        if let Some((to, data)) = self.runtime.to_send() {
-            return Some(MembershipOutput::Send { to, data });
-        }
-        if let Some((after, timer)) = self.runtime.to_schedule() {
-            return Some(MembershipOutput::SetTimer { after, timer });
-        }
         loop {
+            if let Some(id) = self.pending_up.take() {
+                return Some(MembershipOutput::NodeUp(id));
+            }
+            if let Some((to, data)) = self.runtime.to_send() {
+                return Some(MembershipOutput::Send { to, data });
+            }
+            if let Some((after, timer)) = self.runtime.to_schedule() {
+                let timer = MembershipTimer(TimerKind::Foca(timer));
+                return Some(MembershipOutput::SetTimer { after, timer });
+            }
+            if self.reannounce_due {
+                self.reannounce_due = false;
+                let timer = MembershipTimer(TimerKind::Reannounce);
+                let after = self.reannounce_after;
+                return Some(MembershipOutput::SetTimer { after, timer });
+            }
             match self.runtime.to_notify()? {
                 OwnedNotification::MemberUp(id) => return Some(MembershipOutput::NodeUp(id)),
                 OwnedNotification::MemberDown(id) => return Some(MembershipOutput::NodeDown(id)),
-                OwnedNotification::Rejoin(id) => return Some(MembershipOutput::Renewed(id)),
+                OwnedNotification::Rejoin(id) => {
+                    self.lost_contact();
+                    return Some(MembershipOutput::Renewed(id));
+                }
                 OwnedNotification::Rename(old, new) => {
                     self.pending_up = Some(new);
                     return Some(MembershipOutput::NodeDown(old));
                 }
-                _ => continue,
+                OwnedNotification::Active => self.connected = true,
+                OwnedNotification::Idle | OwnedNotification::Defunct => self.lost_contact(),
             }
         }
     }

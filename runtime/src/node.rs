@@ -26,7 +26,7 @@ use agentmesh_transport::{
 
 use crate::client::{Client, ClientError};
 use crate::membership::{
-    MemberState, Membership, MembershipConfig, MembershipOutput, NodeId, Timer,
+    MemberState, Membership, MembershipConfig, MembershipOutput, MembershipTimer, NodeId,
 };
 use crate::remote::Mesh;
 
@@ -146,8 +146,6 @@ pub struct Node {
 
 /// Gossip messages kept for a member while its connection is being set up.
 const PENDING_GOSSIP_PER_MEMBER: usize = 16;
-/// How often a joining node repeats its announcement until someone answers.
-const REANNOUNCE_MS: u64 = 300;
 /// Cluster events buffered per subscriber; a slow subscriber misses the oldest.
 const CLUSTER_EVENT_BUFFER: usize = 1024;
 
@@ -344,15 +342,14 @@ struct Driver {
     transport: Transport,
     cluster_events: broadcast::Sender<ClusterEvent>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    timer_payloads: HashMap<u64, Timer<NodeId>>,
+    timer_payloads: HashMap<u64, MembershipTimer>,
     next_timer: u64,
     /// Gossip waiting for a connection, per member name.
     pending: HashMap<String, VecDeque<Bytes>>,
     dialling: HashSet<String>,
-    /// Seeds joined through, re-announced to until someone answers (kept across
-    /// restarts).
+    /// Seeds joined through (kept across restarts; membership re-announces to them
+    /// until someone answers).
     seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
-    next_announce: Option<Instant>,
     /// When the pending `Wake` is due, if one is.
     wake_at: Option<Instant>,
 }
@@ -424,12 +421,10 @@ impl Actor for ClusterActor {
             pending: HashMap::new(),
             dialling: HashSet::new(),
             seeds: args.seeds,
-            next_announce: None,
             wake_at: None,
         };
         for seed in seeds {
             let _ = driver.membership.join(seed);
-            driver.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
         }
         driver.drain().await;
         driver.schedule_wake();
@@ -456,7 +451,6 @@ impl Actor for ClusterActor {
                 if let Err(e) = d.membership.join(via) {
                     warn!(error = %e, "cannot announce");
                 }
-                d.next_announce = Some(Instant::now() + Duration::from_millis(REANNOUNCE_MS));
             }
             ClusterMsg::Dialled(name, ok) => {
                 d.dialling.remove(&name);
@@ -682,10 +676,9 @@ fn is_status_request(envelope: &Envelope) -> bool {
 const MAILBOX_EVENTS: usize = 1024;
 
 impl Driver {
-    /// Makes sure a `Wake` arrives when the next timer or re-announcement is due.
+    /// Makes sure a `Wake` arrives when the next membership timer is due.
     fn schedule_wake(&mut self) {
-        let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        let Some(due) = [next_timer, self.next_announce].into_iter().flatten().min() else {
+        let Some(Reverse((due, _))) = self.timers.peek().copied() else {
             return;
         };
         if self.wake_at.is_some_and(|at| at <= due) {
@@ -708,17 +701,6 @@ impl Driver {
                 if let Err(e) = self.membership.handle_timer(timer) {
                     debug!(error = %e, "membership timer");
                 }
-            }
-        }
-        if self.next_announce.is_some_and(|at| at <= now) {
-            if self.membership.members().next().is_some() {
-                self.next_announce = None;
-            } else {
-                let seeds = self.seeds.lock().map(|s| s.clone()).unwrap_or_default();
-                for seed in seeds {
-                    let _ = self.membership.join(seed);
-                }
-                self.next_announce = Some(now + Duration::from_millis(REANNOUNCE_MS));
             }
         }
     }

@@ -20,7 +20,7 @@ use agentmesh_actors::ledger::{
     service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
-use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, Timer};
+use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, MembershipTimer};
 use agentmesh_actors::runtime::transport::wire::payload::Capability;
 use agentmesh_actors::runtime::{MembershipConfig, NodeId};
 use bytes::Bytes;
@@ -145,7 +145,7 @@ enum Event {
     Timer {
         node: NodeIx,
         epoch: u32,
-        timer: Timer<NodeId>,
+        timer: MembershipTimer,
     },
     Tick {
         node: NodeIx,

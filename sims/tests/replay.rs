@@ -94,3 +94,24 @@ fn a_checker_stops_the_run_at_the_first_violation_with_seed_and_event() {
     let text = stopped.to_string();
     assert!(text.contains("seed 3") && text.contains("event"), "{text}");
 }
+
+/// Seeds under which the chaos run once broke "every segment of a dead node
+/// reallocated within the bound": a coordinator declared down by mistake renewed its
+/// identity, its first gossip went to members under identities they no longer had,
+/// and it stayed out of the cluster, deaf to a later crash. Membership now announces
+/// until it is back; this replays those schedules with every checker on.
+#[test]
+fn chaos_schedules_that_once_left_a_renewed_node_out_keep_every_invariant() {
+    for seed in [11, 55] {
+        let (r, _) = run(
+            "chaos",
+            SimConfig {
+                seed,
+                ..SimConfig::default()
+            },
+        );
+        assert_eq!(r.lost, 0);
+        assert_eq!(r.duplicates_accepted, 0);
+        assert!(r.crash_reallocations > 0, "{r:?}");
+    }
+}

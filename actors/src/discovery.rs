@@ -121,8 +121,12 @@ impl Actor for Discovery {
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_deltas(args.mesh.clone(), queue));
         drop(myself.send_interval(RESYNC_EVERY, || DiscoveryMsg::Resync));
+        let mut registry = Registry::new(args.mesh.node(), MAX_AGENTS, args.seed);
+        for member in &args.members {
+            registry.handle_node_up(member);
+        }
         let state = DiscoveryState {
-            registry: Registry::new(args.mesh.node(), MAX_AGENTS, args.seed),
+            registry,
             ownership: args.mesh.ownership(),
             members: args.members.into_iter().collect(),
             outbox,
@@ -190,6 +194,7 @@ impl Actor for Discovery {
             }
             DiscoveryMsg::NodeUp(node) => {
                 if node != state.registry.me() {
+                    state.registry.handle_node_up(&node);
                     state.members.insert(node.clone());
                     let full = state.registry.full_delta();
                     state.queue(vec![node], full);

@@ -34,7 +34,7 @@ fn deliver(from: &mut Registry, from_name: &str, to: &mut Registry) -> Vec<Regis
 }
 
 /// Nodes a and b, with two "summarize" agents registered on a and replicated to b
-/// (every output drained).
+/// (every output drained). b's membership has not reported a up yet.
 fn two_agents_of_a_known_to_b() -> (Registry, Registry, AgentRecord, AgentRecord) {
     let mut a = Registry::new("a", 100, 1);
     let mut b = Registry::new("b", 100, 2);
@@ -77,6 +77,7 @@ fn agents_replicate_to_other_nodes_and_queries_rank_by_health_and_load() {
     let z = a.register("t", vec![cap("translate", &[], 1)], 0).unwrap();
     a.update(x.agent, 3, Health::Ok);
     a.update(y.agent, 1, Health::Ok);
+    b.handle_node_up("a");
     let owned = deliver(&mut a, "a", &mut b);
     assert!(owned
         .iter()
@@ -200,6 +201,7 @@ fn the_registry_is_bounded() {
 #[test]
 fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
     let (mut a, mut b, x, y) = two_agents_of_a_known_to_b();
+    b.handle_node_up("a");
     // The two copies share one name.
     let (bx, by) = (b.get(x.agent).unwrap(), b.get(y.agent).unwrap());
     assert!(std::sync::Arc::ptr_eq(&bx.node, &by.node));
@@ -260,4 +262,28 @@ fn news_between_polls_goes_out_as_one_delta_unless_a_removal_follows_an_upsert()
     let mut expected = vec![y.agent, w.agent];
     expected.sort_unstable();
     assert_eq!(held, expected);
+}
+
+/// Agents of another node are offered only while membership reports that node up: a
+/// delta can arrive first (a node sends its list when *it* sees the receiver up), and
+/// a segment given to a node this one does not watch would never be reallocated if
+/// that node died unseen. The records are kept meanwhile, and offered once it is up.
+#[test]
+fn agents_of_a_node_are_offered_only_while_membership_reports_it_up() {
+    let (mut a, mut b, x, _) = two_agents_of_a_known_to_b();
+    let offered = |r: &Registry| r.query("summarize", &[], 0).len();
+    assert_eq!(b.len(), 2, "both records kept");
+    assert_eq!(offered(&b), 0, "a not yet seen up by b");
+    b.handle_node_up("a");
+    assert_eq!(offered(&b), 2);
+    assert_eq!(offered(&a), 2, "a node's own agents are always offered");
+    b.handle_node_down("a");
+    assert_eq!(offered(&b), 0);
+    assert_eq!(b.len(), 0, "a down node's agents are purged");
+    // A stale delta from the dead life is kept but not offered until a is up again.
+    a.update(x.agent, 1, Health::Ok);
+    deliver(&mut a, "a", &mut b);
+    assert_eq!(offered(&b), 0);
+    b.handle_node_up("a");
+    assert_eq!(offered(&b), 1);
 }

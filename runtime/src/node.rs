@@ -5,6 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,6 +192,7 @@ impl Node {
                 cluster_events: cluster_events.clone(),
                 members_tx: Arc::new(members_tx),
                 seeds: Arc::new(std::sync::Mutex::new(Vec::new())),
+                highest_incarnation: Arc::new(AtomicU64::new(me.incarnation)),
             },
             current: current_tx,
         };
@@ -352,6 +354,7 @@ struct Driver {
     seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
     /// When the pending `Wake` is due, if one is.
     wake_at: Option<Instant>,
+    highest_incarnation: Arc<AtomicU64>,
 }
 
 /// What the cluster actor handles.
@@ -385,6 +388,11 @@ struct ClusterArgs {
     cluster_events: broadcast::Sender<ClusterEvent>,
     members_tx: Arc<watch::Sender<Vec<MemberInfo>>>,
     seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
+    /// The highest incarnation this node has had, renewals included: a restarted
+    /// cluster actor takes the next one. Taking its start incarnation plus one could
+    /// repeat the identity of a renewed former self, which the others would take for
+    /// the same life (the simulator found this with restarts under faults).
+    highest_incarnation: Arc<AtomicU64>,
 }
 
 impl Actor for ClusterActor {
@@ -422,6 +430,7 @@ impl Actor for ClusterActor {
             dialling: HashSet::new(),
             seeds: args.seeds,
             wake_at: None,
+            highest_incarnation: args.highest_incarnation,
         };
         for seed in seeds {
             let _ = driver.membership.join(seed);
@@ -554,7 +563,12 @@ impl Actor for NodeSupervisor {
                 let backoff = Duration::from_millis(100 << (state.failures.len() - 1));
                 warn!(%error, backoff_ms = backoff.as_millis() as u64, "the cluster actor failed; restarting it");
                 tokio::time::sleep(backoff).await;
-                state.args.me.incarnation += 1;
+                let highest = state.args.highest_incarnation.load(Ordering::Relaxed);
+                state.args.me.incarnation = highest.max(state.args.me.incarnation) + 1;
+                state
+                    .args
+                    .highest_incarnation
+                    .fetch_max(state.args.me.incarnation, Ordering::Relaxed);
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;
@@ -815,6 +829,8 @@ impl Driver {
                     let _ = self.cluster_events.send(ClusterEvent::NodeDown(id));
                 }
                 MembershipOutput::Renewed(id) => {
+                    self.highest_incarnation
+                        .fetch_max(id.incarnation, Ordering::Relaxed);
                     warn!(
                         incarnation = id.incarnation,
                         "declared down by the cluster; rejoined as a new incarnation"

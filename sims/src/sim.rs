@@ -249,7 +249,6 @@ struct SimNode {
     up: bool,
     /// Bumped at every crash and restart: events for an older life are dropped.
     epoch: u32,
-    lives: u64,
     membership: Membership,
     registry: Registry,
     /// Bumped when the registry changes, to invalidate `candidates`.
@@ -685,7 +684,6 @@ impl Sim {
             name: name.to_string(),
             up: false,
             epoch: 0,
-            lives: 0,
             membership: Membership::new(id, self.config.membership, seed),
             registry: Registry::new(name, MAX_AGENTS, seed),
             registry_gen: 0,
@@ -707,10 +705,18 @@ impl Sim {
     fn start_node(&mut self, ix: NodeIx) {
         let seed = self.rng.random::<u64>();
         let n = &mut self.nodes[ix];
-        n.lives += 1;
         n.epoch += 1;
         n.up = true;
-        n.membership = Membership::new(node_id(&n.name, ix, n.lives), self.config.membership, seed);
+        // A new life must outrank every identity the node had, renewals included: a
+        // restart that took the identity of its own renewed former self would look
+        // alive all along to the others, and the crash would never be seen (so its
+        // segments would never be reallocated). The live node does the same.
+        let incarnation = n.membership.me().incarnation + 1;
+        n.membership = Membership::new(
+            node_id(&n.name, ix, incarnation),
+            self.config.membership,
+            seed,
+        );
         n.registry = Registry::new(&n.name, MAX_AGENTS, seed);
         n.registry_gen += 1;
         n.full_delta = None;
@@ -822,6 +828,9 @@ impl Sim {
                 }
                 MembershipOutput::NodeUp(id) => {
                     log!(self, "up ", ix, " sees ", &*id.name);
+                    let n = &mut self.nodes[ix];
+                    n.registry.handle_node_up(&id.name);
+                    n.registry_gen += 1;
                     if let Some(&to) = self.by_name.get(&*id.name) {
                         let n = &mut self.nodes[ix];
                         let full = n
@@ -1337,11 +1346,11 @@ impl Sim {
 
 /// A node's identity in the simulation: a made-up address, and its life as the
 /// incarnation (deterministic, unlike the live node's clock-based one).
-fn node_id(name: &str, ix: usize, life: u64) -> NodeId {
+fn node_id(name: &str, ix: usize, incarnation: u64) -> NodeId {
     let ip = Ipv4Addr::new(10, 0, (ix / 250) as u8, (ix % 250) as u8 + 1);
     NodeId {
         name: Arc::from(name),
         addr: SocketAddr::new(ip.into(), 7600),
-        incarnation: life,
+        incarnation,
     }
 }

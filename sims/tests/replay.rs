@@ -115,3 +115,29 @@ fn chaos_schedules_that_once_left_a_renewed_node_out_keep_every_invariant() {
         assert!(r.crash_reallocations > 0, "{r:?}");
     }
 }
+
+/// Schedules with fast restarts under which a crashed node's segments once waited for
+/// good. With `restart=500ms` a node came back with the very identity its renewed
+/// former self had, so no one saw the crash; with `restart=100ms` a coordinator that
+/// had the node's agents (from its delta) but had not yet seen it up in membership
+/// never got a "down" for that life. Now a new life outranks every earlier identity,
+/// and the registry offers only agents of nodes membership reports up.
+#[test]
+fn fast_restarts_under_faults_leave_no_segment_of_a_dead_node_behind() {
+    for (seed, faults) in [
+        (20, "crash=0.05,partition=0.02,loss=10%,restart=500ms"),
+        (23, "crash=0.1,restart=100ms"),
+    ] {
+        let (r, _) = run(
+            "chaos",
+            SimConfig {
+                seed,
+                faults: faults.parse().unwrap(),
+                ..SimConfig::default()
+            },
+        );
+        assert_eq!(r.lost, 0);
+        assert_eq!(r.duplicates_accepted, 0);
+        assert!(r.crashes > 10, "{r:?}");
+    }
+}

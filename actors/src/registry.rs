@@ -122,6 +122,9 @@ pub struct Registry {
     /// ever come for the life its segments were on, and they would wait for good (the
     /// simulator found this: chaos under `crash=0.1,restart=100ms`, seed 23).
     up: HashSet<Arc<str>, SeedableRandomState>,
+    /// The nodes with records here that are neither this node nor up: the ones
+    /// [`Registry::capable`] skips. Usually empty, which makes the check free.
+    hidden: HashSet<Arc<str>, SeedableRandomState>,
     hasher: SeedableRandomState,
     rng: StdRng,
     outputs: VecDeque<RegistryOutput>,
@@ -139,6 +142,7 @@ impl Registry {
             agents: HashMap::with_hasher(hasher.clone()),
             by_node: HashMap::with_hasher(hasher.clone()),
             up: HashSet::with_hasher(hasher.clone()),
+            hidden: HashSet::with_hasher(hasher.clone()),
             hasher,
             rng: StdRng::seed_from_u64(seed),
             outputs: VecDeque::new(),
@@ -338,12 +342,14 @@ impl Registry {
                 None => Arc::from(node),
             };
             self.up.insert(name);
+            self.hidden.remove(node);
         }
     }
 
     /// Purges every agent of a node that is down.
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
+        self.hidden.remove(node);
         let ids: Vec<u32> = self
             .by_node
             .get(node)
@@ -357,7 +363,7 @@ impl Registry {
     /// Whether agents of `node` may be offered: this node's, or a node membership
     /// reports up (see the `up` field).
     fn offered(&self, node: &Arc<str>) -> bool {
-        Arc::ptr_eq(node, &self.me) || self.up.contains(&**node) || **node == *self.me
+        self.hidden.is_empty() || !self.hidden.contains(&**node)
     }
 
     /// Every agent offering `capability` with every one of `tags`, with that capability,
@@ -449,6 +455,10 @@ impl Registry {
                 ids.into_mut().insert(agent);
             }
             Entry::Vacant(slot) => {
+                // A node's first record: hidden unless it is this node or up.
+                if *record.node != *self.me && !self.up.contains(&*record.node) {
+                    self.hidden.insert(record.node.clone());
+                }
                 let mut ids = HashSet::with_hasher(self.hasher.clone());
                 ids.insert(agent);
                 slot.insert(ids);
@@ -470,6 +480,7 @@ impl Registry {
             ids.remove(&agent);
             if ids.is_empty() {
                 self.by_node.remove(&record.node);
+                self.hidden.remove(&record.node);
             }
         }
         self.outputs.push_back(RegistryOutput::Disown { agent });

@@ -37,8 +37,8 @@ impl FromStr for FaultSpec {
     type Err = FaultSpecError;
 
     /// `crash=R` and `partition=R` are chances per second (0..=1); `loss=P%` a
-    /// percentage (or `loss=N‰`... written `lossp=N` in thousandths); `restart=Nms`
-    /// and `heal=Nms` how long crashes and partitions last.
+    /// percentage (0..=100, kept in thousandths); `restart=Nms` and `heal=Nms` how
+    /// long crashes and partitions last (3000 and 2000 unless given).
     fn from_str(spec: &str) -> Result<FaultSpec, FaultSpecError> {
         let err = |why: String| FaultSpecError {
             spec: spec.to_string(),

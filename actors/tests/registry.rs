@@ -287,3 +287,100 @@ fn agents_of_a_node_are_offered_only_while_membership_reports_it_up() {
     b.handle_node_up("a");
     assert_eq!(offered(&b), 1);
 }
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Node `node` (1 or 2) registers an agent; its news reaches `a` or is held back.
+    Register {
+        node: usize,
+        reaches: bool,
+    },
+    /// Node `node` drops its oldest agent.
+    Deregister {
+        node: usize,
+    },
+    /// Node `node` sends `a` its whole list.
+    Full {
+        node: usize,
+    },
+    Up {
+        node: usize,
+    },
+    Down {
+        node: usize,
+    },
+    /// `a` registers an agent of its own.
+    Local,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (1usize..3, any::<bool>()).prop_map(|(node, reaches)| Step::Register { node, reaches }),
+        1 => (1usize..3).prop_map(|node| Step::Deregister { node }),
+        1 => (1usize..3).prop_map(|node| Step::Full { node }),
+        2 => (1usize..3).prop_map(|node| Step::Up { node }),
+        2 => (1usize..3).prop_map(|node| Step::Down { node }),
+        1 => Just(Step::Local),
+    ]
+}
+
+proptest::proptest! {
+    /// Whatever order deltas and membership news come in, `a` offers exactly the
+    /// agents it holds of itself and of the nodes membership last reported up.
+    #[test]
+    fn offered_agents_are_exactly_those_of_this_node_and_of_nodes_up(
+        steps in proptest::collection::vec(step(), 1..80),
+    ) {
+        let names = ["a", "b", "c"];
+        let mut regs: Vec<Registry> =
+            names.iter().enumerate().map(|(i, n)| Registry::new(n, 1_000, i as u64 + 7)).collect();
+        let mut up = [false; 3];
+        let mut mine: [Vec<u32>; 3] = Default::default();
+        for s in steps {
+            match s {
+                Step::Register { node, reaches } => {
+                    let rec = regs[node].register("w", vec![cap("x", &[], 1)], 0).unwrap();
+                    mine[node].push(rec.agent);
+                    if reaches {
+                        let (a, rest) = regs.split_at_mut(1);
+                        deliver(&mut rest[node - 1], names[node], &mut a[0]);
+                    }
+                }
+                Step::Deregister { node } => {
+                    if !mine[node].is_empty() {
+                        let agent = mine[node].remove(0);
+                        regs[node].deregister(agent);
+                        let (a, rest) = regs.split_at_mut(1);
+                        deliver(&mut rest[node - 1], names[node], &mut a[0]);
+                    }
+                }
+                Step::Full { node } => {
+                    let full = regs[node].full_delta();
+                    regs[0].handle_delta(names[node], &full).unwrap();
+                }
+                Step::Up { node } => {
+                    up[node] = true;
+                    regs[0].handle_node_up(names[node]);
+                }
+                Step::Down { node } => {
+                    up[node] = false;
+                    regs[0].handle_node_down(names[node]);
+                }
+                Step::Local => {
+                    regs[0].register("w", vec![cap("x", &[], 1)], 0).unwrap();
+                }
+            }
+            drain(&mut regs[0]);
+            let mut offered: Vec<u32> = regs[0].query("x", &[], 0).iter().map(|i| i.agent).collect();
+            let mut expected: Vec<u32> = regs[0]
+                .records()
+                .filter(|r| &*r.node == "a" || (&*r.node == "b" && up[1]) || (&*r.node == "c" && up[2]))
+                .map(|r| r.agent)
+                .collect();
+            offered.sort_unstable();
+            expected.sort_unstable();
+            proptest::prop_assert_eq!(offered, expected);
+        }
+    }
+}

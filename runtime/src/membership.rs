@@ -20,7 +20,12 @@ use serde::{Deserialize, Serialize};
 use foca::Timer;
 
 /// A node as membership knows it. The name is the key: one live incarnation per name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Encoded (for foca's gossip, opaque to ACP) as its name, its address as one byte
+/// string (4 or 16 address bytes, then the port, big-endian) and its incarnation:
+/// three calls into the serializer rather than one per address byte, which is what
+/// serde's `SocketAddr` costs (every gossip datagram carries several identities).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(from = "WireNodeId<'_>")]
 pub struct NodeId {
     /// The node's name, as in its certificate (shared: foca compares and copies
@@ -33,23 +38,87 @@ pub struct NodeId {
     pub incarnation: u64,
 }
 
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut addr = [0u8; 18];
+        let len = match self.addr {
+            SocketAddr::V4(a) => {
+                addr[..4].copy_from_slice(&a.ip().octets());
+                addr[4..6].copy_from_slice(&a.port().to_be_bytes());
+                6
+            }
+            SocketAddr::V6(a) => {
+                addr[..16].copy_from_slice(&a.ip().octets());
+                addr[16..].copy_from_slice(&a.port().to_be_bytes());
+                18
+            }
+        };
+        let mut s = serializer.serialize_struct("NodeId", 3)?;
+        s.serialize_field("name", &*self.name)?;
+        s.serialize_field("addr", &WireAddrBytes(&addr[..len]))?;
+        s.serialize_field("incarnation", &self.incarnation)?;
+        s.end()
+    }
+}
+
+/// An address's bytes, serialized as one byte string.
+struct WireAddrBytes<'a>(&'a [u8]);
+
+impl Serialize for WireAddrBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
 /// `NodeId` as it is decoded: the name borrowed from the datagram when the format
-/// allows, so that it is copied once, into its `Arc`, instead of into a `String` first
-/// (every gossip datagram carries several identities). Same fields, same encoding.
+/// allows, so that it is copied once, into its `Arc`, instead of into a `String` first.
 #[derive(Deserialize)]
 #[serde(rename = "NodeId")]
 struct WireNodeId<'a> {
     #[serde(borrow)]
     name: std::borrow::Cow<'a, str>,
-    addr: SocketAddr,
+    addr: WireAddr,
     incarnation: u64,
+}
+
+/// A `SocketAddr` read from its byte string (see [`NodeId`]); any other length is
+/// refused, and with it the datagram.
+struct WireAddr(SocketAddr);
+
+impl<'de> Deserialize<'de> for WireAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<WireAddr, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = WireAddr;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("6 or 18 address bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<WireAddr, E> {
+                let port = |p: &[u8]| u16::from_be_bytes([p[0], p[1]]);
+                match b.len() {
+                    6 => {
+                        let ip: [u8; 4] = [b[0], b[1], b[2], b[3]];
+                        Ok(WireAddr(SocketAddr::from((ip, port(&b[4..])))))
+                    }
+                    18 => {
+                        let mut ip = [0u8; 16];
+                        ip.copy_from_slice(&b[..16]);
+                        Ok(WireAddr(SocketAddr::from((ip, port(&b[16..])))))
+                    }
+                    n => Err(E::invalid_length(n, &self)),
+                }
+            }
+        }
+        deserializer.deserialize_bytes(Visit)
+    }
 }
 
 impl From<WireNodeId<'_>> for NodeId {
     fn from(w: WireNodeId<'_>) -> NodeId {
         NodeId {
             name: Arc::from(&*w.name),
-            addr: w.addr,
+            addr: w.addr.0,
             incarnation: w.incarnation,
         }
     }

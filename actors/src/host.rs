@@ -4,7 +4,7 @@
 //! program add its agents. This is what `agentmesh node --agents …` and
 //! `agentmesh::Cli` run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use agentmesh_runtime::transport::clock::{Clock, SystemClock};
 use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::wire::{Message, MessageType};
-use agentmesh_runtime::{ActorAddr, ClusterEvent, FromPeer, MemberState, Mesh, Node};
+use agentmesh_runtime::{ActorAddr, ClusterEvent, FromPeer, MemberInfo, MemberState, Mesh, Node};
 
 use crate::agent::Agent;
 use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg};
@@ -166,13 +166,14 @@ impl AgentHost {
         // Subscribe before taking the member list: a node that comes up in between is
         // then in the list, or in the events, or both (harmless), never in neither.
         let membership_events = node.subscribe();
-        let members: Vec<String> = node
+        let up: BTreeMap<String, u64> = node
             .members()
             .await
             .into_iter()
             .filter(|m| m.state == MemberState::Up)
-            .map(|m| m.name)
+            .map(|m| (m.name, m.incarnation))
             .collect();
+        let members: Vec<String> = up.keys().cloned().collect();
         // Nodes started in the same millisecond have the same incarnation: the name
         // keeps their Agent ID sequences apart (collisions are still resolved, but each
         // costs a renumbering).
@@ -257,7 +258,11 @@ impl AgentHost {
             CoordinatorMsg::Acp,
         )));
         tasks.push(tokio::spawn(follow_membership(
-            membership_events,
+            MembershipFeed {
+                events: membership_events,
+                list: node.member_list(),
+                up,
+            },
             discovery.clone(),
             coordinator.clone(),
             policy_actor,
@@ -433,36 +438,76 @@ async fn pump<M: ractor::Message>(
 }
 
 /// Tells the actors about nodes coming and going.
+/// Where the agent layer learns of membership: the events, and the published member
+/// list to catch up from when events were missed.
+struct MembershipFeed {
+    events: broadcast::Receiver<ClusterEvent>,
+    list: watch::Receiver<Vec<MemberInfo>>,
+    /// The nodes told up so far, with their incarnation.
+    up: BTreeMap<String, u64>,
+}
+
 async fn follow_membership(
-    mut events: broadcast::Receiver<ClusterEvent>,
+    mut feed: MembershipFeed,
     discovery: ActorRef<DiscoveryMsg>,
     coordinator: ActorRef<CoordinatorMsg>,
     policy: ActorRef<PolicyMsg>,
     recorder: Option<Recorder>,
 ) {
-    loop {
-        let event = events.recv().await;
-        if let (Some(r), Ok(e)) = (&recorder, &event) {
-            r.observe(match e {
-                ClusterEvent::NodeUp(id) => Observation::NodeUp(id.name.to_string()),
-                ClusterEvent::NodeDown(id) => Observation::NodeDown(id.name.to_string()),
+    let tell = |up: bool, name: String| {
+        if let Some(r) = &recorder {
+            r.observe(if up {
+                Observation::NodeUp(name.clone())
+            } else {
+                Observation::NodeDown(name.clone())
             });
         }
-        match event {
+        if up {
+            let _ = discovery.cast(DiscoveryMsg::NodeUp(name.clone()));
+            let _ = policy.cast(PolicyMsg::NodeUp(name));
+        } else {
+            let _ = discovery.cast(DiscoveryMsg::NodeDown(name.clone()));
+            let _ = coordinator.cast(CoordinatorMsg::NodeDown(name.clone()));
+            let _ = policy.cast(PolicyMsg::NodeDown(name));
+        }
+    };
+    loop {
+        match feed.events.recv().await {
             Ok(ClusterEvent::NodeUp(id)) => {
-                let _ = discovery.cast(DiscoveryMsg::NodeUp(id.name.to_string()));
-                let _ = policy.cast(PolicyMsg::NodeUp(id.name.to_string()));
+                feed.up.insert(id.name.to_string(), id.incarnation);
+                tell(true, id.name.to_string());
             }
             Ok(ClusterEvent::NodeDown(id)) => {
-                let _ = discovery.cast(DiscoveryMsg::NodeDown(id.name.to_string()));
-                let _ = coordinator.cast(CoordinatorMsg::NodeDown(id.name.to_string()));
-                let _ = policy.cast(PolicyMsg::NodeDown(id.name.to_string()));
+                feed.up.remove(&*id.name);
+                tell(false, id.name.to_string());
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Catch up from the member list: what went down (or came back as
+                // another life) is told down, what came up is told up. Without it a
+                // missed "down" would leave that node's segments to their timeouts,
+                // and a missed "up" would keep its agents from being offered.
+                let now: BTreeMap<String, u64> = feed
+                    .list
+                    .borrow()
+                    .iter()
+                    .filter(|m| m.state == MemberState::Up)
+                    .map(|m| (m.name.clone(), m.incarnation))
+                    .collect();
                 warn!(
                     missed = n,
-                    "membership events missed; the periodic resync repairs the registry"
+                    "membership events missed; catching up from the member list"
                 );
+                for (name, incarnation) in &feed.up {
+                    if now.get(name) != Some(incarnation) {
+                        tell(false, name.clone());
+                    }
+                }
+                for (name, incarnation) in &now {
+                    if feed.up.get(name) != Some(incarnation) {
+                        tell(true, name.clone());
+                    }
+                }
+                feed.up = now;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
@@ -632,5 +677,153 @@ impl PolicyState {
                 warn!(node = %addr.node, error = %e, "policy not spread");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use agentmesh_runtime::NodeId;
+    use std::sync::Mutex;
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// Writes down the node up/down messages an actor of the agent layer gets.
+    struct Rec<M>(std::marker::PhantomData<fn() -> M>);
+
+    impl<M: ractor::Message> Actor for Rec<M> {
+        type Msg = M;
+        type State = (Log, fn(&M) -> Option<String>);
+        type Arguments = (Log, fn(&M) -> Option<String>);
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<M>,
+            args: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(args)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<M>,
+            msg: M,
+            (log, name): &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let Some(line) = name(&msg) {
+                log.lock().unwrap().push(line);
+            }
+            Ok(())
+        }
+    }
+
+    fn id(name: &str, incarnation: u64) -> NodeId {
+        NodeId {
+            name: name.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            incarnation,
+        }
+    }
+
+    fn member(name: &str, incarnation: u64) -> MemberInfo {
+        MemberInfo {
+            name: name.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            state: MemberState::Up,
+            incarnation,
+            rtt_us: None,
+        }
+    }
+
+    /// Events missed (the subscriber lagged) are caught up from the member list: a
+    /// node that restarted meanwhile is told down (so the coordinator reallocates
+    /// what its former life held) and up again, a node that came up is told up.
+    #[tokio::test]
+    async fn missed_membership_events_are_caught_up_from_the_member_list() {
+        let (discovery_log, coordinator_log) = (Log::default(), Log::default());
+        let (discovery, _) = Actor::spawn(
+            None,
+            Rec(std::marker::PhantomData),
+            (
+                discovery_log.clone(),
+                (|m: &DiscoveryMsg| match m {
+                    DiscoveryMsg::NodeUp(n) => Some(format!("up {n}")),
+                    DiscoveryMsg::NodeDown(n) => Some(format!("down {n}")),
+                    _ => None,
+                }) as fn(&DiscoveryMsg) -> Option<String>,
+            ),
+        )
+        .await
+        .unwrap();
+        let (coordinator, _) = Actor::spawn(
+            None,
+            Rec(std::marker::PhantomData),
+            (
+                coordinator_log.clone(),
+                (|m: &CoordinatorMsg| match m {
+                    CoordinatorMsg::NodeDown(n) => Some(format!("down {n}")),
+                    _ => None,
+                }) as fn(&CoordinatorMsg) -> Option<String>,
+            ),
+        )
+        .await
+        .unwrap();
+        let (policy, _) = Actor::spawn(
+            None,
+            Rec(std::marker::PhantomData),
+            (
+                Log::default(),
+                (|_: &PolicyMsg| None) as fn(&PolicyMsg) -> Option<String>,
+            ),
+        )
+        .await
+        .unwrap();
+
+        // Room for two events; five happen before the follower reads any.
+        let (events_tx, events) = broadcast::channel(2);
+        let _ = events_tx.send(ClusterEvent::NodeDown(id("a", 1)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("a", 2)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("b", 1)));
+        let _ = events_tx.send(ClusterEvent::NodeDown(id("b", 1)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("c", 1)));
+        let (_list_tx, list) = watch::channel(vec![member("a", 2), member("c", 1)]);
+        let feed = MembershipFeed {
+            events,
+            list,
+            up: BTreeMap::from([("a".to_string(), 1)]),
+        };
+        let follower = tokio::spawn(follow_membership(
+            feed,
+            discovery.clone(),
+            coordinator.clone(),
+            policy.clone(),
+            None,
+        ));
+        drop(events_tx);
+        follower.await.unwrap();
+        // Each actor handles its mailbox in order; a stop waits behind it.
+        for stop in [
+            discovery.stop_and_wait(None, None),
+            coordinator.stop_and_wait(None, None),
+            policy.stop_and_wait(None, None),
+        ] {
+            stop.await.unwrap();
+        }
+        assert_eq!(
+            *coordinator_log.lock().unwrap(),
+            ["down a", "down b"],
+            "a's former life is reported down"
+        );
+        let seen = discovery_log.lock().unwrap().clone();
+        let last = |node: &str| {
+            seen.iter()
+                .rev()
+                .find(|l| l.ends_with(&format!(" {node}")))
+                .cloned()
+        };
+        assert_eq!(last("a").as_deref(), Some("up a"), "{seen:?}");
+        assert_eq!(last("b").as_deref(), Some("down b"), "{seen:?}");
+        assert_eq!(last("c").as_deref(), Some("up c"), "{seen:?}");
     }
 }

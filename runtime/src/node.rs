@@ -143,6 +143,8 @@ pub struct Node {
     supervisor: ActorRef<()>,
     supervisor_handle: JoinHandle<()>,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// The member list, as the cluster actor last published it.
+    member_list: watch::Receiver<Vec<MemberInfo>>,
 }
 
 /// Gossip messages kept for a member while its connection is being set up.
@@ -174,7 +176,7 @@ impl Node {
         let (members_tx, members_rx) = watch::channel(Vec::new());
         let metrics = match config.metrics {
             Some(addr) => {
-                let served = crate::metrics::serve(addr, transport.clone(), members_rx)
+                let served = crate::metrics::serve(addr, transport.clone(), members_rx.clone())
                     .await
                     .map_err(|source| NodeError::Metrics { addr, source })?;
                 info!(addr = %served.0, "serving metrics at /metrics");
@@ -215,6 +217,7 @@ impl Node {
             supervisor,
             supervisor_handle,
             metrics,
+            member_list: members_rx,
         };
         node.join(config.join);
         Ok(node)
@@ -251,6 +254,12 @@ impl Node {
     /// The node's transport.
     pub fn transport(&self) -> &Transport {
         &self.transport
+    }
+
+    /// The member list as last published on every membership change (without asking
+    /// the cluster actor): for a subscriber that missed events to catch up.
+    pub fn member_list(&self) -> watch::Receiver<Vec<MemberInfo>> {
+        self.member_list.clone()
     }
 
     /// Membership changes from now on.

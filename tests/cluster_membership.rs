@@ -1,7 +1,9 @@
 //! Cluster membership with real node processes on loopback, real QUIC and mutual TLS:
 //! three nodes join through one seed and all see all; a node killed with SIGKILL is
 //! declared down by the others within one second; restarted with the same name it
-//! rejoins as a new incarnation; a node that leaves is seen down at once.
+//! rejoins as a new incarnation; a node that leaves is seen down at once; nodes that
+//! stall (SIGSTOP) until declared down renew themselves when they resume, and all see
+//! each other again.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // the failure-detection bound is wall time
 
@@ -156,4 +158,48 @@ fn a_node_that_leaves_is_seen_down_at_once() {
         "took {:?}",
         left_at.elapsed()
     );
+}
+
+fn signal(node: &NodeProcess, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(node.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Two of three nodes stall (SIGSTOP) long enough to be declared down: the third is
+/// left alone, idle, with every member down. When they resume they learn they were
+/// declared down (the lone node tells them when they speak to it), renew, and all
+/// three see each other again. (Here their renewed gossip reaches the lone node
+/// directly; the case where it cannot, which needs re-announcing, is pinned on
+/// virtual time in runtime/tests/membership_sim.rs.)
+#[test]
+fn nodes_that_stall_and_resume_find_each_other_again() {
+    let cluster = Cluster::new("stall");
+    let (nodes, _) = cluster.start_all();
+    signal(&nodes[0], "STOP");
+    signal(&nodes[2], "STOP");
+    nodes[1].expect(&["node down", "node=n0 "]);
+    nodes[1].expect(&["node down", "node=n2 "]);
+    signal(&nodes[0], "CONT");
+    signal(&nodes[2], "CONT");
+    nodes[1].expect(&["node up", "node=n0 "]);
+    nodes[1].expect(&["node up", "node=n2 "]);
+    // The stalled ones never saw anyone down; they learn they were, and renew.
+    nodes[0].expect(&["rejoined as a new incarnation"]);
+    nodes[2].expect(&["rejoined as a new incarnation"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let views: Vec<HashMap<String, String>> = (0..3).map(|i| cluster.states(i)).collect();
+        if views
+            .iter()
+            .all(|v| v.len() == 3 && v.values().all(|s| s == "up"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "views: {views:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

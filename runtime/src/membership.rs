@@ -162,7 +162,8 @@ pub struct MembershipConfig {
     pub max_packet_bytes: usize,
     /// While this node is out of the cluster (not yet joined, cut off from every
     /// member, or just renewed after being declared down), how often it announces
-    /// itself again to a few of the nodes it knows.
+    /// itself again to a few of the nodes it knows (at least every 10 ms, so a zero
+    /// cannot make it spin).
     pub reannounce_ms: u64,
 }
 
@@ -300,7 +301,7 @@ impl Membership {
             next_contact: 0,
             reannounce_set: false,
             reannounce_due: false,
-            reannounce_after: Duration::from_millis(config.reannounce_ms),
+            reannounce_after: Duration::from_millis(config.reannounce_ms.max(10)),
         }
     }
 

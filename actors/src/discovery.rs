@@ -63,6 +63,16 @@ pub enum DiscoveryMsg {
         /// The answer.
         reply: RpcReplyPort<Vec<AgentInfo>>,
     },
+    /// How many agents with the capability are known but not offered yet (their node
+    /// is not reported up): see [`Registry::capable_unwatched`].
+    CountUnwatched {
+        /// The capability.
+        capability: String,
+        /// Tags it must have.
+        tags: Vec<String>,
+        /// The count.
+        reply: RpcReplyPort<usize>,
+    },
     /// Every agent known.
     List(RpcReplyPort<Vec<AgentRecord>>),
     /// The node an agent runs on.
@@ -177,6 +187,13 @@ impl Actor for Discovery {
                 reply,
             } => {
                 let _ = reply.send(state.registry.query(&capability, &tags, limit));
+            }
+            DiscoveryMsg::CountUnwatched {
+                capability,
+                tags,
+                reply,
+            } => {
+                let _ = reply.send(state.registry.capable_unwatched(&capability, &tags));
             }
             DiscoveryMsg::List(reply) => {
                 let mut all = Vec::with_capacity(state.registry.len());

@@ -387,6 +387,24 @@ impl Registry {
         })
     }
 
+    /// How many agents offering `capability` with every one of `tags` are held but not
+    /// offered, because membership has not reported their node up (yet). A coordinator
+    /// that finds no offered agent waits for these rather than failing the task.
+    pub fn capable_unwatched(&self, capability: &str, tags: &[String]) -> usize {
+        if self.hidden.is_empty() {
+            return 0;
+        }
+        self.agents
+            .values()
+            .filter(|r| !self.offered(&r.node))
+            .filter(|r| {
+                r.capabilities
+                    .iter()
+                    .any(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
+            })
+            .count()
+    }
+
     /// Agents offering `capability` with every one of `tags`, healthiest and least
     /// loaded first, at most `limit` (0: all).
     pub fn query(&self, capability: &str, tags: &[String], limit: usize) -> Vec<AgentInfo> {

@@ -274,8 +274,15 @@ fn agents_of_a_node_are_offered_only_while_membership_reports_it_up() {
     let offered = |r: &Registry| r.query("summarize", &[], 0).len();
     assert_eq!(b.len(), 2, "both records kept");
     assert_eq!(offered(&b), 0, "a not yet seen up by b");
+    assert_eq!(
+        b.capable_unwatched("summarize", &[]),
+        2,
+        "known, to wait for"
+    );
+    assert_eq!(b.capable_unwatched("translate", &[]), 0);
     b.handle_node_up("a");
     assert_eq!(offered(&b), 2);
+    assert_eq!(b.capable_unwatched("summarize", &[]), 0);
     assert_eq!(offered(&a), 2, "a node's own agents are always offered");
     b.handle_node_down("a");
     assert_eq!(offered(&b), 0);

@@ -398,10 +398,9 @@ impl CoordinatorState {
             return;
         }
         let (capability, tags, group) = (meta.capability.clone(), meta.tags.clone(), meta.group);
-        let (tags_again, submitted_ms) = (tags.clone(), meta.submitted_ms);
         let found = ractor::call!(self.discovery, |reply| DiscoveryMsg::Query {
             capability: capability.clone(),
-            tags,
+            tags: tags.clone(),
             limit: 0,
             reply,
         })
@@ -438,28 +437,14 @@ impl CoordinatorState {
             })
             .collect();
         if found.is_empty() {
-            // Agents known only on nodes membership has not reported up yet (their
-            // list can arrive first) are waited for, as for busy ones, within the
-            // ledger's bound; otherwise the capability is unknown and the task fails.
             let unwatched = ractor::call!(self.discovery, |reply| DiscoveryMsg::CountUnwatched {
                 capability: capability.clone(),
-                tags: tags_again,
+                tags,
                 reply,
             })
             .unwrap_or(0);
-            let waited = now.saturating_sub(submitted_ms);
-            if unwatched > 0 && waited < self.config.max_wait_ms {
-                return;
-            }
-            let reason = if unwatched > 0 {
-                format!(
-                    "no agent offers capability {capability:?} on a node seen up for {} ms",
-                    self.config.max_wait_ms
-                )
-            } else {
-                format!("no agent offers capability {capability:?}")
-            };
-            self.ledger.fail_task(task, reason);
+            self.ledger
+                .no_candidates(task, &capability, unwatched > 0, now);
         } else if allowed.is_empty() {
             let mut groups: Vec<u16> = found.iter().map(|a| a.group).collect();
             groups.sort_unstable();

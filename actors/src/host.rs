@@ -166,13 +166,7 @@ impl AgentHost {
         // Subscribe before taking the member list: a node that comes up in between is
         // then in the list, or in the events, or both (harmless), never in neither.
         let membership_events = node.subscribe();
-        let up: BTreeMap<String, u64> = node
-            .members()
-            .await
-            .into_iter()
-            .filter(|m| m.state == MemberState::Up)
-            .map(|m| (m.name, m.incarnation))
-            .collect();
+        let up = up_members(&node.members().await);
         let members: Vec<String> = up.keys().cloned().collect();
         // Nodes started in the same millisecond have the same incarnation: the name
         // keeps their Agent ID sequences apart (collisions are still resolved, but each
@@ -437,7 +431,6 @@ async fn pump<M: ractor::Message>(
     }
 }
 
-/// Tells the actors about nodes coming and going.
 /// Where the agent layer learns of membership: the events, and the published member
 /// list to catch up from when events were missed.
 struct MembershipFeed {
@@ -447,6 +440,15 @@ struct MembershipFeed {
     up: BTreeMap<String, u64>,
 }
 
+/// The members up in `list`, with their incarnation.
+fn up_members(list: &[MemberInfo]) -> BTreeMap<String, u64> {
+    list.iter()
+        .filter(|m| m.state == MemberState::Up)
+        .map(|m| (m.name.clone(), m.incarnation))
+        .collect()
+}
+
+/// Tells the actors about nodes coming and going.
 async fn follow_membership(
     mut feed: MembershipFeed,
     discovery: ActorRef<DiscoveryMsg>,
@@ -486,13 +488,7 @@ async fn follow_membership(
                 // another life) is told down, what came up is told up. Without it a
                 // missed "down" would leave that node's segments to their timeouts,
                 // and a missed "up" would keep its agents from being offered.
-                let now: BTreeMap<String, u64> = feed
-                    .list
-                    .borrow()
-                    .iter()
-                    .filter(|m| m.state == MemberState::Up)
-                    .map(|m| (m.name.clone(), m.incarnation))
-                    .collect();
+                let now = up_members(&feed.list.borrow());
                 warn!(
                     missed = n,
                     "membership events missed; catching up from the member list"
@@ -718,6 +714,17 @@ mod tests {
         }
     }
 
+    /// A `Rec` writing `line(message)` into `log`.
+    async fn spawn_rec<M: ractor::Message>(
+        log: Log,
+        line: fn(&M) -> Option<String>,
+    ) -> ActorRef<M> {
+        let (actor, _) = Actor::spawn(None, Rec(std::marker::PhantomData), (log, line))
+            .await
+            .unwrap();
+        actor
+    }
+
     fn id(name: &str, incarnation: u64) -> NodeId {
         NodeId {
             name: name.into(),
@@ -742,43 +749,18 @@ mod tests {
     #[tokio::test]
     async fn missed_membership_events_are_caught_up_from_the_member_list() {
         let (discovery_log, coordinator_log) = (Log::default(), Log::default());
-        let (discovery, _) = Actor::spawn(
-            None,
-            Rec(std::marker::PhantomData),
-            (
-                discovery_log.clone(),
-                (|m: &DiscoveryMsg| match m {
-                    DiscoveryMsg::NodeUp(n) => Some(format!("up {n}")),
-                    DiscoveryMsg::NodeDown(n) => Some(format!("down {n}")),
-                    _ => None,
-                }) as fn(&DiscoveryMsg) -> Option<String>,
-            ),
-        )
-        .await
-        .unwrap();
-        let (coordinator, _) = Actor::spawn(
-            None,
-            Rec(std::marker::PhantomData),
-            (
-                coordinator_log.clone(),
-                (|m: &CoordinatorMsg| match m {
-                    CoordinatorMsg::NodeDown(n) => Some(format!("down {n}")),
-                    _ => None,
-                }) as fn(&CoordinatorMsg) -> Option<String>,
-            ),
-        )
-        .await
-        .unwrap();
-        let (policy, _) = Actor::spawn(
-            None,
-            Rec(std::marker::PhantomData),
-            (
-                Log::default(),
-                (|_: &PolicyMsg| None) as fn(&PolicyMsg) -> Option<String>,
-            ),
-        )
-        .await
-        .unwrap();
+        let discovery = spawn_rec(discovery_log.clone(), |m: &DiscoveryMsg| match m {
+            DiscoveryMsg::NodeUp(n) => Some(format!("up {n}")),
+            DiscoveryMsg::NodeDown(n) => Some(format!("down {n}")),
+            _ => None,
+        })
+        .await;
+        let coordinator = spawn_rec(coordinator_log.clone(), |m: &CoordinatorMsg| match m {
+            CoordinatorMsg::NodeDown(n) => Some(format!("down {n}")),
+            _ => None,
+        })
+        .await;
+        let policy = spawn_rec(Log::default(), |_: &PolicyMsg| None).await;
 
         // Room for two events; five happen before the follower reads any.
         let (events_tx, events) = broadcast::channel(2);

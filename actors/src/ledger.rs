@@ -360,6 +360,36 @@ impl Ledger {
         self.fail(task_id, reason);
     }
 
+    /// No capable agent is offered for `task_id`. Agents held for nodes membership has
+    /// not reported up yet (`unwatched`: their list can arrive first) are waited for,
+    /// as busy ones are, until the oldest pending segment has waited `max_wait_ms`;
+    /// otherwise, or after that, the task fails.
+    pub fn no_candidates(&mut self, task_id: Uuid, capability: &str, unwatched: bool, now_ms: u64) {
+        let oldest_ms = self.tasks.get(&task_id).and_then(|t| {
+            t.segments
+                .iter()
+                .filter_map(|s| match s.state {
+                    SegmentState::Pending { since_ms, .. } => Some(since_ms),
+                    _ => None,
+                })
+                .min()
+        });
+        let Some(oldest_ms) = oldest_ms else {
+            return;
+        };
+        let reason = if !unwatched {
+            format!("no agent offers capability {capability:?}")
+        } else if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
+            format!(
+                "no agent offers capability {capability:?} on a node seen up for {} ms",
+                self.config.max_wait_ms
+            )
+        } else {
+            return;
+        };
+        self.fail(task_id, reason);
+    }
+
     /// Takes the next thing to do.
     pub fn poll(&mut self) -> Option<LedgerOutput> {
         self.outputs.pop_front()

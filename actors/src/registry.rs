@@ -375,16 +375,10 @@ impl Registry {
         capability: &'a str,
         tags: &'a [String],
     ) -> impl Iterator<Item = (&'a AgentRecord, &'a Capability)> + 'a {
-        self.agents.values().filter_map(move |r| {
-            if !self.offered(&r.node) {
-                return None;
-            }
-            let cap = r
-                .capabilities
-                .iter()
-                .find(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))?;
-            Some((r, cap))
-        })
+        self.agents
+            .values()
+            .filter(|r| self.offered(&r.node))
+            .filter_map(move |r| Some((r, offers(r, capability, tags)?)))
     }
 
     /// How many agents offering `capability` with every one of `tags` are held but not
@@ -396,12 +390,7 @@ impl Registry {
         }
         self.agents
             .values()
-            .filter(|r| !self.offered(&r.node))
-            .filter(|r| {
-                r.capabilities
-                    .iter()
-                    .any(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
-            })
+            .filter(|r| !self.offered(&r.node) && offers(r, capability, tags).is_some())
             .count()
     }
 
@@ -539,4 +528,16 @@ fn update(held: &mut AgentRecord, news: &AgentRecord) {
     held.group = news.group;
     held.load = news.load;
     held.health = news.health;
+}
+
+/// The capability `record` offers under that name with every one of `tags`, if any.
+fn offers<'a>(
+    record: &'a AgentRecord,
+    capability: &str,
+    tags: &[String],
+) -> Option<&'a Capability> {
+    record
+        .capabilities
+        .iter()
+        .find(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
 }

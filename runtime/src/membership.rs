@@ -256,6 +256,17 @@ enum TimerKind {
     Reannounce,
 }
 
+/// Where the re-announce timer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reannounce {
+    /// None set.
+    Off,
+    /// To be handed to the driver at the next poll.
+    Due,
+    /// Set, not yet handled.
+    Set,
+}
+
 /// How many join addresses are remembered as contacts for re-announcing.
 const MAX_CONTACTS: usize = 16;
 /// How many nodes each re-announce round goes to.
@@ -276,10 +287,7 @@ pub struct Membership {
     contacts: Vec<NodeId>,
     /// Where the next announce round starts among the candidates.
     next_contact: usize,
-    /// A re-announce timer is set and not yet handled.
-    reannounce_set: bool,
-    /// A re-announce timer is to be handed to the driver at the next poll.
-    reannounce_due: bool,
+    reannounce: Reannounce,
     reannounce_after: Duration,
 }
 
@@ -299,16 +307,9 @@ impl Membership {
             connected: false,
             contacts: Vec::new(),
             next_contact: 0,
-            reannounce_set: false,
-            reannounce_due: false,
+            reannounce: Reannounce::Off,
             reannounce_after: Duration::from_millis(config.reannounce_ms.max(10)),
         }
-    }
-
-    /// Whether this node is in the cluster as far as it knows: it has at least one
-    /// active member and its failure detector runs.
-    pub fn is_connected(&self) -> bool {
-        self.connected
     }
 
     /// This node's current identity.
@@ -317,9 +318,8 @@ impl Membership {
     }
 
     /// Asks the node `via` (its name is enough; its incarnation may be unknown) to let
-    /// this node in.
-    /// Until this node is connected it announces again every `reannounce_ms`, to this
-    /// node among others.
+    /// this node in. Until this node is connected it announces again every
+    /// `reannounce_ms`, to this node among others.
     pub fn join(&mut self, via: NodeId) -> Result<(), MembershipError> {
         self.contacts.retain(|c| c.name != via.name);
         if self.contacts.len() == MAX_CONTACTS {
@@ -348,7 +348,7 @@ impl Membership {
                 .handle_timer(timer, &mut self.runtime)
                 .map_err(|e| MembershipError(e.to_string())),
             TimerKind::Reannounce => {
-                self.reannounce_set = false;
+                self.reannounce = Reannounce::Off;
                 if !self.connected {
                     self.announce_round();
                 }
@@ -383,16 +383,15 @@ impl Membership {
     }
 
     fn set_reannounce(&mut self) {
-        if !self.reannounce_set {
-            self.reannounce_set = true;
-            self.reannounce_due = true;
+        if self.reannounce == Reannounce::Off {
+            self.reannounce = Reannounce::Due;
         }
     }
 
     /// foca went out of the cluster: announce now, and on a timer until back.
     fn lost_contact(&mut self) {
         self.connected = false;
-        if !self.reannounce_set {
+        if self.reannounce == Reannounce::Off {
             self.announce_round();
         }
     }
@@ -426,8 +425,8 @@ impl Membership {
                 let timer = MembershipTimer(TimerKind::Foca(timer));
                 return Some(MembershipOutput::SetTimer { after, timer });
             }
-            if self.reannounce_due {
-                self.reannounce_due = false;
+            if self.reannounce == Reannounce::Due {
+                self.reannounce = Reannounce::Set;
                 let timer = MembershipTimer(TimerKind::Reannounce);
                 let after = self.reannounce_after;
                 return Some(MembershipOutput::SetTimer { after, timer });

@@ -572,12 +572,13 @@ impl Actor for NodeSupervisor {
                 let backoff = Duration::from_millis(100 << (state.failures.len() - 1));
                 warn!(%error, backoff_ms = backoff.as_millis() as u64, "the cluster actor failed; restarting it");
                 tokio::time::sleep(backoff).await;
-                let highest = state.args.highest_incarnation.load(Ordering::Relaxed);
-                state.args.me.incarnation = highest.max(state.args.me.incarnation) + 1;
-                state
+                // One above the highest so far (which starts at, and never falls
+                // below, the incarnation the node started with).
+                state.args.me.incarnation = state
                     .args
                     .highest_incarnation
-                    .fetch_max(state.args.me.incarnation, Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;

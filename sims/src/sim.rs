@@ -1208,17 +1208,10 @@ impl Sim {
         for (_, _, task) in waiting {
             let capability = self.nodes[ix].tasks[&task].capability.clone();
             let candidates = self.candidates(ix, &capability);
-            let max_wait_ms = self.config.ledger.max_wait_ms;
             let n = &mut self.nodes[ix];
             if candidates.is_empty() {
-                // As the live coordinator: agents held only for nodes not reported up
-                // yet are waited for, within the ledger's bound.
-                let waited_ms = now_ms.saturating_sub(n.tasks[&task].submitted_us / 1000);
-                if waited_ms < max_wait_ms && n.registry.capable_unwatched(&capability, &[]) > 0 {
-                    continue;
-                }
-                n.ledger
-                    .fail_task(task, format!("no agent offers capability {capability:?}"));
+                let unwatched = n.registry.capable_unwatched(&capability, &[]) > 0;
+                n.ledger.no_candidates(task, &capability, unwatched, now_ms);
             } else {
                 n.ledger.assign(task, &candidates, now_ms);
             }

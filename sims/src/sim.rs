@@ -438,15 +438,29 @@ impl Sim {
     /// Appends a line to the event log (and its digest), for the rare events whose
     /// line needs `core::fmt`; the others use [`log!`].
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
-        let mut line = self.begin_line();
-        let _ = line.write_fmt(args);
-        self.end_line(line);
-    }
-
-    /// A log line with its prefix (event number, time), to be completed and ended.
-    fn begin_line(&mut self) -> String {
         let mut line = std::mem::take(&mut self.line);
         line.clear();
+        let _ = line.write_fmt(args);
+        self.begin_fold();
+        self.digest.bytes(line.as_bytes());
+        self.digest.end_line();
+        if self.config.keep_log {
+            let mut kept = self.begin_line();
+            kept.push_str(&line);
+            self.log.push(kept);
+        }
+        self.line = line;
+    }
+
+    /// Folds a line's prefix (event number, time) into the digest.
+    fn begin_fold(&mut self) {
+        self.digest.word(self.events);
+        self.digest.word(self.now_us);
+    }
+
+    /// A kept log line's prefix (event number, time), to be completed and kept.
+    fn begin_line(&mut self) -> String {
+        let mut line = String::with_capacity(64);
         crate::line::Part::put(&self.events, &mut line);
         line.push(' ');
         crate::line::Part::put(&self.now_us, &mut line);
@@ -454,13 +468,8 @@ impl Sim {
         line
     }
 
-    fn end_line(&mut self, line: String) {
-        self.digest.update(line.as_bytes());
-        self.digest.update(b"\n");
-        if self.config.keep_log {
-            self.log.push(line.clone());
-        }
-        self.line = line;
+    fn keep_line(&mut self, line: String) {
+        self.log.push(line);
     }
 
     fn chance(&mut self, permille: u32) -> bool {

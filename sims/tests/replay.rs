@@ -33,6 +33,16 @@ fn the_same_workload_and_seed_give_a_byte_identical_event_log() {
     assert_eq!(log_a, log_b);
     assert_eq!(a.digest, b.digest);
     assert!(a.events > 100, "{a:?}");
+    // The digest folds each line's fields in whether or not the text is kept.
+    let (unkept, none) = run(
+        "smoke",
+        SimConfig {
+            keep_log: false,
+            ..config.clone()
+        },
+    );
+    assert!(none.is_empty());
+    assert_eq!(unkept.digest, a.digest);
     let (c, _) = run("smoke", SimConfig { seed: 8, ..config });
     assert_ne!(a.digest, c.digest, "another seed, another run");
 }

@@ -254,16 +254,21 @@ impl DiscoveryState {
                     let targets: Vec<String> = self.members.iter().cloned().collect();
                     self.queue(targets, delta);
                 }
-                RegistryOutput::Own { agent, node } => {
-                    self.ownership.assign(agent, &node);
-                    if let (Some(recorder), Some(r)) = (&self.recorder, self.registry.get(agent)) {
-                        recorder.observe(Observation::Registered {
-                            agent,
-                            node: node.to_string(),
-                            agent_type: r.agent_type.to_string(),
-                            capabilities: r.capabilities.to_vec(),
-                            group: r.group,
-                        });
+                RegistryOutput::Own { agents, node } => {
+                    self.ownership.assign_all(&agents, &node);
+                    if let Some(recorder) = &self.recorder {
+                        for &agent in &agents {
+                            let Some(r) = self.registry.get(agent) else {
+                                continue;
+                            };
+                            recorder.observe(Observation::Registered {
+                                agent,
+                                node: node.to_string(),
+                                agent_type: r.agent_type.to_string(),
+                                capabilities: r.capabilities.to_vec(),
+                                group: r.group,
+                            });
+                        }
                     }
                 }
                 RegistryOutput::Disown { agent } => self.ownership.remove(agent),

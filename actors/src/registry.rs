@@ -62,11 +62,13 @@ pub struct RegistryDelta {
 pub enum RegistryOutput {
     /// Send this delta to every other node.
     Broadcast(RegistryDelta),
-    /// `node` owns `agent` (for the transport's ownership table).
+    /// `node` owns `agents` (for the transport's ownership table). Consecutive news of
+    /// one node's agents come as one output: a node's whole list, applied on another
+    /// node, makes one output rather than one per agent.
     Own {
-        /// The Agent ID.
-        agent: u32,
-        /// Its node.
+        /// The Agent IDs, in the order they were taken up.
+        agents: Vec<u32>,
+        /// Their node.
         node: Arc<str>,
     },
     /// Nobody owns `agent` any more.
@@ -477,7 +479,15 @@ impl Registry {
             None => true,
         };
         if owner_changed {
-            self.outputs.push_back(RegistryOutput::Own { agent, node });
+            match self.outputs.back_mut() {
+                Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, &node) => {
+                    agents.push(agent)
+                }
+                _ => self.outputs.push_back(RegistryOutput::Own {
+                    agents: vec![agent],
+                    node,
+                }),
+            }
         }
     }
 

@@ -55,7 +55,7 @@ fn a_registered_agent_gets_an_id_ownership_and_a_broadcast() {
     assert_eq!((&*rec.node, rec.group), ("a", 7));
     let out = drain(&mut r);
     assert!(out.contains(&RegistryOutput::Own {
-        agent: rec.agent,
+        agents: vec![rec.agent],
         node: "a".into()
     }));
     assert!(out
@@ -83,12 +83,15 @@ fn agents_replicate_to_other_nodes_and_queries_rank_by_health_and_load() {
         .iter()
         .all(|o| matches!(o, RegistryOutput::Own { .. })));
     assert_eq!(b.len(), 3);
-    for o in drain(&mut b) {
-        assert!(
-            matches!(o, RegistryOutput::Own { ref node, .. } if &**node == "a"),
-            "{o:?}"
-        );
-    }
+    // The three agents of one delta: one output naming all of them.
+    let mut taken = match drain(&mut b).as_slice() {
+        [RegistryOutput::Own { agents, node }] if &**node == "a" => agents.clone(),
+        other => panic!("{other:?}"),
+    };
+    taken.sort_unstable();
+    let mut sent = vec![x.agent, y.agent, z.agent];
+    sent.sort_unstable();
+    assert_eq!(taken, sent);
     let found: Vec<u32> = b
         .query("summarize", &[], 0)
         .iter()

@@ -71,6 +71,17 @@ impl OwnershipTable {
         }
     }
 
+    /// Records that `node` owns every one of `agents`, under one lock and with one
+    /// shared copy of the name.
+    pub fn assign_all(&self, agents: &[u32], node: &Arc<str>) {
+        if let Ok(mut owners) = self.owners.write() {
+            owners.reserve(agents.len());
+            for &agent in agents {
+                owners.insert(agent, node.clone());
+            }
+        }
+    }
+
     /// Forgets `agent`.
     pub fn remove(&self, agent: u32) {
         if let Ok(mut owners) = self.owners.write() {

@@ -1241,12 +1241,16 @@ impl Sim {
         // Room for every agent at once: growing a list of 100,000 step by step cost
         // more than filling it.
         let mut list = Vec::with_capacity(n.registry.len());
-        list.extend(n.registry.capable(capability, &[]).map(|(a, cap)| Candidate {
-            agent: a.agent,
-            node: a.node.clone(),
-            capacity: cap.capacity,
-            load: a.load,
-        }));
+        list.extend(
+            n.registry
+                .capable(capability, &[])
+                .map(|(a, cap)| Candidate {
+                    agent: a.agent,
+                    node: a.node.clone(),
+                    capacity: cap.capacity,
+                    load: a.load,
+                }),
+        );
         let list: Rc<[Candidate]> = Rc::from(list);
         n.candidates
             .insert(capability.to_string(), (n.registry_gen, list.clone()));

@@ -57,6 +57,9 @@ pub struct RegistryDelta {
     pub removals: Vec<u32>,
 }
 
+/// One node's Agent IDs.
+type IdSet = HashSet<u32, SeedableRandomState>;
+
 /// Something the registry asks its driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegistryOutput {
@@ -115,7 +118,7 @@ pub struct Registry {
     max_agents: usize,
     agents: HashMap<u32, AgentRecord, SeedableRandomState>,
     /// Each node's Agent IDs.
-    by_node: HashMap<Arc<str>, HashSet<u32, SeedableRandomState>, SeedableRandomState>,
+    by_node: HashMap<Arc<str>, IdSet, SeedableRandomState>,
     /// The other nodes membership reports up. Only their agents (and this node's) are
     /// offered by [`Registry::capable`]: an allocation must go to a node whose failure
     /// this node's failure detector will report. A node's delta can arrive before
@@ -283,24 +286,44 @@ impl Registry {
             Some((name, _)) => name.clone(),
             None => Arc::from(sender),
         };
+        // The sender's set of IDs is taken out while its records are applied, so a
+        // record costs no lookup of the sender's name (applying records never touches
+        // the sender's set other than through `ids`).
+        let mut ids = match self.by_node.remove(sender) {
+            Some(ids) => ids,
+            None => HashSet::with_hasher(self.hasher.clone()),
+        };
         // Room for a large delta (a node's whole list, a burst of registrations) at
-        // once, rather than growing the table step by step while applying it. The
-        // table's growth history also decides its iteration order, which candidate
-        // lists (and so simulated runs and their digests) follow.
-        let room = delta
-            .upserts
-            .len()
-            .min(self.max_agents - self.agents.len().min(self.max_agents));
-        self.agents.reserve(room);
+        // once, rather than growing the table step by step while applying it. A whole
+        // list repeats what is held of the sender (its other records were dropped
+        // above), so only the rest needs room. The table's growth history also decides
+        // its iteration order, which candidate lists (and so simulated runs and their
+        // digests) follow.
+        let news = if delta.full {
+            delta.upserts.len().saturating_sub(ids.len())
+        } else {
+            delta.upserts.len()
+        };
+        self.agents
+            .reserve(news.min(self.max_agents - self.agents.len().min(self.max_agents)));
         for record in &delta.upserts {
-            self.upsert(&name, record);
+            self.upsert(&name, record, &mut ids);
+        }
+        if ids.is_empty() {
+            self.hidden.remove(&name);
+        } else {
+            // A node's first records: hidden unless it is up.
+            if !self.up.contains(&name) {
+                self.hidden.insert(name.clone());
+            }
+            self.by_node.insert(name, ids);
         }
         Ok(())
     }
 
     /// Applies one record sent by node `sender` (it speaks for itself, whatever node
     /// the record names).
-    fn upsert(&mut self, sender: &Arc<str>, record: &AgentRecord) {
+    fn upsert(&mut self, sender: &Arc<str>, record: &AgentRecord, ids: &mut IdSet) {
         let holder_sorts_first = match self.agents.get_mut(&record.agent) {
             Some(held) if held.node == *sender => {
                 // Known, and the sender's already: only what changed is replaced.
@@ -326,14 +349,14 @@ impl Registry {
             }
             // The sender sorts first and takes the ID.
             if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
-                self.insert(record);
+                self.insert_into(ids, record);
                 return self.move_local(ours);
             }
         }
         if self.agents.len() >= self.max_agents && !self.agents.contains_key(&record.agent) {
             return;
         }
-        self.insert(record);
+        self.insert_into(ids, record);
     }
 
     /// Membership reports `node` up: its agents may be offered from now on.
@@ -473,6 +496,19 @@ impl Registry {
                 slot.insert(ids);
             }
         }
+        self.take_up(record);
+    }
+
+    /// [`Registry::insert`] of a record of the node whose set of IDs is `ids`, taken
+    /// out of `by_node` by the caller.
+    fn insert_into(&mut self, ids: &mut IdSet, record: AgentRecord) {
+        ids.insert(record.agent);
+        self.take_up(record);
+    }
+
+    /// Holds `record` (its node's set of IDs already has it) and tells of its owner.
+    fn take_up(&mut self, record: AgentRecord) {
+        let agent = record.agent;
         let node = record.node.clone();
         let owner_changed = match self.agents.insert(agent, record) {
             Some(held) => held.node != node,

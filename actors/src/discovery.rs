@@ -271,7 +271,7 @@ impl DiscoveryState {
                         }
                     }
                 }
-                RegistryOutput::Disown { agent } => self.ownership.remove(agent),
+                RegistryOutput::Disown { agents } => self.ownership.remove_all(&agents),
                 RegistryOutput::Reidentified { old, new } => {
                     info!(
                         old,

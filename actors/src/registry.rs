@@ -74,10 +74,11 @@ pub enum RegistryOutput {
         /// Their node.
         node: Arc<str>,
     },
-    /// Nobody owns `agent` any more.
+    /// Nobody owns `agents` any more (consecutive news come as one output, as for
+    /// [`RegistryOutput::Own`]: a node that went down makes one).
     Disown {
-        /// The Agent ID.
-        agent: u32,
+        /// The Agent IDs.
+        agents: Vec<u32>,
     },
     /// A local agent lost an ID collision and now has a new ID.
     Reidentified {
@@ -375,13 +376,14 @@ impl Registry {
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
         self.hidden.remove(node);
-        let ids: Vec<u32> = self
-            .by_node
-            .get(node)
-            .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+        // Every record of the node goes: its whole set of IDs at once.
+        let Some(ids) = self.by_node.remove(node) else {
+            return;
+        };
         for agent in ids {
-            self.remove(agent);
+            if self.agents.remove(&agent).is_some() {
+                self.disowned(agent);
+            }
         }
     }
 
@@ -536,8 +538,17 @@ impl Registry {
                 self.hidden.remove(&record.node);
             }
         }
-        self.outputs.push_back(RegistryOutput::Disown { agent });
+        self.disowned(agent);
         Some(record)
+    }
+
+    fn disowned(&mut self, agent: u32) {
+        match self.outputs.back_mut() {
+            Some(RegistryOutput::Disown { agents }) => agents.push(agent),
+            _ => self.outputs.push_back(RegistryOutput::Disown {
+                agents: vec![agent],
+            }),
+        }
     }
 
     fn broadcast(&mut self, upserts: Vec<AgentRecord>, removals: Vec<u32>) {

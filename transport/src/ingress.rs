@@ -89,6 +89,15 @@ impl OwnershipTable {
         }
     }
 
+    /// Forgets every one of `agents`, under one lock.
+    pub fn remove_all(&self, agents: &[u32]) {
+        if let Ok(mut owners) = self.owners.write() {
+            for agent in agents {
+                owners.remove(agent);
+            }
+        }
+    }
+
     /// Forgets every agent `node` owned (it left or died).
     pub fn remove_node(&self, node: &str) {
         if let Ok(mut owners) = self.owners.write() {

@@ -1,8 +1,10 @@
-//! A full network partition of live node processes (real QUIC and mutual TLS), made
-//! with nftables inside a network namespace of the test's own: four nodes split two
-//! and two while a task runs; the coordinator's side declares the other side down and
+//! Full network partitions of live node processes (real QUIC and mutual TLS), made
+//! with nftables inside a network namespace of the test's own. Four nodes split two and
+//! two while a task runs: the coordinator's side declares the other side down and
 //! reallocates its segments; the partition heals; all four see each other again, and
-//! the task completes with every segment's result accepted exactly once.
+//! the task completes with every segment's result accepted exactly once. A coordinator
+//! with no agent of its own is cut off from every worker: its task waits instead of
+//! failing, and completes once the partition heals.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -27,8 +29,8 @@ struct Netns {
 impl Netns {
     /// The namespace, or `None` (with the reason printed) where this machine cannot
     /// make one and the test is not running under CI.
-    fn create() -> Option<Netns> {
-        let name = format!("agentmesh-part-{}", std::process::id());
+    fn create(tag: &str) -> Option<Netns> {
+        let name = format!("agentmesh-{tag}-{}", std::process::id());
         let ok = |cmd: &mut Command| cmd.status().map(|s| s.success()).unwrap_or(false);
         let made = ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
@@ -81,10 +83,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(&self, i: usize) -> NodeProcess {
+        self.start_with(i, &["--agents", "sleep=2"])
+    }
+
+    fn start_with(&self, i: usize, extra: &[&str]) -> NodeProcess {
         let name = format!("n{i}");
         let listen = self.addr(i);
         let seed = self.addr(0);
-        let mut args = vec!["--name", &name, "--listen", &listen, "--agents", "sleep=2"];
+        let mut args = vec!["--name", &name, "--listen", &listen];
+        args.extend(extra);
         if i > 0 {
             args.extend(["--join", &seed]);
         }
@@ -182,42 +189,49 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> Option<Stri
     }
 }
 
-#[test]
-fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
-    let Some(ns) = Netns::create() else { return };
-    let dir = temp_dir("partition");
+/// The tests of this file one at a time: each runs four node processes.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Four nodes' addresses in a namespace of their own, or `None` where there can be none.
+fn cluster(tag: &str) -> Option<Cluster> {
+    let ns = Netns::create(tag)?;
+    let dir = temp_dir(tag);
     std::fs::create_dir_all(&dir).unwrap();
-    let cluster = Cluster {
+    Some(Cluster {
         ns,
         dir,
         ports: (0..4).map(|_| free_port()).collect(),
-    };
-    let first = cluster.start(0);
-    first.expect(&["listening"]);
-    let nodes: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
-    wait_until(
-        "n0 lists the four nodes' agents",
-        Duration::from_secs(20),
-        || {
-            let n = cluster
-                .status(0)
-                .and_then(|s| s["agents"].as_array().map(Vec::len))
-                .unwrap_or(0);
-            (n != 4).then(|| format!("{n} agents"))
-        },
-    );
+    })
+}
 
-    // 60 segments of 300 ms on 8 replicas: about 2.3 s of work with every node up.
-    let submit: Child = cluster
-        .command(&[
+impl Cluster {
+    /// Waits until node `i` lists `n` agents.
+    fn wait_for_agents(&self, i: usize, n: usize) {
+        wait_until(
+            &format!("n{i} lists {n} agents"),
+            Duration::from_secs(20),
+            || {
+                let found = self
+                    .status(i)
+                    .and_then(|s| s["agents"].as_array().map(Vec::len))
+                    .unwrap_or(0);
+                (found != n).then(|| format!("{found} agents"))
+            },
+        );
+    }
+
+    /// `submit --json --results` of `segments` segments of 300 ms to n0, in the background.
+    fn submit(&self, segments: u32) -> Child {
+        let segments = segments.to_string();
+        self.command(&[
             "submit",
             "--json",
             "--to",
-            &cluster.addr(0),
+            &self.addr(0),
             "--capability",
             "sleep",
             "--segments",
-            "60",
+            &segments,
             "--segment-ms",
             "300",
             "--results",
@@ -225,28 +239,26 @@ fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+        .unwrap()
+    }
 
-    // n0 (the coordinator) and n1 on one side, n2 and n3 (holding segments) on the other.
-    cluster.partition(&[0, 1], &[2, 3]);
-    first.expect(&["node down: reallocating its segments", "node=n2"]);
-    first.expect(&["node down: reallocating its segments", "node=n3"]);
-    nodes[1].expect(&["node down", "node=n0 "]);
-    cluster.heal();
+    fn wait_until_all_up(&self) {
+        wait_until(
+            "all four nodes see all four up again",
+            Duration::from_secs(20),
+            || {
+                let views: Vec<HashMap<String, String>> = (0..4).map(|i| self.states(i)).collect();
+                let healed = views
+                    .iter()
+                    .all(|v| v.len() == 4 && v.values().all(|s| s == "up"));
+                (!healed).then(|| format!("{views:?}"))
+            },
+        );
+    }
+}
 
-    wait_until(
-        "all four nodes see all four up again",
-        Duration::from_secs(20),
-        || {
-            let views: Vec<HashMap<String, String>> = (0..4).map(|i| cluster.states(i)).collect();
-            let healed = views
-                .iter()
-                .all(|v| v.len() == 4 && v.values().all(|s| s == "up"));
-            (!healed).then(|| format!("{views:?}"))
-        },
-    );
-
+/// The task's outcome: completed, with one accepted result (300) per segment.
+fn completed_once(submit: Child, segments: u64) -> Value {
     let out = submit.wait_with_output().unwrap();
     let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -257,11 +269,71 @@ fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
     });
     assert!(out.status.success(), "{task}");
     assert_eq!(task["status"], "completed", "{task}");
-    assert_eq!(task["segments"], 60, "{task}");
-    assert_eq!(task["completed"], 60, "{task}");
+    assert_eq!(task["segments"], segments, "{task}");
+    assert_eq!(task["completed"], segments, "{task}");
     assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
     let results = task["results"].as_array().unwrap();
-    assert_eq!(results.len(), 60, "one accepted result per segment: {task}");
+    assert_eq!(
+        results.len() as u64,
+        segments,
+        "one accepted result per segment: {task}"
+    );
     assert!(results.iter().all(|r| r == 300), "{task}");
+    task
+}
+
+#[test]
+fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cluster) = cluster("partition") else {
+        return;
+    };
+    let first = cluster.start(0);
+    first.expect(&["listening"]);
+    let nodes: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
+    cluster.wait_for_agents(0, 4);
+
+    // 60 segments of 300 ms on 8 replicas: about 2.3 s of work with every node up.
+    let submit = cluster.submit(60);
+    std::thread::sleep(Duration::from_millis(700));
+
+    // n0 (the coordinator) and n1 on one side, n2 and n3 (holding segments) on the other.
+    cluster.partition(&[0, 1], &[2, 3]);
+    first.expect(&["node down: reallocating its segments", "node=n2"]);
+    first.expect(&["node down: reallocating its segments", "node=n3"]);
+    nodes[1].expect(&["node down", "node=n0 "]);
+    cluster.heal();
+    cluster.wait_until_all_up();
+    completed_once(submit, 60);
+    drop(nodes);
+}
+
+/// The coordinator runs no agent of its own and is cut off from every node that does:
+/// its task has no capable agent anywhere it can see. It waits for them (as for busy
+/// ones, up to `max_wait_ms`) instead of failing, and completes once the partition
+/// heals.
+#[test]
+fn a_coordinator_cut_off_from_every_worker_waits_and_completes_after_the_heal() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cluster) = cluster("cutoff") else {
+        return;
+    };
+    let first = cluster.start_with(0, &[]);
+    first.expect(&["listening"]);
+    let nodes: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
+    cluster.wait_for_agents(0, 3);
+
+    // 30 segments of 300 ms on 6 replicas: about 1.5 s of work.
+    let submit = cluster.submit(30);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.partition(&[0], &[1, 2, 3]);
+    for n in ["node=n1", "node=n2", "node=n3"] {
+        first.expect(&["node down: reallocating its segments", n]);
+    }
+    // Long enough for several coordinator ticks with nobody to allocate to.
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.heal();
+    cluster.wait_until_all_up();
+    completed_once(submit, 30);
     drop(nodes);
 }

@@ -360,32 +360,44 @@ impl Ledger {
         self.fail(task_id, reason);
     }
 
-    /// No capable agent is offered for `task_id`. Agents held for nodes membership has
-    /// not reported up yet (`unwatched`: their list can arrive first) are waited for,
-    /// as busy ones are, until the oldest pending segment has waited `max_wait_ms`;
-    /// otherwise, or after that, the task fails.
+    /// No capable agent is offered for `task_id`. It is waited for, as a busy one is,
+    /// until the oldest pending segment has waited `max_wait_ms`, if agents are held for
+    /// nodes membership has not reported up yet (`unwatched`: their list can arrive
+    /// first), or if the task has run before (its capable agents were there, and their
+    /// nodes went down or out of reach: a partition that cut the coordinator off from
+    /// every one of them heals, a node restarts). A task that never found one fails at
+    /// once, as it does after the wait.
     pub fn no_candidates(&mut self, task_id: Uuid, capability: &str, unwatched: bool, now_ms: u64) {
-        let oldest_ms = self.tasks.get(&task_id).and_then(|t| {
-            t.segments
-                .iter()
-                .filter_map(|s| match s.state {
-                    SegmentState::Pending { since_ms, .. } => Some(since_ms),
-                    _ => None,
-                })
-                .min()
-        });
+        let Some(task) = self.tasks.get(&task_id) else {
+            return;
+        };
+        let oldest_ms = task
+            .segments
+            .iter()
+            .filter_map(|s| match s.state {
+                SegmentState::Pending { since_ms, .. } => Some(since_ms),
+                _ => None,
+            })
+            .min();
         let Some(oldest_ms) = oldest_ms else {
             return;
         };
-        let reason = if !unwatched {
+        let has_run = task.segments.iter().any(|s| s.attempts > 0);
+        let waited = now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms;
+        let reason = if !unwatched && !has_run {
             format!("no agent offers capability {capability:?}")
-        } else if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
+        } else if !waited {
+            return;
+        } else if unwatched {
             format!(
                 "no agent offers capability {capability:?} on a node seen up for {} ms",
                 self.config.max_wait_ms
             )
         } else {
-            return;
+            format!(
+                "no agent offering capability {capability:?} came back within {} ms",
+                self.config.max_wait_ms
+            )
         };
         self.fail(task_id, reason);
     }

@@ -278,6 +278,46 @@ fn no_capable_agent_fails_the_task_at_once() {
 }
 
 #[test]
+fn a_task_that_ran_waits_for_its_vanished_workers_then_fails_with_a_reason() {
+    let config = LedgerConfig {
+        max_wait_ms: 500,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 1);
+    l.submit(task(), 4, 0).unwrap();
+    l.assign(task(), &[worker(1, "far", 4)], 0);
+    assert_eq!(allocations(&drain(&mut l)).len(), 4);
+    // A partition cuts the coordinator off from every capable agent: their node is
+    // down, its segments are pending again, and nobody is offered.
+    l.handle_node_down("far", 100);
+    drain(&mut l);
+    l.no_candidates(task(), "sleep", false, 100);
+    l.no_candidates(task(), "sleep", false, 550);
+    assert!(
+        drain(&mut l).is_empty(),
+        "it waits: the task has run before"
+    );
+    assert_eq!(l.open_tasks(), 1);
+    // The partition heals within the wait: the segments go out again.
+    l.assign(task(), &[worker(1, "far", 4)], 560);
+    assert_eq!(allocations(&drain(&mut l)).len(), 4);
+
+    // Cut off again, and for longer than the wait: the task fails, and says why.
+    l.handle_node_down("far", 1_000);
+    drain(&mut l);
+    l.no_candidates(task(), "sleep", false, 1_499);
+    assert!(drain(&mut l).is_empty());
+    l.no_candidates(task(), "sleep", false, 1_500);
+    match drain(&mut l).as_slice() {
+        [LedgerOutput::TaskFailed { reason, .. }] => {
+            assert!(reason.contains("came back within 500 ms"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(l.open_tasks(), 0);
+}
+
+#[test]
 fn the_retry_budget_defers_retries_beyond_its_ratio_and_floor() {
     let config = LedgerConfig {
         retry_ratio_permille: 0,

@@ -1,8 +1,9 @@
 //! Full network partitions of live node processes (real QUIC and mutual TLS), made
 //! with nftables inside a network namespace of the test's own. Four nodes split two and
 //! two while a task runs: the coordinator's side declares the other side down and
-//! reallocates its segments; the partition heals; all four see each other again, and
-//! the task completes with every segment's result accepted exactly once. A coordinator
+//! reallocates its segments; the cut is held past the QUIC idle timeout, then heals;
+//! all four see each other again, and the task completes with every segment's result
+//! accepted exactly once. A coordinator
 //! with no agent of its own is cut off from every worker: its task waits instead of
 //! failing, and completes once the partition heals.
 //!
@@ -302,6 +303,9 @@ fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
     first.expect(&["node down: reallocating its segments", "node=n2"]);
     first.expect(&["node down: reallocating its segments", "node=n3"]);
     nodes[1].expect(&["node down", "node=n0 "]);
+    // Held past the QUIC idle timeout (3 s): the connections across the cut close, and
+    // the nodes must dial each other again after the heal.
+    std::thread::sleep(Duration::from_millis(3500));
     cluster.heal();
     cluster.wait_until_all_up();
     completed_once(submit, 60);

@@ -165,6 +165,12 @@ pub struct MembershipConfig {
     /// itself again to a few of the nodes it knows (at least every 10 ms, so a zero
     /// cannot make it spin).
     pub reannounce_ms: u64,
+    /// How often this node announces itself to one member it holds down (0: never).
+    /// Two groups cut apart by a partition each see the other down and stay connected
+    /// among themselves, so neither re-announces; without this they would never merge
+    /// again once the partition heals. A down member is remembered for
+    /// `remove_down_after_ms`, which bounds the partitions this heals.
+    pub down_announce_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -177,6 +183,7 @@ impl Default for MembershipConfig {
             gossip_period_ms: 100,
             max_packet_bytes: 1_100,
             reannounce_ms: 300,
+            down_announce_ms: 500,
         }
     }
 }
@@ -197,6 +204,11 @@ impl MembershipConfig {
             frequency: Duration::from_millis(self.gossip_period_ms),
             num_members: NonZeroUsize::MIN.saturating_add(2),
         });
+        config.periodic_announce_to_down_members =
+            (self.down_announce_ms > 0).then(|| foca::PeriodicParams {
+                frequency: Duration::from_millis(self.down_announce_ms),
+                num_members: NonZeroUsize::MIN,
+            });
         config
     }
 }

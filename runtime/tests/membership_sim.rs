@@ -350,3 +350,40 @@ fn a_node_cut_off_from_all_rejoins_when_the_partition_heals() {
     });
     assert!(back.is_some(), "healed: {:?}", c.views);
 }
+
+/// Two groups cut apart each declare the other down but stay connected among
+/// themselves, so neither goes idle and re-announces. Held for 10 s, long past every
+/// message in flight; when the partition heals they merge again because each node
+/// keeps announcing itself to a member it holds down (`down_announce_ms`). Live, the
+/// same split is `tests/cluster_partition.rs`, which never healed before this.
+#[test]
+fn two_groups_cut_apart_for_long_merge_again_when_the_partition_heals() {
+    for salt in 0..8 {
+        let mut c = Cluster::new();
+        c.salt = salt;
+        c.start("a", 1, None);
+        for n in ["b", "c", "d"] {
+            c.start(n, 1, Some("a"));
+        }
+        let all = |c: &Cluster| {
+            c.sees("a", &["b", "c", "d"])
+                && c.sees("b", &["a", "c", "d"])
+                && c.sees("c", &["a", "b", "d"])
+                && c.sees("d", &["a", "b", "c"])
+        };
+        assert!(
+            c.run_until(3_000_000, all).is_some(),
+            "joined: {:?}",
+            c.views
+        );
+        c.partition(&["a", "b"]);
+        c.run_until(5_000_000, |c| {
+            c.sees("a", &["b"]) && c.sees("b", &["a"]) && c.sees("c", &["d"]) && c.sees("d", &["c"])
+        })
+        .unwrap_or_else(|| panic!("split (salt {salt}): {:?}", c.views));
+        c.run_until(10_000_000, |_| false);
+        c.partition(&[]);
+        let back = c.run_until(5_000_000, all);
+        assert!(back.is_some(), "healed (salt {salt}): {:?}", c.views);
+    }
+}

@@ -171,6 +171,12 @@ pub struct MembershipConfig {
     /// again once the partition heals. A down member is remembered for
     /// `remove_down_after_ms`, which bounds the partitions this heals.
     pub down_announce_ms: u64,
+    /// How often a connected node announces itself to one of the nodes it joined
+    /// through that is not a member it holds up (0: never). foca forgets a down member
+    /// after `remove_down_after_ms`; two groups apart for longer know nothing of each
+    /// other any more, and only the join contacts, which are never forgotten, can
+    /// bring them together again.
+    pub contact_announce_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -184,6 +190,7 @@ impl Default for MembershipConfig {
             max_packet_bytes: 1_100,
             reannounce_ms: 300,
             down_announce_ms: 500,
+            contact_announce_ms: 5_000,
         }
     }
 }
@@ -266,6 +273,8 @@ enum TimerKind {
     Foca(Timer<NodeId>),
     /// Time to announce again if still out of the cluster.
     Reannounce,
+    /// Time to announce to a join contact that is not up, if any.
+    ContactCheck,
 }
 
 /// Where the re-announce timer stands.
@@ -301,6 +310,9 @@ pub struct Membership {
     next_contact: usize,
     reannounce: Reannounce,
     reannounce_after: Duration,
+    /// The contact check's timer (see `contact_announce_ms`).
+    contact_check: Reannounce,
+    contact_check_after: Option<Duration>,
 }
 
 impl Membership {
@@ -321,6 +333,9 @@ impl Membership {
             next_contact: 0,
             reannounce: Reannounce::Off,
             reannounce_after: Duration::from_millis(config.reannounce_ms.max(10)),
+            contact_check: Reannounce::Off,
+            contact_check_after: (config.contact_announce_ms > 0)
+                .then(|| Duration::from_millis(config.contact_announce_ms.max(10))),
         }
     }
 
@@ -342,6 +357,9 @@ impl Membership {
             .announce(via, &mut self.runtime)
             .map_err(|e| MembershipError(e.to_string()))?;
         self.set_reannounce();
+        if self.contact_check == Reannounce::Off && self.contact_check_after.is_some() {
+            self.contact_check = Reannounce::Due;
+        }
         Ok(())
     }
 
@@ -366,7 +384,33 @@ impl Membership {
                 }
                 Ok(())
             }
+            TimerKind::ContactCheck => {
+                self.contact_check = Reannounce::Due;
+                if self.connected {
+                    self.announce_to_a_lost_contact();
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Announces this node to one join contact that is not a member it holds up (the
+    /// next one each time), so groups apart long enough to have forgotten each other
+    /// meet again through the contacts once the partition heals.
+    fn announce_to_a_lost_contact(&mut self) {
+        let lost: Vec<NodeId> = self
+            .contacts
+            .iter()
+            .filter(|c| !self.members().any(|m| m.name == c.name))
+            .cloned()
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let to = lost[self.next_contact % lost.len()].clone();
+        self.next_contact = self.next_contact.wrapping_add(1);
+        // Encoding our own identity cannot fail; if it did, the next check retries.
+        let _ = self.foca.announce(to, &mut self.runtime);
     }
 
     /// Announces this node to a few of the nodes it knows: the contacts it joined
@@ -441,6 +485,11 @@ impl Membership {
                 self.reannounce = Reannounce::Set;
                 let timer = MembershipTimer(TimerKind::Reannounce);
                 let after = self.reannounce_after;
+                return Some(MembershipOutput::SetTimer { after, timer });
+            }
+            if let (Reannounce::Due, Some(after)) = (self.contact_check, self.contact_check_after) {
+                self.contact_check = Reannounce::Set;
+                let timer = MembershipTimer(TimerKind::ContactCheck);
                 return Some(MembershipOutput::SetTimer { after, timer });
             }
             match self.runtime.to_notify()? {

@@ -354,10 +354,17 @@ fn a_node_cut_off_from_all_rejoins_when_the_partition_heals() {
 /// Two groups cut apart each declare the other down but stay connected among
 /// themselves, so neither goes idle and re-announces. Held for 10 s, long past every
 /// message in flight; when the partition heals they merge again because each node
-/// keeps announcing itself to a member it holds down (`down_announce_ms`). Live, the
-/// same split is `tests/cluster_partition.rs`, which never healed before this.
+/// keeps announcing itself to a member it holds down (`down_announce_ms`). Held for
+/// 40 s, past `remove_down_after_ms` (30 s), each group has forgotten the other, and
+/// they meet again through the join contacts (`contact_announce_ms`). Live, the same
+/// split is `tests/cluster_partition.rs`, which never healed before this.
 #[test]
 fn two_groups_cut_apart_for_long_merge_again_when_the_partition_heals() {
+    split_and_heal(10_000_000, 5_000_000);
+    split_and_heal(40_000_000, 12_000_000);
+}
+
+fn split_and_heal(held_us: u64, heal_within_us: u64) {
     for salt in 0..8 {
         let mut c = Cluster::new();
         c.salt = salt;
@@ -381,9 +388,13 @@ fn two_groups_cut_apart_for_long_merge_again_when_the_partition_heals() {
             c.sees("a", &["b"]) && c.sees("b", &["a"]) && c.sees("c", &["d"]) && c.sees("d", &["c"])
         })
         .unwrap_or_else(|| panic!("split (salt {salt}): {:?}", c.views));
-        c.run_until(10_000_000, |_| false);
+        c.run_until(held_us, |_| false);
         c.partition(&[]);
-        let back = c.run_until(5_000_000, all);
-        assert!(back.is_some(), "healed (salt {salt}): {:?}", c.views);
+        let back = c.run_until(heal_within_us, all);
+        assert!(
+            back.is_some(),
+            "healed after {held_us} us apart (salt {salt}): {:?}",
+            c.views
+        );
     }
 }

@@ -283,10 +283,7 @@ impl Registry {
             }
         }
         // One shared copy of the sender's name for every record it speaks for.
-        let name: Arc<str> = match self.by_node.get_key_value(sender) {
-            Some((name, _)) => name.clone(),
-            None => Arc::from(sender),
-        };
+        let name = self.shared_name(sender);
         // The sender's set of IDs is taken out while its records are applied, so a
         // record costs no lookup of the sender's name (applying records never touches
         // the sender's set other than through `ids`).
@@ -313,10 +310,7 @@ impl Registry {
         if ids.is_empty() {
             self.hidden.remove(&name);
         } else {
-            // A node's first records: hidden unless it is up.
-            if !self.up.contains(&name) {
-                self.hidden.insert(name.clone());
-            }
+            hide_unless_offered(&self.me, &self.up, &mut self.hidden, &name);
             self.by_node.insert(name, ids);
         }
         Ok(())
@@ -363,10 +357,7 @@ impl Registry {
     /// Membership reports `node` up: its agents may be offered from now on.
     pub fn handle_node_up(&mut self, node: &str) {
         if *node != *self.me && !self.up.contains(node) {
-            let name = match self.by_node.get_key_value(node) {
-                Some((name, _)) => name.clone(),
-                None => Arc::from(node),
-            };
+            let name = self.shared_name(node);
             self.up.insert(name);
             self.hidden.remove(node);
         }
@@ -384,6 +375,14 @@ impl Registry {
             if self.agents.remove(&agent).is_some() {
                 self.disowned(agent);
             }
+        }
+    }
+
+    /// The one shared copy of `node`'s name if it has records here, else a new one.
+    fn shared_name(&self, node: &str) -> Arc<str> {
+        match self.by_node.get_key_value(node) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(node),
         }
     }
 
@@ -489,10 +488,7 @@ impl Registry {
                 ids.into_mut().insert(agent);
             }
             Entry::Vacant(slot) => {
-                // A node's first record: hidden unless it is this node or up.
-                if *record.node != *self.me && !self.up.contains(&*record.node) {
-                    self.hidden.insert(record.node.clone());
-                }
+                hide_unless_offered(&self.me, &self.up, &mut self.hidden, slot.key());
                 let mut ids = HashSet::with_hasher(self.hasher.clone());
                 ids.insert(agent);
                 slot.insert(ids);
@@ -585,6 +581,20 @@ fn update(held: &mut AgentRecord, news: &AgentRecord) {
     held.group = news.group;
     held.load = news.load;
     held.health = news.health;
+}
+
+/// A node with records held is hidden (not offered) unless it is this node or up. A
+/// free function over the registry's fields, so callers holding a `by_node` entry can
+/// use it.
+fn hide_unless_offered(
+    me: &str,
+    up: &HashSet<Arc<str>, SeedableRandomState>,
+    hidden: &mut HashSet<Arc<str>, SeedableRandomState>,
+    node: &Arc<str>,
+) {
+    if **node != *me && !up.contains(node) {
+        hidden.insert(node.clone());
+    }
 }
 
 /// The capability `record` offers under that name with every one of `tags`, if any.

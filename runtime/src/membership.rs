@@ -277,9 +277,9 @@ enum TimerKind {
     ContactCheck,
 }
 
-/// Where the re-announce timer stands.
+/// Where one of this module's own timers (re-announce, contact check) stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reannounce {
+enum TimerState {
     /// None set.
     Off,
     /// To be handed to the driver at the next poll.
@@ -308,10 +308,10 @@ pub struct Membership {
     contacts: Vec<NodeId>,
     /// Where the next announce round starts among the candidates.
     next_contact: usize,
-    reannounce: Reannounce,
+    reannounce: TimerState,
     reannounce_after: Duration,
     /// The contact check's timer (see `contact_announce_ms`).
-    contact_check: Reannounce,
+    contact_check: TimerState,
     contact_check_after: Option<Duration>,
 }
 
@@ -331,9 +331,9 @@ impl Membership {
             connected: false,
             contacts: Vec::new(),
             next_contact: 0,
-            reannounce: Reannounce::Off,
+            reannounce: TimerState::Off,
             reannounce_after: Duration::from_millis(config.reannounce_ms.max(10)),
-            contact_check: Reannounce::Off,
+            contact_check: TimerState::Off,
             contact_check_after: (config.contact_announce_ms > 0)
                 .then(|| Duration::from_millis(config.contact_announce_ms.max(10))),
         }
@@ -357,8 +357,8 @@ impl Membership {
             .announce(via, &mut self.runtime)
             .map_err(|e| MembershipError(e.to_string()))?;
         self.set_reannounce();
-        if self.contact_check == Reannounce::Off && self.contact_check_after.is_some() {
-            self.contact_check = Reannounce::Due;
+        if self.contact_check == TimerState::Off && self.contact_check_after.is_some() {
+            self.contact_check = TimerState::Due;
         }
         Ok(())
     }
@@ -378,14 +378,14 @@ impl Membership {
                 .handle_timer(timer, &mut self.runtime)
                 .map_err(|e| MembershipError(e.to_string())),
             TimerKind::Reannounce => {
-                self.reannounce = Reannounce::Off;
+                self.reannounce = TimerState::Off;
                 if !self.connected {
                     self.announce_round();
                 }
                 Ok(())
             }
             TimerKind::ContactCheck => {
-                self.contact_check = Reannounce::Due;
+                self.contact_check = TimerState::Due;
                 if self.connected {
                     self.announce_to_a_lost_contact();
                 }
@@ -439,15 +439,15 @@ impl Membership {
     }
 
     fn set_reannounce(&mut self) {
-        if self.reannounce == Reannounce::Off {
-            self.reannounce = Reannounce::Due;
+        if self.reannounce == TimerState::Off {
+            self.reannounce = TimerState::Due;
         }
     }
 
     /// foca went out of the cluster: announce now, and on a timer until back.
     fn lost_contact(&mut self) {
         self.connected = false;
-        if self.reannounce == Reannounce::Off {
+        if self.reannounce == TimerState::Off {
             self.announce_round();
         }
     }
@@ -481,14 +481,14 @@ impl Membership {
                 let timer = MembershipTimer(TimerKind::Foca(timer));
                 return Some(MembershipOutput::SetTimer { after, timer });
             }
-            if self.reannounce == Reannounce::Due {
-                self.reannounce = Reannounce::Set;
+            if self.reannounce == TimerState::Due {
+                self.reannounce = TimerState::Set;
                 let timer = MembershipTimer(TimerKind::Reannounce);
                 let after = self.reannounce_after;
                 return Some(MembershipOutput::SetTimer { after, timer });
             }
-            if let (Reannounce::Due, Some(after)) = (self.contact_check, self.contact_check_after) {
-                self.contact_check = Reannounce::Set;
+            if let (TimerState::Due, Some(after)) = (self.contact_check, self.contact_check_after) {
+                self.contact_check = TimerState::Set;
                 let timer = MembershipTimer(TimerKind::ContactCheck);
                 return Some(MembershipOutput::SetTimer { after, timer });
             }

@@ -447,7 +447,7 @@ impl Sim {
         if self.config.keep_log {
             let mut kept = self.begin_line();
             kept.push_str(&line);
-            self.log.push(kept);
+            self.keep_line(kept);
         }
         self.line = line;
     }

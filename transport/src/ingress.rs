@@ -82,13 +82,6 @@ impl OwnershipTable {
         }
     }
 
-    /// Forgets `agent`.
-    pub fn remove(&self, agent: u32) {
-        if let Ok(mut owners) = self.owners.write() {
-            owners.remove(&agent);
-        }
-    }
-
     /// Forgets every one of `agents`, under one lock.
     pub fn remove_all(&self, agents: &[u32]) {
         if let Ok(mut owners) = self.owners.write() {

@@ -5,13 +5,13 @@
 //! the same ID at once) is resolved the same way everywhere: the node whose name sorts
 //! first keeps the ID, the other gives its agent a new one.
 //!
-//! Agents are kept in hash maps keyed by Agent ID, hashed with a per-registry seed:
-//! every node holds every agent of the cluster, and a delta is a lookup and an insert
-//! per record, which a hash map does in about one cache miss where a B-tree of 100,000
-//! agents takes several. The seed comes from the caller, so a simulation run is
-//! repeatable (same seed, same iteration order) while live nodes each hash differently.
+//! Agents are kept in hash maps keyed by Agent ID, one per node, hashed with a
+//! per-registry seed: every node holds every agent of the cluster, and a delta is a
+//! lookup and an insert per record, which a hash map does in about one cache miss where
+//! a B-tree of 100,000 agents takes several (see [`Registry`] for why per node). The
+//! seed comes from the caller, so a simulation run is repeatable (same seed, same
+//! iteration order) while live nodes each hash differently.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -56,9 +56,6 @@ pub struct RegistryDelta {
     /// Agents gone.
     pub removals: Vec<u32>,
 }
-
-/// One node's Agent IDs.
-type IdSet = HashSet<u32, SeedableRandomState>;
 
 /// Something the registry asks its driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,24 +110,42 @@ pub enum DeltaError {
     },
 }
 
+/// One node's agents, as held here.
+struct NodeAgents {
+    /// The node's name: the one shared copy every record of the node points to.
+    name: Arc<str>,
+    /// Whether [`Registry::capable`] offers these agents: this node's, or a node
+    /// membership reports up. A node's delta can arrive before membership reports it
+    /// up (it sends its list when *it* sees this node); if such a node crashed and came
+    /// back before this node ever saw it up, no "down" would ever come for the life its
+    /// segments were on, and they would wait for good (the simulator found this: chaos
+    /// under `crash=0.1,restart=100ms`, seed 23).
+    offered: bool,
+    records: HashMap<u32, AgentRecord, SeedableRandomState>,
+}
+
 /// The registry on one node.
+///
+/// Records are kept per node, and a small index maps each Agent ID to its node's
+/// slot. What the registry does most often touches one node at a time (a delta
+/// speaks for one node, a node that goes down takes all its agents with it), so that
+/// work stays within one small table, and the index, which every ID goes through, is
+/// a tenth the size of the records. With one table of all records, a node's crash
+/// cost a cache miss per agent in a table of every agent of the cluster.
 pub struct Registry {
     me: Arc<str>,
     max_agents: usize,
-    agents: HashMap<u32, AgentRecord, SeedableRandomState>,
-    /// Each node's Agent IDs.
-    by_node: HashMap<Arc<str>, IdSet, SeedableRandomState>,
-    /// The other nodes membership reports up. Only their agents (and this node's) are
-    /// offered by [`Registry::capable`]: an allocation must go to a node whose failure
-    /// this node's failure detector will report. A node's delta can arrive before
-    /// membership reports it up (it sends its list when *it* sees this node); if such
-    /// a node crashed and came back before this node ever saw it up, no "down" would
-    /// ever come for the life its segments were on, and they would wait for good (the
-    /// simulator found this: chaos under `crash=0.1,restart=100ms`, seed 23).
+    /// Agent ID → the slot in `nodes` of the node holding it.
+    index: HashMap<u32, u32, SeedableRandomState>,
+    /// The nodes with records here, by slot; a node whose last record goes frees its
+    /// slot for the next node.
+    nodes: Vec<Option<NodeAgents>>,
+    /// Node name → its slot in `nodes`.
+    slots: HashMap<Arc<str>, u32, SeedableRandomState>,
+    /// Free slots in `nodes`.
+    free: Vec<u32>,
+    /// The other nodes membership reports up (see [`NodeAgents::offered`]).
     up: HashSet<Arc<str>, SeedableRandomState>,
-    /// The nodes with records here that are neither this node nor up: the ones
-    /// [`Registry::capable`] skips. Usually empty, which makes the check free.
-    hidden: HashSet<Arc<str>, SeedableRandomState>,
     hasher: SeedableRandomState,
     rng: StdRng,
     outputs: VecDeque<RegistryOutput>,
@@ -145,10 +160,11 @@ impl Registry {
         Registry {
             me: Arc::from(me),
             max_agents,
-            agents: HashMap::with_hasher(hasher.clone()),
-            by_node: HashMap::with_hasher(hasher.clone()),
+            index: HashMap::with_hasher(hasher.clone()),
+            nodes: Vec::new(),
+            slots: HashMap::with_hasher(hasher.clone()),
+            free: Vec::new(),
             up: HashSet::with_hasher(hasher.clone()),
-            hidden: HashSet::with_hasher(hasher.clone()),
             hasher,
             rng: StdRng::seed_from_u64(seed),
             outputs: VecDeque::new(),
@@ -168,12 +184,12 @@ impl Registry {
 
     /// Agents known, cluster-wide.
     pub fn len(&self) -> usize {
-        self.agents.len()
+        self.index.len()
     }
 
     /// True if no agent is known.
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty()
+        self.index.is_empty()
     }
 
     /// This node's name.
@@ -181,14 +197,15 @@ impl Registry {
         &self.me
     }
 
-    /// Every agent known, by Agent ID.
+    /// Every agent known, node by node.
     pub fn records(&self) -> impl Iterator<Item = &AgentRecord> {
-        self.agents.values()
+        self.nodes.iter().flatten().flat_map(|n| n.records.values())
     }
 
     /// The record of `agent`.
     pub fn get(&self, agent: u32) -> Option<&AgentRecord> {
-        self.agents.get(&agent)
+        let slot = *self.index.get(&agent)?;
+        self.node(slot).records.get(&agent)
     }
 
     /// Registers a local agent: picks an unused ID, records it, and asks for the news
@@ -204,26 +221,27 @@ impl Registry {
         if capabilities.is_empty() {
             return Err(RegistryError::NoCapability);
         }
-        if self.agents.len() >= self.max_agents {
+        if self.len() >= self.max_agents {
             return Err(RegistryError::Full(self.max_agents));
         }
+        let slot = self.slot(&self.me.clone());
         let record = AgentRecord {
             agent: self.fresh_id(),
-            node: self.me.clone(),
+            node: self.node(slot).name.clone(),
             agent_type: agent_type.into(),
             group,
             capabilities,
             load: 0,
             health: Health::Ok,
         };
-        self.insert(record.clone());
+        self.insert_at(slot, record.clone());
         self.broadcast(vec![record.clone()], Vec::new());
         Ok(record)
     }
 
     /// Removes a local agent.
     pub fn deregister(&mut self, agent: u32) {
-        if self.agents.get(&agent).is_some_and(|r| r.node == self.me) {
+        if self.get(agent).is_some_and(|r| r.node == self.me) {
             self.remove(agent);
             self.broadcast(Vec::new(), vec![agent]);
         }
@@ -231,7 +249,10 @@ impl Registry {
 
     /// Updates a local agent's load and health, and spreads the change.
     pub fn update(&mut self, agent: u32, load: u32, health: Health) {
-        let Some(record) = self.agents.get_mut(&agent).filter(|r| r.node == self.me) else {
+        let Some(&slot) = self.slots.get(&*self.me) else {
+            return;
+        };
+        let Some(record) = self.node_mut(slot).records.get_mut(&agent) else {
             return;
         };
         if (record.load, record.health) == (load, health) {
@@ -264,72 +285,66 @@ impl Registry {
                 claimed: delta.node.clone(),
             });
         }
+        let slot = self.slot(sender);
         if delta.full {
             let mut keep =
                 HashSet::with_capacity_and_hasher(delta.upserts.len(), self.hasher.clone());
             keep.extend(delta.upserts.iter().map(|r| r.agent));
             let dropped: Vec<u32> = self
-                .by_node
-                .get(sender)
-                .map(|ids| ids.difference(&keep).copied().collect())
-                .unwrap_or_default();
+                .node(slot)
+                .records
+                .keys()
+                .filter(|id| !keep.contains(id))
+                .copied()
+                .collect();
             for agent in dropped {
-                self.remove(agent);
+                self.remove_at(slot, agent);
             }
         }
         for &agent in &delta.removals {
-            if self.agents.get(&agent).is_some_and(|r| &*r.node == sender) {
-                self.remove(agent);
+            if self.index.get(&agent) == Some(&slot) {
+                self.remove_at(slot, agent);
             }
         }
-        // One shared copy of the sender's name for every record it speaks for.
-        let name = self.shared_name(sender);
-        // The sender's set of IDs is taken out while its records are applied, so a
-        // record costs no lookup of the sender's name (applying records never touches
-        // the sender's set other than through `ids`).
-        let mut ids = match self.by_node.remove(sender) {
-            Some(ids) => ids,
-            None => HashSet::with_hasher(self.hasher.clone()),
-        };
         // Room for a large delta (a node's whole list, a burst of registrations) at
-        // once, rather than growing the table step by step while applying it. A whole
+        // once, rather than growing the tables step by step while applying it. A whole
         // list repeats what is held of the sender (its other records were dropped
-        // above), so only the rest needs room. The table's growth history also decides
-        // its iteration order, which candidate lists (and so simulated runs and their
-        // digests) follow.
+        // above), so only the rest needs room. The tables' growth history also decides
+        // their iteration order, which candidate lists (and so simulated runs and
+        // their digests) follow.
+        let held = self.node(slot).records.len();
         let news = if delta.full {
-            delta.upserts.len().saturating_sub(ids.len())
+            delta.upserts.len().saturating_sub(held)
         } else {
             delta.upserts.len()
         };
-        self.agents
-            .reserve(news.min(self.max_agents - self.agents.len().min(self.max_agents)));
+        let news = news.min(self.max_agents - self.len().min(self.max_agents));
+        self.index.reserve(news);
+        self.node_mut(slot).records.reserve(news);
         for record in &delta.upserts {
-            self.upsert(&name, record, &mut ids);
+            self.upsert(slot, record);
         }
-        if ids.is_empty() {
-            self.hidden.remove(&name);
-        } else {
-            hide_unless_offered(&self.me, &self.up, &mut self.hidden, &name);
-            self.by_node.insert(name, ids);
-        }
+        self.free_if_empty(slot);
         Ok(())
     }
 
-    /// Applies one record sent by node `sender` (it speaks for itself, whatever node
-    /// the record names).
-    fn upsert(&mut self, sender: &Arc<str>, record: &AgentRecord, ids: &mut IdSet) {
-        let holder_sorts_first = match self.agents.get_mut(&record.agent) {
-            Some(held) if held.node == *sender => {
+    /// Applies one record sent by the node in `slot` (it speaks for itself, whatever
+    /// node the record names).
+    fn upsert(&mut self, slot: u32, record: &AgentRecord) {
+        let holder_sorts_first = match self.index.get(&record.agent) {
+            Some(&held) if held == slot => {
                 // Known, and the sender's already: only what changed is replaced.
-                return update(held, record);
+                if let Some(held) = self.node_mut(slot).records.get_mut(&record.agent) {
+                    update(held, record);
+                }
+                return;
             }
-            Some(held) => Some(held.node < *sender),
+            Some(&held) => Some(self.node(held).name < self.node(slot).name),
             None => None,
         };
         let record = AgentRecord {
             agent: record.agent,
-            node: sender.clone(),
+            node: self.node(slot).name.clone(),
             agent_type: record.agent_type.clone(),
             group: record.group,
             capabilities: record.capabilities.clone(),
@@ -344,52 +359,46 @@ impl Registry {
             }
             // The sender sorts first and takes the ID.
             if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
-                self.insert_into(ids, record);
+                self.insert_at(slot, record);
                 return self.move_local(ours);
             }
         }
-        if self.agents.len() >= self.max_agents && !self.agents.contains_key(&record.agent) {
+        if self.len() >= self.max_agents {
             return;
         }
-        self.insert_into(ids, record);
+        self.insert_at(slot, record);
     }
 
     /// Membership reports `node` up: its agents may be offered from now on.
     pub fn handle_node_up(&mut self, node: &str) {
         if *node != *self.me && !self.up.contains(node) {
-            let name = self.shared_name(node);
+            let name = match self.slots.get(node) {
+                Some(&slot) => {
+                    let n = self.node_mut(slot);
+                    n.offered = true;
+                    n.name.clone()
+                }
+                None => Arc::from(node),
+            };
             self.up.insert(name);
-            self.hidden.remove(node);
         }
     }
 
     /// Purges every agent of a node that is down.
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
-        self.hidden.remove(node);
-        // Every record of the node goes: its whole set of IDs at once.
-        let Some(ids) = self.by_node.remove(node) else {
+        // Every record of the node goes: its whole table at once.
+        let Some(slot) = self.slots.remove(node) else {
             return;
         };
-        for agent in ids {
-            if self.agents.remove(&agent).is_some() {
-                self.disowned(agent);
-            }
+        self.free.push(slot);
+        let Some(gone) = self.nodes[slot as usize].take() else {
+            return;
+        };
+        for agent in gone.records.into_keys() {
+            self.index.remove(&agent);
+            self.disowned(agent);
         }
-    }
-
-    /// The one shared copy of `node`'s name if it has records here, else a new one.
-    fn shared_name(&self, node: &str) -> Arc<str> {
-        match self.by_node.get_key_value(node) {
-            Some((name, _)) => name.clone(),
-            None => Arc::from(node),
-        }
-    }
-
-    /// Whether agents of `node` may be offered: this node's, or a node membership
-    /// reports up (see the `up` field).
-    fn offered(&self, node: &Arc<str>) -> bool {
-        self.hidden.is_empty() || !self.hidden.contains(&**node)
     }
 
     /// Every agent offering `capability` with every one of `tags`, with that capability,
@@ -401,9 +410,11 @@ impl Registry {
         capability: &'a str,
         tags: &'a [String],
     ) -> impl Iterator<Item = (&'a AgentRecord, &'a Capability)> + 'a {
-        self.agents
-            .values()
-            .filter(|r| self.offered(&r.node))
+        self.nodes
+            .iter()
+            .flatten()
+            .filter(|n| n.offered)
+            .flat_map(|n| n.records.values())
             .filter_map(move |r| Some((r, offers(r, capability, tags)?)))
     }
 
@@ -411,12 +422,12 @@ impl Registry {
     /// offered, because membership has not reported their node up (yet). A coordinator
     /// that finds no offered agent waits for these rather than failing the task.
     pub fn capable_unwatched(&self, capability: &str, tags: &[String]) -> usize {
-        if self.hidden.is_empty() {
-            return 0;
-        }
-        self.agents
-            .values()
-            .filter(|r| !self.offered(&r.node) && offers(r, capability, tags).is_some())
+        self.nodes
+            .iter()
+            .flatten()
+            .filter(|n| !n.offered)
+            .flat_map(|n| n.records.values())
+            .filter(|r| offers(r, capability, tags).is_some())
             .count()
     }
 
@@ -451,12 +462,10 @@ impl Registry {
     }
 
     fn local_records(&self) -> Vec<AgentRecord> {
-        self.by_node
-            .get(&self.me)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.agents.get(id).cloned())
-            .collect()
+        match self.slots.get(&*self.me) {
+            Some(&slot) => self.node(slot).records.values().cloned().collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Gives a local agent that lost its ID a fresh one, and says so.
@@ -464,7 +473,8 @@ impl Registry {
         let old = ours.agent;
         ours.agent = self.fresh_id();
         let new = ours.agent;
-        self.insert(ours.clone());
+        let slot = self.slot(&self.me.clone());
+        self.insert_at(slot, ours.clone());
         self.outputs
             .push_back(RegistryOutput::Reidentified { old, new });
         self.broadcast(vec![ours], vec![old]);
@@ -473,46 +483,74 @@ impl Registry {
     fn fresh_id(&mut self) -> u32 {
         loop {
             let id = self.rng.random_range(1..=u32::MAX);
-            if !self.agents.contains_key(&id) {
+            if !self.index.contains_key(&id) {
                 return id;
             }
         }
     }
 
-    fn insert(&mut self, mut record: AgentRecord) {
-        let agent = record.agent;
-        match self.by_node.entry(record.node.clone()) {
-            Entry::Occupied(ids) => {
-                // Every record of a node shares its one copy of the name.
-                record.node = ids.key().clone();
-                ids.into_mut().insert(agent);
-            }
-            Entry::Vacant(slot) => {
-                hide_unless_offered(&self.me, &self.up, &mut self.hidden, slot.key());
-                let mut ids = HashSet::with_hasher(self.hasher.clone());
-                ids.insert(agent);
-                slot.insert(ids);
-            }
+    fn node(&self, slot: u32) -> &NodeAgents {
+        match &self.nodes[slot as usize] {
+            Some(n) => n,
+            None => unreachable!("slot {slot} is in use"),
         }
-        self.take_up(record);
     }
 
-    /// [`Registry::insert`] of a record of the node whose set of IDs is `ids`, taken
-    /// out of `by_node` by the caller.
-    fn insert_into(&mut self, ids: &mut IdSet, record: AgentRecord) {
-        ids.insert(record.agent);
-        self.take_up(record);
+    fn node_mut(&mut self, slot: u32) -> &mut NodeAgents {
+        match &mut self.nodes[slot as usize] {
+            Some(n) => n,
+            None => unreachable!("slot {slot} is in use"),
+        }
     }
 
-    /// Holds `record` (its node's set of IDs already has it) and tells of its owner.
-    fn take_up(&mut self, record: AgentRecord) {
-        let agent = record.agent;
-        let node = record.node.clone();
-        let owner_changed = match self.agents.insert(agent, record) {
-            Some(held) => held.node != node,
-            None => true,
+    /// The slot of `node`, taken (empty) if it has none.
+    fn slot(&mut self, node: &str) -> u32 {
+        if let Some(&slot) = self.slots.get(node) {
+            return slot;
+        }
+        let name: Arc<str> = Arc::from(node);
+        let table = NodeAgents {
+            offered: name == self.me || self.up.contains(&name),
+            name: name.clone(),
+            records: HashMap::with_hasher(self.hasher.clone()),
         };
-        if owner_changed {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.nodes[slot as usize] = Some(table);
+                slot
+            }
+            None => {
+                self.nodes.push(Some(table));
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        self.slots.insert(name, slot);
+        slot
+    }
+
+    /// Frees `slot` if its node has no record left.
+    fn free_if_empty(&mut self, slot: u32) {
+        if self.node(slot).records.is_empty() {
+            if let Some(n) = self.nodes[slot as usize].take() {
+                self.slots.remove(&n.name);
+            }
+            self.free.push(slot);
+        }
+    }
+
+    /// Holds `record` (of the node in `slot`, whose name it shares) and tells of its
+    /// owner. Its ID is unused, or already the node's.
+    fn insert_at(&mut self, slot: u32, record: AgentRecord) {
+        let agent = record.agent;
+        let before = self.index.insert(agent, slot);
+        debug_assert!(
+            before.is_none_or(|b| b == slot),
+            "an ID held by another node"
+        );
+        let n = self.node_mut(slot);
+        let node = n.name.clone();
+        n.records.insert(agent, record);
+        if before.is_none() {
             match self.outputs.back_mut() {
                 Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, &node) => {
                     agents.push(agent)
@@ -525,17 +563,19 @@ impl Registry {
         }
     }
 
-    fn remove(&mut self, agent: u32) -> Option<AgentRecord> {
-        let record = self.agents.remove(&agent)?;
-        if let Some(ids) = self.by_node.get_mut(&record.node) {
-            ids.remove(&agent);
-            if ids.is_empty() {
-                self.by_node.remove(&record.node);
-                self.hidden.remove(&record.node);
-            }
-        }
+    /// Drops `agent` from the node in `slot`, which keeps its slot even if empty.
+    fn remove_at(&mut self, slot: u32, agent: u32) -> Option<AgentRecord> {
+        let record = self.node_mut(slot).records.remove(&agent)?;
+        self.index.remove(&agent);
         self.disowned(agent);
         Some(record)
+    }
+
+    fn remove(&mut self, agent: u32) -> Option<AgentRecord> {
+        let slot = *self.index.get(&agent)?;
+        let record = self.remove_at(slot, agent);
+        self.free_if_empty(slot);
+        record
     }
 
     fn disowned(&mut self, agent: u32) {
@@ -581,20 +621,6 @@ fn update(held: &mut AgentRecord, news: &AgentRecord) {
     held.group = news.group;
     held.load = news.load;
     held.health = news.health;
-}
-
-/// A node with records held is hidden (not offered) unless it is this node or up. A
-/// free function over the registry's fields, so callers holding a `by_node` entry can
-/// use it.
-fn hide_unless_offered(
-    me: &str,
-    up: &HashSet<Arc<str>, SeedableRandomState>,
-    hidden: &mut HashSet<Arc<str>, SeedableRandomState>,
-    node: &Arc<str>,
-) {
-    if **node != *me && !up.contains(node) {
-        hidden.insert(node.clone());
-    }
 }
 
 /// The capability `record` offers under that name with every one of `tags`, if any.

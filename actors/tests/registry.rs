@@ -402,3 +402,88 @@ proptest::proptest! {
         }
     }
 }
+
+/// Nodes come and go in any order (a node's last agent leaves, a node goes down,
+/// another node's records arrive in between, the first comes back): every record
+/// stays with its own node, and what is offered is exactly the agents of the nodes
+/// up. The registry keeps records per node and reuses a gone node's room, which
+/// this walks through.
+#[test]
+fn records_stay_with_their_node_as_nodes_come_and_go() {
+    let mut me = Registry::new("me", 1000, 9);
+    let mut nodes: Vec<Registry> = ["n1", "n2", "n3"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Registry::new(n, 1000, 10 + i as u64))
+        .collect();
+    let mut ids: Vec<Vec<u32>> = Vec::new();
+    for (i, r) in nodes.iter_mut().enumerate() {
+        let mine = (0..=i)
+            .map(|_| r.register("w", vec![cap("work", &[], 1)], 0).unwrap().agent)
+            .collect();
+        ids.push(mine);
+        drain(r);
+    }
+    let own = me
+        .register("w", vec![cap("work", &[], 1)], 0)
+        .unwrap()
+        .agent;
+    let names = ["n1", "n2", "n3"];
+    let offered = |me: &Registry| {
+        let mut v: Vec<(String, u32)> = me
+            .capable("work", &[])
+            .map(|(r, _)| (r.node.to_string(), r.agent))
+            .collect();
+        v.sort();
+        v
+    };
+    let expect = |up: &[usize], ids: &[Vec<u32>]| {
+        let mut v: Vec<(String, u32)> = vec![("me".to_string(), own)];
+        for &i in up {
+            v.extend(ids[i].iter().map(|&a| (names[i].to_string(), a)));
+        }
+        v.sort();
+        v
+    };
+    for (i, r) in nodes.iter().enumerate() {
+        me.handle_delta(names[i], &r.full_delta()).unwrap();
+        me.handle_node_up(names[i]);
+    }
+    assert_eq!(offered(&me), expect(&[0, 1, 2], &ids));
+
+    // n1's only agent leaves: n1 holds nothing here any more.
+    nodes[0].deregister(ids[0][0]);
+    deliver(&mut nodes[0], "n1", &mut me);
+    ids[0].clear();
+    assert_eq!(offered(&me), expect(&[1, 2], &ids));
+    // n2 goes down; n3 registers more meanwhile.
+    me.handle_node_down("n2");
+    let more = nodes[2]
+        .register("w", vec![cap("work", &[], 1)], 0)
+        .unwrap()
+        .agent;
+    ids[2].push(more);
+    deliver(&mut nodes[2], "n3", &mut me);
+    assert_eq!(offered(&me), expect(&[2], &ids));
+    assert!(ids[1].iter().all(|&a| me.get(a).is_none()));
+    // n2 comes back (its list arrives before membership says it is up: held, not
+    // offered), and n1 registers again.
+    me.handle_delta("n2", &nodes[1].full_delta()).unwrap();
+    assert_eq!(offered(&me), expect(&[2], &ids));
+    assert_eq!(me.capable_unwatched("work", &[]), ids[1].len());
+    me.handle_node_up("n2");
+    let again = nodes[0]
+        .register("w", vec![cap("work", &[], 1)], 0)
+        .unwrap()
+        .agent;
+    ids[0].push(again);
+    deliver(&mut nodes[0], "n1", &mut me);
+    assert_eq!(offered(&me), expect(&[0, 1, 2], &ids));
+    assert_eq!(me.len(), 1 + ids.iter().map(Vec::len).sum::<usize>());
+    for (i, list) in ids.iter().enumerate() {
+        for &a in list {
+            assert_eq!(me.get(a).map(|r| &*r.node), Some(names[i]));
+        }
+    }
+    assert_eq!(me.capable_unwatched("work", &[]), 0);
+}

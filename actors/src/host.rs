@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use agentmesh_runtime::membership::RENEWAL_BITS;
 use agentmesh_runtime::transport::clock::{Clock, SystemClock};
 use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::wire::{Message, MessageType};
@@ -436,15 +437,16 @@ async fn pump<M: ractor::Message>(
 struct MembershipFeed {
     events: broadcast::Receiver<ClusterEvent>,
     list: watch::Receiver<Vec<MemberInfo>>,
-    /// The nodes told up so far, with their incarnation.
+    /// The nodes told up so far, with their life (see [`agentmesh_runtime::NodeId::life`]).
     up: BTreeMap<String, u64>,
 }
 
-/// The members up in `list`, with their incarnation.
+/// The members up in `list`, with their life: a renewal keeps it, so a node renewed
+/// while events were missed is still the same node up, not one down and another up.
 fn up_members(list: &[MemberInfo]) -> BTreeMap<String, u64> {
     list.iter()
         .filter(|m| m.state == MemberState::Up)
-        .map(|m| (m.name.clone(), m.incarnation))
+        .map(|m| (m.name.clone(), m.incarnation >> RENEWAL_BITS))
         .collect()
 }
 
@@ -476,7 +478,7 @@ async fn follow_membership(
     loop {
         match feed.events.recv().await {
             Ok(ClusterEvent::NodeUp(id)) => {
-                feed.up.insert(id.name.to_string(), id.incarnation);
+                feed.up.insert(id.name.to_string(), id.life());
                 tell(true, id.name.to_string());
             }
             Ok(ClusterEvent::NodeDown(id)) => {
@@ -493,13 +495,13 @@ async fn follow_membership(
                     missed = n,
                     "membership events missed; catching up from the member list"
                 );
-                for (name, incarnation) in &feed.up {
-                    if now.get(name) != Some(incarnation) {
+                for (name, life) in &feed.up {
+                    if now.get(name) != Some(life) {
                         tell(false, name.clone());
                     }
                 }
-                for (name, incarnation) in &now {
-                    if feed.up.get(name) != Some(incarnation) {
+                for (name, life) in &now {
+                    if feed.up.get(name) != Some(life) {
                         tell(true, name.clone());
                     }
                 }
@@ -725,27 +727,29 @@ mod tests {
         actor
     }
 
-    fn id(name: &str, incarnation: u64) -> NodeId {
+    /// The identity of `name` in life `life`, renewed `renewals` times.
+    fn id(name: &str, life: u64, renewals: u64) -> NodeId {
         NodeId {
             name: name.into(),
             addr: "127.0.0.1:1".parse().unwrap(),
-            incarnation,
+            incarnation: NodeId::first_of_life(life) + renewals,
         }
     }
 
-    fn member(name: &str, incarnation: u64) -> MemberInfo {
+    fn member(name: &str, life: u64, renewals: u64) -> MemberInfo {
         MemberInfo {
             name: name.into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             state: MemberState::Up,
-            incarnation,
+            incarnation: id(name, life, renewals).incarnation,
             rtt_us: None,
         }
     }
 
     /// Events missed (the subscriber lagged) are caught up from the member list: a
     /// node that restarted meanwhile is told down (so the coordinator reallocates
-    /// what its former life held) and up again, a node that came up is told up.
+    /// what its former life held) and up again, a node that came up is told up, and a
+    /// node that only renewed itself (same life) is not told down.
     #[tokio::test]
     async fn missed_membership_events_are_caught_up_from_the_member_list() {
         let (discovery_log, coordinator_log) = (Log::default(), Log::default());
@@ -762,18 +766,23 @@ mod tests {
         .await;
         let policy = spawn_rec(Log::default(), |_: &PolicyMsg| None).await;
 
-        // Room for two events; five happen before the follower reads any.
+        // Room for two events; six happen before the follower reads any.
         let (events_tx, events) = broadcast::channel(2);
-        let _ = events_tx.send(ClusterEvent::NodeDown(id("a", 1)));
-        let _ = events_tx.send(ClusterEvent::NodeUp(id("a", 2)));
-        let _ = events_tx.send(ClusterEvent::NodeUp(id("b", 1)));
-        let _ = events_tx.send(ClusterEvent::NodeDown(id("b", 1)));
-        let _ = events_tx.send(ClusterEvent::NodeUp(id("c", 1)));
-        let (_list_tx, list) = watch::channel(vec![member("a", 2), member("c", 1)]);
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("d", 1, 3)));
+        let _ = events_tx.send(ClusterEvent::NodeDown(id("a", 1, 0)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("a", 2, 0)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("b", 1, 0)));
+        let _ = events_tx.send(ClusterEvent::NodeDown(id("b", 1, 0)));
+        let _ = events_tx.send(ClusterEvent::NodeUp(id("c", 1, 0)));
+        let (_list_tx, list) = watch::channel(vec![
+            member("a", 2, 0),
+            member("c", 1, 0),
+            member("d", 1, 3),
+        ]);
         let feed = MembershipFeed {
             events,
             list,
-            up: BTreeMap::from([("a".to_string(), 1)]),
+            up: BTreeMap::from([("a".to_string(), 1), ("d".to_string(), 1)]),
         };
         let follower = tokio::spawn(follow_membership(
             feed,
@@ -795,7 +804,7 @@ mod tests {
         assert_eq!(
             *coordinator_log.lock().unwrap(),
             ["down a", "down b"],
-            "a's former life is reported down"
+            "a's former life is reported down, d's renewal is not"
         );
         let seen = discovery_log.lock().unwrap().clone();
         let last = |node: &str| {
@@ -807,5 +816,6 @@ mod tests {
         assert_eq!(last("a").as_deref(), Some("up a"), "{seen:?}");
         assert_eq!(last("b").as_deref(), Some("down b"), "{seen:?}");
         assert_eq!(last("c").as_deref(), Some("up c"), "{seen:?}");
+        assert!(!seen.contains(&"down d".to_string()), "{seen:?}");
     }
 }

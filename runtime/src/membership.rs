@@ -33,9 +33,37 @@ pub struct NodeId {
     pub name: Arc<str>,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Which life of the node this is: a restarted node takes a higher one (its start
-    /// time in milliseconds), so it replaces its former self at once.
+    /// Which life of the node this is, and which renewal within that life: the life
+    /// in the high bits (see [`NodeId::life`]), renewals in the low
+    /// [`RENEWAL_BITS`]. A restarted node takes a higher life (its start time in
+    /// milliseconds), so it replaces its former self at once; a live node declared
+    /// down renews itself within its life (`incarnation + 1`), which the others can
+    /// tell from a restart.
     pub incarnation: u64,
+}
+
+/// Low bits of [`NodeId::incarnation`] that count renewals within one life.
+pub const RENEWAL_BITS: u32 = 16;
+
+impl NodeId {
+    /// The first incarnation of life `life` (a restart's start time in milliseconds,
+    /// or any number higher than the life before).
+    pub fn first_of_life(life: u64) -> u64 {
+        life.saturating_mul(1 << RENEWAL_BITS)
+    }
+
+    /// Which life of its node this identity belongs to: a renewal keeps it, a restart
+    /// takes a higher one. After 65,535 renewals in one life the count carries over
+    /// into the life, and the next renewal looks like a restart (which is safe: its
+    /// segments are reallocated once).
+    pub fn life(&self) -> u64 {
+        self.incarnation >> RENEWAL_BITS
+    }
+
+    /// The first incarnation of the life after this identity's.
+    pub fn next_life(&self) -> u64 {
+        NodeId::first_of_life(self.life().saturating_add(1))
+    }
 }
 
 impl Serialize for NodeId {
@@ -460,7 +488,8 @@ impl Membership {
     }
 
     /// Takes the next thing to do: data first, then timers, then notifications. A node
-    /// seen again as a newer incarnation is reported down (old) then up (new).
+    /// seen again as a newer life (it restarted) is reported down (old) then up
+    /// (new); one seen renewed within its life is reported up (new) only.
     ///
     /// When foca reports that this node went out of the cluster (idle: every member is
     /// down; or renewed: the cluster declared it down and it took its next
@@ -498,6 +527,14 @@ impl Membership {
                 OwnedNotification::Rejoin(id) => {
                     self.lost_contact();
                     return Some(MembershipOutput::Renewed(id));
+                }
+                OwnedNotification::Rename(old, new) if old.life() == new.life() => {
+                    // A renewal: the node was declared down somewhere (a partition,
+                    // a long pause) and took its next identity, but it is the same
+                    // process, with the same agents and the work they hold. Where it
+                    // was up all along nothing is lost, so it stays up; where it was
+                    // declared down, that "down" came when it was declared.
+                    return Some(MembershipOutput::NodeUp(new));
                 }
                 OwnedNotification::Rename(old, new) => {
                     self.pending_up = Some(new);

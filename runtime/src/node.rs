@@ -28,6 +28,7 @@ use agentmesh_transport::{
 use crate::client::{Client, ClientError};
 use crate::membership::{
     MemberState, Membership, MembershipConfig, MembershipOutput, MembershipTimer, NodeId,
+    RENEWAL_BITS,
 };
 use crate::remote::Mesh;
 
@@ -169,7 +170,7 @@ impl Node {
         let me = NodeId {
             name: Arc::from(identity.name.as_str()),
             addr: transport.local_addr()?,
-            incarnation: clock.now_unix_ms(),
+            incarnation: NodeId::first_of_life(clock.now_unix_ms()),
         };
         let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
         let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
@@ -572,13 +573,16 @@ impl Actor for NodeSupervisor {
                 let backoff = Duration::from_millis(100 << (state.failures.len() - 1));
                 warn!(%error, backoff_ms = backoff.as_millis() as u64, "the cluster actor failed; restarting it");
                 tokio::time::sleep(backoff).await;
-                // One above the highest so far (which starts at, and never falls
-                // below, the incarnation the node started with).
-                state.args.me.incarnation = state
-                    .args
-                    .highest_incarnation
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
+                // The life after the highest incarnation so far (which starts at,
+                // and never falls below, the one the node started with): the others
+                // treat it as a restart, down then up, since a fresh cluster actor
+                // knows nothing of what the former one had seen.
+                let next = |i: u64| NodeId::first_of_life((i >> RENEWAL_BITS).saturating_add(1));
+                let highest = &state.args.highest_incarnation;
+                let before = highest
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some(next(i)))
+                    .unwrap_or_else(|i| i);
+                state.args.me.incarnation = next(before);
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 
 use agentmesh_runtime::membership::{
@@ -42,6 +42,8 @@ struct Cluster {
     cut: BTreeSet<String>,
     /// Mixed into every node's RNG seed, to run one scenario under many schedules.
     salt: u64,
+    /// How many times each node was told another was down: (told, about) → times.
+    downs: BTreeMap<(String, String), u32>,
 }
 
 fn id(name: &str, incarnation: u64) -> NodeId {
@@ -67,6 +69,7 @@ impl Cluster {
             deferred: Vec::new(),
             cut: BTreeSet::new(),
             salt: 0,
+            downs: BTreeMap::new(),
         }
     }
 
@@ -76,11 +79,12 @@ impl Cluster {
         self.events.insert(self.seq, event);
     }
 
-    fn start(&mut self, name: &str, incarnation: u64, via: Option<&str>) {
+    /// Starts life `life` of node `name` (a restart takes a higher one).
+    fn start(&mut self, name: &str, life: u64, via: Option<&str>) {
         let mut m = Membership::new(
-            id(name, incarnation),
+            id(name, NodeId::first_of_life(life)),
             MembershipConfig::default(),
-            incarnation ^ 0x5eed ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            life ^ 0x5eed ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
         if let Some(seed) = via {
             m.join(id(seed, 0)).unwrap();
@@ -145,6 +149,10 @@ impl Cluster {
                 }
                 MembershipOutput::NodeDown(n) => {
                     self.views.get_mut(name).unwrap().remove(&*n.name);
+                    *self
+                        .downs
+                        .entry((name.to_string(), n.name.to_string()))
+                        .or_default() += 1;
                 }
                 MembershipOutput::Renewed(_) => {}
             }
@@ -252,7 +260,7 @@ fn a_restarted_node_rejoins_as_a_new_incarnation() {
     assert!(back.is_some(), "rejoined: {:?}", c.views);
     assert!(c.nodes["a"]
         .members()
-        .any(|m| &*m.name == "c" && m.incarnation == 2));
+        .any(|m| &*m.name == "c" && m.life() == 2));
 }
 
 #[test]
@@ -313,7 +321,7 @@ fn a_stalled_node_declared_down_rejoins_and_keeps_probing() {
         c.thaw("c");
         let back = c.run_until(5_000_000, all_see_all);
         assert!(back.is_some(), "salt {salt}: not rejoined: {:?}", c.views);
-        assert!(c.nodes["c"].me().incarnation > 1);
+        assert!(c.nodes["c"].me().incarnation > NodeId::first_of_life(1));
         // Still probing: a crash after the rejoin is seen by the renewed node.
         let crashed_at = c.now_us;
         c.crash("d");
@@ -395,6 +403,22 @@ fn split_and_heal(held_us: u64, heal_within_us: u64) {
             back.is_some(),
             "healed after {held_us} us apart (salt {salt}): {:?}",
             c.views
+        );
+        // To merge, the nodes of each group renewed themselves (the other group had
+        // declared them down). Their own group mates saw them alive all along and
+        // were never told them down: a renewal is not a restart, and the work a
+        // renewed node holds is not reallocated where it never went missing.
+        let between_mates = [("a", "b"), ("b", "a"), ("c", "d"), ("d", "c")]
+            .map(|(told, about)| c.downs.get(&(told.into(), about.into())).copied());
+        assert_eq!(
+            between_mates, [None; 4],
+            "told a group mate down (salt {salt}): {:?}",
+            c.downs
+        );
+        assert!(
+            c.downs.get(&("a".into(), "c".into())) >= Some(&1),
+            "{:?}",
+            c.downs
         );
     }
 }

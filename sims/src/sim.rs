@@ -716,11 +716,12 @@ impl Sim {
         let n = &mut self.nodes[ix];
         n.epoch += 1;
         n.up = true;
-        // A new life must outrank every identity the node had, renewals included: a
-        // restart that took the identity of its own renewed former self would look
-        // alive all along to the others, and the crash would never be seen (so its
-        // segments would never be reallocated). The live node does the same.
-        let incarnation = n.membership.me().incarnation + 1;
+        // A new life must outrank every identity the node had, renewals included, and
+        // be told apart from a renewal: a restart that took the identity of its own
+        // renewed former self, or only a renewal's next one, would look alive all
+        // along to the others, and the crash would never be seen (so its segments
+        // would never be reallocated). The live node does the same.
+        let incarnation = n.membership.me().next_life();
         n.membership = Membership::new(
             node_id(&n.name, ix, incarnation),
             self.config.membership,
@@ -1356,8 +1357,8 @@ impl Sim {
     }
 }
 
-/// A node's identity in the simulation: a made-up address, and its life as the
-/// incarnation (deterministic, unlike the live node's clock-based one).
+/// A node's identity in the simulation: a made-up address, and an incarnation that
+/// counts lives (deterministic, unlike the live node's clock-based one).
 fn node_id(name: &str, ix: usize, incarnation: u64) -> NodeId {
     let ip = Ipv4Addr::new(10, 0, (ix / 250) as u8, (ix % 250) as u8 + 1);
     NodeId {

@@ -13,11 +13,12 @@ use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use agentmesh_runtime::membership::RENEWAL_BITS;
 use agentmesh_runtime::transport::clock::{Clock, SystemClock};
 use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::wire::{Message, MessageType};
-use agentmesh_runtime::{ActorAddr, ClusterEvent, FromPeer, MemberInfo, MemberState, Mesh, Node};
+use agentmesh_runtime::{
+    ActorAddr, ClusterEvent, FromPeer, MemberInfo, MemberState, Mesh, Node, NodeId,
+};
 
 use crate::agent::Agent;
 use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg};
@@ -437,7 +438,7 @@ async fn pump<M: ractor::Message>(
 struct MembershipFeed {
     events: broadcast::Receiver<ClusterEvent>,
     list: watch::Receiver<Vec<MemberInfo>>,
-    /// The nodes told up so far, with their life (see [`agentmesh_runtime::NodeId::life`]).
+    /// The nodes told up so far, with their life (see [`NodeId::life`]).
     up: BTreeMap<String, u64>,
 }
 
@@ -446,7 +447,7 @@ struct MembershipFeed {
 fn up_members(list: &[MemberInfo]) -> BTreeMap<String, u64> {
     list.iter()
         .filter(|m| m.state == MemberState::Up)
-        .map(|m| (m.name.clone(), m.incarnation >> RENEWAL_BITS))
+        .map(|m| (m.name.clone(), NodeId::life_of(m.incarnation)))
         .collect()
 }
 
@@ -682,7 +683,6 @@ impl PolicyState {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use agentmesh_runtime::NodeId;
     use std::sync::Mutex;
 
     type Log = Arc<Mutex<Vec<String>>>;

@@ -20,6 +20,7 @@ use foldhash::SharedSeed;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
+use slab::Slab;
 
 use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health};
 
@@ -139,11 +140,9 @@ pub struct Registry {
     index: HashMap<u32, u32, SeedableRandomState>,
     /// The nodes with records here, by slot; a node whose last record goes frees its
     /// slot for the next node.
-    nodes: Vec<Option<NodeAgents>>,
+    nodes: Slab<NodeAgents>,
     /// Node name → its slot in `nodes`.
     slots: HashMap<Arc<str>, u32, SeedableRandomState>,
-    /// Free slots in `nodes`.
-    free: Vec<u32>,
     /// The other nodes membership reports up (see [`NodeAgents::offered`]).
     up: HashSet<Arc<str>, SeedableRandomState>,
     hasher: SeedableRandomState,
@@ -161,9 +160,8 @@ impl Registry {
             me: Arc::from(me),
             max_agents,
             index: HashMap::with_hasher(hasher.clone()),
-            nodes: Vec::new(),
+            nodes: Slab::new(),
             slots: HashMap::with_hasher(hasher.clone()),
-            free: Vec::new(),
             up: HashSet::with_hasher(hasher.clone()),
             hasher,
             rng: StdRng::seed_from_u64(seed),
@@ -199,7 +197,7 @@ impl Registry {
 
     /// Every agent known, node by node.
     pub fn records(&self) -> impl Iterator<Item = &AgentRecord> {
-        self.nodes.iter().flatten().flat_map(|n| n.records.values())
+        self.nodes.iter().flat_map(|(_, n)| n.records.values())
     }
 
     /// The record of `agent`.
@@ -388,11 +386,11 @@ impl Registry {
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
         // Every record of the node goes: its whole table at once.
-        let Some(slot) = self.slots.remove(node) else {
-            return;
-        };
-        self.free.push(slot);
-        let Some(gone) = self.nodes[slot as usize].take() else {
+        let Some(gone) = self
+            .slots
+            .remove(node)
+            .and_then(|slot| self.nodes.try_remove(slot as usize))
+        else {
             return;
         };
         for agent in gone.records.into_keys() {
@@ -412,7 +410,7 @@ impl Registry {
     ) -> impl Iterator<Item = (&'a AgentRecord, &'a Capability)> + 'a {
         self.nodes
             .iter()
-            .flatten()
+            .map(|(_, n)| n)
             .filter(|n| n.offered)
             .flat_map(|n| n.records.values())
             .filter_map(move |r| Some((r, offers(r, capability, tags)?)))
@@ -424,7 +422,7 @@ impl Registry {
     pub fn capable_unwatched(&self, capability: &str, tags: &[String]) -> usize {
         self.nodes
             .iter()
-            .flatten()
+            .map(|(_, n)| n)
             .filter(|n| !n.offered)
             .flat_map(|n| n.records.values())
             .filter(|r| offers(r, capability, tags).is_some())
@@ -489,18 +487,14 @@ impl Registry {
         }
     }
 
+    /// The node in `slot`, which is in use (`slots` and `index` only name slots in
+    /// use).
     fn node(&self, slot: u32) -> &NodeAgents {
-        match &self.nodes[slot as usize] {
-            Some(n) => n,
-            None => unreachable!("slot {slot} is in use"),
-        }
+        &self.nodes[slot as usize]
     }
 
     fn node_mut(&mut self, slot: u32) -> &mut NodeAgents {
-        match &mut self.nodes[slot as usize] {
-            Some(n) => n,
-            None => unreachable!("slot {slot} is in use"),
-        }
+        &mut self.nodes[slot as usize]
     }
 
     /// The slot of `node`, taken (empty) if it has none.
@@ -514,16 +508,7 @@ impl Registry {
             name: name.clone(),
             records: HashMap::with_hasher(self.hasher.clone()),
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.nodes[slot as usize] = Some(table);
-                slot
-            }
-            None => {
-                self.nodes.push(Some(table));
-                (self.nodes.len() - 1) as u32
-            }
-        };
+        let slot = self.nodes.insert(table) as u32;
         self.slots.insert(name, slot);
         slot
     }
@@ -531,10 +516,8 @@ impl Registry {
     /// Frees `slot` if its node has no record left.
     fn free_if_empty(&mut self, slot: u32) {
         if self.node(slot).records.is_empty() {
-            if let Some(n) = self.nodes[slot as usize].take() {
-                self.slots.remove(&n.name);
-            }
-            self.free.push(slot);
+            let n = self.nodes.remove(slot as usize);
+            self.slots.remove(&n.name);
         }
     }
 

@@ -416,18 +416,15 @@ fn records_stay_with_their_node_as_nodes_come_and_go() {
         .enumerate()
         .map(|(i, n)| Registry::new(n, 1000, 10 + i as u64))
         .collect();
+    // Registers one "work" agent on `r`; its Agent ID.
+    let worker = |r: &mut Registry| r.register("w", vec![cap("work", &[], 1)], 0).unwrap().agent;
     let mut ids: Vec<Vec<u32>> = Vec::new();
     for (i, r) in nodes.iter_mut().enumerate() {
-        let mine = (0..=i)
-            .map(|_| r.register("w", vec![cap("work", &[], 1)], 0).unwrap().agent)
-            .collect();
+        let mine = (0..=i).map(|_| worker(r)).collect();
         ids.push(mine);
         drain(r);
     }
-    let own = me
-        .register("w", vec![cap("work", &[], 1)], 0)
-        .unwrap()
-        .agent;
+    let own = worker(&mut me);
     let names = ["n1", "n2", "n3"];
     let offered = |me: &Registry| {
         let mut v: Vec<(String, u32)> = me
@@ -458,11 +455,7 @@ fn records_stay_with_their_node_as_nodes_come_and_go() {
     assert_eq!(offered(&me), expect(&[1, 2], &ids));
     // n2 goes down; n3 registers more meanwhile.
     me.handle_node_down("n2");
-    let more = nodes[2]
-        .register("w", vec![cap("work", &[], 1)], 0)
-        .unwrap()
-        .agent;
-    ids[2].push(more);
+    ids[2].push(worker(&mut nodes[2]));
     deliver(&mut nodes[2], "n3", &mut me);
     assert_eq!(offered(&me), expect(&[2], &ids));
     assert!(ids[1].iter().all(|&a| me.get(a).is_none()));
@@ -472,11 +465,7 @@ fn records_stay_with_their_node_as_nodes_come_and_go() {
     assert_eq!(offered(&me), expect(&[2], &ids));
     assert_eq!(me.capable_unwatched("work", &[]), ids[1].len());
     me.handle_node_up("n2");
-    let again = nodes[0]
-        .register("w", vec![cap("work", &[], 1)], 0)
-        .unwrap()
-        .agent;
-    ids[0].push(again);
+    ids[0].push(worker(&mut nodes[0]));
     deliver(&mut nodes[0], "n1", &mut me);
     assert_eq!(offered(&me), expect(&[0, 1, 2], &ids));
     assert_eq!(me.len(), 1 + ids.iter().map(Vec::len).sum::<usize>());

@@ -57,12 +57,18 @@ impl NodeId {
     /// into the life, and the next renewal looks like a restart (which is safe: its
     /// segments are reallocated once).
     pub fn life(&self) -> u64 {
-        self.incarnation >> RENEWAL_BITS
+        NodeId::life_of(self.incarnation)
     }
 
-    /// The first incarnation of the life after this identity's.
-    pub fn next_life(&self) -> u64 {
-        NodeId::first_of_life(self.life().saturating_add(1))
+    /// The life an incarnation belongs to (see [`NodeId::life`]).
+    pub fn life_of(incarnation: u64) -> u64 {
+        incarnation >> RENEWAL_BITS
+    }
+
+    /// The first incarnation of the life after `incarnation`'s: a restart's, which
+    /// the others tell from a renewal.
+    pub fn first_of_next_life(incarnation: u64) -> u64 {
+        NodeId::first_of_life(NodeId::life_of(incarnation).saturating_add(1))
     }
 }
 

@@ -28,7 +28,6 @@ use agentmesh_transport::{
 use crate::client::{Client, ClientError};
 use crate::membership::{
     MemberState, Membership, MembershipConfig, MembershipOutput, MembershipTimer, NodeId,
-    RENEWAL_BITS,
 };
 use crate::remote::Mesh;
 
@@ -577,12 +576,13 @@ impl Actor for NodeSupervisor {
                 // and never falls below, the one the node started with): the others
                 // treat it as a restart, down then up, since a fresh cluster actor
                 // knows nothing of what the former one had seen.
-                let next = |i: u64| NodeId::first_of_life((i >> RENEWAL_BITS).saturating_add(1));
                 let highest = &state.args.highest_incarnation;
                 let before = highest
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some(next(i)))
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
+                        Some(NodeId::first_of_next_life(i))
+                    })
                     .unwrap_or_else(|i| i);
-                state.args.me.incarnation = next(before);
+                state.args.me.incarnation = NodeId::first_of_next_life(before);
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use foldhash::fast::FixedState;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use slab::Slab;
 use uuid::Uuid;
 
 use crate::check::{Checker, Violation, NO_TASK_HANGING};
@@ -197,8 +198,7 @@ impl Ord for Scheduled {
 #[derive(Default)]
 struct Timeline {
     heap: BinaryHeap<Scheduled>,
-    slots: Vec<Option<Event>>,
-    free: Vec<u32>,
+    slots: Slab<Event>,
     seq: u64,
 }
 
@@ -206,24 +206,14 @@ impl Timeline {
     fn push(&mut self, at: u64, event: Event) {
         self.seq += 1;
         let seq = self.seq;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = Some(event);
-                slot
-            }
-            None => {
-                self.slots.push(Some(event));
-                (self.slots.len() - 1) as u32
-            }
-        };
+        let slot = self.slots.insert(event) as u32;
         self.heap.push(Scheduled { at, seq, slot });
     }
 
     /// The earliest event and its time.
     fn pop(&mut self) -> Option<(u64, Event)> {
         let next = self.heap.pop()?;
-        self.free.push(next.slot);
-        let event = self.slots[next.slot as usize].take()?;
+        let event = self.slots.try_remove(next.slot as usize)?;
         Some((next.at, event))
     }
 }
@@ -721,7 +711,7 @@ impl Sim {
         // renewed former self, or only a renewal's next one, would look alive all
         // along to the others, and the crash would never be seen (so its segments
         // would never be reallocated). The live node does the same.
-        let incarnation = n.membership.me().next_life();
+        let incarnation = NodeId::first_of_next_life(n.membership.me().incarnation);
         n.membership = Membership::new(
             node_id(&n.name, ix, incarnation),
             self.config.membership,

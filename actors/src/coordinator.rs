@@ -26,7 +26,8 @@ use agentmesh_runtime::{FromPeer, Mesh};
 use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
 use crate::ledger::{
-    service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+    service_order, Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
+    TaskFigures,
 };
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
@@ -87,6 +88,17 @@ pub struct CoordinatorArgs {
     /// Where submissions and segment times are observed (`--record`).
     pub recorder: Option<Recorder>,
 }
+
+/// What a coordinator can offer the tasks with one need (capability, tags, group).
+#[derive(Clone)]
+enum Offer {
+    Workers(Candidates),
+    NoneCapable { unwatched: bool },
+    Denied { groups: Vec<u16> },
+}
+
+/// The offers looked up in one round of assignment, by need.
+type Round = HashMap<(String, Vec<String>, u16), Offer>;
 
 struct TaskMeta {
     capability: String,
@@ -376,7 +388,10 @@ impl CoordinatorState {
         AdjustAnswer { sent, error: None }
     }
 
-    /// Offers the waiting segments of every task to capable workers.
+    /// Offers the waiting segments of every task to capable workers. Tasks that need
+    /// the same capability, tags and group share one discovery query and one candidate
+    /// list in a round, so a round costs distinct needs × agents, not waiting tasks ×
+    /// agents; and once that list has no free worker, the ledger tells the rest at once.
     async fn assign_waiting(&mut self) {
         let mut waiting: Vec<(u8, u64, Uuid)> = self
             .ledger
@@ -384,23 +399,59 @@ impl CoordinatorState {
             .filter_map(|t| self.tasks.get(&t).map(|m| (m.priority, m.submitted_ms, t)))
             .collect();
         service_order(&mut waiting);
+        let mut round = Round::new();
         for (_, _, task) in waiting {
-            self.assign(task).await;
+            self.assign_in(task, &mut round).await;
         }
     }
 
-    /// Offers a task's waiting segments to the capable agents its group may use.
+    /// Offers one task's waiting segments to the capable agents its group may use.
     async fn assign(&mut self, task: Uuid) {
+        self.assign_in(task, &mut Round::new()).await;
+    }
+
+    async fn assign_in(&mut self, task: Uuid, round: &mut Round) {
         let Some(meta) = self.tasks.get(&task) else {
             return;
         };
         if !self.ledger.has_pending(task) {
             return;
         }
-        let (capability, tags, group) = (meta.capability.clone(), meta.tags.clone(), meta.group);
+        let need = (meta.capability.clone(), meta.tags.clone(), meta.group);
+        let offer = match round.get(&need) {
+            Some(offer) => offer.clone(),
+            None => {
+                let offer = self.offer(&need.0, &need.1, need.2).await;
+                round.insert(need.clone(), offer.clone());
+                offer
+            }
+        };
+        let (capability, _, group) = need;
+        let now = self.now_ms();
+        match offer {
+            Offer::Workers(candidates) => self.ledger.assign_from(task, &candidates, now),
+            Offer::NoneCapable { unwatched } => {
+                self.ledger.no_candidates(task, &capability, unwatched, now)
+            }
+            Offer::Denied { groups } => {
+                metrics::counter!("agentmesh_policy_denials_total", "reason" => "group", "from" => group.to_string(), "to" => "any").increment(1);
+                warn!(%task, group, ?groups, "policy denies every capable agent");
+                self.ledger.fail_task(
+                    task,
+                    format!(
+                        "denied by policy: group {group} may not send to group(s) {groups:?}, where every agent with capability {capability:?} is"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// What discovery and policy offer a task of `group` that needs `capability` and
+    /// `tags`.
+    async fn offer(&mut self, capability: &str, tags: &[String], group: u16) -> Offer {
         let found = ractor::call!(self.discovery, |reply| DiscoveryMsg::Query {
-            capability: capability.clone(),
-            tags: tags.clone(),
+            capability: capability.to_string(),
+            tags: tags.to_vec(),
             limit: 0,
             reply,
         })
@@ -438,27 +489,21 @@ impl CoordinatorState {
             .collect();
         if found.is_empty() {
             let unwatched = ractor::call!(self.discovery, |reply| DiscoveryMsg::CountUnwatched {
-                capability: capability.clone(),
-                tags,
+                capability: capability.to_string(),
+                tags: tags.to_vec(),
                 reply,
             })
             .unwrap_or(0);
-            self.ledger
-                .no_candidates(task, &capability, unwatched > 0, now);
+            Offer::NoneCapable {
+                unwatched: unwatched > 0,
+            }
         } else if allowed.is_empty() {
             let mut groups: Vec<u16> = found.iter().map(|a| a.group).collect();
             groups.sort_unstable();
             groups.dedup();
-            metrics::counter!("agentmesh_policy_denials_total", "reason" => "group", "from" => group.to_string(), "to" => "any").increment(1);
-            warn!(%task, group, ?groups, "policy denies every capable agent");
-            self.ledger.fail_task(
-                task,
-                format!(
-                    "denied by policy: group {group} may not send to group(s) {groups:?}, where every agent with capability {capability:?} is"
-                ),
-            );
+            Offer::Denied { groups }
         } else {
-            self.ledger.assign(task, &candidates, now);
+            Offer::Workers(Candidates::new(candidates))
         }
     }
 
@@ -595,6 +640,9 @@ impl CoordinatorState {
                         message.header.flags = message.header.flags.with(Flags::URGENT);
                         self.send(node, message, None).await;
                     }
+                }
+                LedgerOutput::Reallocated { task, segment } => {
+                    debug!(%task, segment, "segment waits for a worker again");
                 }
                 LedgerOutput::TaskCompleted {
                     task,

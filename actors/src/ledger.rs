@@ -30,6 +30,52 @@ pub struct Candidate {
     pub load: u32,
 }
 
+/// A list of capable workers that a driver offers to several tasks in one round (the
+/// tasks that need the same capability). The ledger remembers which list it found
+/// with no free worker and at what moment, so the other waiting tasks of that round
+/// learn it at once instead of each looking at every worker again: under overload a
+/// round would otherwise cost waiting tasks × workers.
+#[derive(Clone, Debug)]
+pub struct Candidates {
+    /// Unique in the process: a list is never mistaken for another one that happens
+    /// to sit at the same address or to have the same length.
+    id: u64,
+    list: Arc<[Candidate]>,
+    /// Agent ID -> position in `list`, built the first time a full list has workers
+    /// freed in it.
+    index: Arc<std::sync::OnceLock<HashMap<u32, u32, foldhash::fast::FixedState>>>,
+}
+
+impl Candidates {
+    /// Wraps a list for sharing across the tasks of a round.
+    pub fn new(list: impl Into<Arc<[Candidate]>>) -> Candidates {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Candidates {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            list: list.into(),
+            index: Arc::default(),
+        }
+    }
+
+    fn position(&self, agent: u32) -> Option<&Candidate> {
+        let index = self.index.get_or_init(|| {
+            let mut index = HashMap::with_capacity_and_hasher(self.list.len(), Default::default());
+            for (i, c) in self.list.iter().enumerate() {
+                index.entry(c.agent).or_insert(i as u32);
+            }
+            index
+        });
+        index.get(&agent).map(|&i| &self.list[i as usize])
+    }
+}
+
+impl std::ops::Deref for Candidates {
+    type Target = [Candidate];
+    fn deref(&self) -> &[Candidate] {
+        &self.list
+    }
+}
+
 /// The order in which a coordinator offers workers to its waiting tasks, given as
 /// (priority, submitted at, task): highest priority first, then the earliest
 /// submitted, then by task id, so the order is total and the same live and simulated.
@@ -99,6 +145,16 @@ pub enum LedgerOutput {
         agent: u32,
         /// Its node.
         node: Arc<str>,
+    },
+    /// A segment's attempt ended without a result (its worker or node went down, it
+    /// failed, it timed out) and the segment waits for a worker again. Nothing to send:
+    /// this tells a driver when work was taken back, which the simulator's checker
+    /// bounds after a crash.
+    Reallocated {
+        /// The task.
+        task: Uuid,
+        /// The segment.
+        segment: u32,
     },
     /// Every segment has a result.
     TaskCompleted {
@@ -222,6 +278,23 @@ struct Breaker {
     open_until_ms: u64,
 }
 
+/// A shared candidate list seen with no eligible worker, and what may have changed
+/// since. The list itself never changes; starting attempts and opening breakers only
+/// make workers less eligible; so only a worker freed since, or a breaker reaching the
+/// end of its cool-down, can make one eligible again.
+#[derive(Debug)]
+struct NoneFree {
+    list: u64,
+    /// When the first breaker that kept a worker out closes (exclusive).
+    until_ms: u64,
+    /// Workers freed since (an attempt ended, a breaker closed), at most
+    /// `FREED_TRACKED`: the only ones of the list that may be eligible now.
+    freed: Vec<u32>,
+}
+
+/// Past this many freed workers, a full list is simply looked at again.
+const FREED_TRACKED: usize = 32;
+
 /// A sliding count over the last ten seconds, one bucket per second.
 #[derive(Clone, Debug, Default)]
 struct Window {
@@ -273,6 +346,10 @@ pub struct Ledger {
     stats: LedgerStats,
     /// Deadlines: when each running attempt times out, for `next_wakeup_ms`.
     deadlines: BTreeMap<(u64, Uuid, u32), ()>,
+    /// The last shared list seen with no eligible worker: under overload, the other
+    /// tasks of a round, and the rounds after a worker is freed, look only at what may
+    /// have changed instead of at every worker.
+    none_free: Option<NoneFree>,
 }
 
 impl Ledger {
@@ -292,6 +369,7 @@ impl Ledger {
             outputs: VecDeque::new(),
             stats: LedgerStats::default(),
             deadlines: BTreeMap::new(),
+            none_free: None,
         }
     }
 
@@ -449,9 +527,45 @@ impl Ledger {
     /// pending and no candidate at all fails at once; one whose segments wait longer than
     /// `max_wait_ms` for a free worker fails too.
     pub fn assign(&mut self, task_id: Uuid, candidates: &[Candidate], now_ms: u64) {
+        self.assign_inner(task_id, candidates, None, now_ms);
+    }
+
+    /// [`assign`](Self::assign) from a list shared by the tasks of one round: once the
+    /// list has no free worker, the round's other tasks see that without a scan.
+    pub fn assign_from(&mut self, task_id: Uuid, candidates: &Candidates, now_ms: u64) {
+        self.assign_inner(task_id, candidates, Some(candidates), now_ms);
+    }
+
+    fn assign_inner(
+        &mut self,
+        task_id: Uuid,
+        candidates: &[Candidate],
+        shared: Option<&Candidates>,
+        now_ms: u64,
+    ) {
         let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
+        if shared.is_some_and(|list| self.known_full(list, now_ms)) {
+            // The list is known to have no free worker now: what the loop below would
+            // do, without gathering the pending segments first.
+            let (mut deferred, mut oldest_ms, mut picks) = (0, u64::MAX, false);
+            for s in &task.segments {
+                if let SegmentState::Pending { since_ms, is_retry } = s.state {
+                    oldest_ms = oldest_ms.min(since_ms);
+                    if !picks && is_retry && !self.retry_allowed(now_ms) {
+                        deferred += 1;
+                    } else {
+                        picks = true;
+                    }
+                }
+            }
+            self.stats.retries_deferred += deferred;
+            if picks && now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
+                self.fail_waited(task_id);
+            }
+            return;
+        }
         let pending: Vec<(u32, u64, bool)> = task
             .segments
             .iter()
@@ -478,23 +592,25 @@ impl Ledger {
                 self.stats.retries_deferred += 1;
                 continue;
             }
-            match self.pick(candidates, now_ms) {
+            match self.pick(candidates, shared, now_ms) {
                 Some(worker) => self.start_attempt(task_id, segment, worker, is_retry, now_ms),
                 // No worker is free now: the other segments would find none either.
                 None => {
                     if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
-                        self.fail(
-                            task_id,
-                            format!(
-                                "no capable agent was free for {} ms",
-                                self.config.max_wait_ms
-                            ),
-                        );
+                        self.fail_waited(task_id);
                     }
                     return;
                 }
             }
         }
+    }
+
+    fn fail_waited(&mut self, task_id: Uuid) {
+        let why = format!(
+            "no capable agent was free for {} ms",
+            self.config.max_wait_ms
+        );
+        self.fail(task_id, why);
     }
 
     /// Records a result for an attempt. The first result for a segment is accepted,
@@ -677,6 +793,10 @@ impl Ledger {
         self.waiting.insert(task_id);
         task.reallocated += 1;
         self.stats.reallocated += 1;
+        self.outputs.push_back(LedgerOutput::Reallocated {
+            task: task_id,
+            segment,
+        });
     }
 
     fn start_attempt(
@@ -719,6 +839,7 @@ impl Ledger {
     }
 
     fn release(&mut self, agent: u32) {
+        self.note_freed(agent);
         if let Some(n) = self.in_flight.get_mut(&agent) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -749,8 +870,33 @@ impl Ledger {
     /// Power of two choices: two random eligible workers, the less loaded wins. Drawn
     /// by sampling (a few draws, whatever the number of candidates); only when that
     /// finds fewer than two does it look at every candidate.
-    fn pick(&mut self, candidates: &[Candidate], now_ms: u64) -> Option<Candidate> {
+    fn pick(
+        &mut self,
+        candidates: &[Candidate],
+        shared: Option<&Candidates>,
+        now_ms: u64,
+    ) -> Option<Candidate> {
         const DRAWS: usize = 8;
+        let full = match shared {
+            Some(list) => self.full_since(list, now_ms),
+            None => None,
+        };
+        if let Some(freed) = full {
+            // Only the workers freed since the list was seen full may be eligible.
+            let list = shared?;
+            let eligible: Vec<&Candidate> = freed
+                .iter()
+                .filter_map(|&a| list.position(a))
+                .filter(|c| self.eligible(c, now_ms))
+                .collect();
+            if eligible.is_empty() {
+                if let Some(m) = self.none_free.as_mut() {
+                    m.freed.clear();
+                }
+                return None;
+            }
+            return Some(self.two_choices(&eligible).clone());
+        }
         if candidates.len() > DRAWS {
             let mut found: [Option<usize>; 2] = [None, None];
             for _ in 0..DRAWS {
@@ -774,8 +920,29 @@ impl Ledger {
             .iter()
             .filter(|c| self.eligible(c, now_ms))
             .collect();
-        let chosen = match eligible.len() {
-            0 => return None,
+        if eligible.is_empty() {
+            if let Some(list) = shared {
+                let until_ms = self
+                    .breakers
+                    .values()
+                    .map(|b| b.open_until_ms)
+                    .filter(|&t| t > now_ms)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                self.none_free = Some(NoneFree {
+                    list: list.id,
+                    until_ms,
+                    freed: Vec::new(),
+                });
+            }
+            return None;
+        }
+        Some(self.two_choices(&eligible).clone())
+    }
+
+    /// Power of two choices among eligible workers (at least one).
+    fn two_choices<'a>(&mut self, eligible: &[&'a Candidate]) -> &'a Candidate {
+        match eligible.len() {
             1 => eligible[0],
             n => {
                 let a = self.rng.random_range(0..n);
@@ -789,8 +956,33 @@ impl Ledger {
                     eligible[b]
                 }
             }
-        };
-        Some(chosen.clone())
+        }
+    }
+
+    /// If `list` was seen with no eligible worker and that still holds but for the
+    /// workers freed since, those workers.
+    fn full_since(&self, list: &Candidates, now_ms: u64) -> Option<Vec<u32>> {
+        self.none_free
+            .as_ref()
+            .filter(|m| m.list == list.id && now_ms < m.until_ms)
+            .map(|m| m.freed.clone())
+    }
+
+    /// True if `list` is known to have no eligible worker now.
+    fn known_full(&self, list: &Candidates, now_ms: u64) -> bool {
+        self.none_free
+            .as_ref()
+            .is_some_and(|m| m.list == list.id && now_ms < m.until_ms && m.freed.is_empty())
+    }
+
+    fn note_freed(&mut self, agent: u32) {
+        if let Some(m) = self.none_free.as_mut() {
+            if m.freed.len() < FREED_TRACKED {
+                m.freed.push(agent);
+            } else {
+                self.none_free = None;
+            }
+        }
     }
 
     /// Load as a fraction of capacity, in thousandths, then the agent for ties.
@@ -810,11 +1002,18 @@ impl Ledger {
         if b.consecutive_failures >= self.config.breaker_failures {
             b.open_until_ms = now_ms + self.config.breaker_cooldown_ms;
             b.consecutive_failures = 0;
+            // A worker freed and then shut out by this breaker is eligible again when
+            // it closes, even if the list's record of freed workers forgot it.
+            if let Some(m) = self.none_free.as_mut() {
+                m.until_ms = m.until_ms.min(b.open_until_ms);
+            }
         }
     }
 
     fn breaker_success(&mut self, agent: u32) {
-        self.breakers.remove(&agent);
+        if self.breakers.remove(&agent).is_some() {
+            self.note_freed(agent);
+        }
     }
 
     fn maybe_complete(&mut self, task_id: Uuid) {

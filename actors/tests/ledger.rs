@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use agentmesh_actors::ledger::{
-    Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+    Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -231,6 +231,44 @@ fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
 }
 
 #[test]
+fn a_shared_list_seen_full_still_finds_workers_freed_or_let_back_in_later() {
+    let config = LedgerConfig {
+        breaker_failures: 1,
+        breaker_cooldown_ms: 1_000,
+        max_attempts: 100,
+        ..LedgerConfig::default()
+    };
+    let mut l = Ledger::new(config, 7);
+    let list = Candidates::new(vec![worker(1, "a", 1), worker(2, "b", 1)]);
+    let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    l.submit(first, 3, 0).unwrap();
+    l.submit(second, 1, 0).unwrap();
+    l.assign_from(first, &list, 0);
+    let running = allocations(&drain(&mut l));
+    assert_eq!(running.len(), 2, "two workers of capacity 1: {running:?}");
+    // Full: the second task gets nothing in the same round.
+    l.assign_from(second, &list, 0);
+    assert!(allocations(&drain(&mut l)).is_empty());
+    // A result frees worker 1 within the same millisecond: it is found again.
+    let (segment, attempt, agent) = running[0];
+    l.handle_result(first, segment, attempt, vec![]);
+    drain(&mut l);
+    l.assign_from(second, &list, 0);
+    assert_eq!(allocations(&drain(&mut l)), vec![(0, 1, agent)]);
+    // A failure frees worker 2 but opens its breaker: not offered work until the
+    // breaker closes, then offered work although nothing else changed.
+    let (segment, attempt, other) = running[1];
+    l.handle_failure(first, segment, attempt, "error", 10);
+    drain(&mut l);
+    l.assign_from(first, &list, 10);
+    assert!(allocations(&drain(&mut l)).is_empty());
+    l.assign_from(first, &list, 500);
+    assert!(allocations(&drain(&mut l)).is_empty());
+    l.assign_from(first, &list, 1_010);
+    assert_eq!(allocations(&drain(&mut l))[0].2, other);
+}
+
+#[test]
 fn capacity_is_respected_and_the_rest_waits_then_fails_if_nothing_frees_up() {
     let config = LedgerConfig {
         max_wait_ms: 500,
@@ -399,6 +437,7 @@ fn submissions_are_checked() {
 #[derive(Clone, Debug)]
 enum Step {
     Assign,
+    AssignShared,
     Result { pick: usize },
     Copy { pick: usize },
     Fail { pick: usize },
@@ -408,7 +447,8 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => Just(Step::Assign),
+        2 => Just(Step::Assign),
+        2 => Just(Step::AssignShared),
         4 => any::<usize>().prop_map(|pick| Step::Result { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Copy { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Fail { pick }),
@@ -426,7 +466,9 @@ proptest! {
         let config = LedgerConfig { segment_timeout_ms: 500, max_attempts: 1_000, breaker_failures: 1_000, retry_floor_per_sec: 1_000, ..LedgerConfig::default() };
         let mut l = Ledger::new(config, seed);
         let nodes = ["n0", "n1", "n2"];
-        let workers: Vec<Candidate> = (0..3).map(|i| worker(i as u32 + 1, nodes[i], 3)).collect();
+        let workers: Vec<Candidate> = (0..3).map(|i| worker(i as u32 + 1, nodes[i], 1)).collect();
+        let shared = Candidates::new(workers.clone());
+        let mut held: Vec<LedgerOutput> = Vec::new();
         l.submit(task(), segments, 0).unwrap();
         let mut now = 0u64;
         let mut issued: Vec<(u32, u32)> = Vec::new();
@@ -436,6 +478,16 @@ proptest! {
         for s in steps {
             match s {
                 Step::Assign => l.assign(task(), &workers, now),
+                Step::AssignShared => {
+                    // The shared list may skip looking at workers it saw busy, never
+                    // at one that is free: a full look right after finds nothing more.
+                    l.assign_from(task(), &shared, now);
+                    held.extend(std::iter::from_fn(|| l.poll()));
+                    l.assign(task(), &workers, now);
+                    let more: Vec<LedgerOutput> = std::iter::from_fn(|| l.poll()).collect();
+                    prop_assert!(!more.iter().any(|o| matches!(o, LedgerOutput::Allocate { .. })), "a free worker was missed: {:?}", more);
+                    held.extend(more);
+                }
                 Step::Result { pick } if !issued.is_empty() => {
                     let (seg, att) = issued[pick % issued.len()];
                     delivered.push((seg, att));
@@ -459,7 +511,8 @@ proptest! {
                 _ => {}
             }
             prop_assert_eq!(l.waiting().collect::<Vec<_>>(), if l.has_pending(task()) { vec![task()] } else { vec![] });
-            for out in std::iter::from_fn(|| l.poll()) {
+            let outs: Vec<LedgerOutput> = held.drain(..).chain(std::iter::from_fn(|| l.poll())).collect();
+            for out in outs {
                 match out {
                     LedgerOutput::Allocate { segment, attempt, .. } => issued.push((segment, attempt)),
                     LedgerOutput::TaskCompleted { results, .. } => {

@@ -17,7 +17,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use agentmesh_actors::ledger::{
-    service_order, Candidate, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+    service_order, Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
+    TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
 use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, MembershipTimer};
@@ -243,7 +244,7 @@ struct SimNode {
     registry: Registry,
     /// Bumped when the registry changes, to invalidate `candidates`.
     registry_gen: u64,
-    candidates: BTreeMap<String, (u64, Rc<[Candidate]>)>,
+    candidates: BTreeMap<String, (u64, Candidates)>,
     /// The full delta of this node's agents, kept until one of them changes (it is
     /// sent to every node that comes up).
     full_delta: Option<Rc<RegistryDelta>>,
@@ -402,6 +403,7 @@ impl Sim {
             started.elapsed(),
             self.digest.hex(),
             std::mem::take(&mut self.checker.realloc_latencies_us),
+            std::mem::take(&mut self.checker.restart_latencies_us),
         );
         report
     }
@@ -1213,7 +1215,7 @@ impl Sim {
                 let unwatched = n.registry.capable_unwatched(&capability, &[]) > 0;
                 n.ledger.no_candidates(task, &capability, unwatched, now_ms);
             } else {
-                n.ledger.assign(task, &candidates, now_ms);
+                n.ledger.assign_from(task, &candidates, now_ms);
             }
         }
         self.drain_ledger(ix)?;
@@ -1222,7 +1224,7 @@ impl Sim {
     }
 
     /// The capable agents in this node's registry, cached until the registry changes.
-    fn candidates(&mut self, ix: NodeIx, capability: &str) -> Rc<[Candidate]> {
+    fn candidates(&mut self, ix: NodeIx, capability: &str) -> Candidates {
         let n = &mut self.nodes[ix];
         if let Some((gen, list)) = n.candidates.get(capability) {
             if *gen == n.registry_gen {
@@ -1242,7 +1244,7 @@ impl Sim {
                     load: a.load,
                 }),
         );
-        let list: Rc<[Candidate]> = Rc::from(list);
+        let list = Candidates::new(list);
         n.candidates
             .insert(capability.to_string(), (n.registry_gen, list.clone()));
         list
@@ -1297,6 +1299,9 @@ impl Sim {
                             true,
                         );
                     }
+                }
+                LedgerOutput::Reallocated { task, segment } => {
+                    self.checker.reallocated(self.now_us, (ix, task, segment))?;
                 }
                 LedgerOutput::TaskCompleted { task, figures, .. } => {
                     log!(self, "completed ", task);

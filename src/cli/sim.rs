@@ -195,6 +195,13 @@ fn print(r: &Report, json: bool) -> anyhow::Result<()> {
                 r.crash_to_realloc_p50_ms, r.crash_to_realloc_p99_ms, r.crash_reallocations
             ),
         ),
+        (
+            "crash to next attempt p50 / p99 (ms)",
+            format!(
+                "{:.1} / {:.1}",
+                r.crash_to_attempt_p50_ms, r.crash_to_attempt_p99_ms
+            ),
+        ),
         ("makespan (simulated ms)", format!("{:.1}", r.makespan_ms)),
         ("simulated time (ms)", format!("{:.1}", r.simulated_ms)),
         ("events", r.events.to_string()),

@@ -31,10 +31,10 @@ pub struct Candidate {
 }
 
 /// A list of capable workers that a driver offers to several tasks in one round (the
-/// tasks that need the same capability). The ledger remembers which list it found
-/// with no free worker and at what moment, so the other waiting tasks of that round
-/// learn it at once instead of each looking at every worker again: under overload a
-/// round would otherwise cost waiting tasks × workers.
+/// tasks that need the same capability). The ledger remembers the list it last found
+/// with no free worker and which workers were freed since, so later tasks and rounds
+/// look at those few instead of at every worker again: under overload a round would
+/// otherwise cost waiting tasks × workers.
 #[derive(Clone, Debug)]
 pub struct Candidates {
     /// Unique in the process: a list is never mistaken for another one that happens
@@ -546,54 +546,38 @@ impl Ledger {
         let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
-        if shared.is_some_and(|list| self.known_full(list, now_ms)) {
-            // The list is known to have no free worker now: what the loop below would
-            // do, without gathering the pending segments first.
-            let (mut deferred, mut oldest_ms, mut picks) = (0, u64::MAX, false);
-            for s in &task.segments {
-                if let SegmentState::Pending { since_ms, is_retry } = s.state {
-                    oldest_ms = oldest_ms.min(since_ms);
-                    if !picks && is_retry && !self.retry_allowed(now_ms) {
-                        deferred += 1;
-                    } else {
-                        picks = true;
-                    }
-                }
-            }
-            self.stats.retries_deferred += deferred;
-            if picks && now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
-                self.fail_waited(task_id);
-            }
-            return;
-        }
-        let pending: Vec<(u32, u64, bool)> = task
+        let oldest_ms = task
             .segments
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s.state {
-                SegmentState::Pending { since_ms, is_retry } => {
-                    Some((i as u32, since_ms, is_retry))
-                }
+            .filter_map(|s| match s.state {
+                SegmentState::Pending { since_ms, .. } => Some(since_ms),
                 _ => None,
             })
-            .collect();
-        if pending.is_empty() {
+            .min();
+        let Some(oldest_ms) = oldest_ms else {
             return;
-        }
+        };
         if candidates.is_empty() {
             return self.fail(
                 task_id,
                 "no agent offers the capability this task needs".into(),
             );
         }
-        let oldest_ms = pending.iter().map(|p| p.1).min().unwrap_or(now_ms);
-        for (segment, _, is_retry) in pending {
+        // Segment by segment rather than gathered first: under overload most calls stop
+        // at the first pick, and gathering them all was a good share of their cost.
+        for segment in 0..task.segments.len() {
+            let is_retry = match self.tasks.get(&task_id).map(|t| &t.segments[segment].state) {
+                Some(SegmentState::Pending { is_retry, .. }) => *is_retry,
+                _ => continue,
+            };
             if is_retry && !self.retry_allowed(now_ms) {
                 self.stats.retries_deferred += 1;
                 continue;
             }
             match self.pick(candidates, shared, now_ms) {
-                Some(worker) => self.start_attempt(task_id, segment, worker, is_retry, now_ms),
+                Some(worker) => {
+                    self.start_attempt(task_id, segment as u32, worker, is_retry, now_ms)
+                }
                 // No worker is free now: the other segments would find none either.
                 None => {
                     if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
@@ -877,25 +861,27 @@ impl Ledger {
         now_ms: u64,
     ) -> Option<Candidate> {
         const DRAWS: usize = 8;
-        let full = match shared {
-            Some(list) => self.full_since(list, now_ms),
-            None => None,
-        };
-        if let Some(freed) = full {
-            // Only the workers freed since the list was seen full may be eligible.
-            let list = shared?;
-            let eligible: Vec<&Candidate> = freed
-                .iter()
-                .filter_map(|&a| list.position(a))
-                .filter(|c| self.eligible(c, now_ms))
-                .collect();
-            if eligible.is_empty() {
-                if let Some(m) = self.none_free.as_mut() {
-                    m.freed.clear();
+        if let Some(list) = shared {
+            if let Some(m) = self
+                .none_free
+                .as_ref()
+                .filter(|m| m.list == list.id && now_ms < m.until_ms)
+            {
+                // Only the workers freed since the list was seen full may be eligible.
+                let eligible: Vec<&Candidate> = m
+                    .freed
+                    .iter()
+                    .filter_map(|&a| list.position(a))
+                    .filter(|c| self.eligible(c, now_ms))
+                    .collect();
+                if eligible.is_empty() {
+                    if let Some(m) = self.none_free.as_mut() {
+                        m.freed.clear();
+                    }
+                    return None;
                 }
-                return None;
+                return Some(self.two_choices(&eligible).clone());
             }
-            return Some(self.two_choices(&eligible).clone());
         }
         if candidates.len() > DRAWS {
             let mut found: [Option<usize>; 2] = [None, None];
@@ -957,22 +943,6 @@ impl Ledger {
                 }
             }
         }
-    }
-
-    /// If `list` was seen with no eligible worker and that still holds but for the
-    /// workers freed since, those workers.
-    fn full_since(&self, list: &Candidates, now_ms: u64) -> Option<Vec<u32>> {
-        self.none_free
-            .as_ref()
-            .filter(|m| m.list == list.id && now_ms < m.until_ms)
-            .map(|m| m.freed.clone())
-    }
-
-    /// True if `list` is known to have no eligible worker now.
-    fn known_full(&self, list: &Candidates, now_ms: u64) -> bool {
-        self.none_free
-            .as_ref()
-            .is_some_and(|m| m.list == list.id && now_ms < m.until_ms && m.freed.is_empty())
     }
 
     fn note_freed(&mut self, agent: u32) {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use agentmesh_transport::wire::payload::Envelope;
-use agentmesh_transport::wire::{EnvelopeParts, Header, Message, MessageType};
+use agentmesh_transport::wire::{EnvelopeParts, Header, Message, MessageRef, MessageType};
 use agentmesh_transport::{OwnershipTable, PeerHandle, Transport, TransportError};
 
 /// A message that can cross nodes.
@@ -202,9 +202,25 @@ impl std::fmt::Display for HexId<'_> {
 fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
     // Room for a small message up front: growing from empty cost more than encoding.
     let mut out = Vec::with_capacity(128);
-    rmp_serde::encode::write_named(&mut out, m).map_err(|e| SendError::Encode(e.to_string()))?;
+    write_message(&mut out, m)?;
     Ok(Bytes::from(out))
 }
+
+fn write_message<M: Serialize>(out: &mut Vec<u8>, m: &M) -> Result<(), SendError> {
+    rmp_serde::encode::write_named(out, m).map_err(|e| SendError::Encode(e.to_string()))
+}
+
+thread_local! {
+    /// The buffer outgoing envelopes are encoded into, one per thread and reused: the
+    /// lane copies the bytes into its frames, so a message costs no allocation of its
+    /// own. A sender takes it out for the length of one send (its task may move to
+    /// another thread meanwhile) and puts it back after.
+    static ENVELOPE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer larger than this (a big message went through it) is dropped rather than
+/// kept for the next send.
+const ENVELOPE_BUF_KEEP_BYTES: usize = 64 * 1024;
 
 impl Mesh {
     pub(crate) fn new(node: &str, incarnation: u64, transport: Transport) -> Mesh {
@@ -612,16 +628,18 @@ impl Mesh {
         let prio = message.priority();
         let trace_id = self.trace_id();
         debug!(to = %addr.name, node = %addr.node, kind = M::KIND, trace_id = %HexId(Some(&trace_id)), "actor message sent");
-        let body = encode(&message)?;
         let envelope = EnvelopeParts {
             to: &addr.name,
             kind: M::KIND,
             correlation: 0,
             reply: false,
             trace_id: Some(&trace_id),
-            body: &body,
+            body: &[],
         };
-        self.send_envelope(&addr.node, prio, &envelope).await
+        self.send_encoded(&addr.node, prio, |out| {
+            envelope.encode_into_with(out, |out| write_message(out, &message))
+        })
+        .await
     }
 
     /// Sends `request` to the actor registered as `name` and waits for its answer.
@@ -677,17 +695,19 @@ impl Mesh {
             }
             pending.insert(correlation, tx);
         }
-        let (trace_id, body) = (self.trace_id(), encode(&request)?);
+        let trace_id = self.trace_id();
         let envelope = EnvelopeParts {
             to: &addr.name,
             kind: Req::KIND,
             correlation,
             reply: false,
             trace_id: Some(&trace_id),
-            body: &body,
+            body: &[],
         };
         let sent = self
-            .send_envelope(&addr.node, request.priority(), &envelope)
+            .send_encoded(&addr.node, request.priority(), |out| {
+                envelope.encode_into_with(out, |out| write_message(out, &request))
+            })
             .await;
         let result = match sent {
             Err(e) => Err(AskError::Send(e)),
@@ -763,11 +783,31 @@ impl Mesh {
         prio: u8,
         envelope: &EnvelopeParts<'_>,
     ) -> Result<(), SendError> {
+        self.send_encoded(node, prio, |out| {
+            envelope.encode_into(out);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends the ENVELOPE `encode` writes, from this thread's reused buffer.
+    async fn send_encoded(
+        &self,
+        node: &str,
+        prio: u8,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
         let peer = self.peer(node)?;
+        let mut buf = ENVELOPE_BUF.with(std::cell::Cell::take);
+        buf.clear();
+        encode(&mut buf)?;
         let mut header = Header::new(MessageType::Envelope);
         header.prio = prio;
-        let message = Message::new(header, Bytes::from(envelope.encode()));
-        peer.send(message).await.map_err(SendError::from)
+        let sent = peer.send_ref(MessageRef::new(header, &buf)).await;
+        if buf.capacity() <= ENVELOPE_BUF_KEEP_BYTES {
+            ENVELOPE_BUF.with(|b| b.set(buf));
+        }
+        sent.map_err(SendError::from)
     }
 
     /// Sends this node's names to every connected peer (a change) in the background.

@@ -15,7 +15,24 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::warn;
 
 use crate::stats::TypeCounts;
-use crate::wire::{FrameTooLarge, Message, HEADER_LEN, TIMESTAMP_LEN};
+use crate::wire::{FrameTooLarge, Message, MessageRef, HEADER_LEN, TIMESTAMP_LEN};
+
+/// What a lane takes from senders: whole messages, or messages with borrowed bodies.
+pub(crate) trait Outgoing: Sync {
+    fn parts(&self) -> MessageRef<'_>;
+}
+
+impl Outgoing for Message {
+    fn parts(&self) -> MessageRef<'_> {
+        Message::parts(self)
+    }
+}
+
+impl Outgoing for MessageRef<'_> {
+    fn parts(&self) -> MessageRef<'_> {
+        *self
+    }
+}
 
 /// The lane is gone (its connection closed or its writer stopped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +62,7 @@ impl Numbering {
     /// Appends `message`'s frames to `out`, numbered on from the lane's last frame.
     pub(crate) fn encode(
         &mut self,
-        message: &Message,
+        message: MessageRef<'_>,
         max_frame_payload: usize,
         out: &mut BytesMut,
     ) -> Result<(), FrameTooLarge> {
@@ -100,10 +117,11 @@ impl LaneQueue {
     }
 
     /// Bytes `messages` take on the wire.
-    fn wire_bytes(&self, messages: &[Message]) -> usize {
+    fn wire_bytes(&self, messages: &[impl Outgoing]) -> usize {
         messages
             .iter()
             .map(|m| {
+                let m = m.parts();
                 let ts = m.timestamp_ms.map_or(0, |_| TIMESTAMP_LEN);
                 m.body.len() + ts + HEADER_LEN * m.frame_count(self.max_frame_payload)
             })
@@ -113,7 +131,7 @@ impl LaneQueue {
     /// Encodes `messages` at the end of the queue, in order and with consecutive
     /// sequence numbers, waiting while the queue is full. Cancel-safe: a sender dropped
     /// while it waits has queued nothing.
-    pub(crate) async fn push(&self, messages: &[Message]) -> Result<(), Closed> {
+    pub(crate) async fn push(&self, messages: &[impl Outgoing]) -> Result<(), Closed> {
         let wanted = self.wire_bytes(messages).min(self.budget_bytes);
         // `wanted` <= budget_bytes <= Semaphore::MAX_PERMITS < u32::MAX.
         let permits = wanted as u32;
@@ -133,7 +151,7 @@ impl LaneQueue {
             let State { buf, numbering, .. } = &mut *s;
             for message in messages {
                 // `PeerHandle::send` refuses unframeable messages before this.
-                if let Err(e) = numbering.encode(message, self.max_frame_payload, buf) {
+                if let Err(e) = numbering.encode(message.parts(), self.max_frame_payload, buf) {
                     warn!(error = %e, "dropping an unframeable message");
                 }
             }

@@ -25,6 +25,6 @@ pub use ingress::{OwnershipTable, Via};
 pub use peer::PeerHandle;
 
 pub use wire::{
-    AcpErrorCode, DecodeError, Flags, Frame, FrameDecoder, Header, Lane, Message, MessageType,
-    Payload, PayloadError, Reassembler, ReplayError, ReplayWindow, TimestampWindow,
+    AcpErrorCode, DecodeError, Flags, Frame, FrameDecoder, Header, Lane, Message, MessageRef,
+    MessageType, Payload, PayloadError, Reassembler, ReplayError, ReplayWindow, TimestampWindow,
 };

@@ -15,10 +15,11 @@ use tracing::{debug, warn};
 use crate::endpoint::{PeerName, Shared, TransportError, TransportEvent};
 use crate::headroom::WindowGauge;
 use crate::ingress::{Arrival, DropReason, IngressGuard, Verdict, Via};
-use crate::lane_queue::{Closed, LaneQueue, Numbering};
+use crate::lane_queue::{Closed, LaneQueue, Numbering, Outgoing};
 use crate::stats::{TransportStats, TypeCounts};
 use crate::wire::{
-    AcpErrorCode, Flags, Frame, FrameDecoder, Lane, Message, Reassembler, HEADER_LEN, TIMESTAMP_LEN,
+    AcpErrorCode, Flags, Frame, FrameDecoder, Lane, Message, MessageRef, Reassembler, HEADER_LEN,
+    TIMESTAMP_LEN,
 };
 
 /// Lower lanes write in pieces of this size, checking for headroom before each.
@@ -58,14 +59,14 @@ struct DirectLane {
 impl DirectLane {
     async fn send(
         &mut self,
-        messages: &[Message],
+        messages: &[impl Outgoing],
         max_frame_payload: usize,
         stats: &TransportStats,
     ) -> Result<(), ()> {
         self.flush().await?;
         for message in messages {
             self.numbering
-                .encode(message, max_frame_payload, &mut self.buf)
+                .encode(message.parts(), max_frame_payload, &mut self.buf)
                 .map_err(|_| ())?;
         }
         let (frames, types) = self.numbering.take_counts();
@@ -275,16 +276,22 @@ impl PeerHandle {
     /// Queues `message` on the lane its header picks (its sequence number is set by the
     /// lane), waiting while that lane's queue is full. Other lanes are unaffected.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {
-        self.check_frameable(&message)?;
+        self.send_ref(message.parts()).await
+    }
+
+    /// [`PeerHandle::send`] for a message whose body the caller keeps: the lane copies
+    /// it, so a sender can encode into one buffer of its own and reuse it.
+    pub async fn send_ref(&self, message: MessageRef<'_>) -> Result<(), TransportError> {
+        self.check_frameable(message)?;
         let lane = Lane::for_header(&message.header);
-        self.enqueue(lane, std::slice::from_ref(&message)).await
+        self.enqueue(lane, &[message]).await
     }
 
     /// Queues several messages at once: in order within each lane, for one queue
     /// operation per lane rather than one per message.
     pub async fn send_batch(&self, messages: Vec<Message>) -> Result<(), TransportError> {
         for m in &messages {
-            self.check_frameable(m)?;
+            self.check_frameable(m.parts())?;
         }
         let first_lane = messages.first().map(|m| Lane::for_header(&m.header));
         if let Some(lane) =
@@ -305,7 +312,7 @@ impl PeerHandle {
         Ok(())
     }
 
-    fn check_frameable(&self, message: &Message) -> Result<(), TransportError> {
+    fn check_frameable(&self, message: MessageRef<'_>) -> Result<(), TransportError> {
         let max = self.shared.config.max_frame_payload;
         if message.timestamp_ms.is_some() && message.body.len() + TIMESTAMP_LEN > max {
             return Err(TransportError::Unframeable(crate::wire::FrameTooLarge {
@@ -315,7 +322,7 @@ impl PeerHandle {
         Ok(())
     }
 
-    async fn enqueue(&self, lane: Lane, messages: &[Message]) -> Result<(), TransportError> {
+    async fn enqueue(&self, lane: Lane, messages: &[impl Outgoing]) -> Result<(), TransportError> {
         let max = self.shared.config.max_frame_payload;
         let closed = || TransportError::PeerClosed(self.conn.name.to_string());
         match &self.conn.lanes[lane.index()] {

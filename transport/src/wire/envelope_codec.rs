@@ -44,32 +44,80 @@ pub struct EnvelopeParts<'a> {
 impl EnvelopeParts<'_> {
     /// Encodes the fields as an [`Envelope`] holding them is encoded.
     pub fn encode(&self) -> Vec<u8> {
-        let e = self;
-        let mut out = Vec::with_capacity(64 + e.to.len() + e.kind.len() + e.body.len());
-        // Writing to a Vec cannot fail: the results are Ok by construction.
-        let _ = rmp::encode::write_map_len(&mut out, KEYS.len() as u32);
-        let _ = rmp::encode::write_str(&mut out, KEYS[0]);
-        let _ = rmp::encode::write_str(&mut out, e.to);
-        let _ = rmp::encode::write_str(&mut out, KEYS[1]);
-        let _ = rmp::encode::write_str(&mut out, e.kind);
-        let _ = rmp::encode::write_str(&mut out, KEYS[2]);
-        let _ = rmp::encode::write_uint(&mut out, e.correlation);
-        let _ = rmp::encode::write_str(&mut out, KEYS[3]);
-        let _ = rmp::encode::write_bool(&mut out, e.reply);
-        let _ = rmp::encode::write_str(&mut out, KEYS[4]);
-        match e.trace_id {
-            Some(t) => {
-                let _ = rmp::encode::write_bin(&mut out, t);
-            }
-            None => {
-                let _ = rmp::encode::write_nil(&mut out);
-            }
-        }
-        let _ = rmp::encode::write_str(&mut out, KEYS[5]);
-        let _ = rmp::encode::write_bin(&mut out, e.body);
+        let mut out = Vec::with_capacity(64 + self.to.len() + self.kind.len() + self.body.len());
+        self.encode_into(&mut out);
         out
     }
+
+    /// [`EnvelopeParts::encode`], appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        self.encode_head(out);
+        // Writing to a Vec cannot fail.
+        let _ = rmp::encode::write_bin(out, self.body);
+    }
+
+    /// Appends the envelope with its body written by `write` straight into `out` (and
+    /// `self.body` ignored): the bytes [`EnvelopeParts::encode`] gives for the body
+    /// `write` produces, without that body being built apart and copied in.
+    pub fn encode_into_with<E>(
+        &self,
+        out: &mut Vec<u8>,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.encode_head(out);
+        // A bin8 marker first; if the body turns out longer, the marker widens and
+        // the body moves up by the difference (rare for actor messages).
+        let start = out.len();
+        out.extend_from_slice(&[BIN8, 0]);
+        write(out)?;
+        let len = out.len() - start - 2;
+        if let Ok(len) = u8::try_from(len) {
+            out[start + 1] = len;
+        } else if let Ok(len) = u16::try_from(len) {
+            out.insert(start + 1, 0);
+            out[start] = BIN16;
+            out[start + 1..start + 3].copy_from_slice(&len.to_be_bytes());
+        } else {
+            // Envelopes are bounded far below 4 GiB by `max_message_bytes`; a body
+            // beyond u32 could not be sent anyway and is cut to the length field.
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            out.splice(start + 1..start + 1, [0, 0, 0]);
+            out[start] = BIN32;
+            out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    /// Everything up to and including the `body` key.
+    fn encode_head(&self, out: &mut Vec<u8>) {
+        let e = self;
+        // Writing to a Vec cannot fail: the results are Ok by construction.
+        let _ = rmp::encode::write_map_len(out, KEYS.len() as u32);
+        let _ = rmp::encode::write_str(out, KEYS[0]);
+        let _ = rmp::encode::write_str(out, e.to);
+        let _ = rmp::encode::write_str(out, KEYS[1]);
+        let _ = rmp::encode::write_str(out, e.kind);
+        let _ = rmp::encode::write_str(out, KEYS[2]);
+        let _ = rmp::encode::write_uint(out, e.correlation);
+        let _ = rmp::encode::write_str(out, KEYS[3]);
+        let _ = rmp::encode::write_bool(out, e.reply);
+        let _ = rmp::encode::write_str(out, KEYS[4]);
+        match e.trace_id {
+            Some(t) => {
+                let _ = rmp::encode::write_bin(out, t);
+            }
+            None => {
+                let _ = rmp::encode::write_nil(out);
+            }
+        }
+        let _ = rmp::encode::write_str(out, KEYS[5]);
+    }
 }
+
+/// MessagePack's bin markers, 8-, 16- and 32-bit lengths.
+const BIN8: u8 = 0xc4;
+const BIN16: u8 = 0xc5;
+const BIN32: u8 = 0xc6;
 
 /// Takes `len` bytes off the front of `rd`.
 fn take<'a>(rd: &mut &'a [u8], len: u32) -> Option<&'a [u8]> {
@@ -192,6 +240,41 @@ mod tests {
                 prop_assert_eq!(e, serde);
             }
         }
+    }
+
+    #[test]
+    fn a_body_written_in_place_gives_the_bytes_of_one_built_apart() {
+        for len in [0usize, 1, 255, 256, 65_535, 65_536, 70_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let parts = EnvelopeParts {
+                to: "echo",
+                kind: "bench.ping",
+                correlation: 7,
+                reply: false,
+                trace_id: Some(&[1; 16]),
+                body: &body,
+            };
+            // After bytes already in the buffer, as a reused buffer would hold them.
+            let mut out = b"prefix".to_vec();
+            let written: Result<(), ()> = parts.encode_into_with(&mut out, |out| {
+                out.extend_from_slice(&body);
+                Ok(())
+            });
+            assert_eq!(written, Ok(()));
+            assert_eq!(&out[..6], b"prefix");
+            assert_eq!(out[6..], parts.encode()[..], "body of {len} bytes");
+        }
+        // A failing writer's error comes back as it is.
+        let mut out = Vec::new();
+        let parts = EnvelopeParts {
+            to: "a",
+            kind: "k",
+            correlation: 0,
+            reply: false,
+            trace_id: None,
+            body: &[],
+        };
+        assert_eq!(parts.encode_into_with(&mut out, |_| Err("no")), Err("no"));
     }
 
     #[test]

@@ -172,41 +172,13 @@ impl Message {
         Ok(frames)
     }
 
-    /// Appends the message's frames to `out`, numbered from `first_seq` as
-    /// [`Message::into_frames`] numbers them; returns how many frames it wrote.
-    pub fn encode_frames(
-        &self,
-        first_seq: u16,
-        max_frame_payload: usize,
-        out: &mut BytesMut,
-    ) -> Result<u16, FrameTooLarge> {
-        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
-        if self.timestamp_ms.is_none() && self.body.len() <= chunk {
-            // The common case, one plain frame, written straight from the body: no
-            // `Bytes` clone (which would allocate for a body built from a `Vec`).
-            let mut header = self.header;
-            header.flags = header
-                .flags
-                .without(Flags::CONTINUATION)
-                .without(Flags::TIMESTAMPED);
-            header.seq = first_seq;
-            // `chunk` is at most MAX_PAYLOAD_LEN, so the length fits.
-            header.encode(self.body.len() as u16, out);
-            out.put_slice(&self.body);
-            return Ok(1);
+    /// The message with its body borrowed.
+    pub fn parts(&self) -> MessageRef<'_> {
+        MessageRef {
+            header: self.header,
+            timestamp_ms: self.timestamp_ms,
+            body: &self.body,
         }
-        let mut count = 0u16;
-        self.for_each_frame(first_seq, max_frame_payload, |frame| {
-            frame.encode(out);
-            count = count.wrapping_add(1);
-        })?;
-        Ok(count)
-    }
-
-    /// How many frames this message takes at `max_frame_payload` bytes per frame.
-    pub fn frame_count(&self, max_frame_payload: usize) -> usize {
-        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
-        self.body.len().div_ceil(chunk).max(1)
     }
 
     fn for_each_frame(
@@ -242,6 +214,82 @@ impl Message {
             }
             header.seq = header.seq.wrapping_add(1);
         }
+    }
+}
+
+/// A message whose body is borrowed: what a sender that encodes into a buffer of its
+/// own, and reuses it, hands to a lane, which copies the body into its frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    /// As [`Message::header`].
+    pub header: Header,
+    /// As [`Message::timestamp_ms`].
+    pub timestamp_ms: Option<u64>,
+    /// The complete body.
+    pub body: &'a [u8],
+}
+
+impl<'a> MessageRef<'a> {
+    /// A message with no timestamp.
+    pub fn new(header: Header, body: &'a [u8]) -> MessageRef<'a> {
+        MessageRef {
+            header,
+            timestamp_ms: None,
+            body,
+        }
+    }
+
+    /// Appends the message's frames to `out` (the bytes [`Message::into_frames`] would
+    /// encode to), numbered from `first_seq`; returns how many frames it wrote.
+    pub fn encode_frames(
+        &self,
+        first_seq: u16,
+        max_frame_payload: usize,
+        out: &mut BytesMut,
+    ) -> Result<u16, FrameTooLarge> {
+        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
+        let mut header = self.header;
+        header.flags = header
+            .flags
+            .without(Flags::CONTINUATION)
+            .without(Flags::TIMESTAMPED);
+        header.seq = first_seq;
+        if let Some(ts) = self.timestamp_ms {
+            let len = self.body.len() + TIMESTAMP_LEN;
+            if len > chunk {
+                return Err(FrameTooLarge { len });
+            }
+            header.flags = header.flags.with(Flags::TIMESTAMPED);
+            // `len` <= chunk <= MAX_PAYLOAD_LEN: it fits the length field.
+            header.encode(len as u16, out);
+            out.put_u64(ts);
+            out.put_slice(self.body);
+            return Ok(1);
+        }
+        let mut count = 0u16;
+        let mut rest = self.body;
+        loop {
+            let last = rest.len() <= chunk;
+            let (part, tail) = rest.split_at(rest.len().min(chunk));
+            let mut h = header;
+            if !last {
+                h.flags = h.flags.with(Flags::CONTINUATION);
+            }
+            h.seq = first_seq.wrapping_add(count);
+            h.encode(part.len() as u16, out);
+            out.put_slice(part);
+            count = count.wrapping_add(1);
+            if last {
+                return Ok(count);
+            }
+            rest = tail;
+        }
+    }
+
+    /// How many frames this message takes at `max_frame_payload` bytes per frame.
+    pub fn frame_count(&self, max_frame_payload: usize) -> usize {
+        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
+        self.body.len().div_ceil(chunk).max(1)
     }
 }
 
@@ -305,7 +353,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// `encode_frames` (with its one-frame shortcut) writes exactly the bytes of
+        /// `MessageRef::encode_frames` (straight from the borrowed body) writes exactly the bytes of
         /// the frames `into_frames` builds.
         #[test]
         fn encode_frames_writes_the_frames_into_frames_builds(
@@ -319,7 +367,7 @@ mod tests {
             header.flags = Flags::from_bits(flags & 0x1f).unwrap_or_default();
             let msg = Message { header, timestamp_ms: ts, body: Bytes::from(body) };
             let mut out = BytesMut::new();
-            let fast = msg.encode_frames(seq, chunk, &mut out);
+            let fast = msg.parts().encode_frames(seq, chunk, &mut out);
             match msg.into_frames(seq, chunk) {
                 Ok(frames) => {
                     let mut expected = BytesMut::new();

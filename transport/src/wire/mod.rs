@@ -18,7 +18,7 @@ mod replay;
 pub use decoder::{decode_all, DecodeError, FrameDecoder};
 pub use envelope_codec::EnvelopeParts;
 pub use error_code::AcpErrorCode;
-pub use frame::{Frame, FrameTooLarge, Message};
+pub use frame::{Frame, FrameTooLarge, Message, MessageRef};
 pub use header::{
     Flags, Header, MessageType, HEADER_LEN, MAX_PAYLOAD_LEN, PROTOCOL_VERSION, TIMESTAMP_LEN,
 };

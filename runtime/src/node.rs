@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use agentmesh_transport::clock::Clock;
 use agentmesh_transport::tls::NodeIdentity;
-use agentmesh_transport::wire::payload::{Envelope, Membership as MembershipPayload};
+use agentmesh_transport::wire::payload::{Envelope, EnvelopeRef, Membership as MembershipPayload};
 use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
 use agentmesh_transport::{
     EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
@@ -677,9 +677,8 @@ async fn deliver_envelope(
     peer: &str,
     message: Message,
 ) -> Option<Message> {
-    let envelope = match Payload::decode_shared(MessageType::Envelope, &message.body) {
-        Ok(Payload::Envelope(e)) => e,
-        Ok(_) => return None,
+    let envelope = match EnvelopeRef::decode(&message.body) {
+        Ok(e) => e,
         Err(e) => {
             warn!(%peer, error = %e, "bad envelope");
             if let Some(p) = transport.peer(peer) {
@@ -689,6 +688,7 @@ async fn deliver_envelope(
         }
     };
     if is_status_request(&envelope) {
+        drop(envelope);
         return Some(message);
     }
     mesh.on_envelope(peer, message.header.prio, envelope).await;
@@ -696,7 +696,7 @@ async fn deliver_envelope(
 }
 
 /// A request to the node's own status service, which the cluster actor answers.
-fn is_status_request(envelope: &Envelope) -> bool {
+fn is_status_request(envelope: &EnvelopeRef<'_>) -> bool {
     envelope.to == STATUS_SERVICE && envelope.kind == STATUS_REQUEST && !envelope.reply
 }
 
@@ -767,8 +767,7 @@ impl Driver {
     /// Answers a request to the node's status service (the pump has already decoded
     /// the envelope once and sent it here for that reason alone).
     async fn answer_status(&mut self, peer: &str, message: &Message) {
-        let Ok(Payload::Envelope(request)) = Payload::decode(MessageType::Envelope, &message.body)
-        else {
+        let Ok(request) = EnvelopeRef::decode(&message.body) else {
             return;
         };
         if !is_status_request(&request) {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use agentmesh_transport::wire::payload::Envelope;
+use agentmesh_transport::wire::payload::{Envelope, EnvelopeRef};
 use agentmesh_transport::wire::{EnvelopeParts, Header, Message, MessageRef, MessageType};
 use agentmesh_transport::{OwnershipTable, PeerHandle, Transport, TransportError};
 
@@ -897,7 +897,7 @@ impl Mesh {
     /// Handles an ENVELOPE from `peer` that is not for the node's own services. It came
     /// with Stream Prio `prio`: an answer goes back at the request's priority, so an
     /// urgent ask is answered on the urgent lane.
-    pub(crate) async fn on_envelope(&self, peer: &str, prio: u8, envelope: Envelope) {
+    pub(crate) async fn on_envelope(&self, peer: &str, prio: u8, envelope: EnvelopeRef<'_>) {
         if envelope.reply {
             let waiting = self
                 .inner
@@ -927,7 +927,7 @@ impl Mesh {
                 Ok(local) => local,
                 Err(_) => return,
             };
-            match local.get(&envelope.to) {
+            match local.get(&*envelope.to) {
                 None => Err(format!(
                     "no actor named {:?} on node {}",
                     envelope.to, self.inner.node
@@ -959,7 +959,7 @@ impl Mesh {
         };
         // The actor may take its time: one task per request waits for its answer and
         // sends it, so the node's driver goes on.
-        let (mesh, peer) = (self.clone(), peer.to_string());
+        let (mesh, peer, envelope) = (self.clone(), peer.to_string(), envelope.into_owned());
         tokio::spawn(async move {
             let reply = answer.await;
             mesh.send_answer(&peer, prio, envelope, reply).await;

@@ -4,9 +4,11 @@
 //! extra keys, other types) falls back to the general decoder, which is also the
 //! one that reports errors. The tests hold both to the same bytes.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
-use super::payload::Envelope;
+use super::payload::{Envelope, EnvelopeRef};
 
 const KEYS: [&str; 6] = ["to", "kind", "correlation", "reply", "trace_id", "body"];
 
@@ -135,9 +137,17 @@ fn string<'a>(rd: &mut &'a [u8]) -> Option<&'a str> {
     std::str::from_utf8(take(rd, len)?).ok()
 }
 
-fn key(rd: &mut &[u8], expected: &str) -> Option<()> {
-    let len = rmp::decode::read_str_len(rd).ok()?;
-    (take(rd, len)? == expected.as_bytes()).then_some(())
+/// Takes the key `K` if it comes next as `encode` writes it (a fixstr: marker and
+/// bytes compared at once). Any other spelling of the key goes to the general decoder.
+fn key<const K: usize>(rd: &mut &[u8]) -> Option<()> {
+    let name = KEYS[K].as_bytes();
+    let (&marker, rest) = rd.split_first()?;
+    // Every key is shorter than 32 bytes: a fixstr.
+    if usize::from(marker) != (0xa0 | name.len()) || !rest.starts_with(name) {
+        return None;
+    }
+    *rd = &rest[name.len()..];
+    Some(())
 }
 
 fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
@@ -145,41 +155,78 @@ fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     take(rd, len)
 }
 
+/// An envelope's fields, borrowed from the buffer they were read from.
+struct Fields<'a> {
+    to: &'a str,
+    kind: &'a str,
+    correlation: u64,
+    reply: bool,
+    trace_id: Option<&'a [u8]>,
+    body: &'a [u8],
+}
+
+impl Fields<'_> {
+    fn into_envelope(self, bytes: impl Fn(&[u8]) -> Bytes) -> Envelope {
+        Envelope {
+            to: self.to.to_string(),
+            kind: self.kind.to_string(),
+            correlation: self.correlation,
+            reply: self.reply,
+            trace_id: self.trace_id.map(&bytes),
+            body: bytes(self.body),
+        }
+    }
+}
+
 /// Reads the layout [`encode`] writes (any integer width for `correlation`); `None`
 /// for anything else, including trailing bytes.
 pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
-    decode_with(body, Bytes::copy_from_slice)
+    Some(fields(body)?.into_envelope(Bytes::copy_from_slice))
 }
 
 /// As [`decode`], with the trace id and body sharing `body`'s buffer instead of
 /// copied out of it.
 pub(crate) fn decode_shared(body: &Bytes) -> Option<Envelope> {
-    decode_with(body, |part| body.slice_ref(part))
+    Some(fields(body)?.into_envelope(|part| body.slice_ref(part)))
 }
 
-fn decode_with(body: &[u8], bytes: impl Fn(&[u8]) -> Bytes) -> Option<Envelope> {
+/// As [`decode_shared`], with `to` and `kind` borrowed from `body` too: nothing is
+/// allocated.
+pub(crate) fn decode_ref(body: &Bytes) -> Option<EnvelopeRef<'_>> {
+    let f = fields(body)?;
+    Some(EnvelopeRef {
+        to: Cow::Borrowed(f.to),
+        kind: Cow::Borrowed(f.kind),
+        correlation: f.correlation,
+        reply: f.reply,
+        trace_id: f.trace_id.map(|t| body.slice_ref(t)),
+        body: body.slice_ref(f.body),
+    })
+}
+
+fn fields(body: &[u8]) -> Option<Fields<'_>> {
     let mut rd = body;
     if rmp::decode::read_map_len(&mut rd).ok()? != KEYS.len() as u32 {
         return None;
     }
-    key(&mut rd, KEYS[0])?;
-    let to = string(&mut rd)?.to_string();
-    key(&mut rd, KEYS[1])?;
-    let kind = string(&mut rd)?.to_string();
-    key(&mut rd, KEYS[2])?;
+    key::<0>(&mut rd)?;
+    let to = string(&mut rd)?;
+    key::<1>(&mut rd)?;
+    let kind = string(&mut rd)?;
+    key::<2>(&mut rd)?;
     let correlation: u64 = rmp::decode::read_int(&mut rd).ok()?;
-    key(&mut rd, KEYS[3])?;
+    key::<3>(&mut rd)?;
     let reply = rmp::decode::read_bool(&mut rd).ok()?;
-    key(&mut rd, KEYS[4])?;
+    key::<4>(&mut rd)?;
     let trace_id = if rd.first() == Some(&0xc0) {
         rd = &rd[1..];
         None
     } else {
-        Some(bytes(bin(&mut rd)?))
+        Some(bin(&mut rd)?)
     };
-    key(&mut rd, KEYS[5])?;
-    let body = bytes(bin(&mut rd)?);
-    rd.is_empty().then_some(Envelope {
+    key::<5>(&mut rd)?;
+    let body = bin(&mut rd)?;
+    rd.is_empty().then_some(Fields {
         to,
         kind,
         correlation,
@@ -191,6 +238,8 @@ fn decode_with(body: &[u8], bytes: impl Fn(&[u8]) -> Bytes) -> Option<Envelope> 
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -230,6 +279,16 @@ mod tests {
             if let Some(s) = shared.filter(|s| !s.body.is_empty()) {
                 let range = whole.as_ptr_range();
                 prop_assert!(range.contains(&s.body.as_ptr()));
+            }
+            // The receive path's view reads the same, its names borrowed, and refuses
+            // a trace id that is not 16 bytes.
+            let view = EnvelopeRef::decode(&whole);
+            let valid = e.trace_id.as_ref().is_none_or(|t| t.len() == 16);
+            let expected = valid.then(|| EnvelopeRef::from(e.clone()));
+            prop_assert_eq!(view.as_ref().ok(), expected.as_ref());
+            if let Ok(v) = view {
+                prop_assert!(matches!((&v.to, &v.kind), (Cow::Borrowed(_), Cow::Borrowed(_))));
+                prop_assert_eq!(v.into_owned(), e);
             }
         }
 
@@ -275,6 +334,39 @@ mod tests {
             body: &[],
         };
         assert_eq!(parts.encode_into_with(&mut out, |_| Err("no")), Err("no"));
+    }
+
+    #[test]
+    fn the_view_takes_other_layouts_through_serde_and_refuses_what_it_refuses() {
+        let e = Envelope {
+            to: "a".into(),
+            kind: "k".into(),
+            correlation: 3,
+            reply: true,
+            trace_id: Some(Bytes::from_static(&[5; 16])),
+            body: Bytes::from_static(b"x"),
+        };
+        // serde's compact form (fields as an array) is read by the general decoder.
+        let compact = Bytes::from(rmp_serde::to_vec(&e).unwrap_or_default());
+        let view = EnvelopeRef::decode(&compact).map(EnvelopeRef::into_owned);
+        assert_eq!(view.ok(), Some(e.clone()));
+        // A trace id of the wrong length is refused, whichever layout carried it.
+        let bad = Envelope {
+            trace_id: Some(Bytes::from_static(&[5; 3])),
+            ..e
+        };
+        let err = EnvelopeRef::decode(&Bytes::from(encode(&bad))).err();
+        assert!(
+            matches!(
+                err,
+                Some(crate::wire::PayloadError::Invalid {
+                    field: "trace_id",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(EnvelopeRef::decode(&Bytes::from_static(b"\x93")).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! named fields (rmp-serde). Receivers ignore keys they do not know, so fields can be
 //! added within version 1; every field listed here is required.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -280,6 +281,69 @@ pub struct Envelope {
     pub body: Bytes,
 }
 
+/// An ENVELOPE as the receive path reads it: `to` and `kind` borrowed from the frame
+/// it came in (owned only when the sender used another msgpack layout than ours), the
+/// trace id and body sharing the frame's buffer. Delivering one allocates nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvelopeRef<'a> {
+    /// As [`Envelope::to`].
+    pub to: Cow<'a, str>,
+    /// As [`Envelope::kind`].
+    pub kind: Cow<'a, str>,
+    /// As [`Envelope::correlation`].
+    pub correlation: u64,
+    /// As [`Envelope::reply`].
+    pub reply: bool,
+    /// As [`Envelope::trace_id`].
+    pub trace_id: Option<Bytes>,
+    /// As [`Envelope::body`].
+    pub body: Bytes,
+}
+
+impl<'a> EnvelopeRef<'a> {
+    /// Decodes and validates an ENVELOPE body, as [`Payload::decode_shared`] does.
+    pub fn decode(body: &'a Bytes) -> Result<EnvelopeRef<'a>, PayloadError> {
+        let fast =
+            super::envelope_codec::decode_ref(body).filter(|e| trace_id_valid(e.trace_id.as_ref()));
+        if let Some(e) = fast {
+            return Ok(e);
+        }
+        // Another layout, or a rule broken: the general decoder reads it or says why.
+        match Payload::decode(MessageType::Envelope, body)? {
+            Payload::Envelope(e) => Ok(EnvelopeRef::from(e)),
+            other => Err(PayloadError::Undecodable {
+                msg_type: MessageType::Envelope,
+                reason: format!("decoded as {}", other.msg_type()),
+            }),
+        }
+    }
+
+    /// The envelope with its names owned.
+    pub fn into_owned(self) -> Envelope {
+        Envelope {
+            to: self.to.into_owned(),
+            kind: self.kind.into_owned(),
+            correlation: self.correlation,
+            reply: self.reply,
+            trace_id: self.trace_id,
+            body: self.body,
+        }
+    }
+}
+
+impl From<Envelope> for EnvelopeRef<'_> {
+    fn from(e: Envelope) -> Self {
+        EnvelopeRef {
+            to: Cow::Owned(e.to),
+            kind: Cow::Owned(e.kind),
+            correlation: e.correlation,
+            reply: e.reply,
+            trace_id: e.trace_id,
+            body: e.body,
+        }
+    }
+}
+
 /// MEMBERSHIP (10): cluster membership gossip, opaque to ACP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
@@ -468,14 +532,17 @@ impl Payload {
             Payload::SyncAck(s) if s.hash.len() > MAX_HASH_LEN => {
                 invalid("hash", "must be at most 64 bytes")
             }
-            Payload::Envelope(e)
-                if e.trace_id.as_ref().is_some_and(|t| t.len() != TRACE_ID_LEN) =>
-            {
+            Payload::Envelope(e) if !trace_id_valid(e.trace_id.as_ref()) => {
                 invalid("trace_id", "must be 16 bytes when present")
             }
             _ => Ok(()),
         }
     }
+}
+
+/// An ENVELOPE's trace id is 16 bytes or absent.
+fn trace_id_valid(trace_id: Option<&Bytes>) -> bool {
+    trace_id.is_none_or(|t| t.len() == TRACE_ID_LEN)
 }
 
 /// Serializes the inner struct only: the type travels in the header, not the payload.

@@ -155,57 +155,17 @@ fn bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     take(rd, len)
 }
 
-/// An envelope's fields, borrowed from the buffer they were read from.
-struct Fields<'a> {
-    to: &'a str,
-    kind: &'a str,
-    correlation: u64,
-    reply: bool,
-    trace_id: Option<&'a [u8]>,
-    body: &'a [u8],
-}
-
-impl Fields<'_> {
-    fn into_envelope(self, bytes: impl Fn(&[u8]) -> Bytes) -> Envelope {
-        Envelope {
-            to: self.to.to_string(),
-            kind: self.kind.to_string(),
-            correlation: self.correlation,
-            reply: self.reply,
-            trace_id: self.trace_id.map(&bytes),
-            body: bytes(self.body),
-        }
-    }
-}
-
 /// Reads the layout [`encode`] writes (any integer width for `correlation`); `None`
-/// for anything else, including trailing bytes.
+/// for anything else, including trailing bytes. The envelope is copied once, whole;
+/// its trace id and body share that copy.
 pub(crate) fn decode(body: &[u8]) -> Option<Envelope> {
-    Some(fields(body)?.into_envelope(Bytes::copy_from_slice))
+    decode_ref(&Bytes::copy_from_slice(body)).map(EnvelopeRef::into_owned)
 }
 
-/// As [`decode`], with the trace id and body sharing `body`'s buffer instead of
-/// copied out of it.
-pub(crate) fn decode_shared(body: &Bytes) -> Option<Envelope> {
-    Some(fields(body)?.into_envelope(|part| body.slice_ref(part)))
-}
-
-/// As [`decode_shared`], with `to` and `kind` borrowed from `body` too: nothing is
-/// allocated.
+/// As [`decode`], with `to` and `kind` borrowed from `body` and the trace id and body
+/// sharing its buffer: nothing is allocated.
 pub(crate) fn decode_ref(body: &Bytes) -> Option<EnvelopeRef<'_>> {
-    let f = fields(body)?;
-    Some(EnvelopeRef {
-        to: Cow::Borrowed(f.to),
-        kind: Cow::Borrowed(f.kind),
-        correlation: f.correlation,
-        reply: f.reply,
-        trace_id: f.trace_id.map(|t| body.slice_ref(t)),
-        body: body.slice_ref(f.body),
-    })
-}
-
-fn fields(body: &[u8]) -> Option<Fields<'_>> {
-    let mut rd = body;
+    let mut rd = &body[..];
     if rmp::decode::read_map_len(&mut rd).ok()? != KEYS.len() as u32 {
         return None;
     }
@@ -225,14 +185,14 @@ fn fields(body: &[u8]) -> Option<Fields<'_>> {
         Some(bin(&mut rd)?)
     };
     key::<5>(&mut rd)?;
-    let body = bin(&mut rd)?;
-    rd.is_empty().then_some(Fields {
-        to,
-        kind,
+    let payload = bin(&mut rd)?;
+    rd.is_empty().then(|| EnvelopeRef {
+        to: Cow::Borrowed(to),
+        kind: Cow::Borrowed(kind),
         correlation,
         reply,
-        trace_id,
-        body,
+        trace_id: trace_id.map(|t| body.slice_ref(t)),
+        body: body.slice_ref(payload),
     })
 }
 
@@ -272,9 +232,9 @@ mod tests {
             let serde = rmp_serde::to_vec_named(&e).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&fast, &serde);
             prop_assert_eq!(decode(&fast), Some(e.clone()));
-            // The shared decoder reads the same, with the body pointing into the buffer.
+            // The borrowing decoder reads the same, with the body pointing into the buffer.
             let whole = Bytes::from(fast);
-            let shared = decode_shared(&whole);
+            let shared = decode_ref(&whole).map(EnvelopeRef::into_owned);
             prop_assert_eq!(shared.as_ref(), Some(&e));
             if let Some(s) = shared.filter(|s| !s.body.is_empty()) {
                 let range = whole.as_ptr_range();

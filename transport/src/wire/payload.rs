@@ -301,7 +301,8 @@ pub struct EnvelopeRef<'a> {
 }
 
 impl<'a> EnvelopeRef<'a> {
-    /// Decodes and validates an ENVELOPE body, as [`Payload::decode_shared`] does.
+    /// Decodes and validates an ENVELOPE body, as [`Payload::decode`] does, without
+    /// copying it.
     pub fn decode(body: &'a Bytes) -> Result<EnvelopeRef<'a>, PayloadError> {
         let fast =
             super::envelope_codec::decode_ref(body).filter(|e| trace_id_valid(e.trace_id.as_ref()));
@@ -455,28 +456,11 @@ impl Payload {
         })
     }
 
-    /// Decodes and validates the msgpack body of a message of `msg_type`.
+    /// Decodes and validates the msgpack body of a message of `msg_type`: ENVELOPE's
+    /// usual layout through the hand-written codec, anything else through serde.
     pub fn decode(msg_type: MessageType, body: &[u8]) -> Result<Payload, PayloadError> {
-        Payload::decode_with(msg_type, body, super::envelope_codec::decode)
-    }
-
-    /// As [`Payload::decode`]; an ENVELOPE's trace id and body share `body`'s buffer
-    /// instead of being copied (for the receive path, where `body` is a frame's).
-    pub fn decode_shared(msg_type: MessageType, body: &Bytes) -> Result<Payload, PayloadError> {
-        Payload::decode_with(msg_type, body, |_| {
-            super::envelope_codec::decode_shared(body)
-        })
-    }
-
-    /// ENVELOPE's usual layout through `envelope` (the hand-written codec), and
-    /// anything else through serde.
-    fn decode_with(
-        msg_type: MessageType,
-        body: &[u8],
-        envelope: impl FnOnce(&[u8]) -> Option<Envelope>,
-    ) -> Result<Payload, PayloadError> {
         if msg_type == MessageType::Envelope {
-            if let Some(e) = envelope(body) {
+            if let Some(e) = super::envelope_codec::decode(body) {
                 let payload = Payload::Envelope(e);
                 payload.validate()?;
                 return Ok(payload);

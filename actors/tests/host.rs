@@ -16,7 +16,7 @@ use agentmesh_runtime::transport::clock::SystemClock;
 use agentmesh_runtime::transport::tls::ClusterCa;
 use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::EndpointConfig;
-use agentmesh_runtime::{MembershipConfig, Node, NodeConfig};
+use agentmesh_runtime::{ClusterEvent, MembershipConfig, Node, NodeConfig};
 
 async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
     let mut nodes: Vec<Node> = Vec::new();
@@ -291,6 +291,71 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
     assert_eq!(outcome.reason.as_deref(), Some("cancelled"));
     let unknown = nodes[0].1.adjust(AdjustRequest::default()).await.unwrap();
     assert!(unknown.error.is_some());
+}
+
+/// Adjusts `task` with the one parameter `key` until `n` running segments got it.
+async fn adjust_until_reached(host: &AgentHost, task: uuid::Uuid, key: &str, n: u32) {
+    for _ in 0..100 {
+        let reached = host
+            .adjust(AdjustRequest {
+                task,
+                params: [(key.to_string(), "42".to_string())].into(),
+                priority: None,
+                cancel: false,
+            })
+            .await
+            .unwrap()
+            .sent;
+        if reached == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the adjustment never reached {n} segments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_cluster_actor_leaves_the_segments_of_its_agents_running() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster(&ca, &["alpha", "beta"]).await);
+    nodes[1].1.add(Patient, 2).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let request = SubmitRequest {
+        capability: "wait".into(),
+        tags: Vec::new(),
+        priority: None,
+        group: 0,
+        inputs: inputs(2),
+        label: None,
+    };
+    let n = nodes.clone();
+    let submitted = tokio::spawn(async move { n[0].1.submit(request).await.unwrap() });
+    let task = running_task(&nodes[0].1).await;
+    // Both segments are at beta's agents once an adjustment reaches two of them (one
+    // without an answer: they keep waiting for one).
+    adjust_until_reached(&nodes[0].1, task, "hold", 2).await;
+
+    let mut events = nodes[0].0.subscribe();
+    let before = nodes[1].0.me().incarnation;
+    nodes[1].0.fail_cluster_actor();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(ClusterEvent::NodeUp(id)) = events.recv().await {
+                if &*id.name == "beta" && id.incarnation > before {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("alpha saw beta's cluster actor come back");
+
+    // The same two attempts finish the task: nothing was reallocated.
+    adjust_until_reached(&nodes[0].1, task, "answer", 2).await;
+    let outcome = submitted.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.reallocated, 0, "{outcome:?}");
+    assert_eq!(outcome.completed, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

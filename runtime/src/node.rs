@@ -399,8 +399,8 @@ struct ClusterArgs {
     seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
     /// The highest incarnation this node has had, renewals included: a restarted
     /// cluster actor takes the next one. Taking its start incarnation plus one could
-    /// repeat the identity of a renewed former self, which the others would take for
-    /// the same life (the simulator found this with restarts under faults).
+    /// repeat the identity of a renewed former self, which the others would not take
+    /// for a newer one (the simulator found this with restarts under faults).
     highest_incarnation: Arc<AtomicU64>,
 }
 
@@ -507,9 +507,10 @@ const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// The root of the node's supervision tree. Policy: when the cluster actor fails it
-/// is restarted after a backoff (100 ms, doubling), as the node's next incarnation,
-/// rejoining through the peers still connected; the transport, its connections and
-/// the name registry are kept. More than 5 failures within 60 s stop the node.
+/// is restarted after a backoff (100 ms, doubling), as a renewal of the node's
+/// identity (same life, next incarnation), rejoining through the peers still
+/// connected; the transport, its connections and the name registry are kept. More
+/// than 5 failures within 60 s stop the node.
 struct NodeSupervisor;
 
 struct SupervisorState {
@@ -572,17 +573,18 @@ impl Actor for NodeSupervisor {
                 let backoff = Duration::from_millis(100 << (state.failures.len() - 1));
                 warn!(%error, backoff_ms = backoff.as_millis() as u64, "the cluster actor failed; restarting it");
                 tokio::time::sleep(backoff).await;
-                // The life after the highest incarnation so far (which starts at,
-                // and never falls below, the one the node started with): the others
-                // treat it as a restart, down then up, since a fresh cluster actor
-                // knows nothing of what the former one had seen.
+                // The incarnation after the highest so far (which starts at, and
+                // never falls below, the one the node started with), in the same
+                // life: the others take it as a renewal, the new identity replacing
+                // the old with no NodeDown, so the agents here, which outlive the
+                // cluster actor, keep their work. Never a former identity.
                 let highest = &state.args.highest_incarnation;
                 let before = highest
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
-                        Some(NodeId::first_of_next_life(i))
+                        Some(i.saturating_add(1))
                     })
                     .unwrap_or_else(|i| i);
-                state.args.me.incarnation = NodeId::first_of_next_life(before);
+                state.args.me.incarnation = before.saturating_add(1);
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;

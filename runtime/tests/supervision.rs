@@ -1,6 +1,6 @@
 //! The node's supervision tree with real nodes: a failed cluster actor is restarted
-//! as the node's next incarnation, which the cluster sees come back, with the
-//! transport and the name registry intact; failing too often stops the node.
+//! as a renewal of the node's identity, which the cluster sees with no NodeDown, with
+//! the transport and the name registry intact; failing too often stops the node.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -94,19 +94,35 @@ async fn a_failed_cluster_actor_is_restarted_and_the_node_carries_on() {
 
     let mut events = b.subscribe();
     a.fail_cluster_actor();
-    // beta sees alpha come back as its next incarnation.
+    // beta sees alpha renewed: a newer incarnation of the same life, never down (its
+    // agents outlived the cluster actor, so their work must not be reallocated).
     let back = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Ok(ClusterEvent::NodeUp(id)) = events.recv().await {
-                if &*id.name == "alpha" && id.incarnation > a.me().incarnation {
+            match events.recv().await {
+                Ok(ClusterEvent::NodeUp(id))
+                    if &*id.name == "alpha" && id.incarnation > a.me().incarnation =>
+                {
                     return id;
                 }
+                Ok(ClusterEvent::NodeDown(id)) => panic!("{} was declared down", id.name),
+                _ => {}
             }
         }
     })
     .await
     .expect("alpha came back");
     assert_eq!(back.addr, a.me().addr);
+    assert_eq!(back.life(), a.me().life(), "a renewal, not a new life");
+    // Nor is the old identity declared down later, by the failure detector.
+    let later = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Ok(ClusterEvent::NodeDown(id)) = events.recv().await {
+                return id;
+            }
+        }
+    })
+    .await;
+    assert!(later.is_err(), "declared down after the restart: {later:?}");
     assert!(sees(&a, 1).await, "the restarted actor knows beta again");
     // The connection and the name registry survived the restart.
     b.mesh().send("sink", Ping(7)).await.unwrap();

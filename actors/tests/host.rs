@@ -228,10 +228,10 @@ async fn running_task(host: &AgentHost) -> uuid::Uuid {
     panic!("no task running");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_task() {
-    let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster(&ca, &["alpha", "beta"]).await);
+/// alpha and beta, two replicas of [`Patient`] on beta, and a request for two
+/// segments of what they do.
+async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, SubmitRequest) {
+    let nodes = Arc::new(cluster(ca, &["alpha", "beta"]).await);
     nodes[1].1.add(Patient, 2).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
     let request = SubmitRequest {
@@ -242,31 +242,46 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
         inputs: inputs(2),
         label: None,
     };
+    (nodes, request)
+}
 
+/// Adjusts `task` with the one parameter `key` = 42 until `n` running segments got
+/// it (the ALLOCATEs may still be on their way).
+async fn adjust_until_reached(
+    host: &AgentHost,
+    task: uuid::Uuid,
+    key: &str,
+    priority: Option<u8>,
+    n: u32,
+) {
+    for _ in 0..100 {
+        let reached = host
+            .adjust(AdjustRequest {
+                task,
+                params: [(key.to_string(), "42".to_string())].into(),
+                priority,
+                cancel: false,
+            })
+            .await
+            .unwrap()
+            .sent;
+        if reached == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the adjustment never reached {n} segments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_task() {
+    let ca = ClusterCa::generate().unwrap();
+    let (nodes, request) = patients_on_beta(&ca).await;
     let n = nodes.clone();
     let r = request.clone();
     let submitted = tokio::spawn(async move { n[0].1.submit(r).await.unwrap() });
     let task = running_task(&nodes[0].1).await;
-    // The ALLOCATEs may still be on their way: adjust until both segments are reached.
-    let mut reached = 0;
-    for _ in 0..100 {
-        let answer = nodes[0]
-            .1
-            .adjust(AdjustRequest {
-                task,
-                params: [("answer".to_string(), "42".to_string())].into(),
-                priority: Some(200),
-                cancel: false,
-            })
-            .await
-            .unwrap();
-        reached = answer.sent;
-        if reached == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(reached, 2);
+    adjust_until_reached(&nodes[0].1, task, "answer", Some(200), 2).await;
     let outcome = submitted.await.unwrap();
     assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
     for r in &outcome.results {
@@ -293,47 +308,16 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
     assert!(unknown.error.is_some());
 }
 
-/// Adjusts `task` with the one parameter `key` until `n` running segments got it.
-async fn adjust_until_reached(host: &AgentHost, task: uuid::Uuid, key: &str, n: u32) {
-    for _ in 0..100 {
-        let reached = host
-            .adjust(AdjustRequest {
-                task,
-                params: [(key.to_string(), "42".to_string())].into(),
-                priority: None,
-                cancel: false,
-            })
-            .await
-            .unwrap()
-            .sent;
-        if reached == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the adjustment never reached {n} segments");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_cluster_actor_leaves_the_segments_of_its_agents_running() {
     let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster(&ca, &["alpha", "beta"]).await);
-    nodes[1].1.add(Patient, 2).await.unwrap();
-    wait_for_agents(&nodes[0].1, 1).await;
-    let request = SubmitRequest {
-        capability: "wait".into(),
-        tags: Vec::new(),
-        priority: None,
-        group: 0,
-        inputs: inputs(2),
-        label: None,
-    };
+    let (nodes, request) = patients_on_beta(&ca).await;
     let n = nodes.clone();
     let submitted = tokio::spawn(async move { n[0].1.submit(request).await.unwrap() });
     let task = running_task(&nodes[0].1).await;
     // Both segments are at beta's agents once an adjustment reaches two of them (one
     // without an answer: they keep waiting for one).
-    adjust_until_reached(&nodes[0].1, task, "hold", 2).await;
+    adjust_until_reached(&nodes[0].1, task, "hold", None, 2).await;
 
     let mut events = nodes[0].0.subscribe();
     let before = nodes[1].0.me().incarnation;
@@ -351,7 +335,7 @@ async fn a_restarted_cluster_actor_leaves_the_segments_of_its_agents_running() {
     .expect("alpha saw beta's cluster actor come back");
 
     // The same two attempts finish the task: nothing was reallocated.
-    adjust_until_reached(&nodes[0].1, task, "answer", 2).await;
+    adjust_until_reached(&nodes[0].1, task, "answer", None, 2).await;
     let outcome = submitted.await.unwrap();
     assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
     assert_eq!(outcome.reallocated, 0, "{outcome:?}");

@@ -578,13 +578,11 @@ impl Actor for NodeSupervisor {
                 // life: the others take it as a renewal, the new identity replacing
                 // the old with no NodeDown, so the agents here, which outlive the
                 // cluster actor, keep their work. Never a former identity.
-                let highest = &state.args.highest_incarnation;
-                let before = highest
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
-                        Some(i.saturating_add(1))
-                    })
-                    .unwrap_or_else(|i| i);
-                state.args.me.incarnation = before.saturating_add(1);
+                state.args.me.incarnation = state
+                    .args
+                    .highest_incarnation
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 let (child, _) =
                     Actor::spawn_linked(None, ClusterActor, state.args.clone(), myself.get_cell())
                         .await?;

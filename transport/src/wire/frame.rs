@@ -167,26 +167,6 @@ impl Message {
         first_seq: u16,
         max_frame_payload: usize,
     ) -> Result<Vec<Frame>, FrameTooLarge> {
-        let mut frames = Vec::new();
-        self.for_each_frame(first_seq, max_frame_payload, |frame| frames.push(frame))?;
-        Ok(frames)
-    }
-
-    /// The message with its body borrowed.
-    pub fn parts(&self) -> MessageRef<'_> {
-        MessageRef {
-            header: self.header,
-            timestamp_ms: self.timestamp_ms,
-            body: &self.body,
-        }
-    }
-
-    fn for_each_frame(
-        &self,
-        first_seq: u16,
-        max_frame_payload: usize,
-        mut emit: impl FnMut(Frame),
-    ) -> Result<(), FrameTooLarge> {
         let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
         let mut header = self.header;
         header.flags = header.flags.without(Flags::CONTINUATION);
@@ -197,10 +177,10 @@ impl Message {
                     len: self.body.len() + TIMESTAMP_LEN,
                 });
             }
-            emit(Frame::timestamped(header, ts, self.body.clone())?);
-            return Ok(());
+            return Ok(vec![Frame::timestamped(header, ts, self.body)?]);
         }
-        let mut body = self.body.clone();
+        let mut frames = Vec::new();
+        let mut body = self.body;
         loop {
             let last = body.len() <= chunk;
             let part = body.split_to(body.len().min(chunk));
@@ -208,11 +188,20 @@ impl Message {
             if !last {
                 h.flags = h.flags.with(Flags::CONTINUATION);
             }
-            emit(Frame::new(h, part)?);
+            frames.push(Frame::new(h, part)?);
             if last {
-                return Ok(());
+                return Ok(frames);
             }
             header.seq = header.seq.wrapping_add(1);
+        }
+    }
+
+    /// The message with its body borrowed.
+    pub fn parts(&self) -> MessageRef<'_> {
+        MessageRef {
+            header: self.header,
+            timestamp_ms: self.timestamp_ms,
+            body: &self.body,
         }
     }
 }
@@ -353,8 +342,8 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// `MessageRef::encode_frames` (straight from the borrowed body) writes exactly the bytes of
-        /// the frames `into_frames` builds.
+        /// `MessageRef::encode_frames` (straight from the borrowed body) writes exactly
+        /// the bytes of the frames `into_frames` builds.
         #[test]
         fn encode_frames_writes_the_frames_into_frames_builds(
             flags in proptest::prelude::any::<u8>(),

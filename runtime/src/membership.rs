@@ -397,6 +397,28 @@ impl Membership {
         Ok(())
     }
 
+    /// Takes up `members`, the members a former membership of this node held up or
+    /// suspect (a restarted cluster actor's), as up, without telling the others (they
+    /// know better). They are probed as any member is: one that died while this node
+    /// was away, and that the others have already declared down and stopped gossiping
+    /// about, is declared down here too, so this node's services hear of it. Started
+    /// from nothing, this node would never have heard of it again. A member that came
+    /// back meanwhile as a newer identity replaces its former self as soon as this node
+    /// hears of it (a down for a former life, as ever). This node's own name is skipped.
+    pub fn restore(
+        &mut self,
+        members: impl IntoIterator<Item = NodeId>,
+    ) -> Result<(), MembershipError> {
+        let me = self.foca.identity().name.clone();
+        let members = members
+            .into_iter()
+            .filter(|m| m.name != me)
+            .map(foca::Member::alive);
+        self.foca
+            .apply_many(members, false, &mut self.runtime)
+            .map_err(|e| MembershipError(e.to_string()))
+    }
+
     /// Feeds gossip received from the network.
     pub fn handle_data(&mut self, data: &[u8]) -> Result<(), MembershipError> {
         self.foca

@@ -415,6 +415,22 @@ impl Actor for ClusterActor {
         args: ClusterArgs,
     ) -> Result<Driver, ActorProcessingErr> {
         let mut membership = Membership::new(args.me.clone(), args.config, args.me.incarnation);
+        // After a restart, the members the node's services were last told of (up or
+        // suspect) are probed again, so one that died meanwhile is told down here too.
+        let former: Vec<NodeId> = args
+            .members_tx
+            .borrow()
+            .iter()
+            .filter(|m| m.state != MemberState::Down)
+            .map(|m| NodeId {
+                name: Arc::from(m.name.as_str()),
+                addr: m.addr,
+                incarnation: m.incarnation,
+            })
+            .collect();
+        if let Err(e) = membership.restore(former) {
+            warn!(error = %e, "cannot restore the former members");
+        }
         // After a restart, rejoin through whoever is still connected.
         let seeds = args.seeds.lock().map(|s| s.clone()).unwrap_or_default();
         for peer in args.transport.peers() {

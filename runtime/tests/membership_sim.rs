@@ -95,6 +95,34 @@ impl Cluster {
         self.drain(name);
     }
 
+    /// Fails the membership of a live node, as when its cluster actor fails: it is
+    /// gone until [`Cluster::restart_membership`], but what the node's services were
+    /// told (its view) stays, since they outlive the cluster actor. Returns the
+    /// identity it had and the members it held up or suspect.
+    fn fail_membership(&mut self, name: &str) -> (NodeId, Vec<NodeId>) {
+        let m = self.nodes.remove(name).unwrap();
+        let former = m.members().cloned().collect();
+        (m.me().clone(), former)
+    }
+
+    /// Restarts a failed membership as the supervisor restarts a cluster actor: a
+    /// fresh state machine with the next identity in the same life, restored from the
+    /// members its former self held, joining through `via`.
+    fn restart_membership(&mut self, failed: (NodeId, Vec<NodeId>), via: &str) {
+        let (me, former) = failed;
+        let next = NodeId {
+            incarnation: me.incarnation + 1,
+            ..me
+        };
+        let name = next.name.to_string();
+        let seed = next.incarnation ^ self.salt;
+        let mut m = Membership::new(next, MembershipConfig::default(), seed);
+        m.restore(former).unwrap();
+        m.join(id(via, 0)).unwrap();
+        self.nodes.insert(name.clone(), m);
+        self.drain(&name);
+    }
+
     /// Stalls a node: it hears nothing and does nothing until [`Cluster::thaw`].
     fn freeze(&mut self, name: &str) {
         self.frozen.insert(name.into());
@@ -336,6 +364,51 @@ fn a_stalled_node_declared_down_rejoins_and_keeps_probing() {
             took_ms < 1_000,
             "salt {salt}: declared down after {took_ms} ms"
         );
+    }
+}
+
+/// A node's cluster actor fails and is restarted, with a fresh membership, about a
+/// second later; meanwhile another node crashed and the others declared it down and
+/// stopped gossiping about it. The restarted membership, restored from what its
+/// former self held, probes the dead node and declares it down, so the services on
+/// the node, which were told it was up, are told it is down within a second. Started
+/// from nothing (without `Membership::restore`), it only ever heard of the live
+/// members, and the dead one stayed up in its services' view for good. Run under many
+/// schedules.
+#[test]
+fn a_restarted_membership_learns_of_a_crash_it_missed() {
+    for salt in 0..16 {
+        let mut c = Cluster::new();
+        c.salt = salt;
+        c.start("a", 1, None);
+        for name in ["b", "c", "d"] {
+            c.start(name, 1, Some("a"));
+        }
+        c.run_until(3_000_000, |c| c.sees("b", &["a", "c", "d"]))
+            .unwrap();
+        let failed = c.fail_membership("b");
+        c.crash("c");
+        c.run_until(5_000_000, |c| c.sees("a", &["d"]) && c.sees("d", &["a"]))
+            .unwrap();
+        c.run_until(1_000_000, |_| false);
+        let restarted_at = c.now_us;
+        c.restart_membership(failed, "a");
+        let seen = c.run_until(5_000_000, |c| c.sees("b", &["a", "d"]));
+        assert!(
+            seen.is_some(),
+            "salt {salt}: b never saw c go down: {:?}",
+            c.views
+        );
+        let took_ms = (seen.unwrap() - restarted_at) / 1_000;
+        assert!(
+            took_ms < 1_000,
+            "salt {salt}: c seen down after {took_ms} ms"
+        );
+        // The live members take b's new identity as b, up all along.
+        c.run_until(2_000_000, |c| {
+            c.sees("a", &["b", "d"]) && c.sees("d", &["a", "b"])
+        })
+        .unwrap();
     }
 }
 

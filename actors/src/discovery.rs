@@ -23,10 +23,13 @@ use crate::workers::WorkersMsg;
 
 /// Agents the registry holds at most, cluster-wide.
 pub const MAX_AGENTS: usize = 1_000_000;
-/// Deltas waiting to go out at most; past that the node sends its whole list instead.
+/// Deltas waiting to go out at most; one that finds the queue full is dropped, and
+/// the members find out from the next delta or summary (see [`RegistryDelta`]) and ask
+/// for the whole list.
 const OUTBOX: usize = 4_096;
-/// How often every node's whole list is sent again (repairs anything lost).
-const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// How often every member gets a summary of this node's list (its version), so one
+/// that missed a delta asks for the whole list.
+const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 
 /// What discovery handles.
 pub enum DiscoveryMsg {
@@ -85,7 +88,7 @@ pub enum DiscoveryMsg {
     NodeDown(String),
     /// Where to tell about local agents that changed ID after a collision.
     SetWorkers(ActorRef<WorkersMsg>),
-    /// Send our whole list to everyone (periodic repair).
+    /// Send every member a summary of our list (periodic repair).
     Resync,
 }
 
@@ -110,8 +113,6 @@ pub struct DiscoveryState {
     ownership: Arc<OwnershipTable>,
     members: BTreeSet<String>,
     outbox: mpsc::Sender<(Vec<String>, RegistryDelta)>,
-    /// A delta could not be queued: send the whole list at the next resync.
-    behind: bool,
     workers: Option<ActorRef<WorkersMsg>>,
     recorder: Option<Recorder>,
 }
@@ -130,7 +131,7 @@ impl Actor for Discovery {
             .register_service(DISCOVERY_SERVICE, myself.clone(), DiscoveryMsg::Delta)?;
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_deltas(args.mesh.clone(), queue));
-        drop(myself.send_interval(RESYNC_EVERY, || DiscoveryMsg::Resync));
+        drop(myself.send_interval(SUMMARY_EVERY, || DiscoveryMsg::Resync));
         let mut registry = Registry::new(args.mesh.node(), MAX_AGENTS, args.seed);
         for member in &args.members {
             registry.handle_node_up(member);
@@ -140,7 +141,6 @@ impl Actor for Discovery {
             ownership: args.mesh.ownership(),
             members: args.members.into_iter().collect(),
             outbox,
-            behind: false,
             workers: None,
             recorder: args.recorder,
         };
@@ -223,12 +223,9 @@ impl Actor for Discovery {
             }
             DiscoveryMsg::SetWorkers(workers) => state.workers = Some(workers),
             DiscoveryMsg::Resync => {
-                if state.behind || !state.members.is_empty() {
-                    state.behind = false;
-                    let targets: Vec<String> = state.members.iter().cloned().collect();
-                    let full = state.registry.full_delta();
-                    state.queue(targets, full);
-                }
+                let targets: Vec<String> = state.members.iter().cloned().collect();
+                let summary = state.registry.summary();
+                state.queue(targets, summary);
             }
         }
         state.drain();
@@ -242,7 +239,7 @@ impl DiscoveryState {
             return;
         }
         if self.outbox.try_send((targets, delta)).is_err() {
-            self.behind = true;
+            metrics::counter!("agentmesh_registry_deltas_dropped_total").increment(1);
         }
     }
 
@@ -272,6 +269,7 @@ impl DiscoveryState {
                     }
                 }
                 RegistryOutput::Disown { agents } => self.ownership.remove_all(&agents),
+                RegistryOutput::Send { to, delta } => self.queue(vec![to.to_string()], delta),
                 RegistryOutput::Reidentified { old, new } => {
                     info!(
                         old,

@@ -46,6 +46,15 @@ pub struct AgentRecord {
 }
 
 /// What one node tells the others about its agents.
+///
+/// Every change a node makes to its list takes its list's version one higher, and a
+/// delta says which version it brings the list from (`since`) and to (`version`): a
+/// receiver that holds the list at `since` is now at `version`; one that does not has
+/// missed something (a delta dropped by a full queue, a broken connection, a
+/// partition) and asks for the whole list. A delta with no change (`since ==
+/// version`) is a summary, sent to every member every few seconds, so a receiver
+/// also finds out what it missed when no change follows. Nodes before versions send
+/// 0 and 0, and are taken at their word.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryDelta {
     /// The node speaking; it may only speak for its own agents.
@@ -56,6 +65,16 @@ pub struct RegistryDelta {
     pub upserts: Vec<AgentRecord>,
     /// Agents gone.
     pub removals: Vec<u32>,
+    /// The version of the sender's list this delta applies to (for a whole list: the
+    /// same as `version`).
+    #[serde(default)]
+    pub since: u64,
+    /// The version of the sender's list once this delta is applied.
+    #[serde(default)]
+    pub version: u64,
+    /// The sender asks for the receiver's whole list (it missed something of it).
+    #[serde(default)]
+    pub want_full: bool,
 }
 
 /// Something the registry asks its driver to do.
@@ -77,6 +96,14 @@ pub enum RegistryOutput {
     Disown {
         /// The Agent IDs.
         agents: Vec<u32>,
+    },
+    /// Send this delta to `to` only: this node's whole list, which `to` asked for, or
+    /// a request for `to`'s whole list, after something of it was missed here.
+    Send {
+        /// The node.
+        to: Arc<str>,
+        /// What to send it.
+        delta: RegistryDelta,
     },
     /// A local agent lost an ID collision and now has a new ID.
     Reidentified {
@@ -150,6 +177,12 @@ pub struct Registry {
     outputs: VecDeque<RegistryOutput>,
     /// The news not yet polled, gathered into one delta (see [`Registry::poll`]).
     unsent: Option<RegistryDelta>,
+    /// The version of this node's list: how many deltas of its changes went out.
+    version: u64,
+    /// Per other node that sent a delta: the version of its list held here, or `None`
+    /// once a delta was missed and until its whole list arrives. A node not in it is
+    /// held at 0, the version of an empty list; one declared down leaves it.
+    held: HashMap<Arc<str>, Option<u64>, SeedableRandomState>,
 }
 
 impl Registry {
@@ -163,10 +196,12 @@ impl Registry {
             nodes: Slab::new(),
             slots: HashMap::with_hasher(hasher.clone()),
             up: HashSet::with_hasher(hasher.clone()),
-            hasher,
             rng: StdRng::seed_from_u64(seed),
             outputs: VecDeque::new(),
             unsent: None,
+            version: 0,
+            held: HashMap::with_hasher(hasher.clone()),
+            hasher,
         }
     }
 
@@ -175,9 +210,10 @@ impl Registry {
     /// removal would otherwise undo an upsert it follows: then the deltas stay apart,
     /// in order.
     pub fn poll(&mut self) -> Option<RegistryOutput> {
-        self.outputs
-            .pop_front()
-            .or_else(|| self.unsent.take().map(RegistryOutput::Broadcast))
+        match self.outputs.pop_front() {
+            Some(output) => Some(output),
+            None => self.close_unsent().map(RegistryOutput::Broadcast),
+        }
     }
 
     /// Agents known, cluster-wide.
@@ -262,13 +298,32 @@ impl Registry {
         self.broadcast(vec![record], Vec::new());
     }
 
-    /// The delta that tells a node that has just come up about every local agent.
+    /// The delta that tells a node that has just come up (or asked for it) about every
+    /// local agent.
     pub fn full_delta(&self) -> RegistryDelta {
         RegistryDelta {
             node: self.me.to_string(),
             full: true,
             upserts: self.local_records(),
             removals: Vec::new(),
+            since: self.version,
+            version: self.version,
+            want_full: false,
+        }
+    }
+
+    /// The summary every member gets every few seconds: no change, only the version
+    /// of this node's list, which a member that missed a delta finds it does not hold
+    /// (and asks for the whole list). Its size does not grow with the list's.
+    pub fn summary(&self) -> RegistryDelta {
+        RegistryDelta {
+            node: self.me.to_string(),
+            full: false,
+            upserts: Vec::new(),
+            removals: Vec::new(),
+            since: self.version,
+            version: self.version,
+            want_full: false,
         }
     }
 
@@ -282,6 +337,11 @@ impl Registry {
                 sender: sender.to_string(),
                 claimed: delta.node.clone(),
             });
+        }
+        if !delta.full && delta.upserts.is_empty() && delta.removals.is_empty() {
+            // A summary or a request: nothing to apply.
+            self.track(sender, delta);
+            return Ok(());
         }
         let slot = self.slot(sender);
         if delta.full {
@@ -323,7 +383,46 @@ impl Registry {
             self.upsert(slot, record);
         }
         self.free_if_empty(slot);
+        self.track(sender, delta);
         Ok(())
+    }
+
+    /// Keeps the version of `node`'s list held here up to date after `delta` from it,
+    /// asks for its whole list if something of it was missed, and answers its request
+    /// for ours. A request goes out when the list held here first falls behind, and
+    /// again at each summary that finds it still behind (a lost request is retried).
+    fn track(&mut self, node: &str, delta: &RegistryDelta) {
+        if delta.want_full {
+            let full = self.full_delta();
+            self.outputs.push_back(RegistryOutput::Send {
+                to: Arc::from(node),
+                delta: full,
+            });
+        }
+        // A node not heard of yet is held at version 0: its empty list.
+        let held = self.held.get(node).copied().unwrap_or(Some(0));
+        let now = if delta.full || held == Some(delta.since) {
+            Some(delta.version)
+        } else {
+            None
+        };
+        let summary = !delta.full && delta.since == delta.version;
+        if now.is_none() && (held.is_some() || summary) {
+            let request = RegistryDelta {
+                want_full: true,
+                ..self.summary()
+            };
+            self.outputs.push_back(RegistryOutput::Send {
+                to: Arc::from(node),
+                delta: request,
+            });
+        }
+        match self.held.get_mut(node) {
+            Some(held) => *held = now,
+            None => {
+                self.held.insert(Arc::from(node), now);
+            }
+        }
     }
 
     /// Applies one record sent by the node in `slot` (it speaks for itself, whatever
@@ -385,6 +484,7 @@ impl Registry {
     /// Purges every agent of a node that is down.
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
+        self.held.remove(node);
         // Every record of the node goes: its whole table at once.
         let Some(gone) = self
             .slots
@@ -580,7 +680,7 @@ impl Registry {
                 unsent.removals.extend(removals);
                 return;
             }
-            let earlier = self.unsent.take().map(RegistryOutput::Broadcast);
+            let earlier = self.close_unsent().map(RegistryOutput::Broadcast);
             self.outputs.extend(earlier);
         }
         self.unsent = Some(RegistryDelta {
@@ -588,7 +688,19 @@ impl Registry {
             full: false,
             upserts,
             removals,
+            since: 0,
+            version: 0,
+            want_full: false,
         });
+    }
+
+    /// Takes the news gathered so far as the next version of this node's list.
+    fn close_unsent(&mut self) -> Option<RegistryDelta> {
+        let mut delta = self.unsent.take()?;
+        delta.since = self.version;
+        self.version += 1;
+        delta.version = self.version;
+        Some(delta)
     }
 }
 

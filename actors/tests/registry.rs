@@ -142,6 +142,9 @@ fn a_node_may_only_speak_for_itself() {
         full: true,
         upserts: Vec::new(),
         removals: Vec::new(),
+        since: 0,
+        version: 0,
+        want_full: false,
     };
     assert!(b.handle_delta("mallory", &delta).is_err());
     let own = RegistryDelta {
@@ -226,10 +229,8 @@ fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
     b.handle_delta(
         "a",
         &RegistryDelta {
-            node: "a".into(),
-            full: false,
             upserts: vec![changed],
-            removals: vec![],
+            ..a.summary()
         },
     )
     .unwrap();
@@ -475,4 +476,173 @@ fn records_stay_with_their_node_as_nodes_come_and_go() {
         }
     }
     assert_eq!(me.capable_unwatched("work", &[]), 0);
+}
+
+/// Moves what `a` and `b` send each other (broadcasts and deltas to one node) until
+/// neither has anything left, losing each message for which `lose` says so; the
+/// number of requests for a whole list that were made.
+fn exchange(a: &mut Registry, b: &mut Registry, mut lose: impl FnMut() -> bool) -> usize {
+    let mut requests = 0;
+    loop {
+        let (moved_ab, asked_ab) = pass(a, "a", b, &mut lose);
+        let (moved_ba, asked_ba) = pass(b, "b", a, &mut lose);
+        requests += asked_ab + asked_ba;
+        if moved_ab + moved_ba == 0 {
+            return requests;
+        }
+    }
+}
+
+/// One round of [`exchange`] from `from` to `to`: how many messages went, and how many
+/// of them asked for a whole list.
+fn pass(
+    from: &mut Registry,
+    from_name: &str,
+    to: &mut Registry,
+    lose: &mut impl FnMut() -> bool,
+) -> (usize, usize) {
+    let (mut moved, mut requests) = (0, 0);
+    for out in drain(from) {
+        let delta = match out {
+            RegistryOutput::Broadcast(delta) | RegistryOutput::Send { delta, .. } => delta,
+            _ => continue,
+        };
+        moved += 1;
+        requests += usize::from(delta.want_full);
+        if !lose() {
+            to.handle_delta(from_name, &delta).unwrap();
+        }
+    }
+    (moved, requests)
+}
+
+/// `b`'s copy of `a`'s agents, with their loads.
+fn copy_of_a(b: &Registry) -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = b
+        .records()
+        .filter(|r| &*r.node == "a")
+        .map(|r| (r.agent, r.load))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn list_of_a(a: &Registry) -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = a.records().map(|r| (r.agent, r.load)).collect();
+    v.sort_unstable();
+    v
+}
+
+/// A delta lost on the way is noticed by the next one (its list version does not
+/// follow on from the one held): the receiver asks for the whole list once, and the
+/// whole list repairs its copy. Later deltas follow on again and ask for nothing.
+#[test]
+fn a_missed_delta_is_noticed_by_the_next_and_the_whole_list_repairs_the_copy() {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    assert_eq!(exchange(&mut a, &mut b, || false), 0);
+    let lost = a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    drain(&mut a);
+    assert!(b.get(lost.agent).is_none());
+    a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    assert_eq!(exchange(&mut a, &mut b, || false), 1);
+    assert_eq!(copy_of_a(&b), list_of_a(&a));
+    a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    assert_eq!(exchange(&mut a, &mut b, || false), 0);
+    assert_eq!(copy_of_a(&b), list_of_a(&a));
+}
+
+/// With no change after the loss, the summary every member gets (a few bytes, however
+/// long the list) finds it: the receiver asks, at every summary until the whole list
+/// arrives (a lost request is made again). A summary that finds the copy up to date
+/// asks for nothing.
+#[test]
+fn a_summary_finds_a_missed_delta_and_asks_again_until_the_whole_list_arrives() {
+    let mut a = Registry::new("a", 100, 1);
+    let mut b = Registry::new("b", 100, 2);
+    let x = a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    exchange(&mut a, &mut b, || false);
+    b.handle_delta("a", &a.summary()).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    a.update(x.agent, 3, Health::Ok);
+    drain(&mut a);
+    let summary = a.summary();
+    assert!(summary.upserts.is_empty() && summary.removals.is_empty());
+    b.handle_delta("a", &summary).unwrap();
+    // The request is lost; the next summary asks again, and that one gets through.
+    assert!(
+        matches!(&drain(&mut b)[..], [RegistryOutput::Send { to, delta }] if &**to == "a" && delta.want_full)
+    );
+    b.handle_delta("a", &a.summary()).unwrap();
+    assert_eq!(exchange(&mut a, &mut b, || false), 1);
+    assert_eq!(copy_of_a(&b), vec![(x.agent, 3)]);
+    b.handle_delta("a", &a.summary()).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+}
+
+#[derive(Clone, Debug)]
+enum Change {
+    Register,
+    Deregister,
+    Load(u32),
+}
+
+fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => Just(Change::Register),
+        1 => Just(Change::Deregister),
+        2 => (0u32..5).prop_map(Change::Load),
+    ]
+}
+
+proptest::proptest! {
+    /// Whatever of `a`'s deltas, requests and whole lists are lost, once a summary
+    /// gets through with nothing lost after it, `b` holds exactly `a`'s list; and
+    /// while nothing is lost, nobody asks for a whole list.
+    #[test]
+    fn one_summary_after_the_last_loss_brings_a_copy_up_to_date(
+        changes in proptest::collection::vec(
+            (
+                change(),
+                proptest::bool::weighted(0.2),
+                proptest::bool::weighted(0.2),
+            ),
+            1..60,
+        ),
+    ) {
+        let mut a = Registry::new("a", 1_000, 1);
+        let mut b = Registry::new("b", 1_000, 2);
+        let mut mine: Vec<u32> = Vec::new();
+        let mut lost_any = false;
+        for (i, (change, lose, summary)) in changes.into_iter().enumerate() {
+            match change {
+                Change::Register => {
+                    mine.push(a.register("w", vec![cap("x", &[], 1)], 0).unwrap().agent);
+                }
+                Change::Deregister => {
+                    if !mine.is_empty() {
+                        a.deregister(mine.remove(i % mine.len()));
+                    }
+                }
+                Change::Load(load) => {
+                    if !mine.is_empty() {
+                        a.update(mine[i % mine.len()], load, Health::Ok);
+                    }
+                }
+            }
+            lost_any |= lose;
+            let requests = exchange(&mut a, &mut b, || lose);
+            proptest::prop_assert!(lost_any || requests == 0);
+            if summary {
+                b.handle_delta("a", &a.summary()).unwrap();
+                let requests = exchange(&mut a, &mut b, || lose);
+                proptest::prop_assert!(lost_any || requests == 0);
+            }
+        }
+        b.handle_delta("a", &a.summary()).unwrap();
+        exchange(&mut a, &mut b, || false);
+        proptest::prop_assert_eq!(copy_of_a(&b), list_of_a(&a));
+    }
 }

@@ -47,6 +47,8 @@ const MAX_QUEUED: usize = 1_024;
 const RESTART_BACKOFF_US: u64 = 50_000;
 /// How often random faults are drawn.
 const FAULT_PERIOD_US: u64 = 1_000_000;
+/// How often a node sends every member a summary of its agent list (as discovery).
+const SUMMARY_PERIOD_US: u64 = 5_000_000;
 
 /// Settings of one run.
 #[derive(Clone, Debug)]
@@ -150,6 +152,10 @@ enum Event {
         timer: MembershipTimer,
     },
     Tick {
+        node: NodeIx,
+        epoch: u32,
+    },
+    Summary {
         node: NodeIx,
         epoch: u32,
     },
@@ -501,6 +507,17 @@ impl Sim {
                 }
                 Ok(())
             }
+            Event::Summary { node, epoch } => {
+                if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                    log!(self, "summary ", node);
+                    let summary = Rc::new(self.nodes[node].registry.summary());
+                    for to in self.members_of(node) {
+                        self.send(node, to, Msg::Delta(summary.clone()), true);
+                    }
+                    self.schedule(SUMMARY_PERIOD_US, Event::Summary { node, epoch });
+                }
+                Ok(())
+            }
             Event::WorkDone { agent, gen, key } => self.work_done(agent, gen, key),
             Event::ReplicaBack { agent, gen } => {
                 let a = &mut self.agents[agent];
@@ -732,6 +749,8 @@ impl Sim {
             let _ = self.nodes[ix].membership.join(id);
         }
         let _ = self.drain_membership(ix);
+        let epoch = self.nodes[ix].epoch;
+        self.schedule(SUMMARY_PERIOD_US, Event::Summary { node: ix, epoch });
         self.register_specs(ix, 0);
     }
 
@@ -770,16 +789,29 @@ impl Sim {
     }
 
     /// Sends the registry's news; coalesces consecutive deltas into one message per
-    /// member (the live discovery sends them in order; here fewer, larger messages).
+    /// member (the live discovery sends them in order; here fewer, larger messages,
+    /// from the first one's version to the last one's), sent before anything the
+    /// registry sends to one node, so every node hears of versions in order.
     fn drain_registry(&mut self, ix: NodeIx) {
-        let mut upserts = Vec::new();
-        let mut removals = Vec::new();
+        let mut news: Option<RegistryDelta> = None;
         while let Some(out) = self.nodes[ix].registry.poll() {
             match out {
                 RegistryOutput::Broadcast(d) => {
                     self.nodes[ix].full_delta = None;
-                    upserts.extend(d.upserts);
-                    removals.extend(d.removals);
+                    match &mut news {
+                        Some(n) => {
+                            n.upserts.extend(d.upserts);
+                            n.removals.extend(d.removals);
+                            n.version = d.version;
+                        }
+                        None => news = Some(d),
+                    }
+                }
+                RegistryOutput::Send { to, delta } => {
+                    self.broadcast_news(ix, news.take());
+                    if let Some(&to) = self.by_name.get(&*to) {
+                        self.send(ix, to, Msg::Delta(Rc::new(delta)), true);
+                    }
                 }
                 RegistryOutput::Reidentified { old, new } => {
                     if let Some(a) = self.nodes[ix].agents.remove(&old) {
@@ -789,24 +821,26 @@ impl Sim {
                 RegistryOutput::Own { .. } | RegistryOutput::Disown { .. } => {}
             }
         }
-        if upserts.is_empty() && removals.is_empty() {
+        self.broadcast_news(ix, news);
+    }
+
+    fn broadcast_news(&mut self, ix: NodeIx, news: Option<RegistryDelta>) {
+        let Some(news) = news else {
             return;
-        }
-        let delta = RegistryDelta {
-            node: self.nodes[ix].name.clone(),
-            full: false,
-            upserts,
-            removals,
         };
-        let members: Vec<NodeIx> = self.nodes[ix]
+        let news = Rc::new(news);
+        for to in self.members_of(ix) {
+            self.send(ix, to, Msg::Delta(news.clone()), true);
+        }
+    }
+
+    /// The nodes `ix` holds up.
+    fn members_of(&self, ix: NodeIx) -> Vec<NodeIx> {
+        self.nodes[ix]
             .membership
             .members()
             .filter_map(|m| self.by_name.get(&*m.name).copied())
-            .collect();
-        let delta = Rc::new(delta);
-        for to in members {
-            self.send(ix, to, Msg::Delta(delta.clone()), true);
-        }
+            .collect()
     }
 
     fn drain_membership(&mut self, ix: NodeIx) -> Result<(), Violation> {
@@ -923,7 +957,9 @@ impl Sim {
                 );
                 let sender = self.nodes[from].name.clone();
                 let n = &mut self.nodes[to];
-                if n.registry.handle_delta(&sender, &delta).is_ok() {
+                // A summary (no records) changes nothing the candidate lists show.
+                let changes = delta.full || !delta.upserts.is_empty() || !delta.removals.is_empty();
+                if n.registry.handle_delta(&sender, &delta).is_ok() && changes {
                     n.registry_gen += 1;
                 }
                 self.drain_registry(to);

@@ -240,6 +240,15 @@ impl Cluster {
         Some(self.now_us)
     }
 
+    /// Runs until `done` holds, which must be within a second of `since_us`.
+    fn within_a_second(&mut self, since_us: u64, what: &str, done: impl Fn(&Cluster) -> bool) {
+        let Some(at) = self.run_until(5_000_000, done) else {
+            panic!("{what}: not within 5 s: {:?}", self.views);
+        };
+        let took_ms = (at - since_us) / 1_000;
+        assert!(took_ms < 1_000, "{what}: after {took_ms} ms");
+    }
+
     fn sees(&self, who: &str, names: &[&str]) -> bool {
         let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
         self.views.get(who).is_some_and(|v| *v == want)
@@ -255,6 +264,18 @@ fn three_nodes() -> Cluster {
         c.sees("a", &["b", "c"]) && c.sees("b", &["a", "c"]) && c.sees("c", &["a", "b"])
     });
     assert!(joined.is_some(), "all see all within 2 s: {:?}", c.views);
+    c
+}
+
+/// Nodes a, b, c and d starting together, b, c and d joining through a, under the
+/// schedule `salt` picks.
+fn four_nodes(salt: u64) -> Cluster {
+    let mut c = Cluster::new();
+    c.salt = salt;
+    c.start("a", 1, None);
+    for name in ["b", "c", "d"] {
+        c.start(name, 1, Some("a"));
+    }
     c
 }
 
@@ -353,17 +374,8 @@ fn a_stalled_node_declared_down_rejoins_and_keeps_probing() {
         // Still probing: a crash after the rejoin is seen by the renewed node.
         let crashed_at = c.now_us;
         c.crash("d");
-        let seen = c.run_until(5_000_000, |c| c.sees("c", &restarted));
-        assert!(
-            seen.is_some(),
-            "salt {salt}: c never saw d go down: {:?}",
-            c.views
-        );
-        let took_ms = (seen.unwrap() - crashed_at) / 1_000;
-        assert!(
-            took_ms < 1_000,
-            "salt {salt}: declared down after {took_ms} ms"
-        );
+        let what = format!("salt {salt}: c sees d down");
+        c.within_a_second(crashed_at, &what, |c| c.sees("c", &restarted));
     }
 }
 
@@ -378,12 +390,7 @@ fn a_stalled_node_declared_down_rejoins_and_keeps_probing() {
 #[test]
 fn a_restarted_membership_learns_of_a_crash_it_missed() {
     for salt in 0..16 {
-        let mut c = Cluster::new();
-        c.salt = salt;
-        c.start("a", 1, None);
-        for name in ["b", "c", "d"] {
-            c.start(name, 1, Some("a"));
-        }
+        let mut c = four_nodes(salt);
         c.run_until(3_000_000, |c| c.sees("b", &["a", "c", "d"]))
             .unwrap();
         let failed = c.fail_membership("b");
@@ -393,18 +400,9 @@ fn a_restarted_membership_learns_of_a_crash_it_missed() {
         c.run_until(1_000_000, |_| false);
         let restarted_at = c.now_us;
         c.restart_membership(failed, "a");
-        let seen = c.run_until(5_000_000, |c| c.sees("b", &["a", "d"]));
-        assert!(
-            seen.is_some(),
-            "salt {salt}: b never saw c go down: {:?}",
-            c.views
-        );
-        let took_ms = (seen.unwrap() - restarted_at) / 1_000;
-        assert!(
-            took_ms < 1_000,
-            "salt {salt}: c seen down after {took_ms} ms"
-        );
-        // The live members take b's new identity as b, up all along.
+        let what = format!("salt {salt}: b sees c down");
+        c.within_a_second(restarted_at, &what, |c| c.sees("b", &["a", "d"]));
+        // The others, which declared b down while it was away, take it back.
         c.run_until(2_000_000, |c| {
             c.sees("a", &["b", "d"]) && c.sees("d", &["a", "b"])
         })
@@ -447,12 +445,7 @@ fn two_groups_cut_apart_for_long_merge_again_when_the_partition_heals() {
 
 fn split_and_heal(held_us: u64, heal_within_us: u64) {
     for salt in 0..8 {
-        let mut c = Cluster::new();
-        c.salt = salt;
-        c.start("a", 1, None);
-        for n in ["b", "c", "d"] {
-            c.start(n, 1, Some("a"));
-        }
+        let mut c = four_nodes(salt);
         let all = |c: &Cluster| {
             c.sees("a", &["b", "c", "d"])
                 && c.sees("b", &["a", "c", "d"])

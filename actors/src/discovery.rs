@@ -89,7 +89,7 @@ pub enum DiscoveryMsg {
     /// Where to tell about local agents that changed ID after a collision.
     SetWorkers(ActorRef<WorkersMsg>),
     /// Send every member a summary of our list (periodic repair).
-    Resync,
+    SendSummary,
 }
 
 /// The discovery actor.
@@ -131,7 +131,7 @@ impl Actor for Discovery {
             .register_service(DISCOVERY_SERVICE, myself.clone(), DiscoveryMsg::Delta)?;
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_deltas(args.mesh.clone(), queue));
-        drop(myself.send_interval(SUMMARY_EVERY, || DiscoveryMsg::Resync));
+        drop(myself.send_interval(SUMMARY_EVERY, || DiscoveryMsg::SendSummary));
         let mut registry = Registry::new(args.mesh.node(), MAX_AGENTS, args.seed);
         for member in &args.members {
             registry.handle_node_up(member);
@@ -222,7 +222,7 @@ impl Actor for Discovery {
                 state.registry.handle_node_down(&node);
             }
             DiscoveryMsg::SetWorkers(workers) => state.workers = Some(workers),
-            DiscoveryMsg::Resync => {
+            DiscoveryMsg::SendSummary => {
                 let targets: Vec<String> = state.members.iter().cloned().collect();
                 let summary = state.registry.summary();
                 state.queue(targets, summary);

@@ -77,6 +77,13 @@ pub struct RegistryDelta {
     pub want_full: bool,
 }
 
+impl RegistryDelta {
+    /// True for a summary or a request for a whole list: no records, nothing to apply.
+    pub fn is_summary(&self) -> bool {
+        !self.full && self.upserts.is_empty() && self.removals.is_empty()
+    }
+}
+
 /// Something the registry asks its driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegistryOutput {
@@ -302,13 +309,9 @@ impl Registry {
     /// local agent.
     pub fn full_delta(&self) -> RegistryDelta {
         RegistryDelta {
-            node: self.me.to_string(),
             full: true,
             upserts: self.local_records(),
-            removals: Vec::new(),
-            since: self.version,
-            version: self.version,
-            want_full: false,
+            ..self.summary()
         }
     }
 
@@ -338,8 +341,7 @@ impl Registry {
                 claimed: delta.node.clone(),
             });
         }
-        if !delta.full && delta.upserts.is_empty() && delta.removals.is_empty() {
-            // A summary or a request: nothing to apply.
+        if delta.is_summary() {
             self.track(sender, delta);
             return Ok(());
         }
@@ -406,8 +408,7 @@ impl Registry {
         } else {
             None
         };
-        let summary = !delta.full && delta.since == delta.version;
-        if now.is_none() && (held.is_some() || summary) {
+        if now.is_none() && (held.is_some() || delta.is_summary()) {
             let request = RegistryDelta {
                 want_full: true,
                 ..self.summary()

@@ -197,15 +197,20 @@ fn a_result_from_an_earlier_attempt_wins_and_the_later_one_is_cancelled() {
         .any(|o| matches!(o, LedgerOutput::TaskCompleted { .. })));
 }
 
-#[test]
-fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
-    let config = LedgerConfig {
-        breaker_failures: 2,
+/// Settings where `failures` failures in a row shut a worker out for 1 s, with
+/// attempts enough never to fail a task.
+fn breaker_after(failures: u32) -> LedgerConfig {
+    LedgerConfig {
+        breaker_failures: failures,
         breaker_cooldown_ms: 1_000,
         max_attempts: 100,
         ..LedgerConfig::default()
-    };
-    let mut l = Ledger::new(config, 1);
+    }
+}
+
+#[test]
+fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
+    let mut l = Ledger::new(breaker_after(2), 1);
     let bad = worker(1, "a", 10);
     let good = worker(2, "b", 10);
     // Two failures in a row trip the bad worker's breaker.
@@ -232,13 +237,7 @@ fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
 
 #[test]
 fn a_shared_list_seen_full_still_finds_workers_freed_or_let_back_in_later() {
-    let config = LedgerConfig {
-        breaker_failures: 1,
-        breaker_cooldown_ms: 1_000,
-        max_attempts: 100,
-        ..LedgerConfig::default()
-    };
-    let mut l = Ledger::new(config, 7);
+    let mut l = Ledger::new(breaker_after(1), 7);
     let list = Candidates::new(vec![worker(1, "a", 1), worker(2, "b", 1)]);
     let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
     l.submit(first, 3, 0).unwrap();

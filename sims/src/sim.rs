@@ -957,9 +957,8 @@ impl Sim {
                 );
                 let sender = self.nodes[from].name.clone();
                 let n = &mut self.nodes[to];
-                // A summary (no records) changes nothing the candidate lists show.
-                let changes = delta.full || !delta.upserts.is_empty() || !delta.removals.is_empty();
-                if n.registry.handle_delta(&sender, &delta).is_ok() && changes {
+                // A summary changes nothing the candidate lists show.
+                if n.registry.handle_delta(&sender, &delta).is_ok() && !delta.is_summary() {
                     n.registry_gen += 1;
                 }
                 self.drain_registry(to);

@@ -22,14 +22,15 @@ use agentmesh_transport::tls::NodeIdentity;
 use agentmesh_transport::wire::payload::{Envelope, EnvelopeRef, Membership as MembershipPayload};
 use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
 use agentmesh_transport::{
-    EndpointConfig, OwnershipTable, Transport, TransportError, TransportEvent, TransportEvents,
+    EndpointConfig, Inbox, Lane, Leftover, OwnershipTable, PeerName, Transport, TransportError,
+    TransportEvent, TransportEvents,
 };
 
 use crate::client::{Client, ClientError};
 use crate::membership::{
     MemberState, Membership, MembershipConfig, MembershipOutput, MembershipTimer, NodeId,
 };
-use crate::remote::Mesh;
+use crate::remote::{Mesh, WeakMesh};
 
 /// How a node is set up.
 #[derive(Clone, Debug)]
@@ -166,12 +167,19 @@ impl Node {
             ownership,
             clock.clone(),
         )?;
+        let (started_tx, started) = watch::channel(false);
+        let inbox = Arc::new(MeshInbox {
+            mesh: std::sync::OnceLock::new(),
+            started,
+        });
+        transport.set_inbox(inbox.clone());
         let me = NodeId {
             name: Arc::from(identity.name.as_str()),
             addr: transport.local_addr()?,
             incarnation: NodeId::first_of_life(clock.now_unix_ms()),
         };
         let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
+        let _ = inbox.mesh.set(mesh.downgrade());
         let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
         let (members_tx, members_rx) = watch::channel(Vec::new());
         let metrics = match config.metrics {
@@ -201,12 +209,8 @@ impl Node {
         let (supervisor, supervisor_handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
             .map_err(|e| NodeError::Start(e.to_string()))?;
-        tokio::spawn(pump(
-            events,
-            current.clone(),
-            mesh.clone(),
-            transport.clone(),
-        ));
+        tokio::spawn(pump(events, current.clone(), mesh.clone()));
+        started_tx.send_replace(true);
         info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
         let node = Node {
             transport,
@@ -631,7 +635,6 @@ async fn pump(
     mut events: TransportEvents,
     mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
     mesh: Mesh,
-    transport: Transport,
 ) {
     let permits = Arc::new(Semaphore::new(MAILBOX_EVENTS));
     while let Some(event) = events.recv().await {
@@ -641,20 +644,7 @@ async fn pump(
                 via,
                 messages,
             } => {
-                let mut driver_part = Vec::new();
-                for message in messages {
-                    match message.header.msg_type {
-                        MessageType::Membership => driver_part.push(message),
-                        MessageType::Envelope => {
-                            if let Some(m) =
-                                deliver_envelope(&mesh, &transport, &peer, message).await
-                            {
-                                driver_part.push(m);
-                            }
-                        }
-                        _ => mesh.on_acp(&peer, message),
-                    }
-                }
+                let driver_part = take_for_mesh(&mesh, &peer, messages).await;
                 if driver_part.is_empty() {
                     continue;
                 }
@@ -681,6 +671,55 @@ async fn pump(
         if actor.cast(ClusterMsg::Transport(event, permit)).is_err() {
             debug!("an event was lost while the cluster actor restarted");
         }
+    }
+}
+
+/// Hands what arrived from `peer` to the mesh (actor messages and the ACP types it
+/// routes) and returns what is the cluster actor's: membership gossip and requests to
+/// the node's status service.
+async fn take_for_mesh(mesh: &Mesh, peer: &str, messages: Vec<Message>) -> Vec<Message> {
+    let mut driver_part = Vec::new();
+    for message in messages {
+        match message.header.msg_type {
+            MessageType::Membership => driver_part.push(message),
+            MessageType::Envelope => {
+                if let Some(m) = deliver_envelope(mesh, mesh.transport(), peer, message).await {
+                    driver_part.push(m);
+                }
+            }
+            _ => mesh.on_acp(peer, message),
+        }
+    }
+    driver_part
+}
+
+/// The transport's inbox: hands lane messages to the mesh on the lane reader's own
+/// task, so an actor message or an answer does not wait for the pump's turn (one task
+/// hop fewer on every request and every reply); the rest still goes to the pump.
+///
+/// It is set right after the transport is bound, before any peer can have connected,
+/// and holds lane readers back until the node has started (as the pump, not yet
+/// running, did): so every lane message goes through it, in lane order.
+struct MeshInbox {
+    /// Set once the mesh exists; weak, since the mesh holds the transport.
+    mesh: std::sync::OnceLock<WeakMesh>,
+    started: watch::Receiver<bool>,
+}
+
+impl Inbox for MeshInbox {
+    fn take<'a>(&'a self, peer: &'a PeerName, _: Lane, messages: Vec<Message>) -> Leftover<'a> {
+        Box::pin(async move {
+            let mut started = self.started.clone();
+            let mesh = match started.wait_for(|s| *s).await {
+                Ok(_) => self.mesh.get().and_then(WeakMesh::upgrade),
+                Err(_) => None,
+            };
+            match mesh {
+                Some(mesh) => take_for_mesh(&mesh, peer, messages).await,
+                // The node is gone or never started: the pump, if any, sees them.
+                None => messages,
+            }
+        })
     }
 }
 

@@ -175,6 +175,16 @@ pub struct Mesh {
     inner: Arc<Inner>,
 }
 
+/// A [`Mesh`] that does not keep it alive: what the transport's inbox holds, since the
+/// mesh holds the transport.
+pub(crate) struct WeakMesh(std::sync::Weak<Inner>);
+
+impl WeakMesh {
+    pub(crate) fn upgrade(&self) -> Option<Mesh> {
+        self.0.upgrade().map(|inner| Mesh { inner })
+    }
+}
+
 struct Inner {
     node: String,
     transport: Transport,
@@ -239,6 +249,15 @@ impl Mesh {
                 trace_prefix: hasher.finish() ^ incarnation,
             }),
         }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakMesh {
+        WeakMesh(Arc::downgrade(&self.inner))
+    }
+
+    /// The transport the mesh sends on.
+    pub(crate) fn transport(&self) -> &Transport {
+        &self.inner.transport
     }
 
     /// This node's name.

@@ -17,8 +17,11 @@ use tokio::time::Instant;
 
 use crate::transport::endpoint::bind_socket;
 use crate::transport::tls::{self, ClusterCa, NodeIdentity};
-use crate::transport::wire::{Flags, Header, Message, MessageType};
-use crate::transport::{EndpointConfig, OwnershipTable, PeerHandle, Transport, TransportEvent};
+use crate::transport::wire::{Flags, Header, Lane, Message, MessageType};
+use crate::transport::{
+    EndpointConfig, Inbox, Leftover, OwnershipTable, PeerHandle, PeerName, Transport,
+    TransportEvent,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -236,26 +239,30 @@ fn plain(prio: u8, body: &Bytes) -> Message {
     Message::new(header, body.clone())
 }
 
-/// Echoes every message that asks for an acknowledgement, on its own lane, and counts
-/// the rest.
-async fn acp_echo(
+/// The echo side's inbox: counts every message and answers those that ask for an
+/// acknowledgement on their own lane, on the lane reader's task, as the runtime's
+/// inbox hands messages to actors.
+struct Echo {
     peer: PeerHandle,
-    mut events: crate::transport::TransportEvents,
     received: Arc<AtomicU64>,
-) {
-    while let Some(event) = events.recv().await {
-        if let TransportEvent::Received { messages, .. } = event {
-            received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+}
+
+impl Inbox for Echo {
+    fn take<'a>(&'a self, _: &'a PeerName, _: Lane, messages: Vec<Message>) -> Leftover<'a> {
+        Box::pin(async move {
+            self.received
+                .fetch_add(messages.len() as u64, Ordering::Relaxed);
             for m in messages {
                 if m.header.flags.contains(Flags::ACK_REQUESTED) {
                     let mut reply = m;
                     reply.header.flags = Flags::empty();
-                    if peer.send(reply).await.is_err() {
-                        return;
+                    if self.peer.send(reply).await.is_err() {
+                        break;
                     }
                 }
             }
-        }
+            Vec::new()
+        })
     }
 }
 
@@ -315,7 +322,13 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let received = Arc::new(AtomicU64::new(0));
-    tokio::spawn(acp_echo(to_a, b_events, received.clone()));
+    b.set_inbox(Arc::new(Echo {
+        peer: to_a,
+        received: received.clone(),
+    }));
+    // The inbox takes every message; what is left are peer events.
+    let mut b_events = b_events;
+    tokio::spawn(async move { while b_events.recv().await.is_some() {} });
 
     let mut f = Figures::default();
     // Throughput: one way, normal lane.

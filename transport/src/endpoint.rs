@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::clock::{Clock, SystemClock};
-use crate::events::{EventQueues, EventSenders, TransportEvents};
+use crate::events::{EventQueues, EventSenders, Inbox, TransportEvents};
 use crate::headroom::{HeadroomFactory, WindowGauge};
 use crate::ingress::{IngressLimits, OwnershipTable, Via};
 use crate::peer::{PeerConn, PeerHandle};
@@ -178,6 +178,8 @@ pub(crate) struct Shared {
     pub(crate) config: EndpointConfig,
     pub(crate) peers: Mutex<HashMap<PeerName, Arc<PeerConn>>>,
     pub(crate) events: EventSenders,
+    /// The owner's handler for received lane messages, once it has set one.
+    pub(crate) inbox: std::sync::OnceLock<Arc<dyn Inbox>>,
     pub(crate) ownership: Arc<OwnershipTable>,
     pub(crate) stats: Arc<TransportStats>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -243,6 +245,7 @@ impl Transport {
             config,
             peers: Mutex::new(HashMap::new()),
             events,
+            inbox: std::sync::OnceLock::new(),
             ownership,
             stats: Arc::new(TransportStats::default()),
             clock,
@@ -251,6 +254,13 @@ impl Transport {
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok((Transport { shared }, rx))
+    }
+
+    /// Hands received lane messages to `inbox` on the lane readers' tasks from now on
+    /// (what it leaves still goes to the event queues). Only the first call counts: it
+    /// returns false if an inbox was already set.
+    pub fn set_inbox(&self, inbox: Arc<dyn Inbox>) -> bool {
+        self.shared.inbox.set(inbox).is_ok()
     }
 
     /// This node's name.

@@ -2,11 +2,30 @@
 //! carrier, read in priority order, so an urgent message never waits behind bulk data
 //! that already arrived.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use tokio::sync::mpsc;
 
-use crate::endpoint::TransportEvent;
+use crate::endpoint::{PeerName, TransportEvent};
 use crate::ingress::Via;
-use crate::wire::Lane;
+use crate::wire::{Lane, Message};
+
+/// What [`Inbox::take`] returns: the messages it left for the event queues.
+pub type Leftover<'a> = Pin<Box<dyn Future<Output = Vec<Message>> + Send + 'a>>;
+
+/// An owner's handler that runs on a lane reader's own task, before anything is
+/// queued: it takes the messages it can deal with at once and leaves the rest for
+/// [`TransportEvents`]. It saves the hop from the reader to the owner's task (a wake-up
+/// and a queue per batch) on the paths where that hop is most of the latency.
+///
+/// It is called for one lane at a time, in that lane's order; lanes run concurrently,
+/// as they always did. Its future holds that lane back while it runs (as a full event
+/// queue does), so it should hand work off rather than do it.
+pub trait Inbox: Send + Sync + 'static {
+    /// Takes what it handles of `messages` (from `peer`, on `lane`) and returns the rest.
+    fn take<'a>(&'a self, peer: &'a PeerName, lane: Lane, messages: Vec<Message>) -> Leftover<'a>;
+}
 
 /// Queue sizes, in events. A lane reader waits when its queue is full, which holds
 /// that lane back through QUIC flow control; a datagram is shed instead.

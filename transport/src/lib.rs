@@ -20,7 +20,7 @@ pub mod tls;
 pub mod wire;
 
 pub use endpoint::{EndpointConfig, PeerName, Transport, TransportError, TransportEvent};
-pub use events::{EventQueues, TransportEvents};
+pub use events::{EventQueues, Inbox, Leftover, TransportEvents};
 pub use ingress::{OwnershipTable, Via};
 pub use peer::PeerHandle;
 

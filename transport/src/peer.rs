@@ -651,6 +651,10 @@ async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mut
             Lane::Bulk if reader.urgent.recent() => tokio::task::yield_now().await,
             _ => {}
         }
+        let messages = match reader.shared.inbox.get() {
+            Some(inbox) if !messages.is_empty() => inbox.take(&reader.name, lane, messages).await,
+            _ => messages,
+        };
         if messages.is_empty() {
             continue;
         }

@@ -347,3 +347,76 @@ async fn over_its_rate_a_peer_loses_bulk_frames_first_and_never_urgent_ones() {
     );
     assert_eq!(shed[Lane::Urgent.index()], 0);
 }
+
+/// Takes the messages whose body starts with `in`, in the order it is given them.
+struct TakeIn(std::sync::Mutex<Vec<(Lane, Vec<u8>)>>);
+
+impl agentmesh_transport::Inbox for TakeIn {
+    fn take<'a>(
+        &'a self,
+        _: &'a agentmesh_transport::PeerName,
+        lane: Lane,
+        messages: Vec<agentmesh_transport::Message>,
+    ) -> agentmesh_transport::Leftover<'a> {
+        Box::pin(async move {
+            let (taken, left): (Vec<_>, Vec<_>) = messages
+                .into_iter()
+                .partition(|m| m.body.starts_with(b"in"));
+            let mut got = self.0.lock().unwrap();
+            got.extend(taken.into_iter().map(|m| (lane, m.body.to_vec())));
+            left
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_takes_lane_messages_in_lane_order_and_leaves_the_rest_to_the_events() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let inbox = std::sync::Arc::new(TakeIn(std::sync::Mutex::new(Vec::new())));
+    assert!(b.transport.set_inbox(inbox.clone()));
+    assert!(
+        !b.transport.set_inbox(inbox.clone()),
+        "only the first inbox counts"
+    );
+    let peer = a.transport.peer("beta").unwrap();
+    for i in 0..300 {
+        let (prio, body) = match i % 3 {
+            0 => (96, format!("in-{i}")),
+            1 => (224, format!("in-{i}")),
+            _ => (96, format!("out-{i}")),
+        };
+        peer.send(envelope(prio, body.as_bytes())).await.unwrap();
+    }
+    let left = receive(&mut b.events, 100).await;
+    let left: Vec<(Via, String)> = left
+        .into_iter()
+        .map(|(via, m)| (via, String::from_utf8(m.body.to_vec()).unwrap()))
+        .collect();
+    let expected: Vec<(Via, String)> = (0..300)
+        .filter(|i| i % 3 == 2)
+        .map(|i| (Via::Lane(Lane::Normal), format!("out-{i}")))
+        .collect();
+    assert_eq!(left, expected, "what the inbox leaves reaches the events");
+    // The inbox ran before the leftovers were queued, so it has seen all of the
+    // normal lane; the urgent lane is read by a task of its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while inbox.0.lock().unwrap().len() < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "the inbox got 200");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = inbox.0.lock().unwrap().clone();
+    for (lane, rest) in [(Lane::Normal, 0), (Lane::Urgent, 1)] {
+        let on_lane: Vec<String> = got
+            .iter()
+            .filter(|(l, _)| *l == lane)
+            .map(|(_, b)| String::from_utf8(b.clone()).unwrap())
+            .collect();
+        let expected: Vec<String> = (0..300)
+            .filter(|i| i % 3 == rest)
+            .map(|i| format!("in-{i}"))
+            .collect();
+        assert_eq!(on_lane, expected, "{lane:?}: taken in lane order");
+    }
+    assert!(b.events.try_recv().is_none(), "nothing else was queued");
+}

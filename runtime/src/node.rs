@@ -167,19 +167,14 @@ impl Node {
             ownership,
             clock.clone(),
         )?;
-        let (started_tx, started) = watch::channel(false);
-        let inbox = Arc::new(MeshInbox {
-            mesh: std::sync::OnceLock::new(),
-            started,
-        });
-        transport.set_inbox(inbox.clone());
+        let (started_tx, started) = watch::channel(None);
+        transport.set_inbox(Arc::new(MeshInbox(started)));
         let me = NodeId {
             name: Arc::from(identity.name.as_str()),
             addr: transport.local_addr()?,
             incarnation: NodeId::first_of_life(clock.now_unix_ms()),
         };
         let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
-        let _ = inbox.mesh.set(mesh.downgrade());
         let (cluster_events, _) = broadcast::channel(CLUSTER_EVENT_BUFFER);
         let (members_tx, members_rx) = watch::channel(Vec::new());
         let metrics = match config.metrics {
@@ -210,7 +205,7 @@ impl Node {
             .await
             .map_err(|e| NodeError::Start(e.to_string()))?;
         tokio::spawn(pump(events, current.clone(), mesh.clone()));
-        started_tx.send_replace(true);
+        started_tx.send_replace(Some(mesh.downgrade()));
         info!(node = %me.name, addr = %me.addr, incarnation = me.incarnation, "node started");
         let node = Node {
             transport,
@@ -683,7 +678,7 @@ async fn take_for_mesh(mesh: &Mesh, peer: &str, messages: Vec<Message>) -> Vec<M
         match message.header.msg_type {
             MessageType::Membership => driver_part.push(message),
             MessageType::Envelope => {
-                if let Some(m) = deliver_envelope(mesh, mesh.transport(), peer, message).await {
+                if let Some(m) = deliver_envelope(mesh, peer, message).await {
                     driver_part.push(m);
                 }
             }
@@ -700,19 +695,23 @@ async fn take_for_mesh(mesh: &Mesh, peer: &str, messages: Vec<Message>) -> Vec<M
 /// It is set right after the transport is bound, before any peer can have connected,
 /// and holds lane readers back until the node has started (as the pump, not yet
 /// running, did): so every lane message goes through it, in lane order.
-struct MeshInbox {
-    /// Set once the mesh exists; weak, since the mesh holds the transport.
-    mesh: std::sync::OnceLock<WeakMesh>,
-    started: watch::Receiver<bool>,
-}
+///
+/// It holds the mesh once the node has started (`None` before); weakly, since the mesh
+/// holds the transport.
+struct MeshInbox(watch::Receiver<Option<WeakMesh>>);
 
 impl Inbox for MeshInbox {
     fn take<'a>(&'a self, peer: &'a PeerName, _: Lane, messages: Vec<Message>) -> Leftover<'a> {
         Box::pin(async move {
-            let mut started = self.started.clone();
-            let mesh = match started.wait_for(|s| *s).await {
-                Ok(_) => self.mesh.get().and_then(WeakMesh::upgrade),
-                Err(_) => None,
+            let started = |m: &Option<WeakMesh>| m.as_ref().map(WeakMesh::upgrade);
+            // Once started, a look at the current value; before, a wait for it.
+            let now = started(&self.0.borrow());
+            let mesh = match now {
+                Some(mesh) => mesh,
+                None => match self.0.clone().wait_for(Option::is_some).await {
+                    Ok(m) => started(&m).flatten(),
+                    Err(_) => None,
+                },
             };
             match mesh {
                 Some(mesh) => take_for_mesh(&mesh, peer, messages).await,
@@ -726,17 +725,12 @@ impl Inbox for MeshInbox {
 /// Hands an ENVELOPE to the mesh, or gives it back if it asks the node itself (status,
 /// which the cluster actor answers from the membership it owns). A payload that does
 /// not decode closes the sender's connection with the ACP error code.
-async fn deliver_envelope(
-    mesh: &Mesh,
-    transport: &Transport,
-    peer: &str,
-    message: Message,
-) -> Option<Message> {
+async fn deliver_envelope(mesh: &Mesh, peer: &str, message: Message) -> Option<Message> {
     let envelope = match EnvelopeRef::decode(&message.body) {
         Ok(e) => e,
         Err(e) => {
             warn!(%peer, error = %e, "bad envelope");
-            if let Some(p) = transport.peer(peer) {
+            if let Some(p) = mesh.transport().peer(peer) {
                 p.close(e.code(), "bad envelope");
             }
             return None;

@@ -312,7 +312,7 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
         )?)
     };
     let (a, mut a_events) = bind("bench-a")?;
-    let (b, b_events) = bind("bench-b")?;
+    let (b, mut b_events) = bind("bench-b")?;
     a.connect(b.local_addr()?, Some("bench-b")).await?;
     let to_b = a.peer("bench-b").context("connected")?;
     let to_a = loop {
@@ -327,7 +327,6 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
         received: received.clone(),
     }));
     // The inbox takes every message; what is left are peer events.
-    let mut b_events = b_events;
     tokio::spawn(async move { while b_events.recv().await.is_some() {} });
 
     let mut f = Figures::default();

@@ -788,27 +788,21 @@ impl Sim {
         self.drain_registry(ix);
     }
 
-    /// Sends the registry's news; coalesces consecutive deltas into one message per
-    /// member (the live discovery sends them in order; here fewer, larger messages,
-    /// from the first one's version to the last one's), sent before anything the
-    /// registry sends to one node, so every node hears of versions in order.
+    /// Sends the registry's news as the live discovery does: each delta as it comes,
+    /// to every member, in the order the registry made them. (The registry already
+    /// gathers what it can into one delta; merging its deltas further here could put a
+    /// removal after an upsert of the same agent, which its own rule keeps apart.)
     fn drain_registry(&mut self, ix: NodeIx) {
-        let mut news: Option<RegistryDelta> = None;
         while let Some(out) = self.nodes[ix].registry.poll() {
             match out {
                 RegistryOutput::Broadcast(d) => {
                     self.nodes[ix].full_delta = None;
-                    match &mut news {
-                        Some(n) => {
-                            n.upserts.extend(d.upserts);
-                            n.removals.extend(d.removals);
-                            n.version = d.version;
-                        }
-                        None => news = Some(d),
+                    let news = Rc::new(d);
+                    for to in self.members_of(ix) {
+                        self.send(ix, to, Msg::Delta(news.clone()), true);
                     }
                 }
                 RegistryOutput::Send { to, delta } => {
-                    self.broadcast_news(ix, news.take());
                     if let Some(&to) = self.by_name.get(&*to) {
                         self.send(ix, to, Msg::Delta(Rc::new(delta)), true);
                     }
@@ -820,17 +814,6 @@ impl Sim {
                 }
                 RegistryOutput::Own { .. } | RegistryOutput::Disown { .. } => {}
             }
-        }
-        self.broadcast_news(ix, news);
-    }
-
-    fn broadcast_news(&mut self, ix: NodeIx, news: Option<RegistryDelta>) {
-        let Some(news) = news else {
-            return;
-        };
-        let news = Rc::new(news);
-        for to in self.members_of(ix) {
-            self.send(ix, to, Msg::Delta(news.clone()), true);
         }
     }
 

@@ -2,8 +2,8 @@
 //! serde messages sent to them from any node (locally without serialization), request
 //! and reply, and monitors that fire when a named actor stops or its node dies.
 
+use foldhash::HashMap;
 use std::any::Any;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -240,11 +240,11 @@ impl Mesh {
             inner: Arc::new(Inner {
                 node: node.to_string(),
                 transport,
-                local: RwLock::new(HashMap::new()),
-                remote: RwLock::new(HashMap::new()),
-                pending: Mutex::new(HashMap::new()),
-                monitors: Mutex::new(HashMap::new()),
-                acp_routes: RwLock::new(HashMap::new()),
+                local: RwLock::new(HashMap::default()),
+                remote: RwLock::new(HashMap::default()),
+                pending: Mutex::new(HashMap::default()),
+                monitors: Mutex::new(HashMap::default()),
+                acp_routes: RwLock::new(HashMap::default()),
                 next_correlation: AtomicU64::new(1),
                 trace_prefix: hasher.finish() ^ incarnation,
             }),

@@ -2,7 +2,7 @@
 //! of peer connections (one per pair of nodes, simultaneous dials resolved the same way
 //! on both sides); and the events the transport reports to its owner.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -243,7 +243,7 @@ impl Transport {
             name: Arc::from(identity.name.as_str()),
             endpoint,
             config,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::default()),
             events,
             inbox: std::sync::OnceLock::new(),
             ownership,

@@ -223,9 +223,8 @@ impl Actor for Discovery {
             }
             DiscoveryMsg::SetWorkers(workers) => state.workers = Some(workers),
             DiscoveryMsg::SendSummary => {
-                let targets: Vec<String> = state.members.iter().cloned().collect();
                 let summary = state.registry.summary();
-                state.queue(targets, summary);
+                state.queue_to_members(summary);
             }
         }
         state.drain();
@@ -243,14 +242,17 @@ impl DiscoveryState {
         }
     }
 
+    /// Queues `delta` for every member.
+    fn queue_to_members(&mut self, delta: RegistryDelta) {
+        let targets: Vec<String> = self.members.iter().cloned().collect();
+        self.queue(targets, delta);
+    }
+
     /// Carries out what the registry asked for.
     fn drain(&mut self) {
         while let Some(output) = self.registry.poll() {
             match output {
-                RegistryOutput::Broadcast(delta) => {
-                    let targets: Vec<String> = self.members.iter().cloned().collect();
-                    self.queue(targets, delta);
-                }
+                RegistryOutput::Broadcast(delta) => self.queue_to_members(delta),
                 RegistryOutput::Own { agents, node } => {
                     self.ownership.assign_all(&agents, &node);
                     if let Some(recorder) = &self.recorder {

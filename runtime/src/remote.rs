@@ -2,7 +2,6 @@
 //! serde messages sent to them from any node (locally without serialization), request
 //! and reply, and monitors that fire when a named actor stops or its node dies.
 
-use foldhash::HashMap;
 use std::any::Any;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use ractor::{ActorRef, RpcReplyPort};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

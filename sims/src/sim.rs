@@ -510,10 +510,8 @@ impl Sim {
             Event::Summary { node, epoch } => {
                 if self.nodes[node].up && self.nodes[node].epoch == epoch {
                     log!(self, "summary ", node);
-                    let summary = Rc::new(self.nodes[node].registry.summary());
-                    for to in self.members_of(node) {
-                        self.send(node, to, Msg::Delta(summary.clone()), true);
-                    }
+                    let summary = self.nodes[node].registry.summary();
+                    self.send_to_members(node, summary);
                     self.schedule(SUMMARY_PERIOD_US, Event::Summary { node, epoch });
                 }
                 Ok(())
@@ -797,10 +795,7 @@ impl Sim {
             match out {
                 RegistryOutput::Broadcast(d) => {
                     self.nodes[ix].full_delta = None;
-                    let news = Rc::new(d);
-                    for to in self.members_of(ix) {
-                        self.send(ix, to, Msg::Delta(news.clone()), true);
-                    }
+                    self.send_to_members(ix, d);
                 }
                 RegistryOutput::Send { to, delta } => {
                     if let Some(&to) = self.by_name.get(&*to) {
@@ -814,6 +809,14 @@ impl Sim {
                 }
                 RegistryOutput::Own { .. } | RegistryOutput::Disown { .. } => {}
             }
+        }
+    }
+
+    /// Sends `delta` to every member `ix` holds up, one shared copy.
+    fn send_to_members(&mut self, ix: NodeIx, delta: RegistryDelta) {
+        let delta = Rc::new(delta);
+        for to in self.members_of(ix) {
+            self.send(ix, to, Msg::Delta(delta.clone()), true);
         }
     }
 

@@ -2,11 +2,11 @@
 //! of peer connections (one per pair of nodes, simultaneous dials resolved the same way
 //! on both sides); and the events the transport reports to its owner.
 
-use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use tokio::sync::watch;

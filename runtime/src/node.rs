@@ -23,7 +23,7 @@ use agentmesh_transport::wire::payload::{Envelope, EnvelopeRef, Membership as Me
 use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
 use agentmesh_transport::{
     EndpointConfig, Inbox, Lane, Leftover, OwnershipTable, PeerName, Transport, TransportError,
-    TransportEvent, TransportEvents,
+    TransportEvent, TransportEvents, Via,
 };
 
 use crate::client::{Client, ClientError};
@@ -621,8 +621,9 @@ impl Actor for NodeSupervisor {
 }
 
 /// Delivers what arrives from the transport. Actor messages (ENVELOPE) and the other
-/// ACP types routed to actors go straight to the mesh from here, in arrival order, one
-/// hop fewer than through the cluster actor. What is the cluster actor's own
+/// ACP types routed to actors that come as datagrams go straight to the mesh from
+/// here, in arrival order, one hop fewer than through the cluster actor (lane messages
+/// reach the mesh on their reader's task, through [`MeshInbox`]). What is the cluster actor's own
 /// (membership gossip, status requests, connection events) moves into its mailbox,
 /// at most [`MAILBOX_EVENTS`] events at a time, so the mailbox stays bounded and the
 /// transport's own queues push back when the actor is slow.
@@ -634,9 +635,12 @@ async fn pump(
     let permits = Arc::new(Semaphore::new(MAILBOX_EVENTS));
     while let Some(event) = events.recv().await {
         let event = match event {
+            // Datagrams bypass the inbox, so they are sorted here. What a lane brings
+            // has been through the inbox already: its leftovers are the cluster
+            // actor's (sorting them again would decode a status request twice).
             TransportEvent::Received {
                 peer,
-                via,
+                via: via @ Via::Datagram,
                 messages,
             } => {
                 let driver_part = take_for_mesh(&mesh, &peer, messages).await;

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
 
-use agentmesh_transport::wire::MessageType;
+use agentmesh_transport::wire::{Lane, MessageType};
 use agentmesh_transport::Transport;
 
 use crate::membership::MemberState;
@@ -83,6 +83,9 @@ pub fn record(transport: &Transport, members: &[MemberInfo]) {
             .absolute(*n);
     }
     metrics::counter!("agentmesh_datagram_fallbacks_total").absolute(s.datagram_fallbacks);
+    for (lane, n) in [Lane::Bulk, Lane::Normal].iter().zip(s.direct_sends) {
+        metrics::counter!("agentmesh_lane_direct_sends_total", "lane" => lane.name()).absolute(n);
+    }
     for peer in transport.peers() {
         metrics::gauge!("agentmesh_peer_rtt_seconds", "peer" => peer.name().to_string())
             .set(peer.rtt().as_secs_f64());

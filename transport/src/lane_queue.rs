@@ -7,6 +7,11 @@
 //! starved by small ones) before they encode; the writer gives them back once quinn has
 //! taken the bytes. A message larger than the whole budget waits for the queue to empty
 //! and then goes in alone, as it did with per-message permits.
+//!
+//! A sender that finds the queue empty while it holds the lane's stream (so the writer
+//! is not writing) may instead encode its message itself, numbered in lane order, and
+//! write it straight to the stream ([`LaneQueue::encode_if_idle`]); what quinn does not
+//! take goes back to the head of the queue ([`LaneQueue::put_back`]).
 
 use std::sync::Mutex;
 
@@ -162,28 +167,99 @@ impl LaneQueue {
     }
 
     /// Takes everything queued, waiting while nothing is; `None` once the queue is
-    /// closed. Only the lane's writer calls it.
+    /// closed.
+    #[cfg(test)]
     pub(crate) async fn take(&self) -> Option<Taken> {
         loop {
+            if !self.filled().await {
+                return None;
+            }
+            if let Some(taken) = self.take_now() {
+                return Some(taken);
+            }
+        }
+    }
+
+    /// Waits until something is queued (true) or the queue is closed (false). Only the
+    /// lane's writer calls it.
+    pub(crate) async fn filled(&self) -> bool {
+        loop {
             {
-                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if s.closed {
-                    return None;
+                    return false;
                 }
                 if !s.buf.is_empty() {
-                    let (frames, types) = s.numbering.take_counts();
-                    return Some(Taken {
-                        bytes: s.buf.split().freeze(),
-                        frames,
-                        types,
-                        permits: std::mem::take(&mut s.permits),
-                    });
+                    return true;
                 }
             }
             // A `notify_one` with no writer waiting is kept for the next wait, so a
             // push between the check above and this wait is not missed.
             self.filled.notified().await;
         }
+    }
+
+    /// Takes everything queued, if anything is. Only the lane's writer calls it.
+    pub(crate) fn take_now(&self) -> Option<Taken> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed || s.buf.is_empty() {
+            return None;
+        }
+        let (frames, types) = s.numbering.take_counts();
+        Some(Taken {
+            bytes: s.buf.split().freeze(),
+            frames,
+            types,
+            permits: std::mem::take(&mut s.permits),
+        })
+    }
+
+    /// For a sender that holds the lane's stream, so that the writer is not writing:
+    /// if nothing is queued, encodes `messages` into `out`, numbered on in the lane's
+    /// order, and returns their frame counts, for the sender to write them itself.
+    /// Returns `None`, with nothing changed, if something is queued (it must go
+    /// first) or the messages are larger than `max_bytes`.
+    pub(crate) fn encode_if_idle(
+        &self,
+        messages: &[impl Outgoing],
+        max_bytes: usize,
+        out: &mut BytesMut,
+    ) -> Option<(u64, TypeCounts)> {
+        if self.wire_bytes(messages) > max_bytes {
+            return None;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed || !s.buf.is_empty() {
+            return None;
+        }
+        for message in messages {
+            // `PeerHandle::send` refuses unframeable messages before this.
+            if let Err(e) = s
+                .numbering
+                .encode(message.parts(), self.max_frame_payload, out)
+            {
+                warn!(error = %e, "dropping an unframeable message");
+            }
+        }
+        // Nothing was queued, so these are the counts of `messages` alone.
+        Some(s.numbering.take_counts())
+    }
+
+    /// Puts back what a sender encoded with [`LaneQueue::encode_if_idle`] but quinn did
+    /// not take at once, ahead of anything queued since, for the writer. It holds no
+    /// permits: what a lane holds is its budget plus at most one such message.
+    pub(crate) fn put_back(&self, rest: Bytes) {
+        if rest.is_empty() {
+            return;
+        }
+        {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut buf = BytesMut::with_capacity(rest.len() + s.buf.len());
+            buf.extend_from_slice(&rest);
+            buf.extend_from_slice(&s.buf);
+            s.buf = buf;
+        }
+        self.filled.notify_one();
     }
 
     /// quinn has taken what `take` gave: its room is free for senders again.
@@ -246,6 +322,37 @@ mod tests {
         q.written(&taken);
         q.push(&[message(1, 4)]).await.unwrap();
         assert_eq!(decode_all(&q.take().await.unwrap().bytes), [(5, 1, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_direct_send_is_numbered_in_lane_order_and_what_it_puts_back_goes_first() {
+        let q = LaneQueue::new(1 << 20, 1000);
+        let mut out = BytesMut::new();
+        let (frames, _) = q.encode_if_idle(&[message(3, 1)], 1000, &mut out).unwrap();
+        assert_eq!(frames, 1);
+        q.push(&[message(2, 2)]).await.unwrap();
+        assert!(
+            q.encode_if_idle(&[message(1, 3)], 1000, &mut BytesMut::new())
+                .is_none(),
+            "a queued message goes first"
+        );
+        // quinn took none of the direct send: it goes ahead of the queued one.
+        q.put_back(out.split().freeze());
+        let taken = q.take().await.unwrap();
+        assert_eq!(decode_all(&taken.bytes), [(0, 3, 1), (1, 2, 2)]);
+        assert_eq!(
+            taken.frames, 1,
+            "the direct send's frame was counted by its sender"
+        );
+        q.written(&taken);
+        assert!(
+            q.encode_if_idle(&[message(100, 4)], 50, &mut BytesMut::new())
+                .is_none(),
+            "too large to skip the writer"
+        );
+        let mut out = BytesMut::new();
+        q.encode_if_idle(&[message(1, 5)], 1000, &mut out).unwrap();
+        assert_eq!(decode_all(&out.freeze()), [(2, 1, 5)]);
     }
 
     #[tokio::test]

@@ -35,11 +35,71 @@ const BULK_PRIO_MAX: u8 = 63;
 /// How messages reach a lane's stream.
 enum LaneTx {
     /// Bulk and normal: a byte-bounded buffer of encoded frames, drained by a writer
-    /// task that writes all of it at once and waits for congestion-window headroom.
-    Queued(Arc<LaneQueue>),
+    /// task that writes all of it at once and waits for congestion-window headroom;
+    /// a sender that finds the lane idle writes its message itself.
+    Queued(QueuedLane),
     /// Urgent and coordination: the sender writes to the stream itself, under a lock,
     /// which saves a task hop on the latency-critical lanes.
     Direct(Arc<tokio::sync::Mutex<DirectLane>>),
+}
+
+/// A lower lane: its queue, and its stream shared between the writer task and
+/// senders that find the lane idle.
+struct QueuedLane {
+    lane: Lane,
+    queue: Arc<LaneQueue>,
+    stream: Arc<tokio::sync::Mutex<LaneStream>>,
+    gauge: Arc<WindowGauge>,
+}
+
+/// A lower lane's stream, once its writer has opened it, and the buffer a sender that
+/// writes to it itself encodes into.
+#[derive(Default)]
+struct LaneStream {
+    stream: Option<quinn::SendStream>,
+    buf: BytesMut,
+}
+
+impl QueuedLane {
+    /// Writes `messages` straight to the stream if the lane is idle: its writer is not
+    /// writing, nothing is queued, the window has room for the lower lanes, and the
+    /// messages are small. This saves a task hop (the writer's) on a request or reply
+    /// that finds the lane quiet; under load, the writer's batching goes on as before.
+    /// Returns false, with nothing sent, if the lane was not idle.
+    fn try_direct(&self, messages: &[impl Outgoing], stats: &TransportStats) -> bool {
+        let Ok(mut guard) = self.stream.try_lock() else {
+            return false;
+        };
+        let LaneStream { stream, buf } = &mut *guard;
+        let Some(stream) = stream.as_mut() else {
+            // Not opened yet: the writer opens it.
+            return false;
+        };
+        let (limit, _) = self.gauge.lower_lane_limit(self.lane == Lane::Bulk);
+        if self.gauge.in_flight_bytes() >= limit {
+            return false;
+        }
+        let Some((frames, types)) = self.queue.encode_if_idle(messages, GATED_CHUNK_BYTES, buf)
+        else {
+            return false;
+        };
+        let bytes = buf.split().freeze();
+        // One poll, never a wait: the lock is held by no one who waits. What quinn
+        // does not take now (its buffer is full, or the stream failed) goes to the
+        // writer, ahead of anything queued since, and the writer deals with it.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let taken = match std::pin::Pin::new(stream).poll_write(&mut cx, &bytes) {
+            std::task::Poll::Ready(Ok(n)) => n,
+            _ => 0,
+        };
+        self.queue.put_back(bytes.slice(taken..));
+        // The frames count as sent here; their bytes as quinn takes them, these now,
+        // the rest when the writer writes them.
+        stats.sent(Via::Lane(self.lane), frames, taken as u64);
+        stats.direct_send(self.lane);
+        stats.sent_types(&types);
+        true
+    }
 }
 
 /// A lane written by its senders directly.
@@ -184,6 +244,7 @@ impl PeerConn {
                 config.lane_queue_bytes,
                 config.max_frame_payload,
             ));
+            let stream = Arc::new(tokio::sync::Mutex::new(LaneStream::default()));
             tokio::spawn(write_lane(
                 LaneWriter {
                     conn: conn.clone(),
@@ -193,8 +254,14 @@ impl PeerConn {
                     urgent: urgent.clone(),
                 },
                 queue.clone(),
+                stream.clone(),
             ));
-            LaneTx::Queued(queue)
+            LaneTx::Queued(QueuedLane {
+                lane,
+                queue,
+                stream,
+                gauge: gauge.clone(),
+            })
         });
         let reader = Reader {
             guard: Arc::new(Mutex::new(IngressGuard::new(
@@ -221,8 +288,8 @@ impl PeerConn {
     /// Wakes senders waiting for queue space: the connection is gone.
     pub(crate) fn shut(&self) {
         for lane in &self.lanes {
-            if let LaneTx::Queued(queue) = lane {
-                queue.close();
+            if let LaneTx::Queued(q) = lane {
+                q.queue.close();
             }
         }
     }
@@ -332,7 +399,12 @@ impl PeerHandle {
                 .send(messages, max, &self.shared.stats)
                 .await
                 .map_err(|()| closed()),
-            LaneTx::Queued(queue) => queue.push(messages).await.map_err(|Closed| closed()),
+            LaneTx::Queued(q) => {
+                if q.try_direct(messages, &self.shared.stats) {
+                    return Ok(());
+                }
+                q.queue.push(messages).await.map_err(|Closed| closed())
+            }
         }
     }
 
@@ -393,21 +465,31 @@ struct LaneWriter {
 
 /// Drains one queued lane (bulk or normal) into its stream: it takes everything its
 /// senders have encoded since the last write and writes it in pieces, each once the
-/// window has headroom. These lanes carry nothing state-changing, so they may open in
-/// 0-RTT data.
-async fn write_lane(w: LaneWriter, queue: Arc<LaneQueue>) {
-    let mut stream: Option<quinn::SendStream> = None;
-    while let Some(taken) = queue.take().await {
-        if stream.is_none() {
+/// window has headroom. It holds the stream while it takes and writes, so a sender
+/// writing to an idle lane itself never cuts in. These lanes carry nothing
+/// state-changing, so they may open in 0-RTT data.
+async fn write_lane(
+    w: LaneWriter,
+    queue: Arc<LaneQueue>,
+    stream: Arc<tokio::sync::Mutex<LaneStream>>,
+) {
+    'lane: while queue.filled().await {
+        let mut guard = stream.lock().await;
+        let Some(taken) = queue.take_now() else {
+            continue;
+        };
+        if guard.stream.is_none() {
             match w.conn.open_uni().await {
                 Ok(s) => {
                     let _ = s.set_priority(w.lane.index() as i32);
-                    stream = Some(s);
+                    guard.stream = Some(s);
                 }
-                Err(_) => break,
+                Err(_) => break 'lane,
             }
         }
-        let Some(s) = stream.as_mut() else { break };
+        let Some(s) = guard.stream.as_mut() else {
+            break;
+        };
         let len = taken.bytes.len() as u64;
         let bulk = w.lane == Lane::Bulk;
         if write_gated(s, taken.bytes.clone(), &w.gauge, bulk, &w.urgent)
@@ -422,7 +504,7 @@ async fn write_lane(w: LaneWriter, queue: Arc<LaneQueue>) {
     }
     // Senders waiting for room learn that the lane is gone.
     queue.close();
-    if let Some(mut s) = stream {
+    if let Some(mut s) = stream.lock().await.stream.take() {
         let _ = s.finish();
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::ingress::{DropReason, Via};
-use crate::wire::{AcpErrorCode, MessageType};
+use crate::wire::{AcpErrorCode, Lane, MessageType};
 
 /// Live counters, shared by every task of one endpoint.
 #[derive(Debug, Default)]
@@ -20,6 +20,7 @@ pub struct TransportStats {
     shed: [AtomicU64; 5],
     closed_for_cause: [AtomicU64; 16],
     datagram_fallbacks: AtomicU64,
+    direct_sends: [AtomicU64; 2],
     frames_in_by_type: [AtomicU64; 12],
     frames_out_by_type: [AtomicU64; 12],
 }
@@ -124,6 +125,9 @@ pub struct StatsSnapshot {
     pub closed_for_cause: [u64; 16],
     /// Datagram frames sent on the bulk lane because they were too large.
     pub datagram_fallbacks: u64,
+    /// Sends on the bulk and normal lanes that found their lane idle and wrote to its
+    /// stream themselves instead of queueing for the lane's writer.
+    pub direct_sends: [u64; 2],
     /// Frames received, by message type code.
     pub frames_in_by_type: [u64; 12],
     /// Frames sent, by message type code.
@@ -194,6 +198,13 @@ impl TransportStats {
         }
     }
 
+    /// A send on a lower lane (`lane` is bulk or normal) that skipped the writer.
+    pub(crate) fn direct_send(&self, lane: Lane) {
+        if let Some(slot) = self.direct_sends.get(lane.index()) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn datagram_fallback(&self) {
         self.datagram_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
@@ -210,6 +221,7 @@ impl TransportStats {
             shed: load(&self.shed),
             closed_for_cause: load(&self.closed_for_cause),
             datagram_fallbacks: self.datagram_fallbacks.load(Ordering::Relaxed),
+            direct_sends: load(&self.direct_sends),
             frames_in_by_type: load(&self.frames_in_by_type),
             frames_out_by_type: load(&self.frames_out_by_type),
         }

@@ -1,6 +1,6 @@
-//! `agentmesh bench failover` and `bench scale`, the two benchmarks `benches/run.sh`
-//! takes from the binary: small runs that must report what they measured, and lose
-//! nothing.
+//! `agentmesh bench transport`, and `bench failover` and `bench scale` (the two
+//! benchmarks `benches/run.sh` takes from the binary): small runs that must report
+//! what they measured, and lose nothing.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -59,5 +59,40 @@ fn bad_arguments_are_refused_with_a_usage_error() {
     ] {
         let out = agentmesh().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn transport_reports_every_figure_for_both_sides() {
+    let r = json(&[
+        "bench",
+        "transport",
+        "--messages",
+        "20000",
+        "--round-trips",
+        "100",
+        "--json",
+    ]);
+    for side in ["acp", "bare_quinn"] {
+        for figure in [
+            "messages_per_sec",
+            "messages_per_sec_batched",
+            "request_reply_p50_us",
+            "request_reply_inbox_p50_us",
+            "urgent_idle_p50_us",
+            "urgent_with_bulk_p50_us",
+            "bulk_mb_per_sec_during_urgent",
+        ] {
+            let v = r[side][figure].as_f64().unwrap();
+            assert!(v > 0.0, "{side}.{figure} = {v}: {r}");
+        }
+    }
+    for ratio in [
+        "throughput_ratio",
+        "request_reply_p50_ratio",
+        "request_reply_inbox_p50_ratio",
+        "acp_urgent_bulk_vs_idle_p50_ratio",
+    ] {
+        assert!(r[ratio].as_f64().unwrap() > 0.0, "{ratio}: {r}");
     }
 }

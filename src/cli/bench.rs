@@ -81,8 +81,15 @@ struct Figures {
     messages_per_sec: f64,
     /// ACP: `send_batch` with 256 messages per call. Bare quinn: as above.
     messages_per_sec_batched: f64,
+    /// ACP: the requester waits for each reply on the transport's event stream, in a
+    /// task of its own. Bare quinn: the requester reads its reply stream itself.
     request_reply_p50_us: f64,
     request_reply_p99_us: f64,
+    /// ACP: the requester's inbox takes each reply on the lane reader's task and sends
+    /// the next request from there, as the runtime's mesh takes messages. Bare quinn:
+    /// the same figure as above (its requester is the stream's reader already).
+    request_reply_inbox_p50_us: f64,
+    request_reply_inbox_p99_us: f64,
     urgent_idle_p50_us: f64,
     urgent_idle_p99_us: f64,
     urgent_with_bulk_p50_us: f64,
@@ -97,6 +104,7 @@ struct Report {
     bare_quinn: Figures,
     throughput_ratio: f64,
     request_reply_p50_ratio: f64,
+    request_reply_inbox_p50_ratio: f64,
     acp_urgent_bulk_vs_idle_p50_ratio: f64,
     quinn_urgent_bulk_vs_idle_p50_ratio: f64,
 }
@@ -125,6 +133,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         anyhow::Ok(Report {
             throughput_ratio: acp.messages_per_sec_batched / bare.messages_per_sec,
             request_reply_p50_ratio: acp.request_reply_p50_us / bare.request_reply_p50_us,
+            request_reply_inbox_p50_ratio: acp.request_reply_inbox_p50_us
+                / bare.request_reply_inbox_p50_us,
             acp_urgent_bulk_vs_idle_p50_ratio: acp.urgent_with_bulk_p50_us / acp.urgent_idle_p50_us,
             quinn_urgent_bulk_vs_idle_p50_ratio: bare.urgent_with_bulk_p50_us
                 / bare.urgent_idle_p50_us,
@@ -177,6 +187,16 @@ fn print_table(r: &Report, args: &TransportBench) {
         r.bare_quinn.request_reply_p99_us,
     );
     row(
+        "request/reply in the inbox p50 (us)",
+        r.acp.request_reply_inbox_p50_us,
+        r.bare_quinn.request_reply_inbox_p50_us,
+    );
+    row(
+        "request/reply in the inbox p99 (us)",
+        r.acp.request_reply_inbox_p99_us,
+        r.bare_quinn.request_reply_inbox_p99_us,
+    );
+    row(
         "urgent p50, no bulk (us)",
         r.acp.urgent_idle_p50_us,
         r.bare_quinn.urgent_idle_p50_us,
@@ -208,6 +228,12 @@ fn print_table(r: &Report, args: &TransportBench) {
     println!(
         "\nurgent p50 with bulk / without: ACP {:.2}x, bare quinn {:.2}x",
         r.acp_urgent_bulk_vs_idle_p50_ratio, r.quinn_urgent_bulk_vs_idle_p50_ratio
+    );
+    println!(
+        "request/reply: the ACP requester waits on the event stream, in a task of its own;\n\
+         in the inbox: it takes each reply on the lane reader's task and sends the next\n\
+         request from there, as the runtime's mesh does (bare quinn's requester reads its\n\
+         stream itself either way)."
     );
 }
 
@@ -266,6 +292,81 @@ impl Inbox for Echo {
     }
 }
 
+/// The requester's inbox. While a round is on, it takes each reply on the lane
+/// reader's task, records the round trip and sends the next request from there, as
+/// the runtime's mesh takes messages; otherwise it leaves everything to the events.
+struct Requester {
+    peer: PeerHandle,
+    round: std::sync::Mutex<Option<Round>>,
+    done: tokio::sync::Notify,
+}
+
+/// One inbox round: `left` replies still to come.
+struct Round {
+    prio: u8,
+    left: usize,
+    sent_at: Instant,
+    samples: Vec<Duration>,
+    body: Bytes,
+}
+
+impl Requester {
+    fn round(&self) -> std::sync::MutexGuard<'_, Option<Round>> {
+        self.round.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Times `n` round trips (after n/10 for warm-up), each request sent as the
+    /// previous reply arrives.
+    async fn round_trips(&self, prio: u8, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let body = Bytes::from(vec![7u8; PAYLOAD_BYTES]);
+        let warm_up = n / 10;
+        let done = self.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        *self.round() = Some(Round {
+            prio,
+            left: n + warm_up,
+            sent_at: Instant::now(),
+            samples: Vec::with_capacity(n + warm_up),
+            body: body.clone(),
+        });
+        self.peer.send(probe(prio, &body)).await?;
+        tokio::time::timeout(Duration::from_secs(30), done)
+            .await
+            .context("the inbox round did not finish within 30 s")?;
+        let round = self.round().take().context("the round is gone")?;
+        Ok(round.samples[warm_up..].to_vec())
+    }
+}
+
+impl Inbox for Requester {
+    fn take<'a>(&'a self, _: &'a PeerName, _: Lane, messages: Vec<Message>) -> Leftover<'a> {
+        Box::pin(async move {
+            let next = {
+                let mut round = self.round();
+                let Some(r) = round.as_mut().filter(|r| r.left > 0) else {
+                    return messages;
+                };
+                for _ in &messages {
+                    r.samples.push(r.sent_at.elapsed());
+                    r.left = r.left.saturating_sub(1);
+                }
+                if r.left == 0 {
+                    self.done.notify_one();
+                    None
+                } else {
+                    r.sent_at = Instant::now();
+                    Some(probe(r.prio, &r.body))
+                }
+            };
+            if let Some(request) = next {
+                let _ = self.peer.send(request).await;
+            }
+            Vec::new()
+        })
+    }
+}
+
 /// Times `n` round trips (after n/10 for warm-up), reading the replies straight off
 /// the transport's event stream, as an owner would.
 async fn acp_round_trips(
@@ -315,6 +416,12 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     let (b, mut b_events) = bind("bench-b")?;
     a.connect(b.local_addr()?, Some("bench-b")).await?;
     let to_b = a.peer("bench-b").context("connected")?;
+    let requester = Arc::new(Requester {
+        peer: to_b.clone(),
+        round: std::sync::Mutex::new(None),
+        done: tokio::sync::Notify::new(),
+    });
+    a.set_inbox(requester.clone());
     let to_a = loop {
         if let Some(p) = b.peer("bench-a") {
             break p;
@@ -368,6 +475,9 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     let mut rr = acp_round_trips(&to_b, &mut a_events, PRIO_NORMAL, args.round_trips, None).await?;
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
+    let mut rr = requester.round_trips(PRIO_NORMAL, args.round_trips).await?;
+    f.request_reply_inbox_p50_us = percentile_us(&mut rr, 0.5);
+    f.request_reply_inbox_p99_us = percentile_us(&mut rr, 0.99);
     let gap = Some(Duration::from_micros(200));
     let mut idle =
         acp_round_trips(&to_b, &mut a_events, PRIO_URGENT, args.round_trips, gap).await?;
@@ -550,6 +660,8 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     let mut rr = quinn_round_trips(&mut echo, &mut back, args.round_trips, None).await?;
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
+    f.request_reply_inbox_p50_us = f.request_reply_p50_us;
+    f.request_reply_inbox_p99_us = f.request_reply_p99_us;
     let gap = Some(Duration::from_micros(200));
     let mut idle = quinn_round_trips(&mut echo, &mut back, args.round_trips, gap).await?;
     f.urgent_idle_p50_us = percentile_us(&mut idle, 0.5);

@@ -473,7 +473,7 @@ async fn write_lane(
     queue: Arc<LaneQueue>,
     stream: Arc<tokio::sync::Mutex<LaneStream>>,
 ) {
-    'lane: while queue.filled().await {
+    while queue.filled().await {
         let mut guard = stream.lock().await;
         let Some(taken) = queue.take_now() else {
             continue;
@@ -484,7 +484,7 @@ async fn write_lane(
                     let _ = s.set_priority(w.lane.index() as i32);
                     guard.stream = Some(s);
                 }
-                Err(_) => break 'lane,
+                Err(_) => break,
             }
         }
         let Some(s) = guard.stream.as_mut() else {

@@ -622,11 +622,11 @@ impl Actor for NodeSupervisor {
 
 /// Delivers what arrives from the transport. Actor messages (ENVELOPE) and the other
 /// ACP types routed to actors that come as datagrams go straight to the mesh from
-/// here, in arrival order, one hop fewer than through the cluster actor (lane messages
-/// reach the mesh on their reader's task, through [`MeshInbox`]). What is the cluster actor's own
-/// (membership gossip, status requests, connection events) moves into its mailbox,
-/// at most [`MAILBOX_EVENTS`] events at a time, so the mailbox stays bounded and the
-/// transport's own queues push back when the actor is slow.
+/// here, in arrival order, one hop fewer than through the cluster actor (lane
+/// messages reach the mesh on their reader's task, through [`MeshInbox`]). What is the
+/// cluster actor's own (membership gossip, status requests, connection events) moves
+/// into its mailbox, at most [`MAILBOX_EVENTS`] events at a time, so the mailbox stays
+/// bounded and the transport's own queues push back when the actor is slow.
 async fn pump(
     mut events: TransportEvents,
     mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,

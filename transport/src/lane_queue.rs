@@ -225,11 +225,9 @@ impl LaneQueue {
         max_bytes: usize,
         out: &mut BytesMut,
     ) -> Option<(u64, TypeCounts)> {
-        if self.wire_bytes(messages) > max_bytes {
-            return None;
-        }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.closed || !s.buf.is_empty() {
+        // Under load something is queued: that answer comes before any sizing.
+        if s.closed || !s.buf.is_empty() || self.wire_bytes(messages) > max_bytes {
             return None;
         }
         for message in messages {

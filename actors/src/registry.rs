@@ -12,6 +12,7 @@
 //! seed comes from the caller, so a simulation run is repeatable (same seed, same
 //! iteration order) while live nodes each hash differently.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -156,22 +157,34 @@ struct NodeAgents {
     /// segments were on, and they would wait for good (the simulator found this: chaos
     /// under `crash=0.1,restart=100ms`, seed 23).
     offered: bool,
-    records: HashMap<u32, AgentRecord, SeedableRandomState>,
+    /// Its records, side by side in the order they came (a removal moves the last one
+    /// into the gap); [`Registry::index`] holds where each one is.
+    records: Vec<AgentRecord>,
+}
+
+/// Where a record is held: its node's slot, and its position in that node's records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    slot: u32,
+    pos: u32,
 }
 
 /// The registry on one node.
 ///
-/// Records are kept per node, and a small index maps each Agent ID to its node's
-/// slot. What the registry does most often touches one node at a time (a delta
-/// speaks for one node, a node that goes down takes all its agents with it), so that
-/// work stays within one small table, and the index, which every ID goes through, is
-/// a tenth the size of the records. With one table of all records, a node's crash
-/// cost a cache miss per agent in a table of every agent of the cluster.
+/// Records are kept per node, side by side in a list, and one index maps each Agent
+/// ID to its node's slot and its place in that list. What the registry does most
+/// often touches one node at a time (a delta speaks for one node, a node that goes
+/// down takes all its agents with it), so that work stays within one node's list, and
+/// a walk over the candidates for a capability reads memory in order. With one table
+/// of all records, a node's crash cost a cache miss per agent in a table of every
+/// agent of the cluster; with a hash table per node, the records took twice the
+/// memory (a table is at most seven-eighths full, and grows by doubling) and every new
+/// record cost two hash insertions instead of one.
 pub struct Registry {
     me: Arc<str>,
     max_agents: usize,
-    /// Agent ID → the slot in `nodes` of the node holding it.
-    index: HashMap<u32, u32, SeedableRandomState>,
+    /// Agent ID → the slot in `nodes` of the node holding it, and its place there.
+    index: HashMap<u32, Place, SeedableRandomState>,
     /// The nodes with records here, by slot; a node whose last record goes frees its
     /// slot for the next node.
     nodes: Slab<NodeAgents>,
@@ -240,13 +253,13 @@ impl Registry {
 
     /// Every agent known, node by node.
     pub fn records(&self) -> impl Iterator<Item = &AgentRecord> {
-        self.nodes.iter().flat_map(|(_, n)| n.records.values())
+        self.nodes.iter().flat_map(|(_, n)| n.records.iter())
     }
 
     /// The record of `agent`.
     pub fn get(&self, agent: u32) -> Option<&AgentRecord> {
-        let slot = *self.index.get(&agent)?;
-        self.node(slot).records.get(&agent)
+        let at = *self.index.get(&agent)?;
+        self.node(at.slot).records.get(at.pos as usize)
     }
 
     /// Registers a local agent: picks an unused ID, records it, and asks for the news
@@ -293,9 +306,10 @@ impl Registry {
         let Some(&slot) = self.slots.get(&*self.me) else {
             return;
         };
-        let Some(record) = self.node_mut(slot).records.get_mut(&agent) else {
+        let Some(at) = self.index.get(&agent).copied().filter(|at| at.slot == slot) else {
             return;
         };
+        let record = &mut self.node_mut(slot).records[at.pos as usize];
         if (record.load, record.health) == (load, health) {
             return;
         }
@@ -353,25 +367,25 @@ impl Registry {
             let dropped: Vec<u32> = self
                 .node(slot)
                 .records
-                .keys()
+                .iter()
+                .map(|r| r.agent)
                 .filter(|id| !keep.contains(id))
-                .copied()
                 .collect();
             for agent in dropped {
                 self.remove_at(slot, agent);
             }
         }
         for &agent in &delta.removals {
-            if self.index.get(&agent) == Some(&slot) {
+            if self.index.get(&agent).map(|at| at.slot) == Some(slot) {
                 self.remove_at(slot, agent);
             }
         }
         // Room for a large delta (a node's whole list, a burst of registrations) at
-        // once, rather than growing the tables step by step while applying it. A whole
+        // once, rather than growing the index step by step while applying it. A whole
         // list repeats what is held of the sender (its other records were dropped
-        // above), so only the rest needs room. The tables' growth history also decides
-        // their iteration order, which candidate lists (and so simulated runs and
-        // their digests) follow.
+        // above), so only the rest needs room. The index's growth history decides its
+        // iteration order (nothing follows it: candidate lists follow the records'
+        // order).
         let held = self.node(slot).records.len();
         let news = if delta.full {
             delta.upserts.len().saturating_sub(held)
@@ -429,15 +443,13 @@ impl Registry {
     /// Applies one record sent by the node in `slot` (it speaks for itself, whatever
     /// node the record names).
     fn upsert(&mut self, slot: u32, record: &AgentRecord) {
-        let holder_sorts_first = match self.index.get(&record.agent) {
-            Some(&held) if held == slot => {
+        let holder_sorts_first = match self.index.get(&record.agent).copied() {
+            Some(at) if at.slot == slot => {
                 // Known, and the sender's already: only what changed is replaced.
-                if let Some(held) = self.node_mut(slot).records.get_mut(&record.agent) {
-                    update(held, record);
-                }
+                update(&mut self.node_mut(slot).records[at.pos as usize], record);
                 return;
             }
-            Some(&held) => Some(self.node(held).name < self.node(slot).name),
+            Some(held) => Some(self.node(held.slot).name < self.node(slot).name),
             None => None,
         };
         let record = AgentRecord {
@@ -494,9 +506,9 @@ impl Registry {
         else {
             return;
         };
-        for agent in gone.records.into_keys() {
-            self.index.remove(&agent);
-            self.disowned(agent);
+        for record in gone.records {
+            self.index.remove(&record.agent);
+            self.disowned(record.agent);
         }
     }
 
@@ -513,7 +525,7 @@ impl Registry {
             .iter()
             .map(|(_, n)| n)
             .filter(|n| n.offered)
-            .flat_map(|n| n.records.values())
+            .flat_map(|n| n.records.iter())
             .filter_map(move |r| Some((r, offers(r, capability, tags)?)))
     }
 
@@ -525,7 +537,7 @@ impl Registry {
             .iter()
             .map(|(_, n)| n)
             .filter(|n| !n.offered)
-            .flat_map(|n| n.records.values())
+            .flat_map(|n| n.records.iter())
             .filter(|r| offers(r, capability, tags).is_some())
             .count()
     }
@@ -562,7 +574,7 @@ impl Registry {
 
     fn local_records(&self) -> Vec<AgentRecord> {
         match self.slots.get(&*self.me) {
-            Some(&slot) => self.node(slot).records.values().cloned().collect(),
+            Some(&slot) => self.node(slot).records.clone(),
             None => Vec::new(),
         }
     }
@@ -607,7 +619,7 @@ impl Registry {
         let table = NodeAgents {
             offered: name == self.me || self.up.contains(&name),
             name: name.clone(),
-            records: HashMap::with_hasher(self.hasher.clone()),
+            records: Vec::new(),
         };
         let slot = self.nodes.insert(table) as u32;
         self.slots.insert(name, slot);
@@ -626,37 +638,56 @@ impl Registry {
     /// owner. Its ID is unused, or already the node's.
     fn insert_at(&mut self, slot: u32, record: AgentRecord) {
         let agent = record.agent;
-        let before = self.index.insert(agent, slot);
-        debug_assert!(
-            before.is_none_or(|b| b == slot),
-            "an ID held by another node"
-        );
-        let n = self.node_mut(slot);
-        let node = n.name.clone();
-        n.records.insert(agent, record);
-        if before.is_none() {
-            match self.outputs.back_mut() {
-                Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, &node) => {
-                    agents.push(agent)
-                }
-                _ => self.outputs.push_back(RegistryOutput::Own {
-                    agents: vec![agent],
-                    node,
-                }),
+        match self.index.entry(agent) {
+            Entry::Occupied(held) => {
+                let at = *held.get();
+                debug_assert_eq!(at.slot, slot, "an ID held by another node");
+                self.nodes[at.slot as usize].records[at.pos as usize] = record;
+                return;
             }
+            Entry::Vacant(new) => {
+                let records = &mut self.nodes[slot as usize].records;
+                new.insert(Place {
+                    slot,
+                    pos: records.len() as u32,
+                });
+                records.push(record);
+            }
+        }
+        let node = self.node(slot).name.clone();
+        match self.outputs.back_mut() {
+            Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, &node) => {
+                agents.push(agent)
+            }
+            _ => self.outputs.push_back(RegistryOutput::Own {
+                agents: vec![agent],
+                node,
+            }),
         }
     }
 
     /// Drops `agent` from the node in `slot`, which keeps its slot even if empty.
     fn remove_at(&mut self, slot: u32, agent: u32) -> Option<AgentRecord> {
-        let record = self.node_mut(slot).records.remove(&agent)?;
+        let at = self
+            .index
+            .get(&agent)
+            .copied()
+            .filter(|at| at.slot == slot)?;
         self.index.remove(&agent);
+        let records = &mut self.node_mut(slot).records;
+        let record = records.swap_remove(at.pos as usize);
+        // The last record took the gap.
+        if let Some(moved) = records.get(at.pos as usize).map(|r| r.agent) {
+            if let Some(place) = self.index.get_mut(&moved) {
+                place.pos = at.pos;
+            }
+        }
         self.disowned(agent);
         Some(record)
     }
 
     fn remove(&mut self, agent: u32) -> Option<AgentRecord> {
-        let slot = *self.index.get(&agent)?;
+        let slot = self.index.get(&agent)?.slot;
         let record = self.remove_at(slot, agent);
         self.free_if_empty(slot);
         record

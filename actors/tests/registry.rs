@@ -400,6 +400,10 @@ proptest::proptest! {
             offered.sort_unstable();
             expected.sort_unstable();
             proptest::prop_assert_eq!(offered, expected);
+            // Every record is found where the index says it is, removals included.
+            for r in regs[0].records() {
+                proptest::prop_assert_eq!(regs[0].get(r.agent), Some(r));
+            }
         }
     }
 }

@@ -654,14 +654,14 @@ impl Registry {
                 records.push(record);
             }
         }
-        let node = self.node(slot).name.clone();
+        let node = &self.nodes[slot as usize].name;
         match self.outputs.back_mut() {
-            Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, &node) => {
+            Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, node) => {
                 agents.push(agent)
             }
             _ => self.outputs.push_back(RegistryOutput::Own {
                 agents: vec![agent],
-                node,
+                node: node.clone(),
             }),
         }
     }

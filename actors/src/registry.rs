@@ -5,12 +5,13 @@
 //! the same ID at once) is resolved the same way everywhere: the node whose name sorts
 //! first keeps the ID, the other gives its agent a new one.
 //!
-//! Agents are kept in hash maps keyed by Agent ID, one per node, hashed with a
-//! per-registry seed: every node holds every agent of the cluster, and a delta is a
-//! lookup and an insert per record, which a hash map does in about one cache miss where
-//! a B-tree of 100,000 agents takes several (see [`Registry`] for why per node). The
-//! seed comes from the caller, so a simulation run is repeatable (same seed, same
-//! iteration order) while live nodes each hash differently.
+//! Agents are kept in one list per node, found through one hash map keyed by Agent
+//! ID and hashed with a per-registry seed: every node holds every agent of the
+//! cluster, and a delta is a lookup and an insert per record, which a hash map does in
+//! about one cache miss where a B-tree of 100,000 agents takes several (see
+//! [`Registry`] for why per node). Walks over the agents follow the lists, in the order
+//! records came, so a simulation run is repeatable; the seed comes from the caller, and
+//! live nodes each hash differently.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -177,9 +178,9 @@ struct Place {
 /// down takes all its agents with it), so that work stays within one node's list, and
 /// a walk over the candidates for a capability reads memory in order. With one table
 /// of all records, a node's crash cost a cache miss per agent in a table of every
-/// agent of the cluster; with a hash table per node, the records took twice the
-/// memory (a table is at most seven-eighths full, and grows by doubling) and every new
-/// record cost two hash insertions instead of one.
+/// agent of the cluster; with a hash table per node, the records took nearly twice
+/// the memory (a table is at most seven-eighths full, and grows by doubling) and every
+/// new record cost two hash insertions instead of one.
 pub struct Registry {
     me: Arc<str>,
     max_agents: usize,

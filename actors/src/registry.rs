@@ -377,9 +377,8 @@ impl Registry {
             }
         }
         for &agent in &delta.removals {
-            if self.index.get(&agent).map(|at| at.slot) == Some(slot) {
-                self.remove_at(slot, agent);
-            }
+            // Only the sender's own: `remove_at` leaves another node's agent alone.
+            self.remove_at(slot, agent);
         }
         // Room for a large delta (a node's whole list, a burst of registrations) at
         // once, rather than growing the index step by step while applying it. A whole
@@ -667,14 +666,13 @@ impl Registry {
         }
     }
 
-    /// Drops `agent` from the node in `slot`, which keeps its slot even if empty.
+    /// Drops `agent` from the node in `slot`, which keeps its slot even if empty; an
+    /// agent held for another node stays.
     fn remove_at(&mut self, slot: u32, agent: u32) -> Option<AgentRecord> {
-        let at = self
-            .index
-            .get(&agent)
-            .copied()
-            .filter(|at| at.slot == slot)?;
-        self.index.remove(&agent);
+        let at = match self.index.entry(agent) {
+            Entry::Occupied(held) if held.get().slot == slot => held.remove(),
+            _ => return None,
+        };
         let records = &mut self.node_mut(slot).records;
         let record = records.swap_remove(at.pos as usize);
         // The last record took the gap.

@@ -26,8 +26,8 @@ use agentmesh_runtime::{FromPeer, Mesh};
 use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
 use crate::ledger::{
-    service_order, Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
-    TaskFigures,
+    service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
+    ResultVerdict, TaskFigures,
 };
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
@@ -466,27 +466,20 @@ impl CoordinatorState {
             .filter(|a| a.health != Health::Unhealthy && policy.allows(group, a.group))
             .collect();
         // An agent at its rate limit takes no more than its tokens allow.
-        let candidates: Vec<Candidate> = allowed
-            .iter()
-            .map(|a| {
-                let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
-                if let Some(rate) = policy.rate_per_agent(a.group) {
-                    let tokens = self.limiter.tokens(a.agent, rate, now);
-                    let room = capacity.min(load.saturating_add(tokens));
-                    if room <= load {
-                        load = capacity; // No token left: it looks full, so segments wait.
-                    } else {
-                        capacity = room;
-                    }
+        let mut candidates = CandidatesBuilder::with_capacity(allowed.len());
+        for a in &allowed {
+            let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
+            if let Some(rate) = policy.rate_per_agent(a.group) {
+                let tokens = self.limiter.tokens(a.agent, rate, now);
+                let room = capacity.min(load.saturating_add(tokens));
+                if room <= load {
+                    load = capacity; // No token left: it looks full, so segments wait.
+                } else {
+                    capacity = room;
                 }
-                Candidate {
-                    agent: a.agent,
-                    node: Arc::from(a.node.as_str()),
-                    capacity,
-                    load,
-                }
-            })
-            .collect();
+            }
+            candidates.push_named(a.agent, &a.node, capacity, load);
+        }
         if found.is_empty() {
             let unwatched = ractor::call!(self.discovery, |reply| DiscoveryMsg::CountUnwatched {
                 capability: capability.to_string(),
@@ -503,7 +496,7 @@ impl CoordinatorState {
             groups.dedup();
             Offer::Denied { groups }
         } else {
-            Offer::Workers(Candidates::new(candidates))
+            Offer::Workers(candidates.build())
         }
     }
 

@@ -35,44 +35,148 @@ pub struct Candidate {
 /// with no free worker and which workers were freed since, so later tasks and rounds
 /// look at those few instead of at every worker again: under overload a round would
 /// otherwise cost waiting tasks × workers.
+///
+/// A list holds each node's name once and its workers as plain numbers (16 bytes
+/// each), so building and dropping a list of 100,000 workers touches no reference
+/// count per worker, and a worker drawn at random is one small read.
 #[derive(Clone, Debug)]
 pub struct Candidates {
     /// Unique in the process: a list is never mistaken for another one that happens
     /// to sit at the same address or to have the same length.
     id: u64,
-    list: Arc<[Candidate]>,
-    /// Agent ID -> position in `list`, built the first time a full list has workers
-    /// freed in it.
-    index: Arc<std::sync::OnceLock<HashMap<u32, u32, foldhash::fast::FixedState>>>,
+    list: Arc<List>,
+}
+
+#[derive(Debug)]
+struct List {
+    /// The workers' nodes, each once.
+    nodes: Vec<Arc<str>>,
+    workers: Vec<Worker>,
+    /// Agent ID -> position in `workers`, built the first time a full list has
+    /// workers freed in it.
+    index: std::sync::OnceLock<HashMap<u32, u32, foldhash::fast::FixedState>>,
+}
+
+/// A worker in a [`Candidates`] list; `node` is its node's place in the list's names.
+#[derive(Clone, Copy, Debug)]
+struct Worker {
+    agent: u32,
+    node: u32,
+    capacity: u32,
+    load: u32,
+}
+
+/// Builds a [`Candidates`] list worker by worker, keeping each node's name once.
+#[derive(Debug, Default)]
+pub struct CandidatesBuilder {
+    nodes: Vec<Arc<str>>,
+    workers: Vec<Worker>,
+}
+
+impl CandidatesBuilder {
+    /// Room for `workers` workers.
+    pub fn with_capacity(workers: usize) -> CandidatesBuilder {
+        CandidatesBuilder {
+            nodes: Vec::new(),
+            workers: Vec::with_capacity(workers),
+        }
+    }
+
+    /// Adds a worker: Agent ID, its node, segments it runs at once, segments in hand.
+    pub fn push(&mut self, agent: u32, node: &Arc<str>, capacity: u32, load: u32) {
+        // Workers mostly come node by node, sharing their node's name: the last name
+        // is nearly always the one, and the same allocation.
+        let node = match self.nodes.last() {
+            Some(last) if Arc::ptr_eq(last, node) => self.nodes.len() - 1,
+            _ => self.place(node, || node.clone()),
+        };
+        self.push_at(agent, node, capacity, load);
+    }
+
+    /// [`push`](Self::push) for a node known by name only.
+    pub fn push_named(&mut self, agent: u32, node: &str, capacity: u32, load: u32) {
+        let node = self.place(node, || Arc::from(node));
+        self.push_at(agent, node, capacity, load);
+    }
+
+    fn place(&mut self, node: &str, name: impl FnOnce() -> Arc<str>) -> usize {
+        match self.nodes.iter().rposition(|n| **n == *node) {
+            Some(i) => i,
+            None => {
+                self.nodes.push(name());
+                self.nodes.len() - 1
+            }
+        }
+    }
+
+    fn push_at(&mut self, agent: u32, node: usize, capacity: u32, load: u32) {
+        self.workers.push(Worker {
+            agent,
+            node: node as u32,
+            capacity,
+            load,
+        });
+    }
+
+    /// The list, ready to share.
+    pub fn build(self) -> Candidates {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Candidates {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            list: Arc::new(List {
+                nodes: self.nodes,
+                workers: self.workers,
+                index: std::sync::OnceLock::new(),
+            }),
+        }
+    }
 }
 
 impl Candidates {
     /// Wraps a list for sharing across the tasks of a round.
-    pub fn new(list: impl Into<Arc<[Candidate]>>) -> Candidates {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        Candidates {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            list: list.into(),
-            index: Arc::default(),
+    pub fn new(list: impl IntoIterator<Item = Candidate>) -> Candidates {
+        let list = list.into_iter();
+        let mut builder = CandidatesBuilder::with_capacity(list.size_hint().0);
+        for c in list {
+            builder.push(c.agent, &c.node, c.capacity, c.load);
         }
+        builder.build()
     }
 
-    fn position(&self, agent: u32) -> Option<&Candidate> {
-        let index = self.index.get_or_init(|| {
-            let mut index = HashMap::with_capacity_and_hasher(self.list.len(), Default::default());
-            for (i, c) in self.list.iter().enumerate() {
-                index.entry(c.agent).or_insert(i as u32);
+    /// How many workers it lists.
+    pub fn len(&self) -> usize {
+        self.list.workers.len()
+    }
+
+    /// Whether it lists no worker.
+    pub fn is_empty(&self) -> bool {
+        self.list.workers.is_empty()
+    }
+
+    /// Its workers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Candidate> + '_ {
+        self.list.workers.iter().map(|w| Candidate {
+            agent: w.agent,
+            node: self.node(w).clone(),
+            capacity: w.capacity,
+            load: w.load,
+        })
+    }
+
+    fn node(&self, w: &Worker) -> &Arc<str> {
+        &self.list.nodes[w.node as usize]
+    }
+
+    fn position(&self, agent: u32) -> Option<&Worker> {
+        let workers = &self.list.workers;
+        let index = self.list.index.get_or_init(|| {
+            let mut index = HashMap::with_capacity_and_hasher(workers.len(), Default::default());
+            for (i, w) in workers.iter().enumerate() {
+                index.entry(w.agent).or_insert(i as u32);
             }
             index
         });
-        index.get(&agent).map(|&i| &self.list[i as usize])
-    }
-}
-
-impl std::ops::Deref for Candidates {
-    type Target = [Candidate];
-    fn deref(&self) -> &[Candidate] {
-        &self.list
+        index.get(&agent).map(|&i| &workers[i as usize])
     }
 }
 
@@ -527,22 +631,19 @@ impl Ledger {
     /// pending and no candidate at all fails at once; one whose segments wait longer than
     /// `max_wait_ms` for a free worker fails too.
     pub fn assign(&mut self, task_id: Uuid, candidates: &[Candidate], now_ms: u64) {
-        self.assign_inner(task_id, candidates, None, now_ms);
+        let list = Candidates::new(candidates.iter().cloned());
+        self.assign_inner(task_id, &list, false, now_ms);
     }
 
     /// [`assign`](Self::assign) from a list shared by the tasks of one round: once the
     /// list has no free worker, the round's other tasks see that without a scan.
     pub fn assign_from(&mut self, task_id: Uuid, candidates: &Candidates, now_ms: u64) {
-        self.assign_inner(task_id, candidates, Some(candidates), now_ms);
+        self.assign_inner(task_id, candidates, true, now_ms);
     }
 
-    fn assign_inner(
-        &mut self,
-        task_id: Uuid,
-        candidates: &[Candidate],
-        shared: Option<&Candidates>,
-        now_ms: u64,
-    ) {
+    /// `shared`: the list is offered to other tasks too, so the ledger may remember it
+    /// was seen with no free worker.
+    fn assign_inner(&mut self, task_id: Uuid, candidates: &Candidates, shared: bool, now_ms: u64) {
         let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
@@ -576,7 +677,15 @@ impl Ledger {
             }
             match self.pick(candidates, shared, now_ms) {
                 Some(worker) => {
-                    self.start_attempt(task_id, segment as u32, worker, is_retry, now_ms)
+                    let node = candidates.node(&worker).clone();
+                    self.start_attempt(
+                        task_id,
+                        segment as u32,
+                        worker.agent,
+                        node,
+                        is_retry,
+                        now_ms,
+                    )
                 }
                 // No worker is free now: the other segments would find none either.
                 None => {
@@ -787,7 +896,8 @@ impl Ledger {
         &mut self,
         task_id: Uuid,
         segment: u32,
-        worker: Candidate,
+        agent: u32,
+        node: Arc<str>,
         is_retry: bool,
         now_ms: u64,
     ) {
@@ -803,10 +913,10 @@ impl Ledger {
         }
         seg.attempts += 1;
         let attempt = seg.attempts;
-        seg.live.push((attempt, worker.agent, worker.node.clone()));
+        seg.live.push((attempt, agent, node.clone()));
         seg.deadlines.push(deadline_ms);
         seg.state = SegmentState::Running;
-        *self.in_flight.entry(worker.agent).or_default() += 1;
+        *self.in_flight.entry(agent).or_default() += 1;
         self.deadlines.insert((deadline_ms, task_id, segment), ());
         if is_retry {
             self.retries.add(now_ms);
@@ -817,8 +927,8 @@ impl Ledger {
             task: task_id,
             segment,
             attempt,
-            agent: worker.agent,
-            node: worker.node,
+            agent,
+            node,
         });
     }
 
@@ -840,7 +950,7 @@ impl Ledger {
         self.retries.count(now_ms) < allowed
     }
 
-    fn eligible(&self, c: &Candidate, now_ms: u64) -> bool {
+    fn eligible(&self, c: &Worker, now_ms: u64) -> bool {
         let busy = c
             .load
             .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));
@@ -854,21 +964,16 @@ impl Ledger {
     /// Power of two choices: two random eligible workers, the less loaded wins. Drawn
     /// by sampling (a few draws, whatever the number of candidates); only when that
     /// finds fewer than two does it look at every candidate.
-    fn pick(
-        &mut self,
-        candidates: &[Candidate],
-        shared: Option<&Candidates>,
-        now_ms: u64,
-    ) -> Option<Candidate> {
+    fn pick(&mut self, list: &Candidates, shared: bool, now_ms: u64) -> Option<Worker> {
         const DRAWS: usize = 8;
-        if let Some(list) = shared {
+        if shared {
             if let Some(m) = self
                 .none_free
                 .as_ref()
                 .filter(|m| m.list == list.id && now_ms < m.until_ms)
             {
                 // Only the workers freed since the list was seen full may be eligible.
-                let eligible: Vec<&Candidate> = m
+                let eligible: Vec<&Worker> = m
                     .freed
                     .iter()
                     .filter_map(|&a| list.position(a))
@@ -880,9 +985,10 @@ impl Ledger {
                     }
                     return None;
                 }
-                return Some(self.two_choices(&eligible).clone());
+                return Some(*self.two_choices(&eligible));
             }
         }
+        let candidates = &list.list.workers;
         if candidates.len() > DRAWS {
             let mut found: [Option<usize>; 2] = [None, None];
             for _ in 0..DRAWS {
@@ -899,15 +1005,15 @@ impl Ledger {
             }
             if let [Some(a), Some(b)] = found {
                 let (a, b) = (&candidates[a], &candidates[b]);
-                return Some(if self.score(a) <= self.score(b) { a } else { b }.clone());
+                return Some(*if self.score(a) <= self.score(b) { a } else { b });
             }
         }
-        let eligible: Vec<&Candidate> = candidates
+        let eligible: Vec<&Worker> = candidates
             .iter()
             .filter(|c| self.eligible(c, now_ms))
             .collect();
         if eligible.is_empty() {
-            if let Some(list) = shared {
+            if shared {
                 let until_ms = self
                     .breakers
                     .values()
@@ -923,11 +1029,11 @@ impl Ledger {
             }
             return None;
         }
-        Some(self.two_choices(&eligible).clone())
+        Some(*self.two_choices(&eligible))
     }
 
     /// Power of two choices among eligible workers (at least one).
-    fn two_choices<'a>(&mut self, eligible: &[&'a Candidate]) -> &'a Candidate {
+    fn two_choices<'a>(&mut self, eligible: &[&'a Worker]) -> &'a Worker {
         match eligible.len() {
             1 => eligible[0],
             n => {
@@ -956,7 +1062,7 @@ impl Ledger {
     }
 
     /// Load as a fraction of capacity, in thousandths, then the agent for ties.
-    fn score(&self, c: &Candidate) -> (u64, u32) {
+    fn score(&self, c: &Worker) -> (u64, u32) {
         let busy = c
             .load
             .max(self.in_flight.get(&c.agent).copied().unwrap_or(0));

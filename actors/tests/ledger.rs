@@ -5,7 +5,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use agentmesh_actors::ledger::{
-    Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict, TaskFigures,
+    Candidate, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
+    TaskFigures,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -233,6 +234,39 @@ fn a_worker_that_keeps_failing_is_skipped_for_a_while() {
     l.submit(third, 1, 1_002).unwrap();
     l.assign(third, std::slice::from_ref(&bad), 1_002);
     assert_eq!(allocations(&drain(&mut l))[0].2, 1);
+}
+
+#[test]
+fn a_list_keeps_each_workers_node_however_the_nodes_come() {
+    // Nodes interleaved, by name and by shared name: each ALLOCATE names the node the
+    // worker was listed with, and the list reads back as it was built.
+    let (a, b): (std::sync::Arc<str>, std::sync::Arc<str>) = ("a".into(), "b".into());
+    let mut builder = CandidatesBuilder::with_capacity(6);
+    builder.push(1, &a, 1, 0);
+    builder.push_named(2, "b", 1, 0);
+    builder.push(3, &a, 1, 0);
+    builder.push(4, &b, 1, 0);
+    builder.push_named(5, "c", 1, 0);
+    builder.push_named(6, "a", 1, 0);
+    let list = builder.build();
+    let node_of = |agent: u32| ["a", "b", "a", "b", "c", "a"][agent as usize - 1];
+    let listed: Vec<(u32, String)> = list.iter().map(|c| (c.agent, c.node.to_string())).collect();
+    let expected: Vec<(u32, String)> = (1..=6).map(|a| (a, node_of(a).to_string())).collect();
+    assert_eq!(listed, expected);
+    assert_eq!(list.len(), 6);
+
+    let mut l = Ledger::new(LedgerConfig::default(), 3);
+    l.submit(task(), 6, 0).unwrap();
+    l.assign_from(task(), &list, 0);
+    let mut placed: Vec<(u32, String)> = drain(&mut l)
+        .into_iter()
+        .filter_map(|o| match o {
+            LedgerOutput::Allocate { agent, node, .. } => Some((agent, node.to_string())),
+            _ => None,
+        })
+        .collect();
+    placed.sort();
+    assert_eq!(placed, expected, "one segment on each worker of capacity 1");
 }
 
 #[test]

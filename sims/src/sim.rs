@@ -17,8 +17,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use agentmesh_actors::ledger::{
-    service_order, Candidate, Candidates, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
-    TaskFigures,
+    service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
+    ResultVerdict, TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
 use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, MembershipTimer};
@@ -1257,18 +1257,11 @@ impl Sim {
         }
         // Room for every agent at once: growing a list of 100,000 step by step cost
         // more than filling it.
-        let mut list = Vec::with_capacity(n.registry.len());
-        list.extend(
-            n.registry
-                .capable(capability, &[])
-                .map(|(a, cap)| Candidate {
-                    agent: a.agent,
-                    node: a.node.clone(),
-                    capacity: cap.capacity,
-                    load: a.load,
-                }),
-        );
-        let list = Candidates::new(list);
+        let mut list = CandidatesBuilder::with_capacity(n.registry.len());
+        for (a, cap) in n.registry.capable(capability, &[]) {
+            list.push(a.agent, &a.node, cap.capacity, a.load);
+        }
+        let list = list.build();
         n.candidates
             .insert(capability.to_string(), (n.registry_gen, list.clone()));
         list

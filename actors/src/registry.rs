@@ -443,35 +443,41 @@ impl Registry {
     /// Applies one record sent by the node in `slot` (it speaks for itself, whatever
     /// node the record names).
     fn upsert(&mut self, slot: u32, record: &AgentRecord) {
-        let holder_sorts_first = match self.index.get(&record.agent).copied() {
-            Some(at) if at.slot == slot => {
+        let len = self.index.len();
+        let holder_first = match self.index.entry(record.agent) {
+            Entry::Occupied(at) if at.get().slot == slot => {
                 // Known, and the sender's already: only what changed is replaced.
+                let at = *at.get();
                 update(&mut self.node_mut(slot).records[at.pos as usize], record);
                 return;
             }
-            Some(held) => Some(self.node(held.slot).name < self.node(slot).name),
-            None => None,
-        };
-        let record = AgentRecord {
-            agent: record.agent,
-            node: self.node(slot).name.clone(),
-            agent_type: record.agent_type.clone(),
-            group: record.group,
-            capabilities: record.capabilities.clone(),
-            load: record.load,
-            health: record.health,
-        };
-        if let Some(holder_first) = holder_sorts_first {
-            if holder_first {
-                // The holder sorts first and keeps the ID; the sender will move its
-                // agent when it hears of the holder's.
-                return;
+            Entry::Occupied(held) => {
+                self.nodes[held.get().slot as usize].name < self.nodes[slot as usize].name
             }
-            // The sender sorts first and takes the ID.
-            if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
-                self.insert_at(slot, record);
-                return self.move_local(ours);
+            Entry::Vacant(new) => {
+                // New here (the usual case): one lookup places it.
+                if len >= self.max_agents {
+                    return;
+                }
+                let n = &mut self.nodes[slot as usize];
+                new.insert(Place {
+                    slot,
+                    pos: n.records.len() as u32,
+                });
+                n.records.push(held_copy(&n.name, record));
+                return self.tell_owner(slot, record.agent);
             }
+        };
+        if holder_first {
+            // The holder sorts first and keeps the ID; the sender will move its agent
+            // when it hears of the holder's.
+            return;
+        }
+        // The sender sorts first and takes the ID.
+        let record = held_copy(&self.node(slot).name, record);
+        if let Some(ours) = self.remove(record.agent).filter(|r| r.node == self.me) {
+            self.insert_at(slot, record);
+            return self.move_local(ours);
         }
         if self.len() >= self.max_agents {
             return;
@@ -654,6 +660,12 @@ impl Registry {
                 records.push(record);
             }
         }
+        self.tell_owner(slot, agent);
+    }
+
+    /// Tells that the node in `slot` now owns `agent`, in the last ownership output if
+    /// it is that node's.
+    fn tell_owner(&mut self, slot: u32, agent: u32) {
         let node = &self.nodes[slot as usize].name;
         match self.outputs.back_mut() {
             Some(RegistryOutput::Own { agents, node: last }) if Arc::ptr_eq(last, node) => {
@@ -737,6 +749,19 @@ impl Registry {
 
 /// Brings a record up to date with what its node now says, replacing only what changed
 /// (shared strings and capability lists are kept when they are equal).
+/// A copy of `record` held for the node named `node` (sharing that one name).
+fn held_copy(node: &Arc<str>, record: &AgentRecord) -> AgentRecord {
+    AgentRecord {
+        agent: record.agent,
+        node: node.clone(),
+        agent_type: record.agent_type.clone(),
+        group: record.group,
+        capabilities: record.capabilities.clone(),
+        load: record.load,
+        health: record.health,
+    }
+}
+
 fn update(held: &mut AgentRecord, news: &AgentRecord) {
     if held.agent_type != news.agent_type {
         held.agent_type = news.agent_type.clone();

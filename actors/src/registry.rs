@@ -532,7 +532,20 @@ impl Registry {
             .map(|(_, n)| n)
             .filter(|n| n.offered)
             .flat_map(|n| n.records.iter())
-            .filter_map(move |r| Some((r, offers(r, capability, tags)?)))
+            .scan(None::<(&[Capability], Option<usize>)>, move |last, r| {
+                // Agents registered together share one capability list: the answer for
+                // the last list seen holds for the same list again.
+                let found = match last {
+                    Some((list, found)) if std::ptr::eq(*list, &*r.capabilities) => *found,
+                    _ => {
+                        let found = position(r, capability, tags);
+                        *last = Some((&r.capabilities, found));
+                        found
+                    }
+                };
+                Some(found.map(|i| (r, &r.capabilities[i])))
+            })
+            .flatten()
     }
 
     /// How many agents offering `capability` with every one of `tags` are held but not
@@ -780,8 +793,13 @@ fn offers<'a>(
     capability: &str,
     tags: &[String],
 ) -> Option<&'a Capability> {
+    position(record, capability, tags).map(|i| &record.capabilities[i])
+}
+
+/// Where `capability` with every one of `tags` is in the record's capabilities.
+fn position(record: &AgentRecord, capability: &str, tags: &[String]) -> Option<usize> {
     record
         .capabilities
         .iter()
-        .find(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
+        .position(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
 }

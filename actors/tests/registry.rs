@@ -650,3 +650,38 @@ proptest::proptest! {
         proptest::prop_assert_eq!(copy_of_a(&b), list_of_a(&a));
     }
 }
+
+proptest::proptest! {
+    /// Agents registered together share one capability list, and `capable` reuses its
+    /// answer while the list is the same one: whatever the mix of shared and separate
+    /// lists (equal or not), it finds exactly the agents a plain check of each record
+    /// finds, in the same order, with the same capability.
+    #[test]
+    fn capable_finds_what_each_record_offers(picks in proptest::collection::vec((0usize..3, proptest::bool::ANY), 1..60)) {
+        use std::sync::Arc;
+        let lists: Vec<Arc<[Capability]>> = vec![
+            vec![cap("x", &["a"], 1)].into(),
+            vec![cap("x", &[], 2), cap("y", &["a"], 3)].into(),
+            vec![cap("y", &[], 4)].into(),
+        ];
+        let mut r = Registry::new("n", 1_000, 5);
+        for (kind, fresh) in picks {
+            // A fresh list: equal to the shared one, but another allocation.
+            let list = if fresh { lists[kind].to_vec().into() } else { lists[kind].clone() };
+            r.register("t", list, 0).unwrap();
+        }
+        for (name, tags) in [("x", vec![]), ("x", vec!["a".to_string()]), ("y", vec![]), ("y", vec!["a".to_string()]), ("z", vec![])] {
+            let found: Vec<(u32, u32)> = r.capable(name, &tags).map(|(a, c)| (a.agent, c.capacity)).collect();
+            let plain: Vec<(u32, u32)> = r
+                .records()
+                .filter_map(|a| {
+                    a.capabilities
+                        .iter()
+                        .find(|c| c.name == name && tags.iter().all(|t| c.tags.contains(t)))
+                        .map(|c| (a.agent, c.capacity))
+                })
+                .collect();
+            proptest::prop_assert_eq!(found, plain);
+        }
+    }
+}

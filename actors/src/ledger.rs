@@ -70,6 +70,9 @@ struct Worker {
 #[derive(Debug, Default)]
 pub struct CandidatesBuilder {
     nodes: Vec<Arc<str>>,
+    /// Name -> place in `nodes`, for workers that do not come node by node (a list
+    /// sorted by load mixes the nodes).
+    places: HashMap<Arc<str>, u32, foldhash::fast::FixedState>,
     workers: Vec<Worker>,
 }
 
@@ -77,15 +80,15 @@ impl CandidatesBuilder {
     /// Room for `workers` workers.
     pub fn with_capacity(workers: usize) -> CandidatesBuilder {
         CandidatesBuilder {
-            nodes: Vec::new(),
             workers: Vec::with_capacity(workers),
+            ..CandidatesBuilder::default()
         }
     }
 
     /// Adds a worker: Agent ID, its node, segments it runs at once, segments in hand.
     pub fn push(&mut self, agent: u32, node: &Arc<str>, capacity: u32, load: u32) {
-        // Workers mostly come node by node, sharing their node's name: the last name
-        // is nearly always the one, and the same allocation.
+        // Workers of a registry's list come node by node, sharing their node's name:
+        // the last name is nearly always the one, and the same allocation.
         let node = match self.nodes.last() {
             Some(last) if Arc::ptr_eq(last, node) => self.nodes.len() - 1,
             _ => self.place(node, || node.clone()),
@@ -100,13 +103,16 @@ impl CandidatesBuilder {
     }
 
     fn place(&mut self, node: &str, name: impl FnOnce() -> Arc<str>) -> usize {
-        match self.nodes.iter().rposition(|n| **n == *node) {
-            Some(i) => i,
-            None => {
-                self.nodes.push(name());
-                self.nodes.len() - 1
-            }
+        if self.nodes.last().is_some_and(|last| **last == *node) {
+            return self.nodes.len() - 1;
         }
+        if let Some(&i) = self.places.get(node) {
+            return i as usize;
+        }
+        let name = name();
+        self.places.insert(name.clone(), self.nodes.len() as u32);
+        self.nodes.push(name);
+        self.nodes.len() - 1
     }
 
     fn push_at(&mut self, agent: u32, node: usize, capacity: u32, load: u32) {

@@ -760,8 +760,6 @@ impl Registry {
     }
 }
 
-/// Brings a record up to date with what its node now says, replacing only what changed
-/// (shared strings and capability lists are kept when they are equal).
 /// A copy of `record` held for the node named `node` (sharing that one name).
 fn held_copy(node: &Arc<str>, record: &AgentRecord) -> AgentRecord {
     AgentRecord {
@@ -775,6 +773,8 @@ fn held_copy(node: &Arc<str>, record: &AgentRecord) -> AgentRecord {
     }
 }
 
+/// Brings a record up to date with what its node now says, replacing only what changed
+/// (shared strings and capability lists are kept when they are equal).
 fn update(held: &mut AgentRecord, news: &AgentRecord) {
     if held.agent_type != news.agent_type {
         held.agent_type = news.agent_type.clone();

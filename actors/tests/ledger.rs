@@ -270,6 +270,27 @@ fn a_list_keeps_each_workers_node_however_the_nodes_come() {
 }
 
 #[test]
+fn a_list_taken_back_for_the_next_one_starts_empty() {
+    let stale = Candidates::new(vec![worker(1, "a", 1), worker(2, "b", 1)]);
+    let held = stale.clone();
+    // Still held elsewhere: a new builder; held by none: its memory. Empty either way.
+    for stale in [stale, held] {
+        let mut next = stale.into_builder();
+        next.push_named(3, "c", 2, 1);
+        next.push_named(4, "a", 1, 0);
+        let list = next.build();
+        let listed: Vec<(u32, String, u32, u32)> = list
+            .iter()
+            .map(|c| (c.agent, c.node.to_string(), c.capacity, c.load))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(3, "c".to_string(), 2, 1), (4, "a".to_string(), 1, 0)]
+        );
+    }
+}
+
+#[test]
 fn a_shared_list_seen_full_still_finds_workers_freed_or_let_back_in_later() {
     let mut l = Ledger::new(breaker_after(1), 7);
     let list = Candidates::new(vec![worker(1, "a", 1), worker(2, "b", 1)]);

@@ -1255,9 +1255,13 @@ impl Sim {
                 return list.clone();
             }
         }
-        // Room for every agent at once: growing a list of 100,000 step by step cost
-        // more than filling it.
-        let mut list = CandidatesBuilder::with_capacity(n.registry.len());
+        // The stale list's memory if it is free, and room for every agent at once:
+        // growing a list of 100,000 step by step cost more than filling it.
+        let mut list = match n.candidates.remove(capability) {
+            Some((_, stale)) => stale.into_builder(),
+            None => CandidatesBuilder::default(),
+        };
+        list.reserve(n.registry.len());
         for (a, cap) in n.registry.capable(capability, &[]) {
             list.push(a.agent, &a.node, cap.capacity, a.load);
         }

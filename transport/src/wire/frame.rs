@@ -167,32 +167,20 @@ impl Message {
         first_seq: u16,
         max_frame_payload: usize,
     ) -> Result<Vec<Frame>, FrameTooLarge> {
-        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
-        let mut header = self.header;
-        header.flags = header.flags.without(Flags::CONTINUATION);
-        header.seq = first_seq;
-        if let Some(ts) = self.timestamp_ms {
-            if self.body.len() + TIMESTAMP_LEN > chunk {
-                return Err(FrameTooLarge {
-                    len: self.body.len() + TIMESTAMP_LEN,
-                });
-            }
-            return Ok(vec![Frame::timestamped(header, ts, self.body)?]);
-        }
-        let mut frames = Vec::new();
-        let mut body = self.body;
-        loop {
-            let last = body.len() <= chunk;
-            let part = body.split_to(body.len().min(chunk));
-            let mut h = header;
-            if !last {
-                h.flags = h.flags.with(Flags::CONTINUATION);
-            }
-            frames.push(Frame::new(h, part)?);
-            if last {
-                return Ok(frames);
-            }
-            header.seq = header.seq.wrapping_add(1);
+        let pieces = Cut::new(
+            self.header,
+            first_seq,
+            self.timestamp_ms.is_some(),
+            self.body.len(),
+            max_frame_payload,
+        )?;
+        match self.timestamp_ms {
+            Some(ts) => pieces
+                .map(|(header, _)| Frame::timestamped(header, ts, self.body.clone()))
+                .collect(),
+            None => pieces
+                .map(|(header, range)| Frame::new(header, self.body.slice(range)))
+                .collect(),
         }
     }
 
@@ -236,49 +224,106 @@ impl<'a> MessageRef<'a> {
         max_frame_payload: usize,
         out: &mut BytesMut,
     ) -> Result<u16, FrameTooLarge> {
-        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
-        let mut header = self.header;
-        header.flags = header
-            .flags
-            .without(Flags::CONTINUATION)
-            .without(Flags::TIMESTAMPED);
-        header.seq = first_seq;
-        if let Some(ts) = self.timestamp_ms {
-            let len = self.body.len() + TIMESTAMP_LEN;
-            if len > chunk {
-                return Err(FrameTooLarge { len });
-            }
-            header.flags = header.flags.with(Flags::TIMESTAMPED);
-            // `len` <= chunk <= MAX_PAYLOAD_LEN: it fits the length field.
-            header.encode(len as u16, out);
-            out.put_u64(ts);
-            out.put_slice(self.body);
-            return Ok(1);
-        }
+        let pieces = Cut::new(
+            self.header,
+            first_seq,
+            self.timestamp_ms.is_some(),
+            self.body.len(),
+            max_frame_payload,
+        )?;
         let mut count = 0u16;
-        let mut rest = self.body;
-        loop {
-            let last = rest.len() <= chunk;
-            let (part, tail) = rest.split_at(rest.len().min(chunk));
-            let mut h = header;
-            if !last {
-                h.flags = h.flags.with(Flags::CONTINUATION);
+        for (header, range) in pieces {
+            let part = &self.body[range];
+            // Every piece fits the length field: `Cut` keeps it within MAX_PAYLOAD_LEN.
+            match self.timestamp_ms {
+                Some(ts) => {
+                    header.encode((part.len() + TIMESTAMP_LEN) as u16, out);
+                    out.put_u64(ts);
+                }
+                None => header.encode(part.len() as u16, out),
             }
-            h.seq = first_seq.wrapping_add(count);
-            h.encode(part.len() as u16, out);
             out.put_slice(part);
             count = count.wrapping_add(1);
-            if last {
-                return Ok(count);
-            }
-            rest = tail;
         }
+        Ok(count)
     }
 
     /// How many frames this message takes at `max_frame_payload` bytes per frame.
     pub fn frame_count(&self, max_frame_payload: usize) -> usize {
-        let chunk = max_frame_payload.clamp(1, MAX_PAYLOAD_LEN);
-        self.body.len().div_ceil(chunk).max(1)
+        self.body
+            .len()
+            .div_ceil(chunk_len(max_frame_payload))
+            .max(1)
+    }
+}
+
+/// Body bytes per frame for a `max_frame_payload` setting.
+fn chunk_len(max_frame_payload: usize) -> usize {
+    max_frame_payload.clamp(1, MAX_PAYLOAD_LEN)
+}
+
+/// How a message is cut into frames, the one rule [`Message::into_frames`] and
+/// [`MessageRef::encode_frames`] both follow: pieces of at most the frame payload,
+/// numbered from the first sequence number (wrapping), `CONTINUATION` on every piece
+/// but the last, `TIMESTAMPED` only on a timestamped message, which must fit in one
+/// frame. Yields each frame's header and the range of the body it carries.
+struct Cut {
+    header: Header,
+    len: usize,
+    chunk: usize,
+    at: usize,
+    done: bool,
+}
+
+impl Cut {
+    fn new(
+        mut header: Header,
+        first_seq: u16,
+        timestamped: bool,
+        len: usize,
+        max_frame_payload: usize,
+    ) -> Result<Cut, FrameTooLarge> {
+        let chunk = chunk_len(max_frame_payload);
+        header.seq = first_seq;
+        header.flags = header.flags.without(Flags::CONTINUATION);
+        header.flags = if timestamped {
+            if len + TIMESTAMP_LEN > chunk {
+                return Err(FrameTooLarge {
+                    len: len + TIMESTAMP_LEN,
+                });
+            }
+            header.flags.with(Flags::TIMESTAMPED)
+        } else {
+            header.flags.without(Flags::TIMESTAMPED)
+        };
+        Ok(Cut {
+            header,
+            len,
+            chunk,
+            at: 0,
+            done: false,
+        })
+    }
+}
+
+impl Iterator for Cut {
+    type Item = (Header, std::ops::Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let end = self.len.min(self.at + self.chunk);
+        let mut header = self.header;
+        if end < self.len {
+            header.flags = header.flags.with(Flags::CONTINUATION);
+        } else {
+            self.done = true;
+        }
+        let piece = (header, self.at..end);
+        self.at = end;
+        self.header.seq = self.header.seq.wrapping_add(1);
+        Some(piece)
     }
 }
 
@@ -343,7 +388,10 @@ mod tests {
 
     proptest::proptest! {
         /// `MessageRef::encode_frames` (straight from the borrowed body) writes exactly
-        /// the bytes of the frames `into_frames` builds.
+        /// the bytes of the frames `into_frames` builds, and those frames follow the
+        /// rule: pieces of at most `chunk` bytes that join into the body, consecutive
+        /// sequence numbers, `CONTINUATION` on all but the last, `TIMESTAMPED` (one
+        /// frame) exactly when there is a timestamp.
         #[test]
         fn encode_frames_writes_the_frames_into_frames_builds(
             flags in proptest::prelude::any::<u8>(),
@@ -357,8 +405,21 @@ mod tests {
             let msg = Message { header, timestamp_ms: ts, body: Bytes::from(body) };
             let mut out = BytesMut::new();
             let fast = msg.parts().encode_frames(seq, chunk, &mut out);
-            match msg.into_frames(seq, chunk) {
+            match msg.clone().into_frames(seq, chunk) {
                 Ok(frames) => {
+                    let body = &msg.body;
+                    let pieces = if ts.is_some() { 1 } else { body.len().div_ceil(chunk).max(1) };
+                    proptest::prop_assert_eq!(frames.len(), pieces);
+                    proptest::prop_assert_eq!(frames.len(), msg.parts().frame_count(chunk));
+                    let joined: Vec<u8> = frames.iter().flat_map(|f| f.body().to_vec()).collect();
+                    proptest::prop_assert_eq!(&joined[..], &body[..]);
+                    for (i, f) in frames.iter().enumerate() {
+                        let h = f.header();
+                        proptest::prop_assert_eq!(h.seq, seq.wrapping_add(i as u16));
+                        proptest::prop_assert_eq!(h.flags.contains(Flags::CONTINUATION), i + 1 < frames.len());
+                        proptest::prop_assert_eq!(h.flags.contains(Flags::TIMESTAMPED), ts.is_some());
+                        proptest::prop_assert!(f.body().len() <= chunk);
+                    }
                     let mut expected = BytesMut::new();
                     for f in &frames {
                         f.encode(&mut expected);
@@ -366,7 +427,10 @@ mod tests {
                     proptest::prop_assert_eq!(fast, Ok(frames.len() as u16));
                     proptest::prop_assert_eq!(out, expected);
                 }
-                Err(e) => proptest::prop_assert_eq!(fast, Err(e)),
+                Err(e) => {
+                    proptest::prop_assert!(ts.is_some() && msg.body.len() + TIMESTAMP_LEN > chunk);
+                    proptest::prop_assert_eq!(fast, Err(e));
+                }
             }
         }
     }

@@ -226,6 +226,14 @@ impl Registry {
         }
     }
 
+    /// Makes room for `agents` agents at once (at most the registry's bound), for a
+    /// caller that knows how many to expect: the index then never grows and rehashes
+    /// on the way there.
+    pub fn reserve(&mut self, agents: usize) {
+        let more = agents.min(self.max_agents).saturating_sub(self.index.len());
+        self.index.reserve(more);
+    }
+
     /// Takes the next thing to do. News made between two polls (a burst of
     /// registrations) comes out as one `Broadcast`, after the other outputs, unless a
     /// removal would otherwise undo an upsert it follows: then the deltas stay apart,

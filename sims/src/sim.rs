@@ -309,6 +309,8 @@ pub struct Sim {
     line: String,
     log: Vec<String>,
     events: u64,
+    /// Agents the workload registers in all (restarts register some again).
+    expected_agents: usize,
     workload_done: bool,
     /// Tasks open at live coordinators.
     open: BTreeMap<(NodeIx, Uuid), ()>,
@@ -319,7 +321,16 @@ impl Sim {
     pub fn new(workload: Workload, config: SimConfig) -> Sim {
         let mut report = Report::new(&workload.header.name, config.seed);
         report.workload_events = workload.events.len() as u64;
+        let expected_agents = workload
+            .events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::Register { count, .. } => *count as usize,
+                _ => 0,
+            })
+            .fold(0usize, usize::saturating_add);
         Sim {
+            expected_agents,
             rng: StdRng::seed_from_u64(config.seed),
             checker: Checker::new(config.realloc_bound_ms * 1000),
             loss_permille: config.faults.loss_permille,
@@ -738,6 +749,9 @@ impl Sim {
             seed,
         );
         n.registry = Registry::new(&n.name, MAX_AGENTS, seed);
+        // The workload says how many agents will register, cluster-wide: every replica
+        // gets room for them at once.
+        n.registry.reserve(self.expected_agents);
         n.registry_gen += 1;
         n.full_delta = None;
         n.ledger = Ledger::new(self.config.ledger, seed);

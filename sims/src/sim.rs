@@ -309,7 +309,9 @@ pub struct Sim {
     line: String,
     log: Vec<String>,
     events: u64,
-    /// Agents the workload registers in all (restarts register some again).
+    /// What the workload's registrations add up to: how many agents a replica is
+    /// sized for when its node starts (a hint; a restarted node registers its agents
+    /// again, and a replica may hold old and new for a while).
     expected_agents: usize,
     workload_done: bool,
     /// Tasks open at live coordinators.

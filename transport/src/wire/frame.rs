@@ -167,13 +167,7 @@ impl Message {
         first_seq: u16,
         max_frame_payload: usize,
     ) -> Result<Vec<Frame>, FrameTooLarge> {
-        let pieces = Cut::new(
-            self.header,
-            first_seq,
-            self.timestamp_ms.is_some(),
-            self.body.len(),
-            max_frame_payload,
-        )?;
+        let pieces = self.parts().cut(first_seq, max_frame_payload)?;
         match self.timestamp_ms {
             Some(ts) => pieces
                 .map(|(header, _)| Frame::timestamped(header, ts, self.body.clone()))
@@ -224,13 +218,7 @@ impl<'a> MessageRef<'a> {
         max_frame_payload: usize,
         out: &mut BytesMut,
     ) -> Result<u16, FrameTooLarge> {
-        let pieces = Cut::new(
-            self.header,
-            first_seq,
-            self.timestamp_ms.is_some(),
-            self.body.len(),
-            max_frame_payload,
-        )?;
+        let pieces = self.cut(first_seq, max_frame_payload)?;
         let mut count = 0u16;
         for (header, range) in pieces {
             let part = &self.body[range];
@@ -246,6 +234,17 @@ impl<'a> MessageRef<'a> {
             count = count.wrapping_add(1);
         }
         Ok(count)
+    }
+
+    /// The message's frames: each one's header and the range of the body it carries.
+    fn cut(&self, first_seq: u16, max_frame_payload: usize) -> Result<Cut, FrameTooLarge> {
+        Cut::new(
+            self.header,
+            first_seq,
+            self.timestamp_ms.is_some(),
+            self.body.len(),
+            max_frame_payload,
+        )
     }
 
     /// How many frames this message takes at `max_frame_payload` bytes per frame.

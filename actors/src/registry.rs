@@ -13,7 +13,7 @@
 //! records came, so a simulation run is repeatable; the seed comes from the caller, and
 //! live nodes each hash differently.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, VacantEntry};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -467,12 +467,8 @@ impl Registry {
                 if len >= self.max_agents {
                     return;
                 }
-                let n = &mut self.nodes[slot as usize];
-                new.insert(Place {
-                    slot,
-                    pos: n.records.len() as u32,
-                });
-                n.records.push(held_copy(&n.name, record));
+                let copy = held_copy(&self.nodes[slot as usize].name, record);
+                push_new(&mut self.nodes, new, slot, copy);
                 return self.tell_owner(slot, record.agent);
             }
         };
@@ -672,14 +668,7 @@ impl Registry {
                 self.nodes[at.slot as usize].records[at.pos as usize] = record;
                 return;
             }
-            Entry::Vacant(new) => {
-                let records = &mut self.nodes[slot as usize].records;
-                new.insert(Place {
-                    slot,
-                    pos: records.len() as u32,
-                });
-                records.push(record);
-            }
+            Entry::Vacant(new) => push_new(&mut self.nodes, new, slot, record),
         }
         self.tell_owner(slot, agent);
     }
@@ -766,6 +755,23 @@ impl Registry {
         delta.version = self.version;
         Some(delta)
     }
+}
+
+/// Holds `record`, whose ID the index has no place for yet, at the end of the list of
+/// the node in `slot`, and gives the ID that place.
+#[inline]
+fn push_new(
+    nodes: &mut Slab<NodeAgents>,
+    new: VacantEntry<'_, u32, Place>,
+    slot: u32,
+    record: AgentRecord,
+) {
+    let records = &mut nodes[slot as usize].records;
+    new.insert(Place {
+        slot,
+        pos: records.len() as u32,
+    });
+    records.push(record);
 }
 
 /// A copy of `record` held for the node named `node` (sharing that one name).

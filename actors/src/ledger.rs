@@ -352,7 +352,7 @@ enum SegmentState {
         since_ms: u64,
         is_retry: bool,
     },
-    /// At least one attempt is running (see `Segment::live`).
+    /// An attempt is running (see `Segment::live`).
     Running,
     Done,
 }
@@ -362,11 +362,21 @@ struct Segment {
     state: SegmentState,
     /// Attempts started so far.
     attempts: u32,
-    /// Attempts started and not yet finished or cancelled: (attempt, agent, node).
-    live: Vec<(u32, u32, Arc<str>)>,
-    /// The keys of this segment's entries in `Ledger::deadlines` (their times).
-    deadlines: Vec<u64>,
+    /// The attempt started and not yet finished or cancelled. There is at most one: an
+    /// attempt starts only while the segment waits, and it waits again only once its
+    /// attempt has ended.
+    live: Option<Live>,
     result: Option<Vec<u8>>,
+}
+
+/// A segment's running attempt.
+#[derive(Clone, Debug)]
+struct Live {
+    attempt: u32,
+    agent: u32,
+    node: Arc<str>,
+    /// When it times out: its key's time in `Ledger::deadlines`.
+    deadline_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -528,7 +538,7 @@ impl Ledger {
             .map(|t| {
                 t.segments
                     .iter()
-                    .flat_map(|s| s.live.iter().map(|(_, agent, _)| *agent))
+                    .filter_map(|s| s.live.as_ref().map(|l| l.agent))
                     .collect()
             })
             .unwrap_or_default();
@@ -545,10 +555,9 @@ impl Ledger {
         t.segments
             .iter()
             .enumerate()
-            .flat_map(|(i, s)| {
-                s.live
-                    .iter()
-                    .map(move |(a, agent, node)| (i as u32, *a, *agent, node.clone()))
+            .filter_map(|(i, s)| {
+                let l = s.live.as_ref()?;
+                Some((i as u32, l.attempt, l.agent, l.node.clone()))
             })
             .collect()
     }
@@ -636,8 +645,7 @@ impl Ledger {
                 is_retry: false,
             },
             attempts: 0,
-            live: Vec::new(),
-            deadlines: Vec::new(),
+            live: None,
             result: None,
         };
         self.tasks.insert(
@@ -766,21 +774,18 @@ impl Ledger {
         seg.result = Some(output);
         task.done += 1;
         self.stats.segments_completed += 1;
-        let live = std::mem::take(&mut seg.live);
-        for at in std::mem::take(&mut seg.deadlines) {
-            self.deadlines.remove(&(at, task_id, segment));
-        }
-        for (a, agent, node) in live {
-            self.release(agent);
-            if a == attempt {
-                self.breaker_success(agent);
+        if let Some(live) = seg.live.take() {
+            self.deadlines.remove(&(live.deadline_ms, task_id, segment));
+            self.release(live.agent);
+            if live.attempt == attempt {
+                self.breaker_success(live.agent);
             } else {
                 self.outputs.push_back(LedgerOutput::Cancel {
                     task: task_id,
                     segment,
-                    attempt: a,
-                    agent,
-                    node,
+                    attempt: live.attempt,
+                    agent: live.agent,
+                    node: live.node,
                 });
             }
         }
@@ -843,7 +848,7 @@ impl Ledger {
                 .tasks
                 .get(&task)
                 .and_then(|t| t.segments.get(segment as usize))
-                .and_then(|s| s.live.last().map(|(a, _, _)| *a));
+                .and_then(|s| s.live.as_ref().map(|l| l.attempt));
             if let Some(attempt) = attempt {
                 if let Some(agent) = self.end_attempt(task, segment, attempt) {
                     self.breaker_failure(agent, now_ms);
@@ -862,9 +867,9 @@ impl Ledger {
         let mut out = Vec::new();
         for (id, task) in &self.tasks {
             for (i, seg) in task.segments.iter().enumerate() {
-                for (attempt, agent, node) in &seg.live {
-                    if pred(*agent, node) {
-                        out.push((*id, i as u32, *attempt));
+                if let Some(l) = &seg.live {
+                    if pred(l.agent, &l.node) {
+                        out.push((*id, i as u32, l.attempt));
                     }
                 }
             }
@@ -880,13 +885,10 @@ impl Ledger {
             .get_mut(&task_id)?
             .segments
             .get_mut(segment as usize)?;
-        let i = seg.live.iter().position(|(a, _, _)| *a == attempt)?;
-        let (_, agent, _) = seg.live.remove(i);
-        for at in std::mem::take(&mut seg.deadlines) {
-            self.deadlines.remove(&(at, task_id, segment));
-        }
-        self.release(agent);
-        Some(agent)
+        let live = seg.live.take_if(|l| l.attempt == attempt)?;
+        self.deadlines.remove(&(live.deadline_ms, task_id, segment));
+        self.release(live.agent);
+        Some(live.agent)
     }
 
     /// Puts a segment back to wait for a worker; `budgeted` retries (after a failure or
@@ -899,7 +901,7 @@ impl Ledger {
         let Some(seg) = task.segments.get_mut(segment as usize) else {
             return;
         };
-        if seg.state == SegmentState::Done || !seg.live.is_empty() {
+        if seg.state == SegmentState::Done || seg.live.is_some() {
             return;
         }
         if seg.attempts >= max_attempts {
@@ -939,10 +941,15 @@ impl Ledger {
         if matches!(seg.state, SegmentState::Pending { .. }) {
             leave_pending(&mut self.waiting, task_id, &mut task.pending);
         }
+        assert!(seg.live.is_none(), "a segment runs one attempt at a time");
         seg.attempts += 1;
         let attempt = seg.attempts;
-        seg.live.push((attempt, agent, node.clone()));
-        seg.deadlines.push(deadline_ms);
+        seg.live = Some(Live {
+            attempt,
+            agent,
+            node: node.clone(),
+            deadline_ms,
+        });
         seg.state = SegmentState::Running;
         *self.in_flight.entry(agent).or_default() += 1;
         self.deadlines.insert((deadline_ms, task_id, segment), ());
@@ -1151,17 +1158,16 @@ impl Ledger {
         self.waiting.remove(&task_id);
         let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
-            for at in seg.deadlines {
-                self.deadlines.remove(&(at, task_id, i as u32));
-            }
-            for (attempt, agent, node) in seg.live {
-                self.release(agent);
+            if let Some(live) = seg.live {
+                self.deadlines
+                    .remove(&(live.deadline_ms, task_id, i as u32));
+                self.release(live.agent);
                 self.outputs.push_back(LedgerOutput::Cancel {
                     task: task_id,
                     segment: i as u32,
-                    attempt,
-                    agent,
-                    node,
+                    attempt: live.attempt,
+                    agent: live.agent,
+                    node: live.node,
                 });
             }
         }

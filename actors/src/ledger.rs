@@ -8,7 +8,7 @@
 //! done), every later copy is counted and discarded, and attempts still running
 //! elsewhere are cancelled.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use foldhash::fast::SeedableRandomState;
@@ -375,8 +375,82 @@ struct Live {
     attempt: u32,
     agent: u32,
     node: Arc<str>,
-    /// When it times out: its key's time in `Ledger::deadlines`.
+    /// When it times out (its entry in `Ledger::deadlines`).
     deadline_ms: u64,
+}
+
+/// When running attempts time out, earliest first.
+///
+/// An attempt that ends leaves its entry behind, to be dropped when it reaches the
+/// front (or when such entries are half the queue): a running attempt's deadline is
+/// then one push onto the back, where an ordered map took an insertion and a removal,
+/// each comparing 28-byte keys all the way down. An entry counts only while its
+/// segment's running attempt has that deadline (`Deadlines::live`).
+#[derive(Debug, Default)]
+struct Deadlines {
+    /// In time order; equal times in the order they came.
+    queue: VecDeque<Deadline>,
+    /// About how many entries of `queue` belong to attempts that ended (exact after a
+    /// compaction; a duplicate entry can leave it high until the next).
+    ended: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Deadline {
+    at_ms: u64,
+    task: Uuid,
+    segment: u32,
+}
+
+/// Below this many ended entries, the queue is not compacted: they go from the front.
+const DEADLINES_COMPACT_MIN: usize = 64;
+
+impl Deadlines {
+    fn push(&mut self, d: Deadline) {
+        // Deadlines are now plus a fixed timeout, so they come in time order as long as
+        // the caller's clock does not go back; if it does, keep the order anyway.
+        if self.queue.back().is_none_or(|b| b.at_ms <= d.at_ms) {
+            self.queue.push_back(d);
+        } else {
+            let i = self.queue.partition_point(|e| e.at_ms <= d.at_ms);
+            self.queue.insert(i, d);
+        }
+    }
+
+    /// True if `d` is the deadline of its segment's running attempt.
+    fn live(tasks: &HashMap<Uuid, Task, SeedableRandomState>, d: &Deadline) -> bool {
+        tasks
+            .get(&d.task)
+            .and_then(|t| t.segments.get(d.segment as usize))
+            .and_then(|s| s.live.as_ref())
+            .is_some_and(|l| l.deadline_ms == d.at_ms)
+    }
+
+    /// Counts an attempt that ended, then drops ended entries from the front, and
+    /// compacts the queue once they would be half of it, so it stays within about twice
+    /// the running attempts.
+    fn ended(&mut self, tasks: &HashMap<Uuid, Task, SeedableRandomState>) {
+        self.ended += 1;
+        while let Some(d) = self.queue.front() {
+            if Deadlines::live(tasks, d) {
+                break;
+            }
+            self.queue.pop_front();
+            self.ended = self.ended.saturating_sub(1);
+        }
+        if self.ended >= DEADLINES_COMPACT_MIN && self.ended * 2 > self.queue.len() {
+            self.queue.retain(|d| Deadlines::live(tasks, d));
+            self.ended = 0;
+        }
+    }
+
+    /// The earliest deadline of a running attempt: the front, since `ended` drops the
+    /// entries of attempts that ended from there.
+    fn next(&self, tasks: &HashMap<Uuid, Task, SeedableRandomState>) -> Option<u64> {
+        let d = self.queue.front()?;
+        debug_assert!(Deadlines::live(tasks, d), "an ended attempt at the front");
+        Some(d.at_ms)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -486,8 +560,8 @@ pub struct Ledger {
     rng: StdRng,
     outputs: VecDeque<LedgerOutput>,
     stats: LedgerStats,
-    /// Deadlines: when each running attempt times out, for `next_wakeup_ms`.
-    deadlines: BTreeMap<(u64, Uuid, u32), ()>,
+    /// When each running attempt times out.
+    deadlines: Deadlines,
     /// The last shared list seen with no eligible worker: under overload, the other
     /// tasks of a round, and the rounds after a worker is freed, look only at what may
     /// have changed instead of at every worker.
@@ -510,7 +584,7 @@ impl Ledger {
             rng: StdRng::seed_from_u64(seed),
             outputs: VecDeque::new(),
             stats: LedgerStats::default(),
-            deadlines: BTreeMap::new(),
+            deadlines: Deadlines::default(),
             none_free: None,
         }
     }
@@ -628,7 +702,7 @@ impl Ledger {
 
     /// When the ledger next needs [`Ledger::handle_timeout`] (the earliest deadline).
     pub fn next_wakeup_ms(&self) -> Option<u64> {
-        self.deadlines.keys().next().map(|(at, _, _)| *at)
+        self.deadlines.next(&self.tasks)
     }
 
     /// Takes a task of `segments` segments; allocate with [`Ledger::assign`].
@@ -775,7 +849,7 @@ impl Ledger {
         task.done += 1;
         self.stats.segments_completed += 1;
         if let Some(live) = seg.live.take() {
-            self.deadlines.remove(&(live.deadline_ms, task_id, segment));
+            self.deadlines.ended(&self.tasks);
             self.release(live.agent);
             if live.attempt == attempt {
                 self.breaker_success(live.agent);
@@ -836,19 +910,31 @@ impl Ledger {
     /// Attempts past their deadline count as failures of their workers (the breaker
     /// learns of slow workers too); their segments wait for another attempt.
     pub fn handle_timeout(&mut self, now_ms: u64) {
-        let due: Vec<(u64, Uuid, u32)> = self
+        let mut due: Vec<Deadline> = self
             .deadlines
-            .keys()
-            .take_while(|(at, _, _)| *at <= now_ms)
+            .queue
+            .iter()
+            .take_while(|d| d.at_ms <= now_ms)
+            .filter(|d| Deadlines::live(&self.tasks, d))
             .copied()
             .collect();
-        for (at, task, segment) in due {
-            self.deadlines.remove(&(at, task, segment));
+        // By time, then task and segment, whatever order they were started in.
+        due.sort_unstable();
+        due.dedup();
+        for Deadline {
+            at_ms,
+            task,
+            segment,
+        } in due
+        {
+            // An earlier timeout may have failed the task and ended this attempt.
             let attempt = self
                 .tasks
                 .get(&task)
                 .and_then(|t| t.segments.get(segment as usize))
-                .and_then(|s| s.live.as_ref().map(|l| l.attempt));
+                .and_then(|s| s.live.as_ref())
+                .filter(|l| l.deadline_ms == at_ms)
+                .map(|l| l.attempt);
             if let Some(attempt) = attempt {
                 if let Some(agent) = self.end_attempt(task, segment, attempt) {
                     self.breaker_failure(agent, now_ms);
@@ -886,7 +972,7 @@ impl Ledger {
             .segments
             .get_mut(segment as usize)?;
         let live = seg.live.take_if(|l| l.attempt == attempt)?;
-        self.deadlines.remove(&(live.deadline_ms, task_id, segment));
+        self.deadlines.ended(&self.tasks);
         self.release(live.agent);
         Some(live.agent)
     }
@@ -952,7 +1038,11 @@ impl Ledger {
         });
         seg.state = SegmentState::Running;
         *self.in_flight.entry(agent).or_default() += 1;
-        self.deadlines.insert((deadline_ms, task_id, segment), ());
+        self.deadlines.push(Deadline {
+            at_ms: deadline_ms,
+            task: task_id,
+            segment,
+        });
         if is_retry {
             self.retries.add(now_ms);
         } else {
@@ -1159,8 +1249,7 @@ impl Ledger {
         let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
             if let Some(live) = seg.live {
-                self.deadlines
-                    .remove(&(live.deadline_ms, task_id, i as u32));
+                self.deadlines.ended(&self.tasks);
                 self.release(live.agent);
                 self.outputs.push_back(LedgerOutput::Cancel {
                     task: task_id,
@@ -1176,5 +1265,97 @@ impl Ledger {
             reason,
             figures,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(n: u32) -> Vec<Candidate> {
+        (1..=n)
+            .map(|agent| Candidate {
+                agent,
+                node: "n".into(),
+                capacity: 1,
+                load: 0,
+            })
+            .collect()
+    }
+
+    fn allocations(l: &mut Ledger) -> Vec<(u32, u32)> {
+        std::iter::from_fn(|| l.poll())
+            .filter_map(|o| match o {
+                LedgerOutput::Allocate {
+                    segment, attempt, ..
+                } => Some((segment, attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Attempts that end leave entries behind; the queue still stays within about twice
+    /// the running attempts, and the next wake-up is a running attempt's.
+    #[test]
+    fn ended_deadlines_do_not_pile_up() {
+        let config = LedgerConfig {
+            segment_timeout_ms: 1_000_000,
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, 7);
+        let task = Uuid::from_u128(1);
+        l.submit(task, 20_000, 0).unwrap();
+        let workers = workers(100);
+        let mut running: Vec<(u32, u32)> = Vec::new();
+        let mut most = 0;
+        for now in 0..10_000u64 {
+            l.assign(task, &workers, now);
+            running.extend(allocations(&mut l));
+            // Finish all but the five oldest, which hold the front of the queue.
+            running.sort_unstable();
+            while running.len() > 5 {
+                let (segment, attempt) = running.pop().unwrap();
+                assert_eq!(
+                    l.handle_result(task, segment, attempt, vec![]),
+                    ResultVerdict::Accepted
+                );
+            }
+            let len = l.deadlines.queue.len();
+            assert!(
+                len <= 2 * running.len() + DEADLINES_COMPACT_MIN,
+                "{len} entries for {} running attempts",
+                running.len()
+            );
+            most = most.max(len);
+            if l.figures(task).is_none() {
+                break;
+            }
+        }
+        assert!(
+            most > DEADLINES_COMPACT_MIN,
+            "the test never let ended entries build up"
+        );
+        assert_eq!(running.len(), 5);
+        assert_eq!(l.next_wakeup_ms(), Some(1_000_000));
+    }
+
+    /// A caller whose clock steps back still gets deadlines in time order.
+    #[test]
+    fn deadlines_stay_in_time_order_when_the_clock_steps_back() {
+        let config = LedgerConfig {
+            segment_timeout_ms: 100,
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, 7);
+        let (late, early) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        l.submit(late, 1, 0).unwrap();
+        l.submit(early, 1, 0).unwrap();
+        l.assign(late, &workers(2), 500);
+        l.assign(early, &workers(2), 200);
+        assert_eq!(allocations(&mut l).len(), 2);
+        assert_eq!(l.next_wakeup_ms(), Some(300));
+        l.handle_timeout(300);
+        assert_eq!(l.next_wakeup_ms(), Some(600));
+        assert!(l.has_pending(early) && !l.has_pending(late));
     }
 }

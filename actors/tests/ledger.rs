@@ -514,7 +514,8 @@ fn step() -> impl Strategy<Value = Step> {
 proptest! {
     /// Whatever happens, a segment's result is accepted at most once, a task completes
     /// at most once and only with every segment, and nothing is lost: every open task
-    /// still has its segments accounted for. The waiting list agrees with `has_pending`.
+    /// still has its segments accounted for. The waiting list agrees with `has_pending`,
+    /// and the next wake-up is the earliest deadline of an attempt still running.
     #[test]
     fn results_are_accepted_exactly_once(seed in any::<u64>(), segments in 1u32..8, steps in proptest::collection::vec(step(), 1..120)) {
         let config = LedgerConfig { segment_timeout_ms: 500, max_attempts: 1_000, breaker_failures: 1_000, retry_floor_per_sec: 1_000, ..LedgerConfig::default() };
@@ -526,6 +527,7 @@ proptest! {
         l.submit(task(), segments, 0).unwrap();
         let mut now = 0u64;
         let mut issued: Vec<(u32, u32)> = Vec::new();
+        let mut started: HashMap<(u32, u32), u64> = HashMap::new();
         let mut delivered: Vec<(u32, u32)> = Vec::new();
         let mut accepted: HashMap<u32, u32> = HashMap::new();
         let mut completions = 0;
@@ -568,7 +570,10 @@ proptest! {
             let outs: Vec<LedgerOutput> = held.drain(..).chain(std::iter::from_fn(|| l.poll())).collect();
             for out in outs {
                 match out {
-                    LedgerOutput::Allocate { segment, attempt, .. } => issued.push((segment, attempt)),
+                    LedgerOutput::Allocate { segment, attempt, .. } => {
+                        issued.push((segment, attempt));
+                        started.insert((segment, attempt), now);
+                    }
                     LedgerOutput::TaskCompleted { results, .. } => {
                         completions += 1;
                         prop_assert_eq!(results.len() as u32, segments);
@@ -577,6 +582,8 @@ proptest! {
                     _ => {}
                 }
             }
+            let earliest = l.live_attempts(task()).iter().map(|(s, a, _, _)| started[&(*s, *a)] + 500).min();
+            prop_assert_eq!(l.next_wakeup_ms(), earliest);
         }
         prop_assert!(accepted.values().all(|n| *n == 1), "accepted twice: {:?}", accepted);
         prop_assert!(completions <= 1);

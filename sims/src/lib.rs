@@ -7,7 +7,8 @@
 //!
 //! Map: `workload` (the JSON Lines format), `sim` (the simulator), `check` (the
 //! invariant checkers), `faults` (random faults, `--faults`), `report` (figures and the
-//! event log's digest), `line` (log lines without `core::fmt`), `plot` (the SVG report).
+//! event log's digest), `line` (log lines without `core::fmt`), `plot` (the SVG report),
+//! `timeline` (the simulator's event queue).
 
 pub mod check;
 pub mod faults;
@@ -16,6 +17,7 @@ mod line;
 pub mod plot;
 pub mod report;
 pub mod sim;
+mod timeline;
 pub mod workload;
 
 pub use agentmesh_actors as actors;

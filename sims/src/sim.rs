@@ -10,7 +10,7 @@
 //! later, a gossip datagram is lost; a partition drops what crosses it. An agent runs
 //! `capacity` segments at once, each for the workload's work time, and queues the rest.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -28,13 +28,13 @@ use bytes::Bytes;
 use foldhash::fast::FixedState;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use slab::Slab;
 use uuid::Uuid;
 
 use crate::check::{Checker, Violation, NO_TASK_HANGING};
 use crate::faults::FaultSpec;
 use crate::line::log;
 use crate::report::{Digest, Report, TaskRecord};
+use crate::timeline::Timeline;
 use crate::workload::{EventKind, Workload};
 
 /// How often a coordinator looks at its open tasks (as the live one does).
@@ -173,58 +173,6 @@ enum Event {
     Faults,
 }
 
-/// An entry of the timeline: when, in what order among events at the same time, and
-/// where the event waits in the slab. The events themselves stay put while the heap
-/// reorders these small keys.
-struct Scheduled {
-    at: u64,
-    seq: u64,
-    slot: u32,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // A max-heap: the earliest (then the first scheduled) on top.
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
-/// The events waiting on the timeline, each in a slot that is reused once the event is
-/// taken; events at the same time come out in the order they were pushed.
-#[derive(Default)]
-struct Timeline {
-    heap: BinaryHeap<Scheduled>,
-    slots: Slab<Event>,
-    seq: u64,
-}
-
-impl Timeline {
-    fn push(&mut self, at: u64, event: Event) {
-        self.seq += 1;
-        let seq = self.seq;
-        let slot = self.slots.insert(event) as u32;
-        self.heap.push(Scheduled { at, seq, slot });
-    }
-
-    /// The earliest event and its time.
-    fn pop(&mut self) -> Option<(u64, Event)> {
-        let next = self.heap.pop()?;
-        let event = self.slots.try_remove(next.slot as usize)?;
-        Some((next.at, event))
-    }
-}
-
 /// One agent to register (again after a restart); agents of one workload event share
 /// their type and capabilities.
 struct AgentSpec {
@@ -297,7 +245,7 @@ pub struct Sim {
     workload: Workload,
     rng: StdRng,
     now_us: u64,
-    queue: Timeline,
+    queue: Timeline<Event>,
     nodes: Vec<SimNode>,
     by_name: HashMap<String, NodeIx, FixedState>,
     agents: Vec<SimAgent>,

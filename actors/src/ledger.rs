@@ -417,13 +417,23 @@ impl Deadlines {
         }
     }
 
+    /// The running attempt whose deadline `d` is, if it still runs.
+    fn running<'a>(
+        tasks: &'a HashMap<Uuid, Task, SeedableRandomState>,
+        d: &Deadline,
+    ) -> Option<&'a Live> {
+        tasks
+            .get(&d.task)?
+            .segments
+            .get(d.segment as usize)?
+            .live
+            .as_ref()
+            .filter(|l| l.deadline_ms == d.at_ms)
+    }
+
     /// True if `d` is the deadline of its segment's running attempt.
     fn live(tasks: &HashMap<Uuid, Task, SeedableRandomState>, d: &Deadline) -> bool {
-        tasks
-            .get(&d.task)
-            .and_then(|t| t.segments.get(d.segment as usize))
-            .and_then(|s| s.live.as_ref())
-            .is_some_and(|l| l.deadline_ms == d.at_ms)
+        Deadlines::running(tasks, d).is_some()
     }
 
     /// Counts an attempt that ended, then drops ended entries from the front, and
@@ -915,31 +925,20 @@ impl Ledger {
             .queue
             .iter()
             .take_while(|d| d.at_ms <= now_ms)
-            .filter(|d| Deadlines::live(&self.tasks, d))
             .copied()
             .collect();
         // By time, then task and segment, whatever order they were started in.
         due.sort_unstable();
         due.dedup();
-        for Deadline {
-            at_ms,
-            task,
-            segment,
-        } in due
-        {
-            // An earlier timeout may have failed the task and ended this attempt.
-            let attempt = self
-                .tasks
-                .get(&task)
-                .and_then(|t| t.segments.get(segment as usize))
-                .and_then(|s| s.live.as_ref())
-                .filter(|l| l.deadline_ms == at_ms)
-                .map(|l| l.attempt);
-            if let Some(attempt) = attempt {
-                if let Some(agent) = self.end_attempt(task, segment, attempt) {
-                    self.breaker_failure(agent, now_ms);
-                    self.requeue(task, segment, now_ms, "timed out", true);
-                }
+        for d in due {
+            // Skips an attempt that ended before, or in an earlier timeout that failed
+            // its task.
+            let Some(attempt) = Deadlines::running(&self.tasks, &d).map(|l| l.attempt) else {
+                continue;
+            };
+            if let Some(agent) = self.end_attempt(d.task, d.segment, attempt) {
+                self.breaker_failure(agent, now_ms);
+                self.requeue(d.task, d.segment, now_ms, "timed out", true);
             }
         }
     }
@@ -1327,9 +1326,6 @@ mod tests {
                 running.len()
             );
             most = most.max(len);
-            if l.figures(task).is_none() {
-                break;
-            }
         }
         assert!(
             most > DEADLINES_COMPACT_MIN,

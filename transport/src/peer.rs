@@ -141,6 +141,48 @@ impl DirectLane {
         Ok(())
     }
 
+    /// [`DirectLane::send`] without waiting, for a sender that may not await: if the
+    /// stream is open and nothing of an earlier send is left, encodes `messages` and
+    /// offers them to quinn once. Returns `None`, with nothing changed, if it could not
+    /// start; `Some(true)` if quinn took everything, `Some(false)` if some bytes are
+    /// left in `pending` for [`DirectLane::flush`] to write.
+    fn send_now(
+        &mut self,
+        messages: &[impl Outgoing],
+        max_frame_payload: usize,
+        stats: &TransportStats,
+    ) -> Option<bool> {
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let stream = self.stream.as_mut()?;
+        for message in messages {
+            // `PeerHandle::try_send_ref` refuses unframeable messages before this.
+            if let Err(e) = self
+                .numbering
+                .encode(message.parts(), max_frame_payload, &mut self.buf)
+            {
+                warn!(error = %e, "dropping an unframeable message");
+            }
+        }
+        let (frames, types) = self.numbering.take_counts();
+        let mut bytes = self.buf.split().freeze();
+        let len = bytes.len() as u64;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(Ok(n)) =
+            std::pin::Pin::new(stream).poll_write(&mut cx, &bytes)
+        {
+            bytes::Buf::advance(&mut bytes, n);
+        }
+        self.pending = bytes;
+        stats.sent(Via::Lane(self.lane), frames, len);
+        if self.lane == Lane::Urgent {
+            self.urgent.bump();
+        }
+        stats.sent_types(&types);
+        Some(self.pending.is_empty())
+    }
+
     async fn flush(&mut self) -> Result<(), ()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -213,6 +255,9 @@ pub(crate) struct PeerConn {
     lanes: [LaneTx; 4],
     datagram_seq: AtomicU32,
     gauge: Arc<WindowGauge>,
+    /// The runtime the connection's tasks run on, for work started off it (a send from
+    /// a waker, say).
+    runtime: tokio::runtime::Handle,
 }
 
 impl PeerConn {
@@ -282,6 +327,7 @@ impl PeerConn {
             lanes,
             datagram_seq: AtomicU32::new(0),
             gauge,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 
@@ -352,6 +398,42 @@ impl PeerHandle {
         self.check_frameable(message)?;
         let lane = Lane::for_header(&message.header);
         self.enqueue(lane, &[message]).await
+    }
+
+    /// [`PeerHandle::send_ref`] for a caller that may not wait (it runs inside a waker,
+    /// say): sends `message` now if its lane can take it at once, and returns false,
+    /// with nothing sent, if the caller must use [`PeerHandle::send_ref`] instead. A
+    /// message sent here keeps the lane's order like any other.
+    pub fn try_send_ref(&self, message: MessageRef<'_>) -> Result<bool, TransportError> {
+        self.check_frameable(message)?;
+        if !self.is_open() {
+            return Err(TransportError::PeerClosed(self.conn.name.to_string()));
+        }
+        let lane = Lane::for_header(&message.header);
+        let messages = [message];
+        match &self.conn.lanes[lane.index()] {
+            LaneTx::Queued(q) => Ok(q.try_direct(&messages, &self.shared.stats)),
+            LaneTx::Direct(direct) => {
+                let Ok(mut guard) = direct.try_lock() else {
+                    return Ok(false);
+                };
+                let max = self.shared.config.max_frame_payload;
+                match guard.send_now(&messages, max, &self.shared.stats) {
+                    None => Ok(false),
+                    Some(true) => Ok(true),
+                    Some(false) => {
+                        // quinn's buffer is full: a task writes the rest, as the next
+                        // sender would, so the message is not left waiting for one.
+                        drop(guard);
+                        let direct = direct.clone();
+                        self.conn.runtime.spawn(async move {
+                            let _ = direct.lock().await.flush().await;
+                        });
+                        Ok(true)
+                    }
+                }
+            }
+        }
     }
 
     /// Queues several messages at once: in order within each lane, for one queue

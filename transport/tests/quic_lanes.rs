@@ -484,3 +484,43 @@ async fn senders_that_find_a_lower_lane_idle_write_to_it_themselves_in_lane_orde
         "the first message opened the stream through the writer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_may_not_wait_sends_only_what_the_lane_takes_at_once() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let peer = a.transport.peer("beta").unwrap();
+    // Urgent (written by its senders) and normal (a queue and a writer task).
+    for (prio, lane) in [(224u8, Lane::Urgent), (96, Lane::Normal)] {
+        // The lane's stream is not open yet: nothing is sent, the caller must wait.
+        let early = envelope(prio, b"early");
+        assert!(!peer.try_send_ref(early.parts()).unwrap(), "{lane:?}");
+        peer.send(envelope(prio, b"opens")).await.unwrap();
+        let got = receive(&mut b.events, 1).await;
+        assert_eq!(&got[0].1.body[..], b"opens");
+        // Open and idle: taken at once. A writer task may still hold the stream for a
+        // moment after its last write, so the first may need a few tries.
+        let first = envelope(prio, b"now 0");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !peer.try_send_ref(first.parts()).unwrap() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{lane:?} never idle"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for i in 1..10 {
+            let m = envelope(prio, format!("now {i}").as_bytes());
+            assert!(peer.try_send_ref(m.parts()).unwrap(), "{lane:?} {i}");
+        }
+        let got = receive(&mut b.events, 10).await;
+        for (i, (via, m)) in got.into_iter().enumerate() {
+            assert_eq!(via, Via::Lane(lane));
+            assert_eq!(
+                m.body,
+                format!("now {i}").as_bytes(),
+                "in order, none twice"
+            );
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //! the cluster, for the CLI), `metrics` (the Prometheus endpoint). Coordination-group
 //! policy lives with the agents in `agentmesh-actors`, which knows what a group is.
 
+mod answer;
 pub mod client;
 pub mod membership;
 pub mod metrics;

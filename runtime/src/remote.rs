@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use agentmesh_transport::wire::payload::{Envelope, EnvelopeRef};
+use agentmesh_transport::wire::payload::EnvelopeRef;
 use agentmesh_transport::wire::{EnvelopeParts, Header, Message, MessageRef, MessageType};
 use agentmesh_transport::{OwnershipTable, PeerHandle, Transport, TransportError};
 
@@ -115,6 +115,7 @@ pub enum RegisterError {
 /// Registry service name and kinds on the wire.
 pub(crate) const REGISTRY_SERVICE: &str = "agentmesh.registry";
 const REGISTRY_UPDATE: &str = "agentmesh.registry.update";
+use crate::answer::{self, Answering, Outcome, PendingReply, ReplyTo, Replying, Waiting};
 use crate::client::ERROR_KIND;
 /// Asks waiting for answers at once, per node.
 const MAX_PENDING_ASKS: usize = 65_536;
@@ -150,9 +151,9 @@ pub struct FromPeer<M> {
     /// The message.
     pub message: M,
 }
-/// The encoded answer to a request, or why there is none.
-type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>>;
-type Answer = Box<dyn Fn(&[u8]) -> Result<Reply, String> + Send + Sync>;
+/// Decodes a request and hands it to the actor: the answer to come, or why there is
+/// none.
+type Answer = Box<dyn Fn(&[u8]) -> Result<Box<dyn PendingReply>, String> + Send + Sync>;
 
 /// A locally registered actor, with typed handles for local sends and erased ones for
 /// what arrives from the network.
@@ -162,6 +163,8 @@ struct LocalActor {
     typed: Arc<dyn Any + Send + Sync>,
     deliver: Option<Deliver>,
     answer: Option<Answer>,
+    /// How long a request may wait for the actor's answer.
+    answer_timeout: Duration,
     actor_id: ractor::ActorId,
     /// A node service (`agentmesh.*`, on every node, addressed by node): never announced.
     service: bool,
@@ -172,7 +175,7 @@ type Ask<Req, Resp> = Arc<dyn Fn(Req) -> Result<oneshot::Receiver<Resp>, String>
 /// Remote messaging for one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// A [`Mesh`] that does not keep it alive: what the transport's inbox holds, since the
@@ -185,7 +188,7 @@ impl WeakMesh {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     node: String,
     transport: Transport,
     local: RwLock<HashMap<String, LocalActor>>,
@@ -193,6 +196,8 @@ struct Inner {
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>,
     monitors: Mutex<HashMap<ActorAddr, Vec<oneshot::Sender<Down>>>>,
     acp_routes: RwLock<HashMap<MessageType, mpsc::Sender<FromPeer<Message>>>>,
+    /// Requests from other nodes waiting for local actors' answers.
+    pub(crate) answers: Waiting,
     next_correlation: AtomicU64,
     trace_prefix: u64,
 }
@@ -216,7 +221,7 @@ fn encode<M: Serialize>(m: &M) -> Result<Bytes, SendError> {
     Ok(Bytes::from(out))
 }
 
-fn write_message<M: Serialize>(out: &mut Vec<u8>, m: &M) -> Result<(), SendError> {
+pub(crate) fn write_message<M: Serialize>(out: &mut Vec<u8>, m: &M) -> Result<(), SendError> {
     rmp_serde::encode::write_named(out, m).map_err(|e| SendError::Encode(e.to_string()))
 }
 
@@ -232,6 +237,32 @@ thread_local! {
 /// kept for the next send.
 const ENVELOPE_BUF_KEEP_BYTES: usize = 64 * 1024;
 
+/// This thread's envelope buffer, taken out for one send.
+struct EnvelopeBuf(Vec<u8>);
+
+impl EnvelopeBuf {
+    fn take() -> EnvelopeBuf {
+        let mut buf = ENVELOPE_BUF.with(std::cell::Cell::take);
+        buf.clear();
+        EnvelopeBuf(buf)
+    }
+
+    /// Puts the buffer back for this thread's next send (its task may have moved to
+    /// another thread meanwhile: that thread gets it), unless a big message grew it.
+    fn give_back(self) {
+        if self.0.capacity() <= ENVELOPE_BUF_KEEP_BYTES {
+            ENVELOPE_BUF.with(|b| b.set(self.0));
+        }
+    }
+}
+
+/// The header of an ENVELOPE sent with Stream Prio `prio`.
+fn envelope_header(prio: u8) -> Header {
+    let mut header = Header::new(MessageType::Envelope);
+    header.prio = prio;
+    header
+}
+
 impl Mesh {
     pub(crate) fn new(node: &str, incarnation: u64, transport: Transport) -> Mesh {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -245,6 +276,7 @@ impl Mesh {
                 pending: Mutex::new(HashMap::default()),
                 monitors: Mutex::new(HashMap::default()),
                 acp_routes: RwLock::new(HashMap::default()),
+                answers: Waiting::default(),
                 next_correlation: AtomicU64::new(1),
                 trace_prefix: hasher.finish() ^ incarnation,
             }),
@@ -352,6 +384,7 @@ impl Mesh {
                 typed: Arc::new(cast),
                 deliver: Some(deliver),
                 answer: None,
+                answer_timeout: ANSWER_TIMEOUT,
                 actor_id: id,
                 service,
             },
@@ -416,17 +449,7 @@ impl Mesh {
         let erased = ask.clone();
         let answer: Answer = Box::new(move |body| {
             let req: Req = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
-            let typed = erased(req)?;
-            let reply: Reply = Box::pin(async move {
-                match tokio::time::timeout(answer_timeout, typed).await {
-                    Ok(Ok(resp)) => encode(&resp).map_err(|e| e.to_string()),
-                    Ok(Err(_)) => Err("the actor dropped the request without answering".into()),
-                    Err(_) => Err(format!(
-                        "the actor did not answer within {} s",
-                        answer_timeout.as_secs()
-                    )),
-                }
-            });
+            let reply: Box<dyn PendingReply> = Box::new(Replying::new(erased(req)?));
             Ok(reply)
         });
         let id = actor.get_id();
@@ -437,6 +460,7 @@ impl Mesh {
                 typed: Arc::new(ask),
                 deliver: None,
                 answer: Some(answer),
+                answer_timeout,
                 actor_id: id,
                 service,
             },
@@ -809,23 +833,36 @@ impl Mesh {
         .await
     }
 
+    /// [`Mesh::send_encoded`] for a caller that may not wait: returns false, with
+    /// nothing sent, if the lane cannot take the message at once.
+    pub(crate) fn try_send_encoded(
+        &self,
+        node: &str,
+        prio: u8,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
+    ) -> Result<bool, SendError> {
+        let peer = self.peer(node)?;
+        let mut buf = EnvelopeBuf::take();
+        encode(&mut buf.0)?;
+        let sent = peer.try_send_ref(MessageRef::new(envelope_header(prio), &buf.0));
+        buf.give_back();
+        sent.map_err(SendError::from)
+    }
+
     /// Sends the ENVELOPE `encode` writes, from this thread's reused buffer.
-    async fn send_encoded(
+    pub(crate) async fn send_encoded(
         &self,
         node: &str,
         prio: u8,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
         let peer = self.peer(node)?;
-        let mut buf = ENVELOPE_BUF.with(std::cell::Cell::take);
-        buf.clear();
-        encode(&mut buf)?;
-        let mut header = Header::new(MessageType::Envelope);
-        header.prio = prio;
-        let sent = peer.send_ref(MessageRef::new(header, &buf)).await;
-        if buf.capacity() <= ENVELOPE_BUF_KEEP_BYTES {
-            ENVELOPE_BUF.with(|b| b.set(buf));
-        }
+        let mut buf = EnvelopeBuf::take();
+        encode(&mut buf.0)?;
+        let sent = peer
+            .send_ref(MessageRef::new(envelope_header(prio), &buf.0))
+            .await;
+        buf.give_back();
         sent.map_err(SendError::from)
     }
 
@@ -956,7 +993,9 @@ impl Mesh {
                     None => Err(format!("actor {:?} only answers requests", envelope.to)),
                 },
                 Some(actor) => match &actor.answer {
-                    Some(answer) if envelope.kind == actor.kind => answer(&envelope.body).map(Some),
+                    Some(answer) if envelope.kind == actor.kind => {
+                        answer(&envelope.body).map(|reply| Some((reply, actor.answer_timeout)))
+                    }
                     Some(_) => Err(format!(
                         "actor {:?} takes {}, not {}",
                         envelope.to, actor.kind, envelope.kind
@@ -965,47 +1004,33 @@ impl Mesh {
                 },
             }
         };
-        let answer = match outcome {
-            Ok(None) => return,
-            Ok(Some(answer)) => answer,
-            Err(e) => {
-                debug!(%peer, to = %envelope.to, error = %e, "actor message not delivered");
-                if envelope.correlation == 0 {
-                    return;
-                }
-                Box::pin(std::future::ready(Err(e)))
+        if matches!(outcome, Ok(None)) {
+            return;
+        }
+        if let Err(e) = &outcome {
+            debug!(%peer, to = %envelope.to, error = %e, "actor message not delivered");
+            if envelope.correlation == 0 {
+                return;
             }
-        };
-        // The actor may take its time: one task per request waits for its answer and
-        // sends it, so the node's driver goes on.
-        let (mesh, peer, envelope) = (self.clone(), peer.to_string(), envelope.into_owned());
-        tokio::spawn(async move {
-            let reply = answer.await;
-            mesh.send_answer(&peer, prio, envelope, reply).await;
-        });
-    }
-
-    async fn send_answer(
-        &self,
-        peer: &str,
-        prio: u8,
-        envelope: Envelope,
-        reply: Result<Bytes, String>,
-    ) {
-        let (kind, body) = match &reply {
-            Ok(body) => (envelope.kind.as_str(), &body[..]),
-            Err(e) => (ERROR_KIND, e.as_bytes()),
-        };
-        let answer = EnvelopeParts {
-            to: "",
-            kind,
+        }
+        let to = ReplyTo {
+            peer: peer.to_string(),
+            prio,
             correlation: envelope.correlation,
-            reply: true,
-            trace_id: envelope.trace_id.as_deref(),
-            body,
+            kind: envelope.kind.into_owned(),
+            trace_id: envelope.trace_id,
         };
-        if let Err(e) = self.send_envelope(peer, prio, &answer).await {
-            debug!(%peer, error = %e, "answer not sent");
+        // The actor may take its time: its answer is sent when it gives it, from its
+        // own thread (see `answer`), so the node's driver goes on meanwhile.
+        match outcome {
+            Ok(None) => {}
+            Ok(Some((reply, timeout))) => Answering::start(self, to, reply, timeout),
+            Err(e) => answer::send(
+                self,
+                &to,
+                &tokio::runtime::Handle::current(),
+                Outcome::Error(e),
+            ),
         }
     }
 

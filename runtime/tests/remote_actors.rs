@@ -450,3 +450,112 @@ async fn an_actor_can_know_which_node_sent_each_message() {
         ]
     );
 }
+
+/// Answers `Add(a, b)` in one of several ways, picked by `a`: 0 drops the reply port,
+/// 1 keeps it and never answers, 2 answers from a thread of its own (outside the
+/// runtime) a little later, 3 holds requests until `b` of them have come and then
+/// answers them all, last first; anything else answers at once.
+struct Moody;
+impl Actor for Moody {
+    type Msg = AdderMsg;
+    type State = (Vec<RpcReplyPort<Sum>>, Vec<(u64, RpcReplyPort<Sum>)>);
+    type Arguments = ();
+    async fn pre_start(
+        &self,
+        _: ActorRef<AdderMsg>,
+        _: (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Default::default())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<AdderMsg>,
+        msg: AdderMsg,
+        (kept, held): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let AdderMsg::Add(Add(a, b), reply) = msg;
+        match a {
+            0 => drop(reply),
+            1 => kept.push(reply),
+            2 => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = reply.send(Sum(b));
+                });
+            }
+            3 => {
+                held.push((b, reply));
+                if held.len() as u64 == b {
+                    for (i, (_, reply)) in held.drain(..).enumerate().rev() {
+                        let _ = reply.send(Sum(i as u64));
+                    }
+                }
+            }
+            _ => {
+                let _ = reply.send(Sum(a + b));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_remote_ask_gets_one_answer_however_the_actor_replies() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (moody, _) = Actor::spawn(None, Moody, ()).await.unwrap();
+    let addr = nodes[0]
+        .mesh()
+        .register_service_rpc(
+            "agentmesh.test.moody",
+            moody,
+            AdderMsg::Add,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    let asker = nodes[1].mesh();
+    let ask = |a, b| asker.ask_at::<Add, Sum>(&addr, Add(a, b), Duration::from_secs(10));
+
+    assert_eq!(ask(5, 6).await.unwrap(), Sum(11));
+    let dropped = ask(0, 0).await.unwrap_err();
+    assert!(
+        matches!(dropped, AskError::Remote(ref why) if why.contains("without answering")),
+        "{dropped}"
+    );
+    // A reply given on a thread outside the runtime still goes out.
+    assert_eq!(ask(2, 7).await.unwrap(), Sum(7));
+    // An actor that keeps the port: the node answers for it when its time is up (the
+    // asker would wait 10 s).
+    let started = tokio::time::Instant::now();
+    let kept = ask(1, 0).await.unwrap_err();
+    assert!(
+        matches!(kept, AskError::Remote(ref why) if why.contains("did not answer within 1 s")),
+        "{kept}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Many requests waiting at once, answered out of order: each gets its own answer.
+    const AT_ONCE: u64 = 300;
+    let mut asks = tokio::task::JoinSet::new();
+    for _ in 0..AT_ONCE {
+        let (mesh, addr) = (asker.clone(), addr.clone());
+        asks.spawn(async move {
+            mesh.ask_at::<Add, Sum>(&addr, Add(3, AT_ONCE), Duration::from_secs(10))
+                .await
+        });
+    }
+    let mut got: Vec<u64> = asks
+        .join_all()
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().0)
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..AT_ONCE).collect::<Vec<_>>());
+    // And the node still answers at once afterwards.
+    assert_eq!(ask(4, 4).await.unwrap(), Sum(8));
+}

@@ -94,6 +94,12 @@ struct Figures {
     urgent_idle_p99_us: f64,
     urgent_with_bulk_p50_us: f64,
     urgent_with_bulk_p99_us: f64,
+    /// ACP: the urgent figures with the requester's inbox taking each reply (as for
+    /// `request_reply_inbox_*`). Bare quinn: the same figures as above.
+    urgent_idle_inbox_p50_us: f64,
+    urgent_idle_inbox_p99_us: f64,
+    urgent_with_bulk_inbox_p50_us: f64,
+    urgent_with_bulk_inbox_p99_us: f64,
     bulk_mb_per_sec_during_urgent: f64,
     lost_packets: u64,
 }
@@ -106,6 +112,7 @@ struct Report {
     request_reply_p50_ratio: f64,
     request_reply_inbox_p50_ratio: f64,
     acp_urgent_bulk_vs_idle_p50_ratio: f64,
+    acp_urgent_bulk_vs_idle_inbox_p50_ratio: f64,
     quinn_urgent_bulk_vs_idle_p50_ratio: f64,
 }
 
@@ -136,6 +143,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             request_reply_inbox_p50_ratio: acp.request_reply_inbox_p50_us
                 / bare.request_reply_inbox_p50_us,
             acp_urgent_bulk_vs_idle_p50_ratio: acp.urgent_with_bulk_p50_us / acp.urgent_idle_p50_us,
+            acp_urgent_bulk_vs_idle_inbox_p50_ratio: acp.urgent_with_bulk_inbox_p50_us
+                / acp.urgent_idle_inbox_p50_us,
             quinn_urgent_bulk_vs_idle_p50_ratio: bare.urgent_with_bulk_p50_us
                 / bare.urgent_idle_p50_us,
             acp,
@@ -217,6 +226,26 @@ fn print_table(r: &Report, args: &TransportBench) {
         r.bare_quinn.urgent_with_bulk_p99_us,
     );
     row(
+        "urgent in the inbox p50, no bulk (us)",
+        r.acp.urgent_idle_inbox_p50_us,
+        r.bare_quinn.urgent_idle_inbox_p50_us,
+    );
+    row(
+        "urgent in the inbox p99, no bulk (us)",
+        r.acp.urgent_idle_inbox_p99_us,
+        r.bare_quinn.urgent_idle_inbox_p99_us,
+    );
+    row(
+        "urgent in the inbox p50, bulk (us)",
+        r.acp.urgent_with_bulk_inbox_p50_us,
+        r.bare_quinn.urgent_with_bulk_inbox_p50_us,
+    );
+    row(
+        "urgent in the inbox p99, bulk (us)",
+        r.acp.urgent_with_bulk_inbox_p99_us,
+        r.bare_quinn.urgent_with_bulk_inbox_p99_us,
+    );
+    row(
         "bulk MB/s while urgent probes run",
         r.acp.bulk_mb_per_sec_during_urgent,
         r.bare_quinn.bulk_mb_per_sec_during_urgent,
@@ -226,8 +255,10 @@ fn print_table(r: &Report, args: &TransportBench) {
         "packets lost (quinn stats)", r.acp.lost_packets, r.bare_quinn.lost_packets
     );
     println!(
-        "\nurgent p50 with bulk / without: ACP {:.2}x, bare quinn {:.2}x",
-        r.acp_urgent_bulk_vs_idle_p50_ratio, r.quinn_urgent_bulk_vs_idle_p50_ratio
+        "\nurgent p50 with bulk / without: ACP {:.2}x (in the inbox {:.2}x), bare quinn {:.2}x",
+        r.acp_urgent_bulk_vs_idle_p50_ratio,
+        r.acp_urgent_bulk_vs_idle_inbox_p50_ratio,
+        r.quinn_urgent_bulk_vs_idle_p50_ratio
     );
     println!(
         "request/reply: the ACP requester waits on the event stream, in a task of its own;\n\
@@ -308,6 +339,8 @@ struct Round {
     sent_at: Instant,
     samples: Vec<Duration>,
     body: Bytes,
+    /// A pause before each next request, as between `acp_round_trips`' requests.
+    gap: Option<Duration>,
 }
 
 impl Requester {
@@ -316,8 +349,13 @@ impl Requester {
     }
 
     /// Times `n` round trips (after n/10 for warm-up), each request sent as the
-    /// previous reply arrives.
-    async fn round_trips(&self, prio: u8, n: usize) -> anyhow::Result<Vec<Duration>> {
+    /// previous reply arrives, or `gap` after it.
+    async fn round_trips(
+        &self,
+        prio: u8,
+        n: usize,
+        gap: Option<Duration>,
+    ) -> anyhow::Result<Vec<Duration>> {
         let body = Bytes::from(vec![7u8; PAYLOAD_BYTES]);
         let warm_up = n / 10;
         let done = self.done.notified();
@@ -329,6 +367,7 @@ impl Requester {
             sent_at: Instant::now(),
             samples: Vec::with_capacity(n + warm_up),
             body: body.clone(),
+            gap,
         });
         self.peer.send(probe(prio, &body)).await?;
         tokio::time::timeout(Duration::from_secs(30), done)
@@ -342,7 +381,7 @@ impl Requester {
 impl Inbox for Requester {
     fn take<'a>(&'a self, _: &'a PeerName, _: Lane, messages: Vec<Message>) -> Leftover<'a> {
         Box::pin(async move {
-            let next = {
+            let (next, gap) = {
                 let mut round = self.round();
                 let Some(r) = round.as_mut().filter(|r| r.left > 0) else {
                     return messages;
@@ -353,13 +392,20 @@ impl Inbox for Requester {
                 }
                 if r.left == 0 {
                     self.done.notify_one();
-                    None
+                    (None, None)
                 } else {
                     r.sent_at = Instant::now();
-                    Some(probe(r.prio, &r.body))
+                    (Some(probe(r.prio, &r.body)), r.gap)
                 }
             };
             if let Some(request) = next {
+                if let Some(gap) = gap {
+                    // Only this lane's reader waits: no other request is out.
+                    tokio::time::sleep(gap).await;
+                    if let Some(r) = self.round().as_mut() {
+                        r.sent_at = Instant::now();
+                    }
+                }
                 let _ = self.peer.send(request).await;
             }
             Vec::new()
@@ -475,7 +521,9 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     let mut rr = acp_round_trips(&to_b, &mut a_events, PRIO_NORMAL, args.round_trips, None).await?;
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
-    let mut rr = requester.round_trips(PRIO_NORMAL, args.round_trips).await?;
+    let mut rr = requester
+        .round_trips(PRIO_NORMAL, args.round_trips, None)
+        .await?;
     f.request_reply_inbox_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_inbox_p99_us = percentile_us(&mut rr, 0.99);
     let gap = Some(Duration::from_micros(200));
@@ -483,6 +531,11 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
         acp_round_trips(&to_b, &mut a_events, PRIO_URGENT, args.round_trips, gap).await?;
     f.urgent_idle_p50_us = percentile_us(&mut idle, 0.5);
     f.urgent_idle_p99_us = percentile_us(&mut idle, 0.99);
+    let mut idle = requester
+        .round_trips(PRIO_URGENT, args.round_trips, gap)
+        .await?;
+    f.urgent_idle_inbox_p50_us = percentile_us(&mut idle, 0.5);
+    f.urgent_idle_inbox_p99_us = percentile_us(&mut idle, 0.99);
 
     // Urgent round trips while the bulk lane is kept full.
     let stop = Arc::new(AtomicBool::new(false));
@@ -503,11 +556,16 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     let (start, before) = (Instant::now(), bulk_sent.load(Ordering::Relaxed));
     let mut busy =
         acp_round_trips(&to_b, &mut a_events, PRIO_URGENT, args.round_trips, gap).await?;
+    let mut busy_inbox = requester
+        .round_trips(PRIO_URGENT, args.round_trips, gap)
+        .await?;
     f.bulk_mb_per_sec_during_urgent =
         (bulk_sent.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64() / 1e6;
     stop.store(true, Ordering::Relaxed);
     f.urgent_with_bulk_p50_us = percentile_us(&mut busy, 0.5);
     f.urgent_with_bulk_p99_us = percentile_us(&mut busy, 0.99);
+    f.urgent_with_bulk_inbox_p50_us = percentile_us(&mut busy_inbox, 0.5);
+    f.urgent_with_bulk_inbox_p99_us = percentile_us(&mut busy_inbox, 0.99);
     f.lost_packets = to_b.connection_stats().path.lost_packets;
     let _ = tokio::time::timeout(Duration::from_secs(5), bulk).await;
     a.shutdown(crate::transport::wire::AcpErrorCode::NoError, "done")
@@ -692,6 +750,10 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     stop.store(true, Ordering::Relaxed);
     f.urgent_with_bulk_p50_us = percentile_us(&mut busy, 0.5);
     f.urgent_with_bulk_p99_us = percentile_us(&mut busy, 0.99);
+    f.urgent_idle_inbox_p50_us = f.urgent_idle_p50_us;
+    f.urgent_idle_inbox_p99_us = f.urgent_idle_p99_us;
+    f.urgent_with_bulk_inbox_p50_us = f.urgent_with_bulk_p50_us;
+    f.urgent_with_bulk_inbox_p99_us = f.urgent_with_bulk_p99_us;
     f.lost_packets = conn.stats().path.lost_packets;
     let _ = tokio::time::timeout(Duration::from_secs(5), bulk).await;
     conn.close(0u32.into(), b"done");

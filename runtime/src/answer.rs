@@ -144,8 +144,7 @@ impl Answering {
     /// once, which either sends the answer (the actor was quick) or sets the waker.
     pub(crate) fn start(mesh: &Mesh, to: ReplyTo, reply: Box<dyn PendingReply>, timeout: Duration) {
         let waiting = &mesh.inner.answers;
-        if waiting.live.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_ANSWERS {
-            waiting.live.fetch_sub(1, Ordering::Relaxed);
+        if !waiting.admit() {
             let error = format!(
                 "{MAX_WAITING_ANSWERS} requests already wait for answers on node {}",
                 mesh.node()
@@ -205,7 +204,7 @@ impl Answering {
             return;
         };
         let mesh = Mesh { inner };
-        mesh.inner.answers.live.fetch_sub(1, Ordering::Relaxed);
+        mesh.inner.answers.release();
         send(&mesh, &self.to, &self.runtime, outcome);
     }
 }
@@ -275,31 +274,76 @@ struct Queues {
 }
 
 impl Waiting {
+    /// Counts one more waiting answer, unless [`MAX_WAITING_ANSWERS`] already wait.
+    fn admit(&self) -> bool {
+        if self.live.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_ANSWERS {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// An admitted answer was given (or its time ran out).
+    fn release(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
     fn watch(&self, mesh: &Mesh, answering: &Arc<Answering>, timeout: Duration) {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let q = &mut *queues;
-        let index = match q.by_timeout.iter().position(|(t, _)| *t == timeout) {
-            Some(i) => i,
-            None => {
-                q.by_timeout.push((timeout, VecDeque::new()));
-                q.by_timeout.len() - 1
-            }
-        };
-        q.by_timeout[index]
-            .1
-            .push_back((Instant::now() + timeout, Arc::downgrade(answering)));
-        q.entries += 1;
         let live = self.live.load(Ordering::Relaxed);
-        if q.entries > 2 * live + SLACK_ENTRIES {
-            for (_, queue) in &mut q.by_timeout {
-                queue.retain(|(_, a)| a.upgrade().is_some_and(|a| a.is_waiting()));
-            }
-            q.entries = q.by_timeout.iter().map(|(_, queue)| queue.len()).sum();
-        }
-        if !q.sweeping {
-            q.sweeping = true;
+        queues.push(answering, timeout, Instant::now(), live);
+        if !queues.sweeping {
+            queues.sweeping = true;
             tokio::spawn(sweep(Arc::downgrade(&mesh.inner)));
         }
+    }
+}
+
+impl Queues {
+    /// Adds `answering`'s deadline (`now` + `timeout`), and drops the entries of ended
+    /// answers once they outnumber the `live` ones by [`SLACK_ENTRIES`] and more.
+    fn push(&mut self, answering: &Arc<Answering>, timeout: Duration, now: Instant, live: usize) {
+        let index = match self.by_timeout.iter().position(|(t, _)| *t == timeout) {
+            Some(i) => i,
+            None => {
+                self.by_timeout.push((timeout, VecDeque::new()));
+                self.by_timeout.len() - 1
+            }
+        };
+        self.by_timeout[index]
+            .1
+            .push_back((now + timeout, Arc::downgrade(answering)));
+        self.entries += 1;
+        if self.entries > 2 * live + SLACK_ENTRIES {
+            for (_, queue) in &mut self.by_timeout {
+                queue.retain(|(_, a)| a.upgrade().is_some_and(|a| a.is_waiting()));
+            }
+            self.count();
+        }
+    }
+
+    /// Takes the entries due by `now`, with their timeouts. With no answer `live`, every
+    /// entry has ended and all go, so the sweeper stops once the last answer is given
+    /// rather than when the last deadline passes.
+    fn due(&mut self, now: Instant, live: usize) -> Vec<(Arc<Answering>, Duration)> {
+        let mut due = Vec::new();
+        for (timeout, queue) in &mut self.by_timeout {
+            if live == 0 {
+                queue.clear();
+                continue;
+            }
+            while queue.front().is_some_and(|(deadline, _)| *deadline <= now) {
+                if let Some((_, answering)) = queue.pop_front() {
+                    due.extend(answering.upgrade().map(|a| (a, *timeout)));
+                }
+            }
+        }
+        self.count();
+        due
+    }
+
+    fn count(&mut self) {
+        self.entries = self.by_timeout.iter().map(|(_, queue)| queue.len()).sum();
     }
 }
 
@@ -308,31 +352,149 @@ async fn sweep(mesh: Weak<crate::remote::Inner>) {
     loop {
         tokio::time::sleep(SWEEP_EVERY).await;
         let Some(inner) = mesh.upgrade() else { return };
-        let now = Instant::now();
-        let mut due = Vec::new();
-        {
+        let due = {
             let mut queues = inner
                 .answers
                 .queues
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let q = &mut *queues;
-            for (timeout, queue) in &mut q.by_timeout {
-                while queue.front().is_some_and(|(deadline, _)| *deadline <= now) {
-                    if let Some((_, answering)) = queue.pop_front() {
-                        due.extend(answering.upgrade().map(|a| (a, *timeout)));
-                    }
-                }
-            }
-            q.entries = q.by_timeout.iter().map(|(_, queue)| queue.len()).sum();
-            if q.entries == 0 && due.is_empty() {
-                q.sweeping = false;
+            // Read under the lock: an answer admitted after this read registers after
+            // the lock is let go, and starts a sweeper if this one stops.
+            let live = inner.answers.live.load(Ordering::Relaxed);
+            let due = queues.due(Instant::now(), live);
+            if queues.entries == 0 && due.is_empty() {
+                queues.sweeping = false;
                 return;
             }
-        }
+            due
+        };
         drop(inner);
         for (answering, timeout) in due {
             answering.time_out(timeout);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An actor that has not answered yet.
+    struct NotYet;
+
+    impl PendingReply for NotYet {
+        fn poll_reply(&mut self, _: &mut Context<'_>) -> Poll<Result<(), String>> {
+            Poll::Pending
+        }
+
+        fn write(&self, _: &mut Vec<u8>) -> Result<(), SendError> {
+            Err(SendError::Encode("no answer".into()))
+        }
+    }
+
+    fn waiting_answer(correlation: u64) -> Arc<Answering> {
+        Arc::new(Answering {
+            mesh: Weak::new(),
+            to: ReplyTo {
+                peer: "b".into(),
+                prio: 96,
+                correlation,
+                kind: "k".into(),
+                trace_id: None,
+            },
+            runtime: tokio::runtime::Handle::current(),
+            reply: Mutex::new(Some(Box::new(NotYet))),
+        })
+    }
+
+    /// The answer was given: what `poll` does before it sends.
+    fn end(answering: &Answering) {
+        answering.reply.lock().unwrap().take();
+    }
+
+    #[test]
+    fn no_more_than_the_bound_wait_at_once() {
+        let waiting = Waiting::default();
+        for _ in 0..MAX_WAITING_ANSWERS {
+            assert!(waiting.admit());
+        }
+        assert!(!waiting.admit(), "one past the bound was admitted");
+        assert!(!waiting.admit());
+        assert_eq!(waiting.live.load(Ordering::Relaxed), MAX_WAITING_ANSWERS);
+        waiting.release();
+        assert!(waiting.admit(), "a freed place is not taken again");
+        assert!(!waiting.admit());
+    }
+
+    #[tokio::test]
+    async fn due_answers_come_out_by_deadline_per_timeout() {
+        let mut q = Queues::default();
+        let t0 = Instant::now();
+        let (short, long) = (Duration::from_secs(1), Duration::from_secs(5));
+        let answers: Vec<_> = (0..5).map(waiting_answer).collect();
+        for (i, a) in answers.iter().enumerate() {
+            let timeout = if i % 2 == 0 { short } else { long };
+            q.push(a, timeout, t0 + Duration::from_millis(i as u64), 5);
+        }
+        assert!(q.due(t0 + Duration::from_millis(999), 5).is_empty());
+        let due = q.due(t0 + Duration::from_millis(1_003), 5);
+        let due: Vec<_> = due.iter().map(|(a, t)| (a.to.correlation, *t)).collect();
+        assert_eq!(
+            due,
+            vec![(0, short), (2, short)],
+            "the fifth ms's is not due yet"
+        );
+        assert_eq!(q.entries, 3);
+        let due = q.due(t0 + Duration::from_secs(10), 3);
+        let due: Vec<_> = due.iter().map(|(a, _)| a.to.correlation).collect();
+        assert_eq!(due, vec![4, 1, 3]);
+        assert_eq!(q.entries, 0);
+    }
+
+    #[tokio::test]
+    async fn ended_answers_leave_no_entries_behind() {
+        let mut q = Queues::default();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        // Ten answers stay waiting; thousands more are each given right away.
+        let kept: Vec<_> = (0..10).map(waiting_answer).collect();
+        for a in &kept {
+            q.push(a, timeout, t0, kept.len());
+        }
+        let mut most = 0;
+        for i in 0..5_000 {
+            let a = waiting_answer(100 + i);
+            q.push(&a, timeout, t0, kept.len() + 1);
+            end(&a);
+            most = most.max(q.entries);
+        }
+        assert!(
+            most <= 2 * (kept.len() + 1) + SLACK_ENTRIES + 1,
+            "{most} entries for {} waiting answers",
+            kept.len()
+        );
+        // Nothing is due before the deadline, and then exactly the ten still waiting.
+        assert!(q.due(t0 + Duration::from_secs(29), kept.len()).is_empty());
+        let due = q.due(t0 + timeout, kept.len());
+        let mut due: Vec<_> = due.iter().map(|(a, _)| a.to.correlation).collect();
+        due.sort_unstable();
+        assert_eq!(due, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn with_no_answer_waiting_every_entry_goes_at_once() {
+        let mut q = Queues::default();
+        let t0 = Instant::now();
+        let answers: Vec<_> = (0..20).map(waiting_answer).collect();
+        for a in &answers {
+            q.push(a, Duration::from_secs(30), t0, answers.len());
+            end(a);
+        }
+        assert_eq!(
+            q.entries, 20,
+            "below the slack, ended entries wait for a sweep"
+        );
+        assert!(q.due(t0 + Duration::from_millis(250), 0).is_empty());
+        assert_eq!(q.entries, 0, "the sweeper would go on for 30 s");
     }
 }

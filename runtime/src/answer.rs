@@ -20,7 +20,7 @@ use tracing::debug;
 use agentmesh_transport::wire::EnvelopeParts;
 
 use crate::client::ERROR_KIND;
-use crate::remote::{write_message, Mesh, RemoteMessage, SendError};
+use crate::remote::{write_message, Mesh, Offer, RemoteMessage, SendError};
 
 /// Answers a node waits to give at once; a request beyond them is answered with an
 /// error straight away.
@@ -227,26 +227,28 @@ impl Outcome {
 }
 
 /// Sends an answer from this thread if its lane takes it at once, or else from a task
-/// that waits for room in the lane's queue.
+/// that waits for room in the lane's queue (with the bytes encoded here: the answer is
+/// encoded once either way).
 pub(crate) fn send(mesh: &Mesh, to: &ReplyTo, runtime: &tokio::runtime::Handle, outcome: Outcome) {
-    let sent = mesh.try_send_encoded(&to.peer, to.prio, |out| {
+    let offered = mesh.try_send_encoded(&to.peer, to.prio, |out| {
         to.encode(outcome.as_answer(), out);
         Ok(())
     });
-    match sent {
-        Ok(true) => {}
+    drop(outcome);
+    match offered {
+        Ok(Offer::Taken) => {}
         Err(e) => debug!(peer = %to.peer, error = %e, "answer not sent"),
-        Ok(false) => {
-            let (mesh, to) = (mesh.clone(), to.clone());
+        Ok(Offer::Busy(envelope)) => {
+            let (mesh, peer, prio) = (mesh.clone(), to.peer.clone(), to.prio);
             runtime.spawn(async move {
                 let sent = mesh
-                    .send_encoded(&to.peer, to.prio, |out| {
-                        to.encode(outcome.as_answer(), out);
+                    .send_encoded(&peer, prio, |out| {
+                        out.extend_from_slice(&envelope);
                         Ok(())
                     })
                     .await;
                 if let Err(e) = sent {
-                    debug!(peer = %to.peer, error = %e, "answer not sent");
+                    debug!(%peer, error = %e, "answer not sent");
                 }
             });
         }

@@ -256,6 +256,14 @@ impl EnvelopeBuf {
     }
 }
 
+/// What [`Mesh::try_send_encoded`] did with a message.
+pub(crate) enum Offer {
+    /// The lane took it.
+    Taken,
+    /// The lane could not take it at once: its encoded ENVELOPE, not sent.
+    Busy(Vec<u8>),
+}
+
 /// The header of an ENVELOPE sent with Stream Prio `prio`.
 fn envelope_header(prio: u8) -> Header {
     let mut header = Header::new(MessageType::Envelope);
@@ -833,20 +841,25 @@ impl Mesh {
         .await
     }
 
-    /// [`Mesh::send_encoded`] for a caller that may not wait: returns false, with
-    /// nothing sent, if the lane cannot take the message at once.
+    /// [`Mesh::send_encoded`] for a caller that may not wait: sends the message if the
+    /// lane takes it at once, or else hands its encoded bytes back, with nothing sent.
     pub(crate) fn try_send_encoded(
         &self,
         node: &str,
         prio: u8,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
-    ) -> Result<bool, SendError> {
+    ) -> Result<Offer, SendError> {
         let peer = self.peer(node)?;
         let mut buf = EnvelopeBuf::take();
         encode(&mut buf.0)?;
         let sent = peer.try_send_ref(MessageRef::new(envelope_header(prio), &buf.0));
+        let offer = match sent {
+            Ok(true) => Ok(Offer::Taken),
+            Ok(false) => Ok(Offer::Busy(buf.0.clone())),
+            Err(e) => Err(SendError::from(e)),
+        };
         buf.give_back();
-        sent.map_err(SendError::from)
+        offer
     }
 
     /// Sends the ENVELOPE `encode` writes, from this thread's reused buffer.

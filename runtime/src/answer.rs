@@ -79,7 +79,6 @@ impl<Resp: RemoteMessage> PendingReply for Replying<Resp> {
     }
 }
 
-#[derive(Clone)]
 /// Where an answer goes: the requesting node, and the request's fields it echoes.
 pub(crate) struct ReplyTo {
     pub(crate) peer: String,
@@ -328,12 +327,15 @@ impl Queues {
     /// entry has ended and all go, so the sweeper stops once the last answer is given
     /// rather than when the last deadline passes.
     fn due(&mut self, now: Instant, live: usize) -> Vec<(Arc<Answering>, Duration)> {
+        if live == 0 {
+            self.by_timeout
+                .iter_mut()
+                .for_each(|(_, queue)| queue.clear());
+            self.entries = 0;
+            return Vec::new();
+        }
         let mut due = Vec::new();
         for (timeout, queue) in &mut self.by_timeout {
-            if live == 0 {
-                queue.clear();
-                continue;
-            }
             while queue.front().is_some_and(|(deadline, _)| *deadline <= now) {
                 if let Some((_, answering)) = queue.pop_front() {
                     due.extend(answering.upgrade().map(|a| (a, *timeout)));

@@ -475,6 +475,17 @@ struct Task {
 }
 
 impl Task {
+    /// Since when the longest-waiting pending segment has waited, if any waits.
+    fn oldest_pending_ms(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .filter_map(|s| match s.state {
+                SegmentState::Pending { since_ms, .. } => Some(since_ms),
+                _ => None,
+            })
+            .min()
+    }
+
     fn figures(&self) -> TaskFigures {
         TaskFigures {
             segments: self.segments.len() as u32,
@@ -674,15 +685,7 @@ impl Ledger {
         let Some(task) = self.tasks.get(&task_id) else {
             return;
         };
-        let oldest_ms = task
-            .segments
-            .iter()
-            .filter_map(|s| match s.state {
-                SegmentState::Pending { since_ms, .. } => Some(since_ms),
-                _ => None,
-            })
-            .min();
-        let Some(oldest_ms) = oldest_ms else {
+        let Some(oldest_ms) = task.oldest_pending_ms() else {
             return;
         };
         let has_run = task.segments.iter().any(|s| s.attempts > 0);
@@ -767,15 +770,7 @@ impl Ledger {
         let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
-        let oldest_ms = task
-            .segments
-            .iter()
-            .filter_map(|s| match s.state {
-                SegmentState::Pending { since_ms, .. } => Some(since_ms),
-                _ => None,
-            })
-            .min();
-        let Some(oldest_ms) = oldest_ms else {
+        let Some(oldest_ms) = task.oldest_pending_ms() else {
             return;
         };
         if candidates.is_empty() {

@@ -84,14 +84,9 @@ impl QueuedLane {
             return false;
         };
         let bytes = buf.split().freeze();
-        // One poll, never a wait: the lock is held by no one who waits. What quinn
-        // does not take now (its buffer is full, or the stream failed) goes to the
-        // writer, ahead of anything queued since, and the writer deals with it.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let taken = match std::pin::Pin::new(stream).poll_write(&mut cx, &bytes) {
-            std::task::Poll::Ready(Ok(n)) => n,
-            _ => 0,
-        };
+        // The lock is held by no one who waits. What quinn does not take now goes to
+        // the writer, ahead of anything queued since, and the writer deals with it.
+        let taken = offer_once(stream, &bytes);
         self.queue.put_back(bytes.slice(taken..));
         // The frames count as sent here; their bytes as quinn takes them, these now,
         // the rest when the writer writes them.
@@ -99,6 +94,17 @@ impl QueuedLane {
         stats.direct_send(self.lane);
         stats.sent_types(&types);
         true
+    }
+}
+
+/// Offers `bytes` to quinn in one poll, never waiting, for a sender that writes to a
+/// lane's stream itself: returns how many quinn took (none if its buffer is full or
+/// the stream failed; the caller leaves the rest for a task that may wait).
+fn offer_once(stream: &mut quinn::SendStream, bytes: &[u8]) -> usize {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(stream).poll_write(&mut cx, bytes) {
+        std::task::Poll::Ready(Ok(n)) => n,
+        _ => 0,
     }
 }
 
@@ -168,12 +174,8 @@ impl DirectLane {
         let (frames, types) = self.numbering.take_counts();
         let mut bytes = self.buf.split().freeze();
         let len = bytes.len() as u64;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(Ok(n)) =
-            std::pin::Pin::new(stream).poll_write(&mut cx, &bytes)
-        {
-            bytes::Buf::advance(&mut bytes, n);
-        }
+        let taken = offer_once(stream, &bytes);
+        bytes::Buf::advance(&mut bytes, taken);
         self.pending = bytes;
         stats.sent(Via::Lane(self.lane), frames, len);
         if self.lane == Lane::Urgent {

@@ -25,7 +25,7 @@ pub use node::{
     STATUS_SERVICE,
 };
 pub use remote::{
-    ActorAddr, AskError, Down, FromPeer, Mesh, RegisterError, RemoteMessage, SendError,
+    ActorAddr, AskError, Bounded, Down, FromPeer, Mesh, RegisterError, RemoteMessage, SendError,
 };
 
 pub use agentmesh_transport as transport;

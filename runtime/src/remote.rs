@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,6 +59,15 @@ pub enum SendError {
     /// The local actor has stopped.
     #[error("actor {0:?} has stopped")]
     Stopped(String),
+    /// The local actor (registered with [`Mesh::register_bounded`]) has as many
+    /// messages waiting as it takes; this one was not sent.
+    #[error("actor {name:?} has {limit} messages waiting; this one was not sent")]
+    Full {
+        /// The actor's name.
+        name: String,
+        /// Its limit.
+        limit: usize,
+    },
     /// The actor's node is not connected.
     #[error("node {0:?} is not connected")]
     NodeUnreachable(String),
@@ -140,7 +149,87 @@ struct RegistryUpdate {
 /// Decodes an envelope body and delivers it: (sending node, kind, body).
 type Deliver = Box<dyn Fn(&str, &str, &[u8]) -> Result<(), String> + Send + Sync>;
 /// Delivers a typed message from a node: the local fast path and `Deliver`'s last step.
-type Cast<M> = Arc<dyn Fn(M, &str) -> Result<(), String> + Send + Sync>;
+type Cast<M> = Arc<dyn Fn(M, &str) -> Result<(), Refused> + Send + Sync>;
+
+/// Why a cast did not reach the actor's mailbox.
+#[derive(Debug)]
+enum Refused {
+    /// The actor has stopped (ractor's reason).
+    Stopped(String),
+    /// The actor, registered with [`Mesh::register_bounded`], has `limit` messages
+    /// waiting or in hand.
+    Full { limit: usize },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Stopped(why) => write!(f, "the actor has stopped: {why}"),
+            Refused::Full { limit } => write!(f, "the actor has {limit} messages waiting"),
+        }
+    }
+}
+
+/// A message for an actor registered with [`Mesh::register_bounded`]: the message and
+/// its authenticated sender, as in [`FromPeer`], and its place among the messages the
+/// actor has waiting. The place is given back when this is dropped, so it counts
+/// against the limit until the actor has handled the message (or takes it out with
+/// [`Bounded::into_parts`]).
+#[derive(Debug)]
+pub struct Bounded<M> {
+    /// The sending node.
+    pub peer: String,
+    /// The message.
+    pub message: M,
+    place: Place,
+}
+
+impl<M> Bounded<M> {
+    /// The sender and the message; the message's place is given back at once.
+    pub fn into_parts(self) -> (String, M) {
+        let Bounded {
+            peer,
+            message,
+            place,
+        } = self;
+        drop(place);
+        (peer, message)
+    }
+}
+
+/// How many messages a bounded actor has waiting or in hand, and how many it may.
+#[derive(Debug)]
+struct Intake {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Intake {
+    /// A place for one more message, unless all `limit` are taken.
+    fn admit(self: &Arc<Intake>) -> Option<Place> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Place(self.clone()))
+    }
+}
+
+/// One message's place in a bounded actor's intake, given back on drop.
+#[derive(Debug)]
+struct Place(Arc<Intake>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a refused ractor cast becomes.
+fn stopped<T>(e: ractor::MessagingErr<T>) -> Refused {
+    Refused::Stopped(e.to_string())
+}
 
 /// A message together with the node that sent it: the authenticated peer for a message
 /// from another node (its certificate's name), this node for a local one.
@@ -322,8 +411,7 @@ impl Mesh {
         actor: ActorRef<M>,
     ) -> Result<ActorAddr, RegisterError> {
         let target = actor.clone();
-        let cast: Cast<M> =
-            Arc::new(move |message, _| target.cast(message).map_err(|e| e.to_string()));
+        let cast: Cast<M> = Arc::new(move |message, _| target.cast(message).map_err(stopped));
         self.register_cast(name, actor.get_cell(), cast, false)
     }
 
@@ -342,7 +430,46 @@ impl Mesh {
                     peer: peer.to_string(),
                     message,
                 })
-                .map_err(|e| e.to_string())
+                .map_err(stopped)
+        });
+        self.register_cast(name, actor.get_cell(), cast, false)
+    }
+
+    /// Like [`Mesh::register_from_peer`], with a bounded mailbox: at most `limit`
+    /// messages (at least 1) wait for the actor or are in its hands, each a
+    /// [`Bounded`] that keeps its place until dropped. A message past that is not
+    /// delivered: a local send gets [`SendError::Full`], and one from another node is
+    /// dropped (casts are at most once) and counted in `agentmesh_actor_shed_total`
+    /// with the actor's name. What a plain [`Mesh::register`] cannot do, since
+    /// ractor's mailboxes are unbounded and tell no one when a message is taken.
+    pub fn register_bounded<M: RemoteMessage>(
+        &self,
+        name: &str,
+        actor: ActorRef<Bounded<M>>,
+        limit: usize,
+    ) -> Result<ActorAddr, RegisterError> {
+        let intake = Arc::new(Intake {
+            held: AtomicUsize::new(0),
+            limit: limit.max(1),
+        });
+        let target = actor.clone();
+        let label = name.to_string();
+        let cast: Cast<M> = Arc::new(move |message, peer| {
+            let Some(place) = intake.admit() else {
+                metrics::counter!("agentmesh_actor_shed_total", "actor" => label.clone())
+                    .increment(1);
+                return Err(Refused::Full {
+                    limit: intake.limit,
+                });
+            };
+            // A refused cast hands the message back and drops it, place and all.
+            target
+                .cast(Bounded {
+                    peer: peer.to_string(),
+                    message,
+                    place,
+                })
+                .map_err(stopped)
         });
         self.register_cast(name, actor.get_cell(), cast, false)
     }
@@ -364,7 +491,7 @@ impl Mesh {
                     peer: peer.to_string(),
                     message,
                 }))
-                .map_err(|e| e.to_string())
+                .map_err(stopped)
         });
         self.register_cast(name, actor.get_cell(), cast, true)
     }
@@ -382,7 +509,7 @@ impl Mesh {
                 return Err(format!("takes {}, not {kind}", M::KIND));
             }
             let message: M = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
-            remote(message, peer)
+            remote(message, peer).map_err(|e| e.to_string())
         });
         let id = cell.get_id();
         self.insert(
@@ -673,8 +800,13 @@ impl Mesh {
                     expected: "another type",
                     got: M::KIND,
                 })?;
-            return cast(message, &self.inner.node)
-                .map_err(|_| SendError::Stopped(addr.name.clone()));
+            return cast(message, &self.inner.node).map_err(|e| match e {
+                Refused::Stopped(_) => SendError::Stopped(addr.name.clone()),
+                Refused::Full { limit } => SendError::Full {
+                    name: addr.name.clone(),
+                    limit,
+                },
+            });
         }
         let prio = message.priority();
         let trace_id = self.trace_id();

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_runtime::{
-    ActorAddr, AskError, Down, MembershipConfig, Node, NodeConfig, RemoteMessage, SendError,
+    ActorAddr, AskError, Bounded, Down, MembershipConfig, Node, NodeConfig, RemoteMessage,
+    SendError,
 };
 use agentmesh_transport::clock::SystemClock;
 use agentmesh_transport::tls::ClusterCa;
@@ -558,4 +559,104 @@ async fn every_remote_ask_gets_one_answer_however_the_actor_replies() {
     assert_eq!(got, (0..AT_ONCE).collect::<Vec<_>>());
     // And the node still answers at once afterwards.
     assert_eq!(ask(4, 4).await.unwrap(), Sum(8));
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Tick(u32);
+impl RemoteMessage for Tick {
+    const KIND: &'static str = "test.Tick";
+}
+
+/// Handles each tick only once the test lets it (one permit each), then passes it on.
+struct Gated;
+impl Actor for Gated {
+    type Msg = Bounded<Tick>;
+    type State = (Arc<tokio::sync::Semaphore>, mpsc::UnboundedSender<u32>);
+    type Arguments = Self::State;
+    async fn pre_start(
+        &self,
+        _: ActorRef<Bounded<Tick>>,
+        state: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(state)
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Bounded<Tick>>,
+        tick: Bounded<Tick>,
+        (gate, tx): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        gate.acquire().await?.forget();
+        let _ = tx.send(tick.message.0);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_actor_that_falls_behind_sheds_what_does_not_fit_and_takes_more_once_it_catches_up(
+) {
+    const LIMIT: usize = 4;
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut ticks) = mpsc::unbounded_channel();
+    let (gated, _) = Actor::spawn(None, Gated, (gate.clone(), tx)).await.unwrap();
+    let slow = nodes[1]
+        .mesh()
+        .register_bounded::<Tick>("slow", gated, LIMIT)
+        .unwrap();
+    // A second actor on beta, sent to after the ticks on the same lane: when its note
+    // arrives, every tick before it has been delivered or shed.
+    let (ntx, mut notes) = mpsc::unbounded_channel();
+    let (inbox, _) = Actor::spawn(None, Inbox, ntx).await.unwrap();
+    nodes[1].mesh().register("marker", inbox).unwrap();
+    resolves(&nodes[0], "slow").await;
+    resolves(&nodes[0], "marker").await;
+    let marker = |text: &str| Note {
+        text: text.into(),
+        reply_to: None,
+    };
+
+    let alpha = nodes[0].mesh();
+    for i in 0..50 {
+        alpha.send_to(&slow, Tick(i)).await.unwrap();
+    }
+    alpha.send("marker", marker("after 50")).await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(note.text, "after 50");
+
+    // Full: one tick in the actor's hands, the rest of the limit in its mailbox. A send
+    // on its own node is told so.
+    let err = nodes[1].mesh().send_to(&slow, Tick(99)).await.unwrap_err();
+    assert!(matches!(err, SendError::Full { limit: LIMIT, .. }), "{err}");
+
+    // Caught up: exactly the first LIMIT ticks were kept, in order.
+    gate.add_permits(1_000);
+    let mut got = Vec::new();
+    for _ in 0..LIMIT {
+        got.push(
+            tokio::time::timeout(Duration::from_secs(5), ticks.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(got, (0..LIMIT as u32).collect::<Vec<_>>());
+
+    // Every place was given back: a new tick gets through, and nothing else came.
+    alpha.send_to(&slow, Tick(100)).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), ticks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next, 100);
+    alpha.send("marker", marker("after 100")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ticks.try_recv().is_err(), "a shed tick was delivered");
 }

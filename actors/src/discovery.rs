@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health, RegisterAck};
 use agentmesh_runtime::transport::OwnershipTable;
-use agentmesh_runtime::{ActorAddr, FromPeer, Mesh};
+use agentmesh_runtime::{ActorAddr, Bounded, Mesh};
 
 use crate::record::{Observation, Recorder};
 use crate::registry::{AgentRecord, Registry, RegistryDelta, RegistryOutput};
@@ -27,6 +27,10 @@ pub const MAX_AGENTS: usize = 1_000_000;
 /// the members find out from the next delta or summary (see [`RegistryDelta`]) and ask
 /// for the whole list.
 const OUTBOX: usize = 4_096;
+/// Deltas from other nodes waiting for this actor at most; one past that is dropped
+/// (counted in `agentmesh_actor_shed_total`), and the gap in versions makes this node
+/// ask its sender for the whole list, as for a delta lost on the way.
+const INBOX: usize = 4_096;
 /// How often every member gets a summary of this node's list (its version), so one
 /// that missed a delta asks for the whole list.
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
@@ -81,7 +85,7 @@ pub enum DiscoveryMsg {
     /// The node an agent runs on.
     Locate(u32, RpcReplyPort<Option<String>>),
     /// A delta from another node.
-    Delta(FromPeer<RegistryDelta>),
+    Delta(Bounded<RegistryDelta>),
     /// A node came up: it gets our whole list.
     NodeUp(String),
     /// A node is down: its agents are purged.
@@ -127,8 +131,12 @@ impl Actor for Discovery {
         myself: ActorRef<DiscoveryMsg>,
         args: DiscoveryArgs,
     ) -> Result<DiscoveryState, ActorProcessingErr> {
-        args.mesh
-            .register_service(DISCOVERY_SERVICE, myself.clone(), DiscoveryMsg::Delta)?;
+        args.mesh.register_service_bounded(
+            DISCOVERY_SERVICE,
+            myself.clone(),
+            DiscoveryMsg::Delta,
+            INBOX,
+        )?;
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_deltas(args.mesh.clone(), queue));
         drop(myself.send_interval(SUMMARY_EVERY, || DiscoveryMsg::SendSummary));
@@ -203,7 +211,7 @@ impl Actor for Discovery {
             DiscoveryMsg::Locate(agent, reply) => {
                 let _ = reply.send(state.registry.get(agent).map(|r| r.node.to_string()));
             }
-            DiscoveryMsg::Delta(FromPeer { peer, message }) => {
+            DiscoveryMsg::Delta(Bounded { peer, message, .. }) => {
                 if let Err(e) = state.registry.handle_delta(&peer, &message) {
                     warn!(%peer, error = %e, "registry delta refused");
                     metrics::counter!("agentmesh_registry_deltas_refused_total").increment(1);

@@ -226,6 +226,38 @@ impl Drop for Place {
     }
 }
 
+/// The cast of an actor with a bounded mailbox (see [`Mesh::register_bounded`]): each
+/// delivery takes one of `limit` places, and `wrap` puts the message, its sender and
+/// its place into the actor's own message.
+fn bounded_cast<M: RemoteMessage, Msg: ractor::Message>(
+    name: &str,
+    target: ActorRef<Msg>,
+    wrap: impl Fn(Bounded<M>) -> Msg + Send + Sync + 'static,
+    limit: usize,
+) -> Cast<M> {
+    let intake = Arc::new(Intake {
+        held: AtomicUsize::new(0),
+        limit: limit.max(1),
+    });
+    let label = name.to_string();
+    Arc::new(move |message, peer| {
+        let Some(place) = intake.admit() else {
+            metrics::counter!("agentmesh_actor_shed_total", "actor" => label.clone()).increment(1);
+            return Err(Refused::Full {
+                limit: intake.limit,
+            });
+        };
+        // A refused cast hands the message back and drops it, place and all.
+        target
+            .cast(wrap(Bounded {
+                peer: peer.to_string(),
+                message,
+                place,
+            }))
+            .map_err(stopped)
+    })
+}
+
 /// What a refused ractor cast becomes.
 fn stopped<T>(e: ractor::MessagingErr<T>) -> Refused {
     Refused::Stopped(e.to_string())
@@ -448,29 +480,7 @@ impl Mesh {
         actor: ActorRef<Bounded<M>>,
         limit: usize,
     ) -> Result<ActorAddr, RegisterError> {
-        let intake = Arc::new(Intake {
-            held: AtomicUsize::new(0),
-            limit: limit.max(1),
-        });
-        let target = actor.clone();
-        let label = name.to_string();
-        let cast: Cast<M> = Arc::new(move |message, peer| {
-            let Some(place) = intake.admit() else {
-                metrics::counter!("agentmesh_actor_shed_total", "actor" => label.clone())
-                    .increment(1);
-                return Err(Refused::Full {
-                    limit: intake.limit,
-                });
-            };
-            // A refused cast hands the message back and drops it, place and all.
-            target
-                .cast(Bounded {
-                    peer: peer.to_string(),
-                    message,
-                    place,
-                })
-                .map_err(stopped)
-        });
+        let cast = bounded_cast(name, actor.clone(), |b| b, limit);
         self.register_cast(name, actor.get_cell(), cast, false)
     }
 
@@ -493,6 +503,20 @@ impl Mesh {
                 }))
                 .map_err(stopped)
         });
+        self.register_cast(name, actor.get_cell(), cast, true)
+    }
+
+    /// [`Mesh::register_service`] with a bounded mailbox, as [`Mesh::register_bounded`]:
+    /// for a service whose senders recover from a dropped message (discovery's deltas
+    /// are versioned, and a gap makes the receiver ask for the whole list).
+    pub fn register_service_bounded<M: RemoteMessage, Msg: ractor::Message>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(Bounded<M>) -> Msg,
+        limit: usize,
+    ) -> Result<ActorAddr, RegisterError> {
+        let cast = bounded_cast(name, actor.clone(), wrap, limit);
         self.register_cast(name, actor.get_cell(), cast, true)
     }
 

@@ -86,6 +86,10 @@ pub fn record(transport: &Transport, members: &[MemberInfo]) {
     for (lane, n) in [Lane::Bulk, Lane::Normal].iter().zip(s.direct_sends) {
         metrics::counter!("agentmesh_lane_direct_sends_total", "lane" => lane.name()).absolute(n);
     }
+    for (i, outcome) in ["drained", "late"].iter().enumerate() {
+        metrics::counter!("agentmesh_duplicate_connections_retired_total", "outcome" => *outcome)
+            .absolute(s.duplicates_retired[i]);
+    }
     for peer in transport.peers() {
         metrics::gauge!("agentmesh_peer_rtt_seconds", "peer" => peer.name().to_string())
             .set(peer.rtt().as_secs_f64());

@@ -365,6 +365,12 @@ impl Transport {
         })
     }
 
+    /// Connections quinn holds open, counting ones being retired or drained after a
+    /// close, and clients' (such as `agentmesh status`) that are not peers.
+    pub fn open_connections(&self) -> usize {
+        self.shared.endpoint.open_connections()
+    }
+
     /// A handle on the connection to `peer`, if there is one.
     pub fn peer(&self, peer: &str) -> Option<PeerHandle> {
         let conn = self.shared.peers.lock().ok()?.get(peer)?.clone();
@@ -574,6 +580,21 @@ async fn accepted(
     }
 }
 
+/// How long a retired duplicate connection waits for the peer to end its lanes.
+const RETIRE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Retires a duplicate connection, and says how it went.
+async fn retire(shared: Arc<Shared>, peer: Arc<PeerConn>) {
+    let in_time = peer.retire(RETIRE_WITHIN).await;
+    shared.stats.duplicate_retired(in_time);
+    if in_time {
+        debug!(peer = %peer.name, "retired a duplicate connection");
+    } else {
+        warn!(peer = %peer.name, within_ms = RETIRE_WITHIN.as_millis() as u64,
+            "a duplicate connection did not drain in time; closed it anyway");
+    }
+}
+
 /// The node name in the peer's certificate (verified during the handshake).
 fn peer_name(conn: &quinn::Connection) -> Result<PeerName, TlsError> {
     let certs = conn
@@ -594,8 +615,10 @@ fn peer_name(conn: &quinn::Connection) -> Result<PeerName, TlsError> {
 }
 
 /// Adds a connection to the peer table. If one to the same peer exists, both nodes
-/// keep the connection dialled by the node whose name sorts first, and close the
-/// other. Returns `None` for a connection to this node itself.
+/// keep the connection dialled by the node whose name sorts first, and retire the
+/// other: it leaves the table at once, so new sends take the kept one, and is closed
+/// once what was sent on it either way has arrived (see [`PeerConn::retire`]).
+/// Returns `None` for a connection to this node itself.
 fn register(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -621,19 +644,22 @@ fn register(
             let existing_alive = existing.conn.close_reason().is_none();
             let existing_preferred = existing.dialled_by_us == preferred_dialler_is_us;
             if existing_alive && (existing_preferred || !new_preferred) {
-                debug!(peer = %name, "closing a duplicate connection");
-                conn.close(
-                    VarInt::from_u32(AcpErrorCode::NoError.code()),
-                    b"duplicate connection",
+                debug!(peer = %name, "retiring a duplicate connection");
+                // The peer may have sent on it already: it is read to its end.
+                let loser = PeerConn::start(
+                    shared.clone(),
+                    conn,
+                    name.clone(),
+                    dialled_by_us,
+                    gauge,
+                    handshake,
                 );
+                tokio::spawn(retire(shared.clone(), loser));
                 return Some(name);
             }
             if existing_alive {
                 debug!(peer = %name, "replacing the connection with the preferred one");
-                existing.conn.close(
-                    VarInt::from_u32(AcpErrorCode::NoError.code()),
-                    b"duplicate connection",
-                );
+                tokio::spawn(retire(shared.clone(), existing.clone()));
             }
         }
         let peer = PeerConn::start(

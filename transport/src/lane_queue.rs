@@ -95,6 +95,8 @@ struct State {
     /// Permits held by what is in `buf`.
     permits: usize,
     closed: bool,
+    /// No more senders: the writer writes what is queued, then stops.
+    sealed: bool,
 }
 
 /// What the writer takes off the queue at once.
@@ -150,7 +152,7 @@ impl LaneQueue {
             .forget();
         {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if s.closed {
+            if s.closed || s.sealed {
                 return Err(Closed);
             }
             let State { buf, numbering, .. } = &mut *s;
@@ -180,8 +182,8 @@ impl LaneQueue {
         }
     }
 
-    /// Waits until something is queued (true) or the queue is closed (false). Only the
-    /// lane's writer calls it.
+    /// Waits until something is queued (true) or the queue is closed, or sealed with
+    /// nothing left (false). Only the lane's writer calls it.
     pub(crate) async fn filled(&self) -> bool {
         loop {
             {
@@ -191,6 +193,9 @@ impl LaneQueue {
                 }
                 if !s.buf.is_empty() {
                     return true;
+                }
+                if s.sealed {
+                    return false;
                 }
             }
             // A `notify_one` with no writer waiting is kept for the next wait, so a
@@ -227,7 +232,7 @@ impl LaneQueue {
     ) -> Option<(u64, TypeCounts)> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // Under load something is queued: that answer comes before any sizing.
-        if s.closed || !s.buf.is_empty() || self.wire_bytes(messages) > max_bytes {
+        if s.closed || s.sealed || !s.buf.is_empty() || self.wire_bytes(messages) > max_bytes {
             return None;
         }
         for message in messages {
@@ -263,6 +268,19 @@ impl LaneQueue {
     /// quinn has taken what `take` gave: its room is free for senders again.
     pub(crate) fn written(&self, taken: &Taken) {
         self.budget.add_permits(taken.permits);
+    }
+
+    /// Seals the queue, for a connection being retired: waiting and later senders get
+    /// [`Closed`], and the writer writes what is queued and then stops.
+    pub(crate) fn seal(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).sealed = true;
+        self.budget.close();
+        self.filled.notify_one();
+    }
+
+    /// True once [`LaneQueue::seal`] was called.
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).sealed
     }
 
     /// Closes the queue: waiting and later senders get [`Closed`], the writer stops,
@@ -394,5 +412,27 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Err(Closed));
         assert!(q.take().await.is_none());
         assert_eq!(q.push(&[message(1, 3)]).await, Err(Closed));
+    }
+
+    #[tokio::test]
+    async fn a_sealed_queue_refuses_senders_but_gives_the_writer_what_it_holds() {
+        let q = std::sync::Arc::new(LaneQueue::new(10, 1000));
+        q.push(&[message(5, 1)]).await.unwrap();
+        let waiting = spawn_push(&q, message(5, 2));
+        tokio::task::yield_now().await;
+        q.seal();
+        assert!(q.is_sealed());
+        assert_eq!(waiting.await.unwrap(), Err(Closed));
+        assert_eq!(q.push(&[message(1, 3)]).await, Err(Closed));
+        assert!(q
+            .encode_if_idle(&[message(1, 4)], 1000, &mut BytesMut::new())
+            .is_none());
+        let taken = q.take().await.unwrap();
+        assert_eq!(decode_all(&taken.bytes), [(0, 5, 1)]);
+        q.written(&taken);
+        assert!(
+            q.take().await.is_none(),
+            "sealed and drained: the writer stops"
+        );
     }
 }

@@ -50,6 +50,8 @@ struct QueuedLane {
     queue: Arc<LaneQueue>,
     stream: Arc<tokio::sync::Mutex<LaneStream>>,
     gauge: Arc<WindowGauge>,
+    /// The writer task; it ends with the lane's finished stream when the lane is sealed.
+    writer: Mutex<Option<tokio::task::JoinHandle<Option<quinn::SendStream>>>>,
 }
 
 /// A lower lane's stream, once its writer has opened it, and the buffer a sender that
@@ -120,6 +122,8 @@ struct DirectLane {
     pending: Bytes,
     buf: BytesMut,
     urgent: Arc<UrgentActivity>,
+    /// The connection is being retired: sends are refused.
+    sealed: bool,
 }
 
 impl DirectLane {
@@ -129,6 +133,9 @@ impl DirectLane {
         max_frame_payload: usize,
         stats: &TransportStats,
     ) -> Result<(), ()> {
+        if self.sealed {
+            return Err(());
+        }
         self.flush().await?;
         for message in messages {
             self.numbering
@@ -189,6 +196,19 @@ impl DirectLane {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.open().await?;
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(());
+        };
+        while !self.pending.is_empty() {
+            let n = stream.write(&self.pending).await.map_err(|_| ())?;
+            bytes::Buf::advance(&mut self.pending, n);
+        }
+        Ok(())
+    }
+
+    /// Opens the lane's stream on first use.
+    async fn open(&mut self) -> Result<(), ()> {
         if self.stream.is_none() {
             // State-changing frames travel on these lanes: never in 0-RTT data.
             self.handshake
@@ -199,14 +219,23 @@ impl DirectLane {
             let _ = stream.set_priority(self.lane.index() as i32);
             self.stream = Some(stream);
         }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(());
-        };
-        while !self.pending.is_empty() {
-            let n = stream.write(&self.pending).await.map_err(|_| ())?;
-            bytes::Buf::advance(&mut self.pending, n);
-        }
         Ok(())
+    }
+
+    /// For a connection being retired: writes what an earlier sender left, refuses
+    /// later sends, and finishes the stream, opened now if the lane was never used so
+    /// that the peer sees every lane end. Returns the finished stream, whose
+    /// acknowledgement the caller waits for.
+    async fn seal(&mut self) -> Option<quinn::SendStream> {
+        if self.sealed {
+            return None;
+        }
+        self.sealed = true;
+        self.flush().await.ok()?;
+        self.open().await.ok()?;
+        let mut stream = self.stream.take()?;
+        stream.finish().ok()?;
+        Some(stream)
     }
 }
 
@@ -255,6 +284,8 @@ pub(crate) struct PeerConn {
     pub(crate) conn: quinn::Connection,
     pub(crate) dialled_by_us: bool,
     lanes: [LaneTx; 4],
+    /// How many of the peer's lane streams have been read to their end.
+    ended: watch::Receiver<usize>,
     datagram_seq: AtomicU32,
     gauge: Arc<WindowGauge>,
     /// The runtime the connection's tasks run on, for work started off it (a send from
@@ -285,6 +316,7 @@ impl PeerConn {
                     pending: Bytes::new(),
                     buf: BytesMut::new(),
                     urgent: urgent.clone(),
+                    sealed: false,
                 })));
             }
             let queue = Arc::new(LaneQueue::new(
@@ -292,7 +324,7 @@ impl PeerConn {
                 config.max_frame_payload,
             ));
             let stream = Arc::new(tokio::sync::Mutex::new(LaneStream::default()));
-            tokio::spawn(write_lane(
+            let writer = tokio::spawn(write_lane(
                 LaneWriter {
                     conn: conn.clone(),
                     lane,
@@ -308,8 +340,10 @@ impl PeerConn {
                 queue,
                 stream,
                 gauge: gauge.clone(),
+                writer: Mutex::new(Some(writer)),
             })
         });
+        let (ended_tx, ended) = watch::channel(0);
         let reader = Reader {
             guard: Arc::new(Mutex::new(IngressGuard::new(
                 config.ingress,
@@ -319,6 +353,7 @@ impl PeerConn {
             name: name.clone(),
             conn: conn.clone(),
             urgent,
+            ended: Arc::new(ended_tx),
         };
         tokio::spawn(accept_lanes(reader.clone()));
         tokio::spawn(read_datagrams(reader));
@@ -327,10 +362,57 @@ impl PeerConn {
             conn,
             dialled_by_us,
             lanes,
+            ended,
             datagram_seq: AtomicU32::new(0),
             gauge,
             runtime: tokio::runtime::Handle::current(),
         })
+    }
+
+    /// Retires a connection that lost to a duplicate (see `endpoint::register`)
+    /// without losing what is on it. Sends on it are refused from now on; what its
+    /// lanes hold is written and every lane finished (one never used is opened to be
+    /// finished, so the peer sees all four end). Once the peer has acknowledged all of
+    /// it, and all four of the peer's lanes have been read to their end here, the
+    /// connection is closed. Both nodes retire the same connection, so when either
+    /// closes it, each has everything the other sent on it (quinn lets what has arrived
+    /// be read from a closed connection). A peer that has not ended its lanes within
+    /// `within` is closed on anyway. Returns false in that case.
+    pub(crate) async fn retire(&self, within: Duration) -> bool {
+        let drained = async {
+            let mut finished = Vec::with_capacity(self.lanes.len());
+            for lane in &self.lanes {
+                if let LaneTx::Queued(q) = lane {
+                    q.queue.seal();
+                }
+            }
+            for lane in &self.lanes {
+                match lane {
+                    LaneTx::Direct(direct) => finished.extend(direct.lock().await.seal().await),
+                    LaneTx::Queued(q) => {
+                        let writer = q.writer.lock().ok().and_then(|mut w| w.take());
+                        if let Some(Ok(Some(stream))) = match writer {
+                            Some(w) => Some(w.await),
+                            None => None,
+                        } {
+                            finished.push(stream);
+                        }
+                    }
+                }
+            }
+            for stream in &finished {
+                let _ = stream.stopped().await;
+            }
+            let mut ended = self.ended.clone();
+            let _ = ended.wait_for(|n| *n >= Lane::ALL.len()).await;
+        };
+        let in_time = tokio::time::timeout(within, drained).await.is_ok();
+        self.conn.close(
+            VarInt::from_u32(AcpErrorCode::NoError.code()),
+            b"duplicate connection",
+        );
+        self.shut();
+        in_time
     }
 
     /// Wakes senders waiting for queue space: the connection is gone.
@@ -556,22 +638,15 @@ async fn write_lane(
     w: LaneWriter,
     queue: Arc<LaneQueue>,
     stream: Arc<tokio::sync::Mutex<LaneStream>>,
-) {
+) -> Option<quinn::SendStream> {
+    let mut broken = false;
     while queue.filled().await {
         let mut guard = stream.lock().await;
         let Some(taken) = queue.take_now() else {
             continue;
         };
-        if guard.stream.is_none() {
-            match w.conn.open_uni().await {
-                Ok(s) => {
-                    let _ = s.set_priority(w.lane.index() as i32);
-                    guard.stream = Some(s);
-                }
-                Err(_) => break,
-            }
-        }
-        let Some(s) = guard.stream.as_mut() else {
+        let Some(s) = w.open(&mut guard.stream).await else {
+            broken = true;
             break;
         };
         let len = taken.bytes.len() as u64;
@@ -580,16 +655,39 @@ async fn write_lane(
             .await
             .is_err()
         {
+            broken = true;
             break;
         }
         queue.written(&taken);
         w.stats.sent(Via::Lane(w.lane), taken.frames, len);
         w.stats.sent_types(&taken.types);
     }
+    // A sealed lane ends with everything written; the stream is opened if it never
+    // was, so the peer sees the lane end.
+    let sealed = !broken && queue.is_sealed();
     // Senders waiting for room learn that the lane is gone.
     queue.close();
-    if let Some(mut s) = stream.lock().await.stream.take() {
-        let _ = s.finish();
+    let mut guard = stream.lock().await;
+    if sealed {
+        w.open(&mut guard.stream).await;
+    }
+    let mut s = guard.stream.take()?;
+    s.finish().ok()?;
+    sealed.then_some(s)
+}
+
+impl LaneWriter {
+    /// The lane's stream, opened on first use; `None` if the connection is gone.
+    async fn open<'a>(
+        &self,
+        stream: &'a mut Option<quinn::SendStream>,
+    ) -> Option<&'a mut quinn::SendStream> {
+        if stream.is_none() {
+            let s = self.conn.open_uni().await.ok()?;
+            let _ = s.set_priority(self.lane.index() as i32);
+            *stream = Some(s);
+        }
+        stream.as_mut()
     }
 }
 
@@ -624,6 +722,8 @@ struct Reader {
     conn: quinn::Connection,
     guard: Arc<Mutex<IngressGuard>>,
     urgent: Arc<UrgentActivity>,
+    /// Counts the peer's lane streams read to their end.
+    ended: Arc<watch::Sender<usize>>,
 }
 
 impl Reader {
@@ -797,7 +897,12 @@ async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mut
         };
         let n = match recv.read_chunks(&mut chunks[..max]).await {
             Ok(Some(n)) => n,
-            Ok(None) | Err(_) => return,
+            Ok(None) => {
+                // The peer finished the lane: it is retiring the connection.
+                reader.ended.send_modify(|n| *n += 1);
+                return;
+            }
+            Err(_) => return,
         };
         for chunk in &mut chunks[..n] {
             state.buf.extend_from_slice(chunk);

@@ -21,6 +21,7 @@ pub struct TransportStats {
     closed_for_cause: [AtomicU64; 16],
     datagram_fallbacks: AtomicU64,
     direct_sends: [AtomicU64; 2],
+    duplicates_retired: [AtomicU64; 2],
     frames_in_by_type: [AtomicU64; 12],
     frames_out_by_type: [AtomicU64; 12],
 }
@@ -128,6 +129,9 @@ pub struct StatsSnapshot {
     /// Sends on the bulk and normal lanes that found their lane idle and wrote to its
     /// stream themselves instead of queueing for the lane's writer.
     pub direct_sends: [u64; 2],
+    /// Duplicate connections retired (one of two simultaneous dials): closed once
+    /// drained both ways, and closed when the peer had not ended its lanes in time.
+    pub duplicates_retired: [u64; 2],
     /// Frames received, by message type code.
     pub frames_in_by_type: [u64; 12],
     /// Frames sent, by message type code.
@@ -205,6 +209,11 @@ impl TransportStats {
         }
     }
 
+    /// A duplicate connection was retired: drained both ways (`in_time`) or not.
+    pub(crate) fn duplicate_retired(&self, in_time: bool) {
+        self.duplicates_retired[usize::from(!in_time)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn datagram_fallback(&self) {
         self.datagram_fallbacks.fetch_add(1, Ordering::Relaxed);
     }
@@ -222,6 +231,7 @@ impl TransportStats {
             closed_for_cause: load(&self.closed_for_cause),
             datagram_fallbacks: self.datagram_fallbacks.load(Ordering::Relaxed),
             direct_sends: load(&self.direct_sends),
+            duplicates_retired: load(&self.duplicates_retired),
             frames_in_by_type: load(&self.frames_in_by_type),
             frames_out_by_type: load(&self.frames_out_by_type),
         }

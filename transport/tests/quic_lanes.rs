@@ -270,6 +270,80 @@ async fn simultaneous_dials_leave_one_connection_on_both_sides() {
     assert_eq!(&receive(&mut a.events, 1).await[0].1.body[..], b"to a");
 }
 
+/// Both nodes dial at once and send from the moment their dial returns, so frames go
+/// out on the connection that is about to lose: every frame a send took must arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_on_the_losing_connection_of_simultaneous_dials_all_arrive() {
+    const EACH: u32 = 300;
+    let ca = ClusterCa::generate().unwrap();
+    // Beta, which loses, dials first; alpha dials a little later each round, so some
+    // rounds find beta's connection in use when alpha's arrives.
+    let mut retirements = 0;
+    for round in 0..20u64 {
+        let mut a = node(&ca, "alpha");
+        let mut b = node(&ca, "beta");
+        let send_all = |n: &Node, to: &'static str, addr, after: u64| {
+            let transport = n.transport.clone();
+            async move {
+                tokio::time::sleep(Duration::from_micros(after)).await;
+                transport.connect(addr, Some(to)).await.unwrap();
+                let mut taken = 0;
+                for i in 0..EACH {
+                    if transport
+                        .send(to, envelope(96, &i.to_be_bytes()))
+                        .await
+                        .is_ok()
+                    {
+                        taken += 1;
+                    }
+                    if i % 16 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                taken
+            }
+        };
+        let (to_b, to_a) = tokio::join!(
+            send_all(&a, "beta", b.addr, round * 150),
+            send_all(&b, "alpha", a.addr, 0)
+        );
+        assert_eq!(
+            (to_b, to_a),
+            (EACH, EACH),
+            "round {round}: every send taken"
+        );
+        for (n, from) in [(&mut a, "beta"), (&mut b, "alpha")] {
+            let mut got: Vec<u32> = receive(&mut n.events, EACH as usize)
+                .await
+                .into_iter()
+                .map(|(_, m)| u32::from_be_bytes(m.body[..].try_into().unwrap()))
+                .collect();
+            got.sort_unstable();
+            assert_eq!(
+                got,
+                (0..EACH).collect::<Vec<_>>(),
+                "round {round}: from {from}"
+            );
+        }
+        // The losing connection, retired on both sides, drains and closes, never on
+        // the timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while [&a, &b].iter().any(|n| n.transport.open_connections() > 1)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for n in [&a, &b] {
+            assert_eq!(n.transport.open_connections(), 1, "round {round}");
+        }
+        let retired = |n: &Node| n.transport.stats().duplicates_retired;
+        assert_eq!(retired(&a), retired(&b), "round {round}");
+        assert_eq!(retired(&a)[1], 0, "round {round}: none closed late");
+        retirements += retired(&a)[0];
+    }
+    assert!(retirements > 0, "no round had a duplicate connection");
+}
+
 #[tokio::test]
 async fn a_leaving_peer_is_reported_down_at_once() {
     let ca = ClusterCa::generate().unwrap();

@@ -883,8 +883,7 @@ impl Driver {
                     // Publish first: whoever sees the log line sees the new list.
                     self.members_tx.send_replace(self.member_infos());
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node up");
-                    let (mesh, name, addr) = (self.mesh.clone(), id.name.clone(), id.addr);
-                    tokio::spawn(async move { mesh.node_up(&name, addr).await });
+                    self.mesh.node_up(&id.name, id.addr);
                     let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
                 }
                 MembershipOutput::NodeDown(id) => {

@@ -13,7 +13,7 @@ use foldhash::HashMap;
 use ractor::{ActorRef, RpcReplyPort};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, warn};
 
 use agentmesh_transport::wire::payload::EnvelopeRef;
@@ -134,6 +134,8 @@ const MAX_MONITORS: usize = 65_536;
 const MAX_REMOTE_NAMES: usize = 1_000_000;
 /// How long a local actor may take to answer a remote ask.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a send to a node just reported up waits for the connection to it.
+const UP_WAIT: Duration = Duration::from_secs(2);
 
 /// A node's names, as it announces them.
 #[derive(Debug, Serialize, Deserialize)]
@@ -317,6 +319,9 @@ pub(crate) struct Inner {
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>,
     monitors: Mutex<HashMap<ActorAddr, Vec<oneshot::Sender<Down>>>>,
     acp_routes: RwLock<HashMap<MessageType, mpsc::Sender<FromPeer<Message>>>>,
+    /// Nodes reported up whose connection is still being made, each with what its
+    /// waiting senders are woken by when it is (see [`Mesh::peer_ready`]).
+    connecting: Mutex<HashMap<String, Arc<Notify>>>,
     /// Requests from other nodes waiting for local actors' answers.
     pub(crate) answers: Waiting,
     next_correlation: AtomicU64,
@@ -405,6 +410,7 @@ impl Mesh {
                 pending: Mutex::new(HashMap::default()),
                 monitors: Mutex::new(HashMap::default()),
                 acp_routes: RwLock::new(HashMap::default()),
+                connecting: Mutex::new(HashMap::default()),
                 answers: Waiting::default(),
                 next_correlation: AtomicU64::new(1),
                 trace_prefix: hasher.finish() ^ incarnation,
@@ -735,6 +741,44 @@ impl Mesh {
             .ok_or_else(|| SendError::NodeUnreachable(node.to_string()))
     }
 
+    /// The connection to `node`. A node's subscribers hear that it is up before the
+    /// connection to it is made, and often send to it at once (discovery its list, the
+    /// policy actor the policy): for a node reported up whose connection is still being
+    /// made, this waits for it, up to [`UP_WAIT`], instead of failing.
+    async fn peer_ready(&self, node: &str) -> Result<PeerHandle, SendError> {
+        if let Some(peer) = self.inner.transport.peer(node) {
+            return Ok(peer);
+        }
+        if let Some(made) = self.connecting(node) {
+            let notified = made.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked after `enable`: a connection made since is not waited for, and
+            // one made from now on wakes this waiter.
+            let still = self
+                .connecting(node)
+                .is_some_and(|m| Arc::ptr_eq(&m, &made));
+            if still && self.inner.transport.peer(node).is_none() {
+                let _ = tokio::time::timeout(UP_WAIT, notified).await;
+            }
+        }
+        self.peer(node)
+    }
+
+    fn connecting(&self, node: &str) -> Option<Arc<Notify>> {
+        self.inner.connecting.lock().ok()?.get(node).cloned()
+    }
+
+    /// `node` is no longer being connected to: wakes the senders waiting for it.
+    fn connected(&self, node: &str, made: &Arc<Notify>) {
+        if let Ok(mut connecting) = self.inner.connecting.lock() {
+            if connecting.get(node).is_some_and(|m| Arc::ptr_eq(m, made)) {
+                connecting.remove(node);
+            }
+        }
+        made.notify_waiters();
+    }
+
     /// Sends an ACP message to `node` on the lane its Stream Prio picks; to this node
     /// itself it is handed straight to the local consumer.
     pub async fn send_acp(&self, node: &str, message: Message) -> Result<(), SendError> {
@@ -742,7 +786,8 @@ impl Mesh {
             self.on_acp(node, message);
             return Ok(());
         }
-        self.peer(node)?
+        self.peer_ready(node)
+            .await?
             .send(message)
             .await
             .map_err(SendError::from)
@@ -755,7 +800,8 @@ impl Mesh {
             self.on_acp(node, message);
             return Ok(());
         }
-        self.peer(node)?
+        self.peer_ready(node)
+            .await?
             .send_datagram(message)
             .await
             .map(|_| ())
@@ -1025,7 +1071,7 @@ impl Mesh {
         prio: u8,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
-        let peer = self.peer(node)?;
+        let peer = self.peer_ready(node).await?;
         let mut buf = EnvelopeBuf::take();
         encode(&mut buf.0)?;
         let sent = peer
@@ -1059,12 +1105,27 @@ impl Mesh {
             .await
     }
 
-    /// Sends every local name to `node` (it has just come up), connecting to it first
-    /// if membership heard of it through others.
-    pub(crate) async fn node_up(&self, node: &str, addr: std::net::SocketAddr) {
-        if let Err(e) = self.inner.transport.connect(addr, Some(node)).await {
-            return debug!(%node, error = %e, "cannot reach a node that came up");
+    /// `node` has come up: connects to it (if membership heard of it through others),
+    /// in the background, and sends it every local name. Until the connection is made,
+    /// sends to `node` wait for it (see [`Mesh::peer_ready`]).
+    pub(crate) fn node_up(&self, node: &str, addr: std::net::SocketAddr) {
+        let made = Arc::new(Notify::new());
+        if let Ok(mut connecting) = self.inner.connecting.lock() {
+            connecting.insert(node.to_string(), made.clone());
         }
+        let (mesh, node) = (self.clone(), node.to_string());
+        tokio::spawn(async move {
+            let dialled = mesh.inner.transport.connect(addr, Some(&node)).await;
+            mesh.connected(&node, &made);
+            match dialled {
+                Ok(_) => mesh.send_names(&node).await,
+                Err(e) => debug!(%node, error = %e, "cannot reach a node that came up"),
+            }
+        });
+    }
+
+    /// Sends every local name to `node`.
+    async fn send_names(&self, node: &str) {
         let names: Vec<String> = self
             .inner
             .local
@@ -1089,8 +1150,12 @@ impl Mesh {
         }
     }
 
-    /// Forgets every name on `node` and fires the monitors of its actors.
+    /// Forgets every name on `node` and fires the monitors of its actors; senders
+    /// waiting for a connection to it stop waiting.
     pub(crate) fn node_down(&self, node: &str) {
+        if let Some(made) = self.connecting(node) {
+            self.connected(node, &made);
+        }
         let gone: Vec<ActorAddr> = self
             .inner
             .remote

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_runtime::{
-    ActorAddr, AskError, Bounded, Down, MembershipConfig, Node, NodeConfig, RemoteMessage,
-    SendError,
+    ActorAddr, AskError, Bounded, ClusterEvent, Down, MembershipConfig, Node, NodeConfig,
+    RemoteMessage, SendError,
 };
 use agentmesh_transport::clock::SystemClock;
 use agentmesh_transport::tls::ClusterCa;
@@ -86,22 +86,25 @@ impl Actor for Adder {
     }
 }
 
+/// A node on loopback, joining through `join`.
+async fn start(ca: &ClusterCa, name: &str, join: Vec<std::net::SocketAddr>) -> Node {
+    let config = NodeConfig {
+        transport: EndpointConfig::new("127.0.0.1:0".parse().unwrap()),
+        join,
+        membership: MembershipConfig::default(),
+        metrics: None,
+    };
+    let identity = ca.node_identity(name).unwrap();
+    Node::start(config, &identity, Arc::new(SystemClock))
+        .await
+        .unwrap()
+}
+
 async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     for name in names {
         let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
-        let config = NodeConfig {
-            transport: EndpointConfig::new("127.0.0.1:0".parse().unwrap()),
-            join,
-            membership: MembershipConfig::default(),
-            metrics: None,
-        };
-        let identity = ca.node_identity(name).unwrap();
-        nodes.push(
-            Node::start(config, &identity, Arc::new(SystemClock))
-                .await
-                .unwrap(),
-        );
+        nodes.push(start(ca, name, join).await);
     }
     for node in &nodes {
         for _ in 0..200 {
@@ -659,4 +662,44 @@ async fn a_bounded_actor_that_falls_behind_sheds_what_does_not_fit_and_takes_mor
         .unwrap()
         .unwrap();
     assert!(ticks.try_recv().is_err(), "a shed tick was delivered");
+}
+
+/// A node hears that another is up (here through gossip, before any connection to it)
+/// and sends to it at once, as discovery and the policy actor do: the send waits for
+/// the connection being made rather than failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_to_a_node_just_reported_up_waits_for_its_connection() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (sink, _) = Actor::spawn(None, Inbox, tx).await.unwrap();
+    nodes[0].mesh().register("sink", sink).unwrap();
+    // c joins through b, so it hears of a from b's gossip.
+    let c = start(&ca, "c", Vec::new()).await;
+    let mut events = c.subscribe();
+    c.join([nodes[1].me().addr]);
+    let at_a = ActorAddr {
+        node: "a".into(),
+        name: "sink".into(),
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await.unwrap() {
+                ClusterEvent::NodeUp(id) if &*id.name == "a" => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("c hears that a is up");
+    let note = Note {
+        text: "first words".into(),
+        reply_to: None,
+    };
+    c.mesh().send_to(&at_a, note).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.text, "first words");
 }

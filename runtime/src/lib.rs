@@ -21,7 +21,7 @@ pub mod remote;
 pub use client::{Client, ClientError};
 pub use membership::{MemberState, MembershipConfig, NodeId};
 pub use node::{
-    request_status, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusReport,
+    request_status, status_of, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusReport,
     STATUS_SERVICE,
 };
 pub use remote::{

@@ -93,6 +93,17 @@ pub async fn request_status(
     timeout_ms: u64,
 ) -> Result<StatusReport, ClientError> {
     let mut client = Client::connect(identity, addr).await?;
+    let report = status_of(&mut client, addr, timeout_ms).await;
+    client.close().await;
+    report
+}
+
+/// [`request_status`] on a client already connected to the node at `addr`.
+pub async fn status_of(
+    client: &mut Client,
+    addr: SocketAddr,
+    timeout_ms: u64,
+) -> Result<StatusReport, ClientError> {
     let answer = client
         .request_raw(
             STATUS_SERVICE,
@@ -100,9 +111,8 @@ pub async fn request_status(
             Bytes::new(),
             Duration::from_millis(timeout_ms),
         )
-        .await;
-    client.close().await;
-    rmp_serde::from_slice(&answer?).map_err(|e| ClientError::BadReply {
+        .await?;
+    rmp_serde::from_slice(&answer).map_err(|e| ClientError::BadReply {
         addr,
         reason: e.to_string(),
     })

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::service::{AgentsRequest, AgentsStatus, AGENTS_SERVICE};
-use crate::runtime::{request_status, Client, MemberInfo, RemoteMessage};
+use crate::runtime::{status_of, Client, MemberInfo, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 
 #[derive(Debug, Args)]
@@ -39,9 +39,16 @@ pub fn prepare(args: &StatusArgs) -> anyhow::Result<NodeIdentity> {
 pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let to = args.client.to;
-        let report = request_status(&identity, to, args.timeout_ms).await?;
-        // A node without an agent layer has no agents to list.
         let mut client = Client::connect(&identity, to).await?;
+        let report = status_of(&mut client, to, args.timeout_ms).await;
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                client.close().await;
+                return Err(e.into());
+            }
+        };
+        // A node without an agent layer has no agents to list.
         let agents: AgentsStatus = client
             .request(
                 AGENTS_SERVICE,

@@ -17,7 +17,7 @@ use agentmesh_runtime::transport::clock::{Clock, SystemClock};
 use agentmesh_runtime::transport::wire::payload::Capability;
 use agentmesh_runtime::transport::wire::{Message, MessageType};
 use agentmesh_runtime::{
-    ActorAddr, ClusterEvent, FromPeer, MemberInfo, MemberState, Mesh, Node, NodeId,
+    ActorAddr, Bounded, ClusterEvent, FromPeer, MemberInfo, MemberState, Mesh, Node, NodeId,
 };
 
 use crate::agent::Agent;
@@ -80,6 +80,10 @@ impl PolicyStore {
     /// Takes `offered` if it is newer than the policy in force and valid; true if it
     /// replaced it.
     pub fn offer(&self, offered: VersionedPolicy) -> Result<bool, PolicyError> {
+        // The same version comes again with every periodic spread: not parsed again.
+        if !offered.newer_than(&self.current()) {
+            return Ok(false);
+        }
         let policy = Policy::from_toml(&offered.text)?;
         let mut guard = self
             .inner
@@ -104,7 +108,18 @@ pub struct HostConfig {
     pub ledger: LedgerConfig,
     /// Where what the node sees is observed (`agentmesh node --record`).
     pub recorder: Option<Recorder>,
+    /// How often the policy in force goes again to every member, so that a node that
+    /// missed a spread catches up; `None`: [`POLICY_RESPREAD_EVERY`].
+    pub policy_respread: Option<Duration>,
 }
+
+/// How often a node sends its policy to every member again (see
+/// [`HostConfig::policy_respread`]).
+pub const POLICY_RESPREAD_EVERY: Duration = Duration::from_secs(15);
+/// Policy spreads from other nodes waiting for the policy actor at most; one past that
+/// is dropped (counted in `agentmesh_actor_shed_total`), and the next periodic spread
+/// brings the policy it carried.
+const SPREAD_INBOX: usize = 64;
 
 /// Why the agent layer could not start or take an agent.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +243,7 @@ impl AgentHost {
                 mesh: mesh.clone(),
                 store: policy.clone(),
                 members,
+                respread: config.policy_respread.unwrap_or(POLICY_RESPREAD_EVERY),
             },
             cell,
         )
@@ -558,7 +574,9 @@ pub enum PolicyMsg {
     /// `agentmesh policy apply`.
     Apply(ApplyPolicy, RpcReplyPort<PolicyApplied>),
     /// A policy spread by another node.
-    Spread(FromPeer<VersionedPolicy>),
+    Spread(Bounded<VersionedPolicy>),
+    /// Send the policy in force to every member again (periodic).
+    Respread,
     /// A node came up: it gets the policy in force.
     NodeUp(String),
     /// A node is down.
@@ -571,6 +589,7 @@ struct PolicyArgs {
     mesh: Mesh,
     store: PolicyStore,
     members: Vec<String>,
+    respread: Duration,
 }
 
 struct PolicyState {
@@ -595,8 +614,13 @@ impl Actor for PolicyActor {
             PolicyMsg::Apply,
             Duration::from_secs(10),
         )?;
-        args.mesh
-            .register_service(POLICY_SPREAD_SERVICE, myself, PolicyMsg::Spread)?;
+        args.mesh.register_service_bounded(
+            POLICY_SPREAD_SERVICE,
+            myself.clone(),
+            PolicyMsg::Spread,
+            SPREAD_INBOX,
+        )?;
+        drop(myself.send_interval(args.respread, || PolicyMsg::Respread));
         Ok(PolicyState {
             mesh: args.mesh,
             store: args.store,
@@ -639,7 +663,8 @@ impl Actor for PolicyActor {
                     error,
                 });
             }
-            PolicyMsg::Spread(FromPeer { peer, message }) => {
+            PolicyMsg::Spread(spread) => {
+                let (peer, message) = spread.into_parts();
                 if message.version == 0 {
                     return Ok(()); // Start-up files stay on their node.
                 }
@@ -647,6 +672,14 @@ impl Actor for PolicyActor {
                     Ok(true) => info!(from = %peer, "policy updated by another node"),
                     Ok(false) => {}
                     Err(e) => warn!(from = %peer, error = %e, "policy from another node refused"),
+                }
+            }
+            PolicyMsg::Respread => {
+                let current = state.store.current();
+                if current.version > 0 {
+                    for node in state.members.clone() {
+                        state.spread(node, current.clone());
+                    }
                 }
             }
             PolicyMsg::NodeUp(node) => {

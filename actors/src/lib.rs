@@ -19,7 +19,7 @@ pub mod worker;
 pub mod workers;
 
 pub use agent::{Adjustment, Agent, AgentError, SegmentContext, SyncEvent};
-pub use host::{AgentHost, HostConfig, HostError, PolicyStore};
+pub use host::{AgentHost, HostConfig, HostError, PolicyStore, POLICY_RESPREAD_EVERY};
 pub use service::{SubmitRequest, TaskOutcome, TaskStatus};
 pub use worker::{Allocation, WorkerEvent, WorkerMsg};
 

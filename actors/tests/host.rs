@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{AdjustRequest, SubmitRequest, TaskStatus};
 use agentmesh_actors::{
@@ -19,6 +20,14 @@ use agentmesh_runtime::transport::EndpointConfig;
 use agentmesh_runtime::{ClusterEvent, MembershipConfig, Node, NodeConfig};
 
 async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
+    cluster_with(ca, names, HostConfig::default()).await
+}
+
+async fn cluster_with(
+    ca: &ClusterCa,
+    names: &[&str],
+    config: HostConfig,
+) -> Vec<(Node, AgentHost)> {
     let mut nodes: Vec<Node> = Vec::new();
     for name in names {
         let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
@@ -45,9 +54,7 @@ async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
     }
     let mut out = Vec::new();
     for node in nodes {
-        let host = AgentHost::start(&node, HostConfig::default())
-            .await
-            .unwrap();
+        let host = AgentHost::start(&node, config.clone()).await.unwrap();
         out.push((node, host));
     }
     out
@@ -434,4 +441,30 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
         .agents
         .iter()
         .any(|a| a.agent == id));
+}
+
+/// A node that missed a policy spread gets the policy with the next periodic one. Here
+/// the spread is missed for sure: the policy goes into a's store without being spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_a_policy_spread_gets_it_with_the_periodic_one() {
+    let ca = ClusterCa::generate().unwrap();
+    let config = HostConfig {
+        policy_respread: Some(Duration::from_millis(100)),
+        ..HostConfig::default()
+    };
+    let nodes = cluster_with(&ca, &["a", "b"], config).await;
+    let newer = VersionedPolicy {
+        version: 7,
+        origin: "a".into(),
+        text: "[[group]]\nid = 1\npriority = 200\n".into(),
+    };
+    assert!(nodes[0].1.policy().offer(newer.clone()).unwrap());
+    for _ in 0..250 {
+        if nodes[1].1.policy().current().version == newer.version {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(nodes[1].1.policy().current(), newer);
+    assert_eq!(nodes[1].1.policy().get().groups.len(), 1);
 }

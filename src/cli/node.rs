@@ -194,6 +194,7 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             policy,
             ledger: LedgerConfig::default(),
             recorder,
+            policy_respread: None,
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;

@@ -377,7 +377,8 @@ impl PeerConn {
     /// connection is closed. Both nodes retire the same connection, so when either
     /// closes it, each has everything the other sent on it (quinn lets what has arrived
     /// be read from a closed connection). A peer that has not ended its lanes within
-    /// `within` is closed on anyway. Returns false in that case.
+    /// `within` is closed on anyway: returns false in that case, true if the
+    /// connection drained or the peer closed it first.
     pub(crate) async fn retire(&self, within: Duration) -> bool {
         let drained = async {
             let mut finished = Vec::with_capacity(self.lanes.len());
@@ -406,7 +407,13 @@ impl PeerConn {
             let mut ended = self.ended.clone();
             let _ = ended.wait_for(|n| *n >= Lane::ALL.len()).await;
         };
-        let in_time = tokio::time::timeout(within, drained).await.is_ok();
+        // The peer closing first is the normal end for one of the two nodes; what it
+        // sent is read on by the lane readers, which end at its FIN or the close.
+        let in_time = tokio::select! {
+            _ = drained => true,
+            _ = self.conn.closed() => true,
+            _ = tokio::time::sleep(within) => false,
+        };
         self.conn.close(
             VarInt::from_u32(AcpErrorCode::NoError.code()),
             b"duplicate connection",

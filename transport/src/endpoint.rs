@@ -170,6 +170,32 @@ pub enum TransportError {
     /// The message cannot be sent (a timestamped message too large for one frame).
     #[error("message cannot be framed: {0}")]
     Unframeable(#[from] crate::wire::FrameTooLarge),
+    /// A dial to the same address, made at the same time and waited for, failed.
+    #[error("connection to {addr} failed: {reason}")]
+    Dial {
+        /// The address.
+        addr: SocketAddr,
+        /// Why the dial failed.
+        reason: String,
+    },
+}
+
+/// How a dial ended, for connects to the same address that waited for it.
+type DialOutcome = Option<Result<PeerName, String>>;
+
+/// A dial in flight, in [`Shared::dials`] until it ends, even if its connect is dropped.
+struct Dialling<'a> {
+    shared: &'a Shared,
+    addr: SocketAddr,
+    outcome: watch::Sender<DialOutcome>,
+}
+
+impl Drop for Dialling<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut dials) = self.shared.dials.lock() {
+            dials.remove(&self.addr);
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -183,6 +209,8 @@ pub(crate) struct Shared {
     pub(crate) ownership: Arc<OwnershipTable>,
     pub(crate) stats: Arc<TransportStats>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Dials in flight, by address (see [`Transport::connect`]).
+    dials: Mutex<HashMap<SocketAddr, watch::Receiver<DialOutcome>>>,
     client_crypto: Arc<QuicClientConfig>,
     server_crypto: Arc<QuicServerConfig>,
 }
@@ -249,6 +277,7 @@ impl Transport {
             ownership,
             stats: Arc::new(TransportStats::default()),
             clock,
+            dials: Mutex::new(HashMap::default()),
             client_crypto,
             server_crypto,
         });
@@ -291,17 +320,68 @@ impl Transport {
 
     /// Connects to the node at `addr` (or returns the connection already there) and
     /// returns its name. With `expected` set, a peer with another name is refused, and
-    /// a resumed session may send 0-RTT data on the lanes where that is safe.
+    /// a resumed session may send 0-RTT data on the lanes where that is safe. A connect
+    /// to an address this node is dialling already waits for that dial instead of
+    /// making a second connection (which the two nodes might not agree to retire).
     pub async fn connect(
         &self,
         addr: SocketAddr,
         expected: Option<&str>,
     ) -> Result<PeerName, TransportError> {
-        if let Some(name) = expected {
-            if let Some(peer) = self.peer(name) {
-                return Ok(peer.name().clone());
+        loop {
+            if let Some(name) = expected {
+                if let Some(peer) = self.peer(name) {
+                    return Ok(peer.name().clone());
+                }
             }
+            let (tx, waiting) = {
+                let mut dials = self.shared.dials.lock().unwrap_or_else(|e| e.into_inner());
+                match dials.get(&addr) {
+                    Some(rx) => (None, Some(rx.clone())),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        dials.insert(addr, rx);
+                        (Some(tx), None)
+                    }
+                }
+            };
+            if let Some(outcome) = tx {
+                let dialling = Dialling {
+                    shared: &self.shared,
+                    addr,
+                    outcome,
+                };
+                let result = self.dial(addr, expected).await;
+                let shared = result.as_ref().map(Arc::clone).map_err(|e| e.to_string());
+                dialling.outcome.send_replace(Some(shared));
+                return result;
+            }
+            let Some(mut rx) = waiting else { continue };
+            // A dial dropped before it ended tells nothing: this connect dials anew.
+            let Ok(outcome) = rx.wait_for(Option::is_some).await.map(|o| o.clone()) else {
+                continue;
+            };
+            return match outcome {
+                Some(Ok(name)) => match expected {
+                    Some(want) if *name != *want => Err(TransportError::WrongPeer {
+                        addr,
+                        expected: want.to_string(),
+                        actual: name.to_string(),
+                    }),
+                    _ => Ok(name),
+                },
+                Some(Err(reason)) => Err(TransportError::Dial { addr, reason }),
+                None => continue,
+            };
         }
+    }
+
+    /// Dials `addr` (see [`Transport::connect`]).
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&str>,
+    ) -> Result<PeerName, TransportError> {
         let shared = &self.shared;
         let gauge = new_gauge(&shared.config);
         let mut client = quinn::ClientConfig::new(shared.client_crypto.clone());

@@ -3,7 +3,7 @@
 //! check every incoming frame before handing it to the transport's owner.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -286,6 +286,8 @@ pub(crate) struct PeerConn {
     lanes: [LaneTx; 4],
     /// How many of the peer's lane streams have been read to their end.
     ended: watch::Receiver<usize>,
+    /// Set when the connection starts being retired: its senders move to its successor.
+    retired: AtomicBool,
     datagram_seq: AtomicU32,
     gauge: Arc<WindowGauge>,
     /// The runtime the connection's tasks run on, for work started off it (a send from
@@ -363,6 +365,7 @@ impl PeerConn {
             dialled_by_us,
             lanes,
             ended,
+            retired: AtomicBool::new(false),
             datagram_seq: AtomicU32::new(0),
             gauge,
             runtime: tokio::runtime::Handle::current(),
@@ -370,7 +373,8 @@ impl PeerConn {
     }
 
     /// Retires a connection that lost to a duplicate (see `endpoint::register`)
-    /// without losing what is on it. Sends on it are refused from now on; what its
+    /// without losing what is on it. Sends on it go to its successor from now on (a
+    /// sender holding its handle finds the lane sealed and moves on); what its
     /// lanes hold is written and every lane finished (one never used is opened to be
     /// finished, so the peer sees all four end). Once the peer has acknowledged all of
     /// it, and all four of the peer's lanes have been read to their end here, the
@@ -380,6 +384,7 @@ impl PeerConn {
     /// `within` is closed on anyway: returns false in that case, true if the
     /// connection drained or the peer closed it first.
     pub(crate) async fn retire(&self, within: Duration) -> bool {
+        self.retired.store(true, Ordering::Release);
         let drained = async {
             let mut finished = Vec::with_capacity(self.lanes.len());
             for lane in &self.lanes {
@@ -562,10 +567,36 @@ impl PeerHandle {
         Ok(())
     }
 
+    /// Queues `messages` on `lane`. A handle taken just before its connection was
+    /// retired (see [`PeerConn::retire`]) sends on the connection that replaced it.
     async fn enqueue(&self, lane: Lane, messages: &[impl Outgoing]) -> Result<(), TransportError> {
+        match self.enqueue_on(&self.conn, lane, messages).await {
+            Err(e) if self.conn.retired.load(Ordering::Acquire) => match self.successor() {
+                Some(next) => self.enqueue_on(&next, lane, messages).await,
+                None => Err(e),
+            },
+            sent => sent,
+        }
+    }
+
+    /// The connection to the same peer that replaced this one in the peer table.
+    fn successor(&self) -> Option<Arc<PeerConn>> {
+        let peers = self.shared.peers.lock().ok()?;
+        peers
+            .get(&self.conn.name)
+            .filter(|p| !Arc::ptr_eq(p, &self.conn))
+            .cloned()
+    }
+
+    async fn enqueue_on(
+        &self,
+        conn: &PeerConn,
+        lane: Lane,
+        messages: &[impl Outgoing],
+    ) -> Result<(), TransportError> {
         let max = self.shared.config.max_frame_payload;
-        let closed = || TransportError::PeerClosed(self.conn.name.to_string());
-        match &self.conn.lanes[lane.index()] {
+        let closed = || TransportError::PeerClosed(conn.name.to_string());
+        match &conn.lanes[lane.index()] {
             LaneTx::Direct(direct) => direct
                 .lock()
                 .await

@@ -344,6 +344,38 @@ async fn frames_sent_on_the_losing_connection_of_simultaneous_dials_all_arrive()
     assert!(retirements > 0, "no round had a duplicate connection");
 }
 
+/// Two dials from one node to the same peer at once (membership and a node coming up
+/// both dial, say) make one connection: the second waits for the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dials_from_one_node_to_one_peer_make_one_connection() {
+    let ca = ClusterCa::generate().unwrap();
+    for round in 0..10 {
+        let a = node(&ca, "alpha");
+        let mut b = node(&ca, "beta");
+        let (x, y, z) = tokio::join!(
+            a.transport.connect(b.addr, Some("beta")),
+            a.transport.connect(b.addr, Some("beta")),
+            a.transport.connect(b.addr, None)
+        );
+        for name in [x, y, z] {
+            assert_eq!(&*name.unwrap(), "beta", "round {round}");
+        }
+        a.transport
+            .send("beta", envelope(96, b"after"))
+            .await
+            .unwrap();
+        assert_eq!(&receive(&mut b.events, 1).await[0].1.body[..], b"after");
+        for n in [&a, &b] {
+            assert_eq!(n.transport.open_connections(), 1, "round {round}");
+            assert_eq!(
+                n.transport.stats().duplicates_retired,
+                [0, 0],
+                "round {round}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_leaving_peer_is_reported_down_at_once() {
     let ca = ClusterCa::generate().unwrap();

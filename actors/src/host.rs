@@ -645,9 +645,7 @@ impl Actor for PolicyActor {
                 let error = match state.store.offer(offered.clone()) {
                     Ok(_) => {
                         info!(version = offered.version, "policy applied");
-                        for node in state.members.clone() {
-                            state.spread(node, offered.clone());
-                        }
+                        state.spread_to_members(&offered);
                         None
                     }
                     Err(e) => {
@@ -677,9 +675,7 @@ impl Actor for PolicyActor {
             PolicyMsg::Respread => {
                 let current = state.store.current();
                 if current.version > 0 {
-                    for node in state.members.clone() {
-                        state.spread(node, current.clone());
-                    }
+                    state.spread_to_members(&current);
                 }
             }
             PolicyMsg::NodeUp(node) => {
@@ -698,6 +694,12 @@ impl Actor for PolicyActor {
 }
 
 impl PolicyState {
+    fn spread_to_members(&self, policy: &VersionedPolicy) {
+        for node in &self.members {
+            self.spread(node.clone(), policy.clone());
+        }
+    }
+
     fn spread(&self, node: String, policy: VersionedPolicy) {
         let mesh = self.mesh.clone();
         tokio::spawn(async move {

@@ -1153,8 +1153,9 @@ impl Mesh {
     /// Forgets every name on `node` and fires the monitors of its actors; senders
     /// waiting for a connection to it stop waiting.
     pub(crate) fn node_down(&self, node: &str) {
-        if let Some(made) = self.connecting(node) {
-            self.connected(node, &made);
+        let connecting = self.inner.connecting.lock().ok();
+        if let Some(made) = connecting.and_then(|mut c| c.remove(node)) {
+            made.notify_waiters();
         }
         let gone: Vec<ActorAddr> = self
             .inner

@@ -334,35 +334,43 @@ impl Transport {
                     return Ok(peer.name().clone());
                 }
             }
-            let (tx, waiting) = {
+            // A dial to `addr` in flight, or the sender for the one this connect makes.
+            let in_flight = {
                 let mut dials = self.shared.dials.lock().unwrap_or_else(|e| e.into_inner());
                 match dials.get(&addr) {
-                    Some(rx) => (None, Some(rx.clone())),
+                    Some(rx) => Ok(rx.clone()),
                     None => {
-                        let (tx, rx) = watch::channel(None);
+                        let (outcome, rx) = watch::channel(None);
                         dials.insert(addr, rx);
-                        (Some(tx), None)
+                        Err(outcome)
                     }
                 }
             };
-            if let Some(outcome) = tx {
-                let dialling = Dialling {
-                    shared: &self.shared,
-                    addr,
-                    outcome,
-                };
-                let result = self.dial(addr, expected).await;
-                let shared = result.as_ref().map(Arc::clone).map_err(|e| e.to_string());
-                dialling.outcome.send_replace(Some(shared));
-                return result;
-            }
-            let Some(mut rx) = waiting else { continue };
+            let mut rx = match in_flight {
+                Ok(rx) => rx,
+                Err(outcome) => {
+                    let dialling = Dialling {
+                        shared: &self.shared,
+                        addr,
+                        outcome,
+                    };
+                    let result = self.dial(addr, expected).await;
+                    let shared = result.as_ref().map(Arc::clone).map_err(|e| e.to_string());
+                    dialling.outcome.send_replace(Some(shared));
+                    return result;
+                }
+            };
             // A dial dropped before it ended tells nothing: this connect dials anew.
-            let Ok(outcome) = rx.wait_for(Option::is_some).await.map(|o| o.clone()) else {
+            let Some(outcome) = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|o| o.clone())
+            else {
                 continue;
             };
             return match outcome {
-                Some(Ok(name)) => match expected {
+                Ok(name) => match expected {
                     Some(want) if *name != *want => Err(TransportError::WrongPeer {
                         addr,
                         expected: want.to_string(),
@@ -370,8 +378,7 @@ impl Transport {
                     }),
                     _ => Ok(name),
                 },
-                Some(Err(reason)) => Err(TransportError::Dial { addr, reason }),
-                None => continue,
+                Err(reason) => Err(TransportError::Dial { addr, reason }),
             };
         }
     }

@@ -215,9 +215,7 @@ impl DirectLane {
                 .wait_for(|done| *done)
                 .await
                 .map_err(|_| ())?;
-            let stream = self.conn.open_uni().await.map_err(|_| ())?;
-            let _ = stream.set_priority(self.lane.index() as i32);
-            self.stream = Some(stream);
+            self.stream = Some(open_lane(&self.conn, self.lane).await.ok_or(())?);
         }
         Ok(())
     }
@@ -397,11 +395,8 @@ impl PeerConn {
                     LaneTx::Direct(direct) => finished.extend(direct.lock().await.seal().await),
                     LaneTx::Queued(q) => {
                         let writer = q.writer.lock().ok().and_then(|mut w| w.take());
-                        if let Some(Ok(Some(stream))) = match writer {
-                            Some(w) => Some(w.await),
-                            None => None,
-                        } {
-                            finished.push(stream);
+                        if let Some(writer) = writer {
+                            finished.extend(writer.await.ok().flatten());
                         }
                     }
                 }
@@ -721,12 +716,18 @@ impl LaneWriter {
         stream: &'a mut Option<quinn::SendStream>,
     ) -> Option<&'a mut quinn::SendStream> {
         if stream.is_none() {
-            let s = self.conn.open_uni().await.ok()?;
-            let _ = s.set_priority(self.lane.index() as i32);
-            *stream = Some(s);
+            *stream = Some(open_lane(&self.conn, self.lane).await?);
         }
         stream.as_mut()
     }
+}
+
+/// Opens a stream for `lane`, at the lane's QUIC priority; `None` if the connection
+/// is gone.
+async fn open_lane(conn: &quinn::Connection, lane: Lane) -> Option<quinn::SendStream> {
+    let stream = conn.open_uni().await.ok()?;
+    let _ = stream.set_priority(lane.index() as i32);
+    Some(stream)
 }
 
 /// Writes a lower lane's bytes in pieces, each only once the window has headroom.

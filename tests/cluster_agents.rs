@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{agentmesh, example, free_port, temp_dir, NodeProcess};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 struct Cluster {
     dir: PathBuf,
@@ -171,7 +171,7 @@ fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
 
 #[test]
 fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
-    let cluster = Cluster::new("agents-policy", 1);
+    let cluster = Cluster::new("agents-policy", 2);
     let strict = cluster.dir.join("strict.toml");
     std::fs::write(
         &strict,
@@ -192,7 +192,13 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
             &metrics,
         ],
     );
+    // A second node, with no agents and no policy file, to which the policy spreads.
+    let metrics1 = format!("127.0.0.1:{}", free_port());
+    let _other = cluster.start(1, &["--metrics", &metrics1]);
     cluster.wait_for_agents(0, 1);
+    cluster.wait_for_agents(1, 1);
+    assert_eq!(policy_of(&cluster, 0)["groups"], 1);
+    assert_eq!(policy_of(&cluster, 0)["version"], 0);
     let args = ["--capability", "echo", "--segments", "2", "--group", "1"];
 
     let (status, task) = outcome(cluster.submit(0, &args));
@@ -218,6 +224,7 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
     let out = cluster.run(&[
         "policy",
         "apply",
+        "--json",
         open.to_str().unwrap(),
         "--to",
         &cluster.addrs[0],
@@ -227,6 +234,24 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let applied: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let version = applied["version"].as_u64().unwrap();
+    assert!(version > 0, "{applied}");
+    // Both nodes show the version `apply` printed, in `status` and as a gauge.
+    assert_eq!(
+        policy_of(&cluster, 0),
+        json!({"version": version, "origin": "n0", "groups": 1})
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while policy_of(&cluster, 1)["version"] != version {
+        assert!(Instant::now() < deadline, "{}", policy_of(&cluster, 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for m in [&metrics, &metrics1] {
+        let scraped = scrape(m);
+        let gauge = format!("agentmesh_policy_version {version}");
+        assert!(scraped.lines().any(|l| l == gauge), "{gauge} in {scraped}");
+    }
     let (status, task) = outcome(cluster.submit(0, &args));
     assert!(status.success(), "{task}");
     assert_eq!(task["completed"], 2, "{task}");
@@ -422,6 +447,18 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.trim().is_empty(), "{args:?}");
     }
+}
+
+/// The policy node `i` reports in `status --json`.
+fn policy_of(cluster: &Cluster, i: usize) -> Value {
+    let out = cluster.run(&["status", "--json", "--to", &cluster.addrs[i]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["policy"].clone()
 }
 
 fn scrape(addr: &str) -> String {

@@ -259,7 +259,12 @@ impl Actor for Coordinator {
                     })
                     .collect();
                 tasks.sort_by_key(|t| t.task);
-                let _ = reply.send(AgentsStatus { agents, tasks });
+                let policy = state.policy.in_force();
+                let _ = reply.send(AgentsStatus {
+                    agents,
+                    tasks,
+                    policy,
+                });
             }
         }
         state.drain().await;

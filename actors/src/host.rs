@@ -28,7 +28,7 @@ use crate::policy::{Policy, PolicyError, VersionedPolicy};
 use crate::record::{Observation, Recorder};
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied,
-    SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
+    PolicyInForce, SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
 };
 use crate::worker::{WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
 use crate::workers::{Workers, WorkersArgs, WorkersMsg};
@@ -55,9 +55,22 @@ impl PolicyStore {
             origin: origin.to_string(),
             text,
         };
+        record_policy_version(0);
         PolicyStore {
             inner: Arc::new(RwLock::new((versioned, Arc::new(policy)))),
         }
+    }
+
+    /// Which policy this is, as `agentmesh status` shows it.
+    pub fn in_force(&self) -> PolicyInForce {
+        self.inner
+            .read()
+            .map(|g| PolicyInForce {
+                version: g.0.version,
+                origin: g.0.origin.clone(),
+                groups: g.1.groups.len(),
+            })
+            .unwrap_or_default()
     }
 
     /// The policy now.
@@ -92,9 +105,16 @@ impl PolicyStore {
         if !offered.newer_than(&guard.0) {
             return Ok(false);
         }
+        record_policy_version(offered.version);
         *guard = (offered, Arc::new(policy));
         Ok(true)
     }
+}
+
+/// The version in force as a gauge, so a scrape of every node shows one that lags.
+fn record_policy_version(version: u64) {
+    // Unix ms stay below 2^53: exact as f64.
+    metrics::gauge!("agentmesh_policy_version").set(version as f64);
 }
 
 /// How a node's agent layer is set up.
@@ -653,11 +673,11 @@ impl Actor for PolicyActor {
                         Some(e.to_string())
                     }
                 };
-                let now = state.store.current();
+                let now = state.store.in_force();
                 let _ = reply.send(PolicyApplied {
                     version: now.version,
                     origin: now.origin,
-                    groups: state.store.get().groups.len(),
+                    groups: now.groups,
                     error,
                 });
             }

@@ -152,6 +152,21 @@ pub struct AgentsStatus {
     pub agents: Vec<AgentRecord>,
     /// Tasks running at this node's coordinator.
     pub tasks: Vec<TaskSummary>,
+    /// The policy this node holds (absent from nodes older than this field).
+    #[serde(default)]
+    pub policy: PolicyInForce,
+}
+
+/// Which policy a node holds: after `agentmesh policy apply`, every node should show
+/// the version it printed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInForce {
+    /// 0 for the node's start-up file (or none); else Unix ms when it was applied.
+    pub version: u64,
+    /// The node it was applied at (for version 0: this node).
+    pub origin: String,
+    /// Groups with rules.
+    pub groups: usize,
 }
 
 impl RemoteMessage for AgentsStatus {

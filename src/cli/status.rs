@@ -27,8 +27,9 @@ pub struct StatusArgs {
 struct Status {
     node: String,
     members: Vec<MemberInfo>,
+    /// `None` when the node runs no agent layer (nothing of it is printed then).
     #[serde(flatten)]
-    agents: AgentsStatus,
+    agents: Option<AgentsStatus>,
 }
 
 /// Checks the arguments and loads the identity: failures here are bad input.
@@ -48,8 +49,8 @@ pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
                 return Err(e.into());
             }
         };
-        // A node without an agent layer has no agents to list.
-        let agents: AgentsStatus = client
+        // A node without an agent layer has no agents, tasks or policy to list.
+        let agents: Option<AgentsStatus> = client
             .request(
                 AGENTS_SERVICE,
                 <AgentsRequest as RemoteMessage>::KIND,
@@ -57,7 +58,7 @@ pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
                 Duration::from_millis(args.timeout_ms),
             )
             .await
-            .unwrap_or_default();
+            .ok();
         client.close().await;
         let status = Status {
             node: report.node,
@@ -74,19 +75,42 @@ pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
 }
 
 fn print_tables(status: &Status) {
-    println!("cluster as seen by {}\n", status.node);
+    println!("cluster as seen by {}", status.node);
+    match status.agents.as_ref().map(|a| &a.policy) {
+        None => println!("(no agent layer at this node)\n"),
+        Some(p) if p.version == 0 && p.groups == 0 => {
+            println!("policy: none (every group may send to every group)\n");
+        }
+        Some(p) if p.version == 0 => {
+            println!(
+                "policy: its start-up file ({} groups with rules)\n",
+                p.groups
+            );
+        }
+        Some(p) => println!(
+            "policy: version {} applied at {} ({} groups with rules)\n",
+            p.version, p.origin, p.groups
+        ),
+    }
+    print_members(&status.members);
+    if let Some(agents) = &status.agents {
+        print_agents(agents);
+    }
+}
+
+fn print_members(members: &[MemberInfo]) {
     println!(
-        "{:<20} {:<24} {:<8} {:>10} {:>16}",
+        "{:<20} {:<24} {:<8} {:>10} {:>20}",
         "NAME", "ADDR", "STATE", "RTT (us)", "INCARNATION"
     );
-    for m in &status.members {
+    for m in members {
         let state = serde_json::to_value(m.state)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         let rtt = m.rtt_us.map_or_else(|| "-".to_string(), |r| r.to_string());
         println!(
-            "{:<20} {:<24} {:<8} {:>10} {:>16}",
+            "{:<20} {:<24} {:<8} {:>10} {:>20}",
             m.name,
             m.addr.to_string(),
             state,
@@ -94,11 +118,14 @@ fn print_tables(status: &Status) {
             m.incarnation
         );
     }
+}
+
+fn print_agents(agents: &AgentsStatus) {
     println!(
         "\n{:>10} {:<20} {:<12} {:>6} {:<24} {:>5} {:>9}",
         "AGENT", "NODE", "TYPE", "GROUP", "CAPABILITIES", "LOAD", "HEALTH"
     );
-    for a in &status.agents.agents {
+    for a in &agents.agents {
         let caps: Vec<&str> = a.capabilities.iter().map(|c| c.name.as_str()).collect();
         println!(
             "{:>10} {:<20} {:<12} {:>6} {:<24} {:>5} {:>9}",
@@ -111,12 +138,12 @@ fn print_tables(status: &Status) {
             format!("{:?}", a.health).to_lowercase()
         );
     }
-    if !status.agents.tasks.is_empty() {
+    if !agents.tasks.is_empty() {
         println!(
             "\n{:<36} {:<16} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
             "TASK", "LABEL", "CAPABILITY", "PRIO", "GROUP", "DONE", "REALLOCATED", "ELAPSED ms"
         );
-        for t in &status.agents.tasks {
+        for t in &agents.tasks {
             println!(
                 "{:<36} {:<16} {:<12} {:>4} {:>5} {:>9} {:>11} {:>10}",
                 t.task.to_string(),

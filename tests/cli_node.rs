@@ -74,7 +74,7 @@ fn nodes_with_issued_certificates_join_and_leave_gracefully() {
         "a node leaving on SIGTERM exits 0"
     );
     n1.expect(&["node down", "node=n2 "]);
-    let closed = n1.expect(&["peer disconnected", "peer=n2"]);
+    let closed = n1.expect(&["connection to member down", "peer=n2"]);
     assert!(
         closed.contains("code 11"),
         "the connection closes with LEAVING: {closed}"

@@ -822,8 +822,22 @@ impl Driver {
                     }
                 }
             }
-            TransportEvent::PeerUp { peer, addr } => debug!(%peer, %addr, "connection up"),
-            TransportEvent::PeerDown { peer, reason } => debug!(%peer, %reason, "connection down"),
+            // Logged at INFO for members only: every `agentmesh status` or `submit`
+            // is a short-lived client connection too.
+            TransportEvent::PeerUp { peer, addr } => {
+                if self.is_member(&peer) {
+                    info!(%peer, %addr, "connection to member up");
+                } else {
+                    debug!(%peer, %addr, "connection up");
+                }
+            }
+            TransportEvent::PeerDown { peer, reason } => {
+                if self.is_member(&peer) {
+                    info!(%peer, %reason, "connection to member down");
+                } else {
+                    debug!(%peer, %reason, "connection down");
+                }
+            }
         }
     }
 
@@ -942,6 +956,14 @@ impl Driver {
                 let _ = done.cast(ClusterMsg::Dialled(to.name.to_string(), ok));
             });
         }
+    }
+
+    /// Whether `peer` is a node of the cluster (up, suspect, or down and not yet
+    /// forgotten), as opposed to a client.
+    fn is_member(&self, peer: &str) -> bool {
+        self.membership
+            .member_states()
+            .any(|(id, _)| *id.name == *peer)
     }
 
     fn member_infos(&self) -> Vec<MemberInfo> {

@@ -10,7 +10,7 @@ use foldhash::HashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::clock::{Clock, SystemClock};
 use crate::events::{EventQueues, EventSenders, Inbox, TransportEvents};
@@ -761,7 +761,7 @@ fn register(
         peer
     };
     let addr = conn.remote_address();
-    info!(peer = %name, %addr, dialled = dialled_by_us, "peer connected");
+    debug!(peer = %name, %addr, dialled = dialled_by_us, "peer connected");
     let events = shared.events.peers().clone();
     let up = TransportEvent::PeerUp {
         peer: name.clone(),
@@ -785,7 +785,7 @@ fn register(
             .unwrap_or(false);
         peer.shut();
         if removed {
-            info!(peer = %peer.name, %reason, "peer disconnected");
+            debug!(peer = %peer.name, %reason, "peer disconnected");
             let _ = events
                 .send(TransportEvent::PeerDown {
                     peer: peer.name.clone(),

@@ -277,11 +277,13 @@ struct Queues {
 impl Waiting {
     /// Counts one more waiting answer, unless [`MAX_WAITING_ANSWERS`] already wait.
     fn admit(&self) -> bool {
-        if self.live.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_ANSWERS {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
+        // Compare-and-swap, as `Intake::admit` does: with an add undone on overflow, a
+        // refused admit's brief +1 could get another refused while a place is free.
+        self.live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_WAITING_ANSWERS).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// An admitted answer was given (or its time ran out).

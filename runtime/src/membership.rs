@@ -4,6 +4,7 @@
 //! events and carries out what it asks: bytes to send, timers to set, members up and
 //! down. Nothing here reads a clock; the only randomness is a seeded RNG.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::Arc;
@@ -333,6 +334,11 @@ pub struct Membership {
     runtime: AccumulatingRuntime<NodeId>,
     /// The second half of a rename (up after down), held for the next poll.
     pending_up: Option<NodeId>,
+    /// The incarnation each member was last reported up at, while it is up. foca
+    /// tells of a member that comes back under a new identity twice (a rename, then
+    /// "up" since it was down): the second is not passed on. One entry per member
+    /// reported up and not since down.
+    reported_up: HashMap<Arc<str>, u64>,
     /// Whether foca is connected: it has an active member and is probing. foca stops
     /// every timer when it is not (cut off from all, or renewed after being declared
     /// down) and only connects again when a message addressed to its current identity
@@ -362,6 +368,7 @@ impl Membership {
             ),
             runtime: AccumulatingRuntime::new(),
             pending_up: None,
+            reported_up: HashMap::new(),
             connected: false,
             contacts: Vec::new(),
             next_contact: 0,
@@ -527,6 +534,26 @@ impl Membership {
     /// good, silent and blind to crashes (the simulator found it); and a node cut off
     /// from every member never came back after the partition healed.
     pub fn poll(&mut self) -> Option<MembershipOutput> {
+        let output = self.next_output()?;
+        match &output {
+            MembershipOutput::NodeUp(id) => {
+                self.reported_up.insert(id.name.clone(), id.incarnation);
+            }
+            MembershipOutput::NodeDown(id) => {
+                self.reported_up.remove(&id.name);
+            }
+            _ => {}
+        }
+        Some(output)
+    }
+
+    /// Whether `id` is the identity last reported up for its name.
+    fn reported(&self, id: &NodeId) -> bool {
+        self.reported_up.get(&id.name) == Some(&id.incarnation)
+    }
+
+    /// The next output of [`Membership::poll`], before it is recorded.
+    fn next_output(&mut self) -> Option<MembershipOutput> {
         loop {
             if let Some(id) = self.pending_up.take() {
                 return Some(MembershipOutput::NodeUp(id));
@@ -550,6 +577,7 @@ impl Membership {
                 return Some(MembershipOutput::SetTimer { after, timer });
             }
             match self.runtime.to_notify()? {
+                OwnedNotification::MemberUp(id) if self.reported(&id) => {}
                 OwnedNotification::MemberUp(id) => return Some(MembershipOutput::NodeUp(id)),
                 OwnedNotification::MemberDown(id) => return Some(MembershipOutput::NodeDown(id)),
                 OwnedNotification::Rejoin(id) => {

@@ -44,6 +44,11 @@ struct Cluster {
     salt: u64,
     /// How many times each node was told another was down: (told, about) → times.
     downs: BTreeMap<(String, String), u32>,
+    /// The incarnation each node was last told another is up at, while it is up:
+    /// (told, about) → incarnation. Being told the same again is a repeat.
+    told_up: BTreeMap<(String, String), u64>,
+    /// Every repeated "up": (told, about, incarnation).
+    repeated_ups: Vec<(String, String, u64)>,
 }
 
 fn id(name: &str, incarnation: u64) -> NodeId {
@@ -70,6 +75,8 @@ impl Cluster {
             cut: BTreeSet::new(),
             salt: 0,
             downs: BTreeMap::new(),
+            told_up: BTreeMap::new(),
+            repeated_ups: Vec::new(),
         }
     }
 
@@ -91,6 +98,7 @@ impl Cluster {
         }
         self.nodes.insert(name.into(), m);
         self.views.insert(name.into(), BTreeSet::new());
+        self.told_up.retain(|(told, _), _| told != name);
         self.crashed.remove(name);
         self.drain(name);
     }
@@ -119,6 +127,8 @@ impl Cluster {
         let mut m = Membership::new(next, MembershipConfig::default(), seed);
         m.restore(former).unwrap();
         m.join(id(via, 0)).unwrap();
+        // A fresh state machine remembers nothing it said.
+        self.told_up.retain(|(told, _), _| *told != name);
         self.nodes.insert(name.clone(), m);
         self.drain(&name);
     }
@@ -174,9 +184,15 @@ impl Cluster {
                 }
                 MembershipOutput::NodeUp(n) => {
                     self.views.get_mut(name).unwrap().insert(n.name.to_string());
+                    let key = (name.to_string(), n.name.to_string());
+                    if self.told_up.insert(key, n.incarnation) == Some(n.incarnation) {
+                        let repeat = (name.to_string(), n.name.to_string(), n.incarnation);
+                        self.repeated_ups.push(repeat);
+                    }
                 }
                 MembershipOutput::NodeDown(n) => {
                     self.views.get_mut(name).unwrap().remove(&*n.name);
+                    self.told_up.remove(&(name.to_string(), n.name.to_string()));
                     *self
                         .downs
                         .entry((name.to_string(), n.name.to_string()))
@@ -252,6 +268,21 @@ impl Cluster {
     fn sees(&self, who: &str, names: &[&str]) -> bool {
         let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
         self.views.get(who).is_some_and(|v| *v == want)
+    }
+}
+
+/// Every scenario checks at its end that no node was told twice that the same
+/// incarnation of a member is up (services act on each "up": discovery sends its
+/// registry, the mesh dials).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert!(
+                self.repeated_ups.is_empty(),
+                "told up twice (told, about, incarnation): {:?}",
+                self.repeated_ups
+            );
+        }
     }
 }
 

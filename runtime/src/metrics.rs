@@ -73,6 +73,7 @@ pub fn record(transport: &Transport, members: &[MemberInfo]) {
         metrics::counter!("agentmesh_handshakes_refused_total", "reason" => *reason)
             .absolute(s.handshakes_refused[i]);
     }
+    metrics::counter!("agentmesh_handshakes_unfinished_total").absolute(s.handshakes_unfinished);
     for (code, n) in s
         .closed_for_cause
         .iter()

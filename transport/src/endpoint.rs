@@ -595,7 +595,7 @@ async fn accept_loop(shared: Arc<Shared>) {
                     Ok(conn) => {
                         return accepted(shared, conn, gauge, Box::pin(async { true })).await;
                     }
-                    Err(e) => return refused(&shared, remote, &e.to_string()),
+                    Err(e) => return handshake_failed(&shared, remote, &e),
                 },
             };
             accepted(shared, conn, gauge, Box::pin(handshake_done)).await;
@@ -603,10 +603,34 @@ async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-fn refused(shared: &Shared, remote: SocketAddr, error: &str) {
-    let why = HandshakeRefusal::classify(error);
-    shared.stats.handshake_refused(why);
-    warn!(%remote, reason = ?why, error, "refused a connection at the handshake");
+/// Logs and counts an incoming handshake that ended without a connection: refused,
+/// by this node's TLS or the client's, or left unfinished by the client.
+fn handshake_failed(shared: &Shared, remote: SocketAddr, error: &quinn::ConnectionError) {
+    if is_refusal(error) {
+        let error = error.to_string();
+        let why = HandshakeRefusal::classify(&error);
+        shared.stats.handshake_refused(why);
+        warn!(%remote, reason = ?why, error, "refused a connection at the handshake");
+    } else {
+        shared.stats.handshake_unfinished();
+        debug!(%remote, %error, "an incoming handshake did not finish");
+    }
+}
+
+/// Whether a failed handshake was refused: this node found an error (its TLS refused
+/// the client's certificate, or the client broke the protocol), or the client closed
+/// with a TLS alert (it refused ours). Anything else (the client timed out, reset or
+/// closed without an alert) is a handshake left unfinished: a client that gave up, or
+/// one paused past its own timeout while its first packets waited here.
+fn is_refusal(error: &quinn::ConnectionError) -> bool {
+    const TLS_ALERTS: std::ops::Range<u64> = 0x100..0x200;
+    match error {
+        quinn::ConnectionError::TransportError(_) => true,
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            TLS_ALERTS.contains(&u64::from(close.error_code))
+        }
+        _ => false,
+    }
 }
 
 /// Registers an incoming connection. A resumed session names its client before the
@@ -638,7 +662,7 @@ async fn accepted(
             }
             _ => {
                 if let Some(reason) = conn.close_reason() {
-                    refused(&shared, remote, &reason.to_string());
+                    handshake_failed(&shared, remote, &reason);
                 }
                 conn.close(
                     VarInt::from_u32(AcpErrorCode::ProtocolViolation.code()),
@@ -650,7 +674,7 @@ async fn accepted(
     }
     handshake_done.await;
     if let Some(reason) = conn.close_reason() {
-        return refused(&shared, remote, &reason.to_string());
+        return handshake_failed(&shared, remote, &reason);
     }
     match peer_name(&conn) {
         Ok(name) => {

@@ -12,6 +12,7 @@ use crate::wire::{AcpErrorCode, Lane, MessageType};
 #[derive(Debug, Default)]
 pub struct TransportStats {
     handshakes_refused: [AtomicU64; 4],
+    handshakes_unfinished: AtomicU64,
     frames_in: [AtomicU64; 5],
     frames_out: [AtomicU64; 5],
     bytes_in: [AtomicU64; 5],
@@ -109,6 +110,10 @@ fn via_index(via: Via) -> usize {
 pub struct StatsSnapshot {
     /// Handshakes refused: no certificate, unknown issuer, expired, other.
     pub handshakes_refused: [u64; 4],
+    /// Incoming handshakes that ended unfinished, refused by no one: the client went
+    /// silent (timed out), reset or closed it (it gave up, or was paused past its own
+    /// timeout while its first packets waited here).
+    pub handshakes_unfinished: u64,
     /// Frames received, by carrier.
     pub frames_in: [u64; 5],
     /// Frames sent, by carrier.
@@ -162,6 +167,10 @@ fn load<const N: usize>(a: &[AtomicU64; N]) -> [u64; N] {
 impl TransportStats {
     pub(crate) fn handshake_refused(&self, why: HandshakeRefusal) {
         self.handshakes_refused[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn handshake_unfinished(&self) {
+        self.handshakes_unfinished.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn received(&self, via: Via, frames: u64, bytes: u64) {
@@ -222,6 +231,7 @@ impl TransportStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             handshakes_refused: load(&self.handshakes_refused),
+            handshakes_unfinished: self.handshakes_unfinished.load(Ordering::Relaxed),
             frames_in: load(&self.frames_in),
             frames_out: load(&self.frames_out),
             bytes_in: load(&self.bytes_in),

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use agentmesh_transport::tls::{self, ClusterCa, NodeIdentity};
-use agentmesh_transport::TransportEvent;
+use agentmesh_transport::{EndpointConfig, TransportEvent};
 use common::*;
 
 #[tokio::test]
@@ -95,6 +95,42 @@ async fn dialling_the_wrong_name_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("beta"), "{err}");
+}
+
+/// A handshake the client leaves unfinished (its packets reach the node, the node's
+/// never reach it back: a client paused or cut off mid-handshake, which gives up) is
+/// no refusal: it is counted apart, and logged at debug, not as a refused connection.
+#[tokio::test]
+async fn a_handshake_left_unfinished_is_not_counted_as_refused() {
+    let ca = ClusterCa::generate().unwrap();
+    let config = EndpointConfig {
+        idle_timeout_ms: 300,
+        ..EndpointConfig::new(loopback())
+    };
+    let a = node_with(&ca, "alpha", config.clone());
+    let b = node_with(&ca, "beta", config);
+    // A one-way relay to alpha: what beta sends reaches alpha, alpha's answers stop here.
+    let relay = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let server = a.addr;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            if from != server {
+                let _ = relay.send_to(&buf[..n], server).await;
+            }
+        }
+    });
+    assert!(b.transport.connect(relay_addr, None).await.is_err());
+    for _ in 0..100 {
+        if a.transport.stats().handshakes_unfinished > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stats = a.transport.stats();
+    assert_eq!(stats.handshakes_unfinished, 1);
+    assert_eq!(stats.handshakes_refused, [0; 4]);
 }
 
 /// Dials `node` as "alpha" and waits for the outcome. The server refuses after the

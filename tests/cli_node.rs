@@ -107,7 +107,11 @@ fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
     let a1 = format!("127.0.0.1:{}", free_port());
     let a2 = format!("127.0.0.1:{}", free_port());
     let m1 = format!("127.0.0.1:{}", free_port());
-    let n1 = NodeProcess::start(
+    // Debug lines of the transport only, as RUST_LOG asks.
+    let mut program = agentmesh();
+    program.env("RUST_LOG", "info,agentmesh_transport=debug");
+    let n1 = NodeProcess::start_program(
+        program,
         &[
             "--name",
             "p1",
@@ -128,6 +132,9 @@ fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
         Some(&dev),
     );
     n2.expect(&["node up", "node=p1 "]);
+    let line = n1.expect(&["peer connected", "p2"]);
+    let parsed: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(parsed["level"], "DEBUG");
     n1.expect(&["node up", "p2"]);
     let scrape = |path: &str| {
         let mut s = std::net::TcpStream::connect(&m1).unwrap();
@@ -150,4 +157,16 @@ fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
     drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();
+}
+
+#[test]
+fn a_bad_log_filter_is_refused_with_exit_code_2() {
+    let out = agentmesh()
+        .env("RUST_LOG", "info,agentmesh=loud")
+        .args(["node", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("RUST_LOG is not a log filter"), "{stderr}");
 }

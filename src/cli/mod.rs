@@ -24,6 +24,8 @@ use std::pin::Pin;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 use crate::actors::{Agent, AgentHost, HostError};
 use crate::builtin;
@@ -81,11 +83,19 @@ impl Args {
         matches!(&self.command, Command::Node(args) if args.log_format == node::LogFormat::Json)
     }
 
-    /// How much to log: a node reports what it does; one-shot commands only warn.
-    pub fn log_level(&self) -> tracing::Level {
-        match self.command {
-            Command::Node(_) => tracing::Level::INFO,
-            _ => tracing::Level::WARN,
+    /// What to log: `rust_log` (the `RUST_LOG` variable) if set, read as a default
+    /// level and per-target levels (`debug`, or `info,agentmesh_transport=debug`);
+    /// otherwise a node reports what it does and one-shot commands only warn.
+    pub fn log_filter(
+        &self,
+        rust_log: Option<&str>,
+    ) -> Result<Targets, tracing_subscriber::filter::ParseError> {
+        match rust_log.map(str::trim) {
+            Some(spec) if !spec.is_empty() => spec.parse(),
+            _ => Ok(Targets::new().with_default(match self.command {
+                Command::Node(_) => tracing::Level::INFO,
+                _ => tracing::Level::WARN,
+            })),
         }
     }
 }
@@ -197,16 +207,25 @@ impl Cli {
     /// 0 on success, 2 for bad input, 1 for any other failure (one line on stderr).
     pub fn run(self) -> ExitCode {
         let args = Args::parse();
-        let logs = tracing_subscriber::fmt()
+        let filter = match args.log_filter(std::env::var("RUST_LOG").ok().as_deref()) {
+            Ok(filter) => filter,
+            Err(e) => {
+                eprintln!("agentmesh: RUST_LOG is not a log filter (LEVEL or LEVEL,TARGET=LEVEL,...): {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let logs = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_target(false)
-            .with_max_level(args.log_level());
-        if args.log_json() {
-            logs.json().init();
+            .with_target(false);
+        let logs = if args.log_json() {
+            logs.json().boxed()
         } else {
             logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-        }
+                .boxed()
+        };
+        tracing_subscriber::registry()
+            .with(logs.with_filter(filter))
+            .init();
         match run(args, &self.agents) {
             Ok(()) => ExitCode::SUCCESS,
             Err(failure) => {

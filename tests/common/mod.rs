@@ -62,6 +62,11 @@ impl NodeProcess {
         if let Some(dir) = dev_ca {
             cmd.env("AGENTMESH_DEV_CA_DIR", dir);
         }
+        // The log lines tests wait for are the default ones, whatever the caller's shell
+        // has set, unless the test sets its own filter.
+        if !cmd.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            cmd.env_remove("RUST_LOG");
+        }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();

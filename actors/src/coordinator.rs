@@ -522,7 +522,13 @@ impl CoordinatorState {
                     .increment(1);
                 return warn!(%peer, agent = header.agent, task = %report.task, "REPORT for an attempt given to another agent");
             }
-            None => return, // A task already finished, or never ours.
+            None => {
+                // An attempt of a task already ended, or never ours: a worker paused or
+                // cut off past its reallocation reports late.
+                metrics::counter!("agentmesh_reports_refused_total", "reason" => "no_such_attempt")
+                    .increment(1);
+                return debug!(%peer, task = %report.task, segment = report.segment, attempt = report.attempt, "REPORT for no current attempt");
+            }
         }
         self.on_report(report).await;
     }

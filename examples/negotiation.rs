@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             floor: *floor,
         }))?,
         label: Some("steel contract".into()),
+        task: None,
     };
     let buyer = cluster.host(0);
     let (outcome, steering) = tokio::join!(buyer.submit(request), async {

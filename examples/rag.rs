@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
                 group: 0,
                 inputs: inputs(&pieces)?,
                 label: Some("retrieve".into()),
+                task: None,
             },
         )
         .await?;
@@ -85,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
                     ms: 100,
                 }])?,
                 label: Some("summarize".into()),
+                task: None,
             },
         )
         .await?;

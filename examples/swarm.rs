@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 group: 0,
                 inputs: inputs(patches)?,
                 label: Some("forage".into()),
+                task: None,
             },
         )
         .await?;

@@ -144,6 +144,67 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
     first.expect(&["node down: reallocating its segments", "node=n2"]);
 }
 
+/// `submit` loses its connection while it waits (the node is paused with SIGSTOP past
+/// the client's 3 s idle timeout), connects again and submits the same task id: it
+/// gets the outcome, and the node ran the task once. Before, it waited for good.
+#[test]
+fn a_submit_that_loses_its_connection_asks_again_and_the_task_runs_once() {
+    let cluster = Cluster::new("agents-stop", 1);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let node = cluster.start(0, &["--agents", "sleep=2", "--metrics", &metrics]);
+    cluster.wait_for_agents(0, 1);
+    // 8 segments of 500 ms on 2 replicas: about 2 s of work.
+    let mut submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "sleep",
+            "--segments",
+            "8",
+            "--segment-ms",
+            "500",
+        ],
+    );
+    node.expect(&["task submitted"]);
+    let pid = node.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while submit.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            submit.kill().unwrap();
+            let out = submit.wait_with_output().unwrap();
+            panic!(
+                "submit still waiting after 60 s; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = submit.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("asking the node again for the task"),
+        "{stderr}"
+    );
+    let task: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["completed"], 8, "{task}");
+    assert_eq!(task["duplicates_discarded"], 0, "{task}");
+    node.expect(&["a client", "again", "the task"]);
+    let metrics = scrape(&metrics);
+    assert!(
+        metrics.contains("agentmesh_tasks_total{status=\"completed\"} 1\n"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
     let cluster = Cluster::new("agents-crash", 1);

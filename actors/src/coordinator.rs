@@ -24,6 +24,7 @@ use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::discovery::DiscoveryMsg;
+use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
 use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
@@ -136,6 +137,8 @@ pub struct CoordinatorState {
     recorder: Option<Recorder>,
     /// When each attempt was allocated (only while recording).
     allocated_ms: HashMap<(Uuid, u32, u32), u64>,
+    /// Tasks that ended here: for a client that submits one again.
+    ended: EndedTasks,
 }
 
 struct Outgoing {
@@ -193,6 +196,7 @@ impl Actor for Coordinator {
             agent_groups: HashMap::new(),
             recorder: args.recorder,
             allocated_ms: HashMap::new(),
+            ended: EndedTasks::new(EndedLimits::default()),
         })
     }
 
@@ -278,7 +282,10 @@ impl CoordinatorState {
     }
 
     async fn submit(&mut self, request: SubmitRequest, reply: RpcReplyPort<TaskOutcome>) {
-        let task = uuid::Builder::from_random_bytes(self.rng.random()).into_uuid();
+        let task = match request.task {
+            Some(task) => task,
+            None => uuid::Builder::from_random_bytes(self.rng.random()).into_uuid(),
+        };
         let refuse = |reason: String| TaskOutcome {
             task,
             status: TaskStatus::Failed,
@@ -290,6 +297,34 @@ impl CoordinatorState {
             reason: Some(reason),
             results: Vec::new(),
         };
+        // The same task again: its client lost the connection it waited on.
+        if let Some(meta) = self.tasks.get_mut(&task) {
+            if meta.capability != request.capability
+                || meta.group != request.group
+                || meta.inputs.len() != request.inputs.len()
+            {
+                let _ = reply.send(refuse(format!("task id {task} is taken by another task")));
+                return;
+            }
+            info!(%task, "a client waits again for the task");
+            // The waiter before it is dropped: its client is gone, or told so.
+            meta.reply = Some(reply);
+            return;
+        }
+        match self.ended.get(task) {
+            Ended::Outcome(outcome) => {
+                info!(%task, "a client asked again for the outcome of the task");
+                let _ = reply.send(outcome.clone());
+                return;
+            }
+            Ended::Forgotten => {
+                let _ = reply.send(refuse(format!(
+                    "task {task} ended here already; its outcome is no longer kept"
+                )));
+                return;
+            }
+            Ended::Unknown => {}
+        }
         if self.tasks.len() >= MAX_OPEN_TASKS {
             let _ = reply.send(refuse(format!(
                 "the coordinator runs {MAX_OPEN_TASKS} tasks already; try later"
@@ -688,18 +723,20 @@ impl CoordinatorState {
         metrics::counter!("agentmesh_segments_reallocated_total").increment(figures.reallocated);
         metrics::counter!("agentmesh_results_discarded_total")
             .increment(figures.duplicates_discarded);
+        let outcome = TaskOutcome {
+            task,
+            status,
+            segments: figures.segments,
+            completed: figures.completed,
+            duplicates_discarded: figures.duplicates_discarded,
+            reallocated: figures.reallocated,
+            elapsed_ms,
+            reason,
+            results: results.into_iter().map(Blob).collect(),
+        };
+        self.ended.record(&outcome);
         if let Some(reply) = meta.reply {
-            let _ = reply.send(TaskOutcome {
-                task,
-                status,
-                segments: figures.segments,
-                completed: figures.completed,
-                duplicates_discarded: figures.duplicates_discarded,
-                reallocated: figures.reallocated,
-                elapsed_ms,
-                reason,
-                results: results.into_iter().map(Blob).collect(),
-            });
+            let _ = reply.send(outcome);
         }
     }
 

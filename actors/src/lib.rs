@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod coordinator;
 pub mod discovery;
+pub mod ended;
 pub mod host;
 pub mod ledger;
 pub mod policy;

@@ -59,6 +59,13 @@ pub struct SubmitRequest {
     /// [`MAX_LABEL_LEN`] bytes.
     #[serde(default)]
     pub label: Option<String>,
+    /// The task's id, chosen by the client so that it can submit again after losing
+    /// its connection while it waited: a submission with the id of a task that runs on
+    /// the coordinator waits for that task (in place of the waiter before it), one
+    /// with the id of a task that ended there gets its outcome; the task does not run
+    /// twice. Without it the coordinator picks one.
+    #[serde(default)]
+    pub task: Option<Uuid>,
 }
 
 /// The longest task label accepted.

@@ -171,6 +171,7 @@ async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
             group: 0,
             inputs: inputs(2),
             label: None,
+            task: None,
         })
         .await
         .unwrap();
@@ -248,6 +249,7 @@ async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, Submi
         group: 0,
         inputs: inputs(2),
         label: None,
+        task: None,
     };
     (nodes, request)
 }
@@ -313,6 +315,44 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
     assert_eq!(outcome.reason.as_deref(), Some("cancelled"));
     let unknown = nodes[0].1.adjust(AdjustRequest::default()).await.unwrap();
     assert!(unknown.error.is_some());
+}
+
+/// A submission with the id of a task that runs waits for that task (the waiter
+/// before it is let go), one with the id of a task that ended gets its outcome, and
+/// one with the id but not the shape of a running task is refused: the task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_again_by_its_id_runs_once() {
+    let ca = ClusterCa::generate().unwrap();
+    let (nodes, mut request) = patients_on_beta(&ca).await;
+    let id = uuid::Uuid::from_u128(0x5eed);
+    request.task = Some(id);
+    let (n, r) = (nodes.clone(), request.clone());
+    let first = tokio::spawn(async move { n[0].1.submit(r).await });
+    assert_eq!(running_task(&nodes[0].1).await, id);
+
+    let other = SubmitRequest {
+        capability: "something else".into(),
+        ..request.clone()
+    };
+    let refused = nodes[0].1.submit(other).await.unwrap();
+    assert_eq!(refused.status, TaskStatus::Failed);
+    assert!(refused.reason.unwrap().contains("taken by another task"));
+
+    let (n, r) = (nodes.clone(), request.clone());
+    let again = tokio::spawn(async move { n[0].1.submit(r).await.unwrap() });
+    // The first waiter is let go once the second takes its place.
+    assert!(first.await.unwrap().is_err());
+    adjust_until_reached(&nodes[0].1, id, "answer", None, 2).await;
+    let outcome = again.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.task, id);
+
+    let status = nodes[0].1.status().await.unwrap();
+    assert!(status.tasks.is_empty(), "{:?}", status.tasks);
+    let later = nodes[0].1.submit(request).await.unwrap();
+    assert_eq!(later, outcome);
+    let status = nodes[0].1.status().await.unwrap();
+    assert!(status.tasks.is_empty(), "ran again: {:?}", status.tasks);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,6 +464,7 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
             group: 0,
             inputs: inputs(5),
             label: None,
+            task: None,
         })
         .await
         .unwrap();

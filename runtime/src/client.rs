@@ -30,6 +30,14 @@ pub enum ClientError {
     /// No answer in time.
     #[error("no answer from {0} within {1} ms")]
     Timeout(SocketAddr, u64),
+    /// The connection closed while the request waited for its answer.
+    #[error("lost the connection to {addr} while waiting for an answer: {reason}")]
+    Disconnected {
+        /// The node's address.
+        addr: SocketAddr,
+        /// Why, as quinn or the node put it.
+        reason: String,
+    },
     /// The node answered with an error.
     #[error("{addr} refused: {reason}")]
     Refused {
@@ -46,6 +54,17 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+}
+
+impl ClientError {
+    /// Whether the node may be there still and the request worth making again: the
+    /// connection was lost, or could not be made.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Disconnected { .. } | ClientError::Transport(_)
+        )
+    }
 }
 
 /// A connection to one node for requests.
@@ -78,7 +97,13 @@ impl Client {
             events,
             peer: peer.to_string(),
             addr,
-            next_correlation: 1,
+            // Random, not 1: a node answers by the client's name, which a client that
+            // connects again shares with its former connection, and an answer to the
+            // former one (its request dropped, say) must not pass for this one's.
+            next_correlation: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u8,
+            ),
         })
     }
 
@@ -96,7 +121,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
         let correlation = self.next_correlation;
-        self.next_correlation += 1;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
         let payload = Payload::Envelope(Envelope {
             to: service.into(),
             kind: kind.into(),
@@ -109,28 +134,30 @@ impl Client {
         .map_err(|e| self.bad(e))?;
         let message = Message::new(Header::new(MessageType::Envelope), Bytes::from(payload));
         self.transport.send(&self.peer, message).await?;
-        let timeout_ms = timeout.as_millis() as u64;
+        let (addr, node) = (self.addr, self.peer.as_str());
         let events = &mut self.events;
+        let lost = |reason: String| ClientError::Disconnected { addr, reason };
         let answer = tokio::time::timeout(timeout, async {
             while let Some(event) = events.recv().await {
-                let TransportEvent::Received { messages, .. } = event else {
-                    continue;
+                let messages = match event {
+                    TransportEvent::Received { messages, .. } => messages,
+                    TransportEvent::PeerDown { peer, reason } if &*peer == node => {
+                        return Err(lost(reason));
+                    }
+                    _ => continue,
                 };
                 for m in messages {
                     if let Ok(Payload::Envelope(e)) = Payload::decode(m.header.msg_type, &m.body) {
                         if e.reply && e.correlation == correlation {
-                            return Some(e);
+                            return Ok(e);
                         }
                     }
                 }
             }
-            None
+            Err(lost("the transport stopped".into()))
         })
-        .await;
-        let answer = answer
-            .ok()
-            .flatten()
-            .ok_or(ClientError::Timeout(self.addr, timeout_ms))?;
+        .await
+        .map_err(|_| ClientError::Timeout(addr, timeout.as_millis() as u64))??;
         if answer.kind == ERROR_KIND {
             return Err(ClientError::Refused {
                 addr: self.addr,

@@ -362,6 +362,7 @@ async fn submit(
         group: 0,
         inputs,
         label: Some(label),
+        task: None,
     };
     let outcome: TaskOutcome = client
         .request(

@@ -205,6 +205,7 @@ async fn one_run(
         group: 0,
         inputs,
         label: Some("failover".into()),
+        task: None,
     };
     let mut submitter = connect(&identities[2], procs, COORDINATOR).await?;
     let task = tokio::spawn(async move {

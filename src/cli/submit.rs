@@ -3,11 +3,16 @@
 //! for any agent), from a text file cut into `--segments` chunks (for `wordcount`,
 //! `echo`), or from `--segment-ms` alone (for `sleep`, `crash`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
+use tokio::time::Instant;
+use tracing::warn;
+use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::coordinator::SUBMIT_TIMEOUT;
@@ -164,6 +169,65 @@ struct Printed<'a> {
     results: Option<Vec<serde_json::Value>>,
 }
 
+/// How long `submit` tries to reach the node again after losing its connection.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
+/// The pause between two tries.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Submits `request` and waits for the task's outcome. If the connection is lost after
+/// the first submission (the node paused, restarting its network, ...), it connects
+/// again and submits the same task (same id): the coordinator then waits for the task
+/// it already runs, or answers with its outcome if it ended meanwhile, so the task runs
+/// once. It gives up after [`RECONNECT_WITHIN`] without a connection.
+async fn wait_for(
+    identity: &NodeIdentity,
+    to: SocketAddr,
+    request: &SubmitRequest,
+) -> anyhow::Result<TaskOutcome> {
+    let task = request.task.map(|t| t.to_string()).unwrap_or_default();
+    // Whether the task was submitted once, and since when connections keep failing
+    // (a connection that lasted starts the count again).
+    let mut submitted = false;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let (error, lasted) = match Client::connect(identity, to).await {
+            Ok(mut client) => {
+                let connected_at = Instant::now();
+                submitted = true;
+                let outcome = client
+                    .request(
+                        COORDINATOR_SERVICE,
+                        <SubmitRequest as RemoteMessage>::KIND,
+                        request,
+                        SUBMIT_TIMEOUT,
+                    )
+                    .await;
+                client.close().await;
+                match outcome {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(e) => (e, connected_at.elapsed() >= RECONNECT_WITHIN),
+                }
+            }
+            Err(e) => (e, false),
+        };
+        if !submitted || !error.is_connection_lost() {
+            return Err(error.into());
+        }
+        if lasted {
+            failing_since = None;
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= RECONNECT_WITHIN {
+            bail!(
+                "{error}; no lasting connection to {to} for {} s: task {task} may still run there (`agentmesh status --to {to}` lists it)",
+                RECONNECT_WITHIN.as_secs()
+            );
+        }
+        warn!(%error, %task, "asking the node again for the task");
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
 /// Submits and waits; a task that failed is an error (exit code 1) after its figures
 /// are printed.
 pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyhow::Result<()> {
@@ -174,20 +238,10 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         group: args.group,
         inputs,
         label: args.label.clone(),
+        task: Some(Uuid::new_v4()),
     };
-    let outcome: TaskOutcome = runtime()?.block_on(async {
-        let mut client = Client::connect(&identity, args.client.to).await?;
-        let outcome = client
-            .request(
-                COORDINATOR_SERVICE,
-                <SubmitRequest as RemoteMessage>::KIND,
-                &request,
-                SUBMIT_TIMEOUT,
-            )
-            .await;
-        client.close().await;
-        anyhow::Ok(outcome?)
-    })?;
+    let outcome: TaskOutcome =
+        runtime()?.block_on(wait_for(&identity, args.client.to, &request))?;
     let results = args.results.then(|| {
         outcome
             .results

@@ -1,0 +1,158 @@
+//! What a coordinator remembers of the tasks that ended on it, so that a client that
+//! lost its connection while waiting can submit the same task again and get its
+//! outcome, and a task never runs twice: the ids of many ended tasks, and the whole
+//! outcomes of the latest few. Both are bounded.
+
+use std::collections::{HashSet, VecDeque};
+
+use uuid::Uuid;
+
+use crate::service::TaskOutcome;
+
+/// How much is remembered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndedLimits {
+    /// Ended task ids (16 bytes each, twice over).
+    pub ids: usize,
+    /// Whole outcomes.
+    pub outcomes: usize,
+    /// Bytes of results across the outcomes kept.
+    pub result_bytes: usize,
+}
+
+impl Default for EndedLimits {
+    fn default() -> EndedLimits {
+        EndedLimits {
+            ids: 65_536,
+            outcomes: 256,
+            result_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What is known of a task id.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended<'a> {
+    /// It ended here lately: its outcome.
+    Outcome(&'a TaskOutcome),
+    /// It ended here, and its outcome is no longer kept.
+    Forgotten,
+    /// It did not end here (or so long ago that its id is gone too).
+    Unknown,
+}
+
+/// The ended tasks a coordinator remembers, oldest first.
+#[derive(Debug)]
+pub struct EndedTasks {
+    limits: EndedLimits,
+    ids: VecDeque<Uuid>,
+    known: HashSet<Uuid>,
+    outcomes: VecDeque<TaskOutcome>,
+    result_bytes: usize,
+}
+
+fn result_bytes(outcome: &TaskOutcome) -> usize {
+    outcome.results.iter().map(|r| r.0.len()).sum()
+}
+
+impl EndedTasks {
+    /// Nothing remembered yet.
+    pub fn new(limits: EndedLimits) -> EndedTasks {
+        EndedTasks {
+            limits,
+            ids: VecDeque::new(),
+            known: HashSet::new(),
+            outcomes: VecDeque::new(),
+            result_bytes: 0,
+        }
+    }
+
+    /// Remembers that `outcome`'s task ended, and its outcome while it fits: the oldest
+    /// make room. An outcome whose results alone exceed the byte limit is not kept
+    /// (its id is).
+    pub fn record(&mut self, outcome: &TaskOutcome) {
+        if self.known.insert(outcome.task) {
+            self.ids.push_back(outcome.task);
+        }
+        while self.ids.len() > self.limits.ids {
+            if let Some(old) = self.ids.pop_front() {
+                self.known.remove(&old);
+            }
+        }
+        let bytes = result_bytes(outcome);
+        if self.limits.outcomes == 0 || bytes > self.limits.result_bytes {
+            return;
+        }
+        while self.outcomes.len() >= self.limits.outcomes
+            || self.result_bytes + bytes > self.limits.result_bytes
+        {
+            let Some(old) = self.outcomes.pop_front() else {
+                break;
+            };
+            self.result_bytes -= result_bytes(&old);
+        }
+        self.result_bytes += bytes;
+        self.outcomes.push_back(outcome.clone());
+        debug_assert!(self.outcomes.len() <= self.limits.outcomes);
+        debug_assert!(self.result_bytes <= self.limits.result_bytes);
+        debug_assert_eq!(self.ids.len(), self.known.len());
+    }
+
+    /// What is known of `task`.
+    pub fn get(&self, task: Uuid) -> Ended<'_> {
+        if !self.known.contains(&task) {
+            return Ended::Unknown;
+        }
+        match self.outcomes.iter().rev().find(|o| o.task == task) {
+            Some(outcome) => Ended::Outcome(outcome),
+            None => Ended::Forgotten,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::TaskStatus;
+
+    fn outcome(n: u8, bytes: usize) -> TaskOutcome {
+        TaskOutcome {
+            task: Uuid::from_bytes([n; 16]),
+            status: TaskStatus::Completed,
+            segments: 1,
+            completed: 1,
+            duplicates_discarded: 0,
+            reallocated: 0,
+            elapsed_ms: 1,
+            reason: None,
+            results: vec![crate::service::serde_bytes_vec::Blob(vec![n; bytes])],
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_outcomes_and_more_ids_within_its_limits() {
+        let mut ended = EndedTasks::new(EndedLimits {
+            ids: 4,
+            outcomes: 2,
+            result_bytes: 100,
+        });
+        for n in 1..=5 {
+            ended.record(&outcome(n, 10));
+        }
+        let id = |n: u8| Uuid::from_bytes([n; 16]);
+        assert_eq!(ended.get(id(5)), Ended::Outcome(&outcome(5, 10)));
+        assert_eq!(ended.get(id(4)), Ended::Outcome(&outcome(4, 10)));
+        assert_eq!(ended.get(id(3)), Ended::Forgotten);
+        assert_eq!(ended.get(id(2)), Ended::Forgotten);
+        assert_eq!(ended.get(id(1)), Ended::Unknown);
+        assert_eq!(ended.get(id(9)), Ended::Unknown);
+        // Bytes bound too: a 95-byte outcome leaves room for no other.
+        ended.record(&outcome(6, 95));
+        assert_eq!(ended.get(id(5)), Ended::Forgotten);
+        assert_eq!(ended.get(id(6)), Ended::Outcome(&outcome(6, 95)));
+        // One larger than the whole budget keeps only its id, and evicts nothing.
+        ended.record(&outcome(7, 101));
+        assert_eq!(ended.get(id(7)), Ended::Forgotten);
+        assert_eq!(ended.get(id(6)), Ended::Outcome(&outcome(6, 95)));
+    }
+}

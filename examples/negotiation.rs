@@ -141,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         }))?,
         label: Some("steel contract".into()),
         task: None,
+        attach: false,
     };
     let buyer = cluster.host(0);
     let (outcome, steering) = tokio::join!(buyer.submit(request), async {

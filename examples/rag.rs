@@ -57,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
                 inputs: inputs(&pieces)?,
                 label: Some("retrieve".into()),
                 task: None,
+                attach: false,
             },
         )
         .await?;
@@ -87,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                 }])?,
                 label: Some("summarize".into()),
                 task: None,
+                attach: false,
             },
         )
         .await?;

@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 inputs: inputs(patches)?,
                 label: Some("forage".into()),
                 task: None,
+                attach: false,
             },
         )
         .await?;

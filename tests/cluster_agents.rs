@@ -473,7 +473,22 @@ fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
 #[test]
 fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
     let cluster = Cluster::new("agents-args", 1);
+    // More than one message to a node carries (16 MiB).
+    let big = cluster.dir.join("big.txt");
+    std::fs::write(&big, "word ".repeat(3_500_000)).unwrap();
+    let big = big.to_str().unwrap();
     for args in [
+        vec![
+            "submit",
+            "--to",
+            "127.0.0.1:1",
+            "--capability",
+            "wordcount",
+            "--segments",
+            "4",
+            "--input",
+            big,
+        ],
         vec!["node", "--agents", "bogus=1"],
         vec!["node", "--agents", "sleep=0"],
         vec!["node", "--agents", "sleep"],

@@ -323,6 +323,12 @@ impl CoordinatorState {
                 )));
                 return;
             }
+            Ended::Unknown if request.attach => {
+                let _ = reply.send(refuse(format!(
+                    "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
+                )));
+                return;
+            }
             Ended::Unknown => {}
         }
         if self.tasks.len() >= MAX_OPEN_TASKS {

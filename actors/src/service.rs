@@ -66,6 +66,11 @@ pub struct SubmitRequest {
     /// twice. Without it the coordinator picks one.
     #[serde(default)]
     pub task: Option<Uuid>,
+    /// Only wait for the task `task` names, never start it: what a client sends
+    /// again after losing its connection, so that a node restarted meanwhile (which
+    /// no longer knows the task) says so instead of running it a second time.
+    #[serde(default)]
+    pub attach: bool,
 }
 
 /// The longest task label accepted.

@@ -172,6 +172,7 @@ async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
             inputs: inputs(2),
             label: None,
             task: None,
+            attach: false,
         })
         .await
         .unwrap();
@@ -250,6 +251,7 @@ async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, Submi
         inputs: inputs(2),
         label: None,
         task: None,
+        attach: false,
     };
     (nodes, request)
 }
@@ -349,10 +351,22 @@ async fn a_task_submitted_again_by_its_id_runs_once() {
 
     let status = nodes[0].1.status().await.unwrap();
     assert!(status.tasks.is_empty(), "{:?}", status.tasks);
-    let later = nodes[0].1.submit(request).await.unwrap();
+    let later = nodes[0].1.submit(request.clone()).await.unwrap();
     assert_eq!(later, outcome);
     let status = nodes[0].1.status().await.unwrap();
     assert!(status.tasks.is_empty(), "ran again: {:?}", status.tasks);
+
+    // Waiting for a task the node does not know (it restarted, say) starts nothing.
+    let unknown = SubmitRequest {
+        task: Some(uuid::Uuid::from_u128(0x0dd)),
+        attach: true,
+        ..request
+    };
+    let refused = nodes[0].1.submit(unknown).await.unwrap();
+    assert_eq!(refused.status, TaskStatus::Failed);
+    assert!(refused.reason.unwrap().contains("not known here"));
+    let status = nodes[0].1.status().await.unwrap();
+    assert!(status.tasks.is_empty(), "started: {:?}", status.tasks);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,6 +479,7 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
             inputs: inputs(5),
             label: None,
             task: None,
+            attach: false,
         })
         .await
         .unwrap();

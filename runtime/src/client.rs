@@ -37,6 +37,8 @@ pub enum ClientError {
         addr: SocketAddr,
         /// Why, as quinn or the node put it.
         reason: String,
+        /// The code the node closed with, if it closed the connection itself.
+        node_code: Option<u64>,
     },
     /// The node answered with an error.
     #[error("{addr} refused: {reason}")]
@@ -57,13 +59,18 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the node may be there still and the request worth making again: the
-    /// connection was lost, or could not be made.
+    /// Whether the request may be worth making again, on a new connection: the
+    /// connection could not be made, or was lost (timed out, reset, or closed by the
+    /// node for a reason that passes: leaving, overload). Not when the node closed it
+    /// for what this client sent (a message too large, say), nor for any other error.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Disconnected { .. } | ClientError::Transport(_)
-        )
+        match self {
+            ClientError::Transport(_) => true,
+            ClientError::Disconnected { node_code, .. } => node_code.is_none_or(|code| {
+                AcpErrorCode::from_code(code).is_some_and(|c| !c.blames_the_receiver())
+            }),
+            _ => false,
+        }
     }
 }
 
@@ -136,14 +143,20 @@ impl Client {
         self.transport.send(&self.peer, message).await?;
         let (addr, node) = (self.addr, self.peer.as_str());
         let events = &mut self.events;
-        let lost = |reason: String| ClientError::Disconnected { addr, reason };
+        let lost = |reason: String, node_code| ClientError::Disconnected {
+            addr,
+            reason,
+            node_code,
+        };
         let answer = tokio::time::timeout(timeout, async {
             while let Some(event) = events.recv().await {
                 let messages = match event {
                     TransportEvent::Received { messages, .. } => messages,
-                    TransportEvent::PeerDown { peer, reason } if &*peer == node => {
-                        return Err(lost(reason));
-                    }
+                    TransportEvent::PeerDown {
+                        peer,
+                        reason,
+                        peer_code,
+                    } if &*peer == node => return Err(lost(reason, peer_code)),
                     _ => continue,
                 };
                 for m in messages {
@@ -154,7 +167,7 @@ impl Client {
                     }
                 }
             }
-            Err(lost("the transport stopped".into()))
+            Err(lost("the transport stopped".into(), None))
         })
         .await
         .map_err(|_| ClientError::Timeout(addr, timeout.as_millis() as u64))??;
@@ -194,5 +207,28 @@ impl Client {
             addr: self.addr,
             reason: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_loss_that_may_pass_is_worth_a_new_connection() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let closed = |node_code| ClientError::Disconnected {
+            addr,
+            reason: String::new(),
+            node_code,
+        };
+        let code = |c: AcpErrorCode| Some(u64::from(c.code()));
+        assert!(closed(None).is_connection_lost());
+        assert!(closed(code(AcpErrorCode::Leaving)).is_connection_lost());
+        assert!(closed(code(AcpErrorCode::ExcessiveLoad)).is_connection_lost());
+        assert!(!closed(code(AcpErrorCode::FrameTooLarge)).is_connection_lost());
+        assert!(!closed(code(AcpErrorCode::PolicyDenied)).is_connection_lost());
+        assert!(!closed(Some(0x1234)).is_connection_lost());
+        assert!(!ClientError::Timeout(addr, 1).is_connection_lost());
     }
 }

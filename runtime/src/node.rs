@@ -831,7 +831,7 @@ impl Driver {
                     debug!(%peer, %addr, "connection up");
                 }
             }
-            TransportEvent::PeerDown { peer, reason } => {
+            TransportEvent::PeerDown { peer, reason, .. } => {
                 if self.is_member(&peer) {
                     info!(%peer, %reason, "connection to member down");
                 } else {

@@ -363,6 +363,7 @@ async fn submit(
         inputs,
         label: Some(label),
         task: None,
+        attach: false,
     };
     let outcome: TaskOutcome = client
         .request(

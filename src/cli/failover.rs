@@ -206,6 +206,7 @@ async fn one_run(
         inputs,
         label: Some("failover".into()),
         task: None,
+        attach: false,
     };
     let mut submitter = connect(&identities[2], procs, COORDINATOR).await?;
     let task = tokio::spawn(async move {

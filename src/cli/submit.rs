@@ -22,6 +22,7 @@ use crate::builtin::SegmentInput;
 use crate::local::input;
 use crate::runtime::{Client, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
+use crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -73,6 +74,14 @@ const MAX_INPUT_BYTES: u64 = 256 * 1024 * 1024;
 pub fn prepare(args: &SubmitArgs) -> anyhow::Result<(NodeIdentity, Vec<Blob>)> {
     let identity = args.client.identity("submit")?;
     let inputs = inputs(args)?;
+    // What a node takes in one message, less room for the request's other fields.
+    let limit = DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024;
+    let size: usize = inputs.iter().map(|b| b.0.len() + 5).sum();
+    if size > limit {
+        bail!(
+            "the inputs take {size} bytes, and a submission carries at most {limit}: submit smaller or fewer inputs"
+        );
+    }
     Ok((identity, inputs))
 }
 
@@ -182,7 +191,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 async fn wait_for(
     identity: &NodeIdentity,
     to: SocketAddr,
-    request: &SubmitRequest,
+    mut request: SubmitRequest,
 ) -> anyhow::Result<TaskOutcome> {
     let task = request.task.map(|t| t.to_string()).unwrap_or_default();
     // Whether the task was submitted once, and since when connections keep failing
@@ -193,12 +202,15 @@ async fn wait_for(
         let (error, lasted) = match Client::connect(identity, to).await {
             Ok(mut client) => {
                 let connected_at = Instant::now();
+                // Sent again, the task is only waited for: a node that restarted
+                // meanwhile does not know it and says so, rather than run it again.
+                request.attach = submitted;
                 submitted = true;
                 let outcome = client
                     .request(
                         COORDINATOR_SERVICE,
                         <SubmitRequest as RemoteMessage>::KIND,
-                        request,
+                        &request,
                         SUBMIT_TIMEOUT,
                     )
                     .await;
@@ -239,9 +251,9 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         inputs,
         label: args.label.clone(),
         task: Some(Uuid::new_v4()),
+        attach: false,
     };
-    let outcome: TaskOutcome =
-        runtime()?.block_on(wait_for(&identity, args.client.to, &request))?;
+    let outcome: TaskOutcome = runtime()?.block_on(wait_for(&identity, args.client.to, request))?;
     let results = args.results.then(|| {
         outcome
             .results

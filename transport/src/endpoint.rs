@@ -27,6 +27,9 @@ pub type PeerName = Arc<str>;
 /// The SNI used when dialling an address whose node name is not known yet.
 const UNKNOWN_PEER_SNI: &str = "agentmesh";
 
+/// The largest reassembled message a node accepts unless configured otherwise.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Knobs of one node's transport. `EndpointConfig::new` gives the defaults.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
@@ -73,7 +76,7 @@ impl EndpointConfig {
             idle_timeout_ms: 3_000,
             lane_queue_bytes: 4 * 1024 * 1024,
             max_frame_payload: MAX_PAYLOAD_LEN,
-            max_message_bytes: 16 * 1024 * 1024,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             lower_lane_window_share_permille: 500,
             max_lower_in_flight_bytes: 256 * 1024,
             ingress: IngressLimits::default(),
@@ -101,6 +104,9 @@ pub enum TransportEvent {
         peer: PeerName,
         /// Why, as quinn or the peer put it.
         reason: String,
+        /// The code the peer closed the connection with, if it closed it (ACP error
+        /// codes, docs/acp.md); none if it timed out, was reset or closed here.
+        peer_code: Option<u64>,
     },
     /// Messages arrived from `peer`, in order within the carrier.
     Received {
@@ -814,6 +820,12 @@ fn register(
                 .send(TransportEvent::PeerDown {
                     peer: peer.name.clone(),
                     reason: reason.to_string(),
+                    peer_code: match &reason {
+                        quinn::ConnectionError::ApplicationClosed(close) => {
+                            Some(close.error_code.into_inner())
+                        }
+                        _ => None,
+                    },
                 })
                 .await;
         }

@@ -19,7 +19,9 @@ pub mod stats;
 pub mod tls;
 pub mod wire;
 
-pub use endpoint::{EndpointConfig, PeerName, Transport, TransportError, TransportEvent};
+pub use endpoint::{
+    EndpointConfig, PeerName, Transport, TransportError, TransportEvent, DEFAULT_MAX_MESSAGE_BYTES,
+};
 pub use events::{EventQueues, Inbox, Leftover, TransportEvents};
 pub use ingress::{OwnershipTable, Via};
 pub use peer::PeerHandle;

@@ -382,7 +382,7 @@ async fn a_leaving_peer_is_reported_down_at_once() {
     let (mut a, b) = pair(&ca).await;
     b.transport.shutdown(AcpErrorCode::Leaving, "bye").await;
     let (peer, reason) = next_matching(&mut a.events, |e| match e {
-        TransportEvent::PeerDown { peer, reason } => Some((peer, reason)),
+        TransportEvent::PeerDown { peer, reason, .. } => Some((peer, reason)),
         _ => None,
     })
     .await;

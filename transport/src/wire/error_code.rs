@@ -34,14 +34,65 @@ pub enum AcpErrorCode {
 }
 
 impl AcpErrorCode {
+    /// Every code, in code order.
+    pub const ALL: [AcpErrorCode; 12] = [
+        AcpErrorCode::NoError,
+        AcpErrorCode::ProtocolViolation,
+        AcpErrorCode::UnsupportedVersion,
+        AcpErrorCode::UnknownType,
+        AcpErrorCode::FrameTooLarge,
+        AcpErrorCode::BadPayload,
+        AcpErrorCode::AgentNotOwned,
+        AcpErrorCode::PolicyDenied,
+        AcpErrorCode::ExcessiveLoad,
+        AcpErrorCode::ZeroRttRefused,
+        AcpErrorCode::InternalError,
+        AcpErrorCode::Leaving,
+    ];
+
     /// The code as sent in CONNECTION_CLOSE.
     pub fn code(self) -> u32 {
         self as u32
+    }
+
+    /// The code `code` stands for, if it is one.
+    pub fn from_code(code: u64) -> Option<AcpErrorCode> {
+        AcpErrorCode::ALL
+            .into_iter()
+            .find(|c| u64::from(c.code()) == code)
+    }
+
+    /// Whether a connection closed with this code says the side told broke a rule
+    /// (what it sent was wrong, or not allowed): sending the same again is refused
+    /// again. The others (an orderly close, leaving, overload, the closer's own
+    /// failure) may pass with time.
+    pub fn blames_the_receiver(self) -> bool {
+        !matches!(
+            self,
+            AcpErrorCode::NoError
+                | AcpErrorCode::ExcessiveLoad
+                | AcpErrorCode::InternalError
+                | AcpErrorCode::Leaving
+        )
     }
 }
 
 impl fmt::Display for AcpErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{self:?} (0x{:02x})", self.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_reads_back() {
+        for (i, code) in AcpErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code.code() as usize, i);
+            assert_eq!(AcpErrorCode::from_code(u64::from(code.code())), Some(code));
+        }
+        assert_eq!(AcpErrorCode::from_code(0x0c), None);
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use agentmesh_transport::tls::NodeIdentity;
+use agentmesh_transport::tls::{NodeIdentity, Role};
 use agentmesh_transport::wire::payload::Envelope;
 use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType, Payload};
 use agentmesh_transport::{
@@ -94,7 +94,10 @@ impl Client {
             (false, false) => Ipv6Addr::UNSPECIFIED.into(),
         };
         let (transport, events) = Transport::bind(
-            EndpointConfig::new(SocketAddr::new(ip, 0)),
+            EndpointConfig {
+                role: Role::Client,
+                ..EndpointConfig::new(SocketAddr::new(ip, 0))
+            },
             identity,
             Arc::new(OwnershipTable::new()),
         )?;
@@ -104,9 +107,9 @@ impl Client {
             events,
             peer: peer.to_string(),
             addr,
-            // Random, not 1: a node answers by the client's name, which a client that
-            // connects again shares with its former connection, and an answer to the
-            // former one (its request dropped, say) must not pass for this one's.
+            // Random, not 1: a node answers by the client's connection, and a reply
+            // still on its way to a former connection of this program must not pass
+            // for an answer to this one.
             next_correlation: std::hash::BuildHasher::hash_one(
                 &std::collections::hash_map::RandomState::new(),
                 0u8,

@@ -18,7 +18,7 @@ use crate::headroom::{HeadroomFactory, WindowGauge};
 use crate::ingress::{IngressLimits, OwnershipTable, Via};
 use crate::peer::{PeerConn, PeerHandle};
 use crate::stats::{HandshakeRefusal, StatsSnapshot, TransportStats};
-use crate::tls::{self, NodeIdentity, TlsError};
+use crate::tls::{self, NodeIdentity, Role, TlsError};
 use crate::wire::{AcpErrorCode, Message, TimestampWindow, MAX_PAYLOAD_LEN};
 
 /// A peer's node name, as its certificate gives it.
@@ -35,6 +35,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub struct EndpointConfig {
     /// Address to bind (the node's `--listen`).
     pub listen: SocketAddr,
+    /// A node, or a client that only dials nodes (and does not accept).
+    pub role: Role,
     /// QUIC keep-alive interval: a silent peer is pinged this often, so the idle timeout
     /// only fires when it is really gone.
     pub keep_alive_interval_ms: u64,
@@ -72,6 +74,7 @@ impl EndpointConfig {
     pub fn new(listen: SocketAddr) -> EndpointConfig {
         EndpointConfig {
             listen,
+            role: Role::Node,
             keep_alive_interval_ms: 250,
             idle_timeout_ms: 3_000,
             lane_queue_bytes: 4 * 1024 * 1024,
@@ -251,20 +254,24 @@ impl Transport {
             QuicServerConfig::try_from(tls::server_config(identity)?).map_err(|e| tls_err(&e))?,
         );
         let client_crypto = Arc::new(
-            QuicClientConfig::try_from(tls::client_config(identity)?).map_err(|e| tls_err(&e))?,
+            QuicClientConfig::try_from(tls::client_config_as(identity, config.role)?)
+                .map_err(|e| tls_err(&e))?,
         );
         let socket = bind_socket(config.listen, config.socket_buffer_bytes)?;
-        let default_server = server_config(
-            &server_crypto,
-            &config,
-            Arc::new(WindowGauge::new(
-                config.lower_lane_window_share_permille,
-                config.max_lower_in_flight_bytes,
-            )),
-        );
+        // A client accepts nothing: quinn refuses whatever dials it.
+        let default_server = (config.role == Role::Node).then(|| {
+            server_config(
+                &server_crypto,
+                &config,
+                Arc::new(WindowGauge::new(
+                    config.lower_lane_window_share_permille,
+                    config.max_lower_in_flight_bytes,
+                )),
+            )
+        });
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
-            Some(default_server),
+            default_server,
             socket,
             Arc::new(quinn::TokioRuntime),
         )
@@ -651,7 +658,8 @@ async fn accepted(
     handshake_done: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
 ) {
     let remote = conn.remote_address();
-    if let Ok(early) = peer_name(&conn) {
+    let role = peer_role(&conn);
+    if let (Role::Node, Ok(early)) = (role, peer_name(&conn)) {
         let (tx, rx) = watch::channel(false);
         register(
             shared.clone(),
@@ -684,6 +692,10 @@ async fn accepted(
     }
     match peer_name(&conn) {
         Ok(name) => {
+            let name = match role {
+                Role::Node => name,
+                Role::Client => client_key(&name, remote),
+            };
             register(shared, conn, name, false, gauge, watch::channel(true).1);
         }
         Err(e) => {
@@ -710,6 +722,28 @@ async fn retire(shared: Arc<Shared>, peer: Arc<PeerConn>) {
         warn!(peer = %peer.name, within_ms = RETIRE_WITHIN.as_millis() as u64,
             "a duplicate connection did not drain in time; closed it anyway");
     }
+}
+
+/// What the dialling side says it is, by the ALPN protocol it chose (a node, unless
+/// it asked for the client protocol).
+fn peer_role(conn: &quinn::Connection) -> Role {
+    let protocol = conn
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    if protocol.as_deref() == Some(tls::ALPN_ACP_CLIENT_V1) {
+        Role::Client
+    } else {
+        Role::Node
+    }
+}
+
+/// The name a client connection goes by here: its certificate name and its address
+/// (`admin@127.0.0.1:50312`), so that clients sharing a certificate, such as two
+/// `agentmesh submit` at once, each get their own connection and their own answers.
+/// No node name contains `@`.
+fn client_key(name: &str, remote: SocketAddr) -> PeerName {
+    Arc::from(format!("{name}@{remote}").as_str())
 }
 
 /// The node name in the peer's certificate (verified during the handshake).

@@ -16,8 +16,34 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-/// The ALPN protocol id; it selects ACP version 1 during the handshake.
+/// The ALPN protocol id of a node; it selects ACP version 1 during the handshake.
 pub const ALPN_ACP_V1: &[u8] = b"acp/1";
+/// The ALPN protocol id of a client (`agentmesh status`, `submit`): ACP version 1
+/// from a program that is not a member of the cluster. A node tells each client
+/// connection apart, so many clients may share one certificate name.
+pub const ALPN_ACP_CLIENT_V1: &[u8] = b"acp-client/1";
+
+/// What an endpoint is to the nodes it connects to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// A cluster node: it accepts connections, and one connection per pair of nodes
+    /// is kept (its name is its identity in the cluster).
+    #[default]
+    Node,
+    /// A client of a node: it only dials, and a node keeps each of its connections
+    /// apart from any other with the same certificate name.
+    Client,
+}
+
+impl Role {
+    /// The ALPN protocol id it offers.
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Role::Node => ALPN_ACP_V1,
+            Role::Client => ALPN_ACP_CLIENT_V1,
+        }
+    }
+}
 /// The environment variable that moves the development CA (tests use it).
 pub const DEV_CA_DIR_ENV: &str = "AGENTMESH_DEV_CA_DIR";
 
@@ -449,7 +475,7 @@ pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, Tl
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
         .map_err(cfg)?;
-    config.alpn_protocols = vec![ALPN_ACP_V1.to_vec()];
+    config.alpn_protocols = vec![ALPN_ACP_V1.to_vec(), ALPN_ACP_CLIENT_V1.to_vec()];
     config.max_early_data_size = u32::MAX;
     Ok(config)
 }
@@ -459,6 +485,14 @@ pub fn server_config(identity: &NodeIdentity) -> Result<rustls::ServerConfig, Tl
 /// carries. Which node that is, the caller checks after the handshake
 /// ([`node_name_of`]), since a node joining by address does not know it beforehand.
 pub fn client_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_as(identity, Role::Node)
+}
+
+/// [`client_config`] for an endpoint of the given role (its ALPN says which).
+pub fn client_config_as(
+    identity: &NodeIdentity,
+    role: Role,
+) -> Result<rustls::ClientConfig, TlsError> {
     let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
     let inner =
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots(identity)?, provider())
@@ -471,7 +505,7 @@ pub fn client_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig, Tl
         .with_custom_certificate_verifier(Arc::new(ClusterServerVerifier { inner }))
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
         .map_err(cfg)?;
-    config.alpn_protocols = vec![ALPN_ACP_V1.to_vec()];
+    config.alpn_protocols = vec![role.alpn().to_vec()];
     config.enable_early_data = true;
     Ok(config)
 }

@@ -203,3 +203,52 @@ fn nodes_that_stall_and_resume_find_each_other_again() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A second process started with a member's name (a copied command line) is refused
+/// by every node it reaches, and says why; the cluster keeps the member it has. Until
+/// then it was taken for that member restarted: the member was declared down and the
+/// cluster split in two.
+#[test]
+fn a_second_node_with_a_members_name_is_refused_and_the_cluster_keeps_its_member() {
+    let cluster = Cluster::new("samename");
+    let (nodes, _) = cluster.start_all();
+    let addr_of = |i: usize, name: &str| -> String {
+        cluster.status(i)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m["addr"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let n1_addr = addr_of(0, "n1");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let impostor = NodeProcess::start(
+        &[
+            "--name",
+            "n1",
+            "--listen",
+            &listen,
+            "--join",
+            &cluster.addrs[2],
+        ],
+        Some(&cluster.dev_ca),
+    );
+    impostor.expect(&["ERROR", "node names must be unique in a cluster"]);
+    nodes[2].expect(&["refused a node presenting a name another live node holds"]);
+    // Given time to do harm, it has done none.
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..3 {
+        let states = cluster.states(i);
+        assert!(states.values().all(|s| s == "up"), "n{i}: {states:?}");
+        assert_eq!(states.len(), 3, "n{i}: {states:?}");
+        assert_eq!(addr_of(i, "n1"), n1_addr, "n{i}");
+    }
+    for node in &nodes {
+        assert!(
+            node.expect_within(&["node down"], Duration::from_millis(200))
+                .is_err(),
+            "a member was declared down"
+        );
+    }
+}

@@ -334,8 +334,17 @@ async fn dial_seed(
                     incarnation: 0,
                 }
             }
+            // `--join` may list every node, this one too: it joins through the others.
+            Err(TransportError::SelfConnect { .. }) => {
+                return info!(%addr, "not joining through this node's own address");
+            }
             Err(e) => {
-                warn!(%addr, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the node to join");
+                let retry_in_ms = delay.as_millis() as u64;
+                if matches!(e, TransportError::NameInUse { .. }) {
+                    error!(%addr, error = %e, retry_in_ms, "cannot join");
+                } else {
+                    warn!(%addr, error = %e, retry_in_ms, "cannot reach the node to join");
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

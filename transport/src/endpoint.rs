@@ -10,7 +10,7 @@ use foldhash::HashMap;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::clock::{Clock, SystemClock};
 use crate::events::{EventQueues, EventSenders, Inbox, TransportEvents};
@@ -169,6 +169,17 @@ pub enum TransportError {
         addr: SocketAddr,
         /// This node's name.
         name: String,
+    },
+    /// The node at `addr` presents a name that another live node holds: this node, or
+    /// a peer connected from `holder`. Node names must be unique in a cluster.
+    #[error("the node at {addr} is named {name}, like the live node at {holder}: node names must be unique in a cluster")]
+    NameInUse {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The name it presented.
+        name: String,
+        /// Where the node already holding the name is.
+        holder: SocketAddr,
     },
     /// No connection to that peer.
     #[error("not connected to {0}")]
@@ -457,6 +468,14 @@ impl Transport {
                 });
             }
         }
+        if let Some(holder) = name_held_elsewhere(shared, &conn, &name, addr).await {
+            refuse_name(shared, &conn, &name, holder);
+            return Err(TransportError::NameInUse {
+                addr,
+                name: name.to_string(),
+                holder,
+            });
+        }
         register(shared.clone(), conn, name, true, gauge, handshake).ok_or_else(|| {
             TransportError::SelfConnect {
                 addr,
@@ -659,7 +678,11 @@ async fn accepted(
 ) {
     let remote = conn.remote_address();
     let role = peer_role(&conn);
-    if let (Role::Node, Ok(early)) = (role, peer_name(&conn)) {
+    let early = peer_name(&conn).ok().filter(|name| {
+        // A name that may be another node's waits for the handshake and the check.
+        role == Role::Node && !may_be_held_elsewhere(&shared, name, remote)
+    });
+    if let Some(early) = early {
         let (tx, rx) = watch::channel(false);
         register(
             shared.clone(),
@@ -693,7 +716,14 @@ async fn accepted(
     match peer_name(&conn) {
         Ok(name) => {
             let name = match role {
-                Role::Node => name,
+                Role::Node => {
+                    if let Some(holder) = name_held_elsewhere(&shared, &conn, &name, remote).await {
+                        warn!(%remote, peer = %name, %holder,
+                            "refused a node presenting a name another live node holds: node names must be unique in a cluster");
+                        return refuse_name(&shared, &conn, &name, holder);
+                    }
+                    name
+                }
                 Role::Client => client_key(&name, remote),
             };
             register(shared, conn, name, false, gauge, watch::channel(true).1);
@@ -722,6 +752,99 @@ async fn retire(shared: Arc<Shared>, peer: Arc<PeerConn>) {
         warn!(peer = %peer.name, within_ms = RETIRE_WITHIN.as_millis() as u64,
             "a duplicate connection did not drain in time; closed it anyway");
     }
+}
+
+/// Whether `name`, presented from `remote`, could be another live node's: it is this
+/// node's own name, or a peer of that name is connected from another address.
+fn may_be_held_elsewhere(shared: &Shared, name: &str, remote: SocketAddr) -> bool {
+    if name == &*shared.name {
+        return true;
+    }
+    let Ok(peers) = shared.peers.lock() else {
+        return false;
+    };
+    peers.get(name).is_some_and(|existing| {
+        existing.conn.close_reason().is_none() && !same_addr(existing.conn.remote_address(), remote)
+    })
+}
+
+/// A connection to a peer older than this, when another comes from the same address,
+/// is checked for life: the node may have restarted there. Younger, the two are taken
+/// for simultaneous dials, which `register` settles.
+const SAME_ADDRESS_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// Where the live node holding `name` is, if it is not the node at `remote`: this
+/// node, when `remote` is not this node's own address (dialling itself, through a
+/// `--join` that lists every node, is no conflict: `register` refuses that apart); or
+/// a peer connected from another address that is still heard from. Two connections
+/// of one node come from one address (a node dials from the socket it listens on).
+/// A peer that has gone silent is a node restarted under its name, elsewhere or at the
+/// same address: its former connection is closed, and the new one takes its place
+/// (instead of being retired as a duplicate while the dead one waits for its idle
+/// timeout).
+async fn name_held_elsewhere(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    name: &str,
+    remote: SocketAddr,
+) -> Option<SocketAddr> {
+    if name == &*shared.name {
+        let own = shared.endpoint.local_addr().unwrap_or(shared.config.listen);
+        return (!is_own_address(own, conn, remote)).then_some(own);
+    }
+    let existing = shared.peers.lock().ok()?.get(name).cloned()?;
+    let holder = existing.conn.remote_address();
+    let moved = !same_addr(holder, remote);
+    if existing.conn.close_reason().is_some()
+        || (!moved && existing.started.elapsed() < SAME_ADDRESS_CHECK_AFTER)
+    {
+        return None;
+    }
+    // A live peer sends something within two keep-alive intervals: its own keep-alive,
+    // or the acknowledgement of ours.
+    let heard = || existing.conn.stats().udp_rx.datagrams;
+    let before = heard();
+    let wait =
+        Duration::from_millis(2 * shared.config.keep_alive_interval_ms) + existing.conn.rtt() * 3;
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = existing.conn.closed() => {}
+    }
+    if existing.conn.close_reason().is_none() && heard() > before {
+        // From the same address: the same node, dialling again.
+        return moved.then_some(holder);
+    }
+    debug!(peer = %name, former = %holder, now = %remote,
+        "a node's former connection is silent: the node came back");
+    existing.conn.close(
+        VarInt::from_u32(AcpErrorCode::NoError.code()),
+        b"replaced by the node's new connection",
+    );
+    None
+}
+
+/// Closes a connection whose node name another live node holds, and counts it.
+fn refuse_name(shared: &Shared, conn: &quinn::Connection, name: &str, holder: SocketAddr) {
+    shared.stats.closed_for_cause(AcpErrorCode::NameInUse);
+    conn.close(
+        VarInt::from_u32(AcpErrorCode::NameInUse.code()),
+        format!("the name {name} is held by the node at {holder}").as_bytes(),
+    );
+}
+
+/// Whether `addr`, dialled or dialling on `conn`, is this endpoint's own socket
+/// (bound at `own`): a packet from it to itself. On a wildcard bind, any loopback
+/// address or the address the connection arrived on, at the same port, is.
+fn is_own_address(own: SocketAddr, conn: &quinn::Connection, addr: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    addr.port() == own.port()
+        && (ip == own.ip().to_canonical()
+            || (own.ip().is_unspecified()
+                && (ip.is_loopback() || conn.local_ip().map(|l| l.to_canonical()) == Some(ip))))
+}
+
+fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 /// What the dialling side says it is, by the ALPN protocol it chose (a node, unless
@@ -834,6 +957,12 @@ fn register(
     tokio::spawn(async move {
         let _ = events.send(up).await;
         let reason = peer.conn.closed().await;
+        if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
+            if close.error_code.into_inner() == u64::from(AcpErrorCode::NameInUse.code()) {
+                error!(peer = %peer.name, reason = %String::from_utf8_lossy(&close.reason),
+                    "refused by the peer: another live node has this node's name (node names must be unique in a cluster)");
+            }
+        }
         let removed = shared
             .peers
             .lock()

@@ -291,6 +291,8 @@ pub(crate) struct PeerConn {
     /// The runtime the connection's tasks run on, for work started off it (a send from
     /// a waker, say).
     runtime: tokio::runtime::Handle,
+    /// When it was set up.
+    pub(crate) started: tokio::time::Instant,
 }
 
 impl PeerConn {
@@ -367,6 +369,7 @@ impl PeerConn {
             datagram_seq: AtomicU32::new(0),
             gauge,
             runtime: tokio::runtime::Handle::current(),
+            started: tokio::time::Instant::now(),
         })
     }
 

@@ -31,11 +31,14 @@ pub enum AcpErrorCode {
     InternalError = 0x0a,
     /// This node is leaving the cluster.
     Leaving = 0x0b,
+    /// The peer's certificate names a node that another live connection, from another
+    /// address, already speaks for (or this node itself): two nodes share a name.
+    NameInUse = 0x0c,
 }
 
 impl AcpErrorCode {
     /// Every code, in code order.
-    pub const ALL: [AcpErrorCode; 12] = [
+    pub const ALL: [AcpErrorCode; 13] = [
         AcpErrorCode::NoError,
         AcpErrorCode::ProtocolViolation,
         AcpErrorCode::UnsupportedVersion,
@@ -48,6 +51,7 @@ impl AcpErrorCode {
         AcpErrorCode::ZeroRttRefused,
         AcpErrorCode::InternalError,
         AcpErrorCode::Leaving,
+        AcpErrorCode::NameInUse,
     ];
 
     /// The code as sent in CONNECTION_CLOSE.
@@ -93,6 +97,6 @@ mod tests {
             assert_eq!(code.code() as usize, i);
             assert_eq!(AcpErrorCode::from_code(u64::from(code.code())), Some(code));
         }
-        assert_eq!(AcpErrorCode::from_code(0x0c), None);
+        assert_eq!(AcpErrorCode::from_code(0x0d), None);
     }
 }

@@ -57,6 +57,7 @@ impl LocalCluster {
                 join: Vec::new(),
                 membership: MembershipConfig::default(),
                 metrics: None,
+                advertise: None,
             };
             let identity = ca.node_identity(name)?;
             let node = Node::start(node_config, &identity, Arc::new(SystemClock))

@@ -87,14 +87,23 @@ fn without_certificates_nodes_use_the_development_ca_and_say_so() {
     let dev = temp_dir("dev-ca");
     let (p1, p2) = (free_port(), free_port());
     let a1 = format!("127.0.0.1:{p1}");
-    let a2 = format!("127.0.0.1:{p2}");
     let n1 = NodeProcess::start(&["--name", "d1", "--listen", &a1], Some(&dev));
     n1.expect(&["development mode"]);
+    // Listening on every address, d2 tells the cluster the address it reaches d1
+    // from, not 0.0.0.0 (which would send the others to themselves).
     let n2 = NodeProcess::start(
-        &["--name", "d2", "--listen", &a2, "--join", &a1],
+        &[
+            "--name",
+            "d2",
+            "--listen",
+            &format!("0.0.0.0:{p2}"),
+            "--join",
+            &a1,
+        ],
         Some(&dev),
     );
     n2.expect(&["node up", "node=d1 "]);
+    n1.expect(&["node up", "node=d2 ", &format!("addr=127.0.0.1:{p2} ")]);
     assert!(dev.join("ca.crt").exists() && dev.join("ca.key").exists());
     drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();

@@ -36,6 +36,7 @@ async fn cluster_with(
             join,
             membership: MembershipConfig::default(),
             metrics: None,
+            advertise: None,
         };
         let identity = ca.node_identity(name).unwrap();
         nodes.push(

@@ -21,8 +21,8 @@ pub mod remote;
 pub use client::{Client, ClientError};
 pub use membership::{MemberState, MembershipConfig, NodeId};
 pub use node::{
-    request_status, status_of, ClusterEvent, MemberInfo, Node, NodeConfig, NodeError, StatusReport,
-    STATUS_SERVICE,
+    advertised_addr, request_status, status_of, ClusterEvent, MemberInfo, Node, NodeConfig,
+    NodeError, StatusReport, STATUS_SERVICE,
 };
 pub use remote::{
     ActorAddr, AskError, Bounded, Down, FromPeer, Mesh, RegisterError, RemoteMessage, SendError,

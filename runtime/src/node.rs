@@ -4,7 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,43 @@ pub struct NodeConfig {
     pub membership: MembershipConfig,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The address other nodes reach this one at, as membership tells them. Default:
+    /// [`advertised_addr`] of the bound address and `join`.
+    pub advertise: Option<SocketAddr>,
+}
+
+/// The address a node bound at `bound` tells the cluster when not told one: `bound`
+/// itself if it names one address. Bound to every address (`0.0.0.0`), the address
+/// this host reaches the first of `seeds` from, or with no seed the address of its
+/// default route (loopback if it has none), at the bound port: `0.0.0.0` would send
+/// the other nodes to themselves.
+pub fn advertised_addr(bound: SocketAddr, seeds: &[SocketAddr]) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let route_source = || {
+        // A documentation address stands for "anywhere": only the route is looked up,
+        // nothing is sent.
+        let anywhere: SocketAddr = if bound.is_ipv4() {
+            (Ipv4Addr::new(192, 0, 2, 1), 9).into()
+        } else {
+            (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9).into()
+        };
+        let target = seeds
+            .iter()
+            .copied()
+            .find(|s| s.is_ipv4() == bound.is_ipv4())
+            .unwrap_or(anywhere);
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(bound.ip(), 0)).ok()?;
+        socket.connect(target).ok()?;
+        Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+    };
+    let loopback: IpAddr = if bound.is_ipv4() {
+        Ipv4Addr::LOCALHOST.into()
+    } else {
+        Ipv6Addr::LOCALHOST.into()
+    };
+    SocketAddr::new(route_source().unwrap_or(loopback), bound.port())
 }
 
 /// A change in cluster membership, for subscribers.
@@ -181,7 +218,10 @@ impl Node {
         transport.set_inbox(Arc::new(MeshInbox(started)));
         let me = NodeId {
             name: Arc::from(identity.name.as_str()),
-            addr: transport.local_addr()?,
+            addr: match config.advertise {
+                Some(addr) => addr,
+                None => advertised_addr(transport.local_addr()?, &config.join),
+            },
             incarnation: NodeId::first_of_life(clock.now_unix_ms()),
         };
         let mesh = Mesh::new(&me.name, me.incarnation, transport.clone());
@@ -992,5 +1032,28 @@ impl Driver {
             .collect();
         members.sort_by(|a, b| a.name.cmp(&b.name).then(b.incarnation.cmp(&a.incarnation)));
         members
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_advertises_an_address_others_can_dial() {
+        let bound: SocketAddr = "10.1.2.3:7600".parse().unwrap();
+        assert_eq!(advertised_addr(bound, &[]), bound);
+        let wildcard: SocketAddr = "0.0.0.0:7600".parse().unwrap();
+        let seed: SocketAddr = "127.0.0.1:7601".parse().unwrap();
+        assert_eq!(
+            advertised_addr(wildcard, &[seed]),
+            "127.0.0.1:7600".parse().unwrap()
+        );
+        let alone = advertised_addr(wildcard, &[]);
+        assert!(
+            !alone.ip().is_unspecified() && alone.port() == 7600,
+            "{alone}"
+        );
     }
 }

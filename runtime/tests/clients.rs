@@ -21,6 +21,7 @@ async fn clients_sharing_a_certificate_each_get_their_answers() {
         join: Vec::new(),
         membership: MembershipConfig::default(),
         metrics: None,
+        advertise: None,
     };
     let node = Node::start(
         config,

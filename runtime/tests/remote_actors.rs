@@ -93,6 +93,7 @@ async fn start(ca: &ClusterCa, name: &str, join: Vec<std::net::SocketAddr>) -> N
         join,
         membership: MembershipConfig::default(),
         metrics: None,
+        advertise: None,
     };
     let identity = ca.node_identity(name).unwrap();
     Node::start(config, &identity, Arc::new(SystemClock))

@@ -49,6 +49,7 @@ async fn start(ca: &ClusterCa, name: &str, join: Option<&Node>) -> Node {
         join: join.map(|n| vec![n.me().addr]).unwrap_or_default(),
         membership: MembershipConfig::default(),
         metrics: None,
+        advertise: None,
     };
     Node::start(
         config,

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::actors::ledger::LedgerConfig;
 use crate::actors::record::Recorder;
 use crate::actors::{AgentHost, HostConfig};
-use crate::runtime::{MembershipConfig, Node, NodeConfig};
+use crate::runtime::{advertised_addr, MembershipConfig, Node, NodeConfig};
 use crate::transport::clock::SystemClock;
 use crate::transport::tls::{validate_node_name, NodeIdentity};
 use crate::transport::EndpointConfig;
@@ -24,9 +24,14 @@ pub struct NodeArgs {
     /// UDP address to listen on.
     #[arg(long, default_value = "127.0.0.1:7600")]
     listen: SocketAddr,
-    /// Address of a node to join (repeatable).
+    /// Address of a node to join (repeatable; may be this node's own).
     #[arg(long)]
     join: Vec<SocketAddr>,
+    /// The address other nodes reach this one at. Default: --listen, or, listening on
+    /// every address (0.0.0.0), this host's address toward the first --join node (or
+    /// its default route) at the --listen port.
+    #[arg(long, value_parser = parse_advertise)]
+    advertise: Option<SocketAddr>,
     /// This node's name (a-z, 0-9, '-'); default `node-PORT`.
     #[arg(long)]
     name: Option<String>,
@@ -69,6 +74,18 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event, for machines.
     Json,
+}
+
+fn parse_advertise(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|e| format!("{e} (expected IP:PORT)"))?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!(
+            "{addr} is no address to reach a node at: give one IP and a port"
+        ));
+    }
+    Ok(addr)
 }
 
 /// The agents asked for with `--agents`, in order: (name, replicas).
@@ -172,9 +189,15 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             join: Vec::new(),
             membership: MembershipConfig::default(),
             metrics: args.metrics,
+            // Worked out from --join here, since the node joins only below.
+            advertise: Some(
+                args.advertise
+                    .unwrap_or_else(|| advertised_addr(args.listen, &args.join)),
+            )
+            .filter(|addr| addr.port() != 0),
         };
         let mut node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
-        info!(node = %name, addr = %node.me().addr, "listening");
+        info!(node = %name, addr = %node.me().addr, listen = %args.listen, "listening");
         let (recorder, recording) = match &args.record {
             Some(path) => {
                 let (recorder, observations) = Recorder::new();

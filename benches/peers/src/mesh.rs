@@ -143,6 +143,7 @@ async fn start_node(
         join,
         membership: MembershipConfig::default(),
         metrics: None,
+        advertise: None,
     };
     Ok(Node::start(config, &identity, Arc::new(SystemClock)).await?)
 }

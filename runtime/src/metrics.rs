@@ -91,7 +91,10 @@ pub fn record(transport: &Transport, members: &[MemberInfo]) {
         metrics::counter!("agentmesh_duplicate_connections_retired_total", "outcome" => *outcome)
             .absolute(s.duplicates_retired[i]);
     }
-    for peer in transport.peers() {
+    // Members only: every `agentmesh status` or `submit` is a connection too, and a
+    // series per client would pile up for as long as the node runs.
+    let is_member = |name: &str| members.iter().any(|m| m.name == name);
+    for peer in transport.peers().iter().filter(|p| is_member(p.name())) {
         metrics::gauge!("agentmesh_peer_rtt_seconds", "peer" => peer.name().to_string())
             .set(peer.rtt().as_secs_f64());
     }

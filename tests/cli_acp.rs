@@ -245,3 +245,39 @@ fn the_walkthrough_follows_the_task_sequence_and_refuses_the_replay() {
     }
     assert!(text.contains("refused: duplicate seq"), "{text}");
 }
+
+/// Output piped into a reader that has gone (`agentmesh ... | head -1`) ends the
+/// command quietly with 141, as SIGPIPE would: no panic and backtrace (a `println!`
+/// on the closed pipe), no "Broken pipe" error line. The reader here is gone before
+/// the command writes anything.
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    let frame = "1500a00000000000010001001683a56e6f6e636501a56167656e7465a567726f757007\n";
+    for (args, stdin) in [
+        (&["acp", "decode", "-"][..], frame.repeat(1000)),
+        (
+            &[
+                "sim",
+                "run",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/sims/workloads/chaos.jsonl"),
+            ][..],
+            String::new(),
+        ),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let mut input = child.stdin.take().unwrap();
+        let _ = input.write_all(stdin.as_bytes());
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

@@ -206,6 +206,7 @@ impl Cli {
     /// Parses the process's arguments, runs the command, and returns the exit code:
     /// 0 on success, 2 for bad input, 1 for any other failure (one line on stderr).
     pub fn run(self) -> ExitCode {
+        quiet_on_closed_stdout();
         let args = Args::parse();
         let filter = match args.log_filter(std::env::var("RUST_LOG").ok().as_deref()) {
             Ok(filter) => filter,
@@ -228,12 +229,41 @@ impl Cli {
             .init();
         match run(args, &self.agents) {
             Ok(()) => ExitCode::SUCCESS,
+            // A reader that went away is not this command's failure (see above).
+            Err(failure) if is_closed_pipe(&failure.error) => ExitCode::from(141),
             Err(failure) => {
                 eprintln!("agentmesh: {}", one_line(&failure.error));
                 ExitCode::from(failure.exit_code)
             }
         }
     }
+}
+
+/// Output piped into a program that stops reading (`agentmesh status | head -3`) ends
+/// this one quietly with status 141, as SIGPIPE ends a C program: Rust ignores SIGPIPE,
+/// so `println!` panics on the closed pipe instead, with a backtrace.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
+fn is_closed_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The error and its causes on one line, leaving out a cause whose text the message

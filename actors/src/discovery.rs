@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use agentmesh_runtime::transport::wire::payload::{AgentInfo, Capability, Health, RegisterAck};
@@ -109,6 +109,8 @@ pub struct DiscoveryArgs {
     pub seed: u64,
     /// Where agents that appear are observed (`--record`).
     pub recorder: Option<Recorder>,
+    /// Notified when an agent's load goes down (the coordinator offers waiting work).
+    pub capacity_freed: Arc<Notify>,
 }
 
 /// Discovery's state.
@@ -119,6 +121,7 @@ pub struct DiscoveryState {
     outbox: mpsc::Sender<(Vec<String>, RegistryDelta)>,
     workers: Option<ActorRef<WorkersMsg>>,
     recorder: Option<Recorder>,
+    capacity_freed: Arc<Notify>,
 }
 
 impl Actor for Discovery {
@@ -151,6 +154,7 @@ impl Actor for Discovery {
             outbox,
             workers: None,
             recorder: args.recorder,
+            capacity_freed: args.capacity_freed,
         };
         Ok(state)
     }
@@ -236,6 +240,9 @@ impl Actor for Discovery {
             }
         }
         state.drain();
+        if state.registry.take_capacity_freed() {
+            state.capacity_freed.notify_one();
+        }
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use agentmesh_runtime::{
 };
 
 use crate::agent::Agent;
-use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg};
+use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg, TICK};
 use crate::discovery::{Discovery, DiscoveryArgs, DiscoveryMsg};
 use crate::ledger::LedgerConfig;
 use crate::policy::{Policy, PolicyError, VersionedPolicy};
@@ -131,6 +131,10 @@ pub struct HostConfig {
     /// How often the policy in force goes again to every member, so that a node that
     /// missed a spread catches up; `None`: [`POLICY_RESPREAD_EVERY`].
     pub policy_respread: Option<Duration>,
+    /// How often the coordinator checks timeouts and offers waiting segments again;
+    /// `None`: every 50 ms. (A worker that reports a result is offered work at once,
+    /// whatever this is.)
+    pub coordinator_tick: Option<Duration>,
 }
 
 /// How often a node sends its policy to every member again (see
@@ -216,6 +220,7 @@ impl AgentHost {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
         let seed = node.me().incarnation ^ name_hash ^ 0x9e37_79b9_7f4a_7c15;
+        let capacity_freed = Arc::new(tokio::sync::Notify::new());
         let (discovery, _) = Actor::spawn_linked(
             None,
             Discovery,
@@ -224,6 +229,7 @@ impl AgentHost {
                 members: members.clone(),
                 seed,
                 recorder: config.recorder.clone(),
+                capacity_freed: capacity_freed.clone(),
             },
             cell.clone(),
         )
@@ -251,6 +257,8 @@ impl AgentHost {
                 policy: policy.clone(),
                 ledger: config.ledger,
                 recorder: config.recorder.clone(),
+                tick: config.coordinator_tick.unwrap_or(TICK),
+                capacity_freed,
             },
             cell.clone(),
         )

@@ -231,7 +231,8 @@ pub struct LedgerConfig {
     pub breaker_failures: u32,
     /// How long a tripped worker is skipped.
     pub breaker_cooldown_ms: u64,
-    /// How long a task may wait for a free capable worker before it fails.
+    /// How long a task may wait for a free capable worker before it fails: with a
+    /// segment pending, and none of its segments given a worker meanwhile.
     pub max_wait_ms: u64,
 }
 
@@ -472,18 +473,30 @@ struct Task {
     /// Task-level statistics.
     duplicates: u64,
     reallocated: u64,
+    /// When it was last seen with a segment given a worker or running (at first, when
+    /// it was submitted).
+    last_active_ms: u64,
 }
 
 impl Task {
-    /// Since when the longest-waiting pending segment has waited, if any waits.
-    fn oldest_pending_ms(&self) -> Option<u64> {
-        self.segments
-            .iter()
-            .filter_map(|s| match s.state {
-                SegmentState::Pending { since_ms, .. } => Some(since_ms),
-                _ => None,
-            })
-            .min()
+    /// Since when the task has waited for a worker in vain, if a segment waits: since
+    /// its longest-waiting segment became pending, or since it was last seen with a
+    /// segment running, whichever is later. A task with a segment running is not
+    /// waiting in vain, however long its queue (100,000 segments on two workers, or
+    /// segments longer than `max_wait_ms`): that segment ends or times out.
+    /// None if no segment waits.
+    fn waiting_since_ms(&mut self, now_ms: u64) -> Option<u64> {
+        let mut oldest = None::<u64>;
+        for segment in &self.segments {
+            match segment.state {
+                SegmentState::Pending { since_ms, .. } => {
+                    oldest = Some(oldest.map_or(since_ms, |o| o.min(since_ms)));
+                }
+                SegmentState::Running => self.last_active_ms = now_ms,
+                SegmentState::Done => {}
+            }
+        }
+        oldest.map(|oldest| oldest.max(self.last_active_ms))
     }
 
     fn figures(&self) -> TaskFigures {
@@ -675,21 +688,21 @@ impl Ledger {
     }
 
     /// No capable agent is offered for `task_id`. It is waited for, as a busy one is,
-    /// until the oldest pending segment has waited `max_wait_ms`, if agents are held for
+    /// until the task has waited `max_wait_ms` (see `Task::waiting_since_ms`), if agents are held for
     /// nodes membership has not reported up yet (`unwatched`: their list can arrive
     /// first), or if the task has run before (its capable agents were there, and their
     /// nodes went down or out of reach: a partition that cut the coordinator off from
     /// every one of them heals, a node restarts). A task that never found one fails at
     /// once, as it does after the wait.
     pub fn no_candidates(&mut self, task_id: Uuid, capability: &str, unwatched: bool, now_ms: u64) {
-        let Some(task) = self.tasks.get(&task_id) else {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
         };
-        let Some(oldest_ms) = task.oldest_pending_ms() else {
+        let Some(since_ms) = task.waiting_since_ms(now_ms) else {
             return;
         };
         let has_run = task.segments.iter().any(|s| s.attempts > 0);
-        let waited = now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms;
+        let waited = now_ms.saturating_sub(since_ms) >= self.config.max_wait_ms;
         let reason = if !unwatched && !has_run {
             format!("no agent offers capability {capability:?}")
         } else if !waited {
@@ -743,6 +756,7 @@ impl Ledger {
                 pending: segments,
                 duplicates: 0,
                 reallocated: 0,
+                last_active_ms: now_ms,
             },
         );
         self.waiting.insert(task);
@@ -751,8 +765,8 @@ impl Ledger {
 
     /// Allocates every pending segment it can to `candidates` (the capable workers
     /// discovery listed), by power of two choices over load. A task with segments still
-    /// pending and no candidate at all fails at once; one whose segments wait longer than
-    /// `max_wait_ms` for a free worker fails too.
+    /// pending and no candidate at all fails at once; one that gets no free worker for
+    /// any of its segments for `max_wait_ms` fails too.
     pub fn assign(&mut self, task_id: Uuid, candidates: &[Candidate], now_ms: u64) {
         let list = Candidates::new(candidates.iter().cloned());
         self.assign_inner(task_id, &list, false, now_ms);
@@ -767,10 +781,10 @@ impl Ledger {
     /// `shared`: the list is offered to other tasks too, so the ledger may remember it
     /// was seen with no free worker.
     fn assign_inner(&mut self, task_id: Uuid, candidates: &Candidates, shared: bool, now_ms: u64) {
-        let Some(task) = self.tasks.get(&task_id).filter(|t| t.pending > 0) else {
+        let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.pending > 0) else {
             return;
         };
-        let Some(oldest_ms) = task.oldest_pending_ms() else {
+        let Some(since_ms) = task.waiting_since_ms(now_ms) else {
             return;
         };
         if candidates.is_empty() {
@@ -804,7 +818,7 @@ impl Ledger {
                 }
                 // No worker is free now: the other segments would find none either.
                 None => {
-                    if now_ms.saturating_sub(oldest_ms) >= self.config.max_wait_ms {
+                    if now_ms.saturating_sub(since_ms) >= self.config.max_wait_ms {
                         self.fail_waited(task_id);
                     }
                     return;
@@ -992,6 +1006,8 @@ impl Ledger {
             since_ms: now_ms,
             is_retry: budgeted,
         };
+        // It ran until now: the wait for a worker starts again.
+        task.last_active_ms = task.last_active_ms.max(now_ms);
         task.pending += 1;
         self.waiting.insert(task_id);
         task.reallocated += 1;
@@ -1021,6 +1037,7 @@ impl Ledger {
         if matches!(seg.state, SegmentState::Pending { .. }) {
             leave_pending(&mut self.waiting, task_id, &mut task.pending);
         }
+        task.last_active_ms = task.last_active_ms.max(now_ms);
         assert!(seg.live.is_none(), "a segment runs one attempt at a time");
         seg.attempts += 1;
         let attempt = seg.attempts;
@@ -1286,6 +1303,70 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn failure(l: &mut Ledger) -> Option<String> {
+        std::iter::from_fn(|| l.poll()).find_map(|o| match o {
+            LedgerOutput::TaskFailed { reason, .. } => Some(reason),
+            _ => None,
+        })
+    }
+
+    /// A task whose own segments keep its workers busy is not waiting in vain, however
+    /// long its queue: with segments longer than `max_wait_ms` on one worker, it used to
+    /// fail with "no capable agent was free" at the first tick past the wait. One that
+    /// gets no worker at all, while another task holds them, still fails.
+    #[test]
+    fn only_a_task_that_gets_no_worker_fails_for_waiting() {
+        let config = LedgerConfig {
+            max_wait_ms: 1_000,
+            segment_timeout_ms: 100_000,
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, 7);
+        let (busy, starved) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let one = workers(1);
+        l.submit(busy, 3, 0).unwrap();
+        l.assign(busy, &one, 0);
+        let mut running = allocations(&mut l);
+        assert_eq!(running, vec![(0, 1)]);
+        l.submit(starved, 1, 0).unwrap();
+        // Segments of 1.5 s, ticks every 100 ms: the worker is never free at a tick.
+        let mut done = 0;
+        for now in (100..=5_000u64).step_by(100) {
+            if now % 1_500 == 0 {
+                let (segment, attempt) = running.pop().unwrap();
+                l.handle_result(busy, segment, attempt, vec![]);
+                done += 1;
+            }
+            l.assign(busy, &one, now);
+            running.extend(allocations(&mut l));
+            l.assign(starved, &one, now);
+            if let Some(reason) = failure(&mut l) {
+                assert!(now >= 1_000, "failed at {now} ms: {reason}");
+                assert!(reason.contains("no capable agent was free"), "{reason}");
+                break;
+            }
+        }
+        assert_eq!(done, 0, "the starved task fails first, at 1 s");
+        for now in (1_100..=5_000u64).step_by(100) {
+            if now % 1_500 == 0 {
+                let (segment, attempt) = running.pop().unwrap();
+                l.handle_result(busy, segment, attempt, vec![]);
+            }
+            l.assign(busy, &one, now);
+            while let Some(output) = l.poll() {
+                match output {
+                    LedgerOutput::Allocate {
+                        segment, attempt, ..
+                    } => running.push((segment, attempt)),
+                    LedgerOutput::TaskCompleted { .. } => done += 1,
+                    LedgerOutput::TaskFailed { reason, .. } => panic!("at {now} ms: {reason}"),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(done, 1, "the busy task completes");
     }
 
     /// Attempts that end leave entries behind; the queue still stays within about twice

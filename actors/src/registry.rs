@@ -204,6 +204,8 @@ pub struct Registry {
     /// once a delta was missed and until its whole list arrives. A node not in it is
     /// held at 0, the version of an empty list; one declared down leaves it.
     held: HashMap<Arc<str>, Option<u64>, SeedableRandomState>,
+    /// An agent's load went down since [`Registry::take_capacity_freed`] last asked.
+    capacity_freed: bool,
 }
 
 impl Registry {
@@ -222,6 +224,7 @@ impl Registry {
             unsent: None,
             version: 0,
             held: HashMap::with_hasher(hasher.clone()),
+            capacity_freed: false,
             hasher,
         }
     }
@@ -310,6 +313,12 @@ impl Registry {
         }
     }
 
+    /// Whether an agent's load went down (a worker freed, here or on another node)
+    /// since the last call: waiting work may be offered again.
+    pub fn take_capacity_freed(&mut self) -> bool {
+        std::mem::take(&mut self.capacity_freed)
+    }
+
     /// Updates a local agent's load and health, and spreads the change.
     pub fn update(&mut self, agent: u32, load: u32, health: Health) {
         let Some(&slot) = self.slots.get(&*self.me) else {
@@ -322,9 +331,11 @@ impl Registry {
         if (record.load, record.health) == (load, health) {
             return;
         }
+        let freed = load < record.load;
         record.load = load;
         record.health = health;
         let record = record.clone();
+        self.capacity_freed |= freed;
         self.broadcast(vec![record], Vec::new());
     }
 
@@ -456,7 +467,10 @@ impl Registry {
             Entry::Occupied(at) if at.get().slot == slot => {
                 // Known, and the sender's already: only what changed is replaced.
                 let at = *at.get();
-                update(&mut self.node_mut(slot).records[at.pos as usize], record);
+                let held = &mut self.node_mut(slot).records[at.pos as usize];
+                let freed = record.load < held.load;
+                update(held, record);
+                self.capacity_freed |= freed;
                 return;
             }
             Entry::Occupied(held) => {

@@ -525,3 +525,60 @@ async fn a_node_that_missed_a_policy_spread_gets_it_with_the_periodic_one() {
     assert_eq!(nodes[1].1.policy().current(), newer);
     assert_eq!(nodes[1].1.policy().get().groups.len(), 1);
 }
+
+/// Answers at once with its input.
+struct Quick;
+
+impl Agent for Quick {
+    type Input = u32;
+    type Output = u32;
+
+    fn agent_type(&self) -> &str {
+        "quick"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("quick")
+    }
+
+    async fn work(&self, n: u32, _: &mut SegmentContext) -> Result<u32, AgentError> {
+        Ok(n)
+    }
+}
+
+/// A worker that reports a result is offered the next waiting segment at once. With
+/// the coordinator's periodic round an hour apart, a task of twenty segments on one
+/// worker (on the other node) completes only that way; it used to wait for the round
+/// (50 ms by default) between segments, so that short segments ran at 20 a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_reports_is_offered_the_next_segment_at_once() {
+    let ca = ClusterCa::generate().unwrap();
+    let config = HostConfig {
+        coordinator_tick: Some(Duration::from_secs(3_600)),
+        ..HostConfig::default()
+    };
+    let nodes = cluster_with(&ca, &["a", "b"], config).await;
+    nodes[1].1.add(Quick, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let request = SubmitRequest {
+        capability: "quick".into(),
+        tags: Vec::new(),
+        priority: None,
+        group: 0,
+        inputs: inputs(20),
+        label: None,
+        task: None,
+        attach: false,
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(30), nodes[0].1.submit(request))
+        .await
+        .expect("the task ends without waiting for the coordinator's round")
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    let results: Vec<u32> = outcome
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect();
+    assert_eq!(results, (0..20).collect::<Vec<u32>>());
+}

@@ -218,6 +218,7 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             ledger: LedgerConfig::default(),
             recorder,
             policy_respread: None,
+            coordinator_tick: None,
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;

@@ -205,7 +205,7 @@ fn nodes_that_stall_and_resume_find_each_other_again() {
 }
 
 /// A second process started with a member's name (a copied command line) is refused
-/// by every node it reaches, and says why; the cluster keeps the member it has. Until
+/// by the node it reaches, says why and exits 1; the cluster keeps the member it has. Until
 /// then it was taken for that member restarted: the member was declared down and the
 /// cluster split in two.
 #[test]
@@ -235,6 +235,14 @@ fn a_second_node_with_a_members_name_is_refused_and_the_cluster_keeps_its_member
         Some(&cluster.dev_ca),
     );
     impostor.expect(&["ERROR", "node names must be unique in a cluster"]);
+    // It stops, and says why, rather than retrying for ever.
+    impostor.expect(&["the node stopped", "node names must be unique"]);
+    let mut impostor = impostor;
+    let exited = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        impostor.child.try_wait().unwrap()
+    });
+    assert_eq!(exited.and_then(|s| s.code()), Some(1), "{exited:?}");
     nodes[2].expect(&["refused a node presenting a name another live node holds"]);
     // Given time to do harm, it has done none.
     std::thread::sleep(Duration::from_secs(2));

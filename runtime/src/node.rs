@@ -380,7 +380,10 @@ async fn dial_seed(
             }
             Err(e) => {
                 let retry_in_ms = delay.as_millis() as u64;
-                if matches!(e, TransportError::NameInUse { .. }) {
+                if matches!(
+                    e,
+                    TransportError::NameInUse { .. } | TransportError::SameName { .. }
+                ) {
                     error!(%addr, error = %e, retry_in_ms, "cannot join");
                 } else {
                     warn!(%addr, error = %e, retry_in_ms, "cannot reach the node to join");

@@ -222,11 +222,14 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;
+        let mut conflict = node.transport().name_conflict();
         node.join(args.join.iter().copied());
         let stopped = tokio::select! {
             _ = shutdown_signal() => None,
-            _ = node.stopped() => Some("its cluster actor kept failing"),
-            _ = host.stopped() => Some("an actor of its agent layer failed"),
+            _ = node.stopped() => Some("its cluster actor kept failing".to_string()),
+            _ = host.stopped() => Some("an actor of its agent layer failed".to_string()),
+            // The cluster will not take it: better stopped, and said so, than retrying.
+            Ok(why) = conflict.wait_for(Option::is_some) => why.clone(),
         };
         if let Some(why) = stopped {
             anyhow::bail!("the node stopped: {why}");

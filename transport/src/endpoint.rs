@@ -170,8 +170,16 @@ pub enum TransportError {
         /// This node's name.
         name: String,
     },
-    /// The node at `addr` presents a name that another live node holds: this node, or
-    /// a peer connected from `holder`. Node names must be unique in a cluster.
+    /// The node at `addr` presents this node's own name.
+    #[error("the node at {addr} is named {name}, as this node is: node names must be unique in a cluster")]
+    SameName {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// The name both have.
+        name: String,
+    },
+    /// The node at `addr` presents a name that another live node, connected from
+    /// `holder`, holds. Node names must be unique in a cluster.
     #[error("the node at {addr} is named {name}, like the live node at {holder}: node names must be unique in a cluster")]
     NameInUse {
         /// The address dialled.
@@ -229,6 +237,9 @@ pub(crate) struct Shared {
     pub(crate) ownership: Arc<OwnershipTable>,
     pub(crate) stats: Arc<TransportStats>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Set once another live node is found holding this node's name (see
+    /// [`Transport::name_conflict`]).
+    name_conflict: watch::Sender<Option<String>>,
     /// Dials in flight, by address (see [`Transport::connect`]).
     dials: Mutex<HashMap<SocketAddr, watch::Receiver<DialOutcome>>>,
     client_crypto: Arc<QuicClientConfig>,
@@ -301,6 +312,7 @@ impl Transport {
             ownership,
             stats: Arc::new(TransportStats::default()),
             clock,
+            name_conflict: watch::Sender::new(None),
             dials: Mutex::new(HashMap::default()),
             client_crypto,
             server_crypto,
@@ -330,6 +342,13 @@ impl Transport {
                 addr: self.shared.config.listen,
                 source,
             })
+    }
+
+    /// Becomes `Some(why)` once another live node is found holding this node's name: a
+    /// node it dialled has the name, or a node refused it with `NAME_IN_USE`. The
+    /// cluster will not take this node; its owner should stop it.
+    pub fn name_conflict(&self) -> watch::Receiver<Option<String>> {
+        self.shared.name_conflict.subscribe()
     }
 
     /// The counters so far.
@@ -470,11 +489,19 @@ impl Transport {
         }
         if let Some(holder) = name_held_elsewhere(shared, &conn, &name, addr).await {
             refuse_name(shared, &conn, &name, holder);
-            return Err(TransportError::NameInUse {
+            if name != shared.name {
+                return Err(TransportError::NameInUse {
+                    addr,
+                    name: name.to_string(),
+                    holder,
+                });
+            }
+            let error = TransportError::SameName {
                 addr,
                 name: name.to_string(),
-                holder,
-            });
+            };
+            shared.name_conflict.send_replace(Some(error.to_string()));
+            return Err(error);
         }
         register(shared.clone(), conn, name, true, gauge, handshake).ok_or_else(|| {
             TransportError::SelfConnect {
@@ -959,8 +986,13 @@ fn register(
         let reason = peer.conn.closed().await;
         if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
             if close.error_code.into_inner() == u64::from(AcpErrorCode::NameInUse.code()) {
-                error!(peer = %peer.name, reason = %String::from_utf8_lossy(&close.reason),
+                let reason = String::from_utf8_lossy(&close.reason);
+                error!(peer = %peer.name, %reason,
                     "refused by the peer: another live node has this node's name (node names must be unique in a cluster)");
+                shared.name_conflict.send_replace(Some(format!(
+                    "{} refused this node: {reason}; node names must be unique in a cluster",
+                    peer.name
+                )));
             }
         }
         let removed = shared

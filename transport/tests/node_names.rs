@@ -70,7 +70,12 @@ async fn a_second_live_node_with_a_name_already_held_is_refused() {
         .connect(first.addr, None)
         .await
         .unwrap_err();
-    assert!(matches!(err, TransportError::NameInUse { .. }), "{err}");
+    assert!(matches!(err, TransportError::SameName { .. }), "{err}");
+    // Either way, its owner learns that the cluster will not take it.
+    let why = second.transport.name_conflict().borrow().clone();
+    assert!(why.is_some_and(|w| w.contains("names must be unique")));
+    assert!(first.transport.name_conflict().borrow().is_none());
+    assert!(b.transport.name_conflict().borrow().is_none());
 }
 
 /// A UDP relay in front of `server`: it passes packets between the server and one

@@ -974,6 +974,11 @@ impl Sim {
                                 return Err(v);
                             }
                             self.report.segment_completed(self.now_us);
+                            // Its worker is free: the live coordinator offers work now.
+                            self.drain_ledger(to)?;
+                            if self.nodes[to].ledger.waiting().next().is_some() {
+                                self.offer_waiting(to)?;
+                            }
                         }
                         ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
                         ResultVerdict::UnknownTask | ResultVerdict::UnknownAttempt => {
@@ -1183,11 +1188,18 @@ impl Sim {
         }
     }
 
-    /// What the live coordinator does on its tick: timeouts, then every task with
-    /// segments waiting gets the capable agents discovery lists.
+    /// What the live coordinator does on its tick: timeouts, then an offer round.
     fn coordinate(&mut self, ix: NodeIx) -> Result<(), Violation> {
         let now_ms = self.now_us / 1000;
         self.nodes[ix].ledger.handle_timeout(now_ms);
+        self.offer_waiting(ix)
+    }
+
+    /// An offer round, as the live coordinator makes on its tick and whenever a worker
+    /// reports a result: every task with segments waiting gets the capable agents
+    /// discovery lists.
+    fn offer_waiting(&mut self, ix: NodeIx) -> Result<(), Violation> {
+        let now_ms = self.now_us / 1000;
         let n = &self.nodes[ix];
         let mut waiting: Vec<(u8, u64, Uuid)> = n
             .ledger

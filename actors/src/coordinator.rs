@@ -245,9 +245,7 @@ impl Actor for Coordinator {
                 state.assign(task).await;
             }
             CoordinatorMsg::CapacityFreed(done) => {
-                if state.ledger.waiting().next().is_some() {
-                    state.assign_waiting().await;
-                }
+                state.assign_waiting().await;
                 let _ = done.send(());
             }
             CoordinatorMsg::Tick => {
@@ -628,9 +626,7 @@ impl CoordinatorState {
             // Its worker is free: offer it work now, not at the next tick (a worker
             // waited 25 ms on average between segments, and a task of short segments
             // on few workers ran at 20 segments a second per worker).
-            if self.ledger.waiting().next().is_some() {
-                self.assign_waiting().await;
-            }
+            self.assign_waiting().await;
         } else if report.error.is_none() {
             if let Some(meta) = self.tasks.get_mut(&task) {
                 meta.progress

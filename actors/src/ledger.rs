@@ -348,9 +348,9 @@ pub struct LedgerStats {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum SegmentState {
-    /// Waiting for a worker; `since_ms` is when it started waiting.
+    /// Waiting for a worker (how long the task has waited is the task's
+    /// `last_active_ms`).
     Pending {
-        since_ms: u64,
         is_retry: bool,
     },
     /// An attempt is running (see `Segment::live`).
@@ -748,10 +748,7 @@ impl Ledger {
             return Err(SubmitError::Duplicate(task));
         }
         let segment = Segment {
-            state: SegmentState::Pending {
-                since_ms: now_ms,
-                is_retry: false,
-            },
+            state: SegmentState::Pending { is_retry: false },
             attempts: 0,
             live: None,
             result: None,
@@ -1025,10 +1022,7 @@ impl Ledger {
             let why = format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
             return self.fail(task_id, why);
         }
-        seg.state = SegmentState::Pending {
-            since_ms: now_ms,
-            is_retry: budgeted,
-        };
+        seg.state = SegmentState::Pending { is_retry: budgeted };
         // It ran until now: the wait for a worker starts again.
         task.last_active_ms = task.last_active_ms.max(now_ms);
         task.next_pending = task.next_pending.min(segment);

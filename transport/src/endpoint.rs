@@ -984,16 +984,20 @@ fn register(
     tokio::spawn(async move {
         let _ = events.send(up).await;
         let reason = peer.conn.closed().await;
-        if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
-            if close.error_code.into_inner() == u64::from(AcpErrorCode::NameInUse.code()) {
-                let reason = String::from_utf8_lossy(&close.reason);
-                error!(peer = %peer.name, %reason,
-                    "refused by the peer: another live node has this node's name (node names must be unique in a cluster)");
-                shared.name_conflict.send_replace(Some(format!(
-                    "{} refused this node: {reason}; node names must be unique in a cluster",
-                    peer.name
-                )));
-            }
+        let (peer_code, peer_reason) = match &reason {
+            quinn::ConnectionError::ApplicationClosed(close) => (
+                Some(close.error_code.into_inner()),
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            ),
+            _ => (None, String::new()),
+        };
+        if peer_code == Some(u64::from(AcpErrorCode::NameInUse.code())) {
+            error!(peer = %peer.name, reason = %peer_reason,
+                "refused by the peer: another live node has this node's name (node names must be unique in a cluster)");
+            shared.name_conflict.send_replace(Some(format!(
+                "{} refused this node: {peer_reason}; node names must be unique in a cluster",
+                peer.name
+            )));
         }
         let removed = shared
             .peers
@@ -1015,12 +1019,7 @@ fn register(
                 .send(TransportEvent::PeerDown {
                     peer: peer.name.clone(),
                     reason: reason.to_string(),
-                    peer_code: match &reason {
-                        quinn::ConnectionError::ApplicationClosed(close) => {
-                            Some(close.error_code.into_inner())
-                        }
-                        _ => None,
-                    },
+                    peer_code,
                 })
                 .await;
         }

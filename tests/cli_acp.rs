@@ -14,6 +14,12 @@ fn agentmesh(args: &[&str]) -> Output {
 }
 
 fn agentmesh_with_stdin(args: &[&str], stdin: &str) -> Output {
+    run(args, stdin, true)
+}
+
+/// Runs the binary with `stdin`; with `read_stdout` false, its stdout is closed before
+/// it starts (a reader that went away), and what it does not read of stdin is dropped.
+fn run(args: &[&str], stdin: &str, read_stdout: bool) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
         .args(args)
         .stdin(Stdio::piped())
@@ -21,8 +27,14 @@ fn agentmesh_with_stdin(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
+    if !read_stdout {
+        drop(child.stdout.take());
+    }
     let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.as_bytes()).unwrap();
+    let written = input.write_all(stdin.as_bytes());
+    if read_stdout {
+        written.unwrap();
+    }
     drop(input);
     child.wait_with_output().unwrap()
 }
@@ -264,18 +276,7 @@ fn a_reader_that_goes_away_ends_the_command_quietly() {
             String::new(),
         ),
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let mut input = child.stdin.take().unwrap();
-        let _ = input.write_all(stdin.as_bytes());
-        drop(input);
-        let out = child.wait_with_output().unwrap();
+        let out = run(args, &stdin, false);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");

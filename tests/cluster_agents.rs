@@ -1,8 +1,9 @@
 //! Agents across real node processes (loopback, real QUIC and mutual TLS): a task
 //! survives the SIGKILL of a node with every segment completed once; a crash agent's
 //! panic is restarted and its segment completed; a policy denial fails a task, is
-//! counted, and a new policy applied without restart lifts it; a capability nobody
-//! has fails the task with a reason.
+//! counted, and a new policy applied without restart lifts it; a worker node's own
+//! policy steers a coordinator that does not hold it; a capability nobody has fails
+//! the task with a reason.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![allow(clippy::disallowed_methods)] // waiting on child processes is wall time
 
@@ -349,6 +350,66 @@ fn a_rate_limit_per_agent_spaces_allocations_out() {
     // tokens come 4 x 500 ms after the burst. A lower bound only: a slow machine
     // cannot make this fail.
     assert!(task["elapsed_ms"].as_u64().unwrap() >= 1_500, "{task}");
+}
+
+/// A coordinator whose node holds no policy meets a worker node that holds one (its
+/// start-up file, which does not spread): the worker's node refuses, and the refusals
+/// steer the coordinator instead of failing attempts.
+#[test]
+fn a_worker_nodes_policy_steers_a_coordinator_that_does_not_hold_it() {
+    let cluster = Cluster::new("agents-refusals", 2);
+    let policy = cluster.dir.join("workers.toml");
+    std::fs::write(
+        &policy,
+        "[[group]]\nid = 1\nrate_per_agent = 2\n\n[[group]]\nid = 3\nmay_send_to = [3]\n",
+    )
+    .unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _workers = cluster.start(
+        0,
+        &[
+            "--agents",
+            "echo=8",
+            "--group",
+            "1",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+        ],
+    );
+    let _coordinator = cluster.start(1, &[]);
+    cluster.wait_for_agents(1, 1);
+    assert_eq!(
+        policy_of(&cluster, 1)["groups"],
+        0,
+        "the start-up file stays put"
+    );
+
+    // Group 3 may not send to group 1 there: the task fails as denied, at once, not
+    // after its segments failed five attempts each.
+    let denied = ["--capability", "echo", "--segments", "4", "--group", "3"];
+    let (status, task) = outcome(cluster.submit(1, &denied));
+    assert!(!status.success(), "{task}");
+    let reason = task["reason"].as_str().unwrap();
+    assert!(reason.starts_with("denied by policy: group 3"), "{reason}");
+
+    // Two allocations per second there: the task waits for tokens and completes.
+    let limited = ["--capability", "echo", "--segments", "6", "--group", "1"];
+    let (status, task) = outcome(cluster.submit(1, &limited));
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 6, "{task}");
+    assert_eq!(task["reallocated"], 0, "a refusal is no reallocation: {task}");
+    assert!(task["elapsed_ms"].as_u64().unwrap() >= 1_500, "{task}");
+    // Refused allocations, by the worker node's own count: the coordinator rests the
+    // agent for the time each refusal gives, then sends one at a time, so a refusal
+    // costs a round trip now and then, not one per waiting segment per round.
+    let refused: f64 = scrape(&metrics)
+        .lines()
+        .filter(|l| l.starts_with("agentmesh_policy_denials_total") && l.contains("rate"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!((1.0..=12.0).contains(&refused), "{refused} rate refusals");
 }
 
 #[test]

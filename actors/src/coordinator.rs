@@ -32,6 +32,7 @@ use crate::ledger::{
 };
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
+use crate::refusals::{Refusals, Room};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
@@ -143,6 +144,8 @@ pub struct CoordinatorState {
     limiter: RateLimiter,
     /// Each known agent's group, for its rate limit.
     agent_groups: HashMap<u32, u16>,
+    /// What worker nodes said when they refused ALLOCATEs unrun.
+    refusals: Refusals,
     recorder: Option<Recorder>,
     /// When each attempt was allocated (only while recording).
     allocated_ms: HashMap<(Uuid, u32, u32), u64>,
@@ -213,6 +216,7 @@ impl Actor for Coordinator {
             outbox,
             limiter: RateLimiter::default(),
             agent_groups: HashMap::new(),
+            refusals: Refusals::new(),
             recorder: args.recorder,
             allocated_ms: HashMap::new(),
             ended: EndedTasks::new(EndedLimits::default()),
@@ -527,18 +531,32 @@ impl CoordinatorState {
         .unwrap_or_default();
         let policy = self.policy.get();
         let now = self.now_ms();
+        self.refusals.policy_in_force(&policy);
         for a in &found {
             self.agent_groups.insert(a.agent, a.group);
         }
-        let allowed: Vec<&AgentInfo> = found
+        // Denied by this node's policy, or by the agent's node when it refused.
+        let permitted: Vec<&AgentInfo> = found
             .iter()
-            .filter(|a| a.health != Health::Unhealthy && policy.allows(group, a.group))
+            .filter(|a| policy.allows(group, a.group) && !self.refusals.denies(group, a.agent, now))
             .collect();
-        // An agent at its rate limit takes no more than its tokens allow.
-        let mut candidates = CandidatesBuilder::with_capacity(allowed.len());
-        for a in &allowed {
+        // An agent that cannot take work now (unhealthy, at its rate limit, unknown to
+        // its node) is offered as full, so that segments wait for it rather than the
+        // task failing for want of a capable agent.
+        let mut candidates = CandidatesBuilder::with_capacity(permitted.len());
+        for a in &permitted {
             let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
+            let room = self.refusals.room(a.agent, now);
+            if a.health == Health::Unhealthy || room == Room::None {
+                load = capacity;
+                candidates.push_named(a.agent, &a.node, capacity, load);
+                continue;
+            }
+            if room == Room::One {
+                capacity = capacity.min(load.saturating_add(1));
+            }
             if let Some(rate) = policy.rate_per_agent(a.group) {
+                // An agent at its rate limit takes no more than its tokens allow.
                 let tokens = self.limiter.tokens(a.agent, rate, now);
                 let room = capacity.min(load.saturating_add(tokens));
                 if room <= load {
@@ -559,7 +577,7 @@ impl CoordinatorState {
             Offer::NoneCapable {
                 unwatched: unwatched > 0,
             }
-        } else if allowed.is_empty() {
+        } else if permitted.is_empty() {
             let mut groups: Vec<u16> = found.iter().map(|a| a.group).collect();
             groups.sort_unstable();
             groups.dedup();
@@ -594,10 +612,10 @@ impl CoordinatorState {
                 return debug!(%peer, task = %report.task, segment = report.segment, attempt = report.attempt, "REPORT for no current attempt");
             }
         }
-        self.on_report(report).await;
+        self.on_report(header.agent, report).await;
     }
 
-    async fn on_report(&mut self, report: Report) {
+    async fn on_report(&mut self, agent: u32, report: Report) {
         let now = self.now_ms();
         let (task, segment, attempt) = (report.task, report.segment, report.attempt);
         if report.is_final() {
@@ -634,9 +652,27 @@ impl CoordinatorState {
             }
         }
         if let Some(error) = report.error {
-            info!(%task, segment, attempt, %error, "attempt failed");
-            self.ledger
-                .handle_failure(task, segment, attempt, &error, now);
+            match report.refused {
+                Some(refusal) => {
+                    info!(%task, segment, attempt, agent, ?refusal, %error, "allocation refused by the worker's node");
+                    if let Some(meta) = self.tasks.get(&task) {
+                        self.refusals.record(
+                            meta.group,
+                            agent,
+                            refusal,
+                            report.retry_after_ms,
+                            now,
+                        );
+                    }
+                    self.ledger
+                        .handle_refusal(task, segment, attempt, &error, now);
+                }
+                None => {
+                    info!(%task, segment, attempt, %error, "attempt failed");
+                    self.ledger
+                        .handle_failure(task, segment, attempt, &error, now);
+                }
+            }
             self.assign(task).await;
         }
     }

@@ -363,6 +363,8 @@ struct Segment {
     state: SegmentState,
     /// Attempts started so far.
     attempts: u32,
+    /// Of those, attempts the worker's node refused unrun (not failures).
+    refused: u32,
     /// The attempt started and not yet finished or cancelled. There is at most one: an
     /// attempt starts only while the segment waits, and it waits again only once its
     /// attempt has ended.
@@ -596,6 +598,22 @@ fn leave_pending(waiting: &mut HashSet<Uuid, SeedableRandomState>, task: Uuid, p
     }
 }
 
+/// Why a segment waits for a worker again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Requeue {
+    /// Its attempt failed or timed out: a retry, within the retry budget.
+    Retry,
+    /// Its attempt was lost with its worker or node: reallocated outside the budget.
+    Lost,
+    /// The worker's node refused the attempt unrun: neither a retry nor a reallocation.
+    Refused,
+}
+
+/// Refusals (ALLOCATEs a worker's node turned down unrun) a segment may meet before
+/// its task fails. Each sends the segment to another worker without counting as a
+/// failed attempt; this bound keeps a segment from going round for ever.
+pub const MAX_REFUSALS: u32 = 100;
+
 /// The allocation ledger of one coordinator.
 pub struct Ledger {
     config: LedgerConfig,
@@ -750,6 +768,7 @@ impl Ledger {
         let segment = Segment {
             state: SegmentState::Pending { is_retry: false },
             attempts: 0,
+            refused: 0,
             live: None,
             result: None,
         };
@@ -922,7 +941,38 @@ impl Ledger {
             return;
         };
         self.breaker_failure(agent, now_ms);
-        self.requeue(task_id, segment, now_ms, reason, true);
+        self.requeue(task_id, segment, now_ms, reason, Requeue::Retry);
+    }
+
+    /// The worker's node refused the attempt without running it (its policy or rate
+    /// limit, or no such agent there): the segment waits for another worker. Not a
+    /// failure: neither the worker's breaker nor the segment's attempts nor the retry
+    /// budget count it; [`MAX_REFUSALS`] bounds how often it may happen.
+    pub fn handle_refusal(
+        &mut self,
+        task_id: Uuid,
+        segment: u32,
+        attempt: u32,
+        reason: &str,
+        now_ms: u64,
+    ) {
+        if self.end_attempt(task_id, segment, attempt).is_none() {
+            return;
+        }
+        let Some(seg) = self
+            .tasks
+            .get_mut(&task_id)
+            .and_then(|t| t.segments.get_mut(segment as usize))
+        else {
+            return;
+        };
+        seg.refused += 1;
+        if seg.refused >= MAX_REFUSALS {
+            let why =
+                format!("segment {segment} was refused {MAX_REFUSALS} times (last: {reason})");
+            return self.fail(task_id, why);
+        }
+        self.requeue(task_id, segment, now_ms, reason, Requeue::Refused);
     }
 
     /// Every attempt running on `node` is lost: reallocate them all. These are not
@@ -943,7 +993,7 @@ impl Ledger {
     fn reallocate_lost(&mut self, lost: Vec<(Uuid, u32, u32)>, now_ms: u64, reason: &str) {
         for (task, segment, attempt) in lost {
             if self.end_attempt(task, segment, attempt).is_some() {
-                self.requeue(task, segment, now_ms, reason, false);
+                self.requeue(task, segment, now_ms, reason, Requeue::Lost);
             }
         }
     }
@@ -969,7 +1019,7 @@ impl Ledger {
             };
             if let Some(agent) = self.end_attempt(d.task, d.segment, attempt) {
                 self.breaker_failure(agent, now_ms);
-                self.requeue(d.task, d.segment, now_ms, "timed out", true);
+                self.requeue(d.task, d.segment, now_ms, "timed out", Requeue::Retry);
             }
         }
     }
@@ -1005,9 +1055,9 @@ impl Ledger {
         Some(live.agent)
     }
 
-    /// Puts a segment back to wait for a worker; `budgeted` retries (after a failure or
-    /// a timeout) count against the retry budget.
-    fn requeue(&mut self, task_id: Uuid, segment: u32, now_ms: u64, reason: &str, budgeted: bool) {
+    /// Puts a segment back to wait for a worker (see [`Requeue`] for how each reason
+    /// counts).
+    fn requeue(&mut self, task_id: Uuid, segment: u32, now_ms: u64, reason: &str, why: Requeue) {
         let max_attempts = self.config.max_attempts;
         let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
@@ -1018,22 +1068,27 @@ impl Ledger {
         if seg.state == SegmentState::Done || seg.live.is_some() {
             return;
         }
-        if seg.attempts >= max_attempts {
+        // Refused attempts never ran (every attempt ended is counted, refused or not).
+        if seg.attempts - seg.refused >= max_attempts {
             let why = format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
             return self.fail(task_id, why);
         }
-        seg.state = SegmentState::Pending { is_retry: budgeted };
+        seg.state = SegmentState::Pending {
+            is_retry: why == Requeue::Retry,
+        };
         // It ran until now: the wait for a worker starts again.
         task.last_active_ms = task.last_active_ms.max(now_ms);
         task.next_pending = task.next_pending.min(segment);
         task.pending += 1;
         self.waiting.insert(task_id);
-        task.reallocated += 1;
-        self.stats.reallocated += 1;
-        self.outputs.push_back(LedgerOutput::Reallocated {
-            task: task_id,
-            segment,
-        });
+        if why != Requeue::Refused {
+            task.reallocated += 1;
+            self.stats.reallocated += 1;
+            self.outputs.push_back(LedgerOutput::Reallocated {
+                task: task_id,
+                segment,
+            });
+        }
     }
 
     fn start_attempt(
@@ -1354,6 +1409,72 @@ mod tests {
         l.handle_result(task, 0, 2, vec![]);
         l.assign(task, &two, 30);
         assert_eq!(allocations(&mut l), vec![(3, 1)]);
+    }
+
+    /// A refusal by the worker's node sends the segment to a worker again without
+    /// counting as a failed attempt or against the worker's breaker; only
+    /// `MAX_REFUSALS` of them fail the task.
+    #[test]
+    fn refusals_are_not_failures_but_are_bounded() {
+        let config = LedgerConfig::default();
+        let mut l = Ledger::new(config, 7);
+        let task = Uuid::from_u128(1);
+        let one = workers(1);
+        l.submit(task, 1, 0).unwrap();
+        // Far more refusals than attempts or breaker failures allow.
+        let many = config.max_attempts.max(config.breaker_failures) * 3;
+        for attempt in 1..=many {
+            l.assign(task, &one, u64::from(attempt));
+            assert_eq!(
+                allocations(&mut l),
+                vec![(0, attempt)],
+                "the breaker stays shut"
+            );
+            l.handle_refusal(task, 0, attempt, "rate limited", u64::from(attempt));
+        }
+        assert_eq!(failure(&mut l), None);
+        l.assign(task, &one, 100);
+        assert_eq!(allocations(&mut l), vec![(0, many + 1)]);
+        l.handle_result(task, 0, many + 1, vec![1]);
+        match std::iter::from_fn(|| l.poll()).last() {
+            Some(LedgerOutput::TaskCompleted { figures, .. }) => {
+                assert_eq!(figures.reallocated, 0, "a refusal is no reallocation")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Failures still count, whatever refusals came before them.
+        let task = Uuid::from_u128(2);
+        l.submit(task, 1, 200).unwrap();
+        let mut attempt = 0;
+        for _ in 0..3 {
+            attempt += 1;
+            l.assign(task, &workers(2), 200);
+            allocations(&mut l);
+            l.handle_refusal(task, 0, attempt, "denied", 200);
+        }
+        for _ in 0..config.max_attempts {
+            attempt += 1;
+            l.assign(task, &workers(2), 200);
+            allocations(&mut l);
+            l.handle_failure(task, 0, attempt, "panicked", 200);
+        }
+        let why = failure(&mut l).unwrap();
+        assert!(why.contains("failed 5 attempts (last: panicked)"), "{why}");
+
+        // And refusals without end fail the task.
+        let task = Uuid::from_u128(3);
+        l.submit(task, 1, 300).unwrap();
+        for attempt in 1..=MAX_REFUSALS {
+            l.assign(task, &workers(2), 300);
+            allocations(&mut l);
+            l.handle_refusal(task, 0, attempt, "rate limited", 300);
+        }
+        let why = failure(&mut l).unwrap();
+        assert!(
+            why.contains("refused 100 times (last: rate limited)"),
+            "{why}"
+        );
     }
 
     /// The agents an ALLOCATE names as the task's peers are those running its attempts

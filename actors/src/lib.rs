@@ -14,6 +14,7 @@ pub mod host;
 pub mod ledger;
 pub mod policy;
 pub mod record;
+pub mod refusals;
 pub mod registry;
 pub mod service;
 pub mod worker;

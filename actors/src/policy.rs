@@ -157,6 +157,15 @@ impl RateLimiter {
         ((tokens + refill).min(cap) / 1000) as u32
     }
 
+    /// Milliseconds until `agent`'s bucket holds a whole token (0 if it does now).
+    pub fn next_token_ms(&self, agent: u32, rate: u32, now_ms: u64) -> u64 {
+        let cap = u64::from(rate) * 1000;
+        let (tokens, last) = self.buckets.get(&agent).copied().unwrap_or((cap, now_ms));
+        let have = (tokens + now_ms.saturating_sub(last) * u64::from(rate)).min(cap);
+        // Refilled at `rate` thousandths per millisecond.
+        (1000u64.saturating_sub(have)).div_ceil(u64::from(rate.max(1)))
+    }
+
     /// Forgets `agent`.
     pub fn forget(&mut self, agent: u32) {
         self.buckets.remove(&agent);
@@ -241,6 +250,9 @@ id = 3
         assert!(r.allow(7, 2, 0));
         assert!(!r.allow(7, 2, 0), "burst of one second's worth");
         assert!(!r.allow(7, 2, 400));
+        assert_eq!(r.next_token_ms(7, 2, 400), 100, "what a refusal tells");
+        assert_eq!(r.next_token_ms(7, 2, 450), 50);
+        assert_eq!(r.next_token_ms(7, 2, 500), 0);
         assert!(
             r.allow(7, 2, 500),
             "one token back after half a second at 2/s"
@@ -251,5 +263,8 @@ id = 3
         assert_eq!(r.tokens(7, 2, 1000), 1);
         assert_eq!(r.tokens(7, 2, 5000), 2, "at most one second's worth");
         assert_eq!(r.tokens(9, 3, 0), 3, "a new bucket starts full");
+        assert_eq!(r.next_token_ms(9, 3, 0), 0);
+        assert!(r.allow(10, 3, 0) && r.allow(10, 3, 0) && r.allow(10, 3, 0));
+        assert_eq!(r.next_token_ms(10, 3, 0), 334, "rounded up: 1000 / 3");
     }
 }

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use agentmesh_runtime::transport::wire::payload::{
-    Adjust, Allocate, Health, Report, Sync, SyncAck,
+    Adjust, Allocate, Health, Refusal, Report, Sync, SyncAck,
 };
 use agentmesh_runtime::transport::wire::{Header, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
@@ -202,27 +202,36 @@ impl WorkersState {
         }
         let now_ms = self.now_ms();
         let refusal = match self.agents.get(&a.target) {
-            None => Some(format!(
-                "no agent {} on node {}",
-                a.target,
-                self.mesh.node()
+            None => Some((
+                Refusal::NoAgent,
+                None,
+                format!("no agent {} on node {}", a.target, self.mesh.node()),
             )),
             Some(slot) => {
                 let policy = self.policy.get();
                 if !policy.allows(header.group, slot.group) {
                     deny("group", header.group, slot.group);
-                    Some(format!(
-                        "denied by policy: group {} may not send to group {}",
-                        header.group, slot.group
+                    Some((
+                        Refusal::Policy,
+                        None,
+                        format!(
+                            "denied by policy: group {} may not send to group {}",
+                            header.group, slot.group
+                        ),
                     ))
                 } else if let Some(rate) = policy.rate_per_agent(slot.group) {
                     if self.limiter.allow(a.target, rate, now_ms) {
                         None
                     } else {
                         deny("rate", header.group, slot.group);
-                        Some(format!(
-                            "rate limited: agent {} takes {rate} allocations per second",
-                            a.target
+                        let after = self.limiter.next_token_ms(a.target, rate, now_ms);
+                        Some((
+                            Refusal::Rate,
+                            Some(u32::try_from(after).unwrap_or(u32::MAX)),
+                            format!(
+                                "rate limited: agent {} takes {rate} allocations per second",
+                                a.target
+                            ),
                         ))
                     }
                 } else {
@@ -230,7 +239,7 @@ impl WorkersState {
                 }
             }
         };
-        if let Some(reason) = refusal {
+        if let Some((refused, retry_after_ms, reason)) = refusal {
             warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused");
             let report = Report {
                 target: header.agent,
@@ -242,6 +251,8 @@ impl WorkersState {
                 load: 0,
                 output: None,
                 error: Some(reason),
+                refused: Some(refused),
+                retry_after_ms,
             };
             let group = self.agents.get(&a.target).map_or(0, |s| s.group);
             let agent = if self.agents.contains_key(&a.target) {
@@ -415,6 +426,8 @@ impl WorkersState {
             load,
             output,
             error,
+            refused: None,
+            retry_after_ms: None,
         };
         let message = match report_message(report.clone(), info.agent, group, is_final) {
             Some(m) => Some(m),

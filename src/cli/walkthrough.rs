@@ -320,6 +320,8 @@ pub fn run(args: WalkthroughArgs) -> anyhow::Result<()> {
         load: 1,
         output,
         error: None,
+        refused: None,
+        retry_after_ms: None,
     };
     w.send(&mut w1, "C", Payload::Report(progress(0, 900, None)), true)?;
     let adjust = Adjust {

@@ -56,6 +56,16 @@ fn health() -> impl Strategy<Value = Health> {
     ]
 }
 
+/// A refusal and its retry-after, as a worker's node sends them (with an error).
+fn refusal() -> impl Strategy<Value = (Option<Refusal>, Option<u32>)> {
+    prop_oneof![
+        Just((None, None)),
+        Just((Some(Refusal::Policy), None)),
+        Just((Some(Refusal::NoAgent), None)),
+        any::<u32>().prop_map(|ms| (Some(Refusal::Rate), Some(ms))),
+    ]
+}
+
 fn capability() -> impl Strategy<Value = Capability> {
     (
         text(),
@@ -106,11 +116,28 @@ fn payload() -> impl Strategy<Value = Payload> {
             any::<u32>(),
             proptest::option::of(bytes(100)),
             any::<bool>(),
-            text()
+            text(),
+            refusal()
         )
             .prop_map(
-                |(target, task, segment, progress_permille, health, load, output, failed, why)| {
+                |(
+                    target,
+                    task,
+                    segment,
+                    progress_permille,
+                    health,
+                    load,
+                    output,
+                    failed,
+                    why,
+                    refusal,
+                )| {
                     let error = (failed && output.is_none()).then_some(why);
+                    let (refused, retry_after_ms) = if error.is_some() {
+                        refusal
+                    } else {
+                        (None, None)
+                    };
                     Payload::Report(Report {
                         target,
                         task,
@@ -121,6 +148,8 @@ fn payload() -> impl Strategy<Value = Payload> {
                         load,
                         output,
                         error,
+                        refused,
+                        retry_after_ms,
                     })
                 }
             ),

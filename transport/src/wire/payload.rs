@@ -136,6 +136,26 @@ pub struct Report {
     pub output: Option<Bytes>,
     /// Why the attempt failed, present in the final report of a failed attempt.
     pub error: Option<String>,
+    /// Set (with `error`) when the worker's node refused the ALLOCATE without running
+    /// it: the segment goes to another agent, and the refusal is not a failed attempt.
+    /// Added within version 1: senders leave the key out when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Refusal>,
+    /// With `refused: rate`: milliseconds until the agent takes an allocation again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u32>,
+}
+
+/// Why a worker's node refused an ALLOCATE without running it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Its policy does not let the sender's group send to the agent's group.
+    Policy,
+    /// The agent is at its rate limit (`retry_after_ms` says for how long).
+    Rate,
+    /// No such agent on that node (any more).
+    NoAgent,
 }
 
 impl Report {
@@ -510,6 +530,14 @@ impl Payload {
             Payload::Report(r) if r.output.is_some() && r.error.is_some() => {
                 invalid("output", "and `error` cannot both be present")
             }
+            Payload::Report(r) if r.refused.is_some() && r.error.is_none() => {
+                invalid("refused", "needs `error`")
+            }
+            Payload::Report(r)
+                if r.retry_after_ms.is_some() && r.refused != Some(Refusal::Rate) =>
+            {
+                invalid("retry_after_ms", "is only sent with `refused: rate`")
+            }
             Payload::Sync(s) if s.hash.len() > MAX_HASH_LEN => {
                 invalid("hash", "must be at most 64 bytes")
             }
@@ -551,6 +579,8 @@ mod tests {
             load: 3,
             output: None,
             error: None,
+            refused: None,
+            retry_after_ms: None,
         }
     }
 
@@ -603,6 +633,51 @@ mod tests {
             ..report()
         });
         assert!(Payload::decode(MessageType::Report, &both.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_refusal_is_a_typed_final_report_and_absent_keys_stay_out() {
+        // Without a refusal the keys are left out: older vectors stay byte-identical.
+        let plain = Payload::Report(report()).encode().unwrap();
+        assert!(!hex::encode(&plain).contains(&hex::encode("refused")));
+        assert!(!hex::encode(&plain).contains(&hex::encode("retry_after_ms")));
+
+        let rate = Payload::Report(Report {
+            error: Some("rate limited".into()),
+            refused: Some(Refusal::Rate),
+            retry_after_ms: Some(200),
+            ..report()
+        });
+        let bytes = rate.encode().unwrap();
+        // "refused" => "rate", "retry_after_ms" => 200 (uint8 0xcc c8)
+        assert!(hex::encode(&bytes).contains("a772656675736564a472617465"));
+        assert!(hex::encode(&bytes).contains("ae72657472795f61667465725f6d73ccc8"));
+        assert_eq!(Payload::decode(MessageType::Report, &bytes).unwrap(), rate);
+
+        for (bad, field) in [
+            (
+                Report {
+                    refused: Some(Refusal::Policy),
+                    ..report()
+                },
+                "refused",
+            ),
+            (
+                Report {
+                    error: Some("denied".into()),
+                    refused: Some(Refusal::Policy),
+                    retry_after_ms: Some(5),
+                    ..report()
+                },
+                "retry_after_ms",
+            ),
+        ] {
+            let bytes = Payload::Report(bad).encode().unwrap();
+            assert!(matches!(
+                Payload::decode(MessageType::Report, &bytes),
+                Err(PayloadError::Invalid { field: f, .. }) if f == field
+            ));
+        }
     }
 
     #[test]

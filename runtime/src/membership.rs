@@ -523,8 +523,9 @@ impl Membership {
     }
 
     /// Takes the next thing to do: data first, then timers, then notifications. A node
-    /// seen again as a newer life (it restarted) is reported down (old) then up
-    /// (new); one seen renewed within its life is reported up (new) only.
+    /// seen again as a newer life (it restarted) is reported down (old, unless that
+    /// life was reported down already) then up (new); one seen renewed within its
+    /// life is reported up (new) only.
     ///
     /// When foca reports that this node went out of the cluster (idle: every member is
     /// down; or renewed: the cluster declared it down and it took its next
@@ -590,6 +591,12 @@ impl Membership {
                     // process, with the same agents and the work they hold. Where it
                     // was up all along nothing is lost, so it stays up; where it was
                     // declared down, that "down" came when it was declared.
+                    return Some(MembershipOutput::NodeUp(new));
+                }
+                // A restart seen after its old life was declared down: that life's
+                // "down" was said already (saying it twice reallocated and purged by
+                // name once more, after the new life's first word had come).
+                OwnedNotification::Rename(old, new) if !self.reported(&old) => {
                     return Some(MembershipOutput::NodeUp(new));
                 }
                 OwnedNotification::Rename(old, new) => {

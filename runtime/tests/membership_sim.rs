@@ -341,6 +341,16 @@ fn a_restarted_node_rejoins_as_a_new_incarnation() {
     assert!(c.nodes["a"]
         .members()
         .any(|m| &*m.name == "c" && m.life() == 2));
+    // Its first life was reported down once, when it crashed, not again when its next
+    // life was seen (each "down" reallocates and purges by name).
+    for told in ["a", "b"] {
+        assert_eq!(
+            c.downs[&(told.to_string(), "c".to_string())],
+            1,
+            "{:?}",
+            c.downs
+        );
+    }
 }
 
 #[test]

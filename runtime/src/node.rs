@@ -419,6 +419,8 @@ struct Driver {
     /// Gossip waiting for a connection, per member name.
     pending: HashMap<String, VecDeque<Bytes>>,
     dialling: HashSet<String>,
+    /// Members whose connection was logged up at INFO (so its end is too).
+    logged_up: HashSet<String>,
     /// Seeds joined through (kept across restarts; membership re-announces to them
     /// until someone answers).
     seeds: Arc<std::sync::Mutex<Vec<NodeId>>>,
@@ -514,6 +516,7 @@ impl Actor for ClusterActor {
             next_timer: 0,
             pending: HashMap::new(),
             dialling: HashSet::new(),
+            logged_up: HashSet::new(),
             seeds: args.seeds,
             wake_at: None,
             highest_incarnation: args.highest_incarnation,
@@ -874,17 +877,27 @@ impl Driver {
                     }
                 }
             }
-            // Logged at INFO for members only: every `agentmesh status` or `submit`
-            // is a short-lived client connection too.
-            TransportEvent::PeerUp { peer, addr } => {
-                if self.is_member(&peer) {
-                    info!(%peer, %addr, "connection to member up");
-                } else {
-                    debug!(%peer, %addr, "connection up");
+            // Logged at INFO for members held up only: every `agentmesh status` or
+            // `submit` is a short-lived client connection too, and a member held down
+            // (it left, or died) is dialled every few seconds while it is remembered,
+            // to heal partitions, each dial "up" at once with 0-RTT and down 3 s later.
+            TransportEvent::PeerUp { peer, addr } => match self.member_state(&peer) {
+                Some(MemberState::Up | MemberState::Suspect) => {
+                    if self.logged_up.insert(peer.to_string()) {
+                        info!(%peer, %addr, "connection to member up");
+                    } else {
+                        // Two nodes that dialled each other at once keep one of the
+                        // two connections (no "down" comes for the one retired).
+                        debug!(%peer, %addr, "connection to member replaced");
+                    }
                 }
-            }
+                Some(MemberState::Down) => {
+                    debug!(%peer, %addr, "connection to a member held down up")
+                }
+                None => debug!(%peer, %addr, "connection up"),
+            },
             TransportEvent::PeerDown { peer, reason, .. } => {
-                if self.is_member(&peer) {
+                if self.logged_up.remove(&*peer) {
                     info!(%peer, %reason, "connection to member down");
                 } else {
                     debug!(%peer, %reason, "connection down");
@@ -959,6 +972,13 @@ impl Driver {
                     // Publish first: whoever sees the log line sees the new list.
                     self.members_tx.send_replace(self.member_infos());
                     info!(node = %id.name, addr = %id.addr, incarnation = id.incarnation, "node up");
+                    // A node that joined through this one connected before it was a
+                    // member: its connection is logged now, so that its end is too.
+                    if let Some(peer) = self.transport.peer(&id.name) {
+                        if self.logged_up.insert(id.name.to_string()) {
+                            info!(peer = %id.name, addr = %peer.remote_addr(), "connection to member up");
+                        }
+                    }
                     self.mesh.node_up(&id.name, id.addr);
                     let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
                 }
@@ -1010,12 +1030,15 @@ impl Driver {
         }
     }
 
-    /// Whether `peer` is a node of the cluster (up, suspect, or down and not yet
-    /// forgotten), as opposed to a client.
-    fn is_member(&self, peer: &str) -> bool {
+    /// What membership holds of `peer` (up, suspect, or down and not yet forgotten;
+    /// an incarnation held up first, if an older one is still remembered down); None
+    /// for a client.
+    fn member_state(&self, peer: &str) -> Option<MemberState> {
         self.membership
             .member_states()
-            .any(|(id, _)| *id.name == *peer)
+            .filter(|(id, _)| *id.name == *peer)
+            .map(|(_, state)| state)
+            .min_by_key(|state| *state == MemberState::Down)
     }
 
     fn member_infos(&self) -> Vec<MemberInfo> {

@@ -399,7 +399,10 @@ fn a_worker_nodes_policy_steers_a_coordinator_that_does_not_hold_it() {
     let (status, task) = outcome(cluster.submit(1, &limited));
     assert!(status.success(), "{task}");
     assert_eq!(task["completed"], 6, "{task}");
-    assert_eq!(task["reallocated"], 0, "a refusal is no reallocation: {task}");
+    assert_eq!(
+        task["reallocated"], 0,
+        "a refusal is no reallocation: {task}"
+    );
     assert!(task["elapsed_ms"].as_u64().unwrap() >= 1_500, "{task}");
     // Refused allocations, by the worker node's own count: the coordinator rests the
     // agent for the time each refusal gives, then sends one at a time, so a refusal

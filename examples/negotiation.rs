@@ -129,20 +129,15 @@ async fn main() -> anyhow::Result<()> {
         ("forge", 1_100, 610),
         ("foundry", 950, 700),
     ];
-    let request = SubmitRequest {
-        capability: "bid".into(),
-        tags: vec!["steel".into()],
-        priority: Some(200),
-        group: 0,
-        inputs: inputs(suppliers.iter().map(|(s, opening, floor)| Terms {
-            supplier: s.to_string(),
-            opening: *opening,
-            floor: *floor,
-        }))?,
-        label: Some("steel contract".into()),
-        task: None,
-        attach: false,
-    };
+    let terms = suppliers.iter().map(|(s, opening, floor)| Terms {
+        supplier: s.to_string(),
+        opening: *opening,
+        floor: *floor,
+    });
+    let request = SubmitRequest::new("bid", inputs(terms)?)
+        .with_tags(["steel"])
+        .with_priority(200)
+        .with_label("steel contract");
     let buyer = cluster.host(0);
     let (outcome, steering) = tokio::join!(buyer.submit(request), async {
         // Find the running task, let the suppliers bid, then steer.

@@ -49,16 +49,9 @@ async fn main() -> anyhow::Result<()> {
     let (retrieved, found): (_, Vec<Vec<Passage>>) = cluster
         .run(
             0,
-            SubmitRequest {
-                capability: "retrieve".into(),
-                tags: Vec::new(),
-                priority: Some(160),
-                group: 0,
-                inputs: inputs(&pieces)?,
-                label: Some("retrieve".into()),
-                task: None,
-                attach: false,
-            },
+            SubmitRequest::new("retrieve", inputs(&pieces)?)
+                .with_priority(160)
+                .with_label("retrieve"),
         )
         .await?;
     let mut passages: Vec<Passage> = found.into_iter().flatten().collect();
@@ -75,21 +68,17 @@ async fn main() -> anyhow::Result<()> {
     let (summarized, answer): (_, Vec<Summary>) = cluster
         .run(
             1,
-            SubmitRequest {
-                capability: "summarize".into(),
-                tags: Vec::new(),
-                priority: Some(160),
-                group: 0,
-                inputs: inputs([SummarizeInput {
+            SubmitRequest::new(
+                "summarize",
+                inputs([SummarizeInput {
                     query: question.clone(),
                     passages,
                     sentences: 3,
                     ms: 100,
                 }])?,
-                label: Some("summarize".into()),
-                task: None,
-                attach: false,
-            },
+            )
+            .with_priority(160)
+            .with_label("summarize"),
         )
         .await?;
     println!("stage 2: summarized in {} ms\n", summarized.elapsed_ms);

@@ -90,16 +90,7 @@ async fn main() -> anyhow::Result<()> {
     let (outcome, found): (_, Vec<(u32, u64, u32)>) = cluster
         .run(
             0,
-            SubmitRequest {
-                capability: "forage".into(),
-                tags: Vec::new(),
-                priority: None,
-                group: 0,
-                inputs: inputs(patches)?,
-                label: Some("forage".into()),
-                task: None,
-                attach: false,
-            },
+            SubmitRequest::new("forage", inputs(patches)?).with_label("forage"),
         )
         .await?;
     let mut per_agent: BTreeMap<u32, u32> = BTreeMap::new();

@@ -76,6 +76,54 @@ pub struct SubmitRequest {
 /// The longest task label accepted.
 pub const MAX_LABEL_LEN: usize = 128;
 
+impl SubmitRequest {
+    /// A task of one segment per input, each needing `capability`: no tags, its
+    /// group's priority, group 0, no label, and an id the coordinator picks. The
+    /// `with_*` methods change the rest.
+    pub fn new(capability: impl Into<String>, inputs: Vec<serde_bytes_vec::Blob>) -> Self {
+        SubmitRequest {
+            capability: capability.into(),
+            tags: Vec::new(),
+            priority: None,
+            group: 0,
+            inputs,
+            label: None,
+            task: None,
+            attach: false,
+        }
+    }
+
+    /// Tags the agents must offer too.
+    pub fn with_tags<T: Into<String>>(mut self, tags: impl IntoIterator<Item = T>) -> Self {
+        self.tags = tags.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The task's priority, 0..=255 (higher goes first).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// The coordination group the task acts in.
+    pub fn with_group(mut self, group: u16) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// A name for people, shown by `status` (at most [`MAX_LABEL_LEN`] bytes).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// The task's id, for a client that may submit it again (see [`SubmitRequest::task`]).
+    pub fn with_id(mut self, task: Uuid) -> Self {
+        self.task = Some(task);
+        self
+    }
+}
+
 impl RemoteMessage for SubmitRequest {
     const KIND: &'static str = "agentmesh.task.submit";
 

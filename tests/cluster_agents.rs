@@ -541,7 +541,19 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
     let big = cluster.dir.join("big.txt");
     std::fs::write(&big, "word ".repeat(3_500_000)).unwrap();
     let big = big.to_str().unwrap();
+    let long_label = "x".repeat(129);
     for args in [
+        vec![
+            "submit",
+            "--to",
+            "127.0.0.1:1",
+            "--capability",
+            "x",
+            "--segments",
+            "1",
+            "--label",
+            &long_label,
+        ],
         vec![
             "submit",
             "--to",

@@ -89,6 +89,10 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
     if args.capability.is_empty() {
         bail!("--capability must not be empty");
     }
+    let max_label = agentmesh_actors::service::MAX_LABEL_LEN;
+    if args.label.as_ref().is_some_and(|l| l.len() > max_label) {
+        bail!("--label has at most {max_label} bytes");
+    }
     let jsonl = args
         .input
         .as_ref()

@@ -280,6 +280,17 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
     // Group 0 (unlisted) may still send anywhere.
     let (status, task) = outcome(cluster.submit(0, &["--capability", "echo", "--segments", "1"]));
     assert!(status.success(), "{task}");
+    // The coordinator's figures, described, as they happen.
+    let scraped = scrape(&metrics);
+    for line in [
+        "# HELP agentmesh_tasks_total ",
+        "agentmesh_tasks_total{status=\"failed\"} 1",
+        "agentmesh_tasks_total{status=\"completed\"} 1",
+        "agentmesh_segments_completed_total 1",
+        "agentmesh_task_duration_seconds_count{status=\"completed\"} 1",
+    ] {
+        assert!(scraped.lines().any(|l| l.starts_with(line)), "{line} in {scraped}");
+    }
 
     let open = cluster.dir.join("open.toml");
     std::fs::write(&open, "[[group]]\nid = 1\nmay_send_to = [2, 3]\n").unwrap();

@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
+use agentmesh_runtime::transport::wire::payload::{
+    Adjust, AgentInfo, Allocate, Health, Refusal, Report,
+};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
@@ -253,6 +255,9 @@ impl Actor for Coordinator {
                 let _ = done.send(());
             }
             CoordinatorMsg::Tick => {
+                metrics::gauge!("agentmesh_tasks_open").set(state.tasks.len() as f64);
+                metrics::gauge!("agentmesh_segments_waiting")
+                    .set(state.ledger.pending_segments() as f64);
                 if state.tasks.is_empty() {
                     return Ok(());
                 }
@@ -629,6 +634,7 @@ impl CoordinatorState {
                 .handle_result(task, segment, attempt, output.to_vec())
             {
                 ResultVerdict::Accepted => {
+                    metrics::counter!("agentmesh_segments_completed_total").increment(1);
                     if let (Some(recorder), Some(t0)) = (
                         &self.recorder,
                         self.allocated_ms.remove(&(task, segment, attempt)),
@@ -639,7 +645,12 @@ impl CoordinatorState {
                         });
                     }
                 }
-                verdict => debug!(%task, segment, attempt, ?verdict, "result discarded"),
+                verdict => {
+                    if verdict == ResultVerdict::Duplicate {
+                        metrics::counter!("agentmesh_results_discarded_total").increment(1);
+                    }
+                    debug!(%task, segment, attempt, ?verdict, "result discarded")
+                }
             }
             // Its worker is free: offer it work now, not at the next tick (a worker
             // waited 25 ms on average between segments, and a task of short segments
@@ -655,6 +666,13 @@ impl CoordinatorState {
             match report.refused {
                 Some(refusal) => {
                     info!(%task, segment, attempt, agent, ?refusal, %error, "allocation refused by the worker's node");
+                    let kind = match refusal {
+                        Refusal::Policy => "policy",
+                        Refusal::Rate => "rate",
+                        Refusal::NoAgent => "no_agent",
+                    };
+                    metrics::counter!("agentmesh_allocations_refused_total", "refused" => kind)
+                        .increment(1);
                     if let Some(meta) = self.tasks.get(&task) {
                         self.refusals.record(
                             meta.group,
@@ -750,6 +768,7 @@ impl CoordinatorState {
                     }
                 }
                 LedgerOutput::Reallocated { task, segment } => {
+                    metrics::counter!("agentmesh_segments_reallocated_total").increment(1);
                     debug!(%task, segment, "segment waits for a worker again");
                 }
                 LedgerOutput::TaskCompleted {
@@ -789,9 +808,8 @@ impl CoordinatorState {
             TaskStatus::Failed => "failed",
         };
         metrics::counter!("agentmesh_tasks_total", "status" => label).increment(1);
-        metrics::counter!("agentmesh_segments_reallocated_total").increment(figures.reallocated);
-        metrics::counter!("agentmesh_results_discarded_total")
-            .increment(figures.duplicates_discarded);
+        metrics::histogram!("agentmesh_task_duration_seconds", "status" => label)
+            .record(meta.started.elapsed().as_secs_f64());
         let outcome = TaskOutcome {
             task,
             status,

@@ -696,6 +696,16 @@ impl Ledger {
             .collect()
     }
 
+    /// Segments waiting for a worker, over every task (a pass over the tasks that
+    /// wait: the coordinator reads it once a tick).
+    pub fn pending_segments(&self) -> u64 {
+        self.waiting
+            .iter()
+            .filter_map(|t| self.tasks.get(t))
+            .map(|t| u64::from(t.pending))
+            .sum()
+    }
+
     /// True if `task` has segments waiting for a worker.
     pub fn has_pending(&self, task: Uuid) -> bool {
         self.tasks.get(&task).is_some_and(|t| t.pending > 0)

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -25,18 +25,93 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// A scraper gets this long to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// What a metric is, for its `# TYPE` and `# HELP` lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution (buckets).
+    Histogram,
+}
+
+/// Every metric a node exports, with its help text: `# HELP` in the scrape, and the
+/// list docs/architecture.md points to. A test checks that every metric the code
+/// records is here.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    ("agentmesh_frames_received_total", Kind::Counter, "ACP frames received, by carrier (lane or datagram)"),
+    ("agentmesh_frames_sent_total", Kind::Counter, "ACP frames sent, by carrier (lane or datagram)"),
+    ("agentmesh_bytes_received_total", Kind::Counter, "ACP bytes received, by carrier"),
+    ("agentmesh_bytes_sent_total", Kind::Counter, "ACP bytes sent, by carrier"),
+    ("agentmesh_frames_shed_total", Kind::Counter, "frames shed by the per-peer ingress limits, by carrier (lowest priorities first)"),
+    ("agentmesh_frames_received_by_type_total", Kind::Counter, "ACP frames received, by message type"),
+    ("agentmesh_frames_sent_by_type_total", Kind::Counter, "ACP frames sent, by message type"),
+    ("agentmesh_frames_dropped_total", Kind::Counter, "frames dropped on arrival: replayed, stale timestamp, or an Agent ID the peer does not own"),
+    ("agentmesh_handshakes_refused_total", Kind::Counter, "TLS handshakes refused, by reason"),
+    ("agentmesh_handshakes_unfinished_total", Kind::Counter, "handshakes that did not finish in time"),
+    ("agentmesh_connections_closed_total", Kind::Counter, "connections this node closed for a cause, by ACP error code"),
+    ("agentmesh_datagram_fallbacks_total", Kind::Counter, "datagram messages sent on a lane because they did not fit a datagram"),
+    ("agentmesh_lane_direct_sends_total", Kind::Counter, "sends written straight to an idle lane's stream, skipping its writer task"),
+    ("agentmesh_duplicate_connections_retired_total", Kind::Counter, "second connections between two nodes retired, by outcome"),
+    ("agentmesh_peer_rtt_seconds", Kind::Gauge, "round-trip time to each member"),
+    ("agentmesh_members", Kind::Gauge, "members as this node sees them, by state"),
+    ("agentmesh_acp_shed_total", Kind::Counter, "ACP messages shed because a route's queue to its actor was full"),
+    ("agentmesh_actor_shed_total", Kind::Counter, "remote actor messages shed because a bounded mailbox was full"),
+    ("agentmesh_tasks_total", Kind::Counter, "tasks ended at this node's coordinator, by status"),
+    ("agentmesh_task_duration_seconds", Kind::Histogram, "time from submission to the end of each task, by status"),
+    ("agentmesh_tasks_open", Kind::Gauge, "tasks open at this node's coordinator"),
+    ("agentmesh_segments_waiting", Kind::Gauge, "segments of this coordinator's tasks waiting for a worker"),
+    ("agentmesh_segments_completed_total", Kind::Counter, "segment results accepted by this node's coordinator"),
+    ("agentmesh_segments_reallocated_total", Kind::Counter, "segments given to a worker again after a failure, a timeout, or the loss of their worker or node"),
+    ("agentmesh_results_discarded_total", Kind::Counter, "result copies discarded because the segment was already done"),
+    ("agentmesh_allocations_refused_total", Kind::Counter, "ALLOCATEs from this node refused unrun by the worker's node, by refusal"),
+    ("agentmesh_reports_refused_total", Kind::Counter, "REPORTs refused by the coordinator, by reason"),
+    ("agentmesh_adjust_refused_total", Kind::Counter, "ADJUSTs dropped by a worker node because they did not come from the task's coordinator"),
+    ("agentmesh_policy_denials_total", Kind::Counter, "work denied by policy, by reason (group or rate) and groups"),
+    ("agentmesh_policy_version", Kind::Gauge, "the version of the policy this node holds (0: its start-up file)"),
+    ("agentmesh_registry_deltas_dropped_total", Kind::Counter, "registry deltas not sent because the outbox was full (members catch up from the summary)"),
+    ("agentmesh_registry_deltas_refused_total", Kind::Counter, "registry deltas from other nodes refused, by reason"),
+    ("agentmesh_record_dropped_total", Kind::Counter, "workload observations not recorded because the recorder fell behind"),
+];
+
+/// Buckets of `agentmesh_task_duration_seconds`.
+const TASK_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The process-wide Prometheus recorder, installed on first use, with every metric of
+/// [`METRICS`] described.
 pub fn recorder() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                warn!(error = %e, "cannot install the metrics recorder");
-                None
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Full("agentmesh_task_duration_seconds".into()),
+                TASK_DURATION_BUCKETS,
+            );
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot install the metrics recorder");
+                    None
+                }
             }
         })
         .clone()
+}
+
+fn describe() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
 
 const CARRIERS: [&str; 5] = ["bulk", "normal", "coordination", "urgent", "datagram"];
@@ -184,4 +259,66 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::*;
+
+    /// `"agentmesh_…"` literals in the Rust files under `dir`.
+    fn names_in(dir: &Path, found: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                names_in(&path, found);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split("\"agentmesh_").skip(1) {
+                    let name: String = piece
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && piece[name.len()..].starts_with('"') {
+                        found.insert(format!("agentmesh_{name}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_metric_recorded_is_described_and_every_description_is_used() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut used = BTreeSet::new();
+        for dir in ["actors/src", "runtime/src", "transport/src", "src"] {
+            names_in(&root.join(dir), &mut used);
+        }
+        let described: BTreeSet<String> = METRICS.iter().map(|m| m.0.to_string()).collect();
+        let undescribed: Vec<_> = used.difference(&described).collect();
+        assert!(undescribed.is_empty(), "add to METRICS: {undescribed:?}");
+        let unused: Vec<_> = described.difference(&used).collect();
+        assert!(unused.is_empty(), "no longer recorded: {unused:?}");
+    }
+
+    #[test]
+    fn a_scrape_carries_help_and_task_duration_buckets() {
+        let handle = recorder().unwrap();
+        metrics::counter!("agentmesh_tasks_total", "status" => "completed").increment(1);
+        metrics::histogram!("agentmesh_task_duration_seconds", "status" => "completed").record(0.3);
+        let text = handle.render();
+        assert!(
+            text.contains("# HELP agentmesh_tasks_total tasks ended"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "agentmesh_task_duration_seconds_bucket{status=\"completed\",le=\"0.5\"} 1"
+            ),
+            "{text}"
+        );
+    }
 }

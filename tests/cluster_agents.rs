@@ -289,7 +289,10 @@ fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
         "agentmesh_segments_completed_total 1",
         "agentmesh_task_duration_seconds_count{status=\"completed\"} 1",
     ] {
-        assert!(scraped.lines().any(|l| l.starts_with(line)), "{line} in {scraped}");
+        assert!(
+            scraped.lines().any(|l| l.starts_with(line)),
+            "{line} in {scraped}"
+        );
     }
 
     let open = cluster.dir.join("open.toml");

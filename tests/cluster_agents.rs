@@ -613,6 +613,25 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.trim().is_empty(), "{args:?}");
     }
+    // A bad line of a .jsonl input is named with its file.
+    let jsonl = cluster.dir.join("segments.jsonl");
+    std::fs::write(&jsonl, "{\"a\": 1}\nnot json\n").unwrap();
+    let jsonl = jsonl.to_str().unwrap();
+    let out = cluster.run(&[
+        "submit",
+        "--to",
+        "127.0.0.1:1",
+        "--capability",
+        "echo",
+        "--input",
+        jsonl,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("line 2 of {jsonl} is not JSON")),
+        "{err}"
+    );
 }
 
 /// The policy node `i` reports in `status --json`.

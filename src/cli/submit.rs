@@ -112,18 +112,18 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
             )
         }
     };
-    if jsonl {
+    if let (true, Some(path)) = (jsonl, &args.input) {
         let mut out = Vec::new();
         for (i, line) in text.unwrap_or_default().lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             let value: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("line {} of the input is not JSON", i + 1))?;
+                .with_context(|| format!("line {} of {} is not JSON", i + 1, path.display()))?;
             out.push(input(&value)?);
         }
         if out.is_empty() {
-            bail!("the input file has no segments");
+            bail!("{} has no segments", path.display());
         }
         if args.segments.is_some_and(|n| n as usize != out.len()) {
             bail!(

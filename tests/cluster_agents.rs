@@ -43,6 +43,34 @@ impl Cluster {
         NodeProcess::start(&args, Some(&self.dir.join("ca")))
     }
 
+    /// Starts node `i` running `agents` in `group`, with the policy `toml` as its
+    /// start-up file and metrics served; returns it and its metrics address.
+    fn start_with_policy(
+        &self,
+        i: usize,
+        agents: &str,
+        group: &str,
+        toml: &str,
+    ) -> (NodeProcess, String) {
+        let policy = self.dir.join(format!("policy-{i}.toml"));
+        std::fs::write(&policy, toml).unwrap();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let node = self.start(
+            i,
+            &[
+                "--agents",
+                agents,
+                "--group",
+                group,
+                "--policy",
+                policy.to_str().unwrap(),
+                "--metrics",
+                &metrics,
+            ],
+        );
+        (node, metrics)
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = agentmesh();
         cmd.args(args)
@@ -234,26 +262,8 @@ fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
 #[test]
 fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
     let cluster = Cluster::new("agents-policy", 2);
-    let strict = cluster.dir.join("strict.toml");
-    std::fs::write(
-        &strict,
-        "[[group]]\nid = 1\nname = \"frontline\"\nmay_send_to = [3]\n",
-    )
-    .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _node = cluster.start(
-        0,
-        &[
-            "--agents",
-            "echo=1",
-            "--group",
-            "2",
-            "--policy",
-            strict.to_str().unwrap(),
-            "--metrics",
-            &metrics,
-        ],
-    );
+    let strict = "[[group]]\nid = 1\nname = \"frontline\"\nmay_send_to = [3]\n";
+    let (_node, metrics) = cluster.start_with_policy(0, "echo=1", "2", strict);
     // A second node, with no agents and no policy file, to which the policy spreads.
     let metrics1 = format!("127.0.0.1:{}", free_port());
     let _other = cluster.start(1, &["--metrics", &metrics1]);
@@ -372,26 +382,8 @@ fn a_rate_limit_per_agent_spaces_allocations_out() {
 #[test]
 fn a_worker_nodes_policy_steers_a_coordinator_that_does_not_hold_it() {
     let cluster = Cluster::new("agents-refusals", 2);
-    let policy = cluster.dir.join("workers.toml");
-    std::fs::write(
-        &policy,
-        "[[group]]\nid = 1\nrate_per_agent = 2\n\n[[group]]\nid = 3\nmay_send_to = [3]\n",
-    )
-    .unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let _workers = cluster.start(
-        0,
-        &[
-            "--agents",
-            "echo=8",
-            "--group",
-            "1",
-            "--policy",
-            policy.to_str().unwrap(),
-            "--metrics",
-            &metrics,
-        ],
-    );
+    let policy = "[[group]]\nid = 1\nrate_per_agent = 2\n\n[[group]]\nid = 3\nmay_send_to = [3]\n";
+    let (_workers, metrics) = cluster.start_with_policy(0, "echo=8", "1", policy);
     let _coordinator = cluster.start(1, &[]);
     cluster.wait_for_agents(1, 1);
     assert_eq!(

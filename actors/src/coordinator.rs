@@ -19,9 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use agentmesh_runtime::transport::wire::payload::{
-    Adjust, AgentInfo, Allocate, Health, Refusal, Report,
-};
+use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
@@ -666,12 +664,7 @@ impl CoordinatorState {
             match report.refused {
                 Some(refusal) => {
                     info!(%task, segment, attempt, agent, ?refusal, %error, "allocation refused by the worker's node");
-                    let kind = match refusal {
-                        Refusal::Policy => "policy",
-                        Refusal::Rate => "rate",
-                        Refusal::NoAgent => "no_agent",
-                    };
-                    metrics::counter!("agentmesh_allocations_refused_total", "refused" => kind)
+                    metrics::counter!("agentmesh_allocations_refused_total", "refused" => refusal.name())
                         .increment(1);
                     if let Some(meta) = self.tasks.get(&task) {
                         self.refusals.record(

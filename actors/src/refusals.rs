@@ -49,8 +49,9 @@ pub enum Room {
 pub struct Refusals {
     /// (sender group, agent) -> until (ms): the agent's node denies that group.
     denied: HashMap<(u16, u32), u64>,
-    /// agent -> (rest until, one at a time until) in ms: at its rate limit on its node.
-    resting: HashMap<u32, (u64, u64)>,
+    /// agent -> rest until (ms): at its rate limit on its node (then one at a time for
+    /// [`ONE_AT_A_TIME_MS`]).
+    resting: HashMap<u32, u64>,
     /// agent -> until (ms): its node says it has no such agent.
     gone: HashMap<u32, u64>,
     /// The policy the denials were heard under.
@@ -84,25 +85,21 @@ impl Refusals {
         now_ms: u64,
     ) {
         match refusal {
-            Refusal::Policy => insert(
-                &mut self.denied,
-                (group, agent),
-                now_ms + DENIAL_MEMORY_MS,
-                now_ms,
-            ),
+            Refusal::Policy => {
+                let until = now_ms + DENIAL_MEMORY_MS;
+                insert(&mut self.denied, (group, agent), until, now_ms, 0);
+            }
             Refusal::Rate => {
                 let rest = retry_after_ms
                     .map_or(DEFAULT_RETRY_AFTER_MS, u64::from)
                     .clamp(1, MAX_RETRY_AFTER_MS);
                 let until = now_ms + rest;
-                insert(
-                    &mut self.resting,
-                    agent,
-                    (until, until + ONE_AT_A_TIME_MS),
-                    now_ms,
-                );
+                insert(&mut self.resting, agent, until, now_ms, ONE_AT_A_TIME_MS);
             }
-            Refusal::NoAgent => insert(&mut self.gone, agent, now_ms + GONE_MEMORY_MS, now_ms),
+            Refusal::NoAgent => {
+                let until = now_ms + GONE_MEMORY_MS;
+                insert(&mut self.gone, agent, until, now_ms, 0);
+            }
         }
     }
 
@@ -128,8 +125,8 @@ impl Refusals {
             return Room::None;
         }
         match self.resting.get(&agent) {
-            Some(&(rest, _)) if rest > now_ms => Room::None,
-            Some(&(_, limited)) if limited > now_ms => Room::One,
+            Some(&rest) if rest > now_ms => Room::None,
+            Some(&rest) if rest + ONE_AT_A_TIME_MS > now_ms => Room::One,
             _ => Room::Any,
         }
     }
@@ -145,38 +142,23 @@ impl Refusals {
     }
 }
 
-/// An expiry: how long an entry holds.
-trait Until: Copy + Ord {
-    fn last_ms(&self) -> u64;
-}
-
-impl Until for u64 {
-    fn last_ms(&self) -> u64 {
-        *self
-    }
-}
-
-impl Until for (u64, u64) {
-    fn last_ms(&self) -> u64 {
-        self.0.max(self.1)
-    }
-}
-
-fn insert<K: std::hash::Hash + Eq, V: Until>(
-    map: &mut HashMap<K, V>,
+/// Keeps `key` until `until_ms` (the later if it is held already); an entry counts as
+/// expired `linger_ms` after its time.
+fn insert<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, u64>,
     key: K,
-    until: V,
+    until_ms: u64,
     now_ms: u64,
+    linger_ms: u64,
 ) {
     if map.len() >= MAX_ENTRIES && !map.contains_key(&key) {
-        map.retain(|_, t| t.last_ms() > now_ms);
+        map.retain(|_, t| *t + linger_ms > now_ms);
         if map.len() >= MAX_ENTRIES {
             return;
         }
     }
-    map.entry(key)
-        .and_modify(|t| *t = (*t).max(until))
-        .or_insert(until);
+    let t = map.entry(key).or_insert(until_ms);
+    *t = (*t).max(until_ms);
 }
 
 #[cfg(test)]

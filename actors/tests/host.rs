@@ -560,16 +560,7 @@ async fn a_worker_that_reports_is_offered_the_next_segment_at_once() {
     let nodes = cluster_with(&ca, &["a", "b"], config).await;
     nodes[1].1.add(Quick, 1).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
-    let request = SubmitRequest {
-        capability: "quick".into(),
-        tags: Vec::new(),
-        priority: None,
-        group: 0,
-        inputs: inputs(20),
-        label: None,
-        task: None,
-        attach: false,
-    };
+    let request = SubmitRequest::new("quick", inputs(20));
     let outcome = tokio::time::timeout(Duration::from_secs(30), nodes[0].1.submit(request))
         .await
         .expect("the task ends without waiting for the coordinator's round")

@@ -883,9 +883,7 @@ impl Driver {
             // to heal partitions, each dial "up" at once with 0-RTT and down 3 s later.
             TransportEvent::PeerUp { peer, addr } => match self.member_state(&peer) {
                 Some(MemberState::Up | MemberState::Suspect) => {
-                    if self.logged_up.insert(peer.to_string()) {
-                        info!(%peer, %addr, "connection to member up");
-                    } else {
+                    if !self.log_member_connection(&peer, addr) {
                         // Two nodes that dialled each other at once keep one of the
                         // two connections (no "down" comes for the one retired).
                         debug!(%peer, %addr, "connection to member replaced");
@@ -975,9 +973,7 @@ impl Driver {
                     // A node that joined through this one connected before it was a
                     // member: its connection is logged now, so that its end is too.
                     if let Some(peer) = self.transport.peer(&id.name) {
-                        if self.logged_up.insert(id.name.to_string()) {
-                            info!(peer = %id.name, addr = %peer.remote_addr(), "connection to member up");
-                        }
+                        self.log_member_connection(&id.name, peer.remote_addr());
                     }
                     self.mesh.node_up(&id.name, id.addr);
                     let _ = self.cluster_events.send(ClusterEvent::NodeUp(id));
@@ -1028,6 +1024,16 @@ impl Driver {
                 let _ = done.cast(ClusterMsg::Dialled(to.name.to_string(), ok));
             });
         }
+    }
+
+    /// Logs a member's connection up, once until it is logged down; false if it was
+    /// logged up already.
+    fn log_member_connection(&mut self, peer: &str, addr: SocketAddr) -> bool {
+        let first = self.logged_up.insert(peer.to_string());
+        if first {
+            info!(%peer, %addr, "connection to member up");
+        }
+        first
     }
 
     /// What membership holds of `peer` (up, suspect, or down and not yet forgotten;

@@ -96,7 +96,7 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
     let jsonl = args
         .input
         .as_ref()
-        .is_some_and(|p| p.extension().is_some_and(|e| e == "jsonl"));
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"));
     let text = match &args.input {
         None => None,
         Some(path) => {
@@ -112,7 +112,7 @@ fn inputs(args: &SubmitArgs) -> anyhow::Result<Vec<Blob>> {
             )
         }
     };
-    if let (true, Some(path)) = (jsonl, &args.input) {
+    if let Some(path) = jsonl {
         let mut out = Vec::new();
         for (i, line) in text.unwrap_or_default().lines().enumerate() {
             if line.trim().is_empty() {

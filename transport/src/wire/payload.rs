@@ -158,6 +158,17 @@ pub enum Refusal {
     NoAgent,
 }
 
+impl Refusal {
+    /// Its name on the wire (`"policy"`, `"rate"`, `"no_agent"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Policy => "policy",
+            Refusal::Rate => "rate",
+            Refusal::NoAgent => "no_agent",
+        }
+    }
+}
+
 impl Report {
     /// True if this report ends its attempt (it carries an output or an error).
     pub fn is_final(&self) -> bool {
@@ -653,6 +664,10 @@ mod tests {
         assert!(hex::encode(&bytes).contains("a772656675736564a472617465"));
         assert!(hex::encode(&bytes).contains("ae72657472795f61667465725f6d73ccc8"));
         assert_eq!(Payload::decode(MessageType::Report, &bytes).unwrap(), rate);
+        for r in [Refusal::Policy, Refusal::Rate, Refusal::NoAgent] {
+            let named = rmp_serde::to_vec(&r).unwrap();
+            assert_eq!(rmp_serde::from_slice::<String>(&named).unwrap(), r.name());
+        }
 
         for (bad, field) in [
             (

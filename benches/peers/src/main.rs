@@ -53,6 +53,10 @@ enum Command {
     },
     /// Runs everything and writes the Markdown report.
     Report(report::ReportArgs),
+    /// The same messages cast to a ractor actor in this one process, with no network:
+    /// the most a remote actor message into a ractor actor can reach on this machine.
+    /// Prints one JSON line of figures (round trips are not measured).
+    Ceiling(Messaging),
 }
 
 /// What is measured.
@@ -159,6 +163,10 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Report(args) => report::run_all(args).await,
+            Command::Ceiling(run) => {
+                println!("{}", serde_json::to_string(&mesh::ceiling(&run).await?)?);
+                Ok(())
+            }
         }
     });
     let result = runtime

@@ -283,3 +283,32 @@ pub async fn hol(certs: &Path, server: SocketAddr, run: &Hol) -> anyhow::Result<
     node.leave().await;
     Ok(figures)
 }
+
+/// The most any remote actor message into a ractor actor can reach here: one task
+/// decodes each 64-byte message from its bytes and casts it to the same `Sink` actor
+/// the server uses, in one process, with no network, no encryption and no framing.
+/// Every system in the table ends in such a cast (ractor_cluster's too).
+pub async fn ceiling(run: &Messaging) -> anyhow::Result<Figures> {
+    let pings = Arc::new(AtomicU64::new(0));
+    let (sink, _) = Actor::spawn(None, Sink::<Ping>(pings.clone(), Default::default()), ()).await?;
+    let encoded = rmp_serde::to_vec(&Ping(ByteBuf::from(vec![7u8; PAYLOAD_BYTES])))?;
+    let cpu_before = stats::process_cpu_seconds()?;
+    let started = Instant::now();
+    for _ in 0..run.messages {
+        sink.cast(rmp_serde::from_slice::<Ping>(&encoded)?)?;
+    }
+    // Polled every 100 µs: a spinning wait would add its own CPU to the figure.
+    while pings.load(Ordering::Relaxed) < run.messages {
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = stats::process_cpu_seconds()? - cpu_before;
+    sink.stop(None);
+    Ok(Figures {
+        system: "ractor, one process".into(),
+        messages: run.messages,
+        messages_per_sec: run.messages as f64 / seconds,
+        cpu_ns_per_message: cpu * 1e9 / run.messages as f64,
+        ..Figures::default()
+    })
+}

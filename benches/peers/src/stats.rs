@@ -47,6 +47,30 @@ pub struct Figures {
     /// What the bulk transfer moved meanwhile.
     #[serde(default)]
     pub bulk_mb_per_sec: f64,
+    /// CPU time (all threads, user and system) per message of the throughput run;
+    /// measured where client and server share one process (`peers ceiling`).
+    #[serde(default)]
+    pub cpu_ns_per_message: f64,
+}
+
+/// CPU time this process has used so far, all threads, user and system, from
+/// `/proc/self/stat` (in ticks of 1/100 s, the USER_HZ Linux reports them in).
+pub fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("/proc/self/stat has no command name"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: the 12th and 13th after ')'.
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("/proc/self/stat is too short"))?
+            .parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// The `p`th percentile (nearest rank) of sorted samples; 0 for none.

@@ -20,8 +20,8 @@ pub use agentmesh_transport as transport;
 pub mod prelude {
     //! The names most applications use.
     pub use agentmesh_actors::{
-        Adjustment, Agent, AgentError, AgentHost, Allocation, HostConfig, SegmentContext,
-        SubmitRequest, SyncEvent, TaskOutcome, TaskStatus, WorkerEvent, WorkerMsg,
+        Adjustment, Agent, AgentError, AgentHost, Allocation, HostConfig, RestartPolicy,
+        SegmentContext, SubmitRequest, SyncEvent, TaskOutcome, TaskStatus, WorkerEvent, WorkerMsg,
     };
     pub use agentmesh_runtime::{Node, NodeConfig};
 

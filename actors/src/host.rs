@@ -30,7 +30,7 @@ use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, ApplyPolicy, PolicyApplied,
     PolicyInForce, SubmitRequest, TaskOutcome, POLICY_SERVICE, POLICY_SPREAD_SERVICE,
 };
-use crate::worker::{WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
+use crate::worker::{RestartPolicy, WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
 use crate::workers::{Workers, WorkersArgs, WorkersMsg};
 
 /// ACP frames queued for the workers or the coordinator at most; more are shed.
@@ -135,6 +135,8 @@ pub struct HostConfig {
     /// `None`: every 50 ms. (A worker that reports a result is offered work at once,
     /// whatever this is.)
     pub coordinator_tick: Option<Duration>,
+    /// How the replicas of this node's agents are restarted when they panic.
+    pub restarts: RestartPolicy,
 }
 
 /// How often a node sends its policy to every member again (see
@@ -186,6 +188,7 @@ pub struct AgentHost {
     coordinator: ActorRef<CoordinatorMsg>,
     policy: PolicyStore,
     group: u16,
+    restarts: RestartPolicy,
     supervisor: ActorRef<()>,
     stopped: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -315,6 +318,7 @@ impl AgentHost {
             coordinator,
             policy,
             group: config.group,
+            restarts: config.restarts,
             supervisor,
             stopped,
             tasks,
@@ -348,6 +352,7 @@ impl AgentHost {
                 agent: Arc::new(agent),
                 replicas,
                 events,
+                restarts: self.restarts,
             },
             self.workers.get_cell(),
         )

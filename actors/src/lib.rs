@@ -23,6 +23,6 @@ pub mod workers;
 pub use agent::{Adjustment, Agent, AgentError, SegmentContext, SyncEvent};
 pub use host::{AgentHost, HostConfig, HostError, PolicyStore, POLICY_RESPREAD_EVERY};
 pub use service::{SubmitRequest, TaskOutcome, TaskStatus};
-pub use worker::{Allocation, WorkerEvent, WorkerMsg};
+pub use worker::{Allocation, RestartPolicy, WorkerEvent, WorkerMsg};
 
 pub use agentmesh_runtime as runtime;

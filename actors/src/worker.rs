@@ -1,7 +1,10 @@
 //! Workers: a supervisor running replicas of one agent as ractor actors, handing each
 //! allocated segment to a free replica, reporting progress and results, routing
 //! adjustments to the running segment, and restarting a replica that panics (its
-//! segment is reported failed, so the coordinator reallocates it).
+//! segment is reported failed, so the coordinator reallocates it). A replica that keeps
+//! panicking rests before it comes back; the agent's health (ok, degraded while some
+//! replicas are down, unhealthy while every one rests) goes to discovery, so
+//! coordinators route around it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -12,6 +15,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
+
+use agentmesh_runtime::transport::wire::payload::Health;
 
 use crate::agent::{Adjustment, Agent, SegmentContext, SyncEvent};
 
@@ -66,6 +71,18 @@ pub enum WorkerEvent {
         /// Small data to go with it.
         body: Vec<u8>,
     },
+    /// The attempt was not run and never will be here: no replica of the agent runs
+    /// (every one panicked too often and rests). Its node refuses it (`"no_agent"`), so
+    /// the coordinator gives it to another agent without counting an attempt.
+    Refused {
+        /// The attempt.
+        allocation: (Uuid, u32, u32),
+        /// Why.
+        reason: String,
+    },
+    /// The agent's health changed: ok (every replica runs), degraded (some are being
+    /// restarted or rest), unhealthy (every one rests: allocations are refused).
+    Health(Health),
 }
 
 /// What a worker supervisor handles.
@@ -93,14 +110,44 @@ pub enum WorkerMsg {
     },
     /// A replica finished its attempt.
     Finished(ActorId),
+    /// Sent by the supervisor to itself: a replica that panicked is due back, with its
+    /// panics in the restart window so far.
+    Respawn {
+        /// When it panicked, within the window.
+        panics: VecDeque<Instant>,
+        /// It was resting (it panicked more than the policy allows), not restarting.
+        rested: bool,
+    },
 }
 
-/// Restart policy for replicas: at most this many restarts of one replica within the
-/// window; a replica that keeps panicking is retired.
-const MAX_RESTARTS: usize = 5;
-const RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// Attempts waiting for a free replica, at most; more are refused as failed.
 const MAX_QUEUED: usize = 1_024;
+
+/// How replicas that panic are restarted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Restarts of one replica allowed within `window`; one more panic and it rests.
+    pub max_restarts: usize,
+    /// The window panics are counted in.
+    pub window: Duration,
+    /// The wait before the first restart, doubled for each panic in the window.
+    pub backoff: Duration,
+    /// How long a replica that panicked too often rests before it comes back. If it
+    /// panics again within the window, it rests again at once.
+    pub rest: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// 5 restarts in 60 s (after 50, 100, 200, 400 and 800 ms); then 30 s of rest.
+    fn default() -> RestartPolicy {
+        RestartPolicy {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_millis(50),
+            rest: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Supervises the replicas of one agent.
 pub struct WorkerSupervisor<A: Agent> {
@@ -123,6 +170,8 @@ pub struct WorkerArgs<A: Agent> {
     pub replicas: usize,
     /// Where reports go (the node sends them on as REPORTs).
     pub events: mpsc::Sender<WorkerEvent>,
+    /// How replicas that panic are restarted.
+    pub restarts: RestartPolicy,
 }
 
 struct Running {
@@ -143,6 +192,54 @@ pub struct WorkerState<A: Agent> {
     running: HashMap<ActorId, (ActorRef<ReplicaMsg>, Running)>,
     queue: VecDeque<Allocation>,
     failures: HashMap<ActorId, VecDeque<Instant>>,
+    restarts: RestartPolicy,
+    /// Replicas not running now: being restarted, or resting.
+    down: usize,
+    /// Of those, the ones resting.
+    resting: usize,
+    /// The health last reported.
+    health: Health,
+}
+
+impl<A: Agent> WorkerState<A> {
+    /// Ok while every replica runs, degraded while some are down, unhealthy while
+    /// every one rests (none will run for a while).
+    fn health_now(&self) -> Health {
+        if self.down == 0 {
+            Health::Ok
+        } else if self.idle.is_empty() && self.running.is_empty() && self.resting == self.down {
+            Health::Unhealthy
+        } else {
+            Health::Degraded
+        }
+    }
+
+    /// Reports a change of health; while unhealthy, refuses what waits.
+    async fn report_health(&mut self) {
+        let health = self.health_now();
+        if health == Health::Unhealthy {
+            for allocation in std::mem::take(&mut self.queue) {
+                let _ = self.events.send(self.refusal(&allocation)).await;
+            }
+        }
+        if health != self.health {
+            self.health = health;
+            let _ = self.events.send(WorkerEvent::Health(health)).await;
+        }
+    }
+
+    fn refusal(&self, allocation: &Allocation) -> WorkerEvent {
+        WorkerEvent::Refused {
+            allocation: key(allocation),
+            reason: format!(
+                "no replica of agent {} runs: each panicked more than {} times in {} s and rests for up to {} s",
+                self.agent.agent_type(),
+                self.restarts.max_restarts,
+                self.restarts.window.as_secs(),
+                self.restarts.rest.as_secs()
+            ),
+        }
+    }
 }
 
 impl<A: Agent> Actor for WorkerSupervisor<A> {
@@ -166,18 +263,24 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
             running: HashMap::new(),
             queue: VecDeque::new(),
             failures: HashMap::new(),
+            restarts: args.restarts,
+            down: 0,
+            resting: 0,
+            health: Health::Ok,
         })
     }
 
     async fn handle(
         &self,
-        _: ActorRef<WorkerMsg>,
+        myself: ActorRef<WorkerMsg>,
         msg: WorkerMsg,
         state: &mut WorkerState<A>,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Run(allocation) => {
-                if state.queue.len() >= MAX_QUEUED {
+                if state.health == Health::Unhealthy {
+                    let _ = state.events.send(state.refusal(&allocation)).await;
+                } else if state.queue.len() >= MAX_QUEUED {
                     let _ = state.events.try_send(WorkerEvent::Failed {
                         allocation: key(&allocation),
                         reason: "worker queue full".into(),
@@ -226,6 +329,22 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     state.idle.push(replica);
                 }
             }
+            WorkerMsg::Respawn { panics, rested } => {
+                let replica = spawn_replica(&myself, &state.agent, &state.events).await?;
+                state.failures.insert(replica.get_id(), panics);
+                state.idle.push(replica);
+                state.down = state.down.saturating_sub(1);
+                if rested {
+                    state.resting = state.resting.saturating_sub(1);
+                }
+                if state.health == Health::Unhealthy {
+                    info!(
+                        agent = state.agent.agent_type(),
+                        "a replica is back from its rest"
+                    );
+                }
+                state.report_health().await;
+            }
         }
         dispatch(state);
         Ok(())
@@ -252,31 +371,39 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 .await;
         }
         let now = Instant::now();
-        let mut history = state.failures.remove(&id).unwrap_or_default();
-        history.push_back(now);
-        while history
+        let policy = state.restarts;
+        let mut panics = state.failures.remove(&id).unwrap_or_default();
+        panics.push_back(now);
+        while panics
             .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
         {
-            history.pop_front();
+            panics.pop_front();
         }
-        if history.len() > MAX_RESTARTS {
+        // The replica comes back later, by a message to this supervisor: it keeps
+        // taking messages meanwhile, and the other replicas keep working.
+        state.down += 1;
+        let rested = panics.len() > policy.max_restarts;
+        let after = if rested {
+            state.resting += 1;
             warn!(
                 agent = state.agent.agent_type(),
-                "a replica keeps panicking; retiring it"
+                rest_s = policy.rest.as_secs(),
+                "a replica keeps panicking; it rests before it comes back"
             );
+            policy.rest
         } else {
-            let backoff = Duration::from_millis(50 << (history.len() - 1));
+            let backoff = policy.backoff * (1u32 << (panics.len() - 1).min(16));
             info!(
                 agent = state.agent.agent_type(),
                 backoff_ms = backoff.as_millis() as u64,
                 "restarting a replica after a panic"
             );
-            tokio::time::sleep(backoff).await;
-            let replica = spawn_replica(&myself, &state.agent, &state.events).await?;
-            state.failures.insert(replica.get_id(), history);
-            state.idle.push(replica);
-        }
+            backoff
+        };
+        // Dropping the handle detaches the timer; it still fires.
+        drop(myself.send_after(after, move || WorkerMsg::Respawn { panics, rested }));
+        state.report_health().await;
         dispatch(state);
         Ok(())
     }

@@ -74,6 +74,8 @@ struct Slot {
     group: u16,
     supervisor: ActorRef<WorkerMsg>,
     load: u32,
+    /// As its supervisor last reported it.
+    health: Health,
 }
 
 struct AttemptInfo {
@@ -150,6 +152,7 @@ impl Actor for Workers {
                         group,
                         supervisor,
                         load: 0,
+                        health: Health::Ok,
                     },
                 );
             }
@@ -247,7 +250,7 @@ impl WorkersState {
                 segment: a.segment,
                 attempt: a.attempt,
                 progress_permille: 0,
-                health: Health::Ok,
+                health: self.agents.get(&a.target).map_or(Health::Ok, |s| s.health),
                 load: 0,
                 output: None,
                 error: Some(reason),
@@ -269,7 +272,7 @@ impl WorkersState {
             return;
         };
         slot.load += 1;
-        let (load, supervisor) = (slot.load, slot.supervisor.clone());
+        let (load, health, supervisor) = (slot.load, slot.health, slot.supervisor.clone());
         let roster = self.rosters.entry(a.task).or_default();
         roster.extend(a.peers.iter().copied());
         roster.insert(a.target);
@@ -302,7 +305,7 @@ impl WorkersState {
         let _ = self.discovery.cast(DiscoveryMsg::Update {
             agent: a.target,
             load,
-            health: Health::Ok,
+            health,
         });
     }
 
@@ -379,21 +382,25 @@ impl WorkersState {
     }
 
     async fn on_event(&mut self, agent: u32, event: WorkerEvent) {
-        let (key, progress, output, error) = match event {
+        let (key, progress, output, error, refused) = match event {
             WorkerEvent::Progress {
                 allocation,
                 permille,
-            } => (allocation, permille, None, None),
+            } => (allocation, permille, None, None, None),
             WorkerEvent::Done { allocation, output } => {
-                (allocation, 1000, Some(Bytes::from(output)), None)
+                (allocation, 1000, Some(Bytes::from(output)), None, None)
             }
-            WorkerEvent::Failed { allocation, reason } => (allocation, 0, None, Some(reason)),
+            WorkerEvent::Failed { allocation, reason } => (allocation, 0, None, Some(reason), None),
+            WorkerEvent::Refused { allocation, reason } => {
+                (allocation, 0, None, Some(reason), Some(Refusal::NoAgent))
+            }
             WorkerEvent::Sync {
                 allocation,
                 round,
                 hash,
                 body,
             } => return self.share(agent, allocation, round, hash, body).await,
+            WorkerEvent::Health(health) => return self.on_health(agent, health),
         };
         let is_final = output.is_some() || error.is_some();
         let Some(info) = (if is_final {
@@ -407,26 +414,29 @@ impl WorkersState {
         }) else {
             return;
         };
-        let (load, group) = match self.agents.get_mut(&info.agent) {
+        let (load, group, health) = match self.agents.get_mut(&info.agent) {
             Some(slot) => {
                 if is_final {
                     slot.load = slot.load.saturating_sub(1);
                 }
-                (slot.load, slot.group)
+                (slot.load, slot.group, slot.health)
             }
-            None => (0, 0),
+            None => (0, 0, Health::Ok),
         };
+        if refused.is_some() {
+            warn!(coordinator = %info.coordinator, task = %key.0, segment = key.1, reason = error.as_deref().unwrap_or_default(), "allocation refused");
+        }
         let report = Report {
             target: info.coordinator_agent,
             task: key.0,
             segment: key.1,
             attempt: key.2,
             progress_permille: progress,
-            health: Health::Ok,
+            health,
             load,
             output,
             error,
-            refused: None,
+            refused,
             retry_after_ms: None,
         };
         let message = match report_message(report.clone(), info.agent, group, is_final) {
@@ -449,13 +459,27 @@ impl WorkersState {
             let _ = self.discovery.cast(DiscoveryMsg::Update {
                 agent: info.agent,
                 load,
-                health: Health::Ok,
+                health,
             });
             if !self.attempts.keys().any(|(t, _, _)| *t == key.0) {
                 self.rosters.remove(&key.0);
                 self.hashes.retain(|(t, _, _), _| *t != key.0);
             }
         }
+    }
+
+    /// An agent's supervisor reports a change of health: discovery spreads it, and
+    /// coordinators give an unhealthy agent nothing until it is well again.
+    fn on_health(&mut self, agent: u32, health: Health) {
+        let Some(slot) = self.agents.get_mut(&agent) else {
+            return;
+        };
+        slot.health = health;
+        let _ = self.discovery.cast(DiscoveryMsg::Update {
+            agent,
+            load: slot.load,
+            health,
+        });
     }
 
     /// Sends an agent's SYNC to every other worker of its task that this host knows.

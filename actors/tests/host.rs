@@ -1,7 +1,8 @@
 //! The agent layer on real nodes in one process (loopback QUIC, mutual TLS): workers of
 //! one task on two nodes exchange SYNC and SYNC_ACK directly; the coordinator steers a
 //! running segment with ADJUST and cancels a task; a spoofed Agent ID is refused by
-//! the transport once discovery has filled the ownership table.
+//! the transport once discovery has filled the ownership table; an agent whose
+//! replicas all rest after panicking is seen unhealthy cluster-wide and gets no work.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{AdjustRequest, SubmitRequest, TaskStatus};
 use agentmesh_actors::{
-    Agent, AgentError, AgentHost, HostConfig, SegmentContext, SyncEvent, WorkerEvent, WorkerMsg,
+    Agent, AgentError, AgentHost, HostConfig, RestartPolicy, SegmentContext, SyncEvent,
+    WorkerEvent, WorkerMsg,
 };
 use agentmesh_runtime::transport::clock::SystemClock;
 use agentmesh_runtime::transport::tls::ClusterCa;
-use agentmesh_runtime::transport::wire::payload::Capability;
+use agentmesh_runtime::transport::wire::payload::{Capability, Health};
 use agentmesh_runtime::transport::EndpointConfig;
 use agentmesh_runtime::{ClusterEvent, MembershipConfig, Node, NodeConfig};
 
@@ -572,4 +574,96 @@ async fn a_worker_that_reports_is_offered_the_next_segment_at_once() {
         .map(|r| rmp_serde::from_slice(&r.0).unwrap())
         .collect();
     assert_eq!(results, (0..20).collect::<Vec<u32>>());
+}
+
+/// Answers its input, or, if fragile, panics on every segment (and counts its panics).
+struct Brittle {
+    fragile: bool,
+    panics: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Agent for Brittle {
+    type Input = u32;
+    type Output = u32;
+
+    fn agent_type(&self) -> &str {
+        if self.fragile {
+            "fragile"
+        } else {
+            "sturdy"
+        }
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("mend")
+    }
+
+    async fn work(&self, n: u32, _: &mut SegmentContext) -> Result<u32, AgentError> {
+        if self.fragile {
+            self.panics
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            panic!("fragile agent: segment {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(n)
+    }
+}
+
+/// A replica that panics more than its restart policy allows rests; with every
+/// replica of its agent resting, the agent is unhealthy, which discovery spreads to
+/// the coordinator on the other node: it sends the agent no more work, and the task
+/// completes on the healthy agent. Only one segment ever reaches the fragile agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_replicas_rest_is_unhealthy_everywhere_and_gets_no_work() {
+    let ca = ClusterCa::generate().unwrap();
+    let config = HostConfig {
+        restarts: RestartPolicy {
+            max_restarts: 0,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_millis(10),
+            rest: Duration::from_secs(60),
+        },
+        ..HostConfig::default()
+    };
+    let nodes = cluster_with(&ca, &["a", "b"], config).await;
+    let panics = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fragile = Brittle {
+        fragile: true,
+        panics: panics.clone(),
+    };
+    let sturdy = Brittle {
+        fragile: false,
+        panics: panics.clone(),
+    };
+    let fragile_id = nodes[1].1.add(fragile, 1).await.unwrap();
+    nodes[0].1.add(sturdy, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 2).await;
+
+    let request = SubmitRequest::new("mend", inputs(12));
+    let outcome = tokio::time::timeout(Duration::from_secs(20), nodes[0].1.submit(request))
+        .await
+        .expect("the task ends without waiting on the resting agent")
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    let results: Vec<u32> = outcome
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect();
+    assert_eq!(results, (0..12).collect::<Vec<u32>>());
+    assert_eq!(
+        panics.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a resting agent ran work"
+    );
+    // Discovery spreads the change on its own time: wait for it (5 s at most).
+    for _ in 0..250 {
+        let status = nodes[0].1.status().await.unwrap();
+        let seen = status.agents.iter().find(|a| a.agent == fragile_id);
+        if seen.unwrap().health == Health::Unhealthy {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the coordinator's node never saw the fragile agent unhealthy");
 }

@@ -1,6 +1,8 @@
 //! Workers running real agents as ractor actors: results and progress, concurrency
-//! bounded by replicas, adjustments reaching the running segment, bad input, and a
-//! panicking agent whose segment is reported failed while its replica restarts.
+//! bounded by replicas, adjustments reaching the running segment, bad input, a
+//! panicking agent whose segment is reported failed while its replica restarts, and
+//! one that keeps panicking: it rests, is reported unhealthy, its allocations are
+//! refused, and it comes back.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_actors::agent::{Adjustment, Agent, AgentError, SegmentContext};
-use agentmesh_actors::worker::{Allocation, WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
-use agentmesh_runtime::transport::wire::payload::Capability;
+use agentmesh_actors::worker::{
+    Allocation, RestartPolicy, WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor,
+};
+use agentmesh_runtime::transport::wire::payload::{Capability, Health};
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -94,6 +98,14 @@ async fn start<A: Agent>(
     agent: Arc<A>,
     replicas: usize,
 ) -> (ActorRef<WorkerMsg>, mpsc::Receiver<WorkerEvent>) {
+    start_with(agent, replicas, RestartPolicy::default()).await
+}
+
+async fn start_with<A: Agent>(
+    agent: Arc<A>,
+    replicas: usize,
+    restarts: RestartPolicy,
+) -> (ActorRef<WorkerMsg>, mpsc::Receiver<WorkerEvent>) {
     let (events, rx) = mpsc::channel(1024);
     let (worker, _) = Actor::spawn(
         None,
@@ -102,6 +114,7 @@ async fn start<A: Agent>(
             agent,
             replicas,
             events,
+            restarts,
         },
     )
     .await
@@ -109,7 +122,21 @@ async fn start<A: Agent>(
     (worker, rx)
 }
 
-/// Collects events until `n` of them end an attempt (Done or Failed).
+/// The next event that is not progress.
+async fn next(rx: &mut mpsc::Receiver<WorkerEvent>) -> WorkerEvent {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if !matches!(e, WorkerEvent::Progress { .. }) {
+            return e;
+        }
+    }
+}
+
+/// Collects events until `n` of them end an attempt (Done or Failed); changes of
+/// health are left out.
 async fn outcomes(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<WorkerEvent> {
     let mut all = Vec::new();
     let mut ended = 0;
@@ -118,8 +145,10 @@ async fn outcomes(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<WorkerE
             .await
             .unwrap()
             .unwrap();
-        if !matches!(e, WorkerEvent::Progress { .. }) {
-            ended += 1;
+        match e {
+            WorkerEvent::Health(_) => continue,
+            WorkerEvent::Progress { .. } => {}
+            _ => ended += 1,
         }
         all.push(e);
     }
@@ -240,4 +269,86 @@ async fn a_panic_fails_its_segment_and_the_replica_comes_back() {
         outcomes(&mut rx, 1).await.last(),
         Some(WorkerEvent::Done { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_replica_that_keeps_panicking_rests_and_its_allocations_are_refused_meanwhile() {
+    let restarts = RestartPolicy {
+        max_restarts: 1,
+        window: Duration::from_secs(60),
+        backoff: Duration::from_millis(10),
+        rest: Duration::from_millis(400),
+    };
+    let (worker, mut rx) = start_with(Arc::new(Sleeper::default()), 1, restarts).await;
+
+    // One panic is within the policy: degraded while the replica restarts, then ok.
+    worker.cast(WorkerMsg::Run(alloc(0, &u64::MAX))).unwrap();
+    assert!(matches!(next(&mut rx).await, WorkerEvent::Failed { .. }));
+    assert_eq!(next(&mut rx).await, WorkerEvent::Health(Health::Degraded));
+    assert_eq!(next(&mut rx).await, WorkerEvent::Health(Health::Ok));
+
+    // A second panic within the window is one too many: the replica rests, the agent
+    // is unhealthy, and the attempt queued behind the panicking one is refused, not
+    // left waiting for a replica that is not there.
+    worker.cast(WorkerMsg::Run(alloc(1, &u64::MAX))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(2, &5u64))).unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        WorkerEvent::Failed {
+            allocation: (_, 1, _),
+            ..
+        }
+    ));
+    match next(&mut rx).await {
+        WorkerEvent::Refused {
+            allocation: (_, 2, _),
+            reason,
+        } => assert!(reason.contains("rests"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next(&mut rx).await, WorkerEvent::Health(Health::Unhealthy));
+
+    // While it rests, a new allocation is refused at once.
+    worker.cast(WorkerMsg::Run(alloc(3, &5u64))).unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        WorkerEvent::Refused {
+            allocation: (_, 3, _),
+            ..
+        }
+    ));
+
+    // After its rest it is back, and works.
+    assert_eq!(next(&mut rx).await, WorkerEvent::Health(Health::Ok));
+    worker.cast(WorkerMsg::Run(alloc(4, &5u64))).unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        WorkerEvent::Done {
+            allocation: (_, 4, _),
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn one_replica_resting_leaves_the_agent_degraded_and_working() {
+    let restarts = RestartPolicy {
+        max_restarts: 0,
+        window: Duration::from_secs(60),
+        backoff: Duration::from_millis(10),
+        rest: Duration::from_secs(60),
+    };
+    let (worker, mut rx) = start_with(Arc::new(Sleeper::default()), 2, restarts).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &u64::MAX))).unwrap();
+    assert!(matches!(next(&mut rx).await, WorkerEvent::Failed { .. }));
+    assert_eq!(next(&mut rx).await, WorkerEvent::Health(Health::Degraded));
+    // The other replica takes the work.
+    worker.cast(WorkerMsg::Run(alloc(1, &5u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(2, &5u64))).unwrap();
+    let ends = outcomes(&mut rx, 2).await;
+    let done = ends
+        .iter()
+        .filter(|e| matches!(e, WorkerEvent::Done { .. }))
+        .count();
+    assert_eq!(done, 2, "{ends:?}");
 }

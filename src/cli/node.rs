@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::actors::ledger::LedgerConfig;
 use crate::actors::record::Recorder;
-use crate::actors::{AgentHost, HostConfig};
+use crate::actors::{AgentHost, HostConfig, RestartPolicy};
 use crate::runtime::{advertised_addr, MembershipConfig, Node, NodeConfig};
 use crate::transport::clock::SystemClock;
 use crate::transport::tls::{validate_node_name, NodeIdentity};
@@ -219,6 +219,7 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             recorder,
             policy_respread: None,
             coordinator_tick: None,
+            restarts: RestartPolicy::default(),
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;

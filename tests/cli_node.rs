@@ -168,6 +168,72 @@ fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
     std::fs::remove_dir_all(&dev).unwrap();
 }
 
+/// A panicking agent's panic reaches a JSON log as a JSON ERROR line (the default
+/// panic hook wrote a raw line to stderr, which a log reader could not parse).
+#[test]
+fn an_agents_panic_is_logged_in_the_logs_format() {
+    let dev = temp_dir("panic-log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut program = agentmesh();
+    // A backtrace, if the caller's shell asks for one, would come as a field: the
+    // test does not depend on it.
+    program.env_remove("RUST_BACKTRACE");
+    let node = NodeProcess::start_program(
+        program,
+        &[
+            "--name",
+            "pj",
+            "--listen",
+            &addr,
+            "--agents",
+            "crash=1",
+            "--log-format",
+            "json",
+        ],
+        Some(&dev),
+    );
+    node.expect(&["agent layer started"]);
+    let out = agentmesh()
+        .env("AGENTMESH_DEV_CA_DIR", &dev)
+        .args(["submit", "--to", &addr, "--capability", "crash"])
+        .args([
+            "--segments",
+            "1",
+            "--segment-ms",
+            "10",
+            "--panic-attempts",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = node.expect(&["a thread panicked"]);
+    let parsed: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(parsed["level"], "ERROR");
+    let panic = parsed["fields"]["panic"].as_str().unwrap_or_default();
+    assert!(panic.contains("crash agent: asked to panic"), "{line}");
+    node.expect(&["task ended", "Completed"]);
+    // Every line the node wrote is JSON.
+    let seen = node
+        .expect_within(
+            &["no line says this"],
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap_err();
+    for line in &seen {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+    drop(node);
+    std::fs::remove_dir_all(&dev).unwrap();
+}
+
 #[test]
 fn a_bad_log_filter_is_refused_with_exit_code_2() {
     let out = agentmesh()

@@ -227,6 +227,9 @@ impl Cli {
         tracing_subscriber::registry()
             .with(logs.with_filter(filter))
             .init();
+        if matches!(args.command, Command::Node(_)) {
+            panics_to_log();
+        }
         match run(args, &self.agents) {
             Ok(()) => ExitCode::SUCCESS,
             // A reader that went away is not this command's failure (see above).
@@ -255,6 +258,37 @@ fn quiet_on_closed_stdout() {
             std::process::exit(141);
         }
         default(info);
+    }));
+}
+
+/// A node's panics (an agent's, most often: its replica is restarted and its segment
+/// reallocated) go to the log as ERROR events, in the log's format, instead of raw
+/// lines on stderr that a reader of `--log-format json` could not parse. A backtrace
+/// comes with them when `RUST_BACKTRACE` asks for one.
+fn panics_to_log() {
+    let before = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("(not a string)");
+        if message.starts_with("failed printing to stdout") {
+            return before(info);
+        }
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic = message, %location, thread, %backtrace, "a thread panicked");
+        } else {
+            tracing::error!(panic = message, %location, thread, "a thread panicked");
+        }
     }));
 }
 

@@ -529,6 +529,21 @@ async fn a_node_that_missed_a_policy_spread_gets_it_with_the_periodic_one() {
 }
 
 /// Answers at once with its input.
+/// Submits `request` and expects it to complete within 30 s (without waiting for
+/// `not_waiting_for`); returns its results, each a u32.
+async fn completed(host: &AgentHost, request: SubmitRequest, not_waiting_for: &str) -> Vec<u32> {
+    let outcome = tokio::time::timeout(Duration::from_secs(30), host.submit(request))
+        .await
+        .unwrap_or_else(|_| panic!("the task did not end: it waited for {not_waiting_for}"))
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    outcome
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect()
+}
+
 struct Quick;
 
 impl Agent for Quick {
@@ -563,16 +578,7 @@ async fn a_worker_that_reports_is_offered_the_next_segment_at_once() {
     nodes[1].1.add(Quick, 1).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
     let request = SubmitRequest::new("quick", inputs(20));
-    let outcome = tokio::time::timeout(Duration::from_secs(30), nodes[0].1.submit(request))
-        .await
-        .expect("the task ends without waiting for the coordinator's round")
-        .unwrap();
-    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
-    let results: Vec<u32> = outcome
-        .results
-        .iter()
-        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
-        .collect();
+    let results = completed(&nodes[0].1, request, "the coordinator's round").await;
     assert_eq!(results, (0..20).collect::<Vec<u32>>());
 }
 
@@ -640,16 +646,7 @@ async fn an_agent_whose_replicas_rest_is_unhealthy_everywhere_and_gets_no_work()
     wait_for_agents(&nodes[0].1, 2).await;
 
     let request = SubmitRequest::new("mend", inputs(12));
-    let outcome = tokio::time::timeout(Duration::from_secs(20), nodes[0].1.submit(request))
-        .await
-        .expect("the task ends without waiting on the resting agent")
-        .unwrap();
-    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
-    let results: Vec<u32> = outcome
-        .results
-        .iter()
-        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
-        .collect();
+    let results = completed(&nodes[0].1, request, "the resting agent").await;
     assert_eq!(results, (0..12).collect::<Vec<u32>>());
     assert_eq!(
         panics.load(std::sync::atomic::Ordering::SeqCst),

@@ -966,23 +966,9 @@ impl Ledger {
         reason: &str,
         now_ms: u64,
     ) {
-        if self.end_attempt(task_id, segment, attempt).is_none() {
-            return;
+        if self.end_attempt(task_id, segment, attempt).is_some() {
+            self.requeue(task_id, segment, now_ms, reason, Requeue::Refused);
         }
-        let Some(seg) = self
-            .tasks
-            .get_mut(&task_id)
-            .and_then(|t| t.segments.get_mut(segment as usize))
-        else {
-            return;
-        };
-        seg.refused += 1;
-        if seg.refused >= MAX_REFUSALS {
-            let why =
-                format!("segment {segment} was refused {MAX_REFUSALS} times (last: {reason})");
-            return self.fail(task_id, why);
-        }
-        self.requeue(task_id, segment, now_ms, reason, Requeue::Refused);
     }
 
     /// Every attempt running on `node` is lost: reallocate them all. These are not
@@ -1078,10 +1064,19 @@ impl Ledger {
         if seg.state == SegmentState::Done || seg.live.is_some() {
             return;
         }
+        if why == Requeue::Refused {
+            seg.refused += 1;
+            if seg.refused >= MAX_REFUSALS {
+                let failure =
+                    format!("segment {segment} was refused {MAX_REFUSALS} times (last: {reason})");
+                return self.fail(task_id, failure);
+            }
+        }
         // Refused attempts never ran (every attempt ended is counted, refused or not).
         if seg.attempts - seg.refused >= max_attempts {
-            let why = format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
-            return self.fail(task_id, why);
+            let failure =
+                format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
+            return self.fail(task_id, failure);
         }
         seg.state = SegmentState::Pending {
             is_retry: why == Requeue::Retry,

@@ -18,8 +18,9 @@ use crate::policy::Policy;
 /// How long a denial is believed (it is forgotten sooner when this node's policy
 /// changes, since a `policy apply` reaches every node).
 pub const DENIAL_MEMORY_MS: u64 = 30_000;
-/// How long an agent its node does not know is left out (discovery drops it when its
-/// node's update arrives, usually well before).
+/// How long an agent its node does not know, or whose replicas all rest, is left out
+/// (discovery drops it, or lists it unhealthy, when its node's update arrives, usually
+/// well before).
 pub const GONE_MEMORY_MS: u64 = 5_000;
 /// A rate refusal without `retry_after_ms` rests the agent this long.
 pub const DEFAULT_RETRY_AFTER_MS: u64 = 100;
@@ -36,7 +37,7 @@ pub const MAX_ENTRIES: usize = 16_384;
 /// What refusals leave of an agent's room for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Room {
-    /// Nothing now: at its rate limit, or unknown to its node.
+    /// Nothing now: at its rate limit, unknown to its node, or with no replica running.
     None,
     /// One allocation at a time: just back from a rate limit.
     One,
@@ -52,7 +53,8 @@ pub struct Refusals {
     /// agent -> rest until (ms): at its rate limit on its node (then one at a time for
     /// [`ONE_AT_A_TIME_MS`]).
     resting: HashMap<u32, u64>,
-    /// agent -> until (ms): its node says it has no such agent.
+    /// agent -> until (ms): its node says it has no such agent, or none of its
+    /// replicas runs.
     gone: HashMap<u32, u64>,
     /// The policy the denials were heard under.
     policy: Option<Arc<Policy>>,

@@ -193,9 +193,9 @@ pub struct WorkerState<A: Agent> {
     queue: VecDeque<Allocation>,
     failures: HashMap<ActorId, VecDeque<Instant>>,
     restarts: RestartPolicy,
-    /// Replicas not running now: being restarted, or resting.
-    down: usize,
-    /// Of those, the ones resting.
+    /// Replicas it runs when none is down.
+    replicas: usize,
+    /// Replicas down and resting (the others down are being restarted).
     resting: usize,
     /// The health last reported.
     health: Health,
@@ -205,9 +205,10 @@ impl<A: Agent> WorkerState<A> {
     /// Ok while every replica runs, degraded while some are down, unhealthy while
     /// every one rests (none will run for a while).
     fn health_now(&self) -> Health {
-        if self.down == 0 {
+        let up = self.idle.len() + self.running.len();
+        if up >= self.replicas {
             Health::Ok
-        } else if self.idle.is_empty() && self.running.is_empty() && self.resting == self.down {
+        } else if up == 0 && self.resting == self.replicas {
             Health::Unhealthy
         } else {
             Health::Degraded
@@ -252,8 +253,9 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
         myself: ActorRef<WorkerMsg>,
         args: WorkerArgs<A>,
     ) -> Result<WorkerState<A>, ActorProcessingErr> {
-        let mut idle = Vec::with_capacity(args.replicas);
-        for _ in 0..args.replicas.max(1) {
+        let replicas = args.replicas.max(1);
+        let mut idle = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
             idle.push(spawn_replica(&myself, &args.agent, &args.events).await?);
         }
         Ok(WorkerState {
@@ -264,7 +266,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
             queue: VecDeque::new(),
             failures: HashMap::new(),
             restarts: args.restarts,
-            down: 0,
+            replicas,
             resting: 0,
             health: Health::Ok,
         })
@@ -333,11 +335,8 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 let replica = spawn_replica(&myself, &state.agent, &state.events).await?;
                 state.failures.insert(replica.get_id(), panics);
                 state.idle.push(replica);
-                state.down = state.down.saturating_sub(1);
                 if rested {
                     state.resting = state.resting.saturating_sub(1);
-                }
-                if state.health == Health::Unhealthy {
                     info!(
                         agent = state.agent.agent_type(),
                         "a replica is back from its rest"
@@ -382,7 +381,6 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
         }
         // The replica comes back later, by a message to this supervisor: it keeps
         // taking messages meanwhile, and the other replicas keep working.
-        state.down += 1;
         let rested = panics.len() > policy.max_restarts;
         let after = if rested {
             state.resting += 1;

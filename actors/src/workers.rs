@@ -244,24 +244,23 @@ impl WorkersState {
         };
         if let Some((refused, retry_after_ms, reason)) = refusal {
             warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused");
+            // Sent as the agent, if this node has it; else as the node (agent 0).
+            let (agent, group, health) = self
+                .agents
+                .get(&a.target)
+                .map_or((0, 0, Health::Ok), |s| (a.target, s.group, s.health));
             let report = Report {
                 target: header.agent,
                 task: a.task,
                 segment: a.segment,
                 attempt: a.attempt,
                 progress_permille: 0,
-                health: self.agents.get(&a.target).map_or(Health::Ok, |s| s.health),
+                health,
                 load: 0,
                 output: None,
                 error: Some(reason),
                 refused: Some(refused),
                 retry_after_ms,
-            };
-            let group = self.agents.get(&a.target).map_or(0, |s| s.group);
-            let agent = if self.agents.contains_key(&a.target) {
-                a.target
-            } else {
-                0
             };
             if let Some(m) = report_message(report, agent, group, true) {
                 self.send(peer, m, false).await;

@@ -154,7 +154,8 @@ pub enum Refusal {
     Policy,
     /// The agent is at its rate limit (`retry_after_ms` says for how long).
     Rate,
-    /// No such agent on that node (any more).
+    /// No such agent on that node (any more), or none of its replicas runs (each
+    /// panicked too often and rests).
     NoAgent,
 }
 

@@ -86,6 +86,11 @@ fn transport_reports_every_figure_for_both_sides() {
             let v = r[side][figure].as_f64().unwrap();
             assert!(v > 0.0, "{side}.{figure} = {v}: {r}");
         }
+        // Counted from /proc on Linux (NaN, serialised as null, where it cannot be).
+        for figure in ["request_reply_switches", "request_reply_inbox_switches"] {
+            let v = r[side][figure].as_f64();
+            assert!(v.is_some_and(|v| v >= 0.0), "{side}.{figure}: {r}");
+        }
     }
     for ratio in [
         "throughput_ratio",

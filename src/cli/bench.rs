@@ -90,6 +90,10 @@ struct Figures {
     /// the same figure as above (its requester is the stream's reader already).
     request_reply_inbox_p50_us: f64,
     request_reply_inbox_p99_us: f64,
+    /// Context switches of the process's threads per round trip (Linux; NaN elsewhere):
+    /// how often a round trip woke a parked thread rather than staying on one.
+    request_reply_switches: f64,
+    request_reply_inbox_switches: f64,
     urgent_idle_p50_us: f64,
     urgent_idle_p99_us: f64,
     urgent_with_bulk_p50_us: f64,
@@ -205,6 +209,20 @@ fn print_table(r: &Report, args: &TransportBench) {
         r.acp.request_reply_inbox_p99_us,
         r.bare_quinn.request_reply_inbox_p99_us,
     );
+    let switches = |name: &str, a: f64, q: f64| {
+        // A ratio against (nearly) none means nothing: leave it out.
+        println!("{name:<40} {a:>14.2} {q:>14.2}");
+    };
+    switches(
+        "  context switches per round trip",
+        r.acp.request_reply_switches,
+        r.bare_quinn.request_reply_switches,
+    );
+    switches(
+        "  the same, in the inbox",
+        r.acp.request_reply_inbox_switches,
+        r.bare_quinn.request_reply_inbox_switches,
+    );
     row(
         "urgent p50, no bulk (us)",
         r.acp.urgent_idle_p50_us,
@@ -264,8 +282,49 @@ fn print_table(r: &Report, args: &TransportBench) {
         "request/reply: the ACP requester waits on the event stream, in a task of its own;\n\
          in the inbox: it takes each reply on the lane reader's task and sends the next\n\
          request from there, as the runtime's mesh does (bare quinn's requester reads its\n\
-         stream itself either way)."
+         stream itself either way). On the event stream the requester is the fourth task\n\
+         a reply wakes (quinn's endpoint and connection drivers, the lane reader, the\n\
+         requester); tokio runs at most three woken tasks in a row on one thread, so its\n\
+         send wakes the other thread: see the context switches per round trip."
     );
+}
+
+/// Counts the process's context switches over a stretch of round trips.
+struct Switches(Option<u64>);
+
+impl Switches {
+    fn start() -> Switches {
+        Switches(context_switches())
+    }
+
+    /// Switches since `start` per round trip, for `n` timed round trips (plus the n/10
+    /// of warm-up the round-trip loops run first).
+    fn per(&self, n: usize) -> f64 {
+        match (self.0, context_switches()) {
+            (Some(before), Some(after)) => {
+                after.saturating_sub(before) as f64 / (n + n / 10) as f64
+            }
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Context switches so far, voluntary and not, summed over this process's threads
+/// (from /proc; `None` where there is none).
+fn context_switches() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
 }
 
 fn percentile_us(samples: &mut [Duration], p: f64) -> f64 {
@@ -518,12 +577,16 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     f.messages_per_sec_batched = (target - args.messages) as f64 / start.elapsed().as_secs_f64();
     sender.await?;
 
+    let switches = Switches::start();
     let mut rr = acp_round_trips(&to_b, &mut a_events, PRIO_NORMAL, args.round_trips, None).await?;
+    f.request_reply_switches = switches.per(args.round_trips);
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
+    let switches = Switches::start();
     let mut rr = requester
         .round_trips(PRIO_NORMAL, args.round_trips, None)
         .await?;
+    f.request_reply_inbox_switches = switches.per(args.round_trips);
     f.request_reply_inbox_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_inbox_p99_us = percentile_us(&mut rr, 0.99);
     let gap = Some(Duration::from_micros(200));
@@ -715,7 +778,10 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     echo.write_all(&[0u8; PAYLOAD_BYTES]).await?;
     let mut back = conn.accept_uni().await?;
     back.read_exact(&mut [0u8; PAYLOAD_BYTES]).await?;
+    let switches = Switches::start();
     let mut rr = quinn_round_trips(&mut echo, &mut back, args.round_trips, None).await?;
+    f.request_reply_switches = switches.per(args.round_trips);
+    f.request_reply_inbox_switches = f.request_reply_switches;
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
     f.request_reply_inbox_p50_us = f.request_reply_p50_us;

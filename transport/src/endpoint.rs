@@ -145,7 +145,7 @@ pub enum TransportError {
         source: quinn::ConnectError,
     },
     /// The connection failed or was closed.
-    #[error("connection to {addr} failed: {source}")]
+    #[error("connection to {addr} failed: {source}{}", handshake_hint(source))]
     Connection {
         /// The address.
         addr: SocketAddr,
@@ -206,6 +206,19 @@ pub enum TransportError {
         /// Why the dial failed.
         reason: String,
     },
+}
+
+/// What a failed handshake most likely means, for people reading the error: rustls
+/// names the check that failed, not the set-up mistake behind it.
+fn handshake_hint(error: &quinn::ConnectionError) -> &'static str {
+    match HandshakeRefusal::classify(&error.to_string()) {
+        HandshakeRefusal::UnknownIssuer => {
+            " (the two sides' certificates come from different cluster CAs)"
+        }
+        HandshakeRefusal::Expired => " (a certificate is expired or not valid yet)",
+        HandshakeRefusal::NoCertificate => " (one side presented no certificate)",
+        HandshakeRefusal::Other => "",
+    }
 }
 
 /// How a dial ended, for connects to the same address that waited for it.

@@ -471,8 +471,8 @@ fn a_recorded_live_run_replays_in_the_simulator() {
         0,
         &["--agents", "sleep=2", "--record", file.to_str().unwrap()],
     );
-    let _second = cluster.start(1, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 2);
+    let _second = cluster.start(1, &["--agents", "sleep=2,crash=1"]);
+    cluster.wait_for_agents(0, 3);
     let (status, task) = outcome(cluster.submit(
         0,
         &[
@@ -482,6 +482,21 @@ fn a_recorded_live_run_replays_in_the_simulator() {
             "6",
             "--segment-ms",
             "100",
+        ],
+    ));
+    assert!(status.success(), "{task}");
+    // Each segment's first attempt panics on the other node, and is run again.
+    let (status, task) = outcome(cluster.submit(
+        0,
+        &[
+            "--capability",
+            "crash",
+            "--segments",
+            "2",
+            "--segment-ms",
+            "10",
+            "--panic-attempts",
+            "1",
         ],
     ));
     assert!(status.success(), "{task}");
@@ -495,8 +510,14 @@ fn a_recorded_live_run_replays_in_the_simulator() {
         .collect();
     let count = |ev: &str| events.iter().filter(|e| e["ev"] == ev).count();
     assert_eq!(count("node_join"), 2, "{text}");
-    assert_eq!(count("register"), 2, "{text}");
-    assert_eq!(count("submit"), 1, "{text}");
+    assert_eq!(count("register"), 3, "{text}");
+    assert_eq!(count("submit"), 2, "{text}");
+    let panics: Vec<_> = events.iter().filter(|e| e["ev"] == "agent_panic").collect();
+    assert_eq!(panics.len(), 2, "{text}");
+    for p in panics {
+        assert_eq!(p["agent_type"], "crash", "{text}");
+        assert_ne!(p["node"], events[0]["node"], "on the other node: {text}");
+    }
     let submit = events.iter().find(|e| e["ev"] == "submit").unwrap();
     assert_eq!(submit["segments"], 6, "{text}");
     assert!(submit["work_ms"].as_u64().unwrap() >= 100, "{text}");
@@ -508,9 +529,10 @@ fn a_recorded_live_run_replays_in_the_simulator() {
         String::from_utf8_lossy(&out.stderr)
     );
     let replay: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(replay["tasks_completed"], 1, "{replay}");
+    assert_eq!(replay["tasks_completed"], 2, "{replay}");
     assert_eq!(replay["lost"], 0, "{replay}");
-    assert_eq!(replay["agents_registered"], 2, "{replay}");
+    assert_eq!(replay["agents_registered"], 3, "{replay}");
+    assert_eq!(replay["panics"], 2, "{replay}");
 }
 
 #[test]

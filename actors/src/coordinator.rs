@@ -680,6 +680,11 @@ impl CoordinatorState {
                 }
                 None => {
                     info!(%task, segment, attempt, %error, "attempt failed");
+                    if let Some(recorder) = &self.recorder {
+                        if error.starts_with(crate::worker::PANICKED) {
+                            recorder.observe(Observation::AgentPanicked { agent });
+                        }
+                    }
                     self.ledger
                         .handle_failure(task, segment, attempt, &error, now);
                 }

@@ -51,6 +51,11 @@ pub enum Observation {
         /// From ALLOCATE to the accepted result, in milliseconds.
         work_ms: u64,
     },
+    /// An agent panicked running an attempt of this node's task (its REPORT said so).
+    AgentPanicked {
+        /// Its Agent ID.
+        agent: u32,
+    },
     /// A task ended (completed or failed).
     TaskEnded {
         /// The task.

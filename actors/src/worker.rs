@@ -35,6 +35,10 @@ pub struct Allocation {
     pub priority: u8,
 }
 
+/// How a failed attempt's reason starts when its replica panicked (REPORT `error`),
+/// so that a coordinator can tell a panic from an error the agent returned.
+pub const PANICKED: &str = "agent panicked: ";
+
 /// What a worker reports about an attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkerEvent {
@@ -365,7 +369,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 .events
                 .send(WorkerEvent::Failed {
                     allocation: key(&run.allocation),
-                    reason: format!("agent panicked: {error}"),
+                    reason: format!("{PANICKED}{error}"),
                 })
                 .await;
         }

@@ -29,7 +29,8 @@ struct Recording {
     start: tokio::time::Instant,
     up: BTreeSet<String>,
     known: BTreeSet<String>,
-    agents: BTreeSet<u32>,
+    /// Agents seen registered: their node and type.
+    agents: BTreeMap<u32, (String, String)>,
     open: BTreeMap<Uuid, OpenTask>,
     full: bool,
 }
@@ -44,7 +45,7 @@ impl Recording {
             start: tokio::time::Instant::now(),
             up: BTreeSet::new(),
             known: BTreeSet::new(),
-            agents: BTreeSet::new(),
+            agents: BTreeMap::new(),
             open: BTreeMap::new(),
             full: false,
         };
@@ -97,9 +98,11 @@ impl Recording {
                 capabilities,
                 group,
             } => {
-                if !self.agents.insert(agent) {
+                if self.agents.contains_key(&agent) {
                     return;
                 }
+                self.agents
+                    .insert(agent, (node.clone(), agent_type.clone()));
                 self.join(&node);
                 self.push(EventKind::Register {
                     node,
@@ -158,6 +161,11 @@ impl Recording {
                     {
                         *work_ms = mean;
                     }
+                }
+            }
+            Observation::AgentPanicked { agent } => {
+                if let Some((node, agent_type)) = self.agents.get(&agent).cloned() {
+                    self.push(EventKind::AgentPanic { node, agent_type });
                 }
             }
             Observation::TaskEnded { task } => {

@@ -69,6 +69,7 @@ fn nodes_with_issued_certificates_join_and_leave_gracefully() {
     );
     n2.expect(&["node up", "node=n1 "]);
     n1.expect(&["node up", "node=n2 "]);
+    n1.expect(&["connection to member up", "peer=n2"]);
     assert!(
         n2.terminate().success(),
         "a node leaving on SIGTERM exits 0"

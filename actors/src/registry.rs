@@ -204,7 +204,8 @@ pub struct Registry {
     /// once a delta was missed and until its whole list arrives. A node not in it is
     /// held at 0, the version of an empty list; one declared down leaves it.
     held: HashMap<Arc<str>, Option<u64>, SeedableRandomState>,
-    /// An agent's load went down since [`Registry::take_capacity_freed`] last asked.
+    /// An agent's load went down, or it came back from unhealthy, since
+    /// [`Registry::take_capacity_freed`] last asked.
     capacity_freed: bool,
 }
 
@@ -313,8 +314,9 @@ impl Registry {
         }
     }
 
-    /// Whether an agent's load went down (a worker freed, here or on another node)
-    /// since the last call: waiting work may be offered again.
+    /// Whether an agent's load went down (a worker freed, here or on another node) or
+    /// it came back from unhealthy since the last call: waiting work may be offered
+    /// again.
     pub fn take_capacity_freed(&mut self) -> bool {
         std::mem::take(&mut self.capacity_freed)
     }
@@ -331,7 +333,7 @@ impl Registry {
         if (record.load, record.health) == (load, health) {
             return;
         }
-        let freed = load < record.load;
+        let freed = frees_capacity(record, load, health);
         record.load = load;
         record.health = health;
         let record = record.clone();
@@ -468,7 +470,7 @@ impl Registry {
                 // Known, and the sender's already: only what changed is replaced.
                 let at = *at.get();
                 let held = &mut self.node_mut(slot).records[at.pos as usize];
-                let freed = record.load < held.load;
+                let freed = frees_capacity(held, record.load, record.health);
                 update(held, record);
                 self.capacity_freed |= freed;
                 return;
@@ -830,4 +832,11 @@ fn position(record: &AgentRecord, capability: &str, tags: &[String]) -> Option<u
         .capabilities
         .iter()
         .position(|c| c.name == capability && tags.iter().all(|t| c.tags.contains(t)))
+}
+
+/// Whether `held` taking `load` and `health` can free room for waiting work: its load
+/// went down, or it came back from unhealthy (coordinators treat an unhealthy agent as
+/// full).
+fn frees_capacity(held: &AgentRecord, load: u32, health: Health) -> bool {
+    load < held.load || (held.health == Health::Unhealthy && health != Health::Unhealthy)
 }

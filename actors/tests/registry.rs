@@ -246,6 +246,26 @@ fn a_known_agent_is_updated_in_place_and_its_copies_share_the_node_name() {
 }
 
 #[test]
+fn an_agent_back_from_unhealthy_frees_capacity_here_and_on_other_nodes() {
+    let (mut a, mut b, x, _) = two_agents_of_a_known_to_b();
+    b.handle_node_up("a");
+    a.update(x.agent, 0, Health::Unhealthy);
+    deliver(&mut a, "a", &mut b);
+    // Worse health frees nothing.
+    assert!(!a.take_capacity_freed() && !b.take_capacity_freed());
+    // Back at the same load: its capacity is on offer again, so waiting work may go.
+    a.update(x.agent, 0, Health::Degraded);
+    deliver(&mut a, "a", &mut b);
+    assert!(a.take_capacity_freed(), "on its own node");
+    assert!(b.take_capacity_freed(), "on another node");
+    assert!(!a.take_capacity_freed() && !b.take_capacity_freed());
+    // Degraded to ok at the same load was never full: nothing to say.
+    a.update(x.agent, 0, Health::Ok);
+    deliver(&mut a, "a", &mut b);
+    assert!(!a.take_capacity_freed() && !b.take_capacity_freed());
+}
+
+#[test]
 fn news_between_polls_goes_out_as_one_delta_unless_a_removal_follows_an_upsert() {
     let (mut a, mut b, x, y) = two_agents_of_a_known_to_b();
     let z = a.register("s", vec![cap("summarize", &[], 4)], 0).unwrap();

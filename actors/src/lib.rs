@@ -16,6 +16,7 @@ pub mod policy;
 pub mod record;
 pub mod refusals;
 pub mod registry;
+pub mod restarts;
 pub mod service;
 pub mod worker;
 pub mod workers;

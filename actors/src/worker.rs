@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
@@ -19,6 +18,8 @@ use uuid::Uuid;
 use agentmesh_runtime::transport::wire::payload::Health;
 
 use crate::agent::{Adjustment, Agent, SegmentContext, SyncEvent};
+pub use crate::restarts::RestartPolicy;
+use crate::restarts::{self, Comeback, Panics};
 
 /// One attempt of one segment, as the coordinator allocated it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,8 +118,8 @@ pub enum WorkerMsg {
     /// Sent by the supervisor to itself: a replica that panicked is due back, with its
     /// panics in the restart window so far.
     Respawn {
-        /// When it panicked, within the window.
-        panics: VecDeque<Instant>,
+        /// Its panics within the restart window.
+        panics: Panics,
         /// It was resting (it panicked more than the policy allows), not restarting.
         rested: bool,
     },
@@ -126,32 +127,6 @@ pub enum WorkerMsg {
 
 /// Attempts waiting for a free replica, at most; more are refused as failed.
 const MAX_QUEUED: usize = 1_024;
-
-/// How replicas that panic are restarted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestartPolicy {
-    /// Restarts of one replica allowed within `window`; one more panic and it rests.
-    pub max_restarts: usize,
-    /// The window panics are counted in.
-    pub window: Duration,
-    /// The wait before the first restart, doubled for each panic in the window.
-    pub backoff: Duration,
-    /// How long a replica that panicked too often rests before it comes back. If it
-    /// panics again within the window, it rests again at once.
-    pub rest: Duration,
-}
-
-impl Default for RestartPolicy {
-    /// 5 restarts in 60 s (after 50, 100, 200, 400 and 800 ms); then 30 s of rest.
-    fn default() -> RestartPolicy {
-        RestartPolicy {
-            max_restarts: 5,
-            window: Duration::from_secs(60),
-            backoff: Duration::from_millis(50),
-            rest: Duration::from_secs(30),
-        }
-    }
-}
 
 /// Supervises the replicas of one agent.
 pub struct WorkerSupervisor<A: Agent> {
@@ -195,8 +170,10 @@ pub struct WorkerState<A: Agent> {
     idle: Vec<ActorRef<ReplicaMsg>>,
     running: HashMap<ActorId, (ActorRef<ReplicaMsg>, Running)>,
     queue: VecDeque<Allocation>,
-    failures: HashMap<ActorId, VecDeque<Instant>>,
+    failures: HashMap<ActorId, Panics>,
     restarts: RestartPolicy,
+    /// The origin of the times in `failures`.
+    epoch: Instant,
     /// Replicas it runs when none is down.
     replicas: usize,
     /// Replicas down and resting (the others down are being restarted).
@@ -209,14 +186,11 @@ impl<A: Agent> WorkerState<A> {
     /// Ok while every replica runs, degraded while some are down, unhealthy while
     /// every one rests (none will run for a while).
     fn health_now(&self) -> Health {
-        let up = self.idle.len() + self.running.len();
-        if up >= self.replicas {
-            Health::Ok
-        } else if up == 0 && self.resting == self.replicas {
-            Health::Unhealthy
-        } else {
-            Health::Degraded
-        }
+        restarts::health(
+            self.replicas,
+            self.idle.len() + self.running.len(),
+            self.resting,
+        )
     }
 
     /// Reports a change of health; while unhealthy, refuses what waits.
@@ -270,6 +244,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
             queue: VecDeque::new(),
             failures: HashMap::new(),
             restarts: args.restarts,
+            epoch: Instant::now(),
             replicas,
             resting: 0,
             health: Health::Ok,
@@ -373,38 +348,33 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 })
                 .await;
         }
-        let now = Instant::now();
-        let policy = state.restarts;
         let mut panics = state.failures.remove(&id).unwrap_or_default();
-        panics.push_back(now);
-        while panics
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > policy.window)
-        {
-            panics.pop_front();
-        }
+        let comeback = panics.record(state.epoch.elapsed(), &state.restarts);
         // The replica comes back later, by a message to this supervisor: it keeps
         // taking messages meanwhile, and the other replicas keep working.
-        let rested = panics.len() > policy.max_restarts;
-        let after = if rested {
-            state.resting += 1;
-            warn!(
-                agent = state.agent.agent_type(),
-                rest_s = policy.rest.as_secs(),
-                "a replica keeps panicking; it rests before it comes back"
-            );
-            policy.rest
-        } else {
-            let backoff = policy.backoff * (1u32 << (panics.len() - 1).min(16));
-            info!(
+        match comeback {
+            Comeback::Rest(rest) => {
+                state.resting += 1;
+                warn!(
+                    agent = state.agent.agent_type(),
+                    rest_s = rest.as_secs(),
+                    "a replica keeps panicking; it rests before it comes back"
+                );
+            }
+            Comeback::Restart(backoff) => info!(
                 agent = state.agent.agent_type(),
                 backoff_ms = backoff.as_millis() as u64,
                 "restarting a replica after a panic"
-            );
-            backoff
-        };
+            ),
+        }
+        let rested = comeback.rests();
         // Dropping the handle detaches the timer; it still fires.
-        drop(myself.send_after(after, move || WorkerMsg::Respawn { panics, rested }));
+        drop(
+            myself.send_after(comeback.after(), move || WorkerMsg::Respawn {
+                panics,
+                rested,
+            }),
+        );
         state.report_health().await;
         dispatch(state);
         Ok(())

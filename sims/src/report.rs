@@ -144,6 +144,10 @@ pub struct Report {
     pub crashes: u64,
     /// Agent panics.
     pub panics: u64,
+    /// Replicas sent to rest: they panicked more often than the restart policy allows.
+    pub replica_rests: u64,
+    /// ALLOCATEs refused unrun because every replica of the agent rested (`no_agent`).
+    pub allocations_refused: u64,
     /// Partitions.
     pub partitions: u64,
     /// Messages put on the simulated network.

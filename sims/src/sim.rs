@@ -1,6 +1,6 @@
 //! The simulator: a workload replayed on virtual time over a simulated network, with
 //! the live runtime's own state machines (discovery's `Registry`, the coordinator's
-//! `Ledger`, SWIM `Membership`) called as they are. Time jumps from one event or timer
+//! `Ledger`, SWIM `Membership`, the worker supervisor's `restarts`) called as they are. Time jumps from one event or timer
 //! to the next; every random choice comes from one seeded RNG; every event processed
 //! is a line of the event log, whose digest says whether two runs were the same.
 //!
@@ -21,8 +21,9 @@ use agentmesh_actors::ledger::{
     ResultVerdict, TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
+use agentmesh_actors::restarts::{self, Panics, RestartPolicy};
 use agentmesh_actors::runtime::membership::{Membership, MembershipOutput, MembershipTimer};
-use agentmesh_actors::runtime::transport::wire::payload::Capability;
+use agentmesh_actors::runtime::transport::wire::payload::{Capability, Health};
 use agentmesh_actors::runtime::{MembershipConfig, NodeId};
 use bytes::Bytes;
 use foldhash::fast::FixedState;
@@ -43,8 +44,6 @@ const TICK_US: u64 = 50_000;
 const MAX_AGENTS: usize = 2_000_000;
 /// Attempts queued per agent while all its slots are busy (as the worker's bound).
 const MAX_QUEUED: usize = 1_024;
-/// A panicking replica is back after this long (the supervisor's first backoff).
-const RESTART_BACKOFF_US: u64 = 50_000;
 /// How often random faults are drawn.
 const FAULT_PERIOD_US: u64 = 1_000_000;
 /// How often a node sends every member a summary of its agent list (as discovery).
@@ -61,6 +60,8 @@ pub struct SimConfig {
     pub ledger: LedgerConfig,
     /// Failure detection settings.
     pub membership: MembershipConfig,
+    /// How the worker supervisors bring back replicas that panic.
+    pub restarts: RestartPolicy,
     /// A crashed node's segments must get a new attempt within this long.
     pub realloc_bound_ms: u64,
     /// One-way latency at the start, in microseconds.
@@ -76,6 +77,7 @@ impl Default for SimConfig {
             faults: FaultSpec::default(),
             ledger: LedgerConfig::default(),
             membership: MembershipConfig::default(),
+            restarts: RestartPolicy::default(),
             realloc_bound_ms: 5_000,
             latency_us: 500,
             keep_log: false,
@@ -128,7 +130,7 @@ enum Msg {
         task: Uuid,
         segment: u32,
         attempt: u32,
-        ok: bool,
+        outcome: Outcome,
     },
     Cancel {
         task: Uuid,
@@ -136,6 +138,25 @@ enum Msg {
         attempt: u32,
         agent: u32,
     },
+}
+
+/// How an attempt ended, as its final REPORT says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Failed,
+    /// Refused unrun: every replica of the agent rests (`no_agent`).
+    Refused,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Failed => "failed",
+            Outcome::Refused => "refused",
+        }
+    }
 }
 
 enum Event {
@@ -167,6 +188,10 @@ enum Event {
     ReplicaBack {
         agent: AgentIx,
         gen: u64,
+        /// The replica's panics, passed on to the one that replaces it.
+        panics: Panics,
+        /// It was resting, not restarting.
+        rested: bool,
     },
     Restart(NodeIx),
     Heal,
@@ -228,14 +253,22 @@ struct Queued {
 
 struct SimAgent {
     node: NodeIx,
+    /// Its Agent ID on its node.
+    id: u32,
     agent_type: Arc<str>,
     capacity: u32,
     /// Bumped when the agent's work is lost (its node crashed).
     gen: u64,
     running: Vec<Running>,
     queue: VecDeque<Queued>,
-    /// Replicas restarting after a panic.
+    /// The panics of the replicas that are up (`capacity - down_slots` of them).
+    up: Vec<Panics>,
+    /// Replicas restarting or resting after a panic.
     down_slots: u32,
+    /// Of those, the ones resting.
+    resting: u32,
+    /// As its supervisor reports it: unhealthy while every replica rests.
+    health: Health,
     alive: bool,
 }
 
@@ -481,11 +514,21 @@ impl Sim {
                 Ok(())
             }
             Event::WorkDone { agent, gen, key } => self.work_done(agent, gen, key),
-            Event::ReplicaBack { agent, gen } => {
+            Event::ReplicaBack {
+                agent,
+                gen,
+                panics,
+                rested,
+            } => {
                 let a = &mut self.agents[agent];
                 if a.gen == gen && a.alive {
                     a.down_slots = a.down_slots.saturating_sub(1);
-                    log!(self, "replica-back ", agent);
+                    a.up.push(panics);
+                    if rested {
+                        a.resting = a.resting.saturating_sub(1);
+                    }
+                    log!(self, "replica-back ", agent, " ", rested);
+                    self.health_changed(agent);
                     self.start_queued(agent);
                 }
                 Ok(())
@@ -738,12 +781,16 @@ impl Sim {
             let a = self.agents.len();
             self.agents.push(SimAgent {
                 node: ix,
+                id: record.agent,
                 agent_type,
                 capacity,
                 gen: 0,
                 running: Vec::new(),
                 queue: VecDeque::new(),
+                up: vec![Panics::default(); capacity.max(1) as usize],
                 down_slots: 0,
+                resting: 0,
+                health: Health::Ok,
                 alive: true,
             });
             self.nodes[ix].agents.insert(record.agent, a);
@@ -772,6 +819,7 @@ impl Sim {
                 RegistryOutput::Reidentified { old, new } => {
                     if let Some(a) = self.nodes[ix].agents.remove(&old) {
                         self.nodes[ix].agents.insert(new, a);
+                        self.agents[a].id = new;
                     }
                 }
                 RegistryOutput::Own { .. } | RegistryOutput::Disown { .. } => {}
@@ -938,12 +986,17 @@ impl Sim {
                 );
                 let key = (task, segment, attempt);
                 let Some(&a) = self.nodes[to].agents.get(&agent) else {
-                    self.report_to(to, coordinator, key, false);
+                    self.report_to(to, coordinator, key, Outcome::Failed);
                     return Ok(());
                 };
                 let ag = &mut self.agents[a];
+                if ag.health == Health::Unhealthy {
+                    self.report.allocations_refused += 1;
+                    self.report_to(to, coordinator, key, Outcome::Refused);
+                    return Ok(());
+                }
                 if ag.queue.len() >= MAX_QUEUED {
-                    self.report_to(to, coordinator, key, false);
+                    self.report_to(to, coordinator, key, Outcome::Failed);
                     return Ok(());
                 }
                 ag.queue.push_back(Queued {
@@ -958,11 +1011,21 @@ impl Sim {
                 task,
                 segment,
                 attempt,
-                ok,
+                outcome,
             } => {
-                log!(self, "report ", task, " ", segment, "/", attempt, " ", ok);
+                log!(
+                    self,
+                    "report ",
+                    task,
+                    " ",
+                    segment,
+                    "/",
+                    attempt,
+                    " ",
+                    outcome.name()
+                );
                 let now_ms = self.now_us / 1000;
-                if ok {
+                if outcome == Outcome::Done {
                     let verdict =
                         self.nodes[to]
                             .ledger
@@ -985,6 +1048,11 @@ impl Sim {
                             self.report.stale_reports += 1
                         }
                     }
+                } else if outcome == Outcome::Refused {
+                    // Costs the segment no attempt; it waits for another agent.
+                    self.nodes[to]
+                        .ledger
+                        .handle_refusal(task, segment, attempt, "no_agent", now_ms);
                 } else {
                     self.nodes[to]
                         .ledger
@@ -1016,7 +1084,13 @@ impl Sim {
         }
     }
 
-    fn report_to(&mut self, from: NodeIx, coordinator: NodeIx, key: (Uuid, u32, u32), ok: bool) {
+    fn report_to(
+        &mut self,
+        from: NodeIx,
+        coordinator: NodeIx,
+        key: (Uuid, u32, u32),
+        outcome: Outcome,
+    ) {
         let (task, segment, attempt) = key;
         self.send(
             from,
@@ -1025,10 +1099,37 @@ impl Sim {
                 task,
                 segment,
                 attempt,
-                ok,
+                outcome,
             },
             true,
         );
+    }
+
+    /// What the worker supervisor does when its replicas change: works out the
+    /// agent's health; while unhealthy, refuses what waits; tells discovery of a change
+    /// (which spreads it as the live registry does).
+    fn health_changed(&mut self, a: AgentIx) {
+        let ag = &mut self.agents[a];
+        let health = restarts::health(ag.capacity as usize, ag.up.len(), ag.resting as usize);
+        if health == ag.health {
+            return;
+        }
+        ag.health = health;
+        let (node, id) = (ag.node, ag.id);
+        let refused: Vec<Queued> = if health == Health::Unhealthy {
+            ag.queue.drain(..).collect()
+        } else {
+            Vec::new()
+        };
+        log!(self, "health ", a, " ", health_name(health));
+        for q in refused {
+            self.report.allocations_refused += 1;
+            self.report_to(node, q.coordinator, q.key, Outcome::Refused);
+        }
+        let n = &mut self.nodes[node];
+        n.registry.update(id, 0, health);
+        n.registry_gen += 1;
+        self.drain_registry(node);
     }
 
     /// Starts queued attempts on free slots.
@@ -1069,7 +1170,7 @@ impl Sim {
         let node = ag.node;
         log!(self, "done ", key.0, " ", key.1, "/", key.2, " at ", a);
         self.report.attempts_finished += 1;
-        self.report_to(node, r.coordinator, key, true);
+        self.report_to(node, r.coordinator, key, Outcome::Done);
         self.start_queued(a);
         Ok(())
     }
@@ -1079,20 +1180,43 @@ impl Sim {
             .agents
             .values()
             .copied()
-            .filter(|&a| &*self.agents[a].agent_type == agent_type && self.agents[a].alive)
+            .filter(|&a| {
+                let ag = &self.agents[a];
+                &*ag.agent_type == agent_type && ag.alive && !ag.up.is_empty()
+            })
             .max_by_key(|&a| (self.agents[a].running.len(), std::cmp::Reverse(a)));
         let Some(a) = victim else {
             return;
         };
-        self.report.panics += 1;
+        let now = std::time::Duration::from_micros(self.now_us);
+        let policy = self.config.restarts;
         let ag = &mut self.agents[a];
+        // A replica that is up panics (none is, while all restart or rest).
+        let Some(mut panics) = ag.up.pop() else {
+            return;
+        };
+        self.report.panics += 1;
+        let comeback = panics.record(now, &policy);
         ag.down_slots += 1;
+        if comeback.rests() {
+            ag.resting += 1;
+            self.report.replica_rests += 1;
+        }
         let gen = ag.gen;
         if !ag.running.is_empty() {
             let r = ag.running.remove(0);
-            self.report_to(node, r.coordinator, r.key, false);
+            self.report_to(node, r.coordinator, r.key, Outcome::Failed);
         }
-        self.schedule(RESTART_BACKOFF_US, Event::ReplicaBack { agent: a, gen });
+        self.schedule(
+            comeback.after().as_micros() as u64,
+            Event::ReplicaBack {
+                agent: a,
+                gen,
+                panics,
+                rested: comeback.rests(),
+            },
+        );
+        self.health_changed(a);
     }
 
     /// A node dies: its agents' work, its ledger and its registry are gone.
@@ -1239,7 +1363,14 @@ impl Sim {
         };
         list.reserve(n.registry.len());
         for (a, cap) in n.registry.capable(capability, &[]) {
-            list.push(a.agent, &a.node, cap.capacity, a.load);
+            // As the live coordinator: an unhealthy agent is offered as full, so
+            // segments wait for it rather than the task failing.
+            let load = if a.health == Health::Unhealthy {
+                cap.capacity
+            } else {
+                a.load
+            };
+            list.push(a.agent, &a.node, cap.capacity, load);
         }
         let list = list.build();
         n.candidates
@@ -1357,5 +1488,13 @@ fn node_id(name: &str, ix: usize, incarnation: u64) -> NodeId {
         name: Arc::from(name),
         addr: SocketAddr::new(ip.into(), 7600),
         incarnation,
+    }
+}
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Ok => "ok",
+        Health::Degraded => "degraded",
+        Health::Unhealthy => "unhealthy",
     }
 }

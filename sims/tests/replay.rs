@@ -191,3 +191,66 @@ fn an_overloaded_cluster_reallocates_in_time_and_queues_the_rest() {
     // The two low-priority segments waited for the urgent ones on the four agents left.
     assert!(r.crash_to_attempt_p50_ms > 15_000.0, "{r:?}");
 }
+
+/// Nodes a (the coordinator, no agents), b with a one-replica "fragile" agent that
+/// panics six times in four seconds (more than the default restart policy allows), and
+/// c, with, if `steady`, a one-replica agent of the same capability; one task of 20
+/// segments of 100 ms.
+fn fragile(steady: bool) -> Workload {
+    let mut lines = vec![
+        r#"{"agentmesh_workload":1,"name":"fragile"}"#.to_string(),
+        r#"{"t":0,"ev":"node_join","node":"a"}"#.to_string(),
+        r#"{"t":0,"ev":"node_join","node":"b"}"#.to_string(),
+        r#"{"t":0,"ev":"node_join","node":"c"}"#.to_string(),
+        r#"{"t":100,"ev":"register","node":"b","agent_type":"fragile","capabilities":["work"]}"#
+            .to_string(),
+    ];
+    if steady {
+        lines.push(
+            r#"{"t":100,"ev":"register","node":"c","agent_type":"steady","capabilities":["work"]}"#
+                .to_string(),
+        );
+    }
+    lines.push(
+        r#"{"t":1000,"ev":"submit","node":"a","capability":"work","segments":20,"work_ms":100}"#
+            .to_string(),
+    );
+    // Each after the replica is back from the previous one's backoff (50 ms doubling).
+    for t in [1100, 1200, 1400, 1700, 2200, 3100] {
+        lines.push(format!(
+            r#"{{"t":{t},"ev":"agent_panic","node":"b","agent_type":"fragile"}}"#
+        ));
+    }
+    Workload::read(std::io::Cursor::new(lines.join("\n"))).unwrap()
+}
+
+#[test]
+fn a_replica_that_keeps_panicking_rests_and_its_agent_gets_no_work_meanwhile() {
+    let run = |steady| {
+        Sim::new(fragile(steady), SimConfig::default())
+            .run(|_, _| {})
+            .unwrap_or_else(|stopped| panic!("{stopped}"))
+            .0
+    };
+    // With another capable agent, the task goes on there: once the fragile agent is
+    // unhealthy, coordinators offer it nothing (at most what crossed the news in flight
+    // is refused unrun, at no attempt's cost).
+    let r = run(true);
+    assert_eq!((r.panics, r.replica_rests), (6, 1), "{r:?}");
+    assert_eq!(
+        (r.tasks_completed, r.lost, r.duplicates_accepted),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert!(r.allocations_refused <= 2, "{r:?}");
+    assert!(r.makespan_ms < 10_000.0, "{r:?}");
+    // Alone, the fragile agent's task waits out the 30 s rest, then completes.
+    let r = run(false);
+    assert_eq!((r.panics, r.replica_rests), (6, 1), "{r:?}");
+    assert_eq!(
+        (r.tasks_completed, r.tasks_failed, r.lost),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert!(r.makespan_ms > 30_000.0, "{r:?}");
+}

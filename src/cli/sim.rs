@@ -189,6 +189,10 @@ fn print(r: &Report, json: bool) -> anyhow::Result<()> {
             format!("{} / {} / {}", r.crashes, r.partitions, r.panics),
         ),
         (
+            "replicas rested / allocations refused",
+            format!("{} / {}", r.replica_rests, r.allocations_refused),
+        ),
+        (
             "crash to reallocation p50 / p99 (ms)",
             format!(
                 "{:.1} / {:.1}  ({} segments)",

@@ -260,6 +260,44 @@ fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
 }
 
 #[test]
+fn the_restart_policy_flags_make_a_replica_rest_and_its_task_wait_for_it() {
+    let cluster = Cluster::new("agents-rest", 1);
+    // No restart allowed: the first panic sends the only replica to rest for 2 s.
+    let node = cluster.start(
+        0,
+        &[
+            "--agents",
+            "crash=1",
+            "--max-restarts",
+            "0",
+            "--restart-rest",
+            "2",
+        ],
+    );
+    cluster.wait_for_agents(0, 1);
+    let submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "crash",
+            "--segments",
+            "1",
+            "--segment-ms",
+            "10",
+            "--panic-attempts",
+            "1",
+        ],
+    );
+    let (status, task) = outcome(submit);
+    assert!(status.success(), "{task}");
+    assert_eq!(task["completed"], 1, "{task}");
+    // It waited out the rest (with the default policy it is back after 50 ms).
+    assert!(task["elapsed_ms"].as_u64().unwrap() >= 2_000, "{task}");
+    node.expect(&["rests before it comes back", "rest_s=2"]);
+    node.expect(&["back from its rest"]);
+}
+
+#[test]
 fn a_policy_denial_fails_the_task_is_counted_and_a_new_policy_lifts_it() {
     let cluster = Cluster::new("agents-policy", 2);
     let strict = "[[group]]\nid = 1\nname = \"frontline\"\nmay_send_to = [3]\n";
@@ -596,6 +634,9 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
         vec!["node", "--agents", "bogus=1"],
         vec!["node", "--agents", "sleep=0"],
         vec!["node", "--agents", "sleep"],
+        vec!["node", "--max-restarts", "1001"],
+        vec!["node", "--restart-window", "0"],
+        vec!["node", "--restart-rest", "-1"],
         vec!["submit", "--to", "127.0.0.1:1", "--capability", "x"],
         vec![
             "adjust",

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -62,6 +63,22 @@ pub struct NodeArgs {
     /// replays.
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Restarts of one agent replica allowed within --restart-window after it panics
+    /// (after 50 ms, doubling each time); one panic more and it rests for
+    /// --restart-rest. While every replica of an agent rests, the agent is unhealthy
+    /// and gets no work.
+    #[arg(long, default_value_t = RestartPolicy::default().max_restarts as u64,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    max_restarts: u64,
+    /// The window, in seconds, panics are counted in for --max-restarts.
+    #[arg(long, value_name = "SECS", default_value_t = RestartPolicy::default().window.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    restart_window: u64,
+    /// How long, in seconds, a replica that panicked too often rests before it comes
+    /// back.
+    #[arg(long, value_name = "SECS", default_value_t = RestartPolicy::default().rest.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    restart_rest: u64,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -219,7 +236,12 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             recorder,
             policy_respread: None,
             coordinator_tick: None,
-            restarts: RestartPolicy::default(),
+            restarts: RestartPolicy {
+                max_restarts: usize::try_from(args.max_restarts).unwrap_or(usize::MAX),
+                window: Duration::from_secs(args.restart_window),
+                rest: Duration::from_secs(args.restart_rest),
+                ..RestartPolicy::default()
+            },
         };
         let mut host = AgentHost::start(&node, host_config).await?;
         agents.start(&host, &args.agents.0).await?;

@@ -574,6 +574,61 @@ fn a_recorded_live_run_replays_in_the_simulator() {
 }
 
 #[test]
+fn adjust_steers_a_running_task_and_cancel_ends_it() {
+    let cluster = Cluster::new("agents-adjust", 1);
+    let _node = cluster.start(0, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 1);
+    // Two segments run at a time for 10 s each: the task is running when steered.
+    let submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "sleep",
+            "--segments",
+            "6",
+            "--segment-ms",
+            "10000",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let task = loop {
+        let out = cluster.run(&["status", "--json", "--to", &cluster.addrs[0]]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(task) = status["tasks"][0]["task"].as_str() {
+            break task.to_string();
+        }
+        assert!(Instant::now() < deadline, "the task never showed: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let adjust = |extra: &[&str]| {
+        let mut args = vec!["adjust", "--to", &cluster.addrs[0], "--task", &task];
+        args.extend(extra);
+        let out = cluster.run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = adjust(&["--param", "temperature=0.2", "--priority", "200"]);
+    assert!(said.starts_with("adjusted "), "{said}");
+    let said = adjust(&["--cancel"]);
+    assert!(
+        said.starts_with(&format!("cancelled task {task}")),
+        "{said}"
+    );
+    // The submitter hears at once, not after the segments' 10 s.
+    let started = Instant::now();
+    let (status, outcome) = outcome(submit);
+    assert_eq!(status.code(), Some(1), "{outcome}");
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert_eq!(outcome["reason"], "cancelled", "{outcome}");
+    assert_eq!(outcome["completed"], 0, "{outcome}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{outcome}");
+}
+
+#[test]
 fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
     let cluster = Cluster::new("agents-none", 1);
     let _node = cluster.start(0, &["--agents", "echo=1"]);

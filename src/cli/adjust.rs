@@ -70,9 +70,16 @@ pub fn run(args: AdjustArgs, identity: NodeIdentity, request: AdjustRequest) -> 
     if let Some(error) = answer.error {
         bail!("{error}");
     }
-    println!(
-        "adjusted {} running attempt(s) of task {}",
-        answer.sent, request.task
-    );
+    if request.cancel {
+        println!(
+            "cancelled task {} ({} running attempt(s) told to stop)",
+            request.task, answer.sent
+        );
+    } else {
+        println!(
+            "adjusted {} running attempt(s) of task {}",
+            answer.sent, request.task
+        );
+    }
     Ok(())
 }

@@ -237,8 +237,10 @@ impl Actor for Coordinator {
                 drop(permit);
             }
             CoordinatorMsg::NodeDown(node) => {
-                info!(%node, "node down: reallocating its segments");
-                state.ledger.handle_node_down(&node, now);
+                match state.ledger.handle_node_down(&node, now) {
+                    0 => debug!(%node, "node down: none of its attempts ran here"),
+                    lost => info!(%node, attempts = lost, "node down: reallocating its segments"),
+                }
                 state.assign_waiting().await;
             }
             CoordinatorMsg::SendFailed { attempt, reason } => {

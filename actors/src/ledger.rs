@@ -973,9 +973,11 @@ impl Ledger {
 
     /// Every attempt running on `node` is lost: reallocate them all. These are not
     /// retries of failed work, so the retry budget does not hold them back.
-    pub fn handle_node_down(&mut self, node: &str, now_ms: u64) {
+    pub fn handle_node_down(&mut self, node: &str, now_ms: u64) -> usize {
         let lost = self.attempts_where(|_, n| n == node);
+        let n = lost.len();
         self.reallocate_lost(lost, now_ms, &format!("node {node} is down"));
+        n
     }
 
     /// Every attempt running on `agent` is lost (it stopped for good).

@@ -133,8 +133,9 @@ fn a_dead_nodes_segments_are_reallocated_and_its_late_result_still_counts_once()
     l.submit(task(), 1, 0).unwrap();
     l.assign(task(), &[worker(1, "dead", 4)], 0);
     let on_dead = allocations(&drain(&mut l))[0];
-    l.handle_node_down("dead", 100);
+    assert_eq!(l.handle_node_down("dead", 100), 1, "attempts it held");
     assert_eq!(l.stats().reallocated, 1);
+    assert_eq!(l.handle_node_down("idle", 100), 0);
     l.assign(task(), &[worker(2, "alive", 4)], 100);
     let on_alive = allocations(&drain(&mut l))[0];
     assert_eq!((on_alive.1, on_alive.2), (2, 2));
@@ -574,7 +575,9 @@ proptest! {
                     let (seg, att) = issued[pick % issued.len()];
                     l.handle_failure(task(), seg, att, "error", now);
                 }
-                Step::NodeDown { node } => l.handle_node_down(nodes[node], now),
+                Step::NodeDown { node } => {
+                    l.handle_node_down(nodes[node], now);
+                }
                 Step::Tick { ms } => {
                     now += ms;
                     l.handle_timeout(now);

@@ -120,6 +120,21 @@ impl Drop for Cluster {
     }
 }
 
+/// `submit` arguments for a task of the built-in `crash` agent whose segments panic
+/// on their first attempt.
+fn crash_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 8] {
+    [
+        "--capability",
+        "crash",
+        "--segments",
+        segments,
+        "--segment-ms",
+        segment_ms,
+        "--panic-attempts",
+        "1",
+    ]
+}
+
 /// Waits for a `submit --json` and returns its exit status and object.
 fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
     let out = child.wait_with_output().unwrap();
@@ -239,19 +254,7 @@ fn a_crash_agents_panic_is_restarted_and_its_segment_completed() {
     let cluster = Cluster::new("agents-crash", 1);
     let node = cluster.start(0, &["--agents", "crash=1"]);
     cluster.wait_for_agents(0, 1);
-    let submit = cluster.submit(
-        0,
-        &[
-            "--capability",
-            "crash",
-            "--segments",
-            "2",
-            "--segment-ms",
-            "50",
-            "--panic-attempts",
-            "1",
-        ],
-    );
+    let submit = cluster.submit(0, &crash_task("2", "50"));
     let (status, task) = outcome(submit);
     assert!(status.success(), "{task}");
     assert_eq!(task["completed"], 2, "{task}");
@@ -275,19 +278,7 @@ fn the_restart_policy_flags_make_a_replica_rest_and_its_task_wait_for_it() {
         ],
     );
     cluster.wait_for_agents(0, 1);
-    let submit = cluster.submit(
-        0,
-        &[
-            "--capability",
-            "crash",
-            "--segments",
-            "1",
-            "--segment-ms",
-            "10",
-            "--panic-attempts",
-            "1",
-        ],
-    );
+    let submit = cluster.submit(0, &crash_task("1", "10"));
     let (status, task) = outcome(submit);
     assert!(status.success(), "{task}");
     assert_eq!(task["completed"], 1, "{task}");
@@ -524,19 +515,7 @@ fn a_recorded_live_run_replays_in_the_simulator() {
     ));
     assert!(status.success(), "{task}");
     // Each segment's first attempt panics on the other node, and is run again.
-    let (status, task) = outcome(cluster.submit(
-        0,
-        &[
-            "--capability",
-            "crash",
-            "--segments",
-            "2",
-            "--segment-ms",
-            "10",
-            "--panic-attempts",
-            "1",
-        ],
-    ));
+    let (status, task) = outcome(cluster.submit(0, &crash_task("2", "10")));
     assert!(status.success(), "{task}");
     assert!(first.terminate().success());
 

@@ -1,8 +1,9 @@
 //! The simulator: a workload replayed on virtual time over a simulated network, with
 //! the live runtime's own state machines (discovery's `Registry`, the coordinator's
-//! `Ledger`, SWIM `Membership`, the worker supervisor's `restarts`) called as they are. Time jumps from one event or timer
-//! to the next; every random choice comes from one seeded RNG; every event processed
-//! is a line of the event log, whose digest says whether two runs were the same.
+//! `Ledger`, SWIM `Membership`, the worker supervisor's `restarts`) called as they are.
+//! Time jumps from one event or timer to the next; every random choice comes from one
+//! seeded RNG; every event processed is a line of the event log, whose digest says
+//! whether two runs were the same.
 //!
 //! What is modelled around the state machines, and how simply: a message between two
 //! nodes takes the link's latency plus a little jitter; a reliable message (ALLOCATE,
@@ -261,11 +262,10 @@ struct SimAgent {
     gen: u64,
     running: Vec<Running>,
     queue: VecDeque<Queued>,
-    /// The panics of the replicas that are up (`capacity - down_slots` of them).
+    /// The panics of the replicas that are up; the other `capacity - up.len()` are
+    /// restarting or resting after a panic.
     up: Vec<Panics>,
-    /// Replicas restarting or resting after a panic.
-    down_slots: u32,
-    /// Of those, the ones resting.
+    /// Replicas down and resting (the others down are restarting).
     resting: u32,
     /// As its supervisor reports it: unhealthy while every replica rests.
     health: Health,
@@ -522,7 +522,6 @@ impl Sim {
             } => {
                 let a = &mut self.agents[agent];
                 if a.gen == gen && a.alive {
-                    a.down_slots = a.down_slots.saturating_sub(1);
                     a.up.push(panics);
                     if rested {
                         a.resting = a.resting.saturating_sub(1);
@@ -787,8 +786,7 @@ impl Sim {
                 gen: 0,
                 running: Vec::new(),
                 queue: VecDeque::new(),
-                up: vec![Panics::default(); capacity.max(1) as usize],
-                down_slots: 0,
+                up: vec![Panics::default(); capacity as usize],
                 resting: 0,
                 health: Health::Ok,
                 alive: true,
@@ -1025,38 +1023,38 @@ impl Sim {
                     outcome.name()
                 );
                 let now_ms = self.now_us / 1000;
-                if outcome == Outcome::Done {
-                    let verdict =
-                        self.nodes[to]
-                            .ledger
-                            .handle_result(task, segment, attempt, Vec::new());
-                    match verdict {
-                        ResultVerdict::Accepted => {
-                            if let Err(v) = self.checker.result_accepted(to, task, segment) {
-                                self.report.duplicates_accepted += 1;
-                                return Err(v);
+                match outcome {
+                    Outcome::Done => {
+                        let verdict =
+                            self.nodes[to]
+                                .ledger
+                                .handle_result(task, segment, attempt, Vec::new());
+                        match verdict {
+                            ResultVerdict::Accepted => {
+                                if let Err(v) = self.checker.result_accepted(to, task, segment) {
+                                    self.report.duplicates_accepted += 1;
+                                    return Err(v);
+                                }
+                                self.report.segment_completed(self.now_us);
+                                // Its worker is free: the live coordinator offers work now.
+                                self.drain_ledger(to)?;
+                                if self.nodes[to].ledger.waiting().next().is_some() {
+                                    self.offer_waiting(to)?;
+                                }
                             }
-                            self.report.segment_completed(self.now_us);
-                            // Its worker is free: the live coordinator offers work now.
-                            self.drain_ledger(to)?;
-                            if self.nodes[to].ledger.waiting().next().is_some() {
-                                self.offer_waiting(to)?;
+                            ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
+                            ResultVerdict::UnknownTask | ResultVerdict::UnknownAttempt => {
+                                self.report.stale_reports += 1
                             }
-                        }
-                        ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
-                        ResultVerdict::UnknownTask | ResultVerdict::UnknownAttempt => {
-                            self.report.stale_reports += 1
                         }
                     }
-                } else if outcome == Outcome::Refused {
                     // Costs the segment no attempt; it waits for another agent.
-                    self.nodes[to]
+                    Outcome::Refused => self.nodes[to]
                         .ledger
-                        .handle_refusal(task, segment, attempt, "no_agent", now_ms);
-                } else {
-                    self.nodes[to]
+                        .handle_refusal(task, segment, attempt, "no_agent", now_ms),
+                    Outcome::Failed => self.nodes[to]
                         .ledger
-                        .handle_failure(task, segment, attempt, "failed", now_ms);
+                        .handle_failure(task, segment, attempt, "failed", now_ms),
                 }
                 self.drain_ledger(to)?;
                 self.arm_tick(to);
@@ -1136,7 +1134,7 @@ impl Sim {
     fn start_queued(&mut self, a: AgentIx) {
         loop {
             let ag = &mut self.agents[a];
-            if !ag.alive || ag.running.len() as u32 + ag.down_slots >= ag.capacity {
+            if !ag.alive || ag.running.len() >= ag.up.len() {
                 return;
             }
             let Some(q) = ag.queue.pop_front() else {
@@ -1197,7 +1195,6 @@ impl Sim {
         };
         self.report.panics += 1;
         let comeback = panics.record(now, &policy);
-        ag.down_slots += 1;
         if comeback.rests() {
             ag.resting += 1;
             self.report.replica_rests += 1;

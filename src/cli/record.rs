@@ -3,6 +3,7 @@
 //! whole, atomically, at most once a second while something changed and once more at
 //! shutdown, so a crash of the recording node loses at most the last second.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,11 +99,10 @@ impl Recording {
                 capabilities,
                 group,
             } => {
-                if self.agents.contains_key(&agent) {
-                    return;
-                }
-                self.agents
-                    .insert(agent, (node.clone(), agent_type.clone()));
+                match self.agents.entry(agent) {
+                    Entry::Occupied(_) => return,
+                    Entry::Vacant(new) => new.insert((node.clone(), agent_type.clone())),
+                };
                 self.join(&node);
                 self.push(EventKind::Register {
                     node,

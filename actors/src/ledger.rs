@@ -361,8 +361,11 @@ enum SegmentState {
 #[derive(Clone, Debug)]
 struct Segment {
     state: SegmentState,
-    /// Attempts started so far.
+    /// Attempts started so far (counted from `base`).
     attempts: u32,
+    /// Attempt numbers up to this one were a former coordinator's (see
+    /// [`Ledger::resume`]); they do not count against the retry budget.
+    base: u32,
     /// Of those, attempts the worker's node refused unrun (not failures).
     refused: u32,
     /// The attempt started and not yet finished or cancelled. There is at most one: an
@@ -778,6 +781,7 @@ impl Ledger {
         let segment = Segment {
             state: SegmentState::Pending { is_retry: false },
             attempts: 0,
+            base: 0,
             refused: 0,
             live: None,
             result: None,
@@ -797,6 +801,61 @@ impl Ledger {
         );
         self.waiting.insert(task);
         Ok(())
+    }
+
+    /// Takes over a task another coordinator ran: `done` holds the segments it had
+    /// completed, with their results (accepted here as they were there), and the rest
+    /// wait for workers. Attempt numbers start after `first_attempt - 1`, so no attempt
+    /// started here has the number of one the former coordinator may still have
+    /// running on a worker (workers know an attempt by task, segment and number); the
+    /// retry budget counts from there. A task whose segments are all done completes at
+    /// once.
+    pub fn resume(
+        &mut self,
+        task_id: Uuid,
+        segments: u32,
+        done: impl IntoIterator<Item = (u32, Vec<u8>)>,
+        first_attempt: u32,
+        now_ms: u64,
+    ) -> Result<(), SubmitError> {
+        self.submit(task_id, segments, now_ms)?;
+        let base = first_attempt.saturating_sub(1);
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return Ok(());
+        };
+        for seg in &mut task.segments {
+            seg.attempts = base;
+            seg.base = base;
+        }
+        for (segment, result) in done {
+            let Some(seg) = task.segments.get_mut(segment as usize) else {
+                continue;
+            };
+            if seg.state == SegmentState::Done {
+                continue;
+            }
+            seg.state = SegmentState::Done;
+            seg.result = Some(result);
+            task.done += 1;
+            leave_pending(&mut self.waiting, task_id, &mut task.pending);
+        }
+        task.next_pending = task
+            .segments
+            .iter()
+            .position(|s| s.state != SegmentState::Done)
+            .unwrap_or(0) as u32;
+        self.maybe_complete(task_id);
+        Ok(())
+    }
+
+    /// The accepted result of a segment, if it has one.
+    pub fn result(&self, task_id: Uuid, segment: u32) -> Option<&[u8]> {
+        self.tasks
+            .get(&task_id)?
+            .segments
+            .get(segment as usize)?
+            .result
+            .as_deref()
     }
 
     /// Allocates every pending segment it can to `candidates` (the capable workers
@@ -902,7 +961,7 @@ impl Ledger {
         let Some(seg) = task.segments.get_mut(segment as usize) else {
             return ResultVerdict::UnknownTask;
         };
-        if attempt == 0 || attempt > seg.attempts {
+        if attempt <= seg.base || attempt > seg.attempts {
             return ResultVerdict::UnknownAttempt;
         }
         if seg.state == SegmentState::Done {
@@ -1075,7 +1134,7 @@ impl Ledger {
             }
         }
         // Refused attempts never ran (every attempt ended is counted, refused or not).
-        if seg.attempts - seg.refused >= max_attempts {
+        if seg.attempts - seg.base - seg.refused >= max_attempts {
             let failure =
                 format!("segment {segment} failed {max_attempts} attempts (last: {reason})");
             return self.fail(task_id, failure);
@@ -1391,6 +1450,61 @@ mod tests {
             LedgerOutput::TaskFailed { reason, .. } => Some(reason),
             _ => None,
         })
+    }
+
+    /// A task taken over from another coordinator keeps the results that coordinator
+    /// had accepted, runs only the rest, numbers its attempts after the former ones,
+    /// and has its whole retry budget.
+    #[test]
+    fn a_resumed_task_runs_only_what_was_not_done_and_numbers_attempts_apart() {
+        let config = LedgerConfig::default();
+        let mut l = Ledger::new(config, 7);
+        let task = Uuid::from_u128(1);
+        let done = vec![(0, b"zero".to_vec()), (2, b"two".to_vec())];
+        l.resume(task, 4, done, 1 << 24, 0).unwrap();
+        assert_eq!(l.result(task, 2), Some(&b"two"[..]));
+        assert_eq!(l.result(task, 1), None);
+        let two = vec![Candidate {
+            capacity: 2,
+            ..workers(1)[0].clone()
+        }];
+        l.assign(task, &two, 0);
+        let first = 1 << 24;
+        assert_eq!(allocations(&mut l), vec![(1, first), (3, first)]);
+        // A late result numbered as the former coordinator's attempt is no attempt here.
+        assert_eq!(
+            l.handle_result(task, 1, 1, vec![]),
+            ResultVerdict::UnknownAttempt
+        );
+        // The whole budget: max_attempts - 1 failures, then a result.
+        // (Each retry goes to a new worker, so that no breaker opens.)
+        for n in 0..config.max_attempts - 1 {
+            l.handle_failure(task, 3, first + n, "agent panicked", 10);
+            let fresh = Candidate {
+                agent: 10 + n,
+                ..workers(1)[0].clone()
+            };
+            l.assign(task, &[fresh], 10);
+            assert_eq!(allocations(&mut l), vec![(3, first + n + 1)]);
+        }
+        assert_eq!(failure(&mut l), None);
+        l.handle_result(task, 1, first, b"one".to_vec());
+        l.handle_result(task, 3, first + config.max_attempts - 1, b"three".to_vec());
+        let results = std::iter::from_fn(|| l.poll()).find_map(|o| match o {
+            LedgerOutput::TaskCompleted {
+                results, figures, ..
+            } => Some((results, figures.completed)),
+            _ => None,
+        });
+        let want: Vec<Vec<u8>> = ["zero", "one", "two", "three"]
+            .map(|s| s.as_bytes().to_vec())
+            .into();
+        assert_eq!(results, Some((want, 4)));
+        // Every segment done already: it completes at once.
+        let all = Uuid::from_u128(2);
+        l.resume(all, 1, vec![(0, vec![1])], 1 << 24, 0).unwrap();
+        assert!(std::iter::from_fn(|| l.poll())
+            .any(|o| matches!(o, LedgerOutput::TaskCompleted { task, .. } if task == all)));
     }
 
     /// An offer round starts at the first segment that may wait, and a segment put back

@@ -4,8 +4,12 @@
 //! only from the agent and node that were given the attempt), cancels with ADJUST on
 //! the urgent lane, reallocates when a node goes down, and answers the submitter when
 //! the task completes or fails.
+//!
+//! It also keeps its open tasks alive beyond its own node: each task, and each result
+//! it accepts, is checkpointed to the coordinator of one other node (its standby,
+//! `standby.rs`), which takes the task over if this node goes down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +39,11 @@ use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, SubmitRequest, TaskOutcome,
-    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN,
+    AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint, CheckpointAck, OpenTask,
+    SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
+    AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN, STANDBY_SERVICE,
 };
+use crate::standby::{HeldTask, Standby, StandbyLimits};
 use crate::workers::encode;
 
 /// How often timeouts are checked and waiting segments offered to free workers, unless
@@ -51,6 +57,21 @@ pub const MAX_OPEN_TASKS: usize = 10_000;
 pub const MAX_SEGMENTS: usize = 1_000_000;
 /// How long a submitter may wait for its task.
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// How long a standby has to answer a checkpoint.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a checkpoint failed, how long before that standby is tried again.
+const CHECKPOINT_RETRY_MS: u64 = 200;
+/// Bytes of inputs and results in one checkpoint, past which the rest waits for the
+/// next (a task's start always goes, alone if need be: a submission fits a message).
+const CHECKPOINT_BYTES: usize = 4 << 20;
+/// Tasks that ended and whose standby has not yet been told, at most: past it the
+/// standby is not told, and holds the task until this node's own end.
+const MAX_ENDED_NOTICES: usize = 100_000;
+/// How often every open task is checkpointed, even with nothing new: a standby that
+/// lost it (restarted) or took it over (held this node down) says so in its answer.
+const CHECKPOINT_REFRESH_MS: u64 = 5_000;
+/// Attempt numbers per generation of coordinators of a task (see [`OpenTask`]).
+const GENERATION_ATTEMPTS: u32 = 1 << 24;
 
 /// What the coordinator handles.
 pub enum CoordinatorMsg {
@@ -76,6 +97,22 @@ pub enum CoordinatorMsg {
     Status(AgentsRequest, RpcReplyPort<AgentsStatus>),
     /// Steer a running task: ADJUST on the urgent lane to every attempt running.
     Adjust(AdjustRequest, RpcReplyPort<AdjustAnswer>),
+    /// A node is up: it may be a standby.
+    NodeUp(String),
+    /// Another coordinator's tasks, to hold as its standby.
+    Checkpoint(Checkpoint, RpcReplyPort<CheckpointAck>),
+    /// A standby answered a checkpoint (or did not).
+    CheckpointAnswered {
+        /// The standby's node.
+        node: Arc<str>,
+        /// What was sent: each task, how much of its log of results, and whether its
+        /// start went too.
+        sent: Vec<(Uuid, usize, bool)>,
+        /// Tasks whose end it was told.
+        ended: Vec<Uuid>,
+        /// Its answer.
+        answer: Result<CheckpointAck, String>,
+    },
 }
 
 /// The coordinator actor.
@@ -98,6 +135,8 @@ pub struct CoordinatorArgs {
     /// Notified by discovery when an agent's load goes down: waiting segments are
     /// offered again then, not at the next tick.
     pub capacity_freed: Arc<Notify>,
+    /// The nodes up when it starts (later ones come as [`CoordinatorMsg::NodeUp`]).
+    pub members: Vec<String>,
 }
 
 /// What a coordinator can offer the tasks with one need (capability, tags, group).
@@ -124,6 +163,34 @@ struct TaskMeta {
     /// When it was submitted, on the ledger's clock (orders waiting tasks).
     submitted_ms: u64,
     reply: Option<RpcReplyPort<TaskOutcome>>,
+    /// Coordinators that ran it before this one (see [`OpenTask::generation`]).
+    generation: u32,
+    /// Segments in the order their results were accepted, for the standby.
+    done_log: Vec<u32>,
+    replica: Replica,
+    /// Its standby took it over: it ends here as unknown.
+    moved: bool,
+}
+
+/// One checkpoint being put together.
+#[derive(Default)]
+struct Batch {
+    parts: Vec<TaskCheckpoint>,
+    /// Each task, how much of its log of results, and whether its start went.
+    sent: Vec<(Uuid, usize, bool)>,
+    bytes: usize,
+}
+
+/// How far a task's standby has it.
+#[derive(Debug, Default)]
+struct Replica {
+    standby: Option<Arc<str>>,
+    /// The standby has the task's start.
+    opened: bool,
+    /// The standby has `done_log[..acked]`.
+    acked: usize,
+    /// The standby refused it: no other is tried.
+    off: bool,
 }
 
 /// The coordinator's state.
@@ -151,6 +218,23 @@ pub struct CoordinatorState {
     allocated_ms: HashMap<(Uuid, u32, u32), u64>,
     /// Tasks that ended here: for a client that submits one again.
     ended: EndedTasks,
+    mesh: Mesh,
+    myself: ActorRef<CoordinatorMsg>,
+    /// Other nodes up (standbys are picked among them).
+    up: BTreeSet<Arc<str>>,
+    /// Tasks with something their standby does not have yet.
+    dirty: HashSet<Uuid>,
+    /// Standbys with a checkpoint in flight (`u64::MAX`), or failed, until when.
+    busy: HashMap<Arc<str>, u64>,
+    /// Tasks ended here whose standby is still to be told.
+    ended_notices: HashMap<Arc<str>, Vec<Uuid>>,
+    /// Other coordinators' tasks held here.
+    standby: Standby,
+    /// Clients waiting here for a task held for another node, until it is taken
+    /// over (or ends there).
+    standby_waiters: HashMap<Uuid, RpcReplyPort<TaskOutcome>>,
+    /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
+    refreshed_ms: u64,
 }
 
 struct Outgoing {
@@ -188,6 +272,12 @@ impl Actor for Coordinator {
             CoordinatorMsg::Adjust,
             Duration::from_secs(10),
         )?;
+        args.mesh.register_service_rpc(
+            STANDBY_SERVICE,
+            myself.clone(),
+            CoordinatorMsg::Checkpoint,
+            CHECKPOINT_TIMEOUT,
+        )?;
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_frames(args.mesh.clone(), queue, myself.clone()));
         drop(myself.send_interval(args.tick, || CoordinatorMsg::Tick));
@@ -220,6 +310,20 @@ impl Actor for Coordinator {
             recorder: args.recorder,
             allocated_ms: HashMap::new(),
             ended: EndedTasks::new(EndedLimits::default()),
+            up: args
+                .members
+                .iter()
+                .filter(|m| **m != args.mesh.node())
+                .map(|m| Arc::from(m.as_str()))
+                .collect(),
+            mesh: args.mesh,
+            myself,
+            dirty: HashSet::new(),
+            busy: HashMap::new(),
+            ended_notices: HashMap::new(),
+            standby: Standby::new(StandbyLimits::default()),
+            standby_waiters: HashMap::new(),
+            refreshed_ms: 0,
         })
     }
 
@@ -241,8 +345,19 @@ impl Actor for Coordinator {
                     0 => debug!(%node, "node down: none of its attempts ran here"),
                     lost => info!(%node, attempts = lost, "node down: reallocating its segments"),
                 }
+                state.node_down(&node);
                 state.assign_waiting().await;
             }
+            CoordinatorMsg::NodeUp(node) => state.node_up(&node),
+            CoordinatorMsg::Checkpoint(checkpoint, reply) => {
+                let _ = reply.send(state.hold(checkpoint));
+            }
+            CoordinatorMsg::CheckpointAnswered {
+                node,
+                sent,
+                ended,
+                answer,
+            } => state.checkpoint_answered(node, sent, ended, answer),
             CoordinatorMsg::SendFailed { attempt, reason } => {
                 let (task, segment, attempt) = attempt;
                 state
@@ -258,8 +373,18 @@ impl Actor for Coordinator {
                 metrics::gauge!("agentmesh_tasks_open").set(state.tasks.len() as f64);
                 metrics::gauge!("agentmesh_segments_waiting")
                     .set(state.ledger.pending_segments() as f64);
+                metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
                 if state.tasks.is_empty() {
+                    state.checkpoint();
                     return Ok(());
+                }
+                if now >= state.refreshed_ms + CHECKPOINT_REFRESH_MS {
+                    state.refreshed_ms = now;
+                    for (task, meta) in &state.tasks {
+                        if meta.replica.opened {
+                            state.dirty.insert(*task);
+                        }
+                    }
                 }
                 state.ledger.handle_timeout(now);
                 state.assign_waiting().await;
@@ -304,6 +429,7 @@ impl Actor for Coordinator {
             }
         }
         state.drain().await;
+        state.checkpoint();
         Ok(())
     }
 }
@@ -328,6 +454,7 @@ impl CoordinatorState {
             elapsed_ms: 0,
             reason: Some(reason),
             results: Vec::new(),
+            unknown: false,
         };
         // The same task again: its client lost the connection it waited on.
         if let Some(meta) = self.tasks.get_mut(&task) {
@@ -355,10 +482,18 @@ impl CoordinatorState {
                 )));
                 return;
             }
+            Ended::Unknown if self.standby.holds(task) => {
+                info!(%task, "a client waits here for a task this node holds as standby");
+                self.standby_waiters.insert(task, reply);
+                return;
+            }
             Ended::Unknown if request.attach => {
-                let _ = reply.send(refuse(format!(
-                    "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
-                )));
+                let _ = reply.send(TaskOutcome {
+                    unknown: true,
+                    ..refuse(format!(
+                        "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
+                    ))
+                });
                 return;
             }
             Ended::Unknown => {}
@@ -422,8 +557,13 @@ impl CoordinatorState {
                 started: Instant::now(),
                 submitted_ms: self.now_ms(),
                 reply: Some(reply),
+                generation: 0,
+                done_log: Vec::new(),
+                replica: Replica::default(),
+                moved: false,
             },
         );
+        self.dirty.insert(task);
         self.assign(task).await;
     }
 
@@ -635,6 +775,10 @@ impl CoordinatorState {
             {
                 ResultVerdict::Accepted => {
                     metrics::counter!("agentmesh_segments_completed_total").increment(1);
+                    if let Some(meta) = self.tasks.get_mut(&task) {
+                        meta.done_log.push(segment);
+                        self.dirty.insert(task);
+                    }
                     if let (Some(recorder), Some(t0)) = (
                         &self.recorder,
                         self.allocated_ms.remove(&(task, segment, attempt)),
@@ -820,10 +964,345 @@ impl CoordinatorState {
             elapsed_ms,
             reason,
             results: results.into_iter().map(Blob).collect(),
+            unknown: meta.moved,
         };
+        self.dirty.remove(&task);
+        // Told even if its start is still on its way there: checkpoints to one standby
+        // go one at a time, so the end arrives after the start.
+        if let Some(standby) = meta.replica.standby {
+            let waiting: usize = self.ended_notices.values().map(Vec::len).sum();
+            if waiting < MAX_ENDED_NOTICES {
+                self.ended_notices.entry(standby).or_default().push(task);
+            }
+        }
         self.ended.record(&outcome);
         if let Some(reply) = meta.reply {
             let _ = reply.send(outcome);
+        }
+    }
+
+    /// A node is up: tasks with no standby get one.
+    fn node_up(&mut self, node: &str) {
+        if node == self.mesh.node() || !self.up.insert(Arc::from(node)) {
+            return;
+        }
+        for (task, meta) in &self.tasks {
+            if meta.replica.standby.is_none() && !meta.replica.off {
+                self.dirty.insert(*task);
+            }
+        }
+    }
+
+    /// A node is down: the tasks held for it are taken over, and the tasks it was
+    /// standby for go to another.
+    fn node_down(&mut self, node: &str) {
+        self.up.remove(node);
+        self.busy.remove(node);
+        self.ended_notices.remove(node);
+        for (task, meta) in &mut self.tasks {
+            if meta.replica.standby.as_deref() == Some(node) {
+                meta.replica = Replica::default();
+                self.dirty.insert(*task);
+            }
+        }
+        for (task, held) in self.standby.take_over(node) {
+            self.take_over(task, held, node);
+        }
+    }
+
+    /// Runs a task held for `node`, which went down, from where that node left it.
+    fn take_over(&mut self, task: Uuid, held: HeldTask, node: &str) {
+        let waiter = self.standby_waiters.remove(&task);
+        if self.tasks.contains_key(&task) {
+            return;
+        }
+        let generation = held.open.generation.saturating_add(1);
+        let request = held.open.request;
+        let segments = request.inputs.len() as u32;
+        let done_log: Vec<u32> = held.done.keys().copied().collect();
+        let first_attempt = generation
+            .saturating_mul(GENERATION_ATTEMPTS)
+            .saturating_add(1);
+        let now = self.now_ms();
+        if let Err(e) = self
+            .ledger
+            .resume(task, segments, held.done, first_attempt, now)
+        {
+            return warn!(%task, error = %e, "a task held for a node that went down could not be taken over");
+        }
+        info!(%task, from = %node, done = done_log.len(), segments, "took over a task from a node that went down");
+        metrics::counter!("agentmesh_tasks_taken_over_total").increment(1);
+        let priority = request
+            .priority
+            .unwrap_or_else(|| self.policy.get().priority(request.group));
+        self.tasks.insert(
+            task,
+            TaskMeta {
+                capability: request.capability,
+                label: request.label,
+                tags: request.tags,
+                group: request.group,
+                priority,
+                inputs: request
+                    .inputs
+                    .into_iter()
+                    .map(|b| Bytes::from(b.0))
+                    .collect(),
+                progress: HashMap::new(),
+                started: Instant::now(),
+                submitted_ms: now,
+                reply: waiter,
+                generation,
+                done_log,
+                replica: Replica::default(),
+                moved: false,
+            },
+        );
+        self.dirty.insert(task);
+    }
+
+    /// Takes another coordinator's checkpoint, as its standby.
+    fn hold(&mut self, checkpoint: Checkpoint) -> CheckpointAck {
+        let primary = checkpoint.primary.clone();
+        // A task taken over here that has ended since is not held again either: its
+        // former coordinator, back from being held down, would otherwise have it
+        // held again for a second takeover.
+        let (tasks, ended) = (&self.tasks, &self.ended);
+        let ack = self.standby.apply(checkpoint, |t| {
+            tasks.contains_key(&t) || !matches!(ended.get(t), Ended::Unknown)
+        });
+        // Clients waiting here for a task that has now ended at its coordinator.
+        let gone: Vec<Uuid> = self
+            .standby_waiters
+            .keys()
+            .filter(|t| !self.standby.holds(**t) && !self.tasks.contains_key(t))
+            .copied()
+            .collect();
+        for task in gone {
+            if let Some(reply) = self.standby_waiters.remove(&task) {
+                let _ = reply.send(TaskOutcome {
+                    task,
+                    status: TaskStatus::Failed,
+                    segments: 0,
+                    completed: 0,
+                    duplicates_discarded: 0,
+                    reallocated: 0,
+                    elapsed_ms: 0,
+                    reason: Some(format!(
+                        "task {task} ended on node {primary}, which keeps its outcome"
+                    )),
+                    results: Vec::new(),
+                    unknown: true,
+                });
+            }
+        }
+        ack
+    }
+
+    /// The standby for this node's tasks: the first node up after this one, in name
+    /// order (all of a coordinator's tasks go to one standby, in one checkpoint).
+    fn pick_standby(&self) -> Option<Arc<str>> {
+        let me = self.mesh.node();
+        self.up
+            .iter()
+            .find(|n| &***n > me)
+            .or_else(|| self.up.iter().next())
+            .cloned()
+    }
+
+    /// Sends each standby with no checkpoint in flight what it does not have yet.
+    fn checkpoint(&mut self) {
+        if self.dirty.is_empty() && self.ended_notices.is_empty() {
+            return;
+        }
+        let now = self.now_ms();
+        self.busy.retain(|_, until| *until > now);
+        if self.up.iter().all(|n| self.busy.contains_key(n)) {
+            return; // Nowhere to send now (checked once per message handled).
+        }
+        let standby = self.pick_standby();
+        let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
+        let dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
+        for task in dirty {
+            let Some(meta) = self.tasks.get_mut(&task) else {
+                self.dirty.remove(&task);
+                continue;
+            };
+            if meta.replica.off {
+                self.dirty.remove(&task);
+                continue;
+            }
+            let node = match (&meta.replica.standby, &standby) {
+                (Some(node), _) => node.clone(),
+                (None, Some(node)) => {
+                    meta.replica.standby = Some(node.clone());
+                    node.clone()
+                }
+                // No other node: it waits for one to come up.
+                (None, None) => {
+                    self.dirty.remove(&task);
+                    continue;
+                }
+            };
+            if self.busy.contains_key(&node) {
+                continue;
+            }
+            let Batch { parts, sent, bytes } = batches.entry(node).or_default();
+            if *bytes >= CHECKPOINT_BYTES {
+                continue;
+            }
+            let open = (!meta.replica.opened).then(|| {
+                *bytes += meta.inputs.iter().map(Bytes::len).sum::<usize>();
+                OpenTask {
+                    request: SubmitRequest {
+                        capability: meta.capability.clone(),
+                        tags: meta.tags.clone(),
+                        priority: Some(meta.priority),
+                        group: meta.group,
+                        inputs: meta.inputs.iter().map(|b| Blob(b.to_vec())).collect(),
+                        label: meta.label.clone(),
+                        task: Some(task),
+                        attach: false,
+                    },
+                    generation: meta.generation,
+                }
+            });
+            let from = if open.is_some() {
+                0
+            } else {
+                meta.replica.acked
+            };
+            let mut upto = from;
+            let mut done = Vec::new();
+            for &segment in &meta.done_log[from..] {
+                if *bytes >= CHECKPOINT_BYTES && upto > from {
+                    break;
+                }
+                let result = self.ledger.result(task, segment).unwrap_or_default();
+                *bytes += result.len() + 8;
+                done.push((segment, Blob(result.to_vec())));
+                upto += 1;
+            }
+            sent.push((task, upto, open.is_some()));
+            parts.push(TaskCheckpoint {
+                task,
+                open,
+                done,
+                ended: false,
+            });
+        }
+        let notices: Vec<Arc<str>> = self.ended_notices.keys().cloned().collect();
+        for node in notices {
+            if self.busy.contains_key(&node) {
+                continue;
+            }
+            let ended = self.ended_notices.remove(&node).unwrap_or_default();
+            let parts = &mut batches.entry(node).or_default().parts;
+            parts.extend(ended.into_iter().map(|task| TaskCheckpoint {
+                task,
+                open: None,
+                done: Vec::new(),
+                ended: true,
+            }));
+        }
+        for (
+            node,
+            Batch {
+                parts: tasks, sent, ..
+            },
+        ) in batches
+        {
+            if tasks.is_empty() {
+                continue;
+            }
+            self.busy.insert(node.clone(), u64::MAX);
+            let ended: Vec<Uuid> = tasks.iter().filter(|t| t.ended).map(|t| t.task).collect();
+            let checkpoint = Checkpoint {
+                primary: self.mesh.node().to_string(),
+                tasks,
+            };
+            let (mesh, me) = (self.mesh.clone(), self.myself.clone());
+            tokio::spawn(async move {
+                let to = agentmesh_runtime::ActorAddr {
+                    node: node.to_string(),
+                    name: STANDBY_SERVICE.to_string(),
+                };
+                let answer = mesh
+                    .ask_at::<Checkpoint, CheckpointAck>(&to, checkpoint, CHECKPOINT_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = me.cast(CoordinatorMsg::CheckpointAnswered {
+                    node,
+                    sent,
+                    ended,
+                    answer,
+                });
+            });
+        }
+    }
+
+    /// Records what a standby has now.
+    fn checkpoint_answered(
+        &mut self,
+        node: Arc<str>,
+        sent: Vec<(Uuid, usize, bool)>,
+        ended: Vec<Uuid>,
+        answer: Result<CheckpointAck, String>,
+    ) {
+        let ack = match answer {
+            Ok(ack) => {
+                self.busy.remove(&node);
+                ack
+            }
+            Err(e) => {
+                debug!(%node, error = %e, "checkpoint not taken; sent again shortly");
+                if self.up.contains(&node) {
+                    self.busy
+                        .insert(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
+                    if !ended.is_empty() {
+                        self.ended_notices.entry(node).or_default().extend(ended);
+                    }
+                }
+                return;
+            }
+        };
+        for (task, upto, opened) in sent {
+            let Some(meta) = self.tasks.get_mut(&task) else {
+                continue;
+            };
+            if meta.replica.standby.as_deref() != Some(&*node) {
+                continue;
+            }
+            meta.replica.opened |= opened;
+            meta.replica.acked = meta.replica.acked.max(upto);
+            if meta.replica.opened && meta.replica.acked == meta.done_log.len() {
+                self.dirty.remove(&task);
+            }
+        }
+        for task in ack.unknown {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                meta.replica.opened = false;
+                meta.replica.acked = 0;
+                self.dirty.insert(task);
+            }
+        }
+        for task in ack.refused {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                warn!(%task, standby = %node, "the standby cannot hold the task: it ends with this node if this node goes down");
+                meta.replica.off = true;
+                self.dirty.remove(&task);
+            }
+        }
+        for task in ack.taken_over {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                warn!(%task, standby = %node, "the standby took the task over while this node was held down; it runs there now");
+                // Its client is told the task is not here, and asks the others.
+                meta.moved = true;
+                self.ledger.fail_task(
+                    task,
+                    format!("taken over by node {node}, which held this node for down; it runs there now"),
+                );
+            }
         }
     }
 

@@ -126,6 +126,7 @@ mod tests {
             elapsed_ms: 1,
             reason: None,
             results: vec![crate::service::serde_bytes_vec::Blob(vec![n; bytes])],
+            unknown: false,
         }
     }
 

@@ -262,6 +262,7 @@ impl AgentHost {
                 recorder: config.recorder.clone(),
                 tick: config.coordinator_tick.unwrap_or(TICK),
                 capacity_freed,
+                members: members.clone(),
             },
             cell.clone(),
         )
@@ -518,6 +519,7 @@ async fn follow_membership(
         }
         if up {
             let _ = discovery.cast(DiscoveryMsg::NodeUp(name.clone()));
+            let _ = coordinator.cast(CoordinatorMsg::NodeUp(name.clone()));
             let _ = policy.cast(PolicyMsg::NodeUp(name));
         } else {
             let _ = discovery.cast(DiscoveryMsg::NodeDown(name.clone()));

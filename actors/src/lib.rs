@@ -18,6 +18,7 @@ pub mod refusals;
 pub mod registry;
 pub mod restarts;
 pub mod service;
+pub mod standby;
 pub mod worker;
 pub mod workers;
 

@@ -22,6 +22,9 @@ pub const AGENTS_SERVICE: &str = "agentmesh.agents";
 pub const POLICY_SERVICE: &str = "agentmesh.policy";
 /// Where nodes spread policies (kept apart from `apply`, which answers).
 pub const POLICY_SPREAD_SERVICE: &str = "agentmesh.policy.spread";
+/// The coordinator as another coordinator's standby: keeps copies of its open tasks
+/// and takes them over if its node goes down.
+pub const STANDBY_SERVICE: &str = "agentmesh.coordinator.standby";
 
 impl RemoteMessage for RegistryDelta {
     const KIND: &'static str = "agentmesh.registry.delta";
@@ -164,10 +167,74 @@ pub struct TaskOutcome {
     /// Each segment's result (msgpack of the agent's output), in segment order;
     /// empty when the task failed.
     pub results: Vec<serde_bytes_vec::Blob>,
+    /// Only for an `attach`: this node does not know the task (the client may ask
+    /// another node, where a standby may have taken it over).
+    #[serde(default)]
+    pub unknown: bool,
 }
 
 impl RemoteMessage for TaskOutcome {
     const KIND: &'static str = "agentmesh.task.submit";
+}
+
+/// What a coordinator sends its standby on another node: its open tasks as they were
+/// submitted, then each segment's accepted result, then their end. The standby takes
+/// the tasks over if the coordinator's node goes down (`standby.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The coordinator's node: its tasks are taken over when it goes down.
+    pub primary: String,
+    /// What changed in each task since the last checkpoint the standby answered.
+    pub tasks: Vec<TaskCheckpoint>,
+}
+
+impl RemoteMessage for Checkpoint {
+    const KIND: &'static str = "agentmesh.coordinator.checkpoint";
+
+    fn priority(&self) -> u8 {
+        160
+    }
+}
+
+/// One task's part of a [`Checkpoint`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCheckpoint {
+    /// The task.
+    pub task: Uuid,
+    /// The task as submitted (its id and its priority set), in the first checkpoint
+    /// of the task to this standby: what the standby holds starts again from here.
+    pub open: Option<OpenTask>,
+    /// Segments whose results were accepted since, with those results.
+    pub done: Vec<(u32, serde_bytes_vec::Blob)>,
+    /// The task ended: the standby forgets it.
+    pub ended: bool,
+}
+
+/// A task as a standby holds it from its start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenTask {
+    /// The submission, with `task` and `priority` filled in.
+    pub request: SubmitRequest,
+    /// How many coordinators ran the task before this one took it over (0: the
+    /// one it was submitted to). A coordinator that takes a task over numbers its
+    /// attempts from `(generation + 1) << 24`, apart from any attempt of the ones before.
+    pub generation: u32,
+}
+
+/// A standby's answer to a [`Checkpoint`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointAck {
+    /// Tasks it does not hold (it restarted, or never got their start): to be sent
+    /// again from their start.
+    pub unknown: Vec<Uuid>,
+    /// Tasks it cannot hold (at its limits): not sent to it again.
+    pub refused: Vec<Uuid>,
+    /// Tasks it runs itself: it took them over when it held the sender for down.
+    pub taken_over: Vec<Uuid>,
+}
+
+impl RemoteMessage for CheckpointAck {
+    const KIND: &'static str = "agentmesh.coordinator.checkpoint.ack";
 }
 
 /// A request for the agents and tasks a node knows.

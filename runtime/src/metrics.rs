@@ -61,6 +61,8 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_tasks_total", Kind::Counter, "tasks ended at this node's coordinator, by status"),
     ("agentmesh_task_duration_seconds", Kind::Histogram, "time from submission to the end of each task, by status"),
     ("agentmesh_tasks_open", Kind::Gauge, "tasks open at this node's coordinator"),
+    ("agentmesh_tasks_taken_over_total", Kind::Counter, "tasks this node's coordinator took over from a node that went down, as its standby"),
+    ("agentmesh_standby_tasks_held", Kind::Gauge, "other coordinators' open tasks this node holds as their standby"),
     ("agentmesh_segments_waiting", Kind::Gauge, "segments of this coordinator's tasks waiting for a worker"),
     ("agentmesh_segments_completed_total", Kind::Counter, "segment results accepted by this node's coordinator"),
     ("agentmesh_segments_reallocated_total", Kind::Counter, "segments given to a worker again after a failure, a timeout, or the loss of their worker or node"),

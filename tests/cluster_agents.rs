@@ -188,6 +188,53 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
     first.expect(&["node down: reallocating its segments", "node=n2"]);
 }
 
+/// The node a task was submitted to is SIGKILLed midway. Its standby (the next node
+/// by name) had the task and the results accepted so far: it takes the task over and
+/// runs only the rest, the waiting `submit` finds it there, and every segment
+/// completes once. Before, the task was lost with its node.
+#[test]
+fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
+    let cluster = Cluster::new("agents-coordinator-kill", 3);
+    let mut first = cluster.start(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    let second = cluster.start(1, &["--agents", "sleep=2"]);
+    let _third = cluster.start(2, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 3);
+
+    // 40 segments of 300 ms on 6 replicas: about 2 s of work.
+    let submit = cluster.submit(
+        0,
+        &[
+            "--capability",
+            "sleep",
+            "--segments",
+            "40",
+            "--segment-ms",
+            "300",
+            "--results",
+        ],
+    );
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(1_000));
+    first.kill();
+
+    let (status, task) = outcome(submit);
+    assert!(status.success(), "{task}");
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["completed"], 40, "{task}");
+    let results = task["results"].as_array().unwrap();
+    assert_eq!(results.len(), 40);
+    assert!(results.iter().all(|r| r == 300), "{task}");
+    let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
+    // It started from what n0 had checkpointed, not from nothing.
+    let done: u32 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("done="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no done= in {line}"));
+    assert!((1..40).contains(&done), "{line}");
+}
+
 /// `submit` loses its connection while it waits (the node is paused with SIGSTOP past
 /// the client's 3 s idle timeout), connects again and submits the same task id: it
 /// gets the outcome, and the node ran the task once. Before, it waited for good.

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
@@ -20,7 +20,7 @@ use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE};
 use crate::builtin::SegmentInput;
 use crate::local::input;
-use crate::runtime::{Client, RemoteMessage};
+use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 use crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -186,12 +186,17 @@ struct Printed<'a> {
 const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
 /// The pause between two tries.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// How long the node has to list its members.
+const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 
 /// Submits `request` and waits for the task's outcome. If the connection is lost after
 /// the first submission (the node paused, restarting its network, ...), it connects
 /// again and submits the same task (same id): the coordinator then waits for the task
 /// it already runs, or answers with its outcome if it ended meanwhile, so the task runs
-/// once. It gives up after [`RECONNECT_WITHIN`] without a connection.
+/// once. If that node is gone or no longer knows the task, the other members it listed
+/// at the submission are asked: the one that holds the task as standby waits for it
+/// (and takes it over once the node is found down). It gives up after
+/// [`RECONNECT_WITHIN`] without a connection.
 async fn wait_for(
     identity: &NodeIdentity,
     to: SocketAddr,
@@ -202,32 +207,28 @@ async fn wait_for(
     // (a connection that lasted starts the count again).
     let mut submitted = false;
     let mut failing_since: Option<Instant> = None;
+    // The other members, as the node listed them at the submission.
+    let mut others: Vec<SocketAddr> = Vec::new();
     loop {
-        let (error, lasted) = match Client::connect(identity, to).await {
-            Ok(mut client) => {
-                let connected_at = Instant::now();
-                // Sent again, the task is only waited for: a node that restarted
-                // meanwhile does not know it and says so, rather than run it again.
-                request.attach = submitted;
-                submitted = true;
-                let outcome = client
-                    .request(
-                        COORDINATOR_SERVICE,
-                        <SubmitRequest as RemoteMessage>::KIND,
-                        &request,
-                        SUBMIT_TIMEOUT,
-                    )
-                    .await;
-                client.close().await;
-                match outcome {
-                    Ok(outcome) => return Ok(outcome),
-                    Err(e) => (e, connected_at.elapsed() >= RECONNECT_WITHIN),
-                }
+        // Sent again, the task is only waited for: a node that restarted meanwhile
+        // does not know it and says so, rather than run it again.
+        request.attach = submitted;
+        let list = (!submitted).then_some(&mut others);
+        let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
+            Ok(outcome) if !outcome.unknown => return Ok(outcome),
+            Ok(unknown) => {
+                // The node restarted: a standby may have taken the task over.
+                return Ok(ask_others(identity, &others, &request)
+                    .await
+                    .unwrap_or(unknown));
             }
-            Err(e) => (e, false),
+            Err(failed) => failed,
         };
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
+        }
+        if let Some(outcome) = ask_others(identity, &others, &request).await {
+            return Ok(outcome);
         }
         if lasted {
             failing_since = None;
@@ -242,6 +243,66 @@ async fn wait_for(
         warn!(%error, %task, "asking the node again for the task");
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
+}
+
+/// Sends `request` to the node at `addr` and waits for the answer; with `members`,
+/// first lists the node's other members there. `sent` becomes true once connected
+/// (the request may have reached the node from then on). An error comes with whether
+/// the connection lasted [`RECONNECT_WITHIN`].
+async fn ask(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    request: &SubmitRequest,
+    members: Option<&mut Vec<SocketAddr>>,
+    sent: &mut bool,
+) -> Result<TaskOutcome, (ClientError, bool)> {
+    let mut client = Client::connect(identity, addr)
+        .await
+        .map_err(|e| (e, false))?;
+    *sent = true;
+    let connected_at = Instant::now();
+    if let Some(members) = members {
+        // Without the list, a task outlives its node only if that node comes back.
+        if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
+            *members = report
+                .members
+                .into_iter()
+                .filter(|m| m.state == MemberState::Up && m.name != client.node())
+                .map(|m| m.addr)
+                .collect();
+        }
+    }
+    let outcome = client
+        .request(
+            COORDINATOR_SERVICE,
+            <SubmitRequest as RemoteMessage>::KIND,
+            request,
+            SUBMIT_TIMEOUT,
+        )
+        .await;
+    client.close().await;
+    outcome.map_err(|e| (e, connected_at.elapsed() >= RECONNECT_WITHIN))
+}
+
+/// Asks each of `others` for the task (as `attach`): the first that knows it answers
+/// with its outcome, once the task ends.
+async fn ask_others(
+    identity: &NodeIdentity,
+    others: &[SocketAddr],
+    request: &SubmitRequest,
+) -> Option<TaskOutcome> {
+    let request = SubmitRequest {
+        attach: true,
+        ..request.clone()
+    };
+    for &addr in others {
+        match ask(identity, addr, &request, None, &mut false).await {
+            Ok(outcome) if !outcome.unknown => return Some(outcome),
+            Ok(_) => debug!(%addr, "this node does not hold the task"),
+            Err((error, _)) => debug!(%addr, %error, "this node could not be asked for the task"),
+        }
+    }
+    None
 }
 
 /// Submits and waits; a task that failed is an error (exit code 1) after its figures

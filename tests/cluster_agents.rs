@@ -191,7 +191,8 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
 /// The node a task was submitted to is SIGKILLed midway. Its standby (the next node
 /// by name) had the task and the results accepted so far: it takes the task over and
 /// runs only the rest, the waiting `submit` finds it there, and every segment
-/// completes once. Before, the task was lost with its node.
+/// completes once; the workers cancel the attempts n0 gave them. Before, the task was
+/// lost with its node.
 #[test]
 fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     let cluster = Cluster::new("agents-coordinator-kill", 3);
@@ -201,30 +202,32 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     let _third = cluster.start(2, &["--agents", "sleep=2"]);
     cluster.wait_for_agents(0, 3);
 
-    // 40 segments of 300 ms on 6 replicas: about 2 s of work.
+    // 12 segments of 4 s on 6 replicas: two rounds. n0 dies 1 s into the second, when
+    // the first round's results are checkpointed, with 3 s left for the second round's
+    // attempts on n1 and n2 (n0 is found down in about 1.5 s).
     let submit = cluster.submit(
         0,
         &[
             "--capability",
             "sleep",
             "--segments",
-            "40",
+            "12",
             "--segment-ms",
-            "300",
+            "4000",
             "--results",
         ],
     );
     first.expect(&["task submitted"]);
-    std::thread::sleep(Duration::from_millis(1_000));
+    std::thread::sleep(Duration::from_millis(5_000));
     first.kill();
 
     let (status, task) = outcome(submit);
     assert!(status.success(), "{task}");
     assert_eq!(task["status"], "completed", "{task}");
-    assert_eq!(task["completed"], 40, "{task}");
+    assert_eq!(task["completed"], 12, "{task}");
     let results = task["results"].as_array().unwrap();
-    assert_eq!(results.len(), 40);
-    assert!(results.iter().all(|r| r == 300), "{task}");
+    assert_eq!(results.len(), 12);
+    assert!(results.iter().all(|r| r == 4000), "{task}");
     let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
     // It started from what n0 had checkpointed, not from nothing.
     let done: u32 = line
@@ -232,7 +235,12 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
         .find_map(|w| w.strip_prefix("done="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no done= in {line}"));
-    assert!((1..40).contains(&done), "{line}");
+    assert!((1..12).contains(&done), "{line}");
+    // n0's attempts still running on n1 were cancelled, not left to hold its replicas.
+    second.expect(&[
+        "cancelling the attempts of a coordinator whose node went down",
+        "node=n0",
+    ]);
 }
 
 /// `submit` loses its connection while it waits (the node is paused with SIGSTOP past

@@ -309,6 +309,7 @@ impl AgentHost {
             },
             discovery.clone(),
             coordinator.clone(),
+            workers.clone(),
             policy_actor,
             config.recorder.clone(),
         )));
@@ -506,6 +507,7 @@ async fn follow_membership(
     mut feed: MembershipFeed,
     discovery: ActorRef<DiscoveryMsg>,
     coordinator: ActorRef<CoordinatorMsg>,
+    workers: ActorRef<WorkersMsg>,
     policy: ActorRef<PolicyMsg>,
     recorder: Option<Recorder>,
 ) {
@@ -524,6 +526,7 @@ async fn follow_membership(
         } else {
             let _ = discovery.cast(DiscoveryMsg::NodeDown(name.clone()));
             let _ = coordinator.cast(CoordinatorMsg::NodeDown(name.clone()));
+            let _ = workers.cast(WorkersMsg::NodeDown(name.clone()));
             let _ = policy.cast(PolicyMsg::NodeDown(name));
         }
     };
@@ -854,10 +857,12 @@ mod tests {
             list,
             up: BTreeMap::from([("a".to_string(), 1), ("d".to_string(), 1)]),
         };
+        let workers = spawn_rec(Log::default(), |_: &WorkersMsg| None).await;
         let follower = tokio::spawn(follow_membership(
             feed,
             discovery.clone(),
             coordinator.clone(),
+            workers,
             policy.clone(),
             None,
         ));

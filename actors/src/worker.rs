@@ -103,6 +103,16 @@ pub enum WorkerMsg {
         /// The change.
         adjustment: Adjustment,
     },
+    /// Cancel this one attempt, running or queued (its coordinator's node went down:
+    /// another coordinator runs the segment, as another attempt, if any does).
+    Cancel {
+        /// The task.
+        task: Uuid,
+        /// The segment.
+        segment: u32,
+        /// The attempt.
+        attempt: u32,
+    },
     /// A SYNC or SYNC_ACK for the running attempts of this task (but not the one of
     /// `skip_segment`, the sender's own).
     Sync {
@@ -292,6 +302,23 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                         .queue
                         .retain(|a| a.task != task || segment.is_some_and(|s| s != a.segment));
                 }
+            }
+            WorkerMsg::Cancel {
+                task,
+                segment,
+                attempt,
+            } => {
+                let this =
+                    |a: &Allocation| a.task == task && a.segment == segment && a.attempt == attempt;
+                for (_, run) in state.running.values() {
+                    if this(&run.allocation) {
+                        run.adjust.send_replace(Adjustment {
+                            cancelled: true,
+                            ..Adjustment::default()
+                        });
+                    }
+                }
+                state.queue.retain(|a| !this(a));
             }
             WorkerMsg::Sync {
                 task,

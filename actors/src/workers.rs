@@ -11,7 +11,7 @@ use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use agentmesh_runtime::transport::wire::payload::{
@@ -48,6 +48,8 @@ pub enum WorkersMsg {
     Acp(FromPeer<Message>, OwnedSemaphorePermit),
     /// What an agent's supervisor reports.
     Event(u32, WorkerEvent),
+    /// A node is down: the attempts its coordinator gave here are cancelled.
+    NodeDown(String),
     /// A local agent has a new ID (it lost a collision).
     Reidentified {
         /// The ID it had.
@@ -161,6 +163,7 @@ impl Actor for Workers {
                 drop(permit);
             }
             WorkersMsg::Event(agent, event) => state.on_event(agent, event).await,
+            WorkersMsg::NodeDown(node) => state.coordinator_down(&node),
             WorkersMsg::Reidentified { old, new } => {
                 if let Some(slot) = state.agents.remove(&old) {
                     state.agents.insert(new, slot);
@@ -177,6 +180,29 @@ impl Actor for Workers {
 impl WorkersState {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Cancels the attempts a coordinator on `node`, now down, gave here: no one
+    /// takes their REPORTs, and the coordinator's standby (if it had one) allocates
+    /// those segments again, as new attempts, so they would hold replicas for nothing.
+    fn coordinator_down(&mut self, node: &str) {
+        let mut cancelled = 0;
+        for ((task, segment, attempt), info) in &self.attempts {
+            if info.coordinator != node {
+                continue;
+            }
+            if let Some(slot) = self.agents.get(&info.agent) {
+                let _ = slot.supervisor.cast(WorkerMsg::Cancel {
+                    task: *task,
+                    segment: *segment,
+                    attempt: *attempt,
+                });
+                cancelled += 1;
+            }
+        }
+        if cancelled > 0 {
+            info!(%node, attempts = cancelled, "cancelling the attempts of a coordinator whose node went down");
+        }
     }
 
     async fn on_acp(&mut self, peer: &str, message: Message) {

@@ -135,6 +135,18 @@ fn crash_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 8] {
     ]
 }
 
+/// `submit` arguments for a task of the built-in `sleep` agent.
+fn sleep_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 6] {
+    [
+        "--capability",
+        "sleep",
+        "--segments",
+        segments,
+        "--segment-ms",
+        segment_ms,
+    ]
+}
+
 /// Waits for a `submit --json` and returns its exit status and object.
 fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
     let out = child.wait_with_output().unwrap();
@@ -158,18 +170,7 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
     cluster.wait_for_agents(0, 3);
 
     // 30 segments of 300 ms on 6 replicas: about 1.5 s of work.
-    let submit = cluster.submit(
-        0,
-        &[
-            "--capability",
-            "sleep",
-            "--segments",
-            "30",
-            "--segment-ms",
-            "300",
-            "--results",
-        ],
-    );
+    let submit = cluster.submit(0, &[&sleep_task("30", "300")[..], &["--results"]].concat());
     // n2 holds two segments at any time once work starts.
     std::thread::sleep(Duration::from_millis(700));
     third.kill();
@@ -205,18 +206,7 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     // 12 segments of 4 s on 6 replicas: two rounds. n0 dies 1 s into the second, when
     // the first round's results are checkpointed, with 3 s left for the second round's
     // attempts on n1 and n2 (n0 is found down in about 1.5 s).
-    let submit = cluster.submit(
-        0,
-        &[
-            "--capability",
-            "sleep",
-            "--segments",
-            "12",
-            "--segment-ms",
-            "4000",
-            "--results",
-        ],
-    );
+    let submit = cluster.submit(0, &[&sleep_task("12", "4000")[..], &["--results"]].concat());
     first.expect(&["task submitted"]);
     std::thread::sleep(Duration::from_millis(5_000));
     first.kill();

@@ -172,6 +172,39 @@ struct TaskMeta {
     moved: bool,
 }
 
+impl TaskMeta {
+    /// A task from its submission, started now (`submitted_ms` on the ledger's clock).
+    fn new(
+        request: SubmitRequest,
+        priority: u8,
+        submitted_ms: u64,
+        reply: Option<RpcReplyPort<TaskOutcome>>,
+        generation: u32,
+        done_log: Vec<u32>,
+    ) -> TaskMeta {
+        TaskMeta {
+            capability: request.capability,
+            label: request.label,
+            tags: request.tags,
+            group: request.group,
+            priority,
+            inputs: request
+                .inputs
+                .into_iter()
+                .map(|b| Bytes::from(b.0))
+                .collect(),
+            progress: HashMap::new(),
+            started: Instant::now(),
+            submitted_ms,
+            reply,
+            generation,
+            done_log,
+            replica: Replica::default(),
+            moved: false,
+        }
+    }
+}
+
 /// One checkpoint being put together.
 #[derive(Default)]
 struct Batch {
@@ -540,29 +573,8 @@ impl CoordinatorState {
                 segments: request.inputs.len() as u32,
             });
         }
-        self.tasks.insert(
-            task,
-            TaskMeta {
-                capability: request.capability,
-                label: request.label,
-                tags: request.tags,
-                group: request.group,
-                priority,
-                inputs: request
-                    .inputs
-                    .into_iter()
-                    .map(|b| Bytes::from(b.0))
-                    .collect(),
-                progress: HashMap::new(),
-                started: Instant::now(),
-                submitted_ms: self.now_ms(),
-                reply: Some(reply),
-                generation: 0,
-                done_log: Vec::new(),
-                replica: Replica::default(),
-                moved: false,
-            },
-        );
+        let meta = TaskMeta::new(request, priority, self.now_ms(), Some(reply), 0, Vec::new());
+        self.tasks.insert(task, meta);
         self.dirty.insert(task);
         self.assign(task).await;
     }
@@ -1035,29 +1047,8 @@ impl CoordinatorState {
         let priority = request
             .priority
             .unwrap_or_else(|| self.policy.get().priority(request.group));
-        self.tasks.insert(
-            task,
-            TaskMeta {
-                capability: request.capability,
-                label: request.label,
-                tags: request.tags,
-                group: request.group,
-                priority,
-                inputs: request
-                    .inputs
-                    .into_iter()
-                    .map(|b| Bytes::from(b.0))
-                    .collect(),
-                progress: HashMap::new(),
-                started: Instant::now(),
-                submitted_ms: now,
-                reply: waiter,
-                generation,
-                done_log,
-                replica: Replica::default(),
-                moved: false,
-            },
-        );
+        let meta = TaskMeta::new(request, priority, now, waiter, generation, done_log);
+        self.tasks.insert(task, meta);
         self.dirty.insert(task);
     }
 

@@ -1025,7 +1025,11 @@ impl CoordinatorState {
     /// Runs a task held for `node`, which went down, from where that node left it.
     fn take_over(&mut self, task: Uuid, held: HeldTask, node: &str) {
         let waiter = self.standby_waiters.remove(&task);
-        if self.tasks.contains_key(&task) {
+        if let Some(meta) = self.tasks.get_mut(&task) {
+            // Submitted here too meanwhile: it runs here already.
+            if waiter.is_some() {
+                meta.reply = waiter;
+            }
             return;
         }
         let generation = held.open.generation.saturating_add(1);

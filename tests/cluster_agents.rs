@@ -135,6 +135,33 @@ fn crash_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 8] {
     ]
 }
 
+/// Three nodes with two `sleep` replicas each, once n0 lists all three agents.
+fn three_sleep_nodes(tag: &str) -> (Cluster, [NodeProcess; 3]) {
+    let cluster = Cluster::new(tag, 3);
+    let first = cluster.start(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    let second = cluster.start(1, &["--agents", "sleep=2"]);
+    let third = cluster.start(2, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 3);
+    (cluster, [first, second, third])
+}
+
+/// Checks a `submit --json --results` of `segments` sleep segments of `ms` each:
+/// completed, with one result (`ms`) per segment.
+fn completed_with_every_result(
+    status: std::process::ExitStatus,
+    task: &Value,
+    segments: u64,
+    ms: u64,
+) {
+    assert!(status.success(), "{task}");
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["completed"], segments, "{task}");
+    let results = task["results"].as_array().unwrap();
+    assert_eq!(results.len() as u64, segments);
+    assert!(results.iter().all(|r| r == ms), "{task}");
+}
+
 /// `submit` arguments for a task of the built-in `sleep` agent.
 fn sleep_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 6] {
     [
@@ -162,12 +189,7 @@ fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
 
 #[test]
 fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
-    let cluster = Cluster::new("agents-kill", 3);
-    let first = cluster.start(0, &["--agents", "sleep=2"]);
-    first.expect(&["listening"]);
-    let _second = cluster.start(1, &["--agents", "sleep=2"]);
-    let mut third = cluster.start(2, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 3);
+    let (cluster, [first, _second, mut third]) = three_sleep_nodes("agents-kill");
 
     // 30 segments of 300 ms on 6 replicas: about 1.5 s of work.
     let submit = cluster.submit(0, &[&sleep_task("30", "300")[..], &["--results"]].concat());
@@ -176,16 +198,11 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
     third.kill();
 
     let (status, task) = outcome(submit);
-    assert!(status.success(), "{task}");
-    assert_eq!(task["status"], "completed", "{task}");
+    completed_with_every_result(status, &task, 30, 300);
     assert_eq!(task["segments"], 30, "{task}");
-    assert_eq!(task["completed"], 30, "{task}");
     assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
     assert!(task["elapsed_ms"].as_u64().is_some(), "{task}");
     assert!(task["duplicates_discarded"].as_u64().is_some(), "{task}");
-    let results = task["results"].as_array().unwrap();
-    assert_eq!(results.len(), 30);
-    assert!(results.iter().all(|r| r == 300), "{task}");
     first.expect(&["node down: reallocating its segments", "node=n2"]);
 }
 
@@ -196,12 +213,7 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
 /// lost with its node.
 #[test]
 fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
-    let cluster = Cluster::new("agents-coordinator-kill", 3);
-    let mut first = cluster.start(0, &["--agents", "sleep=2"]);
-    first.expect(&["listening"]);
-    let second = cluster.start(1, &["--agents", "sleep=2"]);
-    let _third = cluster.start(2, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 3);
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-kill");
 
     // 12 segments of 4 s on 6 replicas: two rounds. n0 dies 1 s into the second, when
     // the first round's results are checkpointed, with 3 s left for the second round's
@@ -212,12 +224,7 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     first.kill();
 
     let (status, task) = outcome(submit);
-    assert!(status.success(), "{task}");
-    assert_eq!(task["status"], "completed", "{task}");
-    assert_eq!(task["completed"], 12, "{task}");
-    let results = task["results"].as_array().unwrap();
-    assert_eq!(results.len(), 12);
-    assert!(results.iter().all(|r| r == 4000), "{task}");
+    completed_with_every_result(status, &task, 12, 4000);
     let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
     // It started from what n0 had checkpointed, not from nothing.
     let done: u32 = line

@@ -477,18 +477,8 @@ impl CoordinatorState {
             Some(task) => task,
             None => uuid::Builder::from_random_bytes(self.rng.random()).into_uuid(),
         };
-        let refuse = |reason: String| TaskOutcome {
-            task,
-            status: TaskStatus::Failed,
-            segments: request.inputs.len() as u32,
-            completed: 0,
-            duplicates_discarded: 0,
-            reallocated: 0,
-            elapsed_ms: 0,
-            reason: Some(reason),
-            results: Vec::new(),
-            unknown: false,
-        };
+        let segments = request.inputs.len() as u32;
+        let refuse = |reason: String| TaskOutcome::refused(task, segments, reason);
         // The same task again: its client lost the connection it waited on.
         if let Some(meta) = self.tasks.get_mut(&task) {
             if meta.capability != request.capability
@@ -1075,19 +1065,11 @@ impl CoordinatorState {
             .collect();
         for task in gone {
             if let Some(reply) = self.standby_waiters.remove(&task) {
+                let reason =
+                    format!("task {task} ended on node {primary}, which keeps its outcome");
                 let _ = reply.send(TaskOutcome {
-                    task,
-                    status: TaskStatus::Failed,
-                    segments: 0,
-                    completed: 0,
-                    duplicates_discarded: 0,
-                    reallocated: 0,
-                    elapsed_ms: 0,
-                    reason: Some(format!(
-                        "task {task} ended on node {primary}, which keeps its outcome"
-                    )),
-                    results: Vec::new(),
                     unknown: true,
+                    ..TaskOutcome::refused(task, 0, reason)
                 });
             }
         }

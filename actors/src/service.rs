@@ -173,6 +173,24 @@ pub struct TaskOutcome {
     pub unknown: bool,
 }
 
+impl TaskOutcome {
+    /// A task of `segments` segments that failed before any ran, for `reason`.
+    pub fn refused(task: Uuid, segments: u32, reason: String) -> TaskOutcome {
+        TaskOutcome {
+            task,
+            status: TaskStatus::Failed,
+            segments,
+            completed: 0,
+            duplicates_discarded: 0,
+            reallocated: 0,
+            elapsed_ms: 0,
+            reason: Some(reason),
+            results: Vec::new(),
+            unknown: false,
+        }
+    }
+}
+
 impl RemoteMessage for TaskOutcome {
     const KIND: &'static str = "agentmesh.task.submit";
 }

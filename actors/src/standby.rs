@@ -143,7 +143,7 @@ impl Standby {
     }
 
     /// Every task held for `node`, which is down: the caller runs them now.
-    pub fn take_over(&mut self, node: &str) -> Vec<(uuid::Uuid, HeldTask)> {
+    pub fn take_over(&mut self, node: &str) -> Vec<(Uuid, HeldTask)> {
         let tasks: Vec<Uuid> = self
             .held
             .iter()
@@ -158,7 +158,7 @@ impl Standby {
                 Some((t, held))
             })
             .collect();
-        // In the order they were submitted there, as far as ids tell: stable for logs.
+        // By id: the same order on every run, for logs and tests.
         out.sort_by_key(|(t, _)| *t);
         out
     }

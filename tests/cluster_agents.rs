@@ -240,6 +240,44 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     ]);
 }
 
+/// The node a task was submitted to is paused (SIGSTOP) past the failure detector:
+/// its standby takes the task over once the lease it granted ends. When n0 wakes, its
+/// own lease has lapsed, so it allocates nothing more and asks its standby, which
+/// answers that it took the task over; the rest runs once, at n1. Before the lease,
+/// n0 went on allocating the remaining segments (38 of 60 in a run by hand).
+#[test]
+fn a_coordinator_paused_past_its_lease_allocates_nothing_its_standby_took_over() {
+    let cluster = Cluster::new("agents-coordinator-stop", 3);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let first = cluster.start(0, &["--agents", "sleep=2", "--metrics", &metrics]);
+    first.expect(&["listening"]);
+    let second = cluster.start(1, &["--agents", "sleep=2"]);
+    let _third = cluster.start(2, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 3);
+
+    // 30 segments of 2 s on 6 replicas: five rounds. n0 stops 0.5 s into the second.
+    let submit = cluster.submit(0, &[&sleep_task("30", "2000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(2_500));
+    let before = counter(&scrape(&metrics), "agentmesh_attempts_started_total");
+    assert!(before >= 6, "the first round ran: {before}");
+    let pid = first.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    signal("-CONT");
+
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 30, 2000);
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+    first.expect(&["the standby took the task over", "standby=n1"]);
+    let after = counter(&scrape(&metrics), "agentmesh_attempts_started_total");
+    assert_eq!(after, before, "n0 allocated after it woke");
+}
+
 /// `submit` loses its connection while it waits (the node is paused with SIGSTOP past
 /// the client's 3 s idle timeout), connects again and submits the same task id: it
 /// gets the outcome, and the node ran the task once. Before, it waited for good.
@@ -785,6 +823,14 @@ fn policy_of(cluster: &Cluster, i: usize) -> Value {
     );
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     status["policy"].clone()
+}
+
+/// A counter's value in a scrape (0 if absent).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn scrape(addr: &str) -> String {

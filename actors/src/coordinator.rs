@@ -7,7 +7,10 @@
 //!
 //! It also keeps its open tasks alive beyond its own node: each task, and each result
 //! it accepts, is checkpointed to the coordinator of one other node (its standby,
-//! `standby.rs`), which takes the task over if this node goes down.
+//! `standby.rs`), which takes the task over if this node goes down. Each answer from
+//! the standby is a lease, and a task the standby holds is allocated only under it
+//! (`lease.rs`): a coordinator paused past the failure detector does not go on running
+//! a task its standby took over meanwhile.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -30,6 +33,7 @@ use agentmesh_runtime::{FromPeer, Mesh};
 use crate::discovery::DiscoveryMsg;
 use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
+use crate::lease::{Granted, Leases};
 use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
     ResultVerdict, TaskFigures,
@@ -43,7 +47,7 @@ use crate::service::{
     SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
     AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN, STANDBY_SERVICE,
 };
-use crate::standby::{HeldTask, Standby, StandbyLimits};
+use crate::standby::{HeldTask, Standby, StandbyLimits, LEASE_MS};
 use crate::workers::encode;
 
 /// How often timeouts are checked and waiting segments offered to free workers, unless
@@ -110,6 +114,8 @@ pub enum CoordinatorMsg {
         sent: Vec<(Uuid, usize, bool)>,
         /// Tasks whose end it was told.
         ended: Vec<Uuid>,
+        /// When it was sent (the lease in the answer counts from then).
+        sent_ms: u64,
         /// Its answer.
         answer: Result<CheckpointAck, String>,
     },
@@ -212,6 +218,8 @@ struct Batch {
     /// Each task, how much of its log of results, and whether its start went.
     sent: Vec<(Uuid, usize, bool)>,
     bytes: usize,
+    /// It goes even with no task in it: it renews the lease.
+    renewal: bool,
 }
 
 /// How far a task's standby has it.
@@ -224,6 +232,10 @@ struct Replica {
     acked: usize,
     /// The standby refused it: no other is tried.
     off: bool,
+    /// Since when the standby holds it, as far as this node knows: the sending time
+    /// of the last checkpoint it answered as holding it (of the task's start, until
+    /// answered). None: the standby has never been sent it, and cannot take it over.
+    held_ms: Option<u64>,
 }
 
 /// The coordinator's state.
@@ -268,6 +280,12 @@ pub struct CoordinatorState {
     standby_waiters: HashMap<Uuid, RpcReplyPort<TaskOutcome>>,
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
+    /// The leases from this node's standbys: what fences its tasks.
+    leases: Leases,
+    /// Nodes down whose tasks held here wait for their lease to end, until when.
+    takeovers_due: HashMap<Arc<str>, u64>,
+    /// Standbys whose lapsed lease holds tasks back, already logged.
+    fence_logged: HashSet<Arc<str>>,
 }
 
 struct Outgoing {
@@ -354,9 +372,12 @@ impl Actor for Coordinator {
             dirty: HashSet::new(),
             busy: HashMap::new(),
             ended_notices: HashMap::new(),
-            standby: Standby::new(StandbyLimits::default()),
+            standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
             refreshed_ms: 0,
+            leases: Leases::default(),
+            takeovers_due: HashMap::new(),
+            fence_logged: HashSet::new(),
         })
     }
 
@@ -389,8 +410,13 @@ impl Actor for Coordinator {
                 node,
                 sent,
                 ended,
+                sent_ms,
                 answer,
-            } => state.checkpoint_answered(node, sent, ended, answer),
+            } => {
+                if state.checkpoint_answered(node, sent, ended, sent_ms, answer) {
+                    state.assign_waiting().await;
+                }
+            }
             CoordinatorMsg::SendFailed { attempt, reason } => {
                 let (task, segment, attempt) = attempt;
                 state
@@ -407,6 +433,7 @@ impl Actor for Coordinator {
                 metrics::gauge!("agentmesh_segments_waiting")
                     .set(state.ledger.pending_segments() as f64);
                 metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
+                state.takeovers_now_due(now);
                 if state.tasks.is_empty() {
                     state.checkpoint();
                     return Ok(());
@@ -636,6 +663,14 @@ impl CoordinatorState {
         };
         if !self.ledger.has_pending(task) {
             return;
+        }
+        if let (Some(standby), Some(held_ms)) = (&meta.replica.standby, meta.replica.held_ms) {
+            if !self.leases.allows(standby, held_ms, self.now_ms()) {
+                if self.fence_logged.insert(standby.clone()) {
+                    info!(%task, %standby, "a task waits: its standby's lease lapsed, and the standby may have taken it over; allocating again once the standby answers for it");
+                }
+                return;
+            }
         }
         let need = (meta.capability.clone(), meta.tags.clone(), meta.group);
         let offer = match round.get(&need) {
@@ -879,6 +914,7 @@ impl CoordinatorState {
                     };
                     self.attempts
                         .insert((task, segment, attempt), (agent, node.clone()));
+                    metrics::counter!("agentmesh_attempts_started_total").increment(1);
                     if self.recorder.is_some() {
                         let now = self.now_ms();
                         self.allocated_ms.insert((task, segment, attempt), now);
@@ -988,6 +1024,7 @@ impl CoordinatorState {
         if node == self.mesh.node() || !self.up.insert(Arc::from(node)) {
             return;
         }
+        self.takeovers_due.remove(node);
         for (task, meta) in &self.tasks {
             if meta.replica.standby.is_none() && !meta.replica.off {
                 self.dirty.insert(*task);
@@ -1001,14 +1038,47 @@ impl CoordinatorState {
         self.up.remove(node);
         self.busy.remove(node);
         self.ended_notices.remove(node);
+        self.leases.forget(node);
+        self.fence_logged.remove(node);
         for (task, meta) in &mut self.tasks {
             if meta.replica.standby.as_deref() == Some(node) {
                 meta.replica = Replica::default();
                 self.dirty.insert(*task);
             }
         }
-        for (task, held) in self.standby.take_over(node) {
-            self.take_over(task, held, node);
+        self.take_over_from(Arc::from(node));
+    }
+
+    /// Takes over the tasks held for `node`, down, unless the lease granted to it
+    /// still runs: then they are taken over when it ends, if `node` is still down.
+    fn take_over_from(&mut self, node: Arc<str>) {
+        let now = self.now_ms();
+        match self.standby.take_over(&node, now) {
+            Ok(tasks) => {
+                self.takeovers_due.remove(&node);
+                for (task, held) in tasks {
+                    self.take_over(task, held, &node);
+                }
+            }
+            Err(until) => {
+                if !self.takeovers_due.contains_key(&node) {
+                    info!(%node, in_ms = until - now, "node down: its tasks held here are taken over when the lease granted to it ends");
+                }
+                self.takeovers_due.insert(node, until);
+            }
+        }
+    }
+
+    /// Takes over the tasks of nodes still down whose lease has ended.
+    fn takeovers_now_due(&mut self, now: u64) {
+        let due: Vec<Arc<str>> = self
+            .takeovers_due
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in due {
+            self.take_over_from(node);
         }
     }
 
@@ -1053,9 +1123,12 @@ impl CoordinatorState {
         // former coordinator, back from being held down, would otherwise have it
         // held again for a second takeover.
         let (tasks, ended) = (&self.tasks, &self.ended);
-        let ack = self.standby.apply(checkpoint, |t| {
-            tasks.contains_key(&t) || !matches!(ended.get(t), Ended::Unknown)
-        });
+        let now = self.now_ms();
+        let ack = self.standby.apply(
+            checkpoint,
+            |t| tasks.contains_key(&t) || !matches!(ended.get(t), Ended::Unknown),
+            now,
+        );
         // Clients waiting here for a task that has now ended at its coordinator.
         let gone: Vec<Uuid> = self
             .standby_waiters
@@ -1087,12 +1160,14 @@ impl CoordinatorState {
             .cloned()
     }
 
-    /// Sends each standby with no checkpoint in flight what it does not have yet.
+    /// Sends each standby with no checkpoint in flight what it does not have yet, and
+    /// renews the leases due.
     fn checkpoint(&mut self) {
-        if self.dirty.is_empty() && self.ended_notices.is_empty() {
+        let now = self.now_ms();
+        let renew = self.leases.standbys().any(|s| self.leases.due(s, now));
+        if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
             return;
         }
-        let now = self.now_ms();
         self.busy.retain(|_, until| *until > now);
         if self.up.iter().all(|n| self.busy.contains_key(n)) {
             return; // Nowhere to send now (checked once per message handled).
@@ -1124,11 +1199,14 @@ impl CoordinatorState {
             if self.busy.contains_key(&node) {
                 continue;
             }
-            let Batch { parts, sent, bytes } = batches.entry(node).or_default();
+            let Batch {
+                parts, sent, bytes, ..
+            } = batches.entry(node).or_default();
             if *bytes >= CHECKPOINT_BYTES {
                 continue;
             }
             let open = (!meta.replica.opened).then(|| {
+                meta.replica.held_ms.get_or_insert(now);
                 *bytes += meta.inputs.iter().map(Bytes::len).sum::<usize>();
                 OpenTask {
                     request: SubmitRequest {
@@ -1182,14 +1260,20 @@ impl CoordinatorState {
                 ended: true,
             }));
         }
+        if renew {
+            self.renewals(now, &mut batches);
+        }
         for (
             node,
             Batch {
-                parts: tasks, sent, ..
+                parts: tasks,
+                sent,
+                renewal,
+                ..
             },
         ) in batches
         {
-            if tasks.is_empty() {
+            if tasks.is_empty() && !renewal {
                 continue;
             }
             self.busy.insert(node.clone(), u64::MAX);
@@ -1212,20 +1296,46 @@ impl CoordinatorState {
                     node,
                     sent,
                     ended,
+                    sent_ms: now,
                     answer,
                 });
             });
         }
     }
 
-    /// Records what a standby has now.
+    /// Adds a lease renewal to `batches` for each standby whose lease is due and that
+    /// has no checkpoint in flight; a standby that holds none of this node's tasks any
+    /// more is forgotten instead. The scan of the tasks runs once per renewal.
+    fn renewals(&mut self, now: u64, batches: &mut HashMap<Arc<str>, Batch>) {
+        let due: Vec<Arc<str>> = self
+            .leases
+            .standbys()
+            .filter(|s| self.leases.due(s, now) && !self.busy.contains_key(*s))
+            .cloned()
+            .collect();
+        for standby in due {
+            let used = self.tasks.values().any(|m| {
+                m.replica.held_ms.is_some() && m.replica.standby.as_ref() == Some(&standby)
+            });
+            if used {
+                batches.entry(standby).or_default().renewal = true;
+            } else {
+                self.leases.forget(&standby);
+                self.fence_logged.remove(&standby);
+            }
+        }
+    }
+
+    /// Records what a standby has now, and the lease it granted. True if the lease
+    /// had lapsed and now runs again: tasks it held back may be allocated.
     fn checkpoint_answered(
         &mut self,
         node: Arc<str>,
         sent: Vec<(Uuid, usize, bool)>,
         ended: Vec<Uuid>,
+        sent_ms: u64,
         answer: Result<CheckpointAck, String>,
-    ) {
+    ) -> bool {
         let ack = match answer {
             Ok(ack) => {
                 self.busy.remove(&node);
@@ -1240,9 +1350,12 @@ impl CoordinatorState {
                         self.ended_notices.entry(node).or_default().extend(ended);
                     }
                 }
-                return;
+                return false;
             }
         };
+        let now = self.now_ms();
+        let was_valid = self.leases.allows(&node, u64::MAX, now);
+        let granted = self.leases.granted(&node, sent_ms, ack.lease_ms);
         for (task, upto, opened) in sent {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 continue;
@@ -1252,6 +1365,9 @@ impl CoordinatorState {
             }
             meta.replica.opened |= opened;
             meta.replica.acked = meta.replica.acked.max(upto);
+            // Held there when this checkpoint arrived (unless the answer says not,
+            // below): no takeover before that.
+            meta.replica.held_ms = meta.replica.held_ms.max(Some(sent_ms));
             if meta.replica.opened && meta.replica.acked == meta.done_log.len() {
                 self.dirty.remove(&task);
             }
@@ -1260,6 +1376,7 @@ impl CoordinatorState {
             if let Some(meta) = self.tasks.get_mut(&task) {
                 meta.replica.opened = false;
                 meta.replica.acked = 0;
+                meta.replica.held_ms = None;
                 self.dirty.insert(task);
             }
         }
@@ -1267,6 +1384,7 @@ impl CoordinatorState {
             if let Some(meta) = self.tasks.get_mut(&task) {
                 warn!(%task, standby = %node, "the standby cannot hold the task: it ends with this node if this node goes down");
                 meta.replica.off = true;
+                meta.replica.held_ms = None;
                 self.dirty.remove(&task);
             }
         }
@@ -1281,6 +1399,26 @@ impl CoordinatorState {
                 );
             }
         }
+        if let Granted::AfterLapse { since_ms } = granted {
+            // The standby may have taken over what it held before the lapse: each such
+            // task waits until the standby has answered for it again.
+            let mut waiting = 0;
+            for (task, meta) in &self.tasks {
+                let before = meta.replica.held_ms.is_some_and(|h| h < since_ms);
+                if before && meta.replica.standby.as_deref() == Some(&*node) && !meta.moved {
+                    self.dirty.insert(*task);
+                    waiting += 1;
+                }
+            }
+            if waiting > 0 {
+                info!(standby = %node, tasks = waiting, "the lease from the standby had lapsed: its tasks wait until it answers for them again");
+            }
+        }
+        let valid = self.leases.allows(&node, u64::MAX, now);
+        if valid {
+            self.fence_logged.remove(&node);
+        }
+        valid && !was_valid
     }
 
     async fn send(&self, node: Arc<str>, message: Message, attempt: Option<(Uuid, u32, u32)>) {

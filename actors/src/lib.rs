@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod discovery;
 pub mod ended;
 pub mod host;
+pub mod lease;
 pub mod ledger;
 pub mod policy;
 pub mod record;

@@ -249,6 +249,10 @@ pub struct CheckpointAck {
     pub refused: Vec<Uuid>,
     /// Tasks it runs itself: it took them over when it held the sender for down.
     pub taken_over: Vec<Uuid>,
+    /// How long from receiving the checkpoint it promises not to take over any of the
+    /// sender's tasks (its lease; `lease.rs`). 0: no promise (an older node).
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 impl RemoteMessage for CheckpointAck {

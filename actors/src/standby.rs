@@ -5,6 +5,12 @@
 //!
 //! Bounded: at most `max_tasks` tasks and `max_bytes` of inputs and results; a task
 //! past either limit is refused, and its coordinator stops sending it here.
+//!
+//! Each answer is a lease: for `lease_ms` from a checkpoint's arrival, none of its
+//! sender's tasks is taken over, even if the sender's node is held for down meanwhile
+//! (the takeover waits for the lease to end). The sender allocates only under the
+//! lease (`lease.rs`), so a coordinator paused past the failure detector does not go
+//! on running what was taken over here.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -48,19 +54,28 @@ impl HeldTask {
     }
 }
 
+/// How long a standby's answer promises not to take over the sender's tasks: what
+/// a takeover may wait after the failure detector, and how often a coordinator with
+/// open tasks renews (at half of it).
+pub const LEASE_MS: u64 = 1_000;
+
 /// The tasks a coordinator holds as standby.
 #[derive(Debug, Default)]
 pub struct Standby {
     limits: StandbyLimits,
+    lease_ms: u64,
     held: HashMap<Uuid, HeldTask>,
     bytes: usize,
+    /// Leases granted, by coordinator's node: until when (on this node's clock).
+    leases: HashMap<String, u64>,
 }
 
 impl Standby {
-    /// An empty standby within `limits`.
-    pub fn new(limits: StandbyLimits) -> Standby {
+    /// An empty standby within `limits`, answering with leases of `lease_ms`.
+    pub fn new(limits: StandbyLimits, lease_ms: u64) -> Standby {
         Standby {
             limits,
+            lease_ms,
             ..Standby::default()
         }
     }
@@ -80,16 +95,26 @@ impl Standby {
         self.held.contains_key(&task)
     }
 
-    /// Takes a checkpoint from `checkpoint.primary`. `running` says whether a task
-    /// runs here already (taken over earlier): such a task is not held again, and the
-    /// answer says so, so that a coordinator that was only cut off stops running it.
+    /// Takes a checkpoint from `checkpoint.primary`, arrived at `now_ms`, and grants
+    /// its sender a lease from then. `running` says whether a task runs here already
+    /// (taken over earlier): such a task is not held again, and the answer says so, so
+    /// that a coordinator that was only cut off stops running it.
     pub fn apply(
         &mut self,
         checkpoint: Checkpoint,
         running: impl Fn(Uuid) -> bool,
+        now_ms: u64,
     ) -> CheckpointAck {
-        let mut ack = CheckpointAck::default();
+        let mut ack = CheckpointAck {
+            lease_ms: self.lease_ms,
+            ..CheckpointAck::default()
+        };
         let primary = checkpoint.primary;
+        // At most one lease per coordinator node; lapsed ones go.
+        self.leases.retain(|_, until| *until > now_ms);
+        let until = now_ms.saturating_add(self.lease_ms);
+        let lease = self.leases.entry(primary.clone()).or_default();
+        *lease = (*lease).max(until);
         for part in checkpoint.tasks {
             let task = part.task;
             if running(task) {
@@ -142,8 +167,15 @@ impl Standby {
         ack
     }
 
-    /// Every task held for `node`, which is down: the caller runs them now.
-    pub fn take_over(&mut self, node: &str) -> Vec<(Uuid, HeldTask)> {
+    /// Every task held for `node`, which is down at `now_ms`: the caller runs them
+    /// now. While a lease granted to `node` runs, none: `Err` says until when.
+    pub fn take_over(&mut self, node: &str, now_ms: u64) -> Result<Vec<(Uuid, HeldTask)>, u64> {
+        if let Some(&until) = self.leases.get(node) {
+            if until > now_ms {
+                return Err(until);
+            }
+            self.leases.remove(node);
+        }
         let tasks: Vec<Uuid> = self
             .held
             .iter()
@@ -160,7 +192,7 @@ impl Standby {
             .collect();
         // By id: the same order on every run, for logs and tests.
         out.sort_by_key(|(t, _)| *t);
-        out
+        Ok(out)
     }
 
     fn forget(&mut self, task: Uuid) {
@@ -213,9 +245,9 @@ mod tests {
     /// ends; a task it never saw start is asked for again from its start.
     #[test]
     fn holds_tasks_until_they_end_or_their_coordinator_goes_down() {
-        let mut s = Standby::new(StandbyLimits::default());
+        let mut s = Standby::new(StandbyLimits::default(), 0);
         let no = |_| false;
-        let ack = s.apply(from("a", vec![open(1, 3, 10), open(2, 1, 10)]), no);
+        let ack = s.apply(from("a", vec![open(1, 3, 10), open(2, 1, 10)]), no, 0);
         assert_eq!(ack, CheckpointAck::default());
         let ack = s.apply(
             from(
@@ -223,16 +255,17 @@ mod tests {
                 vec![done(1, &[(0, 4), (2, 4), (9, 4)]), done(3, &[(0, 1)])],
             ),
             no,
+            0,
         );
         assert_eq!(ack.unknown, vec![Uuid::from_u128(3)], "never opened here");
         let ended = TaskCheckpoint {
             ended: true,
             ..done(2, &[])
         };
-        s.apply(from("a", vec![ended]), no);
+        s.apply(from("a", vec![ended]), no, 0);
         assert!(!s.holds(Uuid::from_u128(2)));
-        assert!(s.take_over("b").is_empty());
-        let taken = s.take_over("a");
+        assert!(s.take_over("b", 0).unwrap().is_empty());
+        let taken = s.take_over("a", 0).unwrap();
         assert_eq!(taken.len(), 1);
         let (task, held) = &taken[0];
         assert_eq!(*task, Uuid::from_u128(1));
@@ -249,35 +282,61 @@ mod tests {
     /// task this node runs itself (taken over earlier) is said to be so.
     #[test]
     fn only_the_tasks_coordinator_adds_to_it_and_a_task_run_here_is_not_held() {
-        let mut s = Standby::new(StandbyLimits::default());
-        s.apply(from("a", vec![open(1, 2, 1)]), |_| false);
-        let ack = s.apply(from("b", vec![done(1, &[(0, 1)])]), |_| false);
+        let mut s = Standby::new(StandbyLimits::default(), 0);
+        s.apply(from("a", vec![open(1, 2, 1)]), |_| false, 0);
+        let ack = s.apply(from("b", vec![done(1, &[(0, 1)])]), |_| false, 0);
         assert_eq!(ack.unknown, vec![Uuid::from_u128(1)]);
-        let ack = s.apply(from("a", vec![open(7, 1, 1)]), |t| t == Uuid::from_u128(7));
+        let ack = s.apply(
+            from("a", vec![open(7, 1, 1)]),
+            |t| t == Uuid::from_u128(7),
+            0,
+        );
         assert_eq!(ack.taken_over, vec![Uuid::from_u128(7)]);
         assert!(!s.holds(Uuid::from_u128(7)));
-        assert!(s.take_over("a")[0].1.done.is_empty());
+        assert!(s.take_over("a", 0).unwrap()[0].1.done.is_empty());
     }
 
     /// Past its task or byte limit a standby refuses, and frees what it refused.
     #[test]
     fn stays_within_its_limits() {
-        let mut s = Standby::new(StandbyLimits {
-            max_tasks: 2,
-            max_bytes: 100,
-        });
+        let mut s = Standby::new(
+            StandbyLimits {
+                max_tasks: 2,
+                max_bytes: 100,
+            },
+            0,
+        );
         let no = |_| false;
         let ack = s.apply(
             from("a", vec![open(1, 1, 10), open(2, 1, 10), open(3, 1, 10)]),
             no,
+            0,
         );
         assert_eq!(ack.refused, vec![Uuid::from_u128(3)]);
-        let ack = s.apply(from("a", vec![done(1, &[(0, 90)])]), no);
+        let ack = s.apply(from("a", vec![done(1, &[(0, 90)])]), no, 0);
         assert_eq!(ack.refused, vec![Uuid::from_u128(1)]);
         assert!(!s.holds(Uuid::from_u128(1)));
         assert_eq!(s.bytes, 10);
-        let ack = s.apply(from("a", vec![open(4, 1, 95)]), no);
+        let ack = s.apply(from("a", vec![open(4, 1, 95)]), no, 0);
         assert_eq!(ack.refused, vec![Uuid::from_u128(4)]);
         assert_eq!((s.len(), s.bytes), (1, 10));
+    }
+
+    /// A checkpoint's arrival starts a lease: its sender's tasks are not taken over
+    /// until it ends, even with the sender held for down; a later checkpoint moves the
+    /// end on; the answer says how long.
+    #[test]
+    fn a_takeover_waits_for_the_lease_granted_with_the_last_answer() {
+        let mut s = Standby::new(StandbyLimits::default(), 1000);
+        let ack = s.apply(from("a", vec![open(1, 1, 1)]), |_| false, 100);
+        assert_eq!(ack.lease_ms, 1000);
+        assert_eq!(s.take_over("a", 500), Err(1100));
+        let ack = s.apply(from("a", Vec::new()), |_| false, 600);
+        assert_eq!(ack.lease_ms, 1000, "a renewal with no task");
+        assert_eq!(s.take_over("a", 1100), Err(1600));
+        assert_eq!(s.take_over("b", 1100), Ok(Vec::new()));
+        let taken = s.take_over("a", 1600).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert!(s.is_empty());
     }
 }

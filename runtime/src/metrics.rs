@@ -64,6 +64,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_tasks_taken_over_total", Kind::Counter, "tasks this node's coordinator took over from a node that went down, as its standby"),
     ("agentmesh_standby_tasks_held", Kind::Gauge, "other coordinators' open tasks this node holds as their standby"),
     ("agentmesh_segments_waiting", Kind::Gauge, "segments of this coordinator's tasks waiting for a worker"),
+    ("agentmesh_attempts_started_total", Kind::Counter, "attempts this node's coordinator allocated to a worker (first attempts and reallocations)"),
     ("agentmesh_segments_completed_total", Kind::Counter, "segment results accepted by this node's coordinator"),
     ("agentmesh_segments_reallocated_total", Kind::Counter, "segments given to a worker again after a failure, a timeout, or the loss of their worker or node"),
     ("agentmesh_results_discarded_total", Kind::Counter, "result copies discarded because the segment was already done"),

@@ -103,8 +103,8 @@ pub enum CoordinatorMsg {
     Adjust(AdjustRequest, RpcReplyPort<AdjustAnswer>),
     /// A node is up: it may be a standby.
     NodeUp(String),
-    /// Another coordinator's tasks, to hold as its standby.
-    Checkpoint(Checkpoint, RpcReplyPort<CheckpointAck>),
+    /// Another coordinator's tasks, to hold as its standby, with the node that sent them.
+    Checkpoint(FromPeer<Checkpoint>, RpcReplyPort<CheckpointAck>),
     /// A standby answered a checkpoint (or did not).
     CheckpointAnswered {
         /// The standby's node.
@@ -323,7 +323,7 @@ impl Actor for Coordinator {
             CoordinatorMsg::Adjust,
             Duration::from_secs(10),
         )?;
-        args.mesh.register_service_rpc(
+        args.mesh.register_service_rpc_from_peer(
             STANDBY_SERVICE,
             myself.clone(),
             CoordinatorMsg::Checkpoint,
@@ -403,8 +403,8 @@ impl Actor for Coordinator {
                 state.assign_waiting().await;
             }
             CoordinatorMsg::NodeUp(node) => state.node_up(&node),
-            CoordinatorMsg::Checkpoint(checkpoint, reply) => {
-                let _ = reply.send(state.hold(checkpoint));
+            CoordinatorMsg::Checkpoint(FromPeer { peer, message }, reply) => {
+                let _ = reply.send(state.hold(&peer, message));
             }
             CoordinatorMsg::CheckpointAnswered {
                 node,
@@ -1116,9 +1116,20 @@ impl CoordinatorState {
         self.dirty.insert(task);
     }
 
-    /// Takes another coordinator's checkpoint, as its standby.
-    fn hold(&mut self, checkpoint: Checkpoint) -> CheckpointAck {
+    /// Takes another coordinator's checkpoint, from node `peer`, as its standby. A node
+    /// speaks only for itself: a checkpoint naming another node as the tasks'
+    /// coordinator is refused whole (it could otherwise have tasks held, and taken
+    /// over, in that node's name, or end them here).
+    fn hold(&mut self, peer: &str, checkpoint: Checkpoint) -> CheckpointAck {
         let primary = checkpoint.primary.clone();
+        if primary != peer {
+            warn!(%peer, claimed = %primary, "refused a checkpoint from a node for another node's tasks");
+            metrics::counter!("agentmesh_checkpoints_refused_total").increment(1);
+            return CheckpointAck {
+                refused: checkpoint.tasks.iter().map(|t| t.task).collect(),
+                ..CheckpointAck::default()
+            };
+        }
         // A task taken over here that has ended since is not held again either: its
         // former coordinator, back from being held down, would otherwise have it
         // held again for a second takeover.

@@ -276,7 +276,7 @@ pub struct FromPeer<M> {
 }
 /// Decodes a request and hands it to the actor: the answer to come, or why there is
 /// none.
-type Answer = Box<dyn Fn(&[u8]) -> Result<Box<dyn PendingReply>, String> + Send + Sync>;
+type Answer = Box<dyn Fn(&str, &[u8]) -> Result<Box<dyn PendingReply>, String> + Send + Sync>;
 
 /// A locally registered actor, with typed handles for local sends and erased ones for
 /// what arrives from the network.
@@ -293,7 +293,8 @@ struct LocalActor {
     service: bool,
 }
 
-type Ask<Req, Resp> = Arc<dyn Fn(Req) -> Result<oneshot::Receiver<Resp>, String> + Send + Sync>;
+type Ask<Req, Resp> =
+    Arc<dyn Fn(Req, &str) -> Result<oneshot::Receiver<Resp>, String> + Send + Sync>;
 
 /// Remote messaging for one node. Cheap to clone.
 #[derive(Clone)]
@@ -571,6 +572,7 @@ impl Mesh {
         Resp: RemoteMessage,
         Msg: ractor::Message,
     {
+        let wrap = move |req, _: &str, port| wrap(req, port);
         self.rpc(name, actor, wrap, ANSWER_TIMEOUT, false)
     }
 
@@ -588,6 +590,29 @@ impl Mesh {
         Resp: RemoteMessage,
         Msg: ractor::Message,
     {
+        let wrap = move |req, _: &str, port| wrap(req, port);
+        self.rpc(name, actor, wrap, answer_timeout, true)
+    }
+
+    /// Like [`Mesh::register_service_rpc`], for a service that needs to know which node
+    /// sent each request (to check that a node speaks only for itself): it gets
+    /// [`FromPeer`], with the authenticated sender (this node, for a local request).
+    pub fn register_service_rpc_from_peer<Req, Resp, Msg>(
+        &self,
+        name: &str,
+        actor: ActorRef<Msg>,
+        wrap: fn(FromPeer<Req>, RpcReplyPort<Resp>) -> Msg,
+        answer_timeout: Duration,
+    ) -> Result<ActorAddr, RegisterError>
+    where
+        Req: RemoteMessage,
+        Resp: RemoteMessage,
+        Msg: ractor::Message,
+    {
+        let wrap = move |message, peer: &str, port| {
+            let peer = peer.to_string();
+            wrap(FromPeer { peer, message }, port)
+        };
         self.rpc(name, actor, wrap, answer_timeout, true)
     }
 
@@ -595,7 +620,7 @@ impl Mesh {
         &self,
         name: &str,
         actor: ActorRef<Msg>,
-        wrap: fn(Req, RpcReplyPort<Resp>) -> Msg,
+        wrap: impl Fn(Req, &str, RpcReplyPort<Resp>) -> Msg + Send + Sync + 'static,
         answer_timeout: Duration,
         service: bool,
     ) -> Result<ActorAddr, RegisterError>
@@ -605,16 +630,18 @@ impl Mesh {
         Msg: ractor::Message,
     {
         let target = actor.clone();
-        let ask: Ask<Req, Resp> = Arc::new(move |req: Req| {
+        let ask: Ask<Req, Resp> = Arc::new(move |req: Req, peer: &str| {
             let (tx, rx) = oneshot::channel();
             let port = RpcReplyPort::from(tx);
-            target.cast(wrap(req, port)).map_err(|e| e.to_string())?;
+            target
+                .cast(wrap(req, peer, port))
+                .map_err(|e| e.to_string())?;
             Ok(rx)
         });
         let erased = ask.clone();
-        let answer: Answer = Box::new(move |body| {
+        let answer: Answer = Box::new(move |peer, body| {
             let req: Req = rmp_serde::from_slice(body).map_err(|e| e.to_string())?;
-            let reply: Box<dyn PendingReply> = Box::new(Replying::new(erased(req)?));
+            let reply: Box<dyn PendingReply> = Box::new(Replying::new(erased(req, peer)?));
             Ok(reply)
         });
         let id = actor.get_id();
@@ -926,7 +953,7 @@ impl Mesh {
                         expected: "another request or answer type",
                         got: Req::KIND,
                     })?;
-            let answer = ask(request).map_err(AskError::Remote)?;
+            let answer = ask(request, &self.inner.node).map_err(AskError::Remote)?;
             return match tokio::time::timeout(timeout, answer).await {
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(_)) => Err(AskError::Remote(
@@ -1228,9 +1255,8 @@ impl Mesh {
                     None => Err(format!("actor {:?} only answers requests", envelope.to)),
                 },
                 Some(actor) => match &actor.answer {
-                    Some(answer) if envelope.kind == actor.kind => {
-                        answer(&envelope.body).map(|reply| Some((reply, actor.answer_timeout)))
-                    }
+                    Some(answer) if envelope.kind == actor.kind => answer(peer, &envelope.body)
+                        .map(|reply| Some((reply, actor.answer_timeout))),
                     Some(_) => Err(format!(
                         "actor {:?} takes {}, not {}",
                         envelope.to, actor.kind, envelope.kind

@@ -456,6 +456,64 @@ async fn an_actor_can_know_which_node_sent_each_message() {
     );
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+struct Who;
+impl RemoteMessage for Who {
+    const KIND: &'static str = "test.Who";
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Name(String);
+impl RemoteMessage for Name {
+    const KIND: &'static str = "test.Name";
+}
+
+/// Answers each `Who` with the node that asked.
+struct Echo;
+impl Actor for Echo {
+    type Msg = (agentmesh_runtime::FromPeer<Who>, RpcReplyPort<Name>);
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<Self::Msg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        (asked, reply): Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = reply.send(Name(asked.peer));
+        Ok(())
+    }
+}
+
+/// A service that answers requests can know which node asked: the authenticated peer
+/// for a request from another node, this node for a local one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_answers_can_know_which_node_asked() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (echo, _) = Actor::spawn(None, Echo, ()).await.unwrap();
+    let service = "agentmesh.test.who";
+    nodes[0]
+        .mesh()
+        .register_service_rpc_from_peer(service, echo, |w, r| (w, r), Duration::from_secs(5))
+        .unwrap();
+    let at = ActorAddr {
+        node: "alpha".into(),
+        name: service.into(),
+    };
+    for (node, expected) in [(&nodes[1], "beta"), (&nodes[0], "alpha")] {
+        let name: Name = node
+            .mesh()
+            .ask_at(&at, Who, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(name, Name(expected.into()));
+    }
+}
+
 /// Answers `Add(a, b)` in one of several ways, picked by `a`: 0 drops the reply port,
 /// 1 keeps it and never answers, 2 answers from a thread of its own (outside the
 /// runtime) a little later, 3 holds requests until `b` of them have come and then

@@ -666,7 +666,9 @@ impl CoordinatorState {
         }
         if let (Some(standby), Some(held_ms)) = (&meta.replica.standby, meta.replica.held_ms) {
             if !self.leases.allows(standby, held_ms, self.now_ms()) {
-                if self.fence_logged.insert(standby.clone()) {
+                if !self.leases.knows(standby) {
+                    debug!(%task, %standby, "a task waits for its standby's first answer");
+                } else if self.fence_logged.insert(standby.clone()) {
                     info!(%task, %standby, "a task waits: its standby's lease lapsed, and the standby may have taken it over; allocating again once the standby answers for it");
                 }
                 return;
@@ -1175,7 +1177,13 @@ impl CoordinatorState {
     /// renews the leases due.
     fn checkpoint(&mut self) {
         let now = self.now_ms();
-        let renew = self.leases.standbys().any(|s| self.leases.due(s, now));
+        let standby = self.pick_standby();
+        // A lease is asked of the standby before any task goes there, and kept while
+        // it is this node's standby, so that a new task need not wait for one.
+        let first = standby
+            .as_ref()
+            .is_some_and(|s| !self.leases.knows(s) && !self.is_busy(s, now));
+        let renew = first || self.leases.standbys().any(|s| self.leases.due(s, now));
         if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
             return;
         }
@@ -1183,7 +1191,6 @@ impl CoordinatorState {
         if self.up.iter().all(|n| self.busy.contains_key(n)) {
             return; // Nowhere to send now (checked once per message handled).
         }
-        let standby = self.pick_standby();
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
         let dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
         for task in dirty {
@@ -1272,7 +1279,7 @@ impl CoordinatorState {
             }));
         }
         if renew {
-            self.renewals(now, &mut batches);
+            self.renewals(now, standby, &mut batches);
         }
         for (
             node,
@@ -1314,20 +1321,38 @@ impl CoordinatorState {
         }
     }
 
-    /// Adds a lease renewal to `batches` for each standby whose lease is due and that
-    /// has no checkpoint in flight; a standby that holds none of this node's tasks any
-    /// more is forgotten instead. The scan of the tasks runs once per renewal.
-    fn renewals(&mut self, now: u64, batches: &mut HashMap<Arc<str>, Batch>) {
-        let due: Vec<Arc<str>> = self
+    /// Whether a checkpoint to `node` is in flight, or waits to be sent again.
+    fn is_busy(&self, node: &str, now: u64) -> bool {
+        self.busy.get(node).is_some_and(|until| *until > now)
+    }
+
+    /// Adds a lease request to `batches` for each standby whose lease is due, and for
+    /// `current` (the standby new tasks go to) if it has not answered yet, unless a
+    /// checkpoint to it is in flight. A former standby that holds none of this node's
+    /// tasks any more is forgotten instead; the scan of the tasks runs once per renewal.
+    fn renewals(
+        &mut self,
+        now: u64,
+        current: Option<Arc<str>>,
+        batches: &mut HashMap<Arc<str>, Batch>,
+    ) {
+        let mut due: Vec<Arc<str>> = self
             .leases
             .standbys()
-            .filter(|s| self.leases.due(s, now) && !self.busy.contains_key(*s))
+            .filter(|s| self.leases.due(s, now))
             .cloned()
             .collect();
+        if let Some(current) = current.as_ref().filter(|s| !self.leases.knows(s)) {
+            due.push(current.clone());
+        }
         for standby in due {
-            let used = self.tasks.values().any(|m| {
-                m.replica.held_ms.is_some() && m.replica.standby.as_ref() == Some(&standby)
-            });
+            if self.busy.contains_key(&standby) {
+                continue;
+            }
+            let used = current.as_ref() == Some(&standby)
+                || self.tasks.values().any(|m| {
+                    m.replica.held_ms.is_some() && m.replica.standby.as_ref() == Some(&standby)
+                });
             if used {
                 batches.entry(standby).or_default().renewal = true;
             } else {

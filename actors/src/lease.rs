@@ -101,6 +101,12 @@ impl Leases {
         }
     }
 
+    /// Whether `standby` has answered (with a lease or without) since it was last
+    /// forgotten.
+    pub fn knows(&self, standby: &str) -> bool {
+        self.by_standby.contains_key(standby) || self.no_lease.contains(standby)
+    }
+
     /// Whether the lease from `standby` should be renewed now: past half its length,
     /// or lapsed.
     pub fn due(&self, standby: &str, now_ms: u64) -> bool {
@@ -137,6 +143,7 @@ mod tests {
         let mut l = Leases::default();
         let b = s("b");
         assert!(!l.allows("b", 0, 0), "no answer yet");
+        assert!(!l.knows("b"));
         assert_eq!(
             l.granted(&b, 100, 1000),
             Granted::AfterLapse { since_ms: 100 }

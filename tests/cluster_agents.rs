@@ -174,6 +174,18 @@ fn sleep_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 6] {
     ]
 }
 
+/// Pauses `node`'s process for `pause` (SIGSTOP), then lets it go on (SIGCONT).
+fn pause(node: &NodeProcess, pause: Duration) {
+    let pid = node.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    std::thread::sleep(pause);
+    signal("-CONT");
+}
+
 /// Waits for a `submit --json` and returns its exit status and object.
 fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
     let out = child.wait_with_output().unwrap();
@@ -261,14 +273,7 @@ fn a_coordinator_paused_past_its_lease_allocates_nothing_its_standby_took_over()
     std::thread::sleep(Duration::from_millis(2_500));
     let before = counter(&scrape(&metrics), "agentmesh_attempts_started_total");
     assert!(before >= 6, "the first round ran: {before}");
-    let pid = first.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(ok.success(), "kill {sig}");
-    };
-    signal("-STOP");
-    std::thread::sleep(Duration::from_secs(4));
-    signal("-CONT");
+    pause(&first, Duration::from_secs(4));
 
     let (status, task) = outcome(submit);
     completed_with_every_result(status, &task, 30, 2000);
@@ -300,14 +305,7 @@ fn a_submit_that_loses_its_connection_asks_again_and_the_task_runs_once() {
         ],
     );
     node.expect(&["task submitted"]);
-    let pid = node.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(ok.success(), "kill {sig}");
-    };
-    signal("-STOP");
-    std::thread::sleep(Duration::from_secs(4));
-    signal("-CONT");
+    pause(&node, Duration::from_secs(4));
     let deadline = Instant::now() + Duration::from_secs(60);
     while submit.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {

@@ -1390,7 +1390,7 @@ impl CoordinatorState {
             }
         };
         let now = self.now_ms();
-        let was_valid = self.leases.allows(&node, u64::MAX, now);
+        let was_valid = self.leases.runs(&node, now);
         let granted = self.leases.granted(&node, sent_ms, ack.lease_ms);
         for (task, upto, opened) in sent {
             let Some(meta) = self.tasks.get_mut(&task) else {
@@ -1450,7 +1450,7 @@ impl CoordinatorState {
                 info!(standby = %node, tasks = waiting, "the lease from the standby had lapsed: its tasks wait until it answers for them again");
             }
         }
-        let valid = self.leases.allows(&node, u64::MAX, now);
+        let valid = self.leases.runs(&node, now);
         if valid {
             self.fence_logged.remove(&node);
         }

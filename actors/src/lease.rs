@@ -95,8 +95,18 @@ impl Leases {
     /// at `now_ms`. Before a standby's first answer its tasks wait; a standby that
     /// grants no lease fences nothing.
     pub fn allows(&self, standby: &str, held_ms: u64, now_ms: u64) -> bool {
+        self.runs(standby, now_ms)
+            && self
+                .by_standby
+                .get(standby)
+                .is_none_or(|lease| lease.since_ms <= held_ms)
+    }
+
+    /// Whether the lease from `standby` runs at `now_ms` (true for a standby that
+    /// grants none: it fences nothing).
+    pub fn runs(&self, standby: &str, now_ms: u64) -> bool {
         match self.by_standby.get(standby) {
-            Some(lease) => now_ms < lease.until_ms && lease.since_ms <= held_ms,
+            Some(lease) => now_ms < lease.until_ms,
             None => self.no_lease.contains(standby),
         }
     }

@@ -135,8 +135,27 @@ impl NodeProcess {
 }
 
 impl Drop for NodeProcess {
+    /// Kills the process; when a test failed, first prints how it ended and its last
+    /// log lines not yet matched, so that a failure under CI can be read from its output.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let pid = self.child.id();
+            let ended = self.child.try_wait().ok().flatten();
+            let mut lines =
+                std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+            lines.extend(self.lines.try_iter());
+            let skip = lines.len().saturating_sub(LINES_SHOWN_ON_FAILURE);
+            eprintln!(
+                "--- node process {pid} ({}), its last {} unmatched log lines:\n{}",
+                ended.map_or("still running".to_string(), |s| format!("ended: {s}")),
+                lines.len() - skip,
+                lines[skip..].join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
+
+/// How many of a node's log lines a failed test prints.
+const LINES_SHOWN_ON_FAILURE: usize = 60;

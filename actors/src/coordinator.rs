@@ -33,6 +33,7 @@ use agentmesh_runtime::{FromPeer, Mesh};
 use crate::discovery::DiscoveryMsg;
 use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
+use crate::in_flight::InFlight;
 use crate::lease::{Granted, Leases};
 use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
@@ -116,6 +117,8 @@ pub enum CoordinatorMsg {
         ended: Vec<Uuid>,
         /// When it was sent (the lease in the answer counts from then).
         sent_ms: u64,
+        /// Which checkpoint it was (this coordinator numbers them).
+        number: u64,
         /// Its answer.
         answer: Result<CheckpointAck, String>,
     },
@@ -269,8 +272,8 @@ pub struct CoordinatorState {
     up: BTreeSet<Arc<str>>,
     /// Tasks with something their standby does not have yet.
     dirty: HashSet<Uuid>,
-    /// Standbys with a checkpoint in flight (`u64::MAX`), or failed, until when.
-    busy: HashMap<Arc<str>, u64>,
+    /// Standbys with a checkpoint in flight, or whose last one failed.
+    busy: InFlight,
     /// Tasks ended here whose standby is still to be told.
     ended_notices: HashMap<Arc<str>, Vec<Uuid>>,
     /// Other coordinators' tasks held here.
@@ -370,7 +373,7 @@ impl Actor for Coordinator {
             mesh: args.mesh,
             myself,
             dirty: HashSet::new(),
-            busy: HashMap::new(),
+            busy: InFlight::default(),
             ended_notices: HashMap::new(),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
@@ -411,9 +414,10 @@ impl Actor for Coordinator {
                 sent,
                 ended,
                 sent_ms,
+                number,
                 answer,
             } => {
-                if state.checkpoint_answered(node, sent, ended, sent_ms, answer) {
+                if state.checkpoint_answered(node, sent, ended, (sent_ms, number), answer) {
                     state.assign_waiting().await;
                 }
             }
@@ -1038,7 +1042,7 @@ impl CoordinatorState {
     /// standby for go to another.
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
-        self.busy.remove(node);
+        self.busy.forget(node);
         self.ended_notices.remove(node);
         self.leases.forget(node);
         self.fence_logged.remove(node);
@@ -1187,8 +1191,8 @@ impl CoordinatorState {
         if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
             return;
         }
-        self.busy.retain(|_, until| *until > now);
-        if self.up.iter().all(|n| self.busy.contains_key(n)) {
+        self.busy.expire(now);
+        if self.up.iter().all(|n| self.busy.blocks(n)) {
             return; // Nowhere to send now (checked once per message handled).
         }
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
@@ -1214,7 +1218,7 @@ impl CoordinatorState {
                     continue;
                 }
             };
-            if self.busy.contains_key(&node) {
+            if self.busy.blocks(&node) {
                 continue;
             }
             let Batch {
@@ -1266,7 +1270,7 @@ impl CoordinatorState {
         }
         let notices: Vec<Arc<str>> = self.ended_notices.keys().cloned().collect();
         for node in notices {
-            if self.busy.contains_key(&node) {
+            if self.busy.blocks(&node) {
                 continue;
             }
             let ended = self.ended_notices.remove(&node).unwrap_or_default();
@@ -1294,7 +1298,7 @@ impl CoordinatorState {
             if tasks.is_empty() && !renewal {
                 continue;
             }
-            self.busy.insert(node.clone(), u64::MAX);
+            let number = self.busy.send(node.clone());
             let ended: Vec<Uuid> = tasks.iter().filter(|t| t.ended).map(|t| t.task).collect();
             let checkpoint = Checkpoint {
                 primary: self.mesh.node().to_string(),
@@ -1315,6 +1319,7 @@ impl CoordinatorState {
                     sent,
                     ended,
                     sent_ms: now,
+                    number,
                     answer,
                 });
             });
@@ -1323,7 +1328,7 @@ impl CoordinatorState {
 
     /// Whether a checkpoint to `node` is in flight, or waits to be sent again.
     fn is_busy(&self, node: &str, now: u64) -> bool {
-        self.busy.get(node).is_some_and(|until| *until > now)
+        self.busy.blocks_at(node, now)
     }
 
     /// Adds a lease request to `batches` for each standby whose lease is due, and for
@@ -1346,7 +1351,7 @@ impl CoordinatorState {
             due.push(current.clone());
         }
         for standby in due {
-            if self.busy.contains_key(&standby) {
+            if self.busy.blocks(&standby) {
                 continue;
             }
             let used = current.as_ref() == Some(&standby)
@@ -1362,26 +1367,30 @@ impl CoordinatorState {
         }
     }
 
-    /// Records what a standby has now, and the lease it granted. True if the lease
-    /// had lapsed and now runs again: tasks it held back may be allocated.
+    /// Records what a standby has now, and the lease it granted, from the answer to
+    /// the checkpoint in flight to it (any other is stale and ignored). True if the
+    /// lease had lapsed and now runs again: tasks it held back may be allocated.
     fn checkpoint_answered(
         &mut self,
         node: Arc<str>,
         sent: Vec<(Uuid, usize, bool)>,
         ended: Vec<Uuid>,
-        sent_ms: u64,
+        (sent_ms, number): (u64, u64),
         answer: Result<CheckpointAck, String>,
     ) -> bool {
+        if !self.busy.answered(&node, number) {
+            // Sent before `node` was last held down: what it answers was reset then,
+            // and a later checkpoint may be in flight.
+            debug!(%node, "answer to a checkpoint sent before the node was down; ignored");
+            return false;
+        }
         let ack = match answer {
-            Ok(ack) => {
-                self.busy.remove(&node);
-                ack
-            }
+            Ok(ack) => ack,
             Err(e) => {
                 debug!(%node, error = %e, "checkpoint not taken; sent again shortly");
                 if self.up.contains(&node) {
                     self.busy
-                        .insert(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
+                        .retry_at(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
                     if !ended.is_empty() {
                         self.ended_notices.entry(node).or_default().extend(ended);
                     }

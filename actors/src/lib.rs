@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod discovery;
 pub mod ended;
 pub mod host;
+pub mod in_flight;
 pub mod lease;
 pub mod ledger;
 pub mod policy;

@@ -379,16 +379,21 @@ impl Transport {
     /// a resumed session may send 0-RTT data on the lanes where that is safe. A connect
     /// to an address this node is dialling already waits for that dial instead of
     /// making a second connection (which the two nodes might not agree to retire).
+    /// Without `expected`, an open connection to a peer at `addr` is the one there: a
+    /// dial that ended before this connect began (at once, when it resumed a session)
+    /// is not dialled twice.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         expected: Option<&str>,
     ) -> Result<PeerName, TransportError> {
         loop {
-            if let Some(name) = expected {
-                if let Some(peer) = self.peer(name) {
-                    return Ok(peer.name().clone());
-                }
+            let there = match expected {
+                Some(name) => self.peer(name).map(|peer| peer.name().clone()),
+                None => self.peer_at(addr),
+            };
+            if let Some(name) = there {
+                return Ok(name);
             }
             // A dial to `addr` in flight, or the sender for the one this connect makes.
             let in_flight = {
@@ -528,6 +533,17 @@ impl Transport {
     /// close, and clients' (such as `agentmesh status`) that are not peers.
     pub fn open_connections(&self) -> usize {
         self.shared.endpoint.open_connections()
+    }
+
+    /// The peer whose open connection has `addr` at its other end, if any.
+    fn peer_at(&self, addr: SocketAddr) -> Option<PeerName> {
+        let peers = self.shared.peers.lock().ok()?;
+        peers
+            .iter()
+            .find(|(_, p)| {
+                same_addr(p.conn.remote_address(), addr) && p.conn.close_reason().is_none()
+            })
+            .map(|(name, _)| name.clone())
     }
 
     /// A handle on the connection to `peer`, if there is one.

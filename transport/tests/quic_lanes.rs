@@ -376,6 +376,21 @@ async fn concurrent_dials_from_one_node_to_one_peer_make_one_connection() {
     }
 }
 
+/// A dial by address alone to a peer already connected at that address (a seed that
+/// dialled this node first, or a dial that ended at once on a resumed session) uses
+/// that connection. Before, it made a second one, which the two nodes then retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_by_address_to_a_connected_peer_makes_no_second_connection() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, b) = pair(&ca).await;
+    assert_eq!(&*b.transport.connect(a.addr, None).await.unwrap(), "alpha");
+    assert_eq!(&*a.transport.connect(b.addr, None).await.unwrap(), "beta");
+    for n in [&a, &b] {
+        assert_eq!(n.transport.open_connections(), 1);
+        assert_eq!(n.transport.stats().duplicates_retired, [0, 0]);
+    }
+}
+
 #[tokio::test]
 async fn a_leaving_peer_is_reported_down_at_once() {
     let ca = ClusterCa::generate().unwrap();

@@ -97,6 +97,15 @@ pub enum AskError {
     /// Too many asks are waiting for answers.
     #[error("{0} asks already wait for answers")]
     TooMany(usize),
+    /// The connection the request went on was lost before an answer came: the request
+    /// may or may not have been handled there (as after a timeout).
+    #[error("the connection to {node} was lost before it answered: {why}")]
+    ConnectionLost {
+        /// The node asked.
+        node: String,
+        /// How the connection ended.
+        why: String,
+    },
 }
 
 /// Why a monitored actor is gone.
@@ -985,20 +994,35 @@ impl Mesh {
             body: &[],
         };
         let sent = self
-            .send_encoded(&addr.node, request.priority(), |out| {
+            .send_encoded_via(&addr.node, request.priority(), |out| {
                 envelope.encode_into_with(out, |out| write_message(out, &request))
             })
             .await;
         let result = match sent {
             Err(e) => Err(AskError::Send(e)),
-            Ok(()) => match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(Ok(body))) => {
-                    rmp_serde::from_slice(&body).map_err(|e| AskError::Decode(e.to_string()))
+            Ok(peer) => {
+                // A connection lost with the request on it brings no answer: the ask
+                // fails then, not at its timeout (a retry may go on a new one).
+                let lost = async {
+                    match peer.lost().await {
+                        Some(why) => why,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    answer = tokio::time::timeout(timeout, rx) => match answer {
+                        Ok(Ok(Ok(body))) => rmp_serde::from_slice(&body)
+                            .map_err(|e| AskError::Decode(e.to_string())),
+                        Ok(Ok(Err(remote))) => Err(AskError::Remote(remote)),
+                        Ok(Err(_)) => Err(AskError::Remote("the node went away".into())),
+                        Err(_) => Err(AskError::Timeout(timeout_ms)),
+                    },
+                    why = lost => Err(AskError::ConnectionLost {
+                        node: addr.node.clone(),
+                        why,
+                    }),
                 }
-                Ok(Ok(Err(remote))) => Err(AskError::Remote(remote)),
-                Ok(Err(_)) => Err(AskError::Remote("the node went away".into())),
-                Err(_) => Err(AskError::Timeout(timeout_ms)),
-            },
+            }
         };
         if let Ok(mut pending) = self.inner.pending.lock() {
             pending.remove(&correlation);
@@ -1098,6 +1122,16 @@ impl Mesh {
         prio: u8,
         encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
+        self.send_encoded_via(node, prio, encode).await.map(drop)
+    }
+
+    /// [`Mesh::send_encoded`], returning the connection it was sent on.
+    async fn send_encoded_via(
+        &self,
+        node: &str,
+        prio: u8,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), SendError>,
+    ) -> Result<PeerHandle, SendError> {
         let peer = self.peer_ready(node).await?;
         let mut buf = EnvelopeBuf::take();
         encode(&mut buf.0)?;
@@ -1105,7 +1139,8 @@ impl Mesh {
             .send_ref(MessageRef::new(envelope_header(prio), &buf.0))
             .await;
         buf.give_back();
-        sent.map_err(SendError::from)
+        sent.map_err(SendError::from)?;
+        Ok(peer)
     }
 
     /// Sends this node's names to every connected peer (a change) in the background.

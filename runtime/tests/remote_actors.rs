@@ -12,6 +12,7 @@ use agentmesh_runtime::{
 };
 use agentmesh_transport::clock::SystemClock;
 use agentmesh_transport::tls::ClusterCa;
+use agentmesh_transport::wire::AcpErrorCode;
 use agentmesh_transport::EndpointConfig;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -761,4 +762,96 @@ async fn a_send_to_a_node_just_reported_up_waits_for_its_connection() {
         .unwrap()
         .unwrap();
     assert_eq!(got.text, "first words");
+}
+
+/// Keeps every request's reply port, unanswered, and reports each arrival.
+struct Keeper;
+impl Actor for Keeper {
+    type Msg = AdderMsg;
+    type State = (mpsc::UnboundedSender<()>, Vec<RpcReplyPort<Sum>>);
+    type Arguments = mpsc::UnboundedSender<()>;
+    async fn pre_start(
+        &self,
+        _: ActorRef<AdderMsg>,
+        arrived: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok((arrived, Vec::new()))
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<AdderMsg>,
+        AdderMsg::Add(_, reply): AdderMsg,
+        (arrived, kept): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        kept.push(reply);
+        let _ = arrived.send(());
+        Ok(())
+    }
+}
+
+/// An ask whose connection is lost (here the asked node closes it for an error) fails
+/// then with `ConnectionLost`, instead of waiting out its timeout for an answer that
+/// cannot come on it; the mesh reconnects and the next ask is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_fails_when_its_connection_is_lost_not_at_its_timeout() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (keeper, _) = Actor::spawn(None, Keeper, arrived_tx).await.unwrap();
+    let kept = nodes[0]
+        .mesh()
+        .register_service_rpc(
+            "agentmesh.test.keeper",
+            keeper,
+            AdderMsg::Add,
+            Duration::from_secs(120),
+        )
+        .unwrap();
+    let (adder, _) = Actor::spawn(None, Adder, ()).await.unwrap();
+    let adds = nodes[0]
+        .mesh()
+        .register_service_rpc(
+            "agentmesh.test.adder",
+            adder,
+            AdderMsg::Add,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let asker = nodes[1].mesh().clone();
+    let ask = tokio::spawn(async move {
+        asker
+            .ask_at::<Add, Sum>(&kept, Add(1, 2), Duration::from_secs(120))
+            .await
+    });
+    arrived.recv().await.unwrap();
+    nodes[0]
+        .transport()
+        .peer("beta")
+        .unwrap()
+        .close(AcpErrorCode::ProtocolViolation, "test: lose the connection");
+    let lost = tokio::time::timeout(Duration::from_secs(60), ask)
+        .await
+        .expect("the ask ended long before its timeout")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(lost, AskError::ConnectionLost { ref node, .. } if node == "alpha"),
+        "{lost}"
+    );
+    // Membership dials again; asks go on the new connection.
+    let mut answered = None;
+    for _ in 0..100 {
+        match nodes[1]
+            .mesh()
+            .ask_at::<Add, Sum>(&adds, Add(2, 3), Duration::from_secs(5))
+            .await
+        {
+            Ok(sum) => {
+                answered = Some(sum);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(answered, Some(Sum(5)));
 }

@@ -480,6 +480,22 @@ impl PeerHandle {
         self.conn.conn.close_reason().is_none()
     }
 
+    /// Resolves when the connection closes: with why, if it was lost (it timed out,
+    /// was reset, or either side closed it for an error), so that what was in flight
+    /// on it may never arrive and no answer to it may come; with `None` if it was
+    /// closed with no error (retired as a duplicate, whose frames are delivered first
+    /// and whose senders move to the connection kept; or the peer leaving).
+    pub async fn lost(&self) -> Option<String> {
+        let no_error = VarInt::from_u32(AcpErrorCode::NoError.code());
+        match self.conn.conn.closed().await {
+            quinn::ConnectionError::LocallyClosed => None,
+            quinn::ConnectionError::ApplicationClosed(close) if close.error_code == no_error => {
+                None
+            }
+            error => Some(error.to_string()),
+        }
+    }
+
     /// Queues `message` on the lane its header picks (its sequence number is set by the
     /// lane), waiting while that lane's queue is full. Other lanes are unaffected.
     pub async fn send(&self, message: Message) -> Result<(), TransportError> {

@@ -1,5 +1,6 @@
 //! Seeded random faults added on top of a workload's own (`--faults`): node crashes
-//! (each restarts after a while), partitions (each heals after a while) and loss.
+//! (each restarts after a while), partitions (each heals after a while), agent panics
+//! (the worker supervisor brings the replica back) and loss.
 
 use std::str::FromStr;
 
@@ -16,18 +17,24 @@ pub struct FaultSpec {
     pub partition_ms: u64,
     /// Packets lost on every link, in thousandths (added to the workload's).
     pub loss_permille: u32,
+    /// Chance per agent per simulated second that one of its replicas panics (in the
+    /// middle of a segment, if it runs one).
+    pub panic_per_sec: f64,
 }
 
 impl FaultSpec {
     /// True if it adds no fault at all.
     pub fn is_none(&self) -> bool {
-        self.crash_per_sec == 0.0 && self.partition_per_sec == 0.0 && self.loss_permille == 0
+        self.crash_per_sec == 0.0
+            && self.partition_per_sec == 0.0
+            && self.loss_permille == 0
+            && self.panic_per_sec == 0.0
     }
 }
 
 /// Why a fault spec was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("bad --faults {spec:?}: {why} (expected e.g. crash=0.01,partition=0.005,loss=2%,restart=3000ms)")]
+#[error("bad --faults {spec:?}: {why} (expected e.g. crash=0.01,partition=0.005,panic=0.01,loss=2%,restart=3000ms)")]
 pub struct FaultSpecError {
     spec: String,
     why: String,
@@ -36,7 +43,7 @@ pub struct FaultSpecError {
 impl FromStr for FaultSpec {
     type Err = FaultSpecError;
 
-    /// `crash=R` and `partition=R` are chances per second (0..=1); `loss=P%` a
+    /// `crash=R`, `partition=R` and `panic=R` are chances per second (0..=1); `loss=P%` a
     /// percentage (0..=100, kept in thousandths); `restart=Nms` and `heal=Nms` how
     /// long crashes and partitions last (3000 and 2000 unless given).
     fn from_str(spec: &str) -> Result<FaultSpec, FaultSpecError> {
@@ -70,6 +77,7 @@ impl FromStr for FaultSpec {
             match key {
                 "crash" => f.crash_per_sec = rate(value)?,
                 "partition" => f.partition_per_sec = rate(value)?,
+                "panic" => f.panic_per_sec = rate(value)?,
                 "restart" => f.restart_ms = millis(value)?,
                 "heal" => f.partition_ms = millis(value)?,
                 "loss" => {
@@ -96,9 +104,10 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_say_why() {
-        let f: FaultSpec = "crash=0.01, partition=0.005,loss=2%,restart=500ms"
+        let f: FaultSpec = "crash=0.01, partition=0.005,loss=2%,restart=500ms,panic=0.2"
             .parse()
             .unwrap();
+        assert_eq!(f.panic_per_sec, 0.2);
         assert_eq!(f.crash_per_sec, 0.01);
         assert_eq!(f.partition_per_sec, 0.005);
         assert_eq!(f.loss_permille, 20);
@@ -107,6 +116,7 @@ mod tests {
         assert!("".parse::<FaultSpec>().unwrap().is_none());
         for (bad, why) in [
             ("crash=2", "not a chance"),
+            ("panic=-1", "not a chance"),
             ("loss=x", "not a percentage"),
             ("quake=1", "unknown fault"),
             ("crash", "not key=value"),

@@ -1183,9 +1183,14 @@ impl Sim {
                 &*ag.agent_type == agent_type && ag.alive && !ag.up.is_empty()
             })
             .max_by_key(|&a| (self.agents[a].running.len(), std::cmp::Reverse(a)));
-        let Some(a) = victim else {
-            return;
-        };
+        if let Some(a) = victim {
+            self.panic_replica(node, a);
+        }
+    }
+
+    /// A replica of agent `a` (on `node`) that is up panics, failing the first segment
+    /// it runs, if any; the supervisor brings it back after the restart policy's delay.
+    fn panic_replica(&mut self, node: NodeIx, a: AgentIx) {
         let now = std::time::Duration::from_micros(self.now_us);
         let policy = self.config.restarts;
         let ag = &mut self.agents[a];
@@ -1282,6 +1287,25 @@ impl Sim {
                 self.log(format_args!("crash {ix} (fault)"));
                 self.crash(ix);
                 self.schedule(f.restart_ms * 1000, Event::Restart(ix));
+            }
+        }
+        // Drawn only when asked for, so that runs without panics keep their digests.
+        let panic = (f.panic_per_sec * 1_000_000.0) as u64;
+        if panic > 0 {
+            for ix in 0..self.nodes.len() {
+                if !self.nodes[ix].up {
+                    continue;
+                }
+                let mut agents: Vec<AgentIx> = self.nodes[ix].agents.values().copied().collect();
+                agents.sort_unstable(); // in a fixed order, so runs repeat
+                for a in agents {
+                    let ag = &self.agents[a];
+                    if ag.alive && !ag.up.is_empty() && self.rng.random_range(0..1_000_000) < panic
+                    {
+                        self.log(format_args!("panic {ix} agent {a} (fault)"));
+                        self.panic_replica(ix, a);
+                    }
+                }
             }
         }
         let partition = (f.partition_per_sec * 1_000_000.0) as u64;

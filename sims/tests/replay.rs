@@ -85,6 +85,39 @@ fn the_rag_burst_with_random_faults_keeps_every_invariant() {
     }
 }
 
+/// Random agent panics (`panic=R`): segments fail mid-run, replicas restart or rest
+/// under the restart policy, and every invariant holds; a run repeats byte for byte.
+#[test]
+fn random_agent_panics_keep_every_invariant_and_runs_repeat() {
+    let faults: FaultSpec = "panic=0.5,crash=0.05,loss=2%,restart=300ms"
+        .parse()
+        .unwrap();
+    for seed in 1..=3 {
+        let config = SimConfig {
+            seed,
+            faults,
+            keep_log: seed == 1,
+            ..SimConfig::default()
+        };
+        let (r, log) = run("rag", config.clone());
+        assert!(r.panics >= 50, "seed {seed}: {} panics", r.panics);
+        assert_eq!(r.lost, 0);
+        assert_eq!(r.duplicates_accepted, 0);
+        assert_eq!(
+            r.tasks_completed + r.tasks_failed + r.tasks_lost_with_coordinator + r.tasks_refused,
+            r.tasks_submitted,
+            "{r:?}"
+        );
+        if seed == 1 {
+            assert!(log
+                .iter()
+                .any(|l| l.contains("(fault)") && l.contains("panic")));
+            let (_, again) = run("rag", config);
+            assert_eq!(log, again);
+        }
+    }
+}
+
 #[test]
 fn a_checker_stops_the_run_at_the_first_violation_with_seed_and_event() {
     // Failure detection takes hundreds of milliseconds: a 1 ms bound cannot hold.

@@ -31,7 +31,7 @@ pub struct SimRunArgs {
     /// Seeds every random choice: the same workload and seed give the same run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Random faults on top of the workload's, e.g. crash=0.01,partition=0.005,loss=2%.
+    /// Random faults on top of the workload's, e.g. crash=0.01,partition=0.005,panic=0.05,loss=2%.
     #[arg(long, default_value = "")]
     faults: FaultSpec,
     /// Print one JSON object instead of the table.

@@ -273,7 +273,7 @@ pub struct CoordinatorState {
     /// Tasks with something their standby does not have yet.
     dirty: HashSet<Uuid>,
     /// Standbys with a checkpoint in flight, or whose last one failed.
-    busy: InFlight,
+    in_flight: InFlight,
     /// Tasks ended here whose standby is still to be told.
     ended_notices: HashMap<Arc<str>, Vec<Uuid>>,
     /// Other coordinators' tasks held here.
@@ -373,7 +373,7 @@ impl Actor for Coordinator {
             mesh: args.mesh,
             myself,
             dirty: HashSet::new(),
-            busy: InFlight::default(),
+            in_flight: InFlight::default(),
             ended_notices: HashMap::new(),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
@@ -417,7 +417,7 @@ impl Actor for Coordinator {
                 number,
                 answer,
             } => {
-                if state.checkpoint_answered(node, sent, ended, (sent_ms, number), answer) {
+                if state.checkpoint_answered(node, sent, ended, sent_ms, number, answer) {
                     state.assign_waiting().await;
                 }
             }
@@ -1042,7 +1042,7 @@ impl CoordinatorState {
     /// standby for go to another.
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
-        self.busy.forget(node);
+        self.in_flight.forget(node);
         self.ended_notices.remove(node);
         self.leases.forget(node);
         self.fence_logged.remove(node);
@@ -1191,8 +1191,8 @@ impl CoordinatorState {
         if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
             return;
         }
-        self.busy.expire(now);
-        if self.up.iter().all(|n| self.busy.blocks(n)) {
+        self.in_flight.expire(now);
+        if self.up.iter().all(|n| self.in_flight.blocks(n)) {
             return; // Nowhere to send now (checked once per message handled).
         }
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
@@ -1218,7 +1218,7 @@ impl CoordinatorState {
                     continue;
                 }
             };
-            if self.busy.blocks(&node) {
+            if self.in_flight.blocks(&node) {
                 continue;
             }
             let Batch {
@@ -1270,7 +1270,7 @@ impl CoordinatorState {
         }
         let notices: Vec<Arc<str>> = self.ended_notices.keys().cloned().collect();
         for node in notices {
-            if self.busy.blocks(&node) {
+            if self.in_flight.blocks(&node) {
                 continue;
             }
             let ended = self.ended_notices.remove(&node).unwrap_or_default();
@@ -1298,7 +1298,7 @@ impl CoordinatorState {
             if tasks.is_empty() && !renewal {
                 continue;
             }
-            let number = self.busy.send(node.clone());
+            let number = self.in_flight.send(node.clone());
             let ended: Vec<Uuid> = tasks.iter().filter(|t| t.ended).map(|t| t.task).collect();
             let checkpoint = Checkpoint {
                 primary: self.mesh.node().to_string(),
@@ -1328,7 +1328,7 @@ impl CoordinatorState {
 
     /// Whether a checkpoint to `node` is in flight, or waits to be sent again.
     fn is_busy(&self, node: &str, now: u64) -> bool {
-        self.busy.blocks_at(node, now)
+        self.in_flight.blocks_at(node, now)
     }
 
     /// Adds a lease request to `batches` for each standby whose lease is due, and for
@@ -1351,7 +1351,7 @@ impl CoordinatorState {
             due.push(current.clone());
         }
         for standby in due {
-            if self.busy.blocks(&standby) {
+            if self.in_flight.blocks(&standby) {
                 continue;
             }
             let used = current.as_ref() == Some(&standby)
@@ -1375,10 +1375,11 @@ impl CoordinatorState {
         node: Arc<str>,
         sent: Vec<(Uuid, usize, bool)>,
         ended: Vec<Uuid>,
-        (sent_ms, number): (u64, u64),
+        sent_ms: u64,
+        number: u64,
         answer: Result<CheckpointAck, String>,
     ) -> bool {
-        if !self.busy.answered(&node, number) {
+        if !self.in_flight.answered(&node, number) {
             // Sent before `node` was last held down: what it answers was reset then,
             // and a later checkpoint may be in flight.
             debug!(%node, "answer to a checkpoint sent before the node was down; ignored");
@@ -1389,7 +1390,7 @@ impl CoordinatorState {
             Err(e) => {
                 debug!(%node, error = %e, "checkpoint not taken; sent again shortly");
                 if self.up.contains(&node) {
-                    self.busy
+                    self.in_flight
                         .retry_at(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
                     if !ended.is_empty() {
                         self.ended_notices.entry(node).or_default().extend(ended);

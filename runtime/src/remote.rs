@@ -1010,6 +1010,8 @@ impl Mesh {
                     }
                 };
                 tokio::select! {
+                    // An answer that came before the connection closed is taken.
+                    biased;
                     answer = tokio::time::timeout(timeout, rx) => match answer {
                         Ok(Ok(Ok(body))) => rmp_serde::from_slice(&body)
                             .map_err(|e| AskError::Decode(e.to_string())),

@@ -817,41 +817,45 @@ async fn an_ask_fails_when_its_connection_is_lost_not_at_its_timeout() {
             Duration::from_secs(5),
         )
         .unwrap();
-    let asker = nodes[1].mesh().clone();
-    let ask = tokio::spawn(async move {
-        asker
-            .ask_at::<Add, Sum>(&kept, Add(1, 2), Duration::from_secs(120))
+    // Closed by the asked node, then by the asking node itself: lost either way.
+    for closer in [0, 1] {
+        let (asker, kept) = (nodes[1].mesh().clone(), kept.clone());
+        let ask = tokio::spawn(async move {
+            asker
+                .ask_at::<Add, Sum>(&kept, Add(1, 2), Duration::from_secs(120))
+                .await
+        });
+        arrived.recv().await.unwrap();
+        let other = if closer == 0 { "beta" } else { "alpha" };
+        nodes[closer]
+            .transport()
+            .peer(other)
+            .unwrap()
+            .close(AcpErrorCode::ProtocolViolation, "test: lose the connection");
+        let lost = tokio::time::timeout(Duration::from_secs(60), ask)
             .await
-    });
-    arrived.recv().await.unwrap();
-    nodes[0]
-        .transport()
-        .peer("beta")
-        .unwrap()
-        .close(AcpErrorCode::ProtocolViolation, "test: lose the connection");
-    let lost = tokio::time::timeout(Duration::from_secs(60), ask)
-        .await
-        .expect("the ask ended long before its timeout")
-        .unwrap()
-        .unwrap_err();
-    assert!(
-        matches!(lost, AskError::ConnectionLost { ref node, .. } if node == "alpha"),
-        "{lost}"
-    );
-    // Membership dials again; asks go on the new connection.
-    let mut answered = None;
-    for _ in 0..100 {
-        match nodes[1]
-            .mesh()
-            .ask_at::<Add, Sum>(&adds, Add(2, 3), Duration::from_secs(5))
-            .await
-        {
-            Ok(sum) => {
-                answered = Some(sum);
-                break;
+            .expect("the ask ended long before its timeout")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(lost, AskError::ConnectionLost { ref node, .. } if node == "alpha"),
+            "closed by node {closer}: {lost}"
+        );
+        // Membership dials again; asks go on the new connection.
+        let mut answered = None;
+        for _ in 0..100 {
+            match nodes[1]
+                .mesh()
+                .ask_at::<Add, Sum>(&adds, Add(2, 3), Duration::from_secs(5))
+                .await
+            {
+                Ok(sum) => {
+                    answered = Some(sum);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+        assert_eq!(answered, Some(Sum(5)), "closed by node {closer}");
     }
-    assert_eq!(answered, Some(Sum(5)));
 }

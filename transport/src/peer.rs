@@ -481,14 +481,17 @@ impl PeerHandle {
     }
 
     /// Resolves when the connection closes: with why, if it was lost (it timed out,
-    /// was reset, or either side closed it for an error), so that what was in flight
-    /// on it may never arrive and no answer to it may come; with `None` if it was
-    /// closed with no error (retired as a duplicate, whose frames are delivered first
-    /// and whose senders move to the connection kept; or the peer leaving).
+    /// was reset, the peer closed it for an error, or this node closed it for any
+    /// reason but retiring it), so that what was in flight on it may never arrive and
+    /// no answer to it may come; with `None` if it was retired as a duplicate (its
+    /// frames are delivered first and its senders move to the connection kept) or the
+    /// peer closed it with no error (retiring it, or leaving).
     pub async fn lost(&self) -> Option<String> {
         let no_error = VarInt::from_u32(AcpErrorCode::NoError.code());
         match self.conn.conn.closed().await {
-            quinn::ConnectionError::LocallyClosed => None,
+            quinn::ConnectionError::LocallyClosed if self.conn.retired.load(Ordering::Acquire) => {
+                None
+            }
             quinn::ConnectionError::ApplicationClosed(close) if close.error_code == no_error => {
                 None
             }

@@ -61,6 +61,22 @@ fn the_smoke_run_loses_nothing_and_reallocates_the_crashed_nodes_segments() {
     assert!(r.crash_to_realloc_p99_ms < 5_000.0, "{r:?}");
 }
 
+/// Nothing lost, nothing accepted twice, and every task submitted ended one way.
+fn assert_every_task_ended_once(r: &agentmesh_sims::Report) {
+    assert_eq!(r.lost, 0, "seed {}", r.seed);
+    assert_eq!(r.duplicates_accepted, 0, "seed {}", r.seed);
+    assert_eq!(
+        r.tasks_completed + r.tasks_failed + r.tasks_lost_with_coordinator + r.tasks_refused,
+        r.tasks_submitted,
+        "seed {}: {} completed, {} failed, {} lost with their coordinator, {} refused",
+        r.seed,
+        r.tasks_completed,
+        r.tasks_failed,
+        r.tasks_lost_with_coordinator,
+        r.tasks_refused
+    );
+}
+
 #[test]
 fn the_rag_burst_with_random_faults_keeps_every_invariant() {
     let faults: FaultSpec = "crash=0.05,partition=0.05,loss=1%,restart=1000ms"
@@ -75,13 +91,7 @@ fn the_rag_burst_with_random_faults_keeps_every_invariant() {
                 ..SimConfig::default()
             },
         );
-        assert_eq!(r.lost, 0);
-        assert_eq!(r.duplicates_accepted, 0);
-        assert_eq!(
-            r.tasks_completed + r.tasks_failed + r.tasks_lost_with_coordinator + r.tasks_refused,
-            r.tasks_submitted,
-            "{r:?}"
-        );
+        assert_every_task_ended_once(&r);
     }
 }
 
@@ -101,13 +111,7 @@ fn random_agent_panics_keep_every_invariant_and_runs_repeat() {
         };
         let (r, log) = run("rag", config.clone());
         assert!(r.panics >= 50, "seed {seed}: {} panics", r.panics);
-        assert_eq!(r.lost, 0);
-        assert_eq!(r.duplicates_accepted, 0);
-        assert_eq!(
-            r.tasks_completed + r.tasks_failed + r.tasks_lost_with_coordinator + r.tasks_refused,
-            r.tasks_submitted,
-            "{r:?}"
-        );
+        assert_every_task_ended_once(&r);
         if seed == 1 {
             assert!(log
                 .iter()

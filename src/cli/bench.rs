@@ -282,10 +282,9 @@ fn print_table(r: &Report, args: &TransportBench) {
         "request/reply: the ACP requester waits on the event stream, in a task of its own;\n\
          in the inbox: it takes each reply on the lane reader's task and sends the next\n\
          request from there, as the runtime's mesh does (bare quinn's requester reads its\n\
-         stream itself either way). On the event stream the requester is the fourth task\n\
-         a reply wakes (quinn's endpoint and connection drivers, the lane reader, the\n\
-         requester); tokio runs at most three woken tasks in a row on one thread, so its\n\
-         send wakes the other thread: see the context switches per round trip."
+         stream itself either way). On the event stream the requester's task and quinn's\n\
+         connection driver end up on different threads: see the context switches per\n\
+         round trip (docs/architecture.md, transport, says what was measured of them)."
     );
 }
 

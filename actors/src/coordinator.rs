@@ -1186,13 +1186,12 @@ impl CoordinatorState {
         // it is this node's standby, so that a new task need not wait for one.
         let first = standby
             .as_ref()
-            .is_some_and(|s| !self.leases.knows(s) && !self.is_busy(s, now));
+            .is_some_and(|s| !self.leases.knows(s) && !self.in_flight.blocks(s, now));
         let renew = first || self.leases.standbys().any(|s| self.leases.due(s, now));
         if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
             return;
         }
-        self.in_flight.expire(now);
-        if self.up.iter().all(|n| self.in_flight.blocks(n)) {
+        if self.up.iter().all(|n| self.in_flight.blocks(n, now)) {
             return; // Nowhere to send now (checked once per message handled).
         }
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
@@ -1218,7 +1217,7 @@ impl CoordinatorState {
                     continue;
                 }
             };
-            if self.in_flight.blocks(&node) {
+            if self.in_flight.blocks(&node, now) {
                 continue;
             }
             let Batch {
@@ -1270,7 +1269,7 @@ impl CoordinatorState {
         }
         let notices: Vec<Arc<str>> = self.ended_notices.keys().cloned().collect();
         for node in notices {
-            if self.in_flight.blocks(&node) {
+            if self.in_flight.blocks(&node, now) {
                 continue;
             }
             let ended = self.ended_notices.remove(&node).unwrap_or_default();
@@ -1326,11 +1325,6 @@ impl CoordinatorState {
         }
     }
 
-    /// Whether a checkpoint to `node` is in flight, or waits to be sent again.
-    fn is_busy(&self, node: &str, now: u64) -> bool {
-        self.in_flight.blocks_at(node, now)
-    }
-
     /// Adds a lease request to `batches` for each standby whose lease is due, and for
     /// `current` (the standby new tasks go to) if it has not answered yet, unless a
     /// checkpoint to it is in flight. A former standby that holds none of this node's
@@ -1351,7 +1345,7 @@ impl CoordinatorState {
             due.push(current.clone());
         }
         for standby in due {
-            if self.in_flight.blocks(&standby) {
+            if self.in_flight.blocks(&standby, now) {
                 continue;
             }
             let used = current.as_ref() == Some(&standby)

@@ -58,21 +58,9 @@ impl InFlight {
         self.busy.remove(node);
     }
 
-    /// Drops the retry times passed at `now_ms`.
-    pub fn expire(&mut self, now_ms: u64) {
-        self.busy.retain(|_, busy| match busy {
-            Busy::InFlight(_) => true,
-            Busy::RetryAt(at) => *at > now_ms,
-        });
-    }
-
-    /// Whether nothing may go to `node` (as of the last `expire`).
-    pub fn blocks(&self, node: &str) -> bool {
-        self.busy.contains_key(node)
-    }
-
-    /// Whether nothing may go to `node` at `now_ms`.
-    pub fn blocks_at(&self, node: &str, now_ms: u64) -> bool {
+    /// Whether nothing may go to `node` at `now_ms`. (A retry time passed stays until
+    /// the next send to `node` or its `forget`: at most one entry per node.)
+    pub fn blocks(&self, node: &str, now_ms: u64) -> bool {
         match self.busy.get(node) {
             Some(Busy::InFlight(_)) => true,
             Some(Busy::RetryAt(at)) => *at > now_ms,
@@ -92,15 +80,15 @@ mod tests {
         let mut f = InFlight::default();
         let b: Arc<str> = Arc::from("b");
         let old = f.send(b.clone());
-        assert!(f.blocks("b") && f.blocks_at("b", u64::MAX));
+        assert!(f.blocks("b", 0) && f.blocks("b", u64::MAX));
         f.forget("b");
-        assert!(!f.blocks("b"), "down: the next goes when it is up again");
+        assert!(!f.blocks("b", 0), "down: the next goes when it is up again");
         let new = f.send(b.clone());
         assert_ne!(old, new);
         assert!(!f.answered("b", old), "stale while the new one flies");
-        assert!(f.blocks("b"), "a stale answer frees nothing");
+        assert!(f.blocks("b", 0), "a stale answer frees nothing");
         assert!(f.answered("b", new));
-        assert!(!f.blocks("b"));
+        assert!(!f.blocks("b", 0));
         assert!(!f.answered("b", old), "stale after it too");
         assert!(!f.answered("b", new), "answered once");
     }
@@ -112,14 +100,9 @@ mod tests {
         let n = f.send(b.clone());
         assert!(f.answered("b", n));
         f.retry_at(b.clone(), 500);
-        assert!(f.blocks_at("b", 499));
-        assert!(!f.blocks_at("b", 500));
-        f.expire(499);
-        assert!(f.blocks("b"));
-        f.expire(500);
-        assert!(!f.blocks("b"));
+        assert!(f.blocks("b", 499));
+        assert!(!f.blocks("b", 500));
         f.send(b);
-        f.expire(u64::MAX);
-        assert!(f.blocks("b"), "in flight does not expire");
+        assert!(f.blocks("b", u64::MAX), "in flight does not expire");
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{agentmesh, free_port, temp_dir, NodeProcess};
+use common::{agentmesh, free_port, free_ports, temp_dir, NodeProcess};
 
 /// `certs init` in `dir`, then `certs issue` for each node; both must succeed.
 fn make_certs(dir: &str, nodes: &[&str]) {
@@ -58,7 +58,8 @@ fn nodes_with_issued_certificates_join_and_leave_gracefully() {
     let dir = temp_dir("join");
     let d = dir.to_str().unwrap();
     make_certs(d, &["n1", "n2"]);
-    let (p1, p2) = (free_port(), free_port());
+    let ports = free_ports(2);
+    let (p1, p2) = (ports[0], ports[1]);
     let a1 = format!("127.0.0.1:{p1}");
     let a2 = format!("127.0.0.1:{p2}");
     let n1 = NodeProcess::start(&["--certs", d, "--name", "n1", "--listen", &a1], None);
@@ -86,7 +87,8 @@ fn nodes_with_issued_certificates_join_and_leave_gracefully() {
 #[test]
 fn without_certificates_nodes_use_the_development_ca_and_say_so() {
     let dev = temp_dir("dev-ca");
-    let (p1, p2) = (free_port(), free_port());
+    let ports = free_ports(2);
+    let (p1, p2) = (ports[0], ports[1]);
     let a1 = format!("127.0.0.1:{p1}");
     let n1 = NodeProcess::start(&["--name", "d1", "--listen", &a1], Some(&dev));
     n1.expect(&["development mode"]);
@@ -114,9 +116,13 @@ fn without_certificates_nodes_use_the_development_ca_and_say_so() {
 fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
     use std::io::{Read, Write};
     let dev = temp_dir("metrics");
-    let a1 = format!("127.0.0.1:{}", free_port());
-    let a2 = format!("127.0.0.1:{}", free_port());
-    let m1 = format!("127.0.0.1:{}", free_port());
+    let ports = free_ports(3);
+    let (p1, p2, p3) = (ports[0], ports[1], ports[2]);
+    let (a1, a2, m1) = (
+        format!("127.0.0.1:{p1}"),
+        format!("127.0.0.1:{p2}"),
+        format!("127.0.0.1:{p3}"),
+    );
     // Debug lines of the transport only, as RUST_LOG asks.
     let mut program = agentmesh();
     program.env("RUST_LOG", "info,agentmesh_transport=debug");

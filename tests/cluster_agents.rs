@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agentmesh, example, free_port, temp_dir, NodeProcess};
+use common::{agentmesh, example, free_port, free_ports, temp_dir, NodeProcess};
 use serde_json::{json, Value};
 
 struct Cluster {
@@ -27,8 +27,9 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         Cluster {
             dir,
-            addrs: (0..nodes)
-                .map(|_| format!("127.0.0.1:{}", free_port()))
+            addrs: free_ports(nodes)
+                .into_iter()
+                .map(|p| format!("127.0.0.1:{p}"))
                 .collect(),
         }
     }

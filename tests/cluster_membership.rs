@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{agentmesh, free_port, temp_dir, NodeProcess};
+use common::{agentmesh, free_port, free_ports, temp_dir, NodeProcess};
 use serde_json::Value;
 
 fn incarnation(line: &str) -> u64 {
@@ -32,8 +32,9 @@ impl Cluster {
     fn new(tag: &str) -> Cluster {
         Cluster {
             dev_ca: temp_dir(tag),
-            addrs: (0..3)
-                .map(|_| format!("127.0.0.1:{}", free_port()))
+            addrs: free_ports(3)
+                .into_iter()
+                .map(|p| format!("127.0.0.1:{p}"))
                 .collect(),
         }
     }

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, temp_dir, NodeProcess};
+use common::{free_ports, temp_dir, NodeProcess};
 use serde_json::Value;
 
 /// A network namespace with its loopback up, removed on drop.
@@ -202,7 +202,7 @@ fn cluster(tag: &str) -> Option<Cluster> {
     Some(Cluster {
         ns,
         dir,
-        ports: (0..4).map(|_| free_port()).collect(),
+        ports: free_ports(4),
     })
 }
 

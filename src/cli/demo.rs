@@ -28,7 +28,7 @@ use crate::runtime::{Client, RemoteMessage};
 use crate::sims::report::{class, quantile};
 use crate::transport::tls::NodeIdentity;
 
-use super::procs::{agents_status, free_tcp_port, NodeSpec, Processes, WorkDir};
+use super::procs::{agents_status, free_tcp_ports, NodeSpec, Processes, WorkDir};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -119,9 +119,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let flow_identities: Vec<NodeIdentity> = (1..=args.questions)
         .map(|q| ca.node_identity(&format!("demo-q{q}")))
         .collect::<Result<_, _>>()?;
-    let metrics: Vec<SocketAddr> = (0..NODES.len())
-        .map(|_| free_tcp_port())
-        .collect::<anyhow::Result<_>>()?;
+    let metrics = free_tcp_ports(NODES.len())?;
     let specs: Vec<NodeSpec<'_>> = NODES
         .iter()
         .zip(&metrics)

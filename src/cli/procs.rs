@@ -51,8 +51,8 @@ impl Processes {
             logs: Vec::new(),
             addrs: Vec::new(),
         };
-        for spec in specs {
-            let addr = free_udp_port()?;
+        let listen = free_udp_ports(specs.len())?;
+        for (spec, &addr) in specs.iter().zip(&listen) {
             let log_path = dir.join(format!("{}.log", spec.name));
             let log = std::fs::File::create(&log_path)?;
             let mut cmd = Command::new(&exe);
@@ -155,14 +155,27 @@ impl WorkDir {
     }
 }
 
-/// A loopback UDP address free right now.
-pub fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+/// `n` distinct loopback UDP addresses free right now. All are held until all are
+/// picked: one at a time, the OS may hand out a port it has just freed again.
+pub fn free_udp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let held: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    Ok(held
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<Result<_, _>>()?)
 }
 
-/// A loopback TCP address free right now.
-pub fn free_tcp_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// `n` distinct loopback TCP addresses free right now (held as `free_udp_ports` does).
+pub fn free_tcp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    Ok(held
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?)
 }
 
 /// The agents a node knows and the tasks its coordinator runs.

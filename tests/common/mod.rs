@@ -33,11 +33,18 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct loopback UDP ports free right now. All are held until all are picked:
+/// one at a time, the OS may hand out a port it has just freed again.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::UdpSocket> = (0..n)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
 }
 
 /// A node process whose stderr lines arrive on a channel.

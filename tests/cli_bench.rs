@@ -79,6 +79,7 @@ fn transport_reports_every_figure_for_both_sides() {
             "messages_per_sec_batched",
             "request_reply_p50_us",
             "request_reply_inbox_p50_us",
+            "request_reply_handed_over_p50_us",
             "urgent_idle_p50_us",
             "urgent_with_bulk_p50_us",
             "bulk_mb_per_sec_during_urgent",
@@ -87,7 +88,11 @@ fn transport_reports_every_figure_for_both_sides() {
             assert!(v > 0.0, "{side}.{figure} = {v}: {r}");
         }
         // Counted from /proc on Linux (NaN, serialised as null, where it cannot be).
-        for figure in ["request_reply_switches", "request_reply_inbox_switches"] {
+        for figure in [
+            "request_reply_switches",
+            "request_reply_inbox_switches",
+            "request_reply_handed_over_switches",
+        ] {
             let v = r[side][figure].as_f64();
             assert!(v.is_some_and(|v| v >= 0.0), "{side}.{figure}: {r}");
         }
@@ -96,6 +101,7 @@ fn transport_reports_every_figure_for_both_sides() {
         "throughput_ratio",
         "request_reply_p50_ratio",
         "request_reply_inbox_p50_ratio",
+        "request_reply_handed_over_p50_ratio",
         "acp_urgent_bulk_vs_idle_p50_ratio",
     ] {
         assert!(r[ratio].as_f64().unwrap() > 0.0, "{ratio}: {r}");

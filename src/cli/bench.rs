@@ -94,6 +94,11 @@ struct Figures {
     /// how often a round trip woke a parked thread rather than staying on one.
     request_reply_switches: f64,
     request_reply_inbox_switches: f64,
+    /// Request/reply with the replies read by a task of their own and handed to the
+    /// requester over a channel. ACP: the event stream figures above (that is its
+    /// shape). Bare quinn: measured so, for a like-for-like ratio.
+    request_reply_handed_over_p50_us: f64,
+    request_reply_handed_over_switches: f64,
     urgent_idle_p50_us: f64,
     urgent_idle_p99_us: f64,
     urgent_with_bulk_p50_us: f64,
@@ -115,6 +120,8 @@ struct Report {
     throughput_ratio: f64,
     request_reply_p50_ratio: f64,
     request_reply_inbox_p50_ratio: f64,
+    /// ACP's event stream against bare quinn with the same hand-over to another task.
+    request_reply_handed_over_p50_ratio: f64,
     acp_urgent_bulk_vs_idle_p50_ratio: f64,
     acp_urgent_bulk_vs_idle_inbox_p50_ratio: f64,
     quinn_urgent_bulk_vs_idle_p50_ratio: f64,
@@ -146,6 +153,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             request_reply_p50_ratio: acp.request_reply_p50_us / bare.request_reply_p50_us,
             request_reply_inbox_p50_ratio: acp.request_reply_inbox_p50_us
                 / bare.request_reply_inbox_p50_us,
+            request_reply_handed_over_p50_ratio: acp.request_reply_handed_over_p50_us
+                / bare.request_reply_handed_over_p50_us,
             acp_urgent_bulk_vs_idle_p50_ratio: acp.urgent_with_bulk_p50_us / acp.urgent_idle_p50_us,
             acp_urgent_bulk_vs_idle_inbox_p50_ratio: acp.urgent_with_bulk_inbox_p50_us
                 / acp.urgent_idle_inbox_p50_us,
@@ -224,6 +233,17 @@ fn print_table(r: &Report, args: &TransportBench) {
         r.bare_quinn.request_reply_inbox_switches,
     );
     row(
+        "request/reply, handed over p50 (us)",
+        r.acp.request_reply_handed_over_p50_us,
+        r.bare_quinn.request_reply_handed_over_p50_us,
+    );
+    switches(
+        "  context switches per round trip",
+        r.acp.request_reply_handed_over_switches,
+        r.bare_quinn.request_reply_handed_over_switches,
+    );
+
+    row(
         "urgent p50, no bulk (us)",
         r.acp.urgent_idle_p50_us,
         r.bare_quinn.urgent_idle_p50_us,
@@ -282,9 +302,11 @@ fn print_table(r: &Report, args: &TransportBench) {
         "request/reply: the ACP requester waits on the event stream, in a task of its own;\n\
          in the inbox: it takes each reply on the lane reader's task and sends the next\n\
          request from there, as the runtime's mesh does (bare quinn's requester reads its\n\
-         stream itself either way). On the event stream the requester's task and quinn's\n\
-         connection driver end up on different threads: see the context switches per\n\
-         round trip (docs/architecture.md, transport, says what was measured of them)."
+         stream itself either way). \"handed over\" gives bare quinn the event stream's\n\
+         shape: a task reads the replies and hands each to the requester over a channel.\n\
+         That hop alone costs bare quinn as much as the event stream costs ACP: the\n\
+         requester and quinn's connection driver end up on different threads (see the\n\
+         context switches; docs/architecture.md, transport, says what was measured)."
     );
 }
 
@@ -581,6 +603,8 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     f.request_reply_switches = switches.per(args.round_trips);
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
+    f.request_reply_handed_over_p50_us = f.request_reply_p50_us;
+    f.request_reply_handed_over_switches = f.request_reply_switches;
     let switches = Switches::start();
     let mut rr = requester
         .round_trips(PRIO_NORMAL, args.round_trips, None)
@@ -737,6 +761,39 @@ async fn quinn_round_trips(
     Ok(samples)
 }
 
+/// [`quinn_round_trips`] with the replies read by a task of their own and handed to
+/// the requester over a channel, as the transport's lane reader hands them to the event
+/// stream's owner: the same task hop, on bare quinn. Returns the reply stream after.
+async fn quinn_round_trips_handed_over(
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    n: usize,
+) -> anyhow::Result<(Vec<Duration>, quinn::RecvStream)> {
+    let total = n + n / 10;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(256);
+    let reader = tokio::spawn(async move {
+        let mut back = [0u8; PAYLOAD_BYTES];
+        for _ in 0..total {
+            recv.read_exact(&mut back).await?;
+            if tx.send(()).await.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(recv)
+    });
+    let body = [7u8; PAYLOAD_BYTES];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..total {
+        let start = Instant::now();
+        send.write_all(&body).await?;
+        rx.recv().await.context("the reply reader stopped")?;
+        if i >= n / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    Ok((samples, reader.await??))
+}
+
 async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figures> {
     let server = quinn_endpoint(&ca.node_identity("quinn-b")?, true)?;
     let client = quinn_endpoint(&ca.node_identity("quinn-a")?, false)?;
@@ -785,6 +842,12 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
     f.request_reply_inbox_p50_us = f.request_reply_p50_us;
     f.request_reply_inbox_p99_us = f.request_reply_p99_us;
+    let switches = Switches::start();
+    let (mut rr, back_again) =
+        quinn_round_trips_handed_over(&mut echo, back, args.round_trips).await?;
+    back = back_again;
+    f.request_reply_handed_over_switches = switches.per(args.round_trips);
+    f.request_reply_handed_over_p50_us = percentile_us(&mut rr, 0.5);
     let gap = Some(Duration::from_micros(200));
     let mut idle = quinn_round_trips(&mut echo, &mut back, args.round_trips, gap).await?;
     f.urgent_idle_p50_us = percentile_us(&mut idle, 0.5);

@@ -274,6 +274,9 @@ pub struct CoordinatorState {
     dirty: HashSet<Uuid>,
     /// Standbys with a checkpoint in flight, or whose last one failed.
     in_flight: InFlight,
+    /// This run, for the standbys: with the checkpoint's number it lets them drop one
+    /// that arrives after a later one (`Checkpoint::incarnation`). Never 0.
+    incarnation: u64,
     /// Tasks ended here whose standby is still to be told.
     ended_notices: HashMap<Arc<str>, Vec<Uuid>>,
     /// Other coordinators' tasks held here.
@@ -374,6 +377,7 @@ impl Actor for Coordinator {
             myself,
             dirty: HashSet::new(),
             in_flight: InFlight::default(),
+            incarnation: seed.rotate_left(41) | 1,
             ended_notices: HashMap::new(),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
@@ -1141,11 +1145,20 @@ impl CoordinatorState {
         // held again for a second takeover.
         let (tasks, ended) = (&self.tasks, &self.ended);
         let now = self.now_ms();
-        let ack = self.standby.apply(
+        let ack = match self.standby.apply(
             checkpoint,
             |t| tasks.contains_key(&t) || !matches!(ended.get(t), Ended::Unknown),
             now,
-        );
+        ) {
+            Ok(ack) => ack,
+            Err(stale) => {
+                // Its sender ignores any answer to it (it has sent a later one): an
+                // empty answer, with no lease.
+                debug!(%peer, %stale, "dropped a checkpoint older than one applied");
+                metrics::counter!("agentmesh_checkpoints_stale_total").increment(1);
+                return CheckpointAck::default();
+            }
+        };
         // Clients waiting here for a task that has now ended at its coordinator.
         let gone: Vec<Uuid> = self
             .standby_waiters
@@ -1302,6 +1315,8 @@ impl CoordinatorState {
             let checkpoint = Checkpoint {
                 primary: self.mesh.node().to_string(),
                 tasks,
+                incarnation: self.incarnation,
+                number,
             };
             let (mesh, me) = (self.mesh.clone(), self.myself.clone());
             tokio::spawn(async move {

@@ -204,6 +204,16 @@ pub struct Checkpoint {
     pub primary: String,
     /// What changed in each task since the last checkpoint the standby answered.
     pub tasks: Vec<TaskCheckpoint>,
+    /// The sending coordinator's run: drawn at random when it starts (never 0). With
+    /// `number`, it lets the standby drop a checkpoint that arrives after a later one
+    /// of the same run (across connections: a retired duplicate's frames, say), which
+    /// would otherwise take back what the later one gave. 0 or absent: unnumbered (an
+    /// older node), always applied.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The checkpoint's number in its run, rising with each sent (to any standby).
+    #[serde(default)]
+    pub number: u64,
 }
 
 impl RemoteMessage for Checkpoint {
@@ -424,4 +434,30 @@ pub struct AdjustAnswer {
 
 impl RemoteMessage for AdjustAnswer {
     const KIND: &'static str = "agentmesh.task.adjust";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint from a node that does not number them (encoded as nodes encode
+    /// messages, fields by name) reads as unnumbered, which a standby always applies.
+    #[test]
+    fn a_checkpoint_without_numbers_reads_as_unnumbered() {
+        #[derive(Serialize)]
+        struct Unnumbered {
+            primary: String,
+            tasks: Vec<TaskCheckpoint>,
+        }
+        let bytes = rmp_serde::to_vec_named(&Unnumbered {
+            primary: "n0".into(),
+            tasks: Vec::new(),
+        })
+        .unwrap();
+        let read: Checkpoint = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (read.primary.as_str(), read.incarnation, read.number),
+            ("n0", 0, 0)
+        );
+    }
 }

@@ -59,6 +59,17 @@ impl HeldTask {
 /// open tasks renews (at half of it).
 pub const LEASE_MS: u64 = 1_000;
 
+/// A numbered checkpoint that arrived after a later one of the same coordinator run:
+/// applying it would take back what the later one gave, so it is dropped whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("checkpoint {number} arrived after checkpoint {applied} of the same coordinator run")]
+pub struct Stale {
+    /// The dropped checkpoint's number.
+    pub number: u64,
+    /// The number of the latest applied.
+    pub applied: u64,
+}
+
 /// The tasks a coordinator holds as standby.
 #[derive(Debug, Default)]
 pub struct Standby {
@@ -68,6 +79,9 @@ pub struct Standby {
     bytes: usize,
     /// Leases granted, by coordinator's node: until when (on this node's clock).
     leases: HashMap<String, u64>,
+    /// The latest numbered checkpoint applied, by coordinator's node: its run and
+    /// number. One entry per node that sent one, dropped when its tasks are taken over.
+    applied: HashMap<String, (u64, u64)>,
 }
 
 impl Standby {
@@ -99,17 +113,40 @@ impl Standby {
     /// its sender a lease from then. `running` says whether a task runs here already
     /// (taken over earlier): such a task is not held again, and the answer says so, so
     /// that a coordinator that was only cut off stops running it.
+    ///
+    /// A numbered checkpoint older than one already applied from the same coordinator
+    /// run is dropped whole, with no lease: `Stale`. (Its sender has moved on: it sends
+    /// the next only once the one before is answered, failed, or its standby was held
+    /// down, and then ignores any answer to the one before.) One from another run
+    /// starts that run's numbering here.
     pub fn apply(
         &mut self,
         checkpoint: Checkpoint,
         running: impl Fn(Uuid) -> bool,
         now_ms: u64,
-    ) -> CheckpointAck {
+    ) -> Result<CheckpointAck, Stale> {
+        let primary = checkpoint.primary;
+        if checkpoint.incarnation != 0 {
+            let run = (checkpoint.incarnation, checkpoint.number);
+            match self.applied.get_mut(&primary) {
+                Some((incarnation, applied))
+                    if *incarnation == run.0 && *applied >= checkpoint.number =>
+                {
+                    return Err(Stale {
+                        number: checkpoint.number,
+                        applied: *applied,
+                    });
+                }
+                Some(last) => *last = run,
+                None => {
+                    self.applied.insert(primary.clone(), run);
+                }
+            }
+        }
         let mut ack = CheckpointAck {
             lease_ms: self.lease_ms,
             ..CheckpointAck::default()
         };
-        let primary = checkpoint.primary;
         // At most one lease per coordinator node; lapsed ones go.
         self.leases.retain(|_, until| *until > now_ms);
         let until = now_ms.saturating_add(self.lease_ms);
@@ -164,7 +201,7 @@ impl Standby {
                 ack.refused.push(task);
             }
         }
-        ack
+        Ok(ack)
     }
 
     /// Every task held for `node`, which is down at `now_ms`: the caller runs them
@@ -176,6 +213,8 @@ impl Standby {
             }
             self.leases.remove(node);
         }
+        // Its next checkpoint, if it was only cut off, starts again here.
+        self.applied.remove(node);
         let tasks: Vec<Uuid> = self
             .held
             .iter()
@@ -237,7 +276,75 @@ mod tests {
         Checkpoint {
             primary: primary.into(),
             tasks,
+            incarnation: 0,
+            number: 0,
         }
+    }
+
+    fn numbered(
+        primary: &str,
+        incarnation: u64,
+        number: u64,
+        tasks: Vec<TaskCheckpoint>,
+    ) -> Checkpoint {
+        Checkpoint {
+            incarnation,
+            number,
+            ..from(primary, tasks)
+        }
+    }
+
+    /// A numbered checkpoint that arrives after a later one of the same coordinator
+    /// run is dropped whole, with no lease: here an older start of task 1 would have
+    /// taken back two of its three results. Another run (the coordinator restarted)
+    /// and unnumbered checkpoints are applied, and a takeover starts the numbering
+    /// again.
+    #[test]
+    fn a_checkpoint_older_than_one_applied_from_the_same_run_is_dropped() {
+        let mut s = Standby::new(StandbyLimits::default(), 1_000);
+        let no = |_| false;
+        let mut later = open(1, 3, 1);
+        later.done = done(1, &[(0, 1), (1, 1), (2, 1)]).done;
+        let mut earlier = open(1, 3, 1);
+        earlier.done = done(1, &[(0, 1)]).done;
+        s.apply(numbered("a", 7, 5, vec![later]), no, 0).unwrap();
+        assert_eq!(
+            s.apply(numbered("a", 7, 4, vec![earlier.clone()]), no, 10),
+            Err(Stale {
+                number: 4,
+                applied: 5
+            })
+        );
+        assert_eq!(
+            s.apply(numbered("a", 7, 5, Vec::new()), no, 10),
+            Err(Stale {
+                number: 5,
+                applied: 5
+            }),
+            "the same number twice"
+        );
+        assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 3);
+        assert_eq!(
+            s.take_over("a", 900),
+            Err(1000),
+            "no lease from the stale one"
+        );
+        // Another node's numbering is its own.
+        s.apply(numbered("b", 7, 0, vec![open(2, 1, 1)]), no, 10)
+            .unwrap();
+        // A new run of "a" (its node restarted) starts again from any number.
+        s.apply(numbered("a", 8, 0, vec![earlier.clone()]), no, 20)
+            .unwrap();
+        assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 1);
+        // Unnumbered (an older node): always applied.
+        s.apply(from("a", vec![done(1, &[(1, 1)])]), no, 30)
+            .unwrap();
+        assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 2);
+        // After a takeover the node's numbering starts again.
+        assert_eq!(s.take_over("a", 1_030).unwrap().len(), 1);
+        s.apply(numbered("a", 8, 0, vec![earlier]), no, 1_040)
+            .unwrap();
+        assert!(s.holds(Uuid::from_u128(1)));
     }
 
     /// A task is held from its start, gathers the results its coordinator accepted,
@@ -247,22 +354,26 @@ mod tests {
     fn holds_tasks_until_they_end_or_their_coordinator_goes_down() {
         let mut s = Standby::new(StandbyLimits::default(), 0);
         let no = |_| false;
-        let ack = s.apply(from("a", vec![open(1, 3, 10), open(2, 1, 10)]), no, 0);
+        let ack = s
+            .apply(from("a", vec![open(1, 3, 10), open(2, 1, 10)]), no, 0)
+            .unwrap();
         assert_eq!(ack, CheckpointAck::default());
-        let ack = s.apply(
-            from(
-                "a",
-                vec![done(1, &[(0, 4), (2, 4), (9, 4)]), done(3, &[(0, 1)])],
-            ),
-            no,
-            0,
-        );
+        let ack = s
+            .apply(
+                from(
+                    "a",
+                    vec![done(1, &[(0, 4), (2, 4), (9, 4)]), done(3, &[(0, 1)])],
+                ),
+                no,
+                0,
+            )
+            .unwrap();
         assert_eq!(ack.unknown, vec![Uuid::from_u128(3)], "never opened here");
         let ended = TaskCheckpoint {
             ended: true,
             ..done(2, &[])
         };
-        s.apply(from("a", vec![ended]), no, 0);
+        s.apply(from("a", vec![ended]), no, 0).unwrap();
         assert!(!s.holds(Uuid::from_u128(2)));
         assert!(s.take_over("b", 0).unwrap().is_empty());
         let taken = s.take_over("a", 0).unwrap();
@@ -283,14 +394,19 @@ mod tests {
     #[test]
     fn only_the_tasks_coordinator_adds_to_it_and_a_task_run_here_is_not_held() {
         let mut s = Standby::new(StandbyLimits::default(), 0);
-        s.apply(from("a", vec![open(1, 2, 1)]), |_| false, 0);
-        let ack = s.apply(from("b", vec![done(1, &[(0, 1)])]), |_| false, 0);
+        s.apply(from("a", vec![open(1, 2, 1)]), |_| false, 0)
+            .unwrap();
+        let ack = s
+            .apply(from("b", vec![done(1, &[(0, 1)])]), |_| false, 0)
+            .unwrap();
         assert_eq!(ack.unknown, vec![Uuid::from_u128(1)]);
-        let ack = s.apply(
-            from("a", vec![open(7, 1, 1)]),
-            |t| t == Uuid::from_u128(7),
-            0,
-        );
+        let ack = s
+            .apply(
+                from("a", vec![open(7, 1, 1)]),
+                |t| t == Uuid::from_u128(7),
+                0,
+            )
+            .unwrap();
         assert_eq!(ack.taken_over, vec![Uuid::from_u128(7)]);
         assert!(!s.holds(Uuid::from_u128(7)));
         assert!(s.take_over("a", 0).unwrap()[0].1.done.is_empty());
@@ -307,17 +423,21 @@ mod tests {
             0,
         );
         let no = |_| false;
-        let ack = s.apply(
-            from("a", vec![open(1, 1, 10), open(2, 1, 10), open(3, 1, 10)]),
-            no,
-            0,
-        );
+        let ack = s
+            .apply(
+                from("a", vec![open(1, 1, 10), open(2, 1, 10), open(3, 1, 10)]),
+                no,
+                0,
+            )
+            .unwrap();
         assert_eq!(ack.refused, vec![Uuid::from_u128(3)]);
-        let ack = s.apply(from("a", vec![done(1, &[(0, 90)])]), no, 0);
+        let ack = s
+            .apply(from("a", vec![done(1, &[(0, 90)])]), no, 0)
+            .unwrap();
         assert_eq!(ack.refused, vec![Uuid::from_u128(1)]);
         assert!(!s.holds(Uuid::from_u128(1)));
         assert_eq!(s.bytes, 10);
-        let ack = s.apply(from("a", vec![open(4, 1, 95)]), no, 0);
+        let ack = s.apply(from("a", vec![open(4, 1, 95)]), no, 0).unwrap();
         assert_eq!(ack.refused, vec![Uuid::from_u128(4)]);
         assert_eq!((s.len(), s.bytes), (1, 10));
     }
@@ -328,10 +448,12 @@ mod tests {
     #[test]
     fn a_takeover_waits_for_the_lease_granted_with_the_last_answer() {
         let mut s = Standby::new(StandbyLimits::default(), 1000);
-        let ack = s.apply(from("a", vec![open(1, 1, 1)]), |_| false, 100);
+        let ack = s
+            .apply(from("a", vec![open(1, 1, 1)]), |_| false, 100)
+            .unwrap();
         assert_eq!(ack.lease_ms, 1000);
         assert_eq!(s.take_over("a", 500), Err(1100));
-        let ack = s.apply(from("a", Vec::new()), |_| false, 600);
+        let ack = s.apply(from("a", Vec::new()), |_| false, 600).unwrap();
         assert_eq!(ack.lease_ms, 1000, "a renewal with no task");
         assert_eq!(s.take_over("a", 1100), Err(1600));
         assert_eq!(s.take_over("b", 1100), Ok(Vec::new()));

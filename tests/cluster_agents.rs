@@ -284,6 +284,50 @@ fn a_coordinator_paused_past_its_lease_allocates_nothing_its_standby_took_over()
     assert_eq!(after, before, "n0 allocated after it woke");
 }
 
+/// The standby (n1) of the coordinator (n0) is paused (SIGSTOP) past the failure
+/// detector while a task runs at n0, which gives the task to the next standby (n2)
+/// from its start. Back, n1 is told to forget its copy: it holds none, and took
+/// nothing over. Before, it kept the copy for good, and would have taken the task over,
+/// running it again, when n0 went down.
+#[test]
+fn a_standby_held_down_and_back_forgets_the_task_that_moved_on() {
+    let cluster = Cluster::new("agents-standby-stop", 3);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let first = cluster.start(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    let second = cluster.start(1, &["--agents", "sleep=2", "--metrics", &metrics]);
+    let _third = cluster.start(2, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 3);
+
+    // 18 segments of 1 s on 6 replicas: three rounds, more with n1's replicas gone.
+    let submit = cluster.submit(0, &[&sleep_task("18", "1000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    let held = |expected: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = counter(&scrape(&metrics), "agentmesh_standby_tasks_held");
+            if now == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n1 holds {now} tasks for n0, not {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    held(1);
+    pause(&second, Duration::from_secs(3));
+    first.expect(&["node down: reallocating its segments", "node=n1"]);
+    // Once n1 is back, and while the task may still run at n0.
+    held(0);
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 18, 1000);
+    let scraped = scrape(&metrics);
+    assert_eq!(counter(&scraped, "agentmesh_tasks_taken_over_total"), 0);
+    assert_eq!(counter(&scraped, "agentmesh_standby_tasks_held"), 0);
+}
+
 /// `submit` loses its connection while it waits (the node is paused with SIGSTOP past
 /// the client's 3 s idle timeout), connects again and submits the same task id: it
 /// gets the outcome, and the node ran the task once. Before, it waited for good.

@@ -39,6 +39,7 @@ use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
     ResultVerdict, TaskFigures,
 };
+use crate::notices::ForgetNotices;
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
@@ -69,9 +70,10 @@ const CHECKPOINT_RETRY_MS: u64 = 200;
 /// Bytes of inputs and results in one checkpoint, past which the rest waits for the
 /// next (a task's start always goes, alone if need be: a submission fits a message).
 const CHECKPOINT_BYTES: usize = 4 << 20;
-/// Tasks that ended and whose standby has not yet been told, at most: past it the
-/// standby is not told, and holds the task until this node's own end.
-const MAX_ENDED_NOTICES: usize = 100_000;
+/// Tasks a standby is still to be told to forget (ended, or moved to another standby),
+/// at most: past it the standby is not told, and holds the task until this node's own
+/// end.
+const MAX_FORGET_NOTICES: usize = 100_000;
 /// How often every open task is checkpointed, even with nothing new: a standby that
 /// lost it (restarted) or took it over (held this node down) says so in its answer.
 const CHECKPOINT_REFRESH_MS: u64 = 5_000;
@@ -277,8 +279,9 @@ pub struct CoordinatorState {
     /// This run, for the standbys: with the checkpoint's number it lets them drop one
     /// that arrives after a later one (`Checkpoint::incarnation`). Never 0.
     incarnation: u64,
-    /// Tasks ended here whose standby is still to be told.
-    ended_notices: HashMap<Arc<str>, Vec<Uuid>>,
+    /// Tasks a standby is still to be told to forget: they ended here, or moved to
+    /// another standby while it was held down.
+    forget_notices: ForgetNotices,
     /// Other coordinators' tasks held here.
     standby: Standby,
     /// Clients waiting here for a task held for another node, until it is taken
@@ -378,7 +381,7 @@ impl Actor for Coordinator {
             dirty: HashSet::new(),
             in_flight: InFlight::default(),
             incarnation: seed.rotate_left(41) | 1,
-            ended_notices: HashMap::new(),
+            forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
             refreshed_ms: 0,
@@ -1018,9 +1021,8 @@ impl CoordinatorState {
         // Told even if its start is still on its way there: checkpoints to one standby
         // go one at a time, so the end arrives after the start.
         if let Some(standby) = meta.replica.standby {
-            let waiting: usize = self.ended_notices.values().map(Vec::len).sum();
-            if waiting < MAX_ENDED_NOTICES {
-                self.ended_notices.entry(standby).or_default().push(task);
+            if !self.forget_notices.push(standby.clone(), task) {
+                debug!(%task, %standby, "too many task ends waiting for their standbys: this one is not told");
             }
         }
         self.ended.record(&outcome);
@@ -1047,16 +1049,25 @@ impl CoordinatorState {
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
         self.in_flight.forget(node);
-        self.ended_notices.remove(node);
+        // Task ends it is still to be told of wait: held down and back, it still
+        // holds those tasks.
         self.leases.forget(node);
         self.fence_logged.remove(node);
+        let down: Arc<str> = Arc::from(node);
         for (task, meta) in &mut self.tasks {
             if meta.replica.standby.as_deref() == Some(node) {
+                // Its copy, if it was sent one, is dropped when it is back (held down,
+                // it still holds it, and would take it over too when this node goes
+                // down, as the next standby would).
+                if meta.replica.held_ms.is_some() && !self.forget_notices.push(down.clone(), *task)
+                {
+                    debug!(%task, standby = %node, "too many notices waiting: the former standby is not told the task moved");
+                }
                 meta.replica = Replica::default();
                 self.dirty.insert(*task);
             }
         }
-        self.take_over_from(Arc::from(node));
+        self.take_over_from(down);
     }
 
     /// Takes over the tasks held for `node`, down, unless the lease granted to it
@@ -1168,8 +1179,9 @@ impl CoordinatorState {
             .collect();
         for task in gone {
             if let Some(reply) = self.standby_waiters.remove(&task) {
-                let reason =
-                    format!("task {task} ended on node {primary}, which keeps its outcome");
+                let reason = format!(
+                    "task {task} is no longer held here: node {primary} ended it (and keeps its outcome) or gave it to another standby"
+                );
                 let _ = reply.send(TaskOutcome {
                     unknown: true,
                     ..TaskOutcome::refused(task, 0, reason)
@@ -1201,7 +1213,9 @@ impl CoordinatorState {
             .as_ref()
             .is_some_and(|s| !self.leases.knows(s) && !self.in_flight.blocks(s, now));
         let renew = first || self.leases.standbys().any(|s| self.leases.due(s, now));
-        if self.dirty.is_empty() && self.ended_notices.is_empty() && !renew {
+        let (up, in_flight) = (&self.up, &self.in_flight);
+        let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
+        if self.dirty.is_empty() && !self.forget_notices.any_for(ready) && !renew {
             return;
         }
         if self.up.iter().all(|n| self.in_flight.blocks(n, now)) {
@@ -1280,12 +1294,9 @@ impl CoordinatorState {
                 ended: false,
             });
         }
-        let notices: Vec<Arc<str>> = self.ended_notices.keys().cloned().collect();
-        for node in notices {
-            if self.in_flight.blocks(&node, now) {
-                continue;
-            }
-            let ended = self.ended_notices.remove(&node).unwrap_or_default();
+        let (up, in_flight) = (&self.up, &self.in_flight);
+        let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
+        for (node, ended) in self.forget_notices.take(ready) {
             let parts = &mut batches.entry(node).or_default().parts;
             parts.extend(ended.into_iter().map(|task| TaskCheckpoint {
                 task,
@@ -1390,8 +1401,10 @@ impl CoordinatorState {
     ) -> bool {
         if !self.in_flight.answered(&node, number) {
             // Sent before `node` was last held down: what it answers was reset then,
-            // and a later checkpoint may be in flight.
+            // and a later checkpoint may be in flight. The task ends it carried may
+            // not have arrived (or were dropped there as stale): they go again.
             debug!(%node, "answer to a checkpoint sent before the node was down; ignored");
+            self.forget_notices.requeue(node, ended);
             return false;
         }
         let ack = match answer {
@@ -1401,10 +1414,10 @@ impl CoordinatorState {
                 if self.up.contains(&node) {
                     self.in_flight
                         .retry_at(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
-                    if !ended.is_empty() {
-                        self.ended_notices.entry(node).or_default().extend(ended);
-                    }
                 }
+                // Sent again once the node can take a checkpoint (up, and past the
+                // retry time).
+                self.forget_notices.requeue(node, ended);
                 return false;
             }
         };

@@ -14,6 +14,7 @@ pub mod host;
 pub mod in_flight;
 pub mod lease;
 pub mod ledger;
+pub mod notices;
 pub mod policy;
 pub mod record;
 pub mod refusals;

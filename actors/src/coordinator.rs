@@ -1049,8 +1049,8 @@ impl CoordinatorState {
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
         self.in_flight.forget(node);
-        // Task ends it is still to be told of wait: held down and back, it still
-        // holds those tasks.
+        // Notices to forget tasks wait for it: held down and back, it still holds
+        // its copies.
         self.leases.forget(node);
         self.fence_logged.remove(node);
         let down: Arc<str> = Arc::from(node);
@@ -1236,6 +1236,9 @@ impl CoordinatorState {
                 (Some(node), _) => node.clone(),
                 (None, Some(node)) => {
                     meta.replica.standby = Some(node.clone());
+                    // Its start goes there next: a notice to forget it from before
+                    // (it moved away when the node was held down) must not undo that.
+                    self.forget_notices.cancel(node, task);
                     node.clone()
                 }
                 // No other node: it waits for one to come up.
@@ -1297,13 +1300,17 @@ impl CoordinatorState {
         let (up, in_flight) = (&self.up, &self.in_flight);
         let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
         for (node, ended) in self.forget_notices.take(ready) {
+            // First in the checkpoint, as they were queued before anything else in it.
             let parts = &mut batches.entry(node).or_default().parts;
-            parts.extend(ended.into_iter().map(|task| TaskCheckpoint {
-                task,
-                open: None,
-                done: Vec::new(),
-                ended: true,
-            }));
+            parts.splice(
+                0..0,
+                ended.into_iter().map(|task| TaskCheckpoint {
+                    task,
+                    open: None,
+                    done: Vec::new(),
+                    ended: true,
+                }),
+            );
         }
         if renew {
             self.renewals(now, standby, &mut batches);
@@ -1404,6 +1411,7 @@ impl CoordinatorState {
             // and a later checkpoint may be in flight. The task ends it carried may
             // not have arrived (or were dropped there as stale): they go again.
             debug!(%node, "answer to a checkpoint sent before the node was down; ignored");
+            let ended = self.not_given_to(&node, ended);
             self.forget_notices.requeue(node, ended);
             return false;
         }
@@ -1417,6 +1425,7 @@ impl CoordinatorState {
                 }
                 // Sent again once the node can take a checkpoint (up, and past the
                 // retry time).
+                let ended = self.not_given_to(&node, ended);
                 self.forget_notices.requeue(node, ended);
                 return false;
             }
@@ -1487,6 +1496,17 @@ impl CoordinatorState {
             self.fence_logged.remove(&node);
         }
         valid && !was_valid
+    }
+
+    /// `tasks` less those given to `node` since (their start went there again, or
+    /// will): a notice to forget one, queued again, would undo that.
+    fn not_given_to(&self, node: &str, mut tasks: Vec<Uuid>) -> Vec<Uuid> {
+        tasks.retain(|t| {
+            self.tasks
+                .get(t)
+                .is_none_or(|m| m.replica.standby.as_deref() != Some(node))
+        });
+        tasks
     }
 
     async fn send(&self, node: Arc<str>, message: Message, attempt: Option<(Uuid, u32, u32)>) {

@@ -5,7 +5,7 @@
 //! standby back from being held down must not go on holding such a task, or it would
 //! take it over and run it again when this node goes down. Bounded. No I/O.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// Forget notices waiting to go to their standbys.
 #[derive(Debug)]
 pub struct ForgetNotices {
-    by_node: HashMap<Arc<str>, Vec<Uuid>>,
+    by_node: HashMap<Arc<str>, HashSet<Uuid>>,
     total: usize,
     max: usize,
 }
@@ -44,25 +44,36 @@ impl ForgetNotices {
         if self.total >= self.max {
             return false;
         }
-        self.by_node.entry(node).or_default().push(task);
-        self.total += 1;
+        if self.by_node.entry(node).or_default().insert(task) {
+            self.total += 1;
+        }
         true
+    }
+
+    /// `task` is given to `node` again (its start goes there next): a notice to forget
+    /// it, still waiting, must not follow and undo that.
+    pub fn cancel(&mut self, node: &str, task: Uuid) {
+        let Some(tasks) = self.by_node.get_mut(node) else {
+            return;
+        };
+        if tasks.remove(&task) {
+            self.total -= 1;
+            if tasks.is_empty() {
+                self.by_node.remove(node);
+            }
+        }
     }
 
     /// Queues again notices that went to `node` in a checkpoint that may not have been
     /// applied there; as many as the bound allows. Told twice, a standby forgets a
-    /// task it no longer holds, which changes nothing.
+    /// task it no longer holds, which changes nothing. (The caller leaves out tasks
+    /// given to `node` again since.)
     pub fn requeue(&mut self, node: Arc<str>, tasks: Vec<Uuid>) {
-        let room = self.max.saturating_sub(self.total);
-        if tasks.is_empty() || room == 0 {
-            return;
+        for task in tasks {
+            if !self.push(node.clone(), task) {
+                return;
+            }
         }
-        let kept = tasks.len().min(room);
-        self.by_node
-            .entry(node)
-            .or_default()
-            .extend(tasks.into_iter().take(kept));
-        self.total += kept;
     }
 
     /// Whether any waits for a node `ready` says a checkpoint may go to now.
@@ -77,6 +88,12 @@ impl ForgetNotices {
         let taken: Vec<(Arc<str>, Vec<Uuid>)> = nodes
             .into_iter()
             .filter_map(|n| self.by_node.remove_entry(&n))
+            .map(|(n, tasks)| {
+                let mut tasks: Vec<Uuid> = tasks.into_iter().collect();
+                // In one order, for logs and tests.
+                tasks.sort();
+                (n, tasks)
+            })
             .collect();
         self.total -= taken.iter().map(|(_, t)| t.len()).sum::<usize>();
         taken
@@ -111,6 +128,25 @@ mod tests {
         taken.sort();
         assert_eq!(taken, vec![(a, vec![t(1), t(2)]), (b, vec![t(3)])]);
         assert!(q.is_empty());
+    }
+
+    /// A task given to a node again leaves no notice behind that would undo it, and a
+    /// task is told once however often it is queued.
+    #[test]
+    fn a_task_given_to_the_node_again_is_not_told_to_forget() {
+        let mut q = ForgetNotices::new(10);
+        let a: Arc<str> = "a".into();
+        q.push(a.clone(), t(1));
+        q.push(a.clone(), t(1));
+        q.requeue(a.clone(), vec![t(1), t(2)]);
+        assert_eq!(q.len(), 2);
+        q.cancel("a", t(1));
+        q.cancel("b", t(2));
+        assert_eq!(q.take(|_| true), vec![(a.clone(), vec![t(2)])]);
+        q.push(a.clone(), t(3));
+        q.cancel("a", t(3));
+        assert!(q.is_empty());
+        assert!(!q.any_for(|_| true));
     }
 
     /// The bound holds for new notices and for those queued again.

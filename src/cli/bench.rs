@@ -304,7 +304,7 @@ fn print_table(r: &Report, args: &TransportBench) {
          request from there, as the runtime's mesh does (bare quinn's requester reads its\n\
          stream itself either way). \"handed over\" gives bare quinn the event stream's\n\
          shape: a task reads the replies and hands each to the requester over a channel.\n\
-         That hop alone costs bare quinn as much as the event stream costs ACP: the\n\
+         That hop alone costs bare quinn most of what the event stream costs ACP: the\n\
          requester and quinn's connection driver end up on different threads (see the\n\
          context switches; docs/architecture.md, transport, says what was measured)."
     );

@@ -67,6 +67,12 @@ pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(3_600);
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a checkpoint failed, how long before that standby is tried again.
 const CHECKPOINT_RETRY_MS: u64 = 200;
+/// How long a standby that is up may leave checkpoints unanswered (from the sending of
+/// the first that failed) before its tasks go to another standby. Its lease has lapsed
+/// long before, so those tasks allocate nothing meanwhile; a standby that only this
+/// node cannot reach (the others do, so no one holds it down) would hold them back for
+/// good.
+const STANDBY_GIVE_UP_MS: u64 = 5_000;
 /// Bytes of inputs and results in one checkpoint, past which the rest waits for the
 /// next (a task's start always goes, alone if need be: a submission fits a message).
 const CHECKPOINT_BYTES: usize = 4 << 20;
@@ -295,6 +301,12 @@ pub struct CoordinatorState {
     takeovers_due: HashMap<Arc<str>, u64>,
     /// Standbys whose lapsed lease holds tasks back, already logged.
     fence_logged: HashSet<Arc<str>>,
+    /// Standbys up whose checkpoints have failed since they last answered: when the
+    /// first of those was sent.
+    unanswered_since: HashMap<Arc<str>, u64>,
+    /// Standbys up given up on ([`STANDBY_GIVE_UP_MS`]): no task goes to them until
+    /// they answer again (a notice to forget the tasks that moved on, say).
+    given_up: HashSet<Arc<str>>,
 }
 
 struct Outgoing {
@@ -388,6 +400,8 @@ impl Actor for Coordinator {
             leases: Leases::default(),
             takeovers_due: HashMap::new(),
             fence_logged: HashSet::new(),
+            unanswered_since: HashMap::new(),
+            given_up: HashSet::new(),
         })
     }
 
@@ -1048,18 +1062,26 @@ impl CoordinatorState {
     /// standby for go to another.
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
+        self.given_up.remove(node);
         self.in_flight.forget(node);
         // Notices to forget tasks wait for it: held down and back, it still holds
         // its copies.
+        let down: Arc<str> = Arc::from(node);
+        self.move_tasks_off(&down);
+        self.take_over_from(down);
+    }
+
+    /// The tasks `node` is standby for go to another, from their start: `node` is down,
+    /// or given up on. Its lease is forgotten; its copies are dropped when it is back
+    /// (held down or cut off, it still holds them, and would take them over too when
+    /// this node goes down, as the next standby would).
+    fn move_tasks_off(&mut self, node: &Arc<str>) {
         self.leases.forget(node);
         self.fence_logged.remove(node);
-        let down: Arc<str> = Arc::from(node);
+        self.unanswered_since.remove(node);
         for (task, meta) in &mut self.tasks {
-            if meta.replica.standby.as_deref() == Some(node) {
-                // Its copy, if it was sent one, is dropped when it is back (held down,
-                // it still holds it, and would take it over too when this node goes
-                // down, as the next standby would).
-                if meta.replica.held_ms.is_some() && !self.forget_notices.push(down.clone(), *task)
+            if meta.replica.standby.as_ref() == Some(node) {
+                if meta.replica.held_ms.is_some() && !self.forget_notices.push(node.clone(), *task)
                 {
                     debug!(%task, standby = %node, "too many notices waiting: the former standby is not told the task moved");
                 }
@@ -1067,7 +1089,6 @@ impl CoordinatorState {
                 self.dirty.insert(*task);
             }
         }
-        self.take_over_from(down);
     }
 
     /// Takes over the tasks held for `node`, down, unless the lease granted to it
@@ -1195,10 +1216,10 @@ impl CoordinatorState {
     /// order (all of a coordinator's tasks go to one standby, in one checkpoint).
     fn pick_standby(&self) -> Option<Arc<str>> {
         let me = self.mesh.node();
-        self.up
-            .iter()
+        let usable = || self.up.iter().filter(|n| !self.given_up.contains(*n));
+        usable()
             .find(|n| &***n > me)
-            .or_else(|| self.up.iter().next())
+            .or_else(|| usable().next())
             .cloned()
     }
 
@@ -1420,8 +1441,17 @@ impl CoordinatorState {
             Err(e) => {
                 debug!(%node, error = %e, "checkpoint not taken; sent again shortly");
                 if self.up.contains(&node) {
+                    let now = self.now_ms();
                     self.in_flight
-                        .retry_at(node.clone(), self.now_ms() + CHECKPOINT_RETRY_MS);
+                        .retry_at(node.clone(), now + CHECKPOINT_RETRY_MS);
+                    let since = *self.unanswered_since.entry(node.clone()).or_insert(sent_ms);
+                    if now.saturating_sub(since) >= STANDBY_GIVE_UP_MS
+                        && self.given_up.insert(node.clone())
+                    {
+                        warn!(standby = %node, unanswered_ms = now - since, "gave up on the standby: it is up but has answered no checkpoint; its tasks go to another");
+                        metrics::counter!("agentmesh_standbys_given_up_total").increment(1);
+                        self.move_tasks_off(&node);
+                    }
                 }
                 // Sent again once the node can take a checkpoint (up, and past the
                 // retry time).
@@ -1430,6 +1460,10 @@ impl CoordinatorState {
                 return false;
             }
         };
+        if self.given_up.remove(&node) {
+            info!(standby = %node, "the standby given up on answers again: new tasks may go to it");
+        }
+        self.unanswered_since.remove(&node);
         let now = self.now_ms();
         let was_valid = self.leases.runs(&node, now);
         let granted = self.leases.granted(&node, sent_ms, ack.lease_ms);
@@ -1449,8 +1483,10 @@ impl CoordinatorState {
                 self.dirty.remove(&task);
             }
         }
+        // Only for tasks still given to `node` (not moved off since it was given up on).
+        let mine = |meta: &&mut TaskMeta| meta.replica.standby.as_deref() == Some(&*node);
         for task in ack.unknown {
-            if let Some(meta) = self.tasks.get_mut(&task) {
+            if let Some(meta) = self.tasks.get_mut(&task).filter(mine) {
                 meta.replica.opened = false;
                 meta.replica.acked = 0;
                 meta.replica.held_ms = None;
@@ -1458,7 +1494,7 @@ impl CoordinatorState {
             }
         }
         for task in ack.refused {
-            if let Some(meta) = self.tasks.get_mut(&task) {
+            if let Some(meta) = self.tasks.get_mut(&task).filter(mine) {
                 warn!(%task, standby = %node, "the standby cannot hold the task: it ends with this node if this node goes down");
                 meta.replica.off = true;
                 meta.replica.held_ms = None;

@@ -63,6 +63,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_tasks_open", Kind::Gauge, "tasks open at this node's coordinator"),
     ("agentmesh_tasks_taken_over_total", Kind::Counter, "tasks this node's coordinator took over from a node that went down, as its standby"),
     ("agentmesh_checkpoints_refused_total", Kind::Counter, "checkpoints refused whole because they named another node than their sender as the tasks' coordinator"),
+    ("agentmesh_standbys_given_up_total", Kind::Counter, "standbys up whose checkpoints failed for 5 s, whose tasks this node's coordinator gave to another standby"),
     ("agentmesh_checkpoints_stale_total", Kind::Counter, "checkpoints dropped whole because they arrived after a later one of the same coordinator run"),
     ("agentmesh_standby_tasks_held", Kind::Gauge, "other coordinators' open tasks this node holds as their standby"),
     ("agentmesh_segments_waiting", Kind::Gauge, "segments of this coordinator's tasks waiting for a worker"),

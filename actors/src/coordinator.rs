@@ -1064,8 +1064,6 @@ impl CoordinatorState {
         self.up.remove(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
-        // Notices to forget tasks wait for it: held down and back, it still holds
-        // its copies.
         let down: Arc<str> = Arc::from(node);
         self.move_tasks_off(&down);
         self.take_over_from(down);
@@ -1234,6 +1232,7 @@ impl CoordinatorState {
             .as_ref()
             .is_some_and(|s| !self.leases.knows(s) && !self.in_flight.blocks(s, now));
         let renew = first || self.leases.standbys().any(|s| self.leases.due(s, now));
+        // Whether a checkpoint may go to a node now (for the notices waiting for it).
         let (up, in_flight) = (&self.up, &self.in_flight);
         let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
         if self.dirty.is_empty() && !self.forget_notices.any_for(ready) && !renew {
@@ -1318,8 +1317,6 @@ impl CoordinatorState {
                 ended: false,
             });
         }
-        let (up, in_flight) = (&self.up, &self.in_flight);
-        let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
         for (node, ended) in self.forget_notices.take(ready) {
             // First in the checkpoint, as they were queued before anything else in it.
             let parts = &mut batches.entry(node).or_default().parts;

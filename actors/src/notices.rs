@@ -28,16 +28,6 @@ impl ForgetNotices {
         }
     }
 
-    /// Notices waiting.
-    pub fn len(&self) -> usize {
-        self.total
-    }
-
-    /// Whether none waits.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     /// Queues a notice to forget `task` for `node`: false, and dropped, past the bound
     /// (that standby then holds the task until this node's own end).
     pub fn push(&mut self, node: Arc<str>, task: Uuid) -> bool {
@@ -122,12 +112,12 @@ mod tests {
         assert!(q.any_for(only_b));
         assert_eq!(q.take(only_b), vec![(b.clone(), vec![t(3)])]);
         assert!(!q.any_for(only_b));
-        assert_eq!(q.len(), 2, "a's wait while a is not ready");
+        assert_eq!(q.total, 2, "a's wait while a is not ready");
         q.requeue(b.clone(), vec![t(3)]);
         let mut taken = q.take(|_| true);
         taken.sort();
         assert_eq!(taken, vec![(a, vec![t(1), t(2)]), (b, vec![t(3)])]);
-        assert!(q.is_empty());
+        assert_eq!(q.total, 0);
     }
 
     /// A task given to a node again leaves no notice behind that would undo it, and a
@@ -139,13 +129,13 @@ mod tests {
         q.push(a.clone(), t(1));
         q.push(a.clone(), t(1));
         q.requeue(a.clone(), vec![t(1), t(2)]);
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.total, 2);
         q.cancel("a", t(1));
         q.cancel("b", t(2));
         assert_eq!(q.take(|_| true), vec![(a.clone(), vec![t(2)])]);
         q.push(a.clone(), t(3));
         q.cancel("a", t(3));
-        assert!(q.is_empty());
+        assert_eq!(q.total, 0);
         assert!(!q.any_for(|_| true));
     }
 
@@ -157,9 +147,9 @@ mod tests {
         assert!(q.push(a.clone(), t(1)));
         assert!(q.push(a.clone(), t(2)));
         q.requeue(a.clone(), vec![t(3), t(4)]);
-        assert_eq!(q.len(), 3);
+        assert_eq!(q.total, 3);
         assert!(!q.push(a.clone(), t(5)));
         assert_eq!(q.take(|_| true), vec![(a, vec![t(1), t(2), t(3)])]);
-        assert!(q.is_empty());
+        assert_eq!(q.total, 0);
     }
 }

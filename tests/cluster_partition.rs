@@ -8,7 +8,8 @@
 //! of failing, its standby on the other side takes it over, and after the heal the
 //! client gets the outcome once. A coordinator cut off from its standby alone (every
 //! other node reaches both, so no one holds either down) gives its task to another
-//! standby and goes on.
+//! standby and goes on. A coordinator that dies before its standby has a task (cut off
+//! from it alone) has run nothing of it, and the client has the standby adopt it.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -169,6 +170,20 @@ impl Cluster {
         ));
     }
 
+    /// Counter `name` (with its labels) as node `i` serves it at `metrics`, read from
+    /// inside the namespace.
+    fn counter(&self, metrics: &str, name: &str) -> u64 {
+        let (host, port) = metrics.split_once(':').unwrap();
+        let script = format!(
+            "exec 3<>/dev/tcp/{host}/{port}; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+        );
+        let out = self.ns.exec("bash").args(["-c", &script]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     fn heal(&self) {
         self.nft("delete table inet partition");
     }
@@ -204,7 +219,7 @@ fn cluster(tag: &str) -> Option<Cluster> {
     Some(Cluster {
         ns,
         dir,
-        ports: free_ports(4),
+        ports: free_ports(6),
     })
 }
 
@@ -378,4 +393,50 @@ fn a_coordinator_cut_off_from_its_standby_alone_gives_its_task_to_another_and_go
     first.expect(&["the standby given up on answers again", "standby=n1"]);
     drop(second);
     drop(others);
+}
+
+/// The coordinator (n0) is cut off from its standby (n1) alone and gets a task at once,
+/// while its lease from n1 still runs: the task's start never reaches n1, and n0
+/// allocates nothing of it, since n1 does not hold it. n0 then dies (SIGKILL) before it
+/// would give up on n1. Every other member tells the client it does not hold the task,
+/// so the client asks them to adopt it, and n1, which n0 would pick as its standby,
+/// starts it. Its segments run once: the workers' nodes get one ALLOCATE per segment.
+/// Before, n0 allocated the task's segments under the lease, and the task was lost
+/// with n0: the client found no member that knew it.
+#[test]
+fn a_task_whose_coordinator_dies_before_its_standby_has_it_is_adopted_and_runs_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cluster) = cluster("adopt") else {
+        return;
+    };
+    let mut first = cluster.start_with(0, &[]);
+    first.expect(&["listening"]);
+    let second = cluster.start_with(1, &[]);
+    let metrics: Vec<String> = (4..6).map(|i| cluster.addr(i)).collect();
+    let workers: Vec<NodeProcess> = (2..4)
+        .map(|i| cluster.start_with(i, &["--agents", "sleep=2", "--metrics", &metrics[i - 2]]))
+        .collect();
+    cluster.wait_for_agents(0, 2);
+
+    cluster.partition(&[0], &[1]);
+    let submit = cluster.submit(20);
+    first.expect(&["task submitted", "segments=20"]);
+    // Less than the 5 s after which n0 would give the task to another standby.
+    std::thread::sleep(Duration::from_millis(1500));
+    first.kill();
+    second.expect(&["adopting a task no member holds", "from=n0"]);
+    let task = completed_once(submit, 20);
+    assert_eq!(task["reallocated"], 0, "{task}");
+    let allocations: u64 = metrics
+        .iter()
+        .map(|m| {
+            cluster.counter(
+                m,
+                "agentmesh_frames_received_by_type_total{type=\"ALLOCATE\"}",
+            )
+        })
+        .sum();
+    assert_eq!(allocations, 20, "one ALLOCATE per segment, none from n0");
+    drop(second);
+    drop(workers);
 }

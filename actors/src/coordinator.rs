@@ -83,6 +83,9 @@ const MAX_FORGET_NOTICES: usize = 100_000;
 /// How often every open task is checkpointed, even with nothing new: a standby that
 /// lost it (restarted) or took it over (held this node down) says so in its answer.
 const CHECKPOINT_REFRESH_MS: u64 = 5_000;
+/// Nodes down remembered as taken over from, at most; past it, no task is adopted from
+/// the others ([`SubmitRequest::adopt_from`]).
+const MAX_TAKEN_OVER_FROM: usize = 4_096;
 /// Attempt numbers per generation of coordinators of a task (see [`OpenTask`]).
 const GENERATION_ATTEMPTS: u32 = 1 << 24;
 
@@ -307,6 +310,19 @@ pub struct CoordinatorState {
     /// Standbys up given up on ([`STANDBY_GIVE_UP_MS`]): no task goes to them until
     /// they answer again (a notice to forget the tasks that moved on, say).
     given_up: HashSet<Arc<str>>,
+    /// Nodes down whose tasks held here were taken over (their lease ended), until
+    /// they are up again: a client may have this node adopt a task of theirs that no
+    /// one holds ([`CoordinatorState::adopts_from`]). At most
+    /// [`MAX_TAKEN_OVER_FROM`].
+    taken_over_from: HashSet<Arc<str>>,
+}
+
+/// What a standby's answer lets the coordinator allocate.
+enum Unblocked {
+    /// Every waiting task: the lease had lapsed and runs again.
+    All,
+    /// These tasks: the standby now holds their start.
+    Tasks(Vec<Uuid>),
 }
 
 struct Outgoing {
@@ -402,6 +418,7 @@ impl Actor for Coordinator {
             fence_logged: HashSet::new(),
             unanswered_since: HashMap::new(),
             given_up: HashSet::new(),
+            taken_over_from: HashSet::new(),
         })
     }
 
@@ -437,11 +454,15 @@ impl Actor for Coordinator {
                 sent_ms,
                 number,
                 answer,
-            } => {
-                if state.checkpoint_answered(node, sent, ended, sent_ms, number, answer) {
-                    state.assign_waiting().await;
+            } => match state.checkpoint_answered(node, sent, ended, sent_ms, number, answer) {
+                Unblocked::All => state.assign_waiting().await,
+                Unblocked::Tasks(tasks) => {
+                    let mut round = Round::new();
+                    for task in tasks {
+                        state.assign_in(task, &mut round).await;
+                    }
                 }
-            }
+            },
             CoordinatorMsg::SendFailed { attempt, reason } => {
                 let (task, segment, attempt) = attempt;
                 state
@@ -545,6 +566,9 @@ impl CoordinatorState {
             meta.reply = Some(reply);
             return;
         }
+        // Coordinators of the task before this one: 1 for a task adopted from a node
+        // that went down, whose attempts may still run at workers under its numbers.
+        let mut generation = 0;
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
@@ -562,15 +586,22 @@ impl CoordinatorState {
                 self.standby_waiters.insert(task, reply);
                 return;
             }
-            Ended::Unknown if request.attach => {
-                let _ = reply.send(TaskOutcome {
-                    unknown: true,
-                    ..refuse(format!(
-                        "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
-                    ))
-                });
-                return;
-            }
+            Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
+                Some(from) if self.adopts_from(from) => {
+                    info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
+                    metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
+                    generation = 1;
+                }
+                _ => {
+                    let _ = reply.send(TaskOutcome {
+                        unknown: true,
+                        ..refuse(format!(
+                            "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
+                        ))
+                    });
+                    return;
+                }
+            },
             Ended::Unknown => {}
         }
         if self.tasks.len() >= MAX_OPEN_TASKS {
@@ -595,10 +626,9 @@ impl CoordinatorState {
             )));
             return;
         }
-        if let Err(e) = self
-            .ledger
-            .submit(task, request.inputs.len() as u32, self.now_ms())
-        {
+        let first_attempt = generation * GENERATION_ATTEMPTS + 1;
+        let now = self.now_ms();
+        if let Err(e) = self.ledger.resume(task, segments, [], first_attempt, now) {
             let _ = reply.send(refuse(e.to_string()));
             return;
         }
@@ -615,7 +645,7 @@ impl CoordinatorState {
                 segments: request.inputs.len() as u32,
             });
         }
-        let meta = TaskMeta::new(request, priority, self.now_ms(), Some(reply), 0, Vec::new());
+        let meta = TaskMeta::new(request, priority, now, Some(reply), generation, Vec::new());
         self.tasks.insert(task, meta);
         self.dirty.insert(task);
         self.assign(task).await;
@@ -689,6 +719,10 @@ impl CoordinatorState {
         if !self.ledger.has_pending(task) {
             return;
         }
+        if self.awaits_standby(&meta.replica) {
+            debug!(%task, "a task waits until its standby holds it");
+            return;
+        }
         if let (Some(standby), Some(held_ms)) = (&meta.replica.standby, meta.replica.held_ms) {
             if !self.leases.allows(standby, held_ms, self.now_ms()) {
                 if !self.leases.knows(standby) {
@@ -726,6 +760,34 @@ impl CoordinatorState {
                 );
             }
         }
+    }
+
+    /// Whether this node starts a task that a client lost with `from` and that no other
+    /// member holds ([`SubmitRequest::adopt_from`]): `from` is down here and its tasks
+    /// held here were taken over (its lease ended), and this node is the one `from`
+    /// would pick as its standby (the first node after it in name order, among those
+    /// up here and this one). Only one node should answer yes, the one `from` gives its
+    /// tasks to if it was only held down and comes back: its checkpoint of the task is
+    /// then answered `taken_over`, and it drops its copy.
+    fn adopts_from(&self, from: &str) -> bool {
+        let me = self.mesh.node();
+        if from == me || !self.taken_over_from.contains(from) || self.up.contains(from) {
+            return false;
+        }
+        let candidates = || self.up.iter().map(|n| &**n).chain(std::iter::once(me));
+        let first_after = candidates().filter(|n| *n > from).min();
+        first_after.or_else(|| candidates().min()) == Some(me)
+    }
+
+    /// Whether a task must wait for its standby to hold it before anything of it is
+    /// allocated: there is a standby to hold it, it has not refused it, and it has not
+    /// answered holding the task's start. If this node dies before then, no one else
+    /// has the task, and the client may have it started again elsewhere (as adopted,
+    /// [`CoordinatorState::adopt`]): what ran here meanwhile would run twice.
+    fn awaits_standby(&self, replica: &Replica) -> bool {
+        !replica.opened
+            && !replica.off
+            && (replica.standby.is_some() || self.pick_standby().is_some())
     }
 
     /// What discovery and policy offer a task of `group` that needs `capability` and
@@ -1051,6 +1113,7 @@ impl CoordinatorState {
             return;
         }
         self.takeovers_due.remove(node);
+        self.taken_over_from.remove(node);
         for (task, meta) in &self.tasks {
             if meta.replica.standby.is_none() && !meta.replica.off {
                 self.dirty.insert(*task);
@@ -1096,6 +1159,9 @@ impl CoordinatorState {
         match self.standby.take_over(&node, now) {
             Ok(tasks) => {
                 self.takeovers_due.remove(&node);
+                if self.taken_over_from.len() < MAX_TAKEN_OVER_FROM {
+                    self.taken_over_from.insert(node.clone());
+                }
                 for (task, held) in tasks {
                     self.take_over(task, held, &node);
                 }
@@ -1289,6 +1355,7 @@ impl CoordinatorState {
                         label: meta.label.clone(),
                         task: Some(task),
                         attach: false,
+                        adopt_from: None,
                     },
                     generation: meta.generation,
                 }
@@ -1413,8 +1480,9 @@ impl CoordinatorState {
     }
 
     /// Records what a standby has now, and the lease it granted, from the answer to
-    /// the checkpoint in flight to it (any other is stale and ignored). True if the
-    /// lease had lapsed and now runs again: tasks it held back may be allocated.
+    /// the checkpoint in flight to it (any other is stale and ignored). Says what may
+    /// be allocated now: every task, if the lease had lapsed and runs again; else the
+    /// tasks whose start the standby now holds.
     fn checkpoint_answered(
         &mut self,
         node: Arc<str>,
@@ -1423,7 +1491,7 @@ impl CoordinatorState {
         sent_ms: u64,
         number: u64,
         answer: Result<CheckpointAck, String>,
-    ) -> bool {
+    ) -> Unblocked {
         if !self.in_flight.answered(&node, number) {
             // Sent before `node` was last held down: what it answers was reset then,
             // and a later checkpoint may be in flight. The task ends it carried may
@@ -1431,7 +1499,7 @@ impl CoordinatorState {
             debug!(%node, "answer to a checkpoint sent before the node was down; ignored");
             let ended = self.not_given_to(&node, ended);
             self.forget_notices.requeue(node, ended);
-            return false;
+            return Unblocked::Tasks(Vec::new());
         }
         let ack = match answer {
             Ok(ack) => ack,
@@ -1454,7 +1522,7 @@ impl CoordinatorState {
                 // retry time).
                 let ended = self.not_given_to(&node, ended);
                 self.forget_notices.requeue(node, ended);
-                return false;
+                return Unblocked::Tasks(Vec::new());
             }
         };
         if self.given_up.remove(&node) {
@@ -1464,12 +1532,16 @@ impl CoordinatorState {
         let now = self.now_ms();
         let was_valid = self.leases.runs(&node, now);
         let granted = self.leases.granted(&node, sent_ms, ack.lease_ms);
+        let mut opened_now = Vec::new();
         for (task, upto, opened) in sent {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 continue;
             };
             if meta.replica.standby.as_deref() != Some(&*node) {
                 continue;
+            }
+            if opened && !meta.replica.opened {
+                opened_now.push(task);
             }
             meta.replica.opened |= opened;
             meta.replica.acked = meta.replica.acked.max(upto);
@@ -1528,7 +1600,12 @@ impl CoordinatorState {
         if valid {
             self.fence_logged.remove(&node);
         }
-        valid && !was_valid
+        if valid && !was_valid {
+            return Unblocked::All;
+        }
+        // Those the answer says the standby does not hold after all wait on.
+        opened_now.retain(|t| self.tasks.get(t).is_some_and(|m| m.replica.opened));
+        Unblocked::Tasks(opened_now)
     }
 
     /// `tasks` less those given to `node` since (their start went there again, or

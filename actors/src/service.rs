@@ -74,6 +74,14 @@ pub struct SubmitRequest {
     /// no longer knows the task) says so instead of running it a second time.
     #[serde(default)]
     pub attach: bool,
+    /// With `attach`: the node the task was submitted to, which the client lost, once
+    /// every other member it listed has said it does not hold the task (that node went
+    /// down before its standby had it). The node that the lost one would pick as its
+    /// standby starts the task, if it holds that node down and has taken over its
+    /// tasks; any other says it does not know the task. A coordinator allocates
+    /// nothing of a task before its standby holds it, so nothing of it ran there.
+    #[serde(default)]
+    pub adopt_from: Option<String>,
 }
 
 /// The longest task label accepted.
@@ -93,6 +101,7 @@ impl SubmitRequest {
             label: None,
             task: None,
             attach: false,
+            adopt_from: None,
         }
     }
 

@@ -176,6 +176,7 @@ async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
             label: None,
             task: None,
             attach: false,
+            adopt_from: None,
         })
         .await
         .unwrap();
@@ -255,6 +256,7 @@ async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, Submi
         label: None,
         task: None,
         attach: false,
+        adopt_from: None,
     };
     (nodes, request)
 }
@@ -483,6 +485,7 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
             label: None,
             task: None,
             attach: false,
+            adopt_from: None,
         })
         .await
         .unwrap();

@@ -62,6 +62,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_task_duration_seconds", Kind::Histogram, "time from submission to the end of each task, by status"),
     ("agentmesh_tasks_open", Kind::Gauge, "tasks open at this node's coordinator"),
     ("agentmesh_tasks_taken_over_total", Kind::Counter, "tasks this node's coordinator took over from a node that went down, as its standby"),
+    ("agentmesh_tasks_adopted_total", Kind::Counter, "tasks this node's coordinator started for a client that lost their coordinator's node before its standby had them (no member held them)"),
     ("agentmesh_checkpoints_refused_total", Kind::Counter, "checkpoints refused whole because they named another node than their sender as the tasks' coordinator"),
     ("agentmesh_standbys_given_up_total", Kind::Counter, "standbys up whose checkpoints failed for 5 s, whose tasks this node's coordinator gave to another standby"),
     ("agentmesh_checkpoints_stale_total", Kind::Counter, "checkpoints dropped whole because they arrived after a later one of the same coordinator run"),

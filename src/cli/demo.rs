@@ -362,6 +362,7 @@ async fn submit(
         label: Some(label),
         task: None,
         attach: false,
+        adopt_from: None,
     };
     let outcome: TaskOutcome = client
         .request(

@@ -207,6 +207,7 @@ async fn one_run(
         label: Some("failover".into()),
         task: None,
         attach: false,
+        adopt_from: None,
     };
     let mut submitter = connect(&identities[2], procs, COORDINATOR).await?;
     let task = tokio::spawn(async move {

@@ -195,8 +195,11 @@ const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 /// it already runs, or answers with its outcome if it ended meanwhile, so the task runs
 /// once. If that node is gone or no longer knows the task, the other members it listed
 /// at the submission are asked: the one that holds the task as standby waits for it
-/// (and takes it over once the node is found down). It gives up after
-/// [`RECONNECT_WITHIN`] without a connection.
+/// (and takes it over once the node is found down). If every one of them says it does
+/// not hold the task (the node went down before its standby had it), they are asked to
+/// adopt it ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once
+/// it has taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
+/// connection.
 async fn wait_for(
     identity: &NodeIdentity,
     to: SocketAddr,
@@ -207,18 +210,18 @@ async fn wait_for(
     // (a connection that lasted starts the count again).
     let mut submitted = false;
     let mut failing_since: Option<Instant> = None;
-    // The other members, as the node listed them at the submission.
-    let mut others: Vec<SocketAddr> = Vec::new();
+    // The node's name and the other members, as it listed them at the submission.
+    let mut members = Members::default();
     loop {
         // Sent again, the task is only waited for: a node that restarted meanwhile
         // does not know it and says so, rather than run it again.
         request.attach = submitted;
-        let list = (!submitted).then_some(&mut others);
+        let list = (!submitted).then_some(&mut members);
         let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(unknown) => {
                 // The node restarted: a standby may have taken the task over.
-                return Ok(ask_others(identity, &others, &request)
+                return Ok(ask_others(identity, &members, &request)
                     .await
                     .unwrap_or(unknown));
             }
@@ -227,7 +230,7 @@ async fn wait_for(
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
-        if let Some(outcome) = ask_others(identity, &others, &request).await {
+        if let Some(outcome) = ask_others(identity, &members, &request).await {
             return Ok(outcome);
         }
         if lasted {
@@ -245,6 +248,13 @@ async fn wait_for(
     }
 }
 
+/// The node a task was submitted to and the other members it listed then.
+#[derive(Default)]
+struct Members {
+    node: String,
+    others: Vec<SocketAddr>,
+}
+
 /// Sends `request` to the node at `addr` and waits for the answer; with `members`,
 /// first lists the node's other members there. `sent` becomes true once connected
 /// (the request may have reached the node from then on). An error comes with whether
@@ -253,7 +263,7 @@ async fn ask(
     identity: &NodeIdentity,
     addr: SocketAddr,
     request: &SubmitRequest,
-    members: Option<&mut Vec<SocketAddr>>,
+    members: Option<&mut Members>,
     sent: &mut bool,
 ) -> Result<TaskOutcome, (ClientError, bool)> {
     let mut client = Client::connect(identity, addr)
@@ -262,9 +272,10 @@ async fn ask(
     *sent = true;
     let connected_at = Instant::now();
     if let Some(members) = members {
+        members.node = client.node().to_string();
         // Without the list, a task outlives its node only if that node comes back.
         if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
-            *members = report
+            members.others = report
                 .members
                 .into_iter()
                 .filter(|m| m.state == MemberState::Up && m.name != client.node())
@@ -284,25 +295,60 @@ async fn ask(
     outcome.map_err(|e| (e, connected_at.elapsed() >= RECONNECT_WITHIN))
 }
 
-/// Asks each of `others` for the task (as `attach`): the first that knows it answers
-/// with its outcome, once the task ends.
+/// Asks each of the other members for the task (as `attach`): the first that knows it
+/// answers with its outcome, once the task ends. If every one answers that it does not
+/// hold it, they are asked again to adopt it from the node it was submitted to.
 async fn ask_others(
     identity: &NodeIdentity,
-    others: &[SocketAddr],
+    members: &Members,
     request: &SubmitRequest,
 ) -> Option<TaskOutcome> {
-    let request = SubmitRequest {
+    let attach = SubmitRequest {
         attach: true,
+        adopt_from: None,
         ..request.clone()
     };
-    for &addr in others {
-        match ask(identity, addr, &request, None, &mut false).await {
-            Ok(outcome) if !outcome.unknown => return Some(outcome),
+    match ask_each(identity, &members.others, &attach).await {
+        Ok(outcome) => return Some(outcome),
+        // One that could not be asked may hold the task: adopted, it would run twice.
+        Err(AskedEach { unreachable: true }) => return None,
+        Err(AskedEach { unreachable: false }) => {}
+    }
+    if members.others.is_empty() || members.node.is_empty() {
+        return None;
+    }
+    debug!(node = %members.node, "no member holds the task: asking them to adopt it");
+    let adopt = SubmitRequest {
+        adopt_from: Some(members.node.clone()),
+        ..attach
+    };
+    ask_each(identity, &members.others, &adopt).await.ok()
+}
+
+/// No node gave an outcome; whether one could not be asked at all.
+struct AskedEach {
+    unreachable: bool,
+}
+
+/// Asks each node at `addrs` in turn; the first that knows the task answers with its
+/// outcome, once the task ends.
+async fn ask_each(
+    identity: &NodeIdentity,
+    addrs: &[SocketAddr],
+    request: &SubmitRequest,
+) -> Result<TaskOutcome, AskedEach> {
+    let mut unreachable = false;
+    for &addr in addrs {
+        match ask(identity, addr, request, None, &mut false).await {
+            Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(_) => debug!(%addr, "this node does not hold the task"),
-            Err((error, _)) => debug!(%addr, %error, "this node could not be asked for the task"),
+            Err((error, _)) => {
+                unreachable = true;
+                debug!(%addr, %error, "this node could not be asked for the task");
+            }
         }
     }
-    None
+    Err(AskedEach { unreachable })
 }
 
 /// Submits and waits; a task that failed is an error (exit code 1) after its figures
@@ -317,6 +363,7 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         label: args.label.clone(),
         task: Some(Uuid::new_v4()),
         attach: false,
+        adopt_from: None,
     };
     let outcome: TaskOutcome = runtime()?.block_on(wait_for(&identity, args.client.to, request))?;
     let results = args.results.then(|| {

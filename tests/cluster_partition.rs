@@ -405,6 +405,24 @@ fn a_coordinator_cut_off_from_its_standby_alone_gives_its_task_to_another_and_go
 /// with n0: the client found no member that knew it.
 #[test]
 fn a_task_whose_coordinator_dies_before_its_standby_has_it_is_adopted_and_runs_once() {
+    lost_before_its_standby_has_the_task(Lost::Killed);
+}
+
+/// As above, but n0 is only paused (SIGSTOP) and goes on once n1 has adopted the task
+/// and the cut has healed: its checkpoint of the task is answered `taken_over`, so it
+/// drops its copy, having allocated nothing of it.
+#[test]
+fn a_coordinator_paused_before_its_standby_has_a_task_finds_it_adopted_and_drops_it() {
+    lost_before_its_standby_has_the_task(Lost::Paused);
+}
+
+#[derive(PartialEq)]
+enum Lost {
+    Killed,
+    Paused,
+}
+
+fn lost_before_its_standby_has_the_task(how: Lost) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("adopt") else {
         return;
@@ -423,8 +441,21 @@ fn a_task_whose_coordinator_dies_before_its_standby_has_it_is_adopted_and_runs_o
     first.expect(&["task submitted", "segments=20"]);
     // Less than the 5 s after which n0 would give the task to another standby.
     std::thread::sleep(Duration::from_millis(1500));
-    first.kill();
+    let pid = first.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    };
+    match how {
+        Lost::Killed => first.kill(),
+        Lost::Paused => signal("-STOP"),
+    }
     second.expect(&["adopting a task no member holds", "from=n0"]);
+    if how == Lost::Paused {
+        cluster.heal();
+        signal("-CONT");
+        first.expect(&["the standby took the task over", "standby=n1"]);
+    }
     let task = completed_once(submit, 20);
     assert_eq!(task["reallocated"], 0, "{task}");
     let allocations: u64 = metrics

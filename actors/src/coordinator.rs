@@ -83,6 +83,11 @@ const MAX_FORGET_NOTICES: usize = 100_000;
 /// How often every open task is checkpointed, even with nothing new: a standby that
 /// lost it (restarted) or took it over (held this node down) says so in its answer.
 const CHECKPOINT_REFRESH_MS: u64 = 5_000;
+/// How long a node up may have no connection from this one, while holding attempts of
+/// its tasks, before those attempts are given to other workers: its REPORTs cannot
+/// arrive. The connection closes after the QUIC idle timeout (3 s) with nothing heard,
+/// so this is counted on top of that; a redial that succeeds meanwhile ends it.
+const CUT_OFF_MS: u64 = 1_000;
 /// Nodes down remembered as taken over from, at most; past it, no task is adopted from
 /// the others ([`SubmitRequest::adopt_from`]).
 const MAX_TAKEN_OVER_FROM: usize = 4_096;
@@ -315,6 +320,9 @@ pub struct CoordinatorState {
     /// one holds ([`CoordinatorState::adopts_from`]). At most
     /// [`MAX_TAKEN_OVER_FROM`].
     taken_over_from: HashSet<Arc<str>>,
+    /// Nodes up with no open connection from this one: since when, and whether the
+    /// attempts there were given to others already ([`CUT_OFF_MS`]).
+    cut_off_since: HashMap<Arc<str>, (u64, bool)>,
 }
 
 /// What a standby's answer lets the coordinator allocate.
@@ -419,6 +427,7 @@ impl Actor for Coordinator {
             unanswered_since: HashMap::new(),
             given_up: HashSet::new(),
             taken_over_from: HashSet::new(),
+            cut_off_since: HashMap::new(),
         })
     }
 
@@ -480,6 +489,9 @@ impl Actor for Coordinator {
                     .set(state.ledger.pending_segments() as f64);
                 metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
                 state.takeovers_now_due(now);
+                if state.reallocate_from_cut_off(now) {
+                    state.assign_waiting().await;
+                }
                 if state.tasks.is_empty() {
                     state.checkpoint();
                     return Ok(());
@@ -1121,10 +1133,44 @@ impl CoordinatorState {
         }
     }
 
+    /// Gives the attempts at nodes up that this node has had no connection to for
+    /// [`CUT_OFF_MS`] to other workers, once per cut (a worker node that only this one
+    /// cannot reach: the others keep it up, and its REPORTs would never arrive, so its
+    /// segments waited for their 30 s timeout). A result it sends after the link heals
+    /// is taken if the segment has none yet, else discarded as a duplicate. True if
+    /// any was.
+    fn reallocate_from_cut_off(&mut self, now: u64) -> bool {
+        let mesh = &self.mesh;
+        self.cut_off_since
+            .retain(|node, _| !mesh.is_connected(node));
+        let mut lost = 0;
+        for node in &self.up {
+            if mesh.is_connected(node) {
+                continue;
+            }
+            let (since, handled) = self
+                .cut_off_since
+                .entry(node.clone())
+                .or_insert((now, false));
+            if *handled || now < *since + CUT_OFF_MS {
+                continue;
+            }
+            *handled = true;
+            let n = self.ledger.handle_node_cut_off(node, now);
+            if n > 0 {
+                warn!(%node, attempts = n, "no connection to the node, which others hold up: reallocating its segments");
+                metrics::counter!("agentmesh_cut_off_reallocations_total").increment(n as u64);
+                lost += n;
+            }
+        }
+        lost > 0
+    }
+
     /// A node is down: the tasks held for it are taken over, and the tasks it was
     /// standby for go to another.
     fn node_down(&mut self, node: &str) {
         self.up.remove(node);
+        self.cut_off_since.remove(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
         let down: Arc<str> = Arc::from(node);

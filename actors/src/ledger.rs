@@ -1033,9 +1033,19 @@ impl Ledger {
     /// Every attempt running on `node` is lost: reallocate them all. These are not
     /// retries of failed work, so the retry budget does not hold them back.
     pub fn handle_node_down(&mut self, node: &str, now_ms: u64) -> usize {
+        self.lose_node(node, now_ms, &format!("node {node} is down"))
+    }
+
+    /// Every attempt running on `node` is lost to this coordinator, which has no
+    /// connection to it (others may still reach it): as [`Ledger::handle_node_down`].
+    pub fn handle_node_cut_off(&mut self, node: &str, now_ms: u64) -> usize {
+        self.lose_node(node, now_ms, &format!("no connection to node {node}"))
+    }
+
+    fn lose_node(&mut self, node: &str, now_ms: u64, reason: &str) -> usize {
         let lost = self.attempts_where(|_, n| n == node);
         let n = lost.len();
-        self.reallocate_lost(lost, now_ms, &format!("node {node} is down"));
+        self.reallocate_lost(lost, now_ms, reason);
         n
     }
 

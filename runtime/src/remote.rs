@@ -442,6 +442,13 @@ impl Mesh {
         &self.inner.node
     }
 
+    /// Whether this node has an open connection to node `name` now. Members keep one
+    /// to each other (probes and keep-alives), so one up without it for long is cut
+    /// off from this node, though others may still reach it.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.inner.transport.peer(name).is_some_and(|p| p.is_open())
+    }
+
     /// The address of `name` on this node.
     pub fn local_addr(&self, name: &str) -> ActorAddr {
         ActorAddr {

@@ -795,7 +795,7 @@ impl CoordinatorState {
     /// allocated: there is a standby to hold it, it has not refused it, and it has not
     /// answered holding the task's start. If this node dies before then, no one else
     /// has the task, and the client may have it started again elsewhere (as adopted,
-    /// [`CoordinatorState::adopt`]): what ran here meanwhile would run twice.
+    /// [`CoordinatorState::adopts_from`]): what ran here meanwhile would run twice.
     fn awaits_standby(&self, replica: &Replica) -> bool {
         !replica.opened
             && !replica.off
@@ -1140,12 +1140,10 @@ impl CoordinatorState {
     /// is taken if the segment has none yet, else discarded as a duplicate. True if
     /// any was.
     fn reallocate_from_cut_off(&mut self, now: u64) -> bool {
-        let mesh = &self.mesh;
-        self.cut_off_since
-            .retain(|node, _| !mesh.is_connected(node));
         let mut lost = 0;
         for node in &self.up {
-            if mesh.is_connected(node) {
+            if self.mesh.is_connected(node) {
+                self.cut_off_since.remove(node);
                 continue;
             }
             let (since, handled) = self

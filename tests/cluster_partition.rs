@@ -23,6 +23,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{free_ports, temp_dir, NodeProcess};
@@ -86,13 +87,11 @@ struct Cluster {
     ns: Netns,
     dir: PathBuf,
     ports: Vec<u16>,
+    /// Held while the cluster lives: one test of this file at a time.
+    _one: MutexGuard<'static, ()>,
 }
 
 impl Cluster {
-    fn start(&self, i: usize) -> NodeProcess {
-        self.start_with(i, &["--agents", "sleep=2"])
-    }
-
     fn start_with(&self, i: usize, extra: &[&str]) -> NodeProcess {
         let name = format!("n{i}");
         let listen = self.addr(i);
@@ -211,10 +210,12 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> Option<Stri
 }
 
 /// The tests of this file one at a time: each runs four node processes.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Four nodes' addresses in a namespace of their own, or `None` where there can be none.
+/// Four nodes' addresses (and two more ports) in a namespace of their own, or `None`
+/// where there can be none. Waits for the tests of this file before it.
 fn cluster(tag: &str) -> Option<Cluster> {
+    let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::create(tag)?;
     let dir = temp_dir(tag);
     std::fs::create_dir_all(&dir).unwrap();
@@ -222,10 +223,41 @@ fn cluster(tag: &str) -> Option<Cluster> {
         ns,
         dir,
         ports: free_ports(6),
+        _one: one,
     })
 }
 
+/// `--agents sleep=2` (one agent, two replicas) for every node but those in `without`.
+fn sleepers_except(without: &[usize]) -> impl Fn(usize) -> Vec<String> + '_ {
+    move |i| {
+        if without.contains(&i) {
+            Vec::new()
+        } else {
+            vec!["--agents".into(), "sleep=2".into()]
+        }
+    }
+}
+
 impl Cluster {
+    /// Starts n0 (and waits until it listens), then n1 to n3, each with `args(i)`, and
+    /// waits until n0 lists every agent they run (one per node started with `--agents`).
+    fn start_four(&self, args: impl Fn(usize) -> Vec<String>) -> Vec<NodeProcess> {
+        let start = |i: usize| {
+            let args = args(i);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.start_with(i, &args)
+        };
+        let first = start(0);
+        first.expect(&["listening"]);
+        let mut nodes = vec![first];
+        nodes.extend((1..4).map(start));
+        let agents = (0..4)
+            .filter(|i| args(*i).iter().any(|a| a == "--agents"))
+            .count();
+        self.wait_for_agents(0, agents);
+        nodes
+    }
+
     /// Waits until node `i` lists `n` agents.
     fn wait_for_agents(&self, i: usize, n: usize) {
         wait_until(
@@ -304,14 +336,11 @@ fn completed_once(submit: Child, segments: u64) -> Value {
 
 #[test]
 fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("partition") else {
         return;
     };
-    let first = cluster.start(0);
-    first.expect(&["listening"]);
-    let nodes: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
-    cluster.wait_for_agents(0, 4);
+    let nodes = cluster.start_four(sleepers_except(&[]));
+    let first = &nodes[0];
 
     // 60 segments of 300 ms on 8 replicas: about 2.3 s of work with every node up.
     let submit = cluster.submit(60);
@@ -321,7 +350,7 @@ fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
     cluster.partition(&[0, 1], &[2, 3]);
     first.expect(&["node down: reallocating its segments", "node=n2"]);
     first.expect(&["node down: reallocating its segments", "node=n3"]);
-    nodes[1].expect(&["node down", "node=n0 "]);
+    nodes[2].expect(&["node down", "node=n0 "]);
     // Held past the QUIC idle timeout (3 s): the connections across the cut close, and
     // the nodes must dial each other again after the heal.
     std::thread::sleep(Duration::from_millis(3500));
@@ -341,14 +370,11 @@ fn a_partitioned_cluster_reallocates_heals_and_completes_every_segment_once() {
 /// and tells the client to ask the others).
 #[test]
 fn a_coordinator_cut_off_from_every_worker_waits_and_its_standby_completes_the_task() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("cutoff") else {
         return;
     };
-    let first = cluster.start_with(0, &[]);
-    first.expect(&["listening"]);
-    let nodes: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
-    cluster.wait_for_agents(0, 3);
+    let nodes = cluster.start_four(sleepers_except(&[0]));
+    let first = &nodes[0];
 
     // 30 segments of 300 ms on 6 replicas: about 1.5 s of work.
     let submit = cluster.submit(30);
@@ -357,7 +383,7 @@ fn a_coordinator_cut_off_from_every_worker_waits_and_its_standby_completes_the_t
     for n in ["node=n1", "node=n2", "node=n3"] {
         first.expect(&["node down: reallocating its segments", n]);
     }
-    nodes[0].expect(&["took over a task from a node that went down", "from=n0"]);
+    nodes[1].expect(&["took over a task from a node that went down", "from=n0"]);
     // Long enough for several coordinator ticks with nobody to allocate to.
     std::thread::sleep(Duration::from_millis(1500));
     cluster.heal();
@@ -374,15 +400,11 @@ fn a_coordinator_cut_off_from_every_worker_waits_and_its_standby_completes_the_t
 /// 30 s later). After the heal n1 answers again and is told to forget its copy.
 #[test]
 fn a_coordinator_cut_off_from_its_standby_alone_gives_its_task_to_another_and_goes_on() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("standby-link") else {
         return;
     };
-    let first = cluster.start(0);
-    first.expect(&["listening"]);
-    let second = cluster.start_with(1, &[]);
-    let others: Vec<NodeProcess> = (2..4).map(|i| cluster.start(i)).collect();
-    cluster.wait_for_agents(0, 3);
+    let nodes = cluster.start_four(sleepers_except(&[1]));
+    let first = &nodes[0];
 
     // 80 segments of 300 ms on 6 replicas: about 4 s of work with nothing cut.
     let submit = cluster.submit(80);
@@ -393,8 +415,7 @@ fn a_coordinator_cut_off_from_its_standby_alone_gives_its_task_to_another_and_go
     assert_eq!(task["reallocated"], 0, "no node was held down: {task}");
     cluster.heal();
     first.expect(&["the standby given up on answers again", "standby=n1"]);
-    drop(second);
-    drop(others);
+    drop(nodes);
 }
 
 /// The coordinator (n0) is cut off from its standby (n1) alone and gets a task at once,
@@ -425,38 +446,40 @@ enum Lost {
 }
 
 fn lost_before_its_standby_has_the_task(how: Lost) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("adopt") else {
         return;
     };
-    let mut first = cluster.start_with(0, &[]);
-    first.expect(&["listening"]);
-    let second = cluster.start_with(1, &[]);
+    // n2 and n3 serve metrics at the two spare ports.
     let metrics: Vec<String> = (4..6).map(|i| cluster.addr(i)).collect();
-    let workers: Vec<NodeProcess> = (2..4)
-        .map(|i| cluster.start_with(i, &["--agents", "sleep=2", "--metrics", &metrics[i - 2]]))
-        .collect();
-    cluster.wait_for_agents(0, 2);
+    let mut nodes = cluster.start_four(|i| match i {
+        0 | 1 => Vec::new(),
+        _ => vec![
+            "--agents".into(),
+            "sleep=2".into(),
+            "--metrics".into(),
+            metrics[i - 2].clone(),
+        ],
+    });
 
     cluster.partition(&[0], &[1]);
     let submit = cluster.submit(20);
-    first.expect(&["task submitted", "segments=20"]);
+    nodes[0].expect(&["task submitted", "segments=20"]);
     // Less than the 5 s after which n0 would give the task to another standby.
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = first.child.id().to_string();
+    let pid = nodes[0].child.id().to_string();
     let signal = |sig: &str| {
         let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
         assert!(ok.success(), "kill {sig}");
     };
     match how {
-        Lost::Killed => first.kill(),
+        Lost::Killed => nodes[0].kill(),
         Lost::Paused => signal("-STOP"),
     }
-    second.expect(&["adopting a task no member holds", "from=n0"]);
+    nodes[1].expect(&["adopting a task no member holds", "from=n0"]);
     if how == Lost::Paused {
         cluster.heal();
         signal("-CONT");
-        first.expect(&["the standby took the task over", "standby=n1"]);
+        nodes[0].expect(&["the standby took the task over", "standby=n1"]);
     }
     let task = completed_once(submit, 20);
     assert_eq!(task["reallocated"], 0, "{task}");
@@ -470,8 +493,7 @@ fn lost_before_its_standby_has_the_task(how: Lost) {
         })
         .sum();
     assert_eq!(allocations, 20, "one ALLOCATE per segment, none from n0");
-    drop(second);
-    drop(workers);
+    drop(nodes);
 }
 
 /// Only the link between the coordinator (n0, with no agent of its own) and a worker
@@ -482,14 +504,11 @@ fn lost_before_its_standby_has_the_task(how: Lost) {
 /// 31.0 s, against about 3 s of work.
 #[test]
 fn a_worker_node_cut_off_from_its_coordinator_alone_has_its_segments_reallocated() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(cluster) = cluster("worker-link") else {
         return;
     };
-    let first = cluster.start_with(0, &[]);
-    first.expect(&["listening"]);
-    let others: Vec<NodeProcess> = (1..4).map(|i| cluster.start(i)).collect();
-    cluster.wait_for_agents(0, 3);
+    let nodes = cluster.start_four(sleepers_except(&[0]));
+    let first = &nodes[0];
 
     // 60 segments of 300 ms on 6 replicas: about 3 s of work with nothing cut.
     let submit = cluster.submit(60);
@@ -503,5 +522,5 @@ fn a_worker_node_cut_off_from_its_coordinator_alone_has_its_segments_reallocated
         "done well before the 30 s segment timeout: {task}"
     );
     assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
-    drop(others);
+    drop(nodes);
 }

@@ -325,6 +325,17 @@ pub struct CoordinatorState {
     cut_off_since: HashMap<Arc<str>, (u64, bool)>,
 }
 
+/// The standby `node` picks among `candidates` (other nodes): the first after it in name
+/// order, or else the first. One rule for picking a standby and for finding which node
+/// adopts a lost node's task ([`CoordinatorState::adopts_from`]).
+fn standby_among<'a>(
+    node: &str,
+    candidates: impl Iterator<Item = &'a str> + Clone,
+) -> Option<&'a str> {
+    let after = candidates.clone().filter(|n| *n > node).min();
+    after.or_else(|| candidates.min())
+}
+
 /// What a standby's answer lets the coordinator allocate.
 enum Unblocked {
     /// Every waiting task: the lease had lapsed and runs again.
@@ -786,9 +797,8 @@ impl CoordinatorState {
         if from == me || !self.taken_over_from.contains(from) || self.up.contains(from) {
             return false;
         }
-        let candidates = || self.up.iter().map(|n| &**n).chain(std::iter::once(me));
-        let first_after = candidates().filter(|n| *n > from).min();
-        first_after.or_else(|| candidates().min()) == Some(me)
+        let candidates = self.up.iter().map(|n| &**n).chain(std::iter::once(me));
+        standby_among(from, candidates) == Some(me)
     }
 
     /// Whether a task must wait for its standby to hold it before anything of it is
@@ -1323,12 +1333,13 @@ impl CoordinatorState {
     /// The standby for this node's tasks: the first node up after this one, in name
     /// order (all of a coordinator's tasks go to one standby, in one checkpoint).
     fn pick_standby(&self) -> Option<Arc<str>> {
-        let me = self.mesh.node();
-        let usable = || self.up.iter().filter(|n| !self.given_up.contains(*n));
-        usable()
-            .find(|n| &***n > me)
-            .or_else(|| usable().next())
-            .cloned()
+        let usable = self
+            .up
+            .iter()
+            .filter(|n| !self.given_up.contains(*n))
+            .map(|n| &**n);
+        let standby = standby_among(self.mesh.node(), usable)?;
+        self.up.get(standby).cloned()
     }
 
     /// Sends each standby with no checkpoint in flight what it does not have yet, and

@@ -158,24 +158,24 @@ impl WorkDir {
 /// `n` distinct loopback UDP addresses free right now. All are held until all are
 /// picked: one at a time, the OS may hand out a port it has just freed again.
 pub fn free_udp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let held: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    Ok(held
-        .iter()
-        .map(UdpSocket::local_addr)
-        .collect::<Result<_, _>>()?)
+    free_ports(n, |a| UdpSocket::bind(a), UdpSocket::local_addr)
 }
 
 /// `n` distinct loopback TCP addresses free right now (held as `free_udp_ports` does).
 pub fn free_tcp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
+    free_ports(n, |a| TcpListener::bind(a), TcpListener::local_addr)
+}
+
+/// `n` sockets bound with `bind` to free loopback ports, all held until all are picked.
+fn free_ports<S>(
+    n: usize,
+    bind: impl Fn(&str) -> std::io::Result<S>,
+    local_addr: impl Fn(&S) -> std::io::Result<SocketAddr>,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let held: Vec<S> = (0..n)
+        .map(|_| bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
-    Ok(held
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<_, _>>()?)
+    Ok(held.iter().map(local_addr).collect::<Result<_, _>>()?)
 }
 
 /// The agents a node knows and the tasks its coordinator runs.

@@ -439,10 +439,22 @@ fn a_coordinator_paused_before_its_standby_has_a_task_finds_it_adopted_and_drops
     lost_before_its_standby_has_the_task(Lost::Paused);
 }
 
+/// As above, but n0 is started again at once (joining through n2; still cut off from
+/// n1), so the others see its new life up before, or instead of, the old one down. The
+/// new life says it does not know the task, and the client, asking the others for a
+/// while, has n1 adopt it once n1 knows that n0 restarted. Before, n1 adopted only
+/// from a node it held down: the client was told, after one round of asking, that no
+/// one knew its task.
+#[test]
+fn a_task_whose_coordinator_restarts_before_its_standby_has_it_is_adopted_and_runs_once() {
+    lost_before_its_standby_has_the_task(Lost::Restarted);
+}
+
 #[derive(PartialEq)]
 enum Lost {
     Killed,
     Paused,
+    Restarted,
 }
 
 fn lost_before_its_standby_has_the_task(how: Lost) {
@@ -474,6 +486,11 @@ fn lost_before_its_standby_has_the_task(how: Lost) {
     match how {
         Lost::Killed => nodes[0].kill(),
         Lost::Paused => signal("-STOP"),
+        Lost::Restarted => {
+            nodes[0].kill();
+            let seed = cluster.addr(2);
+            nodes.push(cluster.start_with(0, &["--join", &seed]));
+        }
     }
     nodes[1].expect(&["adopting a task no member holds", "from=n0"]);
     if how == Lost::Paused {

@@ -101,7 +101,12 @@ pub enum CoordinatorMsg {
     /// An ACP frame for the coordinator (REPORT).
     Acp(FromPeer<Message>, OwnedSemaphorePermit),
     /// A node is down: its attempts are reallocated.
-    NodeDown(String),
+    NodeDown {
+        /// Its name.
+        node: String,
+        /// Which of its lives went down (`NodeId::life`).
+        life: u64,
+    },
     /// An agent's load went down: waiting segments are offered again (answered once
     /// they have been).
     CapacityFreed(RpcReplyPort<()>),
@@ -118,8 +123,14 @@ pub enum CoordinatorMsg {
     Status(AgentsRequest, RpcReplyPort<AgentsStatus>),
     /// Steer a running task: ADJUST on the urgent lane to every attempt running.
     Adjust(AdjustRequest, RpcReplyPort<AdjustAnswer>),
-    /// A node is up: it may be a standby.
-    NodeUp(String),
+    /// A node is up: it may be a standby. In a later life than one whose tasks are
+    /// held here, it restarted, and those are taken over.
+    NodeUp {
+        /// Its name.
+        node: String,
+        /// Which of its lives is up (`NodeId::life`).
+        life: u64,
+    },
     /// Another coordinator's tasks, to hold as its standby, with the node that sent them.
     Checkpoint(FromPeer<Checkpoint>, RpcReplyPort<CheckpointAck>),
     /// A standby answered a checkpoint (or did not).
@@ -305,8 +316,9 @@ pub struct CoordinatorState {
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.
     leases: Leases,
-    /// Nodes down whose tasks held here wait for their lease to end, until when.
-    takeovers_due: HashMap<Arc<str>, u64>,
+    /// Nodes down whose tasks held here wait for their lease to end: until when, and
+    /// which life of the node went down.
+    takeovers_due: HashMap<Arc<str>, (u64, u64)>,
     /// Standbys whose lapsed lease holds tasks back, already logged.
     fence_logged: HashSet<Arc<str>>,
     /// Standbys up whose checkpoints have failed since they last answered: when the
@@ -315,11 +327,11 @@ pub struct CoordinatorState {
     /// Standbys up given up on ([`STANDBY_GIVE_UP_MS`]): no task goes to them until
     /// they answer again (a notice to forget the tasks that moved on, say).
     given_up: HashSet<Arc<str>>,
-    /// Nodes down whose tasks held here were taken over (their lease ended), until
-    /// they are up again: a client may have this node adopt a task of theirs that no
-    /// one holds ([`CoordinatorState::adopts_from`]). At most
-    /// [`MAX_TAKEN_OVER_FROM`].
-    taken_over_from: HashSet<Arc<str>>,
+    /// Nodes whose tasks held here were taken over (their lease ended, or they
+    /// restarted), with the life taken over from, until they are up again in that
+    /// life: a client may have this node adopt a task of theirs that no one holds
+    /// ([`CoordinatorState::adopts_from`]). At most [`MAX_TAKEN_OVER_FROM`].
+    taken_over_from: HashMap<Arc<str>, u64>,
     /// Nodes up with no open connection from this one: since when, and whether the
     /// attempts there were given to others already ([`CUT_OFF_MS`]).
     cut_off_since: HashMap<Arc<str>, (u64, bool)>,
@@ -437,7 +449,7 @@ impl Actor for Coordinator {
             fence_logged: HashSet::new(),
             unanswered_since: HashMap::new(),
             given_up: HashSet::new(),
-            taken_over_from: HashSet::new(),
+            taken_over_from: HashMap::new(),
             cut_off_since: HashMap::new(),
         })
     }
@@ -455,15 +467,19 @@ impl Actor for Coordinator {
                 state.on_acp(&peer, message).await;
                 drop(permit);
             }
-            CoordinatorMsg::NodeDown(node) => {
+            CoordinatorMsg::NodeDown { node, life } => {
                 match state.ledger.handle_node_down(&node, now) {
                     0 => debug!(%node, "node down: none of its attempts ran here"),
                     lost => info!(%node, attempts = lost, "node down: reallocating its segments"),
                 }
-                state.node_down(&node);
+                state.node_down(&node, life);
                 state.assign_waiting().await;
             }
-            CoordinatorMsg::NodeUp(node) => state.node_up(&node),
+            CoordinatorMsg::NodeUp { node, life } => {
+                if state.node_up(&node, life) {
+                    state.assign_waiting().await;
+                }
+            }
             CoordinatorMsg::Checkpoint(FromPeer { peer, message }, reply) => {
                 let _ = reply.send(state.hold(&peer, message));
             }
@@ -786,18 +802,23 @@ impl CoordinatorState {
     }
 
     /// Whether this node starts a task that a client lost with `from` and that no other
-    /// member holds ([`SubmitRequest::adopt_from`]): `from` is down here and its tasks
-    /// held here were taken over (its lease ended), and this node is the one `from`
-    /// would pick as its standby (the first node after it in name order, among those
-    /// up here and this one). Only one node should answer yes, the one `from` gives its
+    /// member holds ([`SubmitRequest::adopt_from`]): `from` is down here, or up in a
+    /// later life (it restarted), and its tasks held here were taken over (its lease
+    /// ended), and this node is the one `from` would pick as its standby (the first
+    /// node after it in name order, among those up here and this one). Only one node should answer yes, the one `from` gives its
     /// tasks to if it was only held down and comes back: its checkpoint of the task is
     /// then answered `taken_over`, and it drops its copy.
     fn adopts_from(&self, from: &str) -> bool {
         let me = self.mesh.node();
-        if from == me || !self.taken_over_from.contains(from) || self.up.contains(from) {
+        if from == me || !self.taken_over_from.contains_key(from) {
             return false;
         }
-        let candidates = self.up.iter().map(|n| &**n).chain(std::iter::once(me));
+        let candidates = self
+            .up
+            .iter()
+            .map(|n| &**n)
+            .filter(|n| *n != from)
+            .chain(std::iter::once(me));
         standby_among(from, candidates) == Some(me)
     }
 
@@ -1129,17 +1150,47 @@ impl CoordinatorState {
         }
     }
 
-    /// A node is up: tasks with no standby get one.
-    fn node_up(&mut self, node: &str) {
+    /// Node `node` is up in life `life`: tasks with no standby get one. If it
+    /// restarted (a later life than one taken over, due to be, or whose tasks are held
+    /// here), those lives have ended with nothing of theirs running, so what they left
+    /// here is taken over now, lease or not, and a client may still have their lost
+    /// tasks adopted here. The same life back (it was only held down) still holds its
+    /// tasks. True if any was taken over.
+    fn node_up(&mut self, node: &str, life: u64) -> bool {
         if node == self.mesh.node() || !self.up.insert(Arc::from(node)) {
-            return;
+            return false;
         }
-        self.takeovers_due.remove(node);
-        self.taken_over_from.remove(node);
+        let node: Arc<str> = Arc::from(node);
+        let due = self.takeovers_due.remove(&node).map(|(_, down)| down);
+        let taken = self.taken_over_from.remove(&node);
+        let ended = self.standby.take_over_ended(&node, life);
+        let restarted = due.or(taken).is_some_and(|l| l < life) || !ended.is_empty();
+        if restarted {
+            // Its lives before this one.
+            self.taken_over(&node, life.saturating_sub(1));
+        }
+        if !ended.is_empty() {
+            info!(%node, tasks = ended.len(), "node restarted: taking over the tasks of its former life");
+        }
+        let any = !ended.is_empty();
+        for (task, held) in ended {
+            self.take_over(task, held, &node);
+        }
         for (task, meta) in &self.tasks {
             if meta.replica.standby.is_none() && !meta.replica.off {
                 self.dirty.insert(*task);
             }
+        }
+        any
+    }
+
+    /// Notes that the tasks of `node`'s lives up to `life` held here were taken over
+    /// (for [`CoordinatorState::adopts_from`]), within [`MAX_TAKEN_OVER_FROM`] nodes.
+    fn taken_over(&mut self, node: &Arc<str>, life: u64) {
+        if self.taken_over_from.len() < MAX_TAKEN_OVER_FROM
+            || self.taken_over_from.contains_key(node)
+        {
+            self.taken_over_from.insert(node.clone(), life);
         }
     }
 
@@ -1174,16 +1225,16 @@ impl CoordinatorState {
         lost > 0
     }
 
-    /// A node is down: the tasks held for it are taken over, and the tasks it was
-    /// standby for go to another.
-    fn node_down(&mut self, node: &str) {
+    /// A node is down in life `life`: the tasks held for it are taken over, and the
+    /// tasks it was standby for go to another.
+    fn node_down(&mut self, node: &str, life: u64) {
         self.up.remove(node);
         self.cut_off_since.remove(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
         let down: Arc<str> = Arc::from(node);
         self.move_tasks_off(&down);
-        self.take_over_from(down);
+        self.take_over_from(down, life);
     }
 
     /// The tasks `node` is standby for go to another, from their start: `node` is down,
@@ -1206,16 +1257,15 @@ impl CoordinatorState {
         }
     }
 
-    /// Takes over the tasks held for `node`, down, unless the lease granted to it
-    /// still runs: then they are taken over when it ends, if `node` is still down.
-    fn take_over_from(&mut self, node: Arc<str>) {
+    /// Takes over the tasks held for `node`, down in life `life`, unless the lease
+    /// granted to it still runs: then they are taken over when it ends, if `node` is
+    /// still down (or at once if it is back in a later life).
+    fn take_over_from(&mut self, node: Arc<str>, life: u64) {
         let now = self.now_ms();
-        match self.standby.take_over(&node, now) {
+        match self.standby.take_over(&node, life, now) {
             Ok(tasks) => {
                 self.takeovers_due.remove(&node);
-                if self.taken_over_from.len() < MAX_TAKEN_OVER_FROM {
-                    self.taken_over_from.insert(node.clone());
-                }
+                self.taken_over(&node, life);
                 for (task, held) in tasks {
                     self.take_over(task, held, &node);
                 }
@@ -1224,21 +1274,21 @@ impl CoordinatorState {
                 if !self.takeovers_due.contains_key(&node) {
                     info!(%node, in_ms = until - now, "node down: its tasks held here are taken over when the lease granted to it ends");
                 }
-                self.takeovers_due.insert(node, until);
+                self.takeovers_due.insert(node, (until, life));
             }
         }
     }
 
     /// Takes over the tasks of nodes still down whose lease has ended.
     fn takeovers_now_due(&mut self, now: u64) {
-        let due: Vec<Arc<str>> = self
+        let due: Vec<(Arc<str>, u64)> = self
             .takeovers_due
             .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(node, _)| node.clone())
+            .filter(|(_, (until, _))| *until <= now)
+            .map(|(node, (_, life))| (node.clone(), *life))
             .collect();
-        for node in due {
-            self.take_over_from(node);
+        for (node, life) in due {
+            self.take_over_from(node, life);
         }
     }
 
@@ -1475,6 +1525,7 @@ impl CoordinatorState {
                 tasks,
                 incarnation: self.incarnation,
                 number,
+                life: self.mesh.life(),
             };
             let (mesh, me) = (self.mesh.clone(), self.myself.clone());
             tokio::spawn(async move {

@@ -511,7 +511,7 @@ async fn follow_membership(
     policy: ActorRef<PolicyMsg>,
     recorder: Option<Recorder>,
 ) {
-    let tell = |up: bool, name: String| {
+    let tell = |up: bool, name: String, life: u64| {
         if let Some(r) = &recorder {
             r.observe(if up {
                 Observation::NodeUp(name.clone())
@@ -521,11 +521,17 @@ async fn follow_membership(
         }
         if up {
             let _ = discovery.cast(DiscoveryMsg::NodeUp(name.clone()));
-            let _ = coordinator.cast(CoordinatorMsg::NodeUp(name.clone()));
+            let _ = coordinator.cast(CoordinatorMsg::NodeUp {
+                node: name.clone(),
+                life,
+            });
             let _ = policy.cast(PolicyMsg::NodeUp(name));
         } else {
             let _ = discovery.cast(DiscoveryMsg::NodeDown(name.clone()));
-            let _ = coordinator.cast(CoordinatorMsg::NodeDown(name.clone()));
+            let _ = coordinator.cast(CoordinatorMsg::NodeDown {
+                node: name.clone(),
+                life,
+            });
             let _ = workers.cast(WorkersMsg::NodeDown(name.clone()));
             let _ = policy.cast(PolicyMsg::NodeDown(name));
         }
@@ -534,11 +540,11 @@ async fn follow_membership(
         match feed.events.recv().await {
             Ok(ClusterEvent::NodeUp(id)) => {
                 feed.up.insert(id.name.to_string(), id.life());
-                tell(true, id.name.to_string());
+                tell(true, id.name.to_string(), id.life());
             }
             Ok(ClusterEvent::NodeDown(id)) => {
                 feed.up.remove(&*id.name);
-                tell(false, id.name.to_string());
+                tell(false, id.name.to_string(), id.life());
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 // Catch up from the member list: what went down (or came back as
@@ -552,12 +558,12 @@ async fn follow_membership(
                 );
                 for (name, life) in &feed.up {
                     if now.get(name) != Some(life) {
-                        tell(false, name.clone());
+                        tell(false, name.clone(), *life);
                     }
                 }
                 for (name, life) in &now {
                     if feed.up.get(name) != Some(life) {
-                        tell(true, name.clone());
+                        tell(true, name.clone(), *life);
                     }
                 }
                 feed.up = now;
@@ -833,7 +839,7 @@ mod tests {
         })
         .await;
         let coordinator = spawn_rec(coordinator_log.clone(), |m: &CoordinatorMsg| match m {
-            CoordinatorMsg::NodeDown(n) => Some(format!("down {n}")),
+            CoordinatorMsg::NodeDown { node, life } => Some(format!("down {node} {life}")),
             _ => None,
         })
         .await;
@@ -878,7 +884,7 @@ mod tests {
         }
         assert_eq!(
             *coordinator_log.lock().unwrap(),
-            ["down a", "down b"],
+            ["down a 1", "down b 1"],
             "a's former life is reported down, d's renewal is not"
         );
         let seen = discovery_log.lock().unwrap().clone();

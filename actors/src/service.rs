@@ -223,6 +223,12 @@ pub struct Checkpoint {
     /// The checkpoint's number in its run, rising with each sent (to any standby).
     #[serde(default)]
     pub number: u64,
+    /// Which life of its node the sender is (`NodeId::life`): when the node is up
+    /// again in a later life (it restarted), the tasks of the lives before have no
+    /// coordinator, and the standby takes them over at once. 0 or absent: unknown (an
+    /// older node).
+    #[serde(default)]
+    pub life: u64,
 }
 
 impl RemoteMessage for Checkpoint {

@@ -41,6 +41,10 @@ impl Default for StandbyLimits {
 pub struct HeldTask {
     /// The coordinator's node.
     pub primary: String,
+    /// Which life of that node sent it ([`Checkpoint::life`]; 0 if unknown): a task
+    /// of a life that ended (the node restarted) is taken over even while the node
+    /// is up again.
+    pub life: u64,
     /// The task as submitted.
     pub open: OpenTask,
     /// The results that coordinator accepted, by segment.
@@ -126,6 +130,7 @@ impl Standby {
         now_ms: u64,
     ) -> Result<CheckpointAck, Stale> {
         let primary = checkpoint.primary;
+        let life = checkpoint.life;
         if checkpoint.incarnation != 0 {
             let run = (checkpoint.incarnation, checkpoint.number);
             match self.applied.get_mut(&primary) {
@@ -166,6 +171,7 @@ impl Standby {
                 self.forget(task);
                 let held = HeldTask {
                     primary: primary.clone(),
+                    life,
                     open,
                     done: BTreeMap::new(),
                 };
@@ -204,9 +210,17 @@ impl Standby {
         Ok(ack)
     }
 
-    /// Every task held for `node`, which is down at `now_ms`: the caller runs them
-    /// now. While a lease granted to `node` runs, none: `Err` says until when.
-    pub fn take_over(&mut self, node: &str, now_ms: u64) -> Result<Vec<(Uuid, HeldTask)>, u64> {
+    /// Every task held for `node`, whose life `life` is down at `now_ms`, from that
+    /// life or an earlier one: the caller runs them now. While a lease granted to
+    /// `node` runs, none: `Err` says until when. Tasks of a later life (the node
+    /// restarted, and its checkpoint came before word that its former life is down)
+    /// stay held.
+    pub fn take_over(
+        &mut self,
+        node: &str,
+        life: u64,
+        now_ms: u64,
+    ) -> Result<Vec<(Uuid, HeldTask)>, u64> {
         if let Some(&until) = self.leases.get(node) {
             if until > now_ms {
                 return Err(until);
@@ -215,10 +229,22 @@ impl Standby {
         }
         // Its next checkpoint, if it was only cut off, starts again here.
         self.applied.remove(node);
+        Ok(self.take(node, |held| held <= life))
+    }
+
+    /// Every task held for `node` from a life before `life`, in which it is up again:
+    /// it restarted, so those lives have ended and nothing of theirs runs, whatever
+    /// lease they were granted. The caller runs them now.
+    pub fn take_over_ended(&mut self, node: &str, life: u64) -> Vec<(Uuid, HeldTask)> {
+        self.take(node, |held| held < life)
+    }
+
+    /// The tasks held for `node` whose life passes `of_life`, no longer held.
+    fn take(&mut self, node: &str, of_life: impl Fn(u64) -> bool) -> Vec<(Uuid, HeldTask)> {
         let tasks: Vec<Uuid> = self
             .held
             .iter()
-            .filter(|(_, h)| h.primary == node)
+            .filter(|(_, h)| h.primary == node && of_life(h.life))
             .map(|(t, _)| *t)
             .collect();
         let mut out: Vec<(Uuid, HeldTask)> = tasks
@@ -231,7 +257,7 @@ impl Standby {
             .collect();
         // By id: the same order on every run, for logs and tests.
         out.sort_by_key(|(t, _)| *t);
-        Ok(out)
+        out
     }
 
     fn forget(&mut self, task: Uuid) {
@@ -278,6 +304,7 @@ mod tests {
             tasks,
             incarnation: 0,
             number: 0,
+            life: 0,
         }
     }
 
@@ -325,7 +352,7 @@ mod tests {
         );
         assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 3);
         assert_eq!(
-            s.take_over("a", 900),
+            s.take_over("a", 0, 900),
             Err(1000),
             "no lease from the stale one"
         );
@@ -341,10 +368,46 @@ mod tests {
             .unwrap();
         assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 2);
         // After a takeover the node's numbering starts again.
-        assert_eq!(s.take_over("a", 1_030).unwrap().len(), 1);
+        assert_eq!(s.take_over("a", 0, 1_030).unwrap().len(), 1);
         s.apply(numbered("a", 8, 0, vec![earlier]), no, 1_040)
             .unwrap();
         assert!(s.holds(Uuid::from_u128(1)));
+    }
+
+    /// A node's lives are told apart: when one life is down, the tasks of that life
+    /// and earlier ones are taken over, not those a later life (the node restarted)
+    /// sent meanwhile; when the node is up again in a later life, the tasks of the
+    /// lives before go at once, lease or not, and the later life's stay.
+    #[test]
+    fn a_restarted_nodes_former_lives_are_taken_over_and_its_new_one_is_not() {
+        let mut s = Standby::new(StandbyLimits::default(), 1_000);
+        let no = |_| false;
+        let of_life = |life, tasks| Checkpoint {
+            life,
+            ..from("a", tasks)
+        };
+        s.apply(of_life(5, vec![open(1, 1, 1)]), no, 0).unwrap();
+        s.apply(of_life(5, vec![open(2, 1, 1)]), no, 0).unwrap();
+        s.apply(of_life(9, vec![open(3, 1, 1)]), no, 10).unwrap();
+        assert_eq!(s.take_over("a", 5, 500), Err(1_010), "the lease runs");
+        let ids = |taken: Vec<(Uuid, HeldTask)>| {
+            taken
+                .into_iter()
+                .map(|(t, h)| (t.as_u128(), h.life))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(s.take_over_ended("a", 9)), [(1, 5), (2, 5)]);
+        assert!(s.holds(Uuid::from_u128(3)), "the new life's task stays");
+        assert!(s.take_over_ended("a", 9).is_empty());
+        s.apply(of_life(5, vec![open(4, 1, 1)]), no, 20).unwrap();
+        assert_eq!(
+            ids(s.take_over("a", 5, 2_000).unwrap()),
+            [(4, 5)],
+            "life 5 down: life 9's task stays"
+        );
+        assert_eq!(ids(s.take_over("a", 9, 2_000).unwrap()), [(3, 9)]);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes, 0);
     }
 
     /// A task is held from its start, gathers the results its coordinator accepted,
@@ -375,8 +438,8 @@ mod tests {
         };
         s.apply(from("a", vec![ended]), no, 0).unwrap();
         assert!(!s.holds(Uuid::from_u128(2)));
-        assert!(s.take_over("b", 0).unwrap().is_empty());
-        let taken = s.take_over("a", 0).unwrap();
+        assert!(s.take_over("b", 0, 0).unwrap().is_empty());
+        let taken = s.take_over("a", 0, 0).unwrap();
         assert_eq!(taken.len(), 1);
         let (task, held) = &taken[0];
         assert_eq!(*task, Uuid::from_u128(1));
@@ -409,7 +472,7 @@ mod tests {
             .unwrap();
         assert_eq!(ack.taken_over, vec![Uuid::from_u128(7)]);
         assert!(!s.holds(Uuid::from_u128(7)));
-        assert!(s.take_over("a", 0).unwrap()[0].1.done.is_empty());
+        assert!(s.take_over("a", 0, 0).unwrap()[0].1.done.is_empty());
     }
 
     /// Past its task or byte limit a standby refuses, and frees what it refused.
@@ -452,12 +515,12 @@ mod tests {
             .apply(from("a", vec![open(1, 1, 1)]), |_| false, 100)
             .unwrap();
         assert_eq!(ack.lease_ms, 1000);
-        assert_eq!(s.take_over("a", 500), Err(1100));
+        assert_eq!(s.take_over("a", 0, 500), Err(1100));
         let ack = s.apply(from("a", Vec::new()), |_| false, 600).unwrap();
         assert_eq!(ack.lease_ms, 1000, "a renewal with no task");
-        assert_eq!(s.take_over("a", 1100), Err(1600));
-        assert_eq!(s.take_over("b", 1100), Ok(Vec::new()));
-        let taken = s.take_over("a", 1600).unwrap();
+        assert_eq!(s.take_over("a", 0, 1100), Err(1600));
+        assert_eq!(s.take_over("b", 0, 1100), Ok(Vec::new()));
+        let taken = s.take_over("a", 0, 1600).unwrap();
         assert_eq!(taken.len(), 1);
         assert!(s.is_empty());
     }

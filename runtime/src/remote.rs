@@ -323,6 +323,8 @@ impl WeakMesh {
 
 pub(crate) struct Inner {
     node: String,
+    /// Which life of the node this process is ([`crate::NodeId::life`]).
+    life: u64,
     transport: Transport,
     local: RwLock<HashMap<String, LocalActor>>,
     remote: RwLock<HashMap<String, ActorAddr>>,
@@ -414,6 +416,7 @@ impl Mesh {
         Mesh {
             inner: Arc::new(Inner {
                 node: node.to_string(),
+                life: crate::NodeId::life_of(incarnation),
                 transport,
                 local: RwLock::new(HashMap::default()),
                 remote: RwLock::new(HashMap::default()),
@@ -440,6 +443,12 @@ impl Mesh {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    /// Which life of this node the process is ([`crate::NodeId::life`]): a restart
+    /// takes a later one, a renewal keeps it.
+    pub fn life(&self) -> u64 {
+        self.inner.life
     }
 
     /// Whether this node has an open connection to node `name` now. Members keep one

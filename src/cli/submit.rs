@@ -186,6 +186,10 @@ struct Printed<'a> {
 const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
 /// The pause between two tries.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// How long `submit`, told by its node that it does not know the task (it restarted),
+/// keeps asking the other members: they learn of the restart within seconds, and
+/// only then may one take the task over or adopt it.
+const RESTARTED_WITHIN: Duration = Duration::from_secs(10);
 /// How long the node has to list its members.
 const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 
@@ -195,7 +199,9 @@ const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 /// it already runs, or answers with its outcome if it ended meanwhile, so the task runs
 /// once. If that node is gone or no longer knows the task, the other members it listed
 /// at the submission are asked: the one that holds the task as standby waits for it
-/// (and takes it over once the node is found down). If every one of them says it does
+/// (and takes it over once the node is found down or restarted; a node that says it
+/// does not know the task is taken for restarted, and the others are asked for
+/// [`RESTARTED_WITHIN`]). If every one of them says it does
 /// not hold the task (the node went down before its standby had it), they are asked to
 /// adopt it ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once
 /// it has taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
@@ -220,10 +226,12 @@ async fn wait_for(
         let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(unknown) => {
-                // The node restarted: a standby may have taken the task over.
-                return Ok(ask_others(identity, &members, &request)
-                    .await
-                    .unwrap_or(unknown));
+                // The node restarted: a standby may take the task over, or adopt it.
+                return Ok(
+                    ask_others_until(identity, &members, &request, RESTARTED_WITHIN)
+                        .await
+                        .unwrap_or(unknown),
+                );
             }
             Err(failed) => failed,
         };
@@ -323,6 +331,27 @@ async fn ask_others(
         ..attach
     };
     ask_each(identity, &members.others, &adopt).await.ok()
+}
+
+/// [`ask_others`] every [`RECONNECT_PAUSE`] until one gives the outcome or `limit`
+/// has passed.
+async fn ask_others_until(
+    identity: &NodeIdentity,
+    members: &Members,
+    request: &SubmitRequest,
+    limit: Duration,
+) -> Option<TaskOutcome> {
+    let since = Instant::now();
+    loop {
+        if let Some(outcome) = ask_others(identity, members, request).await {
+            return Some(outcome);
+        }
+        if members.others.is_empty() || since.elapsed() >= limit {
+            return None;
+        }
+        debug!("no other member has the task yet: asking again");
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
 }
 
 /// No node gave an outcome; whether one could not be asked at all.

@@ -275,7 +275,12 @@ impl Cluster {
 
     /// `submit --json --results` of `segments` segments of 300 ms to n0, in the background.
     fn submit(&self, segments: u32) -> Child {
-        let segments = segments.to_string();
+        self.submit_ms(segments, 300)
+    }
+
+    /// `submit --json --results` of `segments` segments of `ms` to n0, in the background.
+    fn submit_ms(&self, segments: u32, ms: u64) -> Child {
+        let (segments, ms) = (segments.to_string(), ms.to_string());
         self.command(&[
             "submit",
             "--json",
@@ -286,7 +291,7 @@ impl Cluster {
             "--segments",
             &segments,
             "--segment-ms",
-            "300",
+            &ms,
             "--results",
         ])
         .stdout(Stdio::piped())
@@ -312,6 +317,11 @@ impl Cluster {
 
 /// The task's outcome: completed, with one accepted result (300) per segment.
 fn completed_once(submit: Child, segments: u64) -> Value {
+    completed_once_of(submit, segments, 300)
+}
+
+/// The task's outcome: completed, with one accepted result (`ms`) per segment.
+fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
     let out = submit.wait_with_output().unwrap();
     let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -330,7 +340,7 @@ fn completed_once(submit: Child, segments: u64) -> Value {
         segments,
         "one accepted result per segment: {task}"
     );
-    assert!(results.iter().all(|r| r == 300), "{task}");
+    assert!(results.iter().all(|r| r == ms), "{task}");
     task
 }
 
@@ -539,5 +549,33 @@ fn a_worker_node_cut_off_from_its_coordinator_alone_has_its_segments_reallocated
         "done well before the 30 s segment timeout: {task}"
     );
     assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
+    drop(nodes);
+}
+
+/// As above, with segments of 8 s: the worker node (n2) cannot reach the coordinator
+/// (n0) either, and cancels n0's attempts there (twice the coordinator's wait after its
+/// connection closed) rather than run them to their end for nothing, since n0 has
+/// given them to other workers. Before, they held n2's replicas for the rest of their
+/// 8 s.
+#[test]
+fn a_worker_node_cut_off_from_a_coordinator_cancels_its_attempts() {
+    let Some(cluster) = cluster("worker-cancel") else {
+        return;
+    };
+    let nodes = cluster.start_four(sleepers_except(&[0]));
+    let (first, third) = (&nodes[0], &nodes[2]);
+
+    // 6 segments of 8 s on 6 replicas, two per worker node.
+    let submit = cluster.submit_ms(6, 8_000);
+    std::thread::sleep(Duration::from_millis(1_000));
+    cluster.partition(&[0], &[2]);
+    first.expect(&["no connection to the node", "node=n2"]);
+    third.expect(&[
+        "no connection to the node of a coordinator with attempts here: cancelling them",
+        "node=n0",
+        "attempts=2",
+    ]);
+    let task = completed_once_of(submit, 6, 8_000);
+    assert_eq!(task["reallocated"], 2, "{task}");
     drop(nodes);
 }

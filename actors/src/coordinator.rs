@@ -87,7 +87,7 @@ const CHECKPOINT_REFRESH_MS: u64 = 5_000;
 /// its tasks, before those attempts are given to other workers: its REPORTs cannot
 /// arrive. The connection closes after the QUIC idle timeout (3 s) with nothing heard,
 /// so this is counted on top of that; a redial that succeeds meanwhile ends it.
-const CUT_OFF_MS: u64 = 1_000;
+pub(crate) const CUT_OFF_MS: u64 = 1_000;
 /// Nodes down remembered as taken over from, at most; past it, no task is adopted from
 /// the others ([`SubmitRequest::adopt_from`]).
 const MAX_TAKEN_OVER_FROM: usize = 4_096;

@@ -30,6 +30,13 @@ use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
 const OUTBOX: usize = 4_096;
 /// Stream Prio of final REPORTs: the coordination lane, reliable and in order.
 const FINAL_REPORT_PRIO: u8 = 160;
+/// How long this node may have no connection to a coordinator's node before it cancels
+/// the attempts that coordinator gave here: twice the time after which the coordinator
+/// gives them to other workers ([`crate::coordinator::CUT_OFF_MS`]), so they run
+/// elsewhere by then, and their REPORTs could not arrive anyway.
+const CUT_OFF_CANCEL_MS: u64 = 2 * crate::coordinator::CUT_OFF_MS;
+/// How often the connections to coordinators with attempts here are checked.
+const CUT_OFF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What the worker host handles.
 pub enum WorkersMsg {
@@ -50,6 +57,9 @@ pub enum WorkersMsg {
     Event(u32, WorkerEvent),
     /// A node is down: the attempts its coordinator gave here are cancelled.
     NodeDown(String),
+    /// Check the connections to the coordinators with attempts here
+    /// ([`CUT_OFF_CANCEL_MS`]).
+    CheckConnections,
     /// A local agent has a new ID (it lost a collision).
     Reidentified {
         /// The ID it had.
@@ -100,6 +110,9 @@ pub struct WorkersState {
     limiter: RateLimiter,
     epoch: Instant,
     outbox: mpsc::Sender<Outgoing>,
+    /// Coordinators' nodes with attempts here and no connection from this node: since
+    /// when, and whether their attempts were cancelled already ([`CUT_OFF_CANCEL_MS`]).
+    cut_off_since: HashMap<String, (u64, bool)>,
 }
 
 struct Outgoing {
@@ -115,9 +128,10 @@ impl Actor for Workers {
 
     async fn pre_start(
         &self,
-        _: ActorRef<WorkersMsg>,
+        myself: ActorRef<WorkersMsg>,
         args: WorkersArgs,
     ) -> Result<WorkersState, ActorProcessingErr> {
+        drop(myself.send_interval(CUT_OFF_CHECK, || WorkersMsg::CheckConnections));
         let (outbox, queue) = mpsc::channel(OUTBOX);
         tokio::spawn(send_frames(args.mesh.clone(), queue));
         Ok(WorkersState {
@@ -131,6 +145,7 @@ impl Actor for Workers {
             limiter: RateLimiter::default(),
             epoch: Instant::now(),
             outbox,
+            cut_off_since: HashMap::new(),
         })
     }
 
@@ -163,7 +178,13 @@ impl Actor for Workers {
                 drop(permit);
             }
             WorkersMsg::Event(agent, event) => state.on_event(agent, event).await,
-            WorkersMsg::NodeDown(node) => state.coordinator_down(&node),
+            WorkersMsg::NodeDown(node) => {
+                let n = state.cancel_attempts_of(&node);
+                if n > 0 {
+                    info!(%node, attempts = n, "cancelling the attempts of a coordinator whose node went down");
+                }
+            }
+            WorkersMsg::CheckConnections => state.cancel_cut_off(),
             WorkersMsg::Reidentified { old, new } => {
                 if let Some(slot) = state.agents.remove(&old) {
                     state.agents.insert(new, slot);
@@ -182,10 +203,11 @@ impl WorkersState {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Cancels the attempts a coordinator on `node`, now down, gave here: no one
-    /// takes their REPORTs, and the coordinator's standby (if it had one) allocates
-    /// those segments again, as new attempts, so they would hold replicas for nothing.
-    fn coordinator_down(&mut self, node: &str) {
+    /// Cancels the attempts a coordinator on `node` gave here (its node is down, or
+    /// this one has had no connection to it for [`CUT_OFF_CANCEL_MS`]): no one takes
+    /// their REPORTs, and the coordinator (or its standby) allocates those segments
+    /// again elsewhere, so they would hold replicas for nothing. How many.
+    fn cancel_attempts_of(&mut self, node: &str) -> usize {
         let mut cancelled = 0;
         for ((task, segment, attempt), info) in &self.attempts {
             if info.coordinator != node {
@@ -200,8 +222,40 @@ impl WorkersState {
                 cancelled += 1;
             }
         }
-        if cancelled > 0 {
-            info!(%node, attempts = cancelled, "cancelling the attempts of a coordinator whose node went down");
+        cancelled
+    }
+
+    /// Cancels, once per cut, the attempts of coordinators whose node this one has
+    /// had no connection to for [`CUT_OFF_CANCEL_MS`]: a link cut between the two
+    /// alone (others reach both, so neither is held down). The coordinator has given
+    /// them to other workers by then; before, they ran to their end here for nothing.
+    fn cancel_cut_off(&mut self) {
+        let now = self.now_ms();
+        let me = self.mesh.node();
+        let coordinators: BTreeSet<String> = self
+            .attempts
+            .values()
+            .filter(|a| a.coordinator != me)
+            .map(|a| a.coordinator.clone())
+            .collect();
+        self.cut_off_since
+            .retain(|node, _| coordinators.contains(node));
+        for node in coordinators {
+            if self.mesh.is_connected(&node) {
+                self.cut_off_since.remove(&node);
+                continue;
+            }
+            let (since, cancelled) = self
+                .cut_off_since
+                .entry(node.clone())
+                .or_insert((now, false));
+            if *cancelled || now < *since + CUT_OFF_CANCEL_MS {
+                continue;
+            }
+            *cancelled = true;
+            let n = self.cancel_attempts_of(&node);
+            warn!(%node, attempts = n, "no connection to the node of a coordinator with attempts here: cancelling them");
+            metrics::counter!("agentmesh_cut_off_cancellations_total").increment(n as u64);
         }
     }
 

@@ -315,6 +315,28 @@ fn a_task_outlives_a_quick_restart_of_the_node_it_was_submitted_to() {
     assert!((1..12).contains(&done), "{line}");
 }
 
+/// The node a task was submitted to (n0) and its standby (n1) are SIGKILLed together
+/// while the task runs, so no one holds the task. The `submit` cannot ask n1, but n2,
+/// which answers that it does not hold the task, holds n1 down: so nothing of n1 runs,
+/// and the client has n2 adopt the task. It completes, every segment run again. Before,
+/// a member that could not be asked kept the client from asking for adoption, and it
+/// gave up after 60 s.
+#[test]
+fn a_task_whose_coordinator_and_standby_die_together_is_adopted() {
+    let (cluster, [mut first, mut second, third]) = three_sleep_nodes("agents-both-kill");
+
+    // 6 segments of 2 s on 6 replicas: one round, killed 1 s in.
+    let submit = cluster.submit(0, &[&sleep_task("6", "2000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(1_000));
+    first.kill();
+    second.kill();
+
+    let (status, task) = outcome_within(submit, Duration::from_secs(60));
+    completed_with_every_result(status, &task, 6, 2000);
+    third.expect(&["adopting a task no member holds", "from=n0"]);
+}
+
 /// The node a task was submitted to is paused (SIGSTOP) past the failure detector:
 /// its standby takes the task over once the lease it granted ends. When n0 wakes, its
 /// own lease has lapsed, so it allocates nothing more and asks its standby, which

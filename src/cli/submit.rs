@@ -305,7 +305,8 @@ async fn ask(
 
 /// Asks each of the other members for the task (as `attach`): the first that knows it
 /// answers with its outcome, once the task ends. If every one answers that it does not
-/// hold it, they are asked again to adopt it from the node it was submitted to.
+/// hold it, or could not be asked and is held down by the first that answered, those
+/// that answered are asked again to adopt it from the node it was submitted to.
 async fn ask_others(
     identity: &NodeIdentity,
     members: &Members,
@@ -316,21 +317,25 @@ async fn ask_others(
         adopt_from: None,
         ..request.clone()
     };
-    match ask_each(identity, &members.others, &attach).await {
+    let asked = match ask_each(identity, &members.others, &attach).await {
         Ok(outcome) => return Some(outcome),
-        // One that could not be asked may hold the task: adopted, it would run twice.
-        Err(AskedEach { unreachable: true }) => return None,
-        Err(AskedEach { unreachable: false }) => {}
-    }
-    if members.others.is_empty() || members.node.is_empty() {
+        Err(asked) => asked,
+    };
+    // One that could not be asked may hold the task: adopted, it would run twice.
+    // Unless a member that answered holds each of them down: they are gone (the node's
+    // standby died with it, say), and nothing of theirs runs.
+    if !asked.unreachable.is_empty() && !held_down(identity, &asked).await {
         return None;
     }
-    debug!(node = %members.node, "no member holds the task: asking them to adopt it");
+    if asked.answered.is_empty() || members.node.is_empty() {
+        return None;
+    }
+    debug!(node = %members.node, down = ?asked.unreachable, "no member holds the task: asking them to adopt it");
     let adopt = SubmitRequest {
         adopt_from: Some(members.node.clone()),
         ..attach
     };
-    ask_each(identity, &members.others, &adopt).await.ok()
+    ask_each(identity, &asked.answered, &adopt).await.ok()
 }
 
 /// [`ask_others`] every [`RECONNECT_PAUSE`] until one gives the outcome or `limit`
@@ -354,9 +359,34 @@ async fn ask_others_until(
     }
 }
 
-/// No node gave an outcome; whether one could not be asked at all.
+/// No node gave an outcome: those that answered they do not hold the task, and those
+/// that could not be asked.
 struct AskedEach {
-    unreachable: bool,
+    answered: Vec<SocketAddr>,
+    unreachable: Vec<SocketAddr>,
+}
+
+/// Whether the first member that answered holds every one that could not be asked
+/// down (listed down, or no longer listed: forgotten after being down).
+async fn held_down(identity: &NodeIdentity, asked: &AskedEach) -> bool {
+    let Some(&addr) = asked.answered.first() else {
+        return false;
+    };
+    let Ok(mut client) = Client::connect(identity, addr).await else {
+        return false;
+    };
+    let report = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await;
+    client.close().await;
+    let Ok(report) = report else {
+        return false;
+    };
+    asked.unreachable.iter().all(|gone| {
+        report
+            .members
+            .iter()
+            .filter(|m| m.addr == *gone)
+            .all(|m| m.state == MemberState::Down)
+    })
 }
 
 /// Asks each node at `addrs` in turn; the first that knows the task answers with its
@@ -366,18 +396,24 @@ async fn ask_each(
     addrs: &[SocketAddr],
     request: &SubmitRequest,
 ) -> Result<TaskOutcome, AskedEach> {
-    let mut unreachable = false;
+    let mut asked = AskedEach {
+        answered: Vec::new(),
+        unreachable: Vec::new(),
+    };
     for &addr in addrs {
         match ask(identity, addr, request, None, &mut false).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
-            Ok(_) => debug!(%addr, "this node does not hold the task"),
+            Ok(_) => {
+                debug!(%addr, "this node does not hold the task");
+                asked.answered.push(addr);
+            }
             Err((error, _)) => {
-                unreachable = true;
+                asked.unreachable.push(addr);
                 debug!(%addr, %error, "this node could not be asked for the task");
             }
         }
     }
-    Err(AskedEach { unreachable })
+    Err(asked)
 }
 
 /// Submits and waits; a task that failed is an error (exit code 1) after its figures

@@ -11,7 +11,8 @@
 //! standby and goes on. A coordinator that dies before its standby has a task (cut off
 //! from it alone) has run nothing of it, and the client has the standby adopt it. A
 //! worker node cut off from its coordinator alone has its segments reallocated within
-//! seconds, not at their 30 s timeout.
+//! seconds, not at their 30 s timeout, and cancels that coordinator's attempts. A task
+//! taken over by a node that dies before its own standby has it is adopted.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -577,5 +578,32 @@ fn a_worker_node_cut_off_from_a_coordinator_cancels_its_attempts() {
     ]);
     let task = completed_once_of(submit, 6, 8_000);
     assert_eq!(task["reallocated"], 2, "{task}");
+    drop(nodes);
+}
+
+/// A chain: the coordinator (n0) dies and its standby (n1) takes the task over, but
+/// n1 is cut off from its own standby (n2) alone, so it waits to allocate; n1 dies too
+/// before n2 has the task. No member holds it. The client cannot ask n0 or n1, but n2
+/// and n3 answer, and hold both down: the client has the task adopted from n0, and n2,
+/// the node n0 would now pick as standby, runs it. Before, the client asked for
+/// adoption only when it could ask every member, and gave up after 60 s.
+#[test]
+fn a_task_taken_over_by_a_node_that_dies_before_its_standby_has_it_is_adopted() {
+    let Some(cluster) = cluster("chain") else {
+        return;
+    };
+    let mut nodes = cluster.start_four(sleepers_except(&[0, 1]));
+
+    cluster.partition(&[1], &[2]);
+    let submit = cluster.submit(20);
+    nodes[0].expect(&["task submitted", "segments=20"]);
+    std::thread::sleep(Duration::from_millis(500));
+    nodes[0].kill();
+    nodes[1].expect(&["took over a task from a node that went down", "from=n0"]);
+    // Less than the 5 s after which n1 would give the task to another standby.
+    std::thread::sleep(Duration::from_millis(1_500));
+    nodes[1].kill();
+    nodes[2].expect(&["adopting a task no member holds", "from=n0"]);
+    completed_once(submit, 20);
     drop(nodes);
 }

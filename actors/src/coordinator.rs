@@ -805,9 +805,10 @@ impl CoordinatorState {
     /// member holds ([`SubmitRequest::adopt_from`]): `from` is down here, or up in a
     /// later life (it restarted), and its tasks held here were taken over (its lease
     /// ended), and this node is the one `from` would pick as its standby (the first
-    /// node after it in name order, among those up here and this one). Only one node should answer yes, the one `from` gives its
-    /// tasks to if it was only held down and comes back: its checkpoint of the task is
-    /// then answered `taken_over`, and it drops its copy.
+    /// node after it in name order, among those up here and this one). Only one node
+    /// should answer yes, the one `from` gives its tasks to if it was only held down
+    /// and comes back: its checkpoint of the task is then answered `taken_over`, and it
+    /// drops its copy.
     fn adopts_from(&self, from: &str) -> bool {
         let me = self.mesh.node();
         if from == me || !self.taken_over_from.contains_key(from) {

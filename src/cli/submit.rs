@@ -201,10 +201,10 @@ const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 /// at the submission are asked: the one that holds the task as standby waits for it
 /// (and takes it over once the node is found down or restarted; a node that says it
 /// does not know the task is taken for restarted, and the others are asked for
-/// [`RESTARTED_WITHIN`]). If every one of them says it does
-/// not hold the task (the node went down before its standby had it), they are asked to
-/// adopt it ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once
-/// it has taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
+/// [`RESTARTED_WITHIN`]). If no one of them holds the task (the node went down before
+/// its standby had it, or with it), they are asked to adopt it
+/// ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once it has
+/// taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
 /// connection.
 async fn wait_for(
     identity: &NodeIdentity,

@@ -840,6 +840,7 @@ mod tests {
         .await;
         let coordinator = spawn_rec(coordinator_log.clone(), |m: &CoordinatorMsg| match m {
             CoordinatorMsg::NodeDown { node, life } => Some(format!("down {node} {life}")),
+            CoordinatorMsg::NodeUp { node, life } => Some(format!("up {node} {life}")),
             _ => None,
         })
         .await;
@@ -882,11 +883,20 @@ mod tests {
         ] {
             stop.await.unwrap();
         }
+        let told = coordinator_log.lock().unwrap().clone();
+        let downs: Vec<&String> = told.iter().filter(|l| l.starts_with("down")).collect();
         assert_eq!(
-            *coordinator_log.lock().unwrap(),
+            downs,
             ["down a 1", "down b 1"],
             "a's former life is reported down, d's renewal is not"
         );
+        // The coordinator learns the life each node is up in: a's later one (it
+        // restarted, so what its former life left is taken over at once).
+        let down_a = told.iter().position(|l| l == "down a 1").unwrap();
+        let up_a = told.iter().position(|l| l == "up a 2");
+        assert!(up_a.is_some_and(|up| up > down_a), "{told:?}");
+        assert!(told.contains(&"up c 1".to_string()), "{told:?}");
+        assert!(!told.contains(&"down d 1".to_string()), "{told:?}");
         let seen = discovery_log.lock().unwrap().clone();
         let last = |node: &str| {
             seen.iter()

@@ -187,20 +187,26 @@ fn pause(node: &NodeProcess, pause: Duration) {
     signal("-CONT");
 }
 
-/// [`outcome`], failing the test if the `submit` has not ended within `limit`.
-fn outcome_within(mut child: Child, limit: Duration) -> (std::process::ExitStatus, Value) {
+/// Waits for a `submit` to end, failing the test (with its stderr) if it has not
+/// within `limit`.
+fn ended_within(child: &mut Child, limit: Duration) {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "submit still waiting after {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+            }
+            panic!("submit still waiting after {limit:?}; stderr: {stderr}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// [`outcome`], failing the test if the `submit` has not ended within `limit`.
+fn outcome_within(mut child: Child, limit: Duration) -> (std::process::ExitStatus, Value) {
+    ended_within(&mut child, limit);
     outcome(child)
 }
 
@@ -435,18 +441,7 @@ fn a_submit_that_loses_its_connection_asks_again_and_the_task_runs_once() {
     );
     node.expect(&["task submitted"]);
     pause(&node, Duration::from_secs(4));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while submit.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            submit.kill().unwrap();
-            let out = submit.wait_with_output().unwrap();
-            panic!(
-                "submit still waiting after 60 s; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ended_within(&mut submit, Duration::from_secs(60));
     let out = submit.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -30,6 +30,7 @@ use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, H
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
+use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
 use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
@@ -332,9 +333,8 @@ pub struct CoordinatorState {
     /// life: a client may have this node adopt a task of theirs that no one holds
     /// ([`CoordinatorState::adopts_from`]). At most [`MAX_TAKEN_OVER_FROM`].
     taken_over_from: HashMap<Arc<str>, u64>,
-    /// Nodes up with no open connection from this one: since when, and whether the
-    /// attempts there were given to others already ([`CUT_OFF_MS`]).
-    cut_off_since: HashMap<Arc<str>, (u64, bool)>,
+    /// Nodes up with no open connection from this one ([`CUT_OFF_MS`]).
+    cut_offs: CutOffs,
 }
 
 /// The standby `node` picks among `candidates` (other nodes): the first after it in name
@@ -450,7 +450,7 @@ impl Actor for Coordinator {
             unanswered_since: HashMap::new(),
             given_up: HashSet::new(),
             taken_over_from: HashMap::new(),
-            cut_off_since: HashMap::new(),
+            cut_offs: CutOffs::new(CUT_OFF_MS),
         })
     }
 
@@ -1165,15 +1165,14 @@ impl CoordinatorState {
         let due = self.takeovers_due.remove(&node).map(|(_, down)| down);
         let taken = self.taken_over_from.remove(&node);
         let ended = self.standby.take_over_ended(&node, life);
-        let restarted = due.or(taken).is_some_and(|l| l < life) || !ended.is_empty();
-        if restarted {
-            // Its lives before this one.
+        let any = !ended.is_empty();
+        if any || due.or(taken).is_some_and(|l| l < life) {
+            // It restarted: its lives before this one.
             self.taken_over(&node, life.saturating_sub(1));
         }
-        if !ended.is_empty() {
+        if any {
             info!(%node, tasks = ended.len(), "node restarted: taking over the tasks of its former life");
         }
-        let any = !ended.is_empty();
         for (task, held) in ended {
             self.take_over(task, held, &node);
         }
@@ -1204,18 +1203,9 @@ impl CoordinatorState {
     fn reallocate_from_cut_off(&mut self, now: u64) -> bool {
         let mut lost = 0;
         for node in &self.up {
-            if self.mesh.is_connected(node) {
-                self.cut_off_since.remove(node);
+            if !self.cut_offs.due(node, self.mesh.is_connected(node), now) {
                 continue;
             }
-            let (since, handled) = self
-                .cut_off_since
-                .entry(node.clone())
-                .or_insert((now, false));
-            if *handled || now < *since + CUT_OFF_MS {
-                continue;
-            }
-            *handled = true;
             let n = self.ledger.handle_node_cut_off(node, now);
             if n > 0 {
                 warn!(%node, attempts = n, "no connection to the node, which others hold up: reallocating its segments");
@@ -1230,7 +1220,7 @@ impl CoordinatorState {
     /// tasks it was standby for go to another.
     fn node_down(&mut self, node: &str, life: u64) {
         self.up.remove(node);
-        self.cut_off_since.remove(node);
+        self.cut_offs.forget(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
         let down: Arc<str> = Arc::from(node);

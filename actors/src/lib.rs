@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod coordinator;
+pub mod cut_off;
 pub mod discovery;
 pub mod ended;
 pub mod host;

@@ -21,6 +21,7 @@ use agentmesh_runtime::transport::wire::{Header, Message, Payload};
 use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::agent::{Adjustment, SyncEvent};
+use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
 use crate::host::PolicyStore;
 use crate::policy::RateLimiter;
@@ -110,9 +111,9 @@ pub struct WorkersState {
     limiter: RateLimiter,
     epoch: Instant,
     outbox: mpsc::Sender<Outgoing>,
-    /// Coordinators' nodes with attempts here and no connection from this node: since
-    /// when, and whether their attempts were cancelled already ([`CUT_OFF_CANCEL_MS`]).
-    cut_off_since: HashMap<String, (u64, bool)>,
+    /// Coordinators' nodes with attempts here and no connection from this node
+    /// ([`CUT_OFF_CANCEL_MS`]).
+    cut_offs: CutOffs,
 }
 
 struct Outgoing {
@@ -145,7 +146,7 @@ impl Actor for Workers {
             limiter: RateLimiter::default(),
             epoch: Instant::now(),
             outbox,
-            cut_off_since: HashMap::new(),
+            cut_offs: CutOffs::new(CUT_OFF_CANCEL_MS),
         })
     }
 
@@ -238,21 +239,11 @@ impl WorkersState {
             .filter(|a| a.coordinator != me)
             .map(|a| a.coordinator.clone())
             .collect();
-        self.cut_off_since
-            .retain(|node, _| coordinators.contains(node));
+        self.cut_offs.retain(|node| coordinators.contains(node));
         for node in coordinators {
-            if self.mesh.is_connected(&node) {
-                self.cut_off_since.remove(&node);
+            if !self.cut_offs.due(&node, self.mesh.is_connected(&node), now) {
                 continue;
             }
-            let (since, cancelled) = self
-                .cut_off_since
-                .entry(node.clone())
-                .or_insert((now, false));
-            if *cancelled || now < *since + CUT_OFF_CANCEL_MS {
-                continue;
-            }
-            *cancelled = true;
             let n = self.cancel_attempts_of(&node);
             warn!(%node, attempts = n, "no connection to the node of a coordinator with attempts here: cancelling them");
             metrics::counter!("agentmesh_cut_off_cancellations_total").increment(n as u64);

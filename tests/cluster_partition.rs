@@ -12,7 +12,8 @@
 //! from it alone) has run nothing of it, and the client has the standby adopt it. A
 //! worker node cut off from its coordinator alone has its segments reallocated within
 //! seconds, not at their 30 s timeout, and cancels that coordinator's attempts. A task
-//! taken over by a node that dies before its own standby has it is adopted.
+//! taken over by a node that dies before its own standby has it is adopted. A standby
+//! given up on does not run its copy of a task that moved on to another.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -605,5 +606,49 @@ fn a_task_taken_over_by_a_node_that_dies_before_its_standby_has_it_is_adopted() 
     nodes[1].kill();
     nodes[2].expect(&["adopting a task no member holds", "from=n0"]);
     completed_once(submit, 20);
+    drop(nodes);
+}
+
+/// The coordinator (n0, no agent) is cut off from its standby (n1, no agent) alone,
+/// after n1 has its task: 5 s on, n0 gives the task, with the results it accepted
+/// meanwhile, to n2 and goes on. Then n0 dies before the cut heals, so n1 is never
+/// told to forget its copy. n1 last heard from n0 more than 4 s before it went down,
+/// so n0 may have given its tasks to another standby (it had): n1 drops its copy,
+/// and n2 alone takes the task over, from n0's results. Before, n1 took it over too
+/// (in 2 of 3 runs, first), from its copy of before the cut: with no results, so
+/// every segment ran again, or, had n2 taken it over first, the rest ran on both.
+#[test]
+fn a_standby_given_up_on_does_not_take_over_a_task_that_moved_on() {
+    let Some(cluster) = cluster("stale-copy") else {
+        return;
+    };
+    let mut nodes = cluster.start_four(sleepers_except(&[0, 1]));
+
+    // 60 segments of 1 s on 4 replicas: about 15 s of work.
+    let submit = cluster.submit_ms(60, 1_000);
+    nodes[0].expect(&["task submitted", "segments=60"]);
+    // n0 allocates only once n1 holds the task's start.
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.partition(&[0], &[1]);
+    nodes[0].expect(&["gave up on the standby", "standby=n1"]);
+    // Time for n0's checkpoint of the task to reach n2.
+    std::thread::sleep(Duration::from_millis(1_000));
+    nodes[0].kill();
+    let took_over = nodes[2].expect(&["took over a task from a node that went down", "from=n0"]);
+    let done: u64 = took_over
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("done="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no done= in {took_over}"));
+    // The first 4 segments ended before n0's lease from n1 lapsed, after the cut.
+    assert!(done >= 4, "n2 takes over n0's results: {took_over}");
+    nodes[1].expect(&["not taking over", "node=n0"]);
+    completed_once_of(submit, 60, 1_000);
+    assert!(
+        nodes[1]
+            .expect_within(&["took over a task"], Duration::ZERO)
+            .is_err(),
+        "n1 ran its copy too"
+    );
     drop(nodes);
 }

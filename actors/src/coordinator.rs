@@ -50,7 +50,7 @@ use crate::service::{
     SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
     AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN, STANDBY_SERVICE,
 };
-use crate::standby::{HeldTask, Standby, StandbyLimits, LEASE_MS};
+use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
 
 /// How often timeouts are checked and waiting segments offered to free workers, unless
@@ -72,8 +72,11 @@ const CHECKPOINT_RETRY_MS: u64 = 200;
 /// the first that failed) before its tasks go to another standby. Its lease has lapsed
 /// long before, so those tasks allocate nothing meanwhile; a standby that only this
 /// node cannot reach (the others do, so no one holds it down) would hold them back for
-/// good.
+/// good. The standby given up on still holds copies of them: it runs its copies at a
+/// takeover only if it heard from this node within `TRUSTED_FOR_MS`, which must stay
+/// below this, with room for a checkpoint's way there.
 const STANDBY_GIVE_UP_MS: u64 = 5_000;
+const _: () = assert!(TRUSTED_FOR_MS + 500 <= STANDBY_GIVE_UP_MS);
 /// Bytes of inputs and results in one checkpoint, past which the rest waits for the
 /// next (a task's start always goes, alone if need be: a submission fits a message).
 const CHECKPOINT_BYTES: usize = 4 << 20;
@@ -1164,18 +1167,17 @@ impl CoordinatorState {
         let node: Arc<str> = Arc::from(node);
         let due = self.takeovers_due.remove(&node).map(|(_, down)| down);
         let taken = self.taken_over_from.remove(&node);
-        let ended = self.standby.take_over_ended(&node, life);
-        let any = !ended.is_empty();
-        if any || due.or(taken).is_some_and(|l| l < life) {
+        let now = self.now_ms();
+        let ended = self.standby.take_over_ended(&node, life, now);
+        let any = !ended.run.is_empty();
+        if any || !ended.dropped.is_empty() || due.or(taken).is_some_and(|l| l < life) {
             // It restarted: its lives before this one.
             self.taken_over(&node, life.saturating_sub(1));
         }
         if any {
-            info!(%node, tasks = ended.len(), "node restarted: taking over the tasks of its former life");
+            info!(%node, tasks = ended.run.len(), "node restarted: taking over the tasks of its former life");
         }
-        for (task, held) in ended {
-            self.take_over(task, held, &node);
-        }
+        self.run_taken_over(&node, ended);
         for (task, meta) in &self.tasks {
             if meta.replica.standby.is_none() && !meta.replica.off {
                 self.dirty.insert(*task);
@@ -1254,12 +1256,10 @@ impl CoordinatorState {
     fn take_over_from(&mut self, node: Arc<str>, life: u64) {
         let now = self.now_ms();
         match self.standby.take_over(&node, life, now) {
-            Ok(tasks) => {
+            Ok(takeover) => {
                 self.takeovers_due.remove(&node);
                 self.taken_over(&node, life);
-                for (task, held) in tasks {
-                    self.take_over(task, held, &node);
-                }
+                self.run_taken_over(&node, takeover);
             }
             Err(until) => {
                 if !self.takeovers_due.contains_key(&node) {
@@ -1280,6 +1280,27 @@ impl CoordinatorState {
             .collect();
         for (node, life) in due {
             self.take_over_from(node, life);
+        }
+    }
+
+    /// Runs the tasks of a takeover from `node`, and drops those whose copies here may
+    /// be outdated: their clients, if waiting here, are told to ask the other nodes.
+    fn run_taken_over(&mut self, node: &str, takeover: Takeover) {
+        if !takeover.dropped.is_empty() {
+            warn!(%node, tasks = takeover.dropped.len(), unheard_ms = takeover.unheard_ms, "not taking over the tasks held for the node: it was last heard from too long before, and may have given them to another standby");
+            metrics::counter!("agentmesh_standby_copies_dropped_total")
+                .increment(takeover.dropped.len() as u64);
+        }
+        for task in takeover.dropped {
+            if let Some(reply) = self.standby_waiters.remove(&task) {
+                let reason = format!(
+                    "task {task} is no longer held here: node {node} went down long after it was last heard from, and may have given it to another standby"
+                );
+                not_here(reply, task, reason);
+            }
+        }
+        for (task, held) in takeover.run {
+            self.take_over(task, held, node);
         }
     }
 
@@ -1362,10 +1383,7 @@ impl CoordinatorState {
                 let reason = format!(
                     "task {task} is no longer held here: node {primary} ended it (and keeps its outcome) or gave it to another standby"
                 );
-                let _ = reply.send(TaskOutcome {
-                    unknown: true,
-                    ..TaskOutcome::refused(task, 0, reason)
-                });
+                not_here(reply, task, reason);
             }
         }
         ack
@@ -1729,6 +1747,15 @@ impl CoordinatorState {
 }
 
 /// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt.
+/// Tells a client waiting here for `task` that it is not held here (`unknown`), so
+/// that it asks the other nodes.
+fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
+    let _ = reply.send(TaskOutcome {
+        unknown: true,
+        ..TaskOutcome::refused(task, 0, reason)
+    });
+}
+
 async fn send_frames(
     mesh: Mesh,
     mut queue: mpsc::Receiver<Outgoing>,

@@ -11,6 +11,10 @@
 //! (the takeover waits for the lease to end). The sender allocates only under the
 //! lease (`lease.rs`), so a coordinator paused past the failure detector does not go
 //! on running what was taken over here.
+//!
+//! A copy is run at a takeover only if its coordinator was heard from (a checkpoint
+//! applied) within [`TRUSTED_FOR_MS`] before: past that, the coordinator may have
+//! given up on this standby and handed its tasks to another, which runs them.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -63,6 +67,27 @@ impl HeldTask {
 /// open tasks renews (at half of it).
 pub const LEASE_MS: u64 = 1_000;
 
+/// How long after the last checkpoint applied from a coordinator's life its copies
+/// held here are still run at a takeover. A coordinator gives up on a standby that
+/// has answered nothing for 5 s (the coordinator's `STANDBY_GIVE_UP_MS`) and gives
+/// its tasks to another; a second less leaves room for the checkpoint's way here. A
+/// copy past it is dropped: its task runs at the other standby, or, if it never got
+/// there, is adopted at the client's asking.
+pub const TRUSTED_FOR_MS: u64 = 4_000;
+
+/// What a takeover hands the caller.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Takeover {
+    /// The tasks to run now, by id.
+    pub run: Vec<(Uuid, HeldTask)>,
+    /// The tasks dropped instead, by id: their coordinator was last heard from
+    /// [`TRUSTED_FOR_MS`] or more before.
+    pub dropped: Vec<Uuid>,
+    /// For the log: how long before the takeover the coordinator of the dropped
+    /// tasks was last heard from, at least.
+    pub unheard_ms: u64,
+}
+
 /// A numbered checkpoint that arrived after a later one of the same coordinator run:
 /// applying it would take back what the later one gave, so it is dropped whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +111,9 @@ pub struct Standby {
     /// The latest numbered checkpoint applied, by coordinator's node: its run and
     /// number. One entry per node that sent one, dropped when its tasks are taken over.
     applied: HashMap<String, (u64, u64)>,
+    /// When a checkpoint was last applied, by coordinator's node and life: one entry
+    /// per life heard from, dropped when that life's tasks are taken over.
+    heard: HashMap<(String, u64), u64>,
 }
 
 impl Standby {
@@ -148,6 +176,7 @@ impl Standby {
                 }
             }
         }
+        self.heard.insert((primary.clone(), life), now_ms);
         let mut ack = CheckpointAck {
             lease_ms: self.lease_ms,
             ..CheckpointAck::default()
@@ -211,16 +240,12 @@ impl Standby {
     }
 
     /// Every task held for `node`, whose life `life` is down at `now_ms`, from that
-    /// life or an earlier one: the caller runs them now. While a lease granted to
-    /// `node` runs, none: `Err` says until when. Tasks of a later life (the node
-    /// restarted, and its checkpoint came before word that its former life is down)
-    /// stay held.
-    pub fn take_over(
-        &mut self,
-        node: &str,
-        life: u64,
-        now_ms: u64,
-    ) -> Result<Vec<(Uuid, HeldTask)>, u64> {
+    /// life or an earlier one: the caller runs them now, but for those whose life was
+    /// last heard from [`TRUSTED_FOR_MS`] or more before, which are dropped. While a
+    /// lease granted to `node` runs, none: `Err` says until when. Tasks of a later life
+    /// (the node restarted, and its checkpoint came before word that its former life
+    /// is down) stay held.
+    pub fn take_over(&mut self, node: &str, life: u64, now_ms: u64) -> Result<Takeover, u64> {
         if let Some(&until) = self.leases.get(node) {
             if until > now_ms {
                 return Err(until);
@@ -229,18 +254,51 @@ impl Standby {
         }
         // Its next checkpoint, if it was only cut off, starts again here.
         self.applied.remove(node);
-        Ok(self.take(node, |held| held <= life))
+        Ok(self.take(node, |held| held <= life, now_ms))
     }
 
-    /// Every task held for `node` from a life before `life`, in which it is up again:
-    /// it restarted, so those lives have ended and nothing of theirs runs, whatever
-    /// lease they were granted. The caller runs them now.
-    pub fn take_over_ended(&mut self, node: &str, life: u64) -> Vec<(Uuid, HeldTask)> {
-        self.take(node, |held| held < life)
+    /// Every task held for `node` from a life before `life`, in which it is up again
+    /// at `now_ms`: it restarted, so those lives have ended and nothing of theirs runs,
+    /// whatever lease they were granted. The caller runs them now, but for those of a
+    /// life last heard from [`TRUSTED_FOR_MS`] or more before, which are dropped.
+    pub fn take_over_ended(&mut self, node: &str, life: u64, now_ms: u64) -> Takeover {
+        self.take(node, |held| held < life, now_ms)
+    }
+
+    /// The tasks held for `node` whose life passes `of_life`, no longer held: to run,
+    /// or dropped if their life was last heard from too long before `now_ms`.
+    fn take(&mut self, node: &str, of_life: impl Fn(u64) -> bool, now_ms: u64) -> Takeover {
+        let lives: Vec<(u64, u64)> = self
+            .heard
+            .iter()
+            .filter(|((n, l), _)| n == node && of_life(*l))
+            .map(|((_, l), at)| (*l, *at))
+            .collect();
+        for (l, _) in &lives {
+            self.heard.remove(&(node.to_string(), *l));
+        }
+        // A life with a task held here had a checkpoint applied, so it has an entry.
+        let unheard = |life: u64| {
+            lives
+                .iter()
+                .find(|(l, _)| *l == life)
+                .map_or(0, |(_, at)| now_ms.saturating_sub(*at))
+        };
+        let mut takeover = Takeover::default();
+        for (task, held) in self.take_all(node, of_life) {
+            let unheard_ms = unheard(held.life);
+            if unheard_ms >= TRUSTED_FOR_MS {
+                takeover.unheard_ms = takeover.unheard_ms.max(unheard_ms);
+                takeover.dropped.push(task);
+            } else {
+                takeover.run.push((task, held));
+            }
+        }
+        takeover
     }
 
     /// The tasks held for `node` whose life passes `of_life`, no longer held.
-    fn take(&mut self, node: &str, of_life: impl Fn(u64) -> bool) -> Vec<(Uuid, HeldTask)> {
+    fn take_all(&mut self, node: &str, of_life: impl Fn(u64) -> bool) -> Vec<(Uuid, HeldTask)> {
         let tasks: Vec<Uuid> = self
             .held
             .iter()
@@ -368,7 +426,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.held[&Uuid::from_u128(1)].done.len(), 2);
         // After a takeover the node's numbering starts again.
-        assert_eq!(s.take_over("a", 0, 1_030).unwrap().len(), 1);
+        assert_eq!(s.take_over("a", 0, 1_030).unwrap().run.len(), 1);
         s.apply(numbered("a", 8, 0, vec![earlier]), no, 1_040)
             .unwrap();
         assert!(s.holds(Uuid::from_u128(1)));
@@ -390,15 +448,17 @@ mod tests {
         s.apply(of_life(5, vec![open(2, 1, 1)]), no, 0).unwrap();
         s.apply(of_life(9, vec![open(3, 1, 1)]), no, 10).unwrap();
         assert_eq!(s.take_over("a", 5, 500), Err(1_010), "the lease runs");
-        let ids = |taken: Vec<(Uuid, HeldTask)>| {
+        let ids = |taken: Takeover| {
+            assert!(taken.dropped.is_empty());
             taken
+                .run
                 .into_iter()
                 .map(|(t, h)| (t.as_u128(), h.life))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(s.take_over_ended("a", 9)), [(1, 5), (2, 5)]);
+        assert_eq!(ids(s.take_over_ended("a", 9, 500)), [(1, 5), (2, 5)]);
         assert!(s.holds(Uuid::from_u128(3)), "the new life's task stays");
-        assert!(s.take_over_ended("a", 9).is_empty());
+        assert_eq!(s.take_over_ended("a", 9, 500), Takeover::default());
         s.apply(of_life(5, vec![open(4, 1, 1)]), no, 20).unwrap();
         assert_eq!(
             ids(s.take_over("a", 5, 2_000).unwrap()),
@@ -438,8 +498,8 @@ mod tests {
         };
         s.apply(from("a", vec![ended]), no, 0).unwrap();
         assert!(!s.holds(Uuid::from_u128(2)));
-        assert!(s.take_over("b", 0, 0).unwrap().is_empty());
-        let taken = s.take_over("a", 0, 0).unwrap();
+        assert_eq!(s.take_over("b", 0, 0), Ok(Takeover::default()));
+        let taken = s.take_over("a", 0, 0).unwrap().run;
         assert_eq!(taken.len(), 1);
         let (task, held) = &taken[0];
         assert_eq!(*task, Uuid::from_u128(1));
@@ -472,7 +532,7 @@ mod tests {
             .unwrap();
         assert_eq!(ack.taken_over, vec![Uuid::from_u128(7)]);
         assert!(!s.holds(Uuid::from_u128(7)));
-        assert!(s.take_over("a", 0, 0).unwrap()[0].1.done.is_empty());
+        assert!(s.take_over("a", 0, 0).unwrap().run[0].1.done.is_empty());
     }
 
     /// Past its task or byte limit a standby refuses, and frees what it refused.
@@ -519,9 +579,51 @@ mod tests {
         let ack = s.apply(from("a", Vec::new()), |_| false, 600).unwrap();
         assert_eq!(ack.lease_ms, 1000, "a renewal with no task");
         assert_eq!(s.take_over("a", 0, 1100), Err(1600));
-        assert_eq!(s.take_over("b", 0, 1100), Ok(Vec::new()));
-        let taken = s.take_over("a", 0, 1600).unwrap();
+        assert_eq!(s.take_over("b", 0, 1100), Ok(Takeover::default()));
+        let taken = s.take_over("a", 0, 1600).unwrap().run;
         assert_eq!(taken.len(), 1);
         assert!(s.is_empty());
+    }
+
+    /// A copy is run at a takeover only if its coordinator's life was heard from
+    /// within `TRUSTED_FOR_MS` before: a coordinator that has heard nothing back for
+    /// longer may have given its tasks to another standby. A renewal with no task
+    /// counts as heard; each life is timed on its own, so a restarted node's new life
+    /// speaking does not vouch for its former life's copies.
+    #[test]
+    fn a_copy_from_a_coordinator_unheard_for_too_long_is_dropped_not_run() {
+        let mut s = Standby::new(StandbyLimits::default(), 1_000);
+        let no = |_| false;
+        let of_life = |primary, life, tasks| Checkpoint {
+            life,
+            ..from(primary, tasks)
+        };
+        s.apply(of_life("a", 1, vec![open(1, 1, 1)]), no, 0)
+            .unwrap();
+        s.apply(of_life("a", 1, Vec::new()), no, 2_000).unwrap();
+        let taken = s.take_over("a", 1, 2_000 + TRUSTED_FOR_MS - 1).unwrap();
+        assert_eq!(taken.run.len(), 1, "heard from (a renewal) just in time");
+
+        s.apply(of_life("b", 1, vec![open(2, 1, 1)]), no, 0)
+            .unwrap();
+        let taken = s.take_over("b", 1, TRUSTED_FOR_MS).unwrap();
+        assert!(taken.run.is_empty());
+        assert_eq!(taken.dropped, [Uuid::from_u128(2)]);
+        assert_eq!(taken.unheard_ms, TRUSTED_FOR_MS);
+        assert!(s.is_empty(), "dropped, not held on");
+
+        s.apply(of_life("c", 1, vec![open(3, 1, 1)]), no, 0)
+            .unwrap();
+        s.apply(of_life("c", 2, vec![open(4, 1, 1)]), no, 5_000)
+            .unwrap();
+        let taken = s.take_over_ended("c", 2, 5_000);
+        assert_eq!(
+            taken.dropped,
+            [Uuid::from_u128(3)],
+            "life 2 speaks only for itself"
+        );
+        assert!(s.holds(Uuid::from_u128(4)));
+        assert_eq!(s.bytes, 1);
+        assert_eq!(s.heard.len(), 1, "only c's life 2 is left to time");
     }
 }

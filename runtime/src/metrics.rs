@@ -65,6 +65,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_tasks_adopted_total", Kind::Counter, "tasks this node's coordinator started for a client that lost their coordinator's node before its standby had them (no member held them)"),
     ("agentmesh_checkpoints_refused_total", Kind::Counter, "checkpoints refused whole because they named another node than their sender as the tasks' coordinator"),
     ("agentmesh_standbys_given_up_total", Kind::Counter, "standbys up whose checkpoints failed for 5 s, whose tasks this node's coordinator gave to another standby"),
+    ("agentmesh_standby_copies_dropped_total", Kind::Counter, "copies of tasks held as standby that were dropped, not run, when their coordinator went down: it had not been heard from for 4 s, and may have given them to another standby"),
     ("agentmesh_checkpoints_stale_total", Kind::Counter, "checkpoints dropped whole because they arrived after a later one of the same coordinator run"),
     ("agentmesh_standby_tasks_held", Kind::Gauge, "other coordinators' open tasks this node holds as their standby"),
     ("agentmesh_segments_waiting", Kind::Gauge, "segments of this coordinator's tasks waiting for a worker"),

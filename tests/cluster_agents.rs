@@ -246,7 +246,9 @@ fn a_task_survives_the_sigkill_of_a_node_with_every_segment_completed_once() {
 /// by name) had the task and the results accepted so far: it takes the task over and
 /// runs only the rest, the waiting `submit` finds it there, and every segment
 /// completes once; the workers cancel the attempts n0 gave them. Before, the task was
-/// lost with its node.
+/// lost with its node. The outcome counts from the submission, n0's part too: about
+/// 14 s, with n0's attempts that ran again reallocated (before, it counted from the
+/// takeover: about 8 s, two rounds on the 4 replicas left, and none reallocated).
 #[test]
 fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-kill");
@@ -261,6 +263,12 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
 
     let (status, task) = outcome(submit);
     completed_with_every_result(status, &task, 12, 4000);
+    assert!(
+        task["elapsed_ms"].as_u64().unwrap() >= 12_000,
+        "counted from the submission: {task}"
+    );
+    // n0's attempts of the second round ran again at n1.
+    assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
     let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
     // It started from what n0 had checkpointed, not from nothing.
     let done: u32 = line

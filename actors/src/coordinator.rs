@@ -47,7 +47,7 @@ use crate::refusals::{Refusals, Room};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint, CheckpointAck, OpenTask,
-    SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
+    SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
     AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
@@ -210,6 +210,9 @@ struct TaskMeta {
     replica: Replica,
     /// Its standby took it over: it ends here as unknown.
     moved: bool,
+    /// The figures of the coordinators that ran it before this one, when this one
+    /// took it over (zero if it was submitted here): the outcome counts them too.
+    before: SoFar,
 }
 
 impl TaskMeta {
@@ -241,6 +244,18 @@ impl TaskMeta {
             done_log,
             replica: Replica::default(),
             moved: false,
+            before: SoFar::default(),
+        }
+    }
+
+    /// Its figures so far, from its submission, given the ledger's `figures` of it
+    /// and how many attempts run (those of this coordinator alone).
+    fn so_far(&self, figures: &TaskFigures, running: u32) -> SoFar {
+        SoFar {
+            running,
+            elapsed_ms: self.before.elapsed_ms + self.started.elapsed().as_millis() as u64,
+            reallocated: self.before.reallocated + figures.reallocated,
+            duplicates_discarded: self.before.duplicates_discarded + figures.duplicates_discarded,
         }
     }
 }
@@ -548,6 +563,7 @@ impl Actor for Coordinator {
                     .iter()
                     .map(|(id, meta)| {
                         let f = state.ledger.figures(*id).unwrap_or_default();
+                        let so_far = meta.so_far(&f, 0);
                         // Done segments count whole; running ones by their last REPORT.
                         let running: u64 = meta.progress.values().map(|p| u64::from(*p)).sum();
                         let progress_permille = ((u64::from(f.completed) * 1000 + running)
@@ -561,9 +577,9 @@ impl Actor for Coordinator {
                             group: meta.group,
                             segments: f.segments,
                             completed: f.completed,
-                            reallocated: f.reallocated,
+                            reallocated: so_far.reallocated,
                             progress_permille,
-                            elapsed_ms: meta.started.elapsed().as_millis() as u64,
+                            elapsed_ms: so_far.elapsed_ms,
                         }
                     })
                     .collect();
@@ -1119,8 +1135,9 @@ impl CoordinatorState {
             self.allocated_ms.retain(|(t, _, _), _| *t != task);
             recorder.observe(Observation::TaskEnded { task });
         }
-        let elapsed_ms = meta.started.elapsed().as_millis() as u64;
-        info!(%task, ?status, completed = figures.completed, reallocated = figures.reallocated, duplicates = figures.duplicates_discarded, elapsed_ms, reason = reason.as_deref().unwrap_or(""), "task ended");
+        let so_far = meta.so_far(&figures, 0);
+        let elapsed_ms = so_far.elapsed_ms;
+        info!(%task, ?status, completed = figures.completed, reallocated = so_far.reallocated, duplicates = so_far.duplicates_discarded, elapsed_ms, reason = reason.as_deref().unwrap_or(""), "task ended");
         let label = match status {
             TaskStatus::Completed => "completed",
             TaskStatus::Failed => "failed",
@@ -1133,8 +1150,8 @@ impl CoordinatorState {
             status,
             segments: figures.segments,
             completed: figures.completed,
-            duplicates_discarded: figures.duplicates_discarded,
-            reallocated: figures.reallocated,
+            duplicates_discarded: so_far.duplicates_discarded,
+            reallocated: so_far.reallocated,
             elapsed_ms,
             reason,
             results: results.into_iter().map(Blob).collect(),
@@ -1318,6 +1335,7 @@ impl CoordinatorState {
         let request = held.open.request;
         let segments = request.inputs.len() as u32;
         let done_log: Vec<u32> = held.done.keys().copied().collect();
+        let done_count = done_log.len() as u32;
         let first_attempt = generation
             .saturating_mul(GENERATION_ATTEMPTS)
             .saturating_add(1);
@@ -1333,7 +1351,17 @@ impl CoordinatorState {
         let priority = request
             .priority
             .unwrap_or_else(|| self.policy.get().priority(request.group));
-        let meta = TaskMeta::new(request, priority, now, waiter, generation, done_log);
+        let mut meta = TaskMeta::new(request, priority, now, waiter, generation, done_log);
+        // The time since its last checkpoint here counts too: the former coordinator
+        // ran it until it went down. So do the attempts it had running then, as of
+        // that checkpoint: they start again here.
+        let left = segments.saturating_sub(done_count);
+        meta.before = SoFar {
+            elapsed_ms: held.so_far.elapsed_ms + now.saturating_sub(held.so_far_ms),
+            reallocated: held.so_far.reallocated + u64::from(held.so_far.running.min(left)),
+            duplicates_discarded: held.so_far.duplicates_discarded,
+            running: 0,
+        };
         self.tasks.insert(task, meta);
         self.dirty.insert(task);
     }
@@ -1491,11 +1519,13 @@ impl CoordinatorState {
                 upto += 1;
             }
             sent.push((task, upto, open.is_some()));
+            let figures = self.ledger.figures(task).unwrap_or_default();
             parts.push(TaskCheckpoint {
                 task,
                 open,
                 done,
                 ended: false,
+                so_far: meta.so_far(&figures, self.ledger.running(task)),
             });
         }
         for (node, ended) in self.forget_notices.take(ready) {
@@ -1508,6 +1538,7 @@ impl CoordinatorState {
                     open: None,
                     done: Vec::new(),
                     ended: true,
+                    so_far: SoFar::default(),
                 }),
             );
         }

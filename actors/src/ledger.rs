@@ -676,6 +676,13 @@ impl Ledger {
         self.tasks.get(&task).map(Task::figures)
     }
 
+    /// How many live attempts `task` has (0 if it is not open).
+    pub fn running(&self, task: Uuid) -> u32 {
+        self.tasks
+            .get(&task)
+            .map_or(0, |t| t.holders.values().sum())
+    }
+
     /// The agents holding live attempts of `task` (for SYNC rosters), each once.
     pub fn holders(&self, task: Uuid) -> Vec<u32> {
         self.tasks
@@ -1618,6 +1625,7 @@ mod tests {
         l.assign(task, &workers(2), 0);
         let _ = allocations(&mut l);
         assert_eq!(l.holders(task), vec![1, 2]);
+        assert_eq!(l.running(task), 2);
         let live = l.live_attempts(task);
         let scan = |l: &Ledger| {
             let mut agents: Vec<u32> = l.live_attempts(task).iter().map(|a| a.2).collect();
@@ -1635,6 +1643,8 @@ mod tests {
         let _ = allocations(&mut l);
         assert_eq!(l.holders(task), scan(&l));
         assert_eq!(l.holders(task).len(), 2);
+        assert_eq!(l.running(task) as usize, l.live_attempts(task).len());
+        assert_eq!(l.running(Uuid::from_u128(9)), 0, "not open");
     }
 
     /// A task whose own segments keep its workers busy is not waiting in vain, however

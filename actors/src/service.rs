@@ -251,6 +251,26 @@ pub struct TaskCheckpoint {
     pub done: Vec<(u32, serde_bytes_vec::Blob)>,
     /// The task ended: the standby forgets it.
     pub ended: bool,
+    /// The task's figures so far at its coordinator (absent from older nodes: zero).
+    #[serde(default)]
+    pub so_far: SoFar,
+}
+
+/// A task's figures so far, carried in checkpoints so that a standby that takes the
+/// task over reports them with its own: the outcome counts from the submission, not
+/// from the takeover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoFar {
+    /// Since the task was submitted.
+    pub elapsed_ms: u64,
+    /// Attempts started again elsewhere.
+    pub reallocated: u64,
+    /// Result copies discarded.
+    pub duplicates_discarded: u64,
+    /// Attempts running (at this coordinator alone): if it goes down, those are
+    /// started again by the one that takes the task over.
+    #[serde(default)]
+    pub running: u32,
 }
 
 /// A task as a standby holds it from its start.

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use uuid::Uuid;
 
-use crate::service::{Checkpoint, CheckpointAck, OpenTask};
+use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar};
 
 /// How much a standby holds at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,10 @@ pub struct HeldTask {
     pub open: OpenTask,
     /// The results that coordinator accepted, by segment.
     pub done: BTreeMap<u32, Vec<u8>>,
+    /// The task's figures in the last checkpoint of it applied here.
+    pub so_far: SoFar,
+    /// When that checkpoint was applied (on this node's clock).
+    pub so_far_ms: u64,
 }
 
 impl HeldTask {
@@ -188,6 +192,7 @@ impl Standby {
         *lease = (*lease).max(until);
         for part in checkpoint.tasks {
             let task = part.task;
+            let so_far = part.so_far;
             if running(task) {
                 ack.taken_over.push(task);
                 continue;
@@ -203,6 +208,8 @@ impl Standby {
                     life,
                     open,
                     done: BTreeMap::new(),
+                    so_far,
+                    so_far_ms: now_ms,
                 };
                 let bytes = held.bytes();
                 if self.held.len() >= self.limits.max_tasks
@@ -218,6 +225,8 @@ impl Standby {
                 ack.unknown.push(task);
                 continue;
             };
+            held.so_far = so_far;
+            held.so_far_ms = now_ms;
             let segments = held.open.request.inputs.len();
             let mut over = false;
             for (segment, result) in part.done {
@@ -341,6 +350,7 @@ mod tests {
             }),
             done: Vec::new(),
             ended: false,
+            so_far: SoFar::default(),
         }
     }
 
@@ -353,6 +363,7 @@ mod tests {
                 .map(|(s, n)| (*s, Blob(vec![2; *n])))
                 .collect(),
             ended: false,
+            so_far: SoFar::default(),
         }
     }
 
@@ -492,14 +503,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ack.unknown, vec![Uuid::from_u128(3)], "never opened here");
+        let so_far = SoFar {
+            elapsed_ms: 700,
+            reallocated: 2,
+            duplicates_discarded: 1,
+            running: 3,
+        };
+        let figures = TaskCheckpoint {
+            so_far,
+            ..done(1, &[])
+        };
+        s.apply(from("a", vec![figures]), no, 40).unwrap();
+        let held = &s.held[&Uuid::from_u128(1)];
+        assert_eq!(
+            (held.so_far, held.so_far_ms),
+            (so_far, 40),
+            "the latest figures"
+        );
         let ended = TaskCheckpoint {
             ended: true,
             ..done(2, &[])
         };
         s.apply(from("a", vec![ended]), no, 0).unwrap();
         assert!(!s.holds(Uuid::from_u128(2)));
-        assert_eq!(s.take_over("b", 0, 0), Ok(Takeover::default()));
-        let taken = s.take_over("a", 0, 0).unwrap().run;
+        assert_eq!(s.take_over("b", 0, 40), Ok(Takeover::default()));
+        let taken = s.take_over("a", 0, 40).unwrap().run;
         assert_eq!(taken.len(), 1);
         let (task, held) = &taken[0];
         assert_eq!(*task, Uuid::from_u128(1));

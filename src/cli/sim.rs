@@ -176,7 +176,7 @@ fn print(r: &Report, json: bool) -> anyhow::Result<()> {
         ("tasks completed", r.tasks_completed.to_string()),
         ("tasks failed", r.tasks_failed.to_string()),
         (
-            "tasks lost with their coordinator",
+            "tasks lost with their coordinator (no standby simulated)",
             r.tasks_lost_with_coordinator.to_string(),
         ),
         ("segments submitted", r.segments_submitted.to_string()),

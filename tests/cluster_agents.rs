@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agentmesh, example, free_port, free_ports, temp_dir, NodeProcess};
+use common::{agentmesh, done_in, example, free_port, free_ports, temp_dir, NodeProcess};
 use serde_json::{json, Value};
 
 struct Cluster {
@@ -271,12 +271,7 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     assert!(task["reallocated"].as_u64().unwrap() > 0, "{task}");
     let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
     // It started from what n0 had checkpointed, not from nothing.
-    let done: u32 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("done="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no done= in {line}"));
-    assert!((1..12).contains(&done), "{line}");
+    assert!((1..12).contains(&done_in(&line)), "{line}");
     // n0's attempts still running on n1 were cancelled, not left to hold its replicas.
     second.expect(&[
         "cancelling the attempts of a coordinator whose node went down",
@@ -321,12 +316,7 @@ fn a_task_outlives_a_quick_restart_of_the_node_it_was_submitted_to() {
         "node=n0",
     ]);
     let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
-    let done: u32 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("done="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no done= in {line}"));
-    assert!((1..12).contains(&done), "{line}");
+    assert!((1..12).contains(&done_in(&line)), "{line}");
 }
 
 /// The node a task was submitted to (n0) and its standby (n1) are SIGKILLed together

@@ -28,7 +28,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{free_ports, temp_dir, NodeProcess};
+use common::{done_in, free_ports, temp_dir, NodeProcess};
 use serde_json::Value;
 
 /// A network namespace with its loopback up, removed on drop.
@@ -635,13 +635,11 @@ fn a_standby_given_up_on_does_not_take_over_a_task_that_moved_on() {
     std::thread::sleep(Duration::from_millis(1_000));
     nodes[0].kill();
     let took_over = nodes[2].expect(&["took over a task from a node that went down", "from=n0"]);
-    let done: u64 = took_over
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("done="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no done= in {took_over}"));
     // The first 4 segments ended before n0's lease from n1 lapsed, after the cut.
-    assert!(done >= 4, "n2 takes over n0's results: {took_over}");
+    assert!(
+        done_in(&took_over) >= 4,
+        "n2 takes over n0's results: {took_over}"
+    );
     nodes[1].expect(&["not taking over", "node=n0"]);
     completed_once_of(submit, 60, 1_000);
     assert!(

@@ -249,10 +249,10 @@ impl TaskMeta {
     }
 
     /// Its figures so far, from its submission, given the ledger's `figures` of it
-    /// and how many attempts run (those of this coordinator alone).
-    fn so_far(&self, figures: &TaskFigures, running: u32) -> SoFar {
+    /// (this coordinator's alone); `running` is left at 0.
+    fn so_far(&self, figures: &TaskFigures) -> SoFar {
         SoFar {
-            running,
+            running: 0,
             elapsed_ms: self.before.elapsed_ms + self.started.elapsed().as_millis() as u64,
             reallocated: self.before.reallocated + figures.reallocated,
             duplicates_discarded: self.before.duplicates_discarded + figures.duplicates_discarded,
@@ -563,7 +563,7 @@ impl Actor for Coordinator {
                     .iter()
                     .map(|(id, meta)| {
                         let f = state.ledger.figures(*id).unwrap_or_default();
-                        let so_far = meta.so_far(&f, 0);
+                        let so_far = meta.so_far(&f);
                         // Done segments count whole; running ones by their last REPORT.
                         let running: u64 = meta.progress.values().map(|p| u64::from(*p)).sum();
                         let progress_permille = ((u64::from(f.completed) * 1000 + running)
@@ -1135,7 +1135,7 @@ impl CoordinatorState {
             self.allocated_ms.retain(|(t, _, _), _| *t != task);
             recorder.observe(Observation::TaskEnded { task });
         }
-        let so_far = meta.so_far(&figures, 0);
+        let so_far = meta.so_far(&figures);
         let elapsed_ms = so_far.elapsed_ms;
         info!(%task, ?status, completed = figures.completed, reallocated = so_far.reallocated, duplicates = so_far.duplicates_discarded, elapsed_ms, reason = reason.as_deref().unwrap_or(""), "task ended");
         let label = match status {
@@ -1525,7 +1525,10 @@ impl CoordinatorState {
                 open,
                 done,
                 ended: false,
-                so_far: meta.so_far(&figures, self.ledger.running(task)),
+                so_far: SoFar {
+                    running: self.ledger.running(task),
+                    ..meta.so_far(&figures)
+                },
             });
         }
         for (node, ended) in self.forget_notices.take(ready) {

@@ -32,6 +32,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The results a takeover started from: the `done=` of a "took over a task" log line.
+pub fn done_in(line: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("done="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no done= in {line}"))
+}
+
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }

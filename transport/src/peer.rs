@@ -704,9 +704,9 @@ async fn write_lane(
             broken = true;
             break;
         };
-        let len = taken.bytes.len() as u64;
+        let len = taken.len() as u64;
         let bulk = w.lane == Lane::Bulk;
-        if write_gated(s, taken.bytes.clone(), &w.gauge, bulk, &w.urgent)
+        if write_gated(s, &taken.blocks, &w.gauge, bulk, &w.urgent)
             .await
             .is_err()
         {
@@ -752,24 +752,28 @@ async fn open_lane(conn: &quinn::Connection, lane: Lane) -> Option<quinn::SendSt
     Some(stream)
 }
 
-/// Writes a lower lane's bytes in pieces, each only once the window has headroom.
+/// Writes a lower lane's blocks in pieces, each only once the window has headroom.
 async fn write_gated(
     stream: &mut quinn::SendStream,
-    mut bytes: Bytes,
+    blocks: &[Bytes],
     gauge: &WindowGauge,
     bulk: bool,
     urgent: &UrgentActivity,
 ) -> Result<(), quinn::WriteError> {
-    while !bytes.is_empty() {
-        gauge.wait_for_room(bulk).await;
-        let piece = bytes.split_to(bytes.len().min(GATED_CHUNK_BYTES));
-        stream.write_chunk(piece).await?;
-        if !bytes.is_empty() && urgent.recent() {
-            // quinn takes a piece without waiting while its buffer has room, so a
-            // lower lane with megabytes queued would keep this thread from the tasks
-            // that carry urgent frames until all of it is handed over. While urgent
-            // frames are about, it lets them go first after every piece.
-            tokio::task::yield_now().await;
+    let mut left: usize = blocks.iter().map(Bytes::len).sum();
+    for mut bytes in blocks.iter().cloned() {
+        while !bytes.is_empty() {
+            gauge.wait_for_room(bulk).await;
+            let piece = bytes.split_to(bytes.len().min(GATED_CHUNK_BYTES));
+            left -= piece.len();
+            stream.write_chunk(piece).await?;
+            if left > 0 && urgent.recent() {
+                // quinn takes a piece without waiting while its buffer has room, so a
+                // lower lane with megabytes queued would keep this thread from the tasks
+                // that carry urgent frames until all of it is handed over. While urgent
+                // frames are about, it lets them go first after every piece.
+                tokio::task::yield_now().await;
+            }
         }
     }
     Ok(())

@@ -81,6 +81,10 @@ struct Figures {
     messages_per_sec: f64,
     /// ACP: `send_batch` with 256 messages per call. Bare quinn: as above.
     messages_per_sec_batched: f64,
+    /// CPU time of both endpoints (this process's threads) per message in the
+    /// `messages_per_sec_batched` run, in ns: unlike the rate, it holds still when
+    /// other work on the machine takes cores away (NaN where /proc is missing).
+    cpu_ns_per_message_batched: f64,
     /// ACP: the requester waits for each reply on the transport's event stream, in a
     /// task of its own. Bare quinn: the requester reads its reply stream itself.
     request_reply_p50_us: f64,
@@ -197,6 +201,11 @@ fn print_table(r: &Report, args: &TransportBench) {
         "throughput, send_batch(256) (messages/s)",
         r.acp.messages_per_sec_batched,
         r.bare_quinn.messages_per_sec_batched,
+    );
+    row(
+        "  CPU per message, both ends (ns)",
+        r.acp.cpu_ns_per_message_batched,
+        r.bare_quinn.cpu_ns_per_message_batched,
     );
     row(
         "request/reply p50 (us)",
@@ -328,6 +337,35 @@ impl Switches {
             _ => f64::NAN,
         }
     }
+}
+
+/// This process's CPU time from a start.
+struct CpuTime(Option<u64>);
+
+impl CpuTime {
+    fn start() -> CpuTime {
+        CpuTime(cpu_ns())
+    }
+
+    /// CPU time since `start` per message, in ns, for `n` messages.
+    fn per(&self, n: u64) -> f64 {
+        match (self.0, cpu_ns()) {
+            (Some(before), Some(after)) => after.saturating_sub(before) as f64 / n as f64,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// Time this process's threads have run on a CPU, in ns, summed (from /proc; `None`
+/// where there is none). A thread that ends takes its time with it: the runtime's
+/// workers, where both endpoints run, live as long as the bench.
+fn cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let schedstat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += schedstat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// Context switches so far, voluntary and not, summed over this process's threads
@@ -581,7 +619,7 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     sender.await?;
 
     const BATCH: u64 = 256;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), CpuTime::start());
     let sender = {
         let (peer, body, n) = (to_b.clone(), body.clone(), args.messages);
         tokio::spawn(async move {
@@ -596,6 +634,7 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     let target = 2 * args.messages + (BATCH - args.messages % BATCH) % BATCH;
     wait_count(&received, target).await?;
     f.messages_per_sec_batched = (target - args.messages) as f64 / start.elapsed().as_secs_f64();
+    f.cpu_ns_per_message_batched = cpu.per(target - args.messages);
     sender.await?;
 
     let switches = Switches::start();
@@ -813,7 +852,7 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
 
     // Throughput: 64-byte records written in 64 KiB batches, as ACP's writer batches.
     let total = args.messages * PAYLOAD_BYTES as u64;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), CpuTime::start());
     let mut sink = conn.open_uni().await?;
     sink.write_all(&[SINK]).await?;
     let batch = Bytes::from(vec![1u8; (64 * 1024 / PAYLOAD_BYTES) * PAYLOAD_BYTES]);
@@ -826,6 +865,7 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     wait_count(&received, total).await?;
     f.messages_per_sec = args.messages as f64 / start.elapsed().as_secs_f64();
     f.messages_per_sec_batched = f.messages_per_sec;
+    f.cpu_ns_per_message_batched = cpu.per(args.messages);
 
     let mut echo = conn.open_uni().await?;
     echo.set_priority(3)?;

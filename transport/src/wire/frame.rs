@@ -219,6 +219,8 @@ impl<'a> MessageRef<'a> {
         out: &mut BytesMut,
     ) -> Result<u16, FrameTooLarge> {
         let pieces = self.cut(first_seq, max_frame_payload)?;
+        let ts = self.timestamp_ms.map_or(0, |_| TIMESTAMP_LEN);
+        out.reserve(self.body.len() + ts + HEADER_LEN * self.frame_count(max_frame_payload));
         let mut count = 0u16;
         for (header, range) in pieces {
             let part = &self.body[range];

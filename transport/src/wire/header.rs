@@ -229,13 +229,21 @@ impl Header {
 
     /// Writes the 13 header bytes for a payload of `payload_len` bytes.
     pub fn encode(&self, payload_len: u16, out: &mut impl BufMut) {
-        out.put_u8((PROTOCOL_VERSION << 4) | self.msg_type.code());
-        out.put_u8(self.flags.bits());
-        out.put_u8(self.prio);
-        out.put_u16(self.group);
-        out.put_u32(self.agent);
-        out.put_u16(self.seq);
-        out.put_u16(payload_len);
+        out.put_slice(&self.to_bytes(payload_len));
+    }
+
+    /// The 13 header bytes for a payload of `payload_len` bytes: built in place and
+    /// appended at once, as a sender encodes millions a second.
+    pub fn to_bytes(&self, payload_len: u16) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = (PROTOCOL_VERSION << 4) | self.msg_type.code();
+        b[1] = self.flags.bits();
+        b[2] = self.prio;
+        b[3..5].copy_from_slice(&self.group.to_be_bytes());
+        b[5..9].copy_from_slice(&self.agent.to_be_bytes());
+        b[9..11].copy_from_slice(&self.seq.to_be_bytes());
+        b[11..13].copy_from_slice(&payload_len.to_be_bytes());
+        b
     }
 
     /// Parses and checks 13 header bytes; returns the header and the payload length.

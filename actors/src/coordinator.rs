@@ -253,7 +253,8 @@ impl TaskMeta {
     fn so_far(&self, figures: &TaskFigures) -> SoFar {
         SoFar {
             running: 0,
-            elapsed_ms: self.before.elapsed_ms + self.started.elapsed().as_millis() as u64,
+            elapsed_ms: (self.before.elapsed_ms)
+                .saturating_add(self.started.elapsed().as_millis() as u64),
             reallocated: self.before.reallocated + figures.reallocated,
             duplicates_discarded: self.before.duplicates_discarded + figures.duplicates_discarded,
         }
@@ -627,6 +628,8 @@ impl CoordinatorState {
         // Coordinators of the task before this one: 1 for a task adopted from a node
         // that went down, whose attempts may still run at workers under its numbers.
         let mut generation = 0;
+        // For an adopted task: how long its client has waited for it already.
+        let mut waited_ms = 0;
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
@@ -649,6 +652,7 @@ impl CoordinatorState {
                     info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
                     metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
                     generation = 1;
+                    waited_ms = request.waited_ms;
                 }
                 _ => {
                     let _ = reply.send(TaskOutcome {
@@ -703,7 +707,10 @@ impl CoordinatorState {
                 segments: request.inputs.len() as u32,
             });
         }
-        let meta = TaskMeta::new(request, priority, now, Some(reply), generation, Vec::new());
+        let mut meta = TaskMeta::new(request, priority, now, Some(reply), generation, Vec::new());
+        // An adopted task counts from its submission, as a taken-over one does. What
+        // the coordinator that went down ran of it is not known here.
+        meta.before.elapsed_ms = waited_ms;
         self.tasks.insert(task, meta);
         self.dirty.insert(task);
         self.assign(task).await;
@@ -1498,6 +1505,7 @@ impl CoordinatorState {
                         task: Some(task),
                         attach: false,
                         adopt_from: None,
+                        waited_ms: 0,
                     },
                     generation: meta.generation,
                 }

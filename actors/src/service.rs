@@ -82,6 +82,11 @@ pub struct SubmitRequest {
     /// nothing of a task before its standby holds it, so nothing of it ran there.
     #[serde(default)]
     pub adopt_from: Option<String>,
+    /// With `adopt_from`: how long the client has waited for the task since it first
+    /// submitted it, in ms. An adopted task's figures (`TaskOutcome::elapsed_ms`)
+    /// count from then, not from the adoption.
+    #[serde(default)]
+    pub waited_ms: u64,
 }
 
 /// The longest task label accepted.
@@ -102,6 +107,7 @@ impl SubmitRequest {
             task: None,
             attach: false,
             adopt_from: None,
+            waited_ms: 0,
         }
     }
 

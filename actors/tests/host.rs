@@ -167,17 +167,7 @@ async fn workers_of_one_task_on_two_nodes_sync_with_each_other() {
     wait_for_agents(&nodes[0].1, 2).await;
     let outcome = nodes[0]
         .1
-        .submit(SubmitRequest {
-            capability: "bid".into(),
-            tags: Vec::new(),
-            priority: None,
-            group: 0,
-            inputs: inputs(2),
-            label: None,
-            task: None,
-            attach: false,
-            adopt_from: None,
-        })
+        .submit(SubmitRequest::new("bid", inputs(2)))
         .await
         .unwrap();
     assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
@@ -247,17 +237,7 @@ async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, Submi
     let nodes = Arc::new(cluster(ca, &["alpha", "beta"]).await);
     nodes[1].1.add(Patient, 2).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
-    let request = SubmitRequest {
-        capability: "wait".into(),
-        tags: Vec::new(),
-        priority: None,
-        group: 0,
-        inputs: inputs(2),
-        label: None,
-        task: None,
-        attach: false,
-        adopt_from: None,
-    };
+    let request = SubmitRequest::new("wait", inputs(2));
     (nodes, request)
 }
 
@@ -476,17 +456,7 @@ async fn a_plain_ractor_actor_serves_as_a_worker() {
         .unwrap();
     wait_for_agents(host, 1).await;
     let outcome = host
-        .submit(SubmitRequest {
-            capability: "double".into(),
-            tags: Vec::new(),
-            priority: None,
-            group: 0,
-            inputs: inputs(5),
-            label: None,
-            task: None,
-            attach: false,
-            adopt_from: None,
-        })
+        .submit(SubmitRequest::new("double", inputs(5)))
         .await
         .unwrap();
     assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");

@@ -353,17 +353,9 @@ async fn submit(
     priority: u8,
     inputs: Vec<Blob>,
 ) -> anyhow::Result<TaskOutcome> {
-    let request = SubmitRequest {
-        capability: capability.into(),
-        tags: Vec::new(),
-        priority: Some(priority),
-        group: 0,
-        inputs,
-        label: Some(label),
-        task: None,
-        attach: false,
-        adopt_from: None,
-    };
+    let request = SubmitRequest::new(capability, inputs)
+        .with_priority(priority)
+        .with_label(label);
     let outcome: TaskOutcome = client
         .request(
             COORDINATOR_SERVICE,

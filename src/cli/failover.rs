@@ -198,17 +198,9 @@ async fn one_run(
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let request = SubmitRequest {
-        capability: "sleep".into(),
-        tags: Vec::new(),
-        priority: Some(96),
-        group: 0,
-        inputs,
-        label: Some("failover".into()),
-        task: None,
-        attach: false,
-        adopt_from: None,
-    };
+    let request = SubmitRequest::new("sleep", inputs)
+        .with_priority(96)
+        .with_label("failover");
     let mut submitter = connect(&identities[2], procs, COORDINATOR).await?;
     let task = tokio::spawn(async move {
         submitter

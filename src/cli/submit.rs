@@ -256,11 +256,12 @@ async fn wait_for(
     }
 }
 
-/// The node a task was submitted to and the other members it listed then.
+/// The node a task was submitted to, the other members it listed then, and when.
 #[derive(Default)]
 struct Members {
     node: String,
     others: Vec<SocketAddr>,
+    since: Option<Instant>,
 }
 
 /// Sends `request` to the node at `addr` and waits for the answer; with `members`,
@@ -280,6 +281,7 @@ async fn ask(
     *sent = true;
     let connected_at = Instant::now();
     if let Some(members) = members {
+        members.since = Some(connected_at);
         members.node = client.node().to_string();
         // Without the list, a task outlives its node only if that node comes back.
         if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
@@ -333,6 +335,8 @@ async fn ask_others(
     debug!(node = %members.node, down = ?asked.unreachable, "no member holds the task: asking them to adopt it");
     let adopt = SubmitRequest {
         adopt_from: Some(members.node.clone()),
+        // The task's figures count from its submission, not from the adoption.
+        waited_ms: members.since.map_or(0, |t| t.elapsed().as_millis() as u64),
         ..attach
     };
     ask_each(identity, &asked.answered, &adopt).await.ok()
@@ -420,15 +424,12 @@ async fn ask_each(
 /// are printed.
 pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyhow::Result<()> {
     let request = SubmitRequest {
-        capability: args.capability.clone(),
         tags: args.tags.clone(),
         priority: args.priority,
         group: args.group,
-        inputs,
         label: args.label.clone(),
         task: Some(Uuid::new_v4()),
-        attach: false,
-        adopt_from: None,
+        ..SubmitRequest::new(args.capability.clone(), inputs)
     };
     let outcome: TaskOutcome = runtime()?.block_on(wait_for(&identity, args.client.to, request))?;
     let results = args.results.then(|| {

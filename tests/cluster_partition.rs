@@ -161,16 +161,33 @@ impl Cluster {
                 .join(", ")
         };
         let (a, b) = (ports(a), ports(b));
+        self.drop_where(&[
+            format!("udp sport {{ {a} }} udp dport {{ {b} }}"),
+            format!("udp sport {{ {b} }} udp dport {{ {a} }}"),
+        ]);
+    }
+
+    /// Drops every datagram node `i` sends to a port no node of the cluster has: what
+    /// it sends to its clients.
+    fn cut_off_clients_of(&self, i: usize) {
+        let nodes: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let nodes = nodes.join(", ");
+        self.drop_where(&[format!(
+            "udp sport {} udp dport != {{ {nodes} }}",
+            self.ports[i]
+        )]);
+    }
+
+    /// Drops every datagram that matches one of `matches` (nft match expressions),
+    /// until [`Cluster::heal`].
+    fn drop_where(&self, matches: &[String]) {
         self.nft("add table inet partition");
         self.nft(
             "add chain inet partition input { type filter hook input priority 0 ; policy accept ; }",
         );
-        self.nft(&format!(
-            "add rule inet partition input udp sport {{ {a} }} udp dport {{ {b} }} drop"
-        ));
-        self.nft(&format!(
-            "add rule inet partition input udp sport {{ {b} }} udp dport {{ {a} }} drop"
-        ));
+        for m in matches {
+            self.nft(&format!("add rule inet partition input {m} drop"));
+        }
     }
 
     /// Counter `name` (with its labels) as node `i` serves it at `metrics`, read from
@@ -648,5 +665,52 @@ fn a_standby_given_up_on_does_not_take_over_a_task_that_moved_on() {
             .is_err(),
         "n1 ran its copy too"
     );
+    drop(nodes);
+}
+
+/// The coordinator (n0, no agent) ends a task whose outcome never reaches its client
+/// (what n0 sends to clients is dropped), tells its standby (n1, no agent) that the
+/// task ended, and dies. The client, its connection lost, asks the other members:
+/// n1, which has taken over from n0 since, answers that the task ended at n0 and its
+/// outcome is lost. Before, n1 had forgotten the task like any that ended, no member
+/// held it, so the client had n1 adopt it and every segment ran a second time.
+#[test]
+fn a_task_that_ended_at_a_node_that_died_before_its_client_heard_is_not_run_again() {
+    let Some(cluster) = cluster("lost-outcome") else {
+        return;
+    };
+    let mut nodes = cluster.start_four(sleepers_except(&[0, 1]));
+
+    // 4 segments of 1 s on 4 replicas: one round.
+    let submit = cluster.submit_ms(4, 1_000);
+    nodes[0].expect(&["task submitted", "segments=4"]);
+    cluster.cut_off_clients_of(0);
+    nodes[0].expect(&["task ended", "completed=4"]);
+    // Time for the end to reach n1 in a checkpoint.
+    std::thread::sleep(Duration::from_millis(1_000));
+    nodes[0].kill();
+
+    let out = submit.wait_with_output().unwrap();
+    let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(!out.status.success(), "{task}");
+    assert_eq!(task["status"], "failed", "{task}");
+    let reason = task["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ended at n0") && reason.contains("outcome is lost"),
+        "{task}"
+    );
+    nodes[1].expect(&["its outcome is lost with that node", "node=n0"]);
+    for node in &nodes[1..] {
+        assert!(
+            node.expect_within(&["adopting"], Duration::ZERO).is_err(),
+            "the task ran again"
+        );
+    }
     drop(nodes);
 }

@@ -630,6 +630,7 @@ impl CoordinatorState {
         let mut generation = 0;
         // For an adopted task: how long its client has waited for it already.
         let mut waited_ms = 0;
+        let lost = request.attach.then(|| self.outcome_lost(task)).flatten();
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
@@ -645,6 +646,15 @@ impl CoordinatorState {
             Ended::Unknown if self.standby.holds(task) => {
                 info!(%task, "a client waits here for a task this node holds as standby");
                 self.standby_waiters.insert(task, reply);
+                return;
+            }
+            Ended::Unknown if lost.is_some() => {
+                let ended_at = lost.unwrap_or_default();
+                warn!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: its outcome is lost with that node, and the task is not run again");
+                metrics::counter!("agentmesh_task_outcomes_lost_total").increment(1);
+                let _ = reply.send(refuse(format!(
+                    "task {task} ended at {ended_at}, which went down before its outcome reached you: the outcome is lost, and the task is not run again"
+                )));
                 return;
             }
             Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
@@ -825,6 +835,16 @@ impl CoordinatorState {
                 );
             }
         }
+    }
+
+    /// The node `task` ended at, if this node was its standby, was told so, and has
+    /// since taken over from that node's life (it went down, or restarted): the task's
+    /// outcome went down with it, and a client that did not get it must not have the
+    /// task adopted, which would run it again.
+    fn outcome_lost(&self, task: Uuid) -> Option<String> {
+        let ended = self.standby.ended(task, self.now_ms())?;
+        let taken_over = self.taken_over_from.get(ended.node.as_str())?;
+        (*taken_over >= ended.life).then(|| ended.node.clone())
     }
 
     /// Whether this node starts a task that a client lost with `from` and that no other
@@ -1533,6 +1553,7 @@ impl CoordinatorState {
                 open,
                 done,
                 ended: false,
+                finished: false,
                 so_far: SoFar {
                     running: self.ledger.running(task),
                     ..meta.so_far(&figures)
@@ -1549,6 +1570,13 @@ impl CoordinatorState {
                     open: None,
                     done: Vec::new(),
                     ended: true,
+                    // It ended here, rather than moved to another standby (a task that
+                    // moved and then ended here ended too).
+                    finished: match self.ended.get(task) {
+                        Ended::Outcome(outcome) => !outcome.unknown,
+                        Ended::Forgotten => true,
+                        Ended::Unknown => false,
+                    },
                     so_far: SoFar::default(),
                 }),
             );

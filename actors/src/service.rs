@@ -255,8 +255,14 @@ pub struct TaskCheckpoint {
     pub open: Option<OpenTask>,
     /// Segments whose results were accepted since, with those results.
     pub done: Vec<(u32, serde_bytes_vec::Blob)>,
-    /// The task ended: the standby forgets it.
+    /// The standby forgets the task: it ended, or moved to another standby.
     pub ended: bool,
+    /// With `ended`: the task ended at its coordinator (it did not move). The standby
+    /// remembers that for a while, so that a client that lost the coordinator before
+    /// the outcome reached it is told the outcome is lost, not have the task adopted
+    /// and run again. Absent from older nodes: false.
+    #[serde(default)]
+    pub finished: bool,
     /// The task's figures so far at its coordinator (absent from older nodes: zero).
     #[serde(default)]
     pub so_far: SoFar,

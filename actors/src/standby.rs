@@ -12,11 +12,16 @@
 //! lease (`lease.rs`), so a coordinator paused past the failure detector does not go
 //! on running what was taken over here.
 //!
+//! A task that ended at its coordinator is remembered for [`ENDED_MEMORY_MS`] (at most
+//! [`ENDED_REMEMBERED`] of them): if that coordinator's node goes down before the
+//! outcome reached the client, the client is told the outcome is lost, rather than
+//! have the task adopted and run a second time.
+//!
 //! A copy is run at a takeover only if its coordinator was heard from (a checkpoint
 //! applied) within [`TRUSTED_FOR_MS`] before: past that, the coordinator may have
 //! given up on this standby and handed its tasks to another, which runs them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use uuid::Uuid;
 
@@ -79,6 +84,23 @@ pub const LEASE_MS: u64 = 1_000;
 /// there, is adopted at the client's asking.
 pub const TRUSTED_FOR_MS: u64 = 4_000;
 
+/// How long a standby remembers a task that ended at its coordinator: well past what a
+/// client spends asking the members after losing its node (about a minute).
+pub const ENDED_MEMORY_MS: u64 = 10 * 60_000;
+/// How many such tasks a standby remembers at most (about 100 bytes each).
+pub const ENDED_REMEMBERED: usize = 65_536;
+
+/// A task that ended at the coordinator this node was standby for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedAt {
+    /// The coordinator's node.
+    pub node: String,
+    /// Which life of it ([`Checkpoint::life`]).
+    pub life: u64,
+    /// When this node was told (on its clock).
+    pub at_ms: u64,
+}
+
 /// What a takeover hands the caller.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Takeover {
@@ -118,6 +140,9 @@ pub struct Standby {
     /// When a checkpoint was last applied, by coordinator's node and life: one entry
     /// per life heard from, dropped when that life's tasks are taken over.
     heard: HashMap<(String, u64), u64>,
+    /// Tasks that ended at their coordinators, and in the order they were told.
+    ended: HashMap<Uuid, EndedAt>,
+    ended_order: VecDeque<(Uuid, u64)>,
 }
 
 impl Standby {
@@ -143,6 +168,38 @@ impl Standby {
     /// Whether it holds `task`.
     pub fn holds(&self, task: Uuid) -> bool {
         self.held.contains_key(&task)
+    }
+
+    /// Where and when `task` ended, if its coordinator told this node so within
+    /// [`ENDED_MEMORY_MS`] before `now_ms` (and it is among the last
+    /// [`ENDED_REMEMBERED`] told).
+    pub fn ended(&self, task: Uuid, now_ms: u64) -> Option<&EndedAt> {
+        self.ended
+            .get(&task)
+            .filter(|e| now_ms.saturating_sub(e.at_ms) < ENDED_MEMORY_MS)
+    }
+
+    fn remember_ended(&mut self, task: Uuid, node: &str, life: u64, now_ms: u64) {
+        while let Some(&(oldest, at_ms)) = self.ended_order.front() {
+            let expired = now_ms.saturating_sub(at_ms) >= ENDED_MEMORY_MS;
+            if !expired && self.ended_order.len() < ENDED_REMEMBERED {
+                break;
+            }
+            self.ended_order.pop_front();
+            if self.ended.get(&oldest).is_some_and(|e| e.at_ms == at_ms) {
+                self.ended.remove(&oldest);
+            }
+        }
+        let node = node.to_string();
+        self.ended.insert(
+            task,
+            EndedAt {
+                node,
+                life,
+                at_ms: now_ms,
+            },
+        );
+        self.ended_order.push_back((task, now_ms));
     }
 
     /// Takes a checkpoint from `checkpoint.primary`, arrived at `now_ms`, and grants
@@ -199,10 +256,15 @@ impl Standby {
             }
             if part.ended {
                 self.forget(task);
+                if part.finished {
+                    self.remember_ended(task, &primary, life, now_ms);
+                }
                 continue;
             }
             if let Some(open) = part.open {
                 self.forget(task);
+                // The same id submitted again, after its end.
+                self.ended.remove(&task);
                 let held = HeldTask {
                     primary: primary.clone(),
                     life,
@@ -350,6 +412,7 @@ mod tests {
             }),
             done: Vec::new(),
             ended: false,
+            finished: false,
             so_far: SoFar::default(),
         }
     }
@@ -363,8 +426,48 @@ mod tests {
                 .map(|(s, n)| (*s, Blob(vec![2; *n])))
                 .collect(),
             ended: false,
+            finished: false,
             so_far: SoFar::default(),
         }
+    }
+
+    /// A task that ended at its coordinator is remembered, with that node and life,
+    /// for ENDED_MEMORY_MS and among the last ENDED_REMEMBERED; one that only moved to
+    /// another standby, or that is opened again, is not.
+    #[test]
+    fn a_task_that_ended_at_its_coordinator_is_remembered_for_a_while() {
+        let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
+        let no = |_| false;
+        s.apply(from("a", vec![open(1, 2, 10), open(2, 2, 10)]), no, 0)
+            .unwrap();
+        let end = |task, finished| TaskCheckpoint {
+            ended: true,
+            finished,
+            ..done(task, &[])
+        };
+        let mut checkpoint = from("a", vec![end(1, true), end(2, false)]);
+        checkpoint.life = 7;
+        s.apply(checkpoint, no, 100).unwrap();
+        assert!(!s.holds(Uuid::from_u128(1)) && !s.holds(Uuid::from_u128(2)));
+        let expected = EndedAt {
+            node: "a".into(),
+            life: 7,
+            at_ms: 100,
+        };
+        assert_eq!(s.ended(Uuid::from_u128(1), 100), Some(&expected));
+        assert_eq!(s.ended(Uuid::from_u128(2), 100), None, "it moved");
+        assert_eq!(s.ended(Uuid::from_u128(1), 100 + ENDED_MEMORY_MS), None);
+        // The same id opened again is a task that runs.
+        s.apply(from("a", vec![open(1, 1, 10)]), no, 200).unwrap();
+        assert_eq!(s.ended(Uuid::from_u128(1), 200), None);
+        // Bounded: the oldest go first.
+        for task in 10..(10 + ENDED_REMEMBERED as u128 + 1) {
+            s.apply(from("a", vec![end(task, true)]), no, 300).unwrap();
+        }
+        assert_eq!(s.ended.len(), ENDED_REMEMBERED);
+        assert_eq!(s.ended_order.len(), ENDED_REMEMBERED);
+        assert!(s.ended(Uuid::from_u128(10), 300).is_none());
+        assert!(s.ended(Uuid::from_u128(11), 300).is_some());
     }
 
     fn from(primary: &str, tasks: Vec<TaskCheckpoint>) -> Checkpoint {

@@ -339,8 +339,8 @@ fn completed_once(submit: Child, segments: u64) -> Value {
     completed_once_of(submit, segments, 300)
 }
 
-/// The task's outcome: completed, with one accepted result (`ms`) per segment.
-fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
+/// Waits for a `submit --json` and returns whether it succeeded, and its object.
+fn outcome(submit: Child) -> (bool, Value) {
     let out = submit.wait_with_output().unwrap();
     let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -349,7 +349,13 @@ fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    assert!(out.status.success(), "{task}");
+    (out.status.success(), task)
+}
+
+/// The task's outcome: completed, with one accepted result (`ms`) per segment.
+fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
+    let (succeeded, task) = outcome(submit);
+    assert!(succeeded, "{task}");
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["segments"], segments, "{task}");
     assert_eq!(task["completed"], segments, "{task}");
@@ -690,15 +696,8 @@ fn a_task_that_ended_at_a_node_that_died_before_its_client_heard_is_not_run_agai
     std::thread::sleep(Duration::from_millis(1_000));
     nodes[0].kill();
 
-    let out = submit.wait_with_output().unwrap();
-    let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {:?}, stderr {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(!out.status.success(), "{task}");
+    let (succeeded, task) = outcome(submit);
+    assert!(!succeeded, "{task}");
     assert_eq!(task["status"], "failed", "{task}");
     let reason = task["reason"].as_str().unwrap_or_default();
     assert!(

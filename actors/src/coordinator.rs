@@ -253,7 +253,9 @@ impl TaskMeta {
     fn so_far(&self, figures: &TaskFigures) -> SoFar {
         SoFar {
             running: 0,
-            elapsed_ms: (self.before.elapsed_ms)
+            elapsed_ms: self
+                .before
+                .elapsed_ms
                 .saturating_add(self.started.elapsed().as_millis() as u64),
             reallocated: self.before.reallocated + figures.reallocated,
             duplicates_discarded: self.before.duplicates_discarded + figures.duplicates_discarded,

@@ -319,41 +319,32 @@ fn print_table(r: &Report, args: &TransportBench) {
     );
 }
 
-/// Counts the process's context switches over a stretch of round trips.
-struct Switches(Option<u64>);
+/// A counter of this process from /proc, read at a start: how much it rose since.
+struct Since {
+    read: fn() -> Option<u64>,
+    start: Option<u64>,
+}
 
-impl Switches {
-    fn start() -> Switches {
-        Switches(context_switches())
+impl Since {
+    fn start(read: fn() -> Option<u64>) -> Since {
+        Since {
+            read,
+            start: read(),
+        }
     }
 
-    /// Switches since `start` per round trip, for `n` timed round trips (plus the n/10
-    /// of warm-up the round-trip loops run first).
-    fn per(&self, n: usize) -> f64 {
-        match (self.0, context_switches()) {
-            (Some(before), Some(after)) => {
-                after.saturating_sub(before) as f64 / (n + n / 10) as f64
-            }
+    /// The rise since `start` per one of `n` (NaN where /proc is missing).
+    fn per(&self, n: u64) -> f64 {
+        match (self.start, (self.read)()) {
+            (Some(before), Some(after)) => after.saturating_sub(before) as f64 / n as f64,
             _ => f64::NAN,
         }
     }
 }
 
-/// This process's CPU time from a start.
-struct CpuTime(Option<u64>);
-
-impl CpuTime {
-    fn start() -> CpuTime {
-        CpuTime(cpu_ns())
-    }
-
-    /// CPU time since `start` per message, in ns, for `n` messages.
-    fn per(&self, n: u64) -> f64 {
-        match (self.0, cpu_ns()) {
-            (Some(before), Some(after)) => after.saturating_sub(before) as f64 / n as f64,
-            _ => f64::NAN,
-        }
-    }
+/// Round trips a round-trip loop runs for `n` timed ones: it warms up with n/10 first.
+fn with_warm_up(n: usize) -> u64 {
+    (n + n / 10) as u64
 }
 
 /// Time this process's threads have run on a CPU, in ns, summed (from /proc; `None`
@@ -619,7 +610,7 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     sender.await?;
 
     const BATCH: u64 = 256;
-    let (start, cpu) = (Instant::now(), CpuTime::start());
+    let (start, cpu) = (Instant::now(), Since::start(cpu_ns));
     let sender = {
         let (peer, body, n) = (to_b.clone(), body.clone(), args.messages);
         tokio::spawn(async move {
@@ -637,18 +628,18 @@ async fn bench_acp(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Figu
     f.cpu_ns_per_message_batched = cpu.per(target - args.messages);
     sender.await?;
 
-    let switches = Switches::start();
+    let switches = Since::start(context_switches);
     let mut rr = acp_round_trips(&to_b, &mut a_events, PRIO_NORMAL, args.round_trips, None).await?;
-    f.request_reply_switches = switches.per(args.round_trips);
+    f.request_reply_switches = switches.per(with_warm_up(args.round_trips));
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
     f.request_reply_handed_over_p50_us = f.request_reply_p50_us;
     f.request_reply_handed_over_switches = f.request_reply_switches;
-    let switches = Switches::start();
+    let switches = Since::start(context_switches);
     let mut rr = requester
         .round_trips(PRIO_NORMAL, args.round_trips, None)
         .await?;
-    f.request_reply_inbox_switches = switches.per(args.round_trips);
+    f.request_reply_inbox_switches = switches.per(with_warm_up(args.round_trips));
     f.request_reply_inbox_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_inbox_p99_us = percentile_us(&mut rr, 0.99);
     let gap = Some(Duration::from_micros(200));
@@ -852,7 +843,7 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
 
     // Throughput: 64-byte records written in 64 KiB batches, as ACP's writer batches.
     let total = args.messages * PAYLOAD_BYTES as u64;
-    let (start, cpu) = (Instant::now(), CpuTime::start());
+    let (start, cpu) = (Instant::now(), Since::start(cpu_ns));
     let mut sink = conn.open_uni().await?;
     sink.write_all(&[SINK]).await?;
     let batch = Bytes::from(vec![1u8; (64 * 1024 / PAYLOAD_BYTES) * PAYLOAD_BYTES]);
@@ -874,19 +865,19 @@ async fn bench_quinn(ca: &ClusterCa, args: &TransportBench) -> anyhow::Result<Fi
     echo.write_all(&[0u8; PAYLOAD_BYTES]).await?;
     let mut back = conn.accept_uni().await?;
     back.read_exact(&mut [0u8; PAYLOAD_BYTES]).await?;
-    let switches = Switches::start();
+    let switches = Since::start(context_switches);
     let mut rr = quinn_round_trips(&mut echo, &mut back, args.round_trips, None).await?;
-    f.request_reply_switches = switches.per(args.round_trips);
+    f.request_reply_switches = switches.per(with_warm_up(args.round_trips));
     f.request_reply_inbox_switches = f.request_reply_switches;
     f.request_reply_p50_us = percentile_us(&mut rr, 0.5);
     f.request_reply_p99_us = percentile_us(&mut rr, 0.99);
     f.request_reply_inbox_p50_us = f.request_reply_p50_us;
     f.request_reply_inbox_p99_us = f.request_reply_p99_us;
-    let switches = Switches::start();
+    let switches = Since::start(context_switches);
     let (mut rr, back_again) =
         quinn_round_trips_handed_over(&mut echo, back, args.round_trips).await?;
     back = back_again;
-    f.request_reply_handed_over_switches = switches.per(args.round_trips);
+    f.request_reply_handed_over_switches = switches.per(with_warm_up(args.round_trips));
     f.request_reply_handed_over_p50_us = percentile_us(&mut rr, 0.5);
     let gap = Some(Duration::from_micros(200));
     let mut idle = quinn_round_trips(&mut echo, &mut back, args.round_trips, gap).await?;

@@ -263,6 +263,11 @@ impl TaskMeta {
     }
 }
 
+/// Bytes an outcome takes in a checkpoint, about: its results.
+fn outcome_bytes(outcome: &TaskOutcome) -> usize {
+    outcome.results.iter().map(|r| r.0.len()).sum()
+}
+
 /// One checkpoint being put together.
 #[derive(Default)]
 struct Batch {
@@ -632,7 +637,16 @@ impl CoordinatorState {
         let mut generation = 0;
         // For an adopted task: how long its client has waited for it already.
         let mut waited_ms = 0;
-        let lost = request.attach.then(|| self.outcome_lost(task)).flatten();
+        let lost = request
+            .attach
+            .then(|| self.ended_at_gone_node(task))
+            .flatten();
+        if let (Ended::Unknown, Some((node, Some(outcome)))) = (self.ended.get(task), &lost) {
+            info!(%task, %node, "a client asks for a task that ended at a node gone since: it gets the outcome that node sent here");
+            metrics::counter!("agentmesh_task_outcomes_given_for_others_total").increment(1);
+            let _ = reply.send(outcome.clone());
+            return;
+        }
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
@@ -651,7 +665,7 @@ impl CoordinatorState {
                 return;
             }
             Ended::Unknown if lost.is_some() => {
-                let ended_at = lost.unwrap_or_default();
+                let ended_at = lost.map(|(node, _)| node).unwrap_or_default();
                 warn!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: its outcome is lost with that node, and the task is not run again");
                 metrics::counter!("agentmesh_task_outcomes_lost_total").increment(1);
                 let _ = reply.send(refuse(format!(
@@ -840,13 +854,16 @@ impl CoordinatorState {
     }
 
     /// The node `task` ended at, if this node was its standby, was told so, and has
-    /// since taken over from that node's life (it went down, or restarted): the task's
-    /// outcome went down with it, and a client that did not get it must not have the
-    /// task adopted, which would run it again.
-    fn outcome_lost(&self, task: Uuid) -> Option<String> {
-        let ended = self.standby.ended(task, self.now_ms())?;
+    /// since taken over from that node's life (it went down, or restarted), with the
+    /// outcome it sent along, if kept here: what a client that lost that node before
+    /// the outcome reached it gets here. It must not have the task adopted, which would
+    /// run it again.
+    fn ended_at_gone_node(&self, task: Uuid) -> Option<(String, Option<TaskOutcome>)> {
+        let now = self.now_ms();
+        let ended = self.standby.ended(task, now)?;
         let taken_over = self.taken_over_from.get(ended.node.as_str())?;
-        (*taken_over >= ended.life).then(|| ended.node.clone())
+        let outcome = self.standby.outcome(task, now).cloned();
+        (*taken_over >= ended.life).then(|| (ended.node.clone(), outcome))
     }
 
     /// Whether this node starts a task that a client lost with `from` and that no other
@@ -1556,6 +1573,7 @@ impl CoordinatorState {
                 done,
                 ended: false,
                 finished: false,
+                outcome: None,
                 so_far: SoFar {
                     running: self.ledger.running(task),
                     ..meta.so_far(&figures)
@@ -1565,23 +1583,36 @@ impl CoordinatorState {
         for (node, ended) in self.forget_notices.take(ready) {
             // First in the checkpoint, as they were queued before anything else in it.
             let parts = &mut batches.entry(node).or_default().parts;
-            parts.splice(
-                0..0,
-                ended.into_iter().map(|task| TaskCheckpoint {
-                    task,
-                    open: None,
-                    done: Vec::new(),
-                    ended: true,
+            // The outcomes they carry have a budget of their own, on top of the tasks'.
+            let mut room = CHECKPOINT_BYTES;
+            let notices: Vec<TaskCheckpoint> = ended
+                .into_iter()
+                .map(|task| {
                     // It ended here, rather than moved to another standby (a task that
                     // moved and then ended here ended too).
-                    finished: match self.ended.get(task) {
-                        Ended::Outcome(outcome) => !outcome.unknown,
-                        Ended::Forgotten => true,
-                        Ended::Unknown => false,
-                    },
-                    so_far: SoFar::default(),
-                }),
-            );
+                    let (finished, outcome) = match self.ended.get(task) {
+                        Ended::Outcome(outcome) if outcome.unknown => (false, None),
+                        Ended::Outcome(outcome) => {
+                            let bytes = outcome_bytes(outcome);
+                            let fits = bytes <= room;
+                            room = room.saturating_sub(if fits { bytes } else { 0 });
+                            (true, fits.then(|| outcome.clone()))
+                        }
+                        Ended::Forgotten => (true, None),
+                        Ended::Unknown => (false, None),
+                    };
+                    TaskCheckpoint {
+                        task,
+                        open: None,
+                        done: Vec::new(),
+                        ended: true,
+                        finished,
+                        outcome,
+                        so_far: SoFar::default(),
+                    }
+                })
+                .collect();
+            parts.splice(0..0, notices);
         }
         if renew {
             self.renewals(now, standby, &mut batches);

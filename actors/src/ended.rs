@@ -55,6 +55,12 @@ fn result_bytes(outcome: &TaskOutcome) -> usize {
     outcome.results.iter().map(|r| r.0.len()).sum()
 }
 
+impl Default for EndedTasks {
+    fn default() -> EndedTasks {
+        EndedTasks::new(EndedLimits::default())
+    }
+}
+
 impl EndedTasks {
     /// Nothing remembered yet.
     pub fn new(limits: EndedLimits) -> EndedTasks {

@@ -263,6 +263,11 @@ pub struct TaskCheckpoint {
     /// and run again. Absent from older nodes: false.
     #[serde(default)]
     pub finished: bool,
+    /// With `finished`: the task's outcome, if its coordinator still had it and it
+    /// fitted the checkpoint. The standby gives it to a client that lost the
+    /// coordinator before the outcome reached it.
+    #[serde(default)]
+    pub outcome: Option<TaskOutcome>,
     /// The task's figures so far at its coordinator (absent from older nodes: zero).
     #[serde(default)]
     pub so_far: SoFar,

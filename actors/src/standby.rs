@@ -13,9 +13,10 @@
 //! on running what was taken over here.
 //!
 //! A task that ended at its coordinator is remembered for [`ENDED_MEMORY_MS`] (at most
-//! [`ENDED_REMEMBERED`] of them): if that coordinator's node goes down before the
-//! outcome reached the client, the client is told the outcome is lost, rather than
-//! have the task adopted and run a second time.
+//! [`ENDED_REMEMBERED`] of them), with its outcome while that fits (the latest 256, at
+//! most 64 MiB of results): if that coordinator's node goes down before the outcome
+//! reached the client, the client gets the outcome here, or is told it is lost, rather
+//! than have the task adopted and run a second time.
 //!
 //! A copy is run at a takeover only if its coordinator was heard from (a checkpoint
 //! applied) within [`TRUSTED_FOR_MS`] before: past that, the coordinator may have
@@ -25,7 +26,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use uuid::Uuid;
 
-use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar};
+use crate::ended::{Ended, EndedTasks};
+use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome};
 
 /// How much a standby holds at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +145,8 @@ pub struct Standby {
     /// Tasks that ended at their coordinators, and in the order they were told.
     ended: HashMap<Uuid, EndedAt>,
     ended_order: VecDeque<(Uuid, u64)>,
+    /// The outcomes that came with those ends, while they fit.
+    outcomes: EndedTasks,
 }
 
 impl Standby {
@@ -177,6 +181,16 @@ impl Standby {
         self.ended
             .get(&task)
             .filter(|e| now_ms.saturating_sub(e.at_ms) < ENDED_MEMORY_MS)
+    }
+
+    /// The outcome that came with `task`'s end, if it is still kept (and the end is
+    /// still remembered, [`Standby::ended`]).
+    pub fn outcome(&self, task: Uuid, now_ms: u64) -> Option<&TaskOutcome> {
+        self.ended(task, now_ms)?;
+        match self.outcomes.get(task) {
+            Ended::Outcome(outcome) => Some(outcome),
+            Ended::Forgotten | Ended::Unknown => None,
+        }
     }
 
     fn remember_ended(&mut self, task: Uuid, node: &str, life: u64, now_ms: u64) {
@@ -258,6 +272,10 @@ impl Standby {
                 self.forget(task);
                 if part.finished {
                     self.remember_ended(task, &primary, life, now_ms);
+                    // Only the task's own outcome.
+                    if let Some(outcome) = part.outcome.filter(|o| o.task == task) {
+                        self.outcomes.record(&outcome);
+                    }
                 }
                 continue;
             }
@@ -413,6 +431,7 @@ mod tests {
             done: Vec::new(),
             ended: false,
             finished: false,
+            outcome: None,
             so_far: SoFar::default(),
         }
     }
@@ -427,13 +446,15 @@ mod tests {
                 .collect(),
             ended: false,
             finished: false,
+            outcome: None,
             so_far: SoFar::default(),
         }
     }
 
-    /// A task that ended at its coordinator is remembered, with that node and life,
-    /// for ENDED_MEMORY_MS and among the last ENDED_REMEMBERED; one that only moved to
-    /// another standby, or that is opened again, is not.
+    /// A task that ended at its coordinator is remembered, with that node and life and
+    /// the outcome that came with the end, for ENDED_MEMORY_MS and among the last
+    /// ENDED_REMEMBERED; one that only moved to another standby, or that is opened
+    /// again, is not.
     #[test]
     fn a_task_that_ended_at_its_coordinator_is_remembered_for_a_while() {
         let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
@@ -445,9 +466,41 @@ mod tests {
             finished,
             ..done(task, &[])
         };
-        let mut checkpoint = from("a", vec![end(1, true), end(2, false)]);
+        let outcome = |task: u128| TaskOutcome {
+            task: Uuid::from_u128(task),
+            status: crate::service::TaskStatus::Completed,
+            segments: 2,
+            completed: 2,
+            duplicates_discarded: 0,
+            reallocated: 0,
+            elapsed_ms: 40,
+            reason: None,
+            results: vec![Blob(vec![3; 4]); 2],
+            unknown: false,
+        };
+        let mut checkpoint = from(
+            "a",
+            vec![
+                TaskCheckpoint {
+                    outcome: Some(outcome(1)),
+                    ..end(1, true)
+                },
+                TaskCheckpoint {
+                    outcome: Some(outcome(1)),
+                    ..end(2, false)
+                },
+                TaskCheckpoint {
+                    outcome: Some(outcome(4)),
+                    ..end(3, true)
+                },
+            ],
+        );
         checkpoint.life = 7;
         s.apply(checkpoint, no, 100).unwrap();
+        assert_eq!(s.outcome(Uuid::from_u128(1), 100), Some(&outcome(1)));
+        assert_eq!(s.outcome(Uuid::from_u128(2), 100), None, "it moved");
+        assert_eq!(s.outcome(Uuid::from_u128(3), 100), None, "another task's");
+        assert!(s.ended(Uuid::from_u128(3), 100).is_some());
         assert!(!s.holds(Uuid::from_u128(1)) && !s.holds(Uuid::from_u128(2)));
         let expected = EndedAt {
             node: "a".into(),
@@ -457,6 +510,7 @@ mod tests {
         assert_eq!(s.ended(Uuid::from_u128(1), 100), Some(&expected));
         assert_eq!(s.ended(Uuid::from_u128(2), 100), None, "it moved");
         assert_eq!(s.ended(Uuid::from_u128(1), 100 + ENDED_MEMORY_MS), None);
+        assert_eq!(s.outcome(Uuid::from_u128(1), 100 + ENDED_MEMORY_MS), None);
         // The same id opened again is a task that runs.
         s.apply(from("a", vec![open(1, 1, 10)]), no, 200).unwrap();
         assert_eq!(s.ended(Uuid::from_u128(1), 200), None);

@@ -707,3 +707,34 @@ fn a_task_that_ended_at_a_node_that_died_before_its_client_heard_is_not_run_agai
     }
     drop(nodes);
 }
+
+/// The client loses its connection to the coordinator (n0, no agent) while the task
+/// runs (what n0 sends to clients is dropped), and asks the others: n1, n0's standby
+/// (no agent), holds the task and has the client wait. n0 stays up and ends the task;
+/// n1, told so with the outcome, gives the waiting client that outcome. Before, n1 told
+/// it to ask the others, none of which had the task or could adopt it while n0 was up,
+/// and the client, unable to reach n0, gave up after a minute.
+#[test]
+fn a_client_waiting_at_the_standby_gets_the_outcome_when_the_task_ends() {
+    let Some(cluster) = cluster("waiting-outcome") else {
+        return;
+    };
+    let nodes = cluster.start_four(sleepers_except(&[0, 1]));
+
+    // 4 segments of 6 s on 4 replicas: one round, past the client's 3 s idle timeout.
+    let mut submit = cluster.submit_ms(4, 6_000);
+    nodes[0].expect(&["task submitted", "segments=4"]);
+    cluster.cut_off_clients_of(0);
+    nodes[1].expect(&["a client waits here for a task this node holds as standby"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while submit.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = submit.kill();
+            panic!("the client got no outcome within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    completed_once_of(submit, 4, 6_000);
+    nodes[1].expect(&["a client waiting here gets the outcome of the task"]);
+    drop(nodes);
+}

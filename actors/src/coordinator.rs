@@ -1445,15 +1445,23 @@ impl CoordinatorState {
                 return CheckpointAck::default();
             }
         };
-        // Clients waiting here for a task that has now ended at its coordinator.
+        // Clients waiting here for a task that has now ended at its coordinator: they
+        // get the outcome it sent along, if it did, or are told to ask the others.
         let gone: Vec<Uuid> = self
             .standby_waiters
             .keys()
             .filter(|t| !self.standby.holds(**t) && !self.tasks.contains_key(t))
             .copied()
             .collect();
+        let now = self.now_ms();
         for task in gone {
-            if let Some(reply) = self.standby_waiters.remove(&task) {
+            let Some(reply) = self.standby_waiters.remove(&task) else {
+                continue;
+            };
+            if let Some(outcome) = self.standby.outcome(task, now) {
+                info!(%task, node = %primary, "a client waiting here gets the outcome of the task, which ended at its coordinator");
+                let _ = reply.send(outcome.clone());
+            } else {
                 let reason = format!(
                     "task {task} is no longer held here: node {primary} ended it (and keeps its outcome) or gave it to another standby"
                 );

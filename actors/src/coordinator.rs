@@ -32,7 +32,7 @@ use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
-use crate::ended::{Ended, EndedLimits, EndedTasks};
+use crate::ended::{result_bytes, Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
 use crate::in_flight::InFlight;
 use crate::lease::{Granted, Leases};
@@ -261,11 +261,6 @@ impl TaskMeta {
             duplicates_discarded: self.before.duplicates_discarded + figures.duplicates_discarded,
         }
     }
-}
-
-/// Bytes an outcome takes in a checkpoint, about: its results.
-fn outcome_bytes(outcome: &TaskOutcome) -> usize {
-    outcome.results.iter().map(|r| r.0.len()).sum()
 }
 
 /// One checkpoint being put together.
@@ -1601,7 +1596,7 @@ impl CoordinatorState {
                     let (finished, outcome) = match self.ended.get(task) {
                         Ended::Outcome(outcome) if outcome.unknown => (false, None),
                         Ended::Outcome(outcome) => {
-                            let bytes = outcome_bytes(outcome);
+                            let bytes = result_bytes(outcome);
                             let fits = bytes <= room;
                             room = room.saturating_sub(if fits { bytes } else { 0 });
                             (true, fits.then(|| outcome.clone()))

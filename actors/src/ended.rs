@@ -1,7 +1,8 @@
 //! What a coordinator remembers of the tasks that ended on it, so that a client that
 //! lost its connection while waiting can submit the same task again and get its
 //! outcome, and a task never runs twice: the ids of many ended tasks, and the whole
-//! outcomes of the latest few. Both are bounded.
+//! outcomes of the latest few. Both are bounded. A standby keeps the same of the
+//! outcomes its coordinators send with their tasks' ends (`standby.rs`).
 
 use std::collections::{HashSet, VecDeque};
 
@@ -51,7 +52,8 @@ pub struct EndedTasks {
     result_bytes: usize,
 }
 
-fn result_bytes(outcome: &TaskOutcome) -> usize {
+/// Bytes of an outcome's results: what it costs to keep or send, about.
+pub(crate) fn result_bytes(outcome: &TaskOutcome) -> usize {
     outcome.results.iter().map(|r| r.0.len()).sum()
 }
 

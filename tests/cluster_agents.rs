@@ -13,7 +13,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agentmesh, done_in, example, free_port, free_ports, temp_dir, NodeProcess};
+use common::{
+    agentmesh, done_in, ended_within, example, free_port, free_ports, outcome, outcome_within,
+    temp_dir, NodeProcess,
+};
 use serde_json::{json, Value};
 
 struct Cluster {
@@ -185,42 +188,6 @@ fn pause(node: &NodeProcess, pause: Duration) {
     signal("-STOP");
     std::thread::sleep(pause);
     signal("-CONT");
-}
-
-/// Waits for a `submit` to end, failing the test (with its stderr) if it has not
-/// within `limit`.
-fn ended_within(child: &mut Child, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            let mut stderr = String::new();
-            if let Some(mut err) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
-            }
-            panic!("submit still waiting after {limit:?}; stderr: {stderr}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// [`outcome`], failing the test if the `submit` has not ended within `limit`.
-fn outcome_within(mut child: Child, limit: Duration) -> (std::process::ExitStatus, Value) {
-    ended_within(&mut child, limit);
-    outcome(child)
-}
-
-/// Waits for a `submit --json` and returns its exit status and object.
-fn outcome(child: Child) -> (std::process::ExitStatus, Value) {
-    let out = child.wait_with_output().unwrap();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {:?}, stderr {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status, json)
 }
 
 #[test]

@@ -28,7 +28,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{done_in, free_ports, temp_dir, NodeProcess};
+use common::{done_in, ended_within, free_ports, outcome, temp_dir, NodeProcess};
 use serde_json::Value;
 
 /// A network namespace with its loopback up, removed on drop.
@@ -339,23 +339,10 @@ fn completed_once(submit: Child, segments: u64) -> Value {
     completed_once_of(submit, segments, 300)
 }
 
-/// Waits for a `submit --json` and returns whether it succeeded, and its object.
-fn outcome(submit: Child) -> (bool, Value) {
-    let out = submit.wait_with_output().unwrap();
-    let task: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: stdout {:?}, stderr {:?}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), task)
-}
-
 /// The task's outcome: completed, with one accepted result (`ms`) per segment.
 fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
-    let (succeeded, task) = outcome(submit);
-    assert!(succeeded, "{task}");
+    let (status, task) = outcome(submit);
+    assert!(status.success(), "{task}");
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["segments"], segments, "{task}");
     assert_eq!(task["completed"], segments, "{task}");
@@ -674,6 +661,18 @@ fn a_standby_given_up_on_does_not_take_over_a_task_that_moved_on() {
     drop(nodes);
 }
 
+/// Four nodes, n0 (the coordinator) and n1 (its standby) with no agent; a task of 4
+/// segments of `ms` submitted to n0, and, once n0 has it, whatever n0 sends to its
+/// client dropped. `None` where there can be no namespace.
+fn cut_off_from_its_client(tag: &str, ms: u64) -> Option<(Cluster, Vec<NodeProcess>, Child)> {
+    let cluster = cluster(tag)?;
+    let nodes = cluster.start_four(sleepers_except(&[0, 1]));
+    let submit = cluster.submit_ms(4, ms);
+    nodes[0].expect(&["task submitted", "segments=4"]);
+    cluster.cut_off_clients_of(0);
+    Some((cluster, nodes, submit))
+}
+
 /// The coordinator (n0, no agent) ends a task whose outcome never reaches its client
 /// (what n0 sends to clients is dropped), tells its standby (n1, no agent) that the
 /// task ended, with its outcome, and dies. The client, its connection lost, asks the
@@ -683,15 +682,10 @@ fn a_standby_given_up_on_does_not_take_over_a_task_that_moved_on() {
 /// adopt it and every segment ran a second time.
 #[test]
 fn a_task_that_ended_at_a_node_that_died_before_its_client_heard_is_not_run_again() {
-    let Some(cluster) = cluster("lost-outcome") else {
+    // 4 segments of 1 s on 4 replicas: one round.
+    let Some((_cluster, mut nodes, submit)) = cut_off_from_its_client("lost-outcome", 1_000) else {
         return;
     };
-    let mut nodes = cluster.start_four(sleepers_except(&[0, 1]));
-
-    // 4 segments of 1 s on 4 replicas: one round.
-    let submit = cluster.submit_ms(4, 1_000);
-    nodes[0].expect(&["task submitted", "segments=4"]);
-    cluster.cut_off_clients_of(0);
     nodes[0].expect(&["task ended", "completed=4"]);
     // Time for the end to reach n1 in a checkpoint.
     std::thread::sleep(Duration::from_millis(1_000));
@@ -716,24 +710,13 @@ fn a_task_that_ended_at_a_node_that_died_before_its_client_heard_is_not_run_agai
 /// and the client, unable to reach n0, gave up after a minute.
 #[test]
 fn a_client_waiting_at_the_standby_gets_the_outcome_when_the_task_ends() {
-    let Some(cluster) = cluster("waiting-outcome") else {
+    // 4 segments of 6 s on 4 replicas: one round, past the client's 3 s idle timeout.
+    let Some((_cluster, nodes, mut submit)) = cut_off_from_its_client("waiting-outcome", 6_000)
+    else {
         return;
     };
-    let nodes = cluster.start_four(sleepers_except(&[0, 1]));
-
-    // 4 segments of 6 s on 4 replicas: one round, past the client's 3 s idle timeout.
-    let mut submit = cluster.submit_ms(4, 6_000);
-    nodes[0].expect(&["task submitted", "segments=4"]);
-    cluster.cut_off_clients_of(0);
     nodes[1].expect(&["a client waits here for a task this node holds as standby"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while submit.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = submit.kill();
-            panic!("the client got no outcome within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ended_within(&mut submit, Duration::from_secs(20));
     completed_once_of(submit, 4, 6_000);
     nodes[1].expect(&["a client waiting here gets the outcome of the task"]);
     drop(nodes);

@@ -636,12 +636,6 @@ impl CoordinatorState {
             .attach
             .then(|| self.ended_at_gone_node(task))
             .flatten();
-        if let (Ended::Unknown, Some((node, Some(outcome)))) = (self.ended.get(task), &lost) {
-            info!(%task, %node, "a client asks for a task that ended at a node gone since: it gets the outcome that node sent here");
-            metrics::counter!("agentmesh_task_outcomes_given_for_others_total").increment(1);
-            let _ = reply.send(outcome.clone());
-            return;
-        }
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
@@ -660,12 +654,19 @@ impl CoordinatorState {
                 return;
             }
             Ended::Unknown if lost.is_some() => {
-                let ended_at = lost.map(|(node, _)| node).unwrap_or_default();
-                warn!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: its outcome is lost with that node, and the task is not run again");
-                metrics::counter!("agentmesh_task_outcomes_lost_total").increment(1);
-                let _ = reply.send(refuse(format!(
-                    "task {task} ended at {ended_at}, which went down before its outcome reached you: the outcome is lost, and the task is not run again"
-                )));
+                let (ended_at, outcome) = lost.unwrap_or_default();
+                if let Some(outcome) = outcome {
+                    info!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: it gets the outcome that node sent here");
+                    metrics::counter!("agentmesh_task_outcomes_given_for_others_total")
+                        .increment(1);
+                    let _ = reply.send(outcome);
+                } else {
+                    warn!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: its outcome is lost with that node, and the task is not run again");
+                    metrics::counter!("agentmesh_task_outcomes_lost_total").increment(1);
+                    let _ = reply.send(refuse(format!(
+                        "task {task} ended at {ended_at}, which went down before its outcome reached you: the outcome is lost, and the task is not run again"
+                    )));
+                }
                 return;
             }
             Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
@@ -1852,7 +1853,6 @@ impl CoordinatorState {
     }
 }
 
-/// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt.
 /// Tells a client waiting here for `task` that it is not held here (`unknown`), so
 /// that it asks the other nodes.
 fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
@@ -1862,6 +1862,7 @@ fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
     });
 }
 
+/// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt.
 async fn send_frames(
     mesh: Mesh,
     mut queue: mpsc::Receiver<Outgoing>,

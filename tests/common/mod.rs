@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,42 @@ pub fn done_in(line: &str) -> u32 {
         .find_map(|w| w.strip_prefix("done="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no done= in {line}"))
+}
+
+/// Waits for a `submit` to end, failing the test (with its stderr) if it has not
+/// within `limit`.
+pub fn ended_within(child: &mut Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+            }
+            panic!("submit still waiting after {limit:?}; stderr: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// [`outcome`], failing the test if the `submit` has not ended within `limit`.
+pub fn outcome_within(mut child: Child, limit: Duration) -> (ExitStatus, serde_json::Value) {
+    ended_within(&mut child, limit);
+    outcome(child)
+}
+
+/// Waits for a `submit --json` and returns its exit status and object.
+pub fn outcome(child: Child) -> (ExitStatus, serde_json::Value) {
+    let out = child.wait_with_output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status, json)
 }
 
 pub fn free_port() -> u16 {

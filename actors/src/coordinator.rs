@@ -32,7 +32,7 @@ use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
-use crate::ended::{result_bytes, Ended, EndedLimits, EndedTasks};
+use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::host::PolicyStore;
 use crate::in_flight::InFlight;
 use crate::lease::{Granted, Leases};
@@ -40,7 +40,7 @@ use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
     ResultVerdict, TaskFigures,
 };
-use crate::notices::ForgetNotices;
+use crate::notices::{ForgetNotices, Unheld};
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
@@ -84,6 +84,9 @@ const CHECKPOINT_BYTES: usize = 4 << 20;
 /// at most: past it the standby is not told, and holds the task until this node's own
 /// end.
 const MAX_FORGET_NOTICES: usize = 100_000;
+/// Segments whose results their standbys may lack, kept with the notices of ended tasks
+/// (4 bytes each), at most: past it, a notice carries the task's whole outcome.
+const MAX_UNHELD_SEGMENTS: usize = 1 << 20;
 /// How often every open task is checkpointed, even with nothing new: a standby that
 /// lost it (restarted) or took it over (held this node down) says so in its answer.
 const CHECKPOINT_REFRESH_MS: u64 = 5_000;
@@ -144,8 +147,8 @@ pub enum CoordinatorMsg {
         /// What was sent: each task, how much of its log of results, and whether its
         /// start went too.
         sent: Vec<(Uuid, usize, bool)>,
-        /// Tasks whose end it was told.
-        ended: Vec<Uuid>,
+        /// Tasks whose end or move it was told, each with what the standby lacked.
+        ended: Vec<(Uuid, Unheld)>,
         /// When it was sent (the lease in the answer counts from then).
         sent_ms: u64,
         /// Which checkpoint it was (this coordinator numbers them).
@@ -267,6 +270,8 @@ impl TaskMeta {
 #[derive(Default)]
 struct Batch {
     parts: Vec<TaskCheckpoint>,
+    /// The tasks whose end or move it tells, each with what the standby lacked.
+    ended: Vec<(Uuid, Unheld)>,
     /// Each task, how much of its log of results, and whether its start went.
     sent: Vec<(Uuid, usize, bool)>,
     bytes: usize,
@@ -461,7 +466,7 @@ impl Actor for Coordinator {
             dirty: HashSet::new(),
             in_flight: InFlight::default(),
             incarnation: seed.rotate_left(41) | 1,
-            forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES),
+            forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES, MAX_UNHELD_SEGMENTS),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
             refreshed_ms: 0,
@@ -1203,7 +1208,11 @@ impl CoordinatorState {
         // Told even if its start is still on its way there: checkpoints to one standby
         // go one at a time, so the end arrives after the start.
         if let Some(standby) = meta.replica.standby {
-            if !self.forget_notices.push(standby.clone(), task) {
+            // What it may lack of the results: those accepted since it last answered.
+            let unheld = (meta.replica.opened && !meta.replica.off)
+                .then(|| meta.done_log.get(meta.replica.acked..).map(<[u32]>::to_vec))
+                .flatten();
+            if !self.forget_notices.push(standby.clone(), task, unheld) {
                 debug!(%task, %standby, "too many task ends waiting for their standbys: this one is not told");
             }
         }
@@ -1299,7 +1308,8 @@ impl CoordinatorState {
         self.unanswered_since.remove(node);
         for (task, meta) in &mut self.tasks {
             if meta.replica.standby.as_ref() == Some(node) {
-                if meta.replica.held_ms.is_some() && !self.forget_notices.push(node.clone(), *task)
+                if meta.replica.held_ms.is_some()
+                    && !self.forget_notices.push(node.clone(), *task, None)
                 {
                     debug!(%task, standby = %node, "too many notices waiting: the former standby is not told the task moved");
                 }
@@ -1578,6 +1588,7 @@ impl CoordinatorState {
                 ended: false,
                 finished: false,
                 outcome: None,
+                outcome_from_held: None,
                 so_far: SoFar {
                     running: self.ledger.running(task),
                     ..meta.so_far(&figures)
@@ -1585,38 +1596,16 @@ impl CoordinatorState {
             });
         }
         for (node, ended) in self.forget_notices.take(ready) {
-            // First in the checkpoint, as they were queued before anything else in it.
-            let parts = &mut batches.entry(node).or_default().parts;
+            let batch = batches.entry(node).or_default();
             // The outcomes they carry have a budget of their own, on top of the tasks'.
             let mut room = CHECKPOINT_BYTES;
             let notices: Vec<TaskCheckpoint> = ended
-                .into_iter()
-                .map(|task| {
-                    // It ended here, rather than moved to another standby (a task that
-                    // moved and then ended here ended too).
-                    let (finished, outcome) = match self.ended.get(task) {
-                        Ended::Outcome(outcome) if outcome.unknown => (false, None),
-                        Ended::Outcome(outcome) => {
-                            let bytes = result_bytes(outcome);
-                            let fits = bytes <= room;
-                            room = room.saturating_sub(if fits { bytes } else { 0 });
-                            (true, fits.then(|| outcome.clone()))
-                        }
-                        Ended::Forgotten => (true, None),
-                        Ended::Unknown => (false, None),
-                    };
-                    TaskCheckpoint {
-                        task,
-                        open: None,
-                        done: Vec::new(),
-                        ended: true,
-                        finished,
-                        outcome,
-                        so_far: SoFar::default(),
-                    }
-                })
+                .iter()
+                .map(|(task, unheld)| self.end_notice(*task, unheld.as_deref(), &mut room))
                 .collect();
-            parts.splice(0..0, notices);
+            // First in the checkpoint, as they were queued before anything else in it.
+            batch.parts.splice(0..0, notices);
+            batch.ended = ended;
         }
         if renew {
             self.renewals(now, standby, &mut batches);
@@ -1625,6 +1614,7 @@ impl CoordinatorState {
             node,
             Batch {
                 parts: tasks,
+                ended,
                 sent,
                 renewal,
                 ..
@@ -1635,7 +1625,9 @@ impl CoordinatorState {
                 continue;
             }
             let number = self.in_flight.send(node.clone());
-            let ended: Vec<Uuid> = tasks.iter().filter(|t| t.ended).map(|t| t.task).collect();
+            let result_bytes: usize = tasks.iter().map(TaskCheckpoint::result_bytes).sum();
+            metrics::counter!("agentmesh_checkpoint_result_bytes_total")
+                .increment(result_bytes as u64);
             let checkpoint = Checkpoint {
                 primary: self.mesh.node().to_string(),
                 tasks,
@@ -1663,6 +1655,56 @@ impl CoordinatorState {
                 });
             });
         }
+    }
+
+    /// The notice that tells a standby to forget `task`: whether the task ended here
+    /// (rather than moved to another standby; a task that moved and then ended here
+    /// ended too) and, while the ended-task cache has it and it fits in `room`, its
+    /// outcome. When the standby holds all but the `unheld` segments' results, only
+    /// those go, with the outcome less its results (`outcome_from_held`).
+    fn end_notice(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut usize) -> TaskCheckpoint {
+        let mut notice = TaskCheckpoint {
+            task,
+            open: None,
+            done: Vec::new(),
+            ended: true,
+            finished: false,
+            outcome: None,
+            outcome_from_held: None,
+            so_far: SoFar::default(),
+        };
+        match self.ended.get(task) {
+            Ended::Outcome(outcome) if outcome.unknown => {}
+            Ended::Outcome(outcome) => {
+                notice.finished = true;
+                let complete = outcome.status == TaskStatus::Completed
+                    && outcome.results.len() == outcome.segments as usize;
+                match unheld.filter(|_| complete) {
+                    Some(unheld) => {
+                        let done: Vec<(u32, Blob)> = unheld
+                            .iter()
+                            .filter_map(|&s| Some((s, outcome.results.get(s as usize)?.clone())))
+                            .collect();
+                        let bytes = done.iter().map(|(_, r)| r.0.len()).sum::<usize>();
+                        if bytes <= *room {
+                            *room -= bytes;
+                            notice.done = done;
+                            notice.outcome_from_held = Some(outcome.without_results());
+                        }
+                    }
+                    None => {
+                        let bytes = outcome.result_bytes();
+                        if bytes <= *room {
+                            *room -= bytes;
+                            notice.outcome = Some(outcome.clone());
+                        }
+                    }
+                }
+            }
+            Ended::Forgotten => notice.finished = true,
+            Ended::Unknown => {}
+        }
+        notice
     }
 
     /// Adds a lease request to `batches` for each standby whose lease is due, and for
@@ -1709,7 +1751,7 @@ impl CoordinatorState {
         &mut self,
         node: Arc<str>,
         sent: Vec<(Uuid, usize, bool)>,
-        ended: Vec<Uuid>,
+        ended: Vec<(Uuid, Unheld)>,
         sent_ms: u64,
         number: u64,
         answer: Result<CheckpointAck, String>,
@@ -1832,8 +1874,8 @@ impl CoordinatorState {
 
     /// `tasks` less those given to `node` since (their start went there again, or
     /// will): a notice to forget one, queued again, would undo that.
-    fn not_given_to(&self, node: &str, mut tasks: Vec<Uuid>) -> Vec<Uuid> {
-        tasks.retain(|t| {
+    fn not_given_to(&self, node: &str, mut tasks: Vec<(Uuid, Unheld)>) -> Vec<(Uuid, Unheld)> {
+        tasks.retain(|(t, _)| {
             self.tasks
                 .get(t)
                 .is_none_or(|m| m.replica.standby.as_deref() != Some(node))

@@ -52,11 +52,6 @@ pub struct EndedTasks {
     result_bytes: usize,
 }
 
-/// Bytes of an outcome's results: what it costs to keep or send, about.
-pub(crate) fn result_bytes(outcome: &TaskOutcome) -> usize {
-    outcome.results.iter().map(|r| r.0.len()).sum()
-}
-
 impl Default for EndedTasks {
     fn default() -> EndedTasks {
         EndedTasks::new(EndedLimits::default())
@@ -87,7 +82,7 @@ impl EndedTasks {
                 self.known.remove(&old);
             }
         }
-        let bytes = result_bytes(outcome);
+        let bytes = outcome.result_bytes();
         if self.limits.outcomes == 0 || bytes > self.limits.result_bytes {
             return;
         }
@@ -97,7 +92,7 @@ impl EndedTasks {
             let Some(old) = self.outcomes.pop_front() else {
                 break;
             };
-            self.result_bytes -= result_bytes(&old);
+            self.result_bytes -= old.result_bytes();
         }
         self.result_bytes += bytes;
         self.outcomes.push_back(outcome.clone());

@@ -204,6 +204,27 @@ impl TaskOutcome {
             unknown: false,
         }
     }
+
+    /// Bytes of its results: what it costs to keep or send, about.
+    pub fn result_bytes(&self) -> usize {
+        self.results.iter().map(|r| r.0.len()).sum()
+    }
+
+    /// The same outcome with no results (for [`TaskCheckpoint::outcome_from_held`]).
+    pub fn without_results(&self) -> TaskOutcome {
+        TaskOutcome {
+            task: self.task,
+            status: self.status,
+            segments: self.segments,
+            completed: self.completed,
+            duplicates_discarded: self.duplicates_discarded,
+            reallocated: self.reallocated,
+            elapsed_ms: self.elapsed_ms,
+            reason: self.reason.clone(),
+            results: Vec::new(),
+            unknown: self.unknown,
+        }
+    }
 }
 
 impl RemoteMessage for TaskOutcome {
@@ -268,9 +289,25 @@ pub struct TaskCheckpoint {
     /// coordinator before the outcome reached it.
     #[serde(default)]
     pub outcome: Option<TaskOutcome>,
+    /// With `finished`, instead of `outcome`: the task's outcome with its results left
+    /// out. They are the results this standby holds for the task from the checkpoints
+    /// before, with those in `done` (accepted since the last checkpoint it answered):
+    /// the end does not send again what the standby has. A standby that lacks any of
+    /// them keeps no outcome. A separate key, so that an older standby, which does not
+    /// know it, keeps no outcome rather than one without results.
+    #[serde(default)]
+    pub outcome_from_held: Option<TaskOutcome>,
     /// The task's figures so far at its coordinator (absent from older nodes: zero).
     #[serde(default)]
     pub so_far: SoFar,
+}
+
+impl TaskCheckpoint {
+    /// Bytes of segment results it carries: in `done`, and in an outcome.
+    pub fn result_bytes(&self) -> usize {
+        let done: usize = self.done.iter().map(|(_, r)| r.0.len()).sum();
+        done + self.outcome.as_ref().map_or(0, TaskOutcome::result_bytes)
+    }
 }
 
 /// A task's figures so far, carried in checkpoints so that a standby that takes the

@@ -27,7 +27,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use uuid::Uuid;
 
 use crate::ended::{Ended, EndedTasks};
-use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome};
+use crate::service::serde_bytes_vec::Blob;
+use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus};
 
 /// How much a standby holds at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,28 @@ impl HeldTask {
     fn bytes(&self) -> usize {
         let inputs: usize = self.open.request.inputs.iter().map(|b| b.0.len()).sum();
         inputs + self.done.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// `outcome` (a completed task's, sent without its results) with each segment's
+    /// result: from `sent`, else from this copy. None if one is in neither, or the
+    /// outcome is not of a completed task of this copy's segments.
+    fn outcome_with(
+        &self,
+        mut outcome: TaskOutcome,
+        sent: Vec<(u32, Blob)>,
+    ) -> Option<TaskOutcome> {
+        let segments = self.open.request.inputs.len();
+        if outcome.status != TaskStatus::Completed || outcome.segments as usize != segments {
+            return None;
+        }
+        let mut sent: HashMap<u32, Blob> = sent.into_iter().collect();
+        outcome.results = (0..segments as u32)
+            .map(|s| {
+                sent.remove(&s)
+                    .or_else(|| self.done.get(&s).cloned().map(Blob))
+            })
+            .collect::<Option<Vec<Blob>>>()?;
+        Some(outcome)
     }
 }
 
@@ -269,14 +292,18 @@ impl Standby {
                 continue;
             }
             if part.ended {
-                self.forget(task);
                 if part.finished {
                     self.remember_ended(task, &primary, life, now_ms);
+                    let outcome = part.outcome.or_else(|| {
+                        let held = self.held.get(&task).filter(|h| h.primary == primary)?;
+                        held.outcome_with(part.outcome_from_held?, part.done)
+                    });
                     // Only the task's own outcome.
-                    if let Some(outcome) = part.outcome.filter(|o| o.task == task) {
+                    if let Some(outcome) = outcome.filter(|o| o.task == task) {
                         self.outcomes.record(&outcome);
                     }
                 }
+                self.forget(task);
                 continue;
             }
             if let Some(open) = part.open {
@@ -417,7 +444,6 @@ impl Standby {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::serde_bytes_vec::Blob;
     use crate::service::{SubmitRequest, TaskCheckpoint};
 
     fn open(task: u128, segments: usize, input_bytes: usize) -> TaskCheckpoint {
@@ -432,6 +458,7 @@ mod tests {
             ended: false,
             finished: false,
             outcome: None,
+            outcome_from_held: None,
             so_far: SoFar::default(),
         }
     }
@@ -447,6 +474,7 @@ mod tests {
             ended: false,
             finished: false,
             outcome: None,
+            outcome_from_held: None,
             so_far: SoFar::default(),
         }
     }
@@ -522,6 +550,57 @@ mod tests {
         assert_eq!(s.ended_order.len(), ENDED_REMEMBERED);
         assert!(s.ended(Uuid::from_u128(10), 300).is_none());
         assert!(s.ended(Uuid::from_u128(11), 300).is_some());
+    }
+
+    /// The end of a task whose results the standby holds carries only those accepted
+    /// since the last checkpoint (`outcome_from_held`): the outcome kept has every
+    /// result, from the copy and from the end. One with a result in neither is not
+    /// kept (the task is still remembered as ended), nor one from another coordinator
+    /// than the copy's.
+    #[test]
+    fn an_outcome_is_made_of_the_results_held_and_those_sent_with_the_end() {
+        let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
+        let no = |_| false;
+        let opens = vec![open(1, 3, 10), open(2, 3, 10), open(3, 3, 10)];
+        s.apply(from("a", opens), no, 0).unwrap();
+        let dones = vec![
+            done(1, &[(0, 4), (2, 5)]),
+            done(2, &[(0, 4)]),
+            done(3, &[(0, 4), (1, 4)]),
+        ];
+        s.apply(from("a", dones), no, 10).unwrap();
+        let end = |task: u128, sent: &[(u32, usize)]| TaskCheckpoint {
+            ended: true,
+            finished: true,
+            outcome_from_held: Some(TaskOutcome {
+                task: Uuid::from_u128(task),
+                status: TaskStatus::Completed,
+                segments: 3,
+                completed: 3,
+                duplicates_discarded: 0,
+                reallocated: 1,
+                elapsed_ms: 40,
+                reason: None,
+                results: Vec::new(),
+                unknown: false,
+            }),
+            ..done(task, sent)
+        };
+        s.apply(
+            from("a", vec![end(1, &[(1, 6)]), end(2, &[(1, 6)])]),
+            no,
+            20,
+        )
+        .unwrap();
+        s.apply(from("b", vec![end(3, &[(2, 6)])]), no, 20).unwrap();
+        let one = s.outcome(Uuid::from_u128(1), 20).expect("task 1's outcome");
+        let sizes: Vec<usize> = one.results.iter().map(|r| r.0.len()).collect();
+        assert_eq!(sizes, [4, 6, 5], "held, sent, held");
+        assert_eq!((one.reallocated, one.elapsed_ms), (1, 40));
+        assert_eq!(s.outcome(Uuid::from_u128(2), 20), None, "segment 2 nowhere");
+        assert!(s.ended(Uuid::from_u128(2), 20).is_some());
+        assert_eq!(s.outcome(Uuid::from_u128(3), 20), None, "not a's end");
+        assert!(!s.holds(Uuid::from_u128(1)) && !s.holds(Uuid::from_u128(2)));
     }
 
     fn from(primary: &str, tasks: Vec<TaskCheckpoint>) -> Checkpoint {

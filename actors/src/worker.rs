@@ -217,6 +217,23 @@ impl<A: Agent> WorkerState<A> {
         }
     }
 
+    /// Drops the queued attempts `which` picks, each reported failed as cancelled, as a
+    /// running one that is cancelled is: its host then forgets it and lowers the
+    /// agent's load.
+    async fn cancel_queued(&mut self, which: impl Fn(&Allocation) -> bool) {
+        let (cancelled, kept) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition::<Vec<Allocation>, _>(|a| which(a));
+        self.queue = kept.into();
+        for allocation in cancelled {
+            let cancelled = WorkerEvent::Failed {
+                allocation: key(&allocation),
+                reason: "cancelled".into(),
+            };
+            let _ = self.events.send(cancelled).await;
+        }
+    }
+
     fn refusal(&self, allocation: &Allocation) -> WorkerEvent {
         WorkerEvent::Refused {
             allocation: key(allocation),
@@ -299,8 +316,8 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 }
                 if adjustment.cancelled {
                     state
-                        .queue
-                        .retain(|a| a.task != task || segment.is_some_and(|s| s != a.segment));
+                        .cancel_queued(|a| a.task == task && segment.is_none_or(|s| s == a.segment))
+                        .await;
                 }
             }
             WorkerMsg::Cancel {
@@ -318,7 +335,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                         });
                     }
                 }
-                state.queue.retain(|a| !this(a));
+                state.cancel_queued(this).await;
             }
             WorkerMsg::Sync {
                 task,

@@ -239,6 +239,57 @@ async fn adjustments_reach_the_running_segment_and_cancel_stops_it() {
     );
 }
 
+/// A queued attempt that is cancelled, alone or with its task, ends as a running one
+/// does: reported failed, "cancelled". Before, it left the queue unreported, so the
+/// worker host kept it as running for ever, with the agent's load one too high.
+#[tokio::test]
+async fn a_queued_attempt_that_is_cancelled_is_reported_cancelled() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    for s in 0..4 {
+        worker.cast(WorkerMsg::Run(alloc(s, &200u64))).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    worker
+        .cast(WorkerMsg::Cancel {
+            task: Uuid::from_u128(1),
+            segment: 2,
+            attempt: 1,
+        })
+        .unwrap();
+    let cancel = Adjustment {
+        cancelled: true,
+        ..Adjustment::default()
+    };
+    worker
+        .cast(WorkerMsg::Adjust {
+            task: Uuid::from_u128(1),
+            segment: Some(3),
+            adjustment: cancel,
+        })
+        .unwrap();
+    let cancelled = |segment| WorkerEvent::Failed {
+        allocation: (Uuid::from_u128(1), segment, 1),
+        reason: "cancelled".into(),
+    };
+    let events = outcomes(&mut rx, 2).await;
+    assert_eq!(events, vec![cancelled(2), cancelled(3)], "before 0 ends");
+    let events = outcomes(&mut rx, 2).await;
+    assert!(matches!(
+        events[0],
+        WorkerEvent::Done {
+            allocation: (_, 0, 1),
+            ..
+        }
+    ));
+    assert!(matches!(
+        events[1],
+        WorkerEvent::Done {
+            allocation: (_, 1, 1),
+            ..
+        }
+    ));
+}
+
 #[tokio::test]
 async fn input_that_does_not_decode_fails_the_attempt() {
     let (worker, mut rx) = start(Arc::new(Doubler), 1).await;

@@ -48,7 +48,7 @@ use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint, CheckpointAck, OpenTask,
     SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
-    AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_LABEL_LEN, STANDBY_SERVICE,
+    AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION, MAX_LABEL_LEN, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -100,6 +100,17 @@ pub(crate) const CUT_OFF_MS: u64 = 1_000;
 const MAX_TAKEN_OVER_FROM: usize = 4_096;
 /// Attempt numbers per generation of coordinators of a task (see [`OpenTask`]).
 const GENERATION_ATTEMPTS: u32 = 1 << 24;
+// The attempts of a task taken over at the highest generation a standby holds fit.
+const _: () =
+    assert!((MAX_GENERATION as u64 + 2) * GENERATION_ATTEMPTS as u64 - 1 <= u32::MAX as u64);
+/// Generations an adopted task starts at: one drawn from these, not 1. The coordinator
+/// it is adopted from (gone before its standby had the task) may itself have taken it
+/// over, at generation 1 or more, and its attempts may still run at workers that have
+/// not heard it is down. Workers know an attempt by task, segment and number, so an
+/// attempt numbered as one of those would be taken there for a copy of it and ignored,
+/// and its segment would wait for its timeout (30 s). The generation before is not
+/// known here, hence drawn, and above those a chain of takeovers reaches.
+const ADOPTED_GENERATIONS: std::ops::Range<u32> = 128..192;
 
 /// What the coordinator handles.
 pub enum CoordinatorMsg {
@@ -632,8 +643,9 @@ impl CoordinatorState {
             meta.reply = Some(reply);
             return;
         }
-        // Coordinators of the task before this one: 1 for a task adopted from a node
-        // that went down, whose attempts may still run at workers under its numbers.
+        // Which coordinator of the task this one is: 0 for one submitted here, one of
+        // ADOPTED_GENERATIONS for a task adopted from a node that went down, whose
+        // attempts may still run at workers under its numbers.
         let mut generation = 0;
         // For an adopted task: how long its client has waited for it already.
         let mut waited_ms = 0;
@@ -678,7 +690,7 @@ impl CoordinatorState {
                 Some(from) if self.adopts_from(from) => {
                     info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
                     metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
-                    generation = 1;
+                    generation = self.rng.random_range(ADOPTED_GENERATIONS);
                     waited_ms = request.waited_ms;
                 }
                 _ => {

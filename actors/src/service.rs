@@ -327,6 +327,11 @@ pub struct SoFar {
     pub running: u32,
 }
 
+/// The highest [`OpenTask::generation`] a standby holds a task at (it refuses one
+/// above): the coordinator that takes such a task over numbers its attempts from
+/// `(generation + 1) << 24`, and `255 << 24` starts the last such range within a u32.
+pub const MAX_GENERATION: u32 = 254;
+
 /// A task as a standby holds it from its start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenTask {

@@ -28,7 +28,9 @@ use uuid::Uuid;
 
 use crate::ended::{Ended, EndedTasks};
 use crate::service::serde_bytes_vec::Blob;
-use crate::service::{Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus};
+use crate::service::{
+    Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus, MAX_GENERATION,
+};
 
 /// How much a standby holds at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,6 +312,11 @@ impl Standby {
                 self.forget(task);
                 // The same id submitted again, after its end.
                 self.ended.remove(&task);
+                // Taken over, its attempt numbers would not fit in a u32.
+                if open.generation > MAX_GENERATION {
+                    ack.refused.push(task);
+                    continue;
+                }
                 let held = HeldTask {
                     primary: primary.clone(),
                     life,
@@ -799,7 +806,8 @@ mod tests {
         assert!(s.take_over("a", 0, 0).unwrap().run[0].1.done.is_empty());
     }
 
-    /// Past its task or byte limit a standby refuses, and frees what it refused.
+    /// Past its task or byte limit, or its generation limit, a standby refuses, and
+    /// frees what it refused.
     #[test]
     fn stays_within_its_limits() {
         let mut s = Standby::new(
@@ -827,6 +835,16 @@ mod tests {
         let ack = s.apply(from("a", vec![open(4, 1, 95)]), no, 0).unwrap();
         assert_eq!(ack.refused, vec![Uuid::from_u128(4)]);
         assert_eq!((s.len(), s.bytes), (1, 10));
+        // A generation whose taker-over's attempt numbers would not fit in a u32 (the
+        // checkpoint is bytes from another node): refused.
+        let mut too_far = open(5, 1, 1);
+        too_far.open.as_mut().unwrap().generation = MAX_GENERATION + 1;
+        let ack = s.apply(from("a", vec![too_far]), no, 0).unwrap();
+        assert_eq!(ack.refused, vec![Uuid::from_u128(5)]);
+        let mut last = open(5, 1, 1);
+        last.open.as_mut().unwrap().generation = MAX_GENERATION;
+        let ack = s.apply(from("a", vec![last]), no, 0).unwrap();
+        assert!(ack.refused.is_empty() && s.holds(Uuid::from_u128(5)));
     }
 
     /// A checkpoint's arrival starts a lease: its sender's tasks are not taken over

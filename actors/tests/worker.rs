@@ -137,6 +137,18 @@ async fn next(rx: &mut mpsc::Receiver<WorkerEvent>) -> WorkerEvent {
 
 /// Collects events until `n` of them end an attempt (Done or Failed); changes of
 /// health are left out.
+/// An ADJUST that cancels task 1's `segment`, or all of it.
+fn cancel(segment: Option<u32>) -> WorkerMsg {
+    WorkerMsg::Adjust {
+        task: Uuid::from_u128(1),
+        segment,
+        adjustment: Adjustment {
+            cancelled: true,
+            ..Adjustment::default()
+        },
+    }
+}
+
 async fn outcomes(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<WorkerEvent> {
     let mut all = Vec::new();
     let mut ended = 0;
@@ -218,17 +230,7 @@ async fn adjustments_reach_the_running_segment_and_cancel_stops_it() {
         })
     );
     // Cancel the whole task: the running segment stops early.
-    let cancel = Adjustment {
-        cancelled: true,
-        ..Adjustment::default()
-    };
-    worker
-        .cast(WorkerMsg::Adjust {
-            task: Uuid::from_u128(1),
-            segment: None,
-            adjustment: cancel,
-        })
-        .unwrap();
+    worker.cast(cancel(None)).unwrap();
     let events = outcomes(&mut rx, 1).await;
     assert_eq!(
         events.last(),
@@ -256,17 +258,7 @@ async fn a_queued_attempt_that_is_cancelled_is_reported_cancelled() {
             attempt: 1,
         })
         .unwrap();
-    let cancel = Adjustment {
-        cancelled: true,
-        ..Adjustment::default()
-    };
-    worker
-        .cast(WorkerMsg::Adjust {
-            task: Uuid::from_u128(1),
-            segment: Some(3),
-            adjustment: cancel,
-        })
-        .unwrap();
+    worker.cast(cancel(Some(3))).unwrap();
     let cancelled = |segment| WorkerEvent::Failed {
         allocation: (Uuid::from_u128(1), segment, 1),
         reason: "cancelled".into(),

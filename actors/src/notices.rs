@@ -24,6 +24,11 @@ pub type Unheld = Option<Vec<u32>>;
 /// The notices for one standby node: each task, with what that standby lacks.
 pub type NodeNotices = (Arc<str>, Vec<(Uuid, Unheld)>);
 
+/// Segments an [`Unheld`] keeps.
+fn segments_in(unheld: &Unheld) -> usize {
+    unheld.as_ref().map_or(0, Vec::len)
+}
+
 /// Forget notices waiting to go to their standbys.
 #[derive(Debug)]
 pub struct ForgetNotices {
@@ -58,7 +63,7 @@ impl ForgetNotices {
         }
         if let Entry::Vacant(e) = self.by_node.entry(node).or_default().entry(task) {
             let unheld = unheld.filter(|s| self.segments + s.len() <= self.max_segments);
-            self.segments += unheld.as_ref().map_or(0, Vec::len);
+            self.segments += segments_in(&unheld);
             e.insert(unheld);
             self.total += 1;
         }
@@ -73,7 +78,7 @@ impl ForgetNotices {
         };
         if let Some(unheld) = tasks.remove(&task) {
             self.total -= 1;
-            self.segments -= unheld.map_or(0, |s| s.len());
+            self.segments -= segments_in(&unheld);
             if tasks.is_empty() {
                 self.by_node.remove(node);
             }
@@ -113,10 +118,7 @@ impl ForgetNotices {
             .collect();
         for (_, tasks) in &taken {
             self.total -= tasks.len();
-            self.segments -= tasks
-                .iter()
-                .map(|(_, u)| u.as_ref().map_or(0, Vec::len))
-                .sum::<usize>();
+            self.segments -= tasks.iter().map(|(_, u)| segments_in(u)).sum::<usize>();
         }
         taken
     }

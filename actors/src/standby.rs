@@ -76,23 +76,18 @@ impl HeldTask {
     }
 
     /// `outcome` (a completed task's, sent without its results) with each segment's
-    /// result: from `sent`, else from this copy. None if one is in neither, or the
-    /// outcome is not of a completed task of this copy's segments.
-    fn outcome_with(
-        &self,
-        mut outcome: TaskOutcome,
-        sent: Vec<(u32, Blob)>,
-    ) -> Option<TaskOutcome> {
+    /// result: from `sent`, else from this copy, whose results move into it. None if
+    /// one is in neither, or the outcome is not of a completed task of this copy's
+    /// segments.
+    fn into_outcome(self, mut outcome: TaskOutcome, sent: Vec<(u32, Blob)>) -> Option<TaskOutcome> {
         let segments = self.open.request.inputs.len();
         if outcome.status != TaskStatus::Completed || outcome.segments as usize != segments {
             return None;
         }
         let mut sent: HashMap<u32, Blob> = sent.into_iter().collect();
+        let mut held = self.done;
         outcome.results = (0..segments as u32)
-            .map(|s| {
-                sent.remove(&s)
-                    .or_else(|| self.done.get(&s).cloned().map(Blob))
-            })
+            .map(|s| sent.remove(&s).or_else(|| held.remove(&s).map(Blob)))
             .collect::<Option<Vec<Blob>>>()?;
         Some(outcome)
     }
@@ -294,18 +289,18 @@ impl Standby {
                 continue;
             }
             if part.ended {
+                let held = self.forget(task);
                 if part.finished {
                     self.remember_ended(task, &primary, life, now_ms);
                     let outcome = part.outcome.or_else(|| {
-                        let held = self.held.get(&task).filter(|h| h.primary == primary)?;
-                        held.outcome_with(part.outcome_from_held?, part.done)
+                        let held = held.filter(|h| h.primary == primary)?;
+                        held.into_outcome(part.outcome_from_held?, part.done)
                     });
                     // Only the task's own outcome.
                     if let Some(outcome) = outcome.filter(|o| o.task == task) {
                         self.outcomes.record(&outcome);
                     }
                 }
-                self.forget(task);
                 continue;
             }
             if let Some(open) = part.open {
@@ -430,21 +425,18 @@ impl Standby {
             .collect();
         let mut out: Vec<(Uuid, HeldTask)> = tasks
             .into_iter()
-            .filter_map(|t| {
-                let held = self.held.remove(&t)?;
-                self.bytes -= held.bytes();
-                Some((t, held))
-            })
+            .filter_map(|t| Some((t, self.forget(t)?)))
             .collect();
         // By id: the same order on every run, for logs and tests.
         out.sort_by_key(|(t, _)| *t);
         out
     }
 
-    fn forget(&mut self, task: Uuid) {
-        if let Some(held) = self.held.remove(&task) {
-            self.bytes -= held.bytes();
-        }
+    /// Stops holding `task`: what was held of it, if anything.
+    fn forget(&mut self, task: Uuid) -> Option<HeldTask> {
+        let held = self.held.remove(&task)?;
+        self.bytes -= held.bytes();
+        Some(held)
     }
 }
 

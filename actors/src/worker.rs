@@ -221,16 +221,20 @@ impl<A: Agent> WorkerState<A> {
     /// running one that is cancelled is: its host then forgets it and lowers the
     /// agent's load.
     async fn cancel_queued(&mut self, which: impl Fn(&Allocation) -> bool) {
-        let (cancelled, kept) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition::<Vec<Allocation>, _>(|a| which(a));
-        self.queue = kept.into();
+        let mut cancelled = Vec::new();
+        self.queue.retain(|a| {
+            let keep = !which(a);
+            if !keep {
+                cancelled.push(key(a));
+            }
+            keep
+        });
         for allocation in cancelled {
-            let cancelled = WorkerEvent::Failed {
-                allocation: key(&allocation),
+            let failed = WorkerEvent::Failed {
+                allocation,
                 reason: "cancelled".into(),
             };
-            let _ = self.events.send(cancelled).await;
+            let _ = self.events.send(failed).await;
         }
     }
 

@@ -13,7 +13,8 @@
 //! worker node cut off from its coordinator alone has its segments reallocated within
 //! seconds, not at their 30 s timeout, and cancels that coordinator's attempts. A task
 //! taken over by a node that dies before its own standby has it is adopted. A standby
-//! given up on does not run its copy of a task that moved on to another.
+//! given up on does not run its copy of a task that moved on to another. Final
+//! REPORTs lost with their connection are sent again on the next one.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -719,5 +720,49 @@ fn a_client_waiting_at_the_standby_gets_the_outcome_when_the_task_ends() {
     ended_within(&mut submit, Duration::from_secs(20));
     completed_once_of(submit, 4, 6_000);
     nodes[1].expect(&["a client waiting here gets the outcome of the task"]);
+    drop(nodes);
+}
+
+/// The link between the coordinator (n0, no agent) and the only worker node (n2) is
+/// cut while n2 runs the task's two segments of 8 s; they end during the cut, so their
+/// final REPORTs go out on a connection that then times out. The cut heals half a
+/// second after n0 gave the attempts up (a second after the connection closed; there
+/// is nowhere else to run them), and n2 sends the kept finals again on the new
+/// connection, where n0 takes them: 6.5 s after the cut in two runs. Before, they were
+/// lost with the old connection and the segments ran a second time: 17.0 s after it.
+#[test]
+fn final_reports_lost_with_their_connection_are_sent_again_on_the_next() {
+    let Some(cluster) = cluster("finals") else {
+        return;
+    };
+    let metrics = cluster.addr(4);
+    let nodes = cluster.start_four(|i| match i {
+        2 => vec![
+            "--agents".into(),
+            "sleep=2".into(),
+            "--metrics".into(),
+            metrics.clone(),
+        ],
+        _ => Vec::new(),
+    });
+    let first = &nodes[0];
+
+    let submit = cluster.submit_ms(2, 8_000);
+    first.expect(&["task submitted", "segments=2"]);
+    std::thread::sleep(Duration::from_millis(6_000));
+    let cut = Instant::now();
+    cluster.partition(&[0], &[2]);
+    // The segments end about 2 s into the cut, the connection times out at 3 s.
+    first.expect(&["no connection to the node", "node=n2"]);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.heal();
+    let task = completed_once_of(submit, 2, 8_000);
+    let after_cut = cut.elapsed();
+    assert!(
+        after_cut < Duration::from_secs(12),
+        "the first attempts' results are taken, {after_cut:?} after the cut: {task}"
+    );
+    let resent = cluster.counter(&metrics, "agentmesh_final_reports_resent_total");
+    assert!(resent >= 2, "n2 sent its finals again: {resent}");
     drop(nodes);
 }

@@ -18,11 +18,13 @@ use agentmesh_runtime::transport::wire::payload::{
     Adjust, Allocate, Health, Refusal, Report, Sync, SyncAck,
 };
 use agentmesh_runtime::transport::wire::{Header, Message, Payload};
-use agentmesh_runtime::{FromPeer, Mesh};
+use agentmesh_runtime::transport::{PeerHandle, TransportError};
+use agentmesh_runtime::{FromPeer, Mesh, SendError};
 
 use crate::agent::{Adjustment, SyncEvent};
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
+use crate::finals::{KeptFinals, Limits};
 use crate::host::PolicyStore;
 use crate::policy::RateLimiter;
 use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
@@ -38,6 +40,18 @@ const FINAL_REPORT_PRIO: u8 = 160;
 const CUT_OFF_CANCEL_MS: u64 = 2 * crate::coordinator::CUT_OFF_MS;
 /// How often the connections to coordinators with attempts here are checked.
 const CUT_OFF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often the connections the kept final REPORTs went on are checked.
+const FINALS_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+/// Final REPORTs kept until they surely arrived ([`KeptFinals`]): for 10 s on an open
+/// connection (one that delivers nothing closes after the 3 s idle timeout), for 60 s
+/// at most with no connection to their coordinator's node, and at most 8,192 of them
+/// and 32 MiB.
+const FINALS: Limits = Limits {
+    keep_ms: 10_000,
+    give_up_ms: 60_000,
+    max_reports: 8_192,
+    max_bytes: 32 << 20,
+};
 
 /// What the worker host handles.
 pub enum WorkersMsg {
@@ -110,16 +124,35 @@ pub struct WorkersState {
     hashes: HashMap<(Uuid, u32, u32), Vec<u8>>,
     limiter: RateLimiter,
     epoch: Instant,
-    outbox: mpsc::Sender<Outgoing>,
+    outbox: mpsc::Sender<ToSender>,
     /// Coordinators' nodes with attempts here and no connection from this node
     /// ([`CUT_OFF_CANCEL_MS`]).
     cut_offs: CutOffs,
 }
 
+/// What the worker host's sender takes, in order.
+enum ToSender {
+    /// A frame to send.
+    Frame(Outgoing),
+    /// A node is down: the finals kept for it are dropped.
+    NodeDown(String),
+}
+
 struct Outgoing {
     node: String,
     message: Message,
-    datagram: bool,
+    how: Delivery,
+}
+
+/// How a frame goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// As a datagram (progress REPORTs).
+    Datagram,
+    /// On its lane.
+    Lane,
+    /// On its lane, and kept until it surely arrived: a final REPORT.
+    Final,
 }
 
 impl Actor for Workers {
@@ -180,6 +213,7 @@ impl Actor for Workers {
             }
             WorkersMsg::Event(agent, event) => state.on_event(agent, event).await,
             WorkersMsg::NodeDown(node) => {
+                let _ = state.outbox.send(ToSender::NodeDown(node.clone())).await;
                 let n = state.cancel_attempts_of(&node);
                 if n > 0 {
                     info!(%node, attempts = n, "cancelling the attempts of a coordinator whose node went down");
@@ -334,7 +368,7 @@ impl WorkersState {
                 retry_after_ms,
             };
             if let Some(m) = report_message(report, agent, group, true) {
-                self.send(peer, m, false).await;
+                self.send(peer, m, Delivery::Final).await;
             }
             return;
         }
@@ -432,7 +466,7 @@ impl WorkersState {
         };
         let group = slot.group;
         if let Some(m) = encode(Payload::SyncAck(ack), s.target, group, None) {
-            self.send(peer, m, false).await;
+            self.send(peer, m, Delivery::Lane).await;
         }
     }
 
@@ -523,7 +557,12 @@ impl WorkersState {
             ),
         };
         if let Some(message) = message {
-            self.send(&info.coordinator, message, !is_final).await;
+            let how = if is_final {
+                Delivery::Final
+            } else {
+                Delivery::Datagram
+            };
+            self.send(&info.coordinator, message, how).await;
         }
         if is_final {
             let _ = self.discovery.cast(DiscoveryMsg::Update {
@@ -585,18 +624,18 @@ impl WorkersState {
                 body: Bytes::from(body.clone()),
             };
             if let Some(m) = encode(Payload::Sync(sync), agent, group, None) {
-                self.send(&node, m, false).await;
+                self.send(&node, m, Delivery::Lane).await;
             }
         }
     }
 
-    async fn send(&self, node: &str, message: Message, datagram: bool) {
+    async fn send(&self, node: &str, message: Message, how: Delivery) {
         let out = Outgoing {
             node: node.to_string(),
             message,
-            datagram,
+            how,
         };
-        if self.outbox.send(out).await.is_err() {
+        if self.outbox.send(ToSender::Frame(out)).await.is_err() {
             warn!("the worker host's sender has stopped");
         }
     }
@@ -643,16 +682,71 @@ fn report_message(report: Report, agent: u32, group: u16, is_final: bool) -> Opt
     encode(Payload::Report(report), agent, group, prio)
 }
 
-/// Sends frames in the order they were queued.
-async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = queue.recv().await {
-        let sent = if out.datagram {
-            mesh.send_acp_datagram(&out.node, out.message).await
-        } else {
-            mesh.send_acp(&out.node, out.message).await
+/// Sends frames in the order they were queued, and final REPORTs again when the
+/// connection they went on was lost ([`KeptFinals`]).
+async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
+    let epoch = Instant::now();
+    let now_ms = move || epoch.elapsed().as_millis() as u64;
+    let mut kept: KeptFinals<PeerHandle, Message> = KeptFinals::new(FINALS);
+    let mut check = tokio::time::interval(FINALS_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let out = tokio::select! {
+            out = queue.recv() => match out {
+                Some(ToSender::Frame(out)) => out,
+                Some(ToSender::NodeDown(node)) => {
+                    kept.forget_node(&node);
+                    continue;
+                }
+                None => return,
+            },
+            _ = check.tick(), if !kept.is_empty() => {
+                resend_finals(&mesh, &mut kept, now_ms()).await;
+                continue;
+            }
+        };
+        let node = out.node;
+        let sent = match out.how {
+            Delivery::Datagram => mesh.send_acp_datagram(&node, out.message).await,
+            Delivery::Lane => mesh.send_acp(&node, out.message).await,
+            Delivery::Final => {
+                let bytes = out.message.body.len();
+                let sent = mesh.send_acp_via(&node, out.message.clone()).await;
+                let on = match &sent {
+                    Ok(None) => continue, // To this node itself: handed over.
+                    Ok(Some(peer)) => Some(Some(peer.clone())),
+                    // It can never go: nothing to keep.
+                    Err(SendError::Transport(TransportError::Unframeable(_))) => None,
+                    // No connection now: it goes when there is one.
+                    Err(_) => Some(None),
+                };
+                if let Some(on) = on {
+                    unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
+                }
+                sent.map(drop)
+            }
         };
         if let Err(e) = sent {
-            debug!(node = %out.node, error = %e, "frame not sent");
+            debug!(%node, error = %e, "frame not sent");
         }
+    }
+}
+
+/// Sends again the kept finals whose connection was lost, on their node's connection now.
+async fn resend_finals(mesh: &Mesh, kept: &mut KeptFinals<PeerHandle, Message>, now_ms: u64) {
+    let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
+    unkept("no_connection", tick.given_up);
+    for (peer, message) in tick.resend {
+        debug!(node = %peer.name(), "sending a final REPORT again: the connection it went on was lost");
+        metrics::counter!("agentmesh_final_reports_resent_total").increment(1);
+        // If this connection is lost too, the next check sends it again.
+        let _ = peer.send(message).await;
+    }
+}
+
+fn unkept(reason: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!("agentmesh_final_reports_unkept_total", "reason" => reason)
+            .increment(n as u64);
     }
 }

@@ -76,6 +76,8 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_segments_completed_total", Kind::Counter, "segment results accepted by this node's coordinator"),
     ("agentmesh_cut_off_reallocations_total", Kind::Counter, "attempts given to other workers because this node had no connection to their node, which others held up"),
     ("agentmesh_cut_off_cancellations_total", Kind::Counter, "attempts cancelled on this worker node because it had no connection to their coordinator's node"),
+    ("agentmesh_final_reports_resent_total", Kind::Counter, "final REPORTs this worker node sent again because the connection they went on was lost, or there was none"),
+    ("agentmesh_final_reports_unkept_total", Kind::Counter, "final REPORTs this worker node stopped keeping before it was sure they arrived, by reason (full: past its bounds; no_connection: none to their coordinator's node for 60 s)"),
     ("agentmesh_segments_reallocated_total", Kind::Counter, "segments given to a worker again after a failure, a timeout, or the loss of their worker or node"),
     ("agentmesh_results_discarded_total", Kind::Counter, "result copies discarded because the segment was already done"),
     ("agentmesh_allocations_refused_total", Kind::Counter, "ALLOCATEs from this node refused unrun by the worker's node, by refusal"),

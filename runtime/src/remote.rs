@@ -455,7 +455,7 @@ impl Mesh {
     /// to each other (probes and keep-alives), so one up without it for long is cut
     /// off from this node, though others may still reach it.
     pub fn is_connected(&self, name: &str) -> bool {
-        self.inner.transport.peer(name).is_some_and(|p| p.is_open())
+        self.connection(name).is_some()
     }
 
     /// The address of `name` on this node.
@@ -843,6 +843,28 @@ impl Mesh {
             .send(message)
             .await
             .map_err(SendError::from)
+    }
+
+    /// [`Mesh::send_acp`], returning the connection the message went on (`None` to this
+    /// node itself), so that a sender can tell whether that connection was lost
+    /// before it surely arrived ([`PeerHandle::link`]).
+    pub async fn send_acp_via(
+        &self,
+        node: &str,
+        message: Message,
+    ) -> Result<Option<PeerHandle>, SendError> {
+        if node == self.inner.node {
+            self.on_acp(node, message);
+            return Ok(None);
+        }
+        let peer = self.peer_ready(node).await?;
+        peer.send(message).await?;
+        Ok(Some(peer))
+    }
+
+    /// The open connection to `node`, if there is one now.
+    pub fn connection(&self, node: &str) -> Option<PeerHandle> {
+        self.inner.transport.peer(node).filter(PeerHandle::is_open)
     }
 
     /// Sends an ACP message to `node` as a datagram (unreliable: progress reports),

@@ -24,7 +24,7 @@ pub use endpoint::{
 };
 pub use events::{EventQueues, Inbox, Leftover, TransportEvents};
 pub use ingress::{OwnershipTable, Via};
-pub use peer::PeerHandle;
+pub use peer::{Link, PeerHandle};
 
 pub use wire::{
     AcpErrorCode, DecodeError, Flags, Frame, FrameDecoder, Header, Lane, Message, MessageRef,

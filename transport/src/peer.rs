@@ -435,6 +435,19 @@ impl PeerConn {
     }
 }
 
+/// What became of a connection, as [`PeerHandle::link`] sees it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// It is open: what was sent on it is delivered or on its way.
+    Open,
+    /// It closed with everything sent on it delivered: retired as a duplicate, or
+    /// closed by the peer with no error.
+    Delivered,
+    /// It was lost (timed out, reset, closed for an error): what was in flight on it
+    /// may never have arrived.
+    Lost,
+}
+
 /// A handle on one peer connection, for sending and inspecting it.
 #[derive(Clone)]
 pub struct PeerHandle {
@@ -487,8 +500,25 @@ impl PeerHandle {
     /// frames are delivered first and its senders move to the connection kept) or the
     /// peer closed it with no error (retiring it, or leaving).
     pub async fn lost(&self) -> Option<String> {
+        let closed = self.conn.conn.closed().await;
+        self.lost_by(closed)
+    }
+
+    /// [`PeerHandle::lost`] as of now, without waiting: whether the connection is
+    /// open, closed with what was sent on it delivered, or lost.
+    pub fn link(&self) -> Link {
+        match self.conn.conn.close_reason() {
+            None => Link::Open,
+            Some(closed) => match self.lost_by(closed) {
+                None => Link::Delivered,
+                Some(_) => Link::Lost,
+            },
+        }
+    }
+
+    fn lost_by(&self, closed: quinn::ConnectionError) -> Option<String> {
         let no_error = VarInt::from_u32(AcpErrorCode::NoError.code());
-        match self.conn.conn.closed().await {
+        match closed {
             quinn::ConnectionError::LocallyClosed if self.conn.retired.load(Ordering::Acquire) => {
                 None
             }

@@ -1,0 +1,323 @@
+//! Final REPORTs a worker node sent and cannot yet be sure arrived. A final REPORT
+//! rides a lane of one QUIC connection; if that connection is lost before the
+//! coordinator read it (a link that breaks for longer than the idle timeout, say), it
+//! is gone, and when a new connection came up before the coordinator gave up on the
+//! old one (a second later), nothing told it the segment was done: it waited for the
+//! 30 s segment timeout and ran the segment again. So each final is kept until the
+//! connection it went on has stayed open `keep_ms` (it arrived, or is on its way), or
+//! closed with its frames delivered, and is sent again on the next connection to the
+//! coordinator's node when it was lost or never had one. The coordinator takes the
+//! first result of a segment and discards copies, and a failure or refusal of an
+//! attempt it no longer waits for changes nothing, so a second copy is harmless.
+//! Bounded in reports and bytes. No I/O and no clock: the caller says how each
+//! connection is ([`Link`]) and which is open to a node now.
+
+use std::collections::VecDeque;
+
+pub use agentmesh_runtime::transport::Link;
+
+/// How long finals are kept, and at most how many.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A final is dropped once the connection it went on has been open this long
+    /// since: a connection that delivers nothing for the idle timeout (3 s) closes.
+    pub keep_ms: u64,
+    /// A final with no open connection to send it on this long after it was first
+    /// sent is given up.
+    pub give_up_ms: u64,
+    /// Finals kept at most, and their bytes: past either, the oldest is dropped.
+    pub max_reports: usize,
+    /// See `max_reports`.
+    pub max_bytes: usize,
+}
+
+/// What [`KeptFinals::tick`] found.
+#[derive(Debug)]
+pub struct Tick<C, M> {
+    /// Finals to send again, each on the connection given, in the order first sent.
+    pub resend: Vec<(C, M)>,
+    /// Finals given up: no connection to their node for `give_up_ms`.
+    pub given_up: usize,
+}
+
+struct Kept<C, M> {
+    node: String,
+    message: M,
+    bytes: usize,
+    /// The connection it last went on; `None` if there was none.
+    on: Option<C>,
+    /// When it last went out.
+    sent_ms: u64,
+    /// When it first went out.
+    first_ms: u64,
+}
+
+/// Finals sent and kept, oldest first.
+pub struct KeptFinals<C, M> {
+    kept: VecDeque<Kept<C, M>>,
+    bytes: usize,
+    limits: Limits,
+}
+
+impl<C: Clone, M: Clone> KeptFinals<C, M> {
+    /// None kept yet.
+    pub fn new(limits: Limits) -> KeptFinals<C, M> {
+        KeptFinals {
+            kept: VecDeque::new(),
+            bytes: 0,
+            limits,
+        }
+    }
+
+    /// Keeps `message` (`bytes` long), a final to `node` that went out on `on` (`None`:
+    /// there was no connection) at `now_ms`. How many older ones were dropped to make
+    /// room.
+    pub fn keep(
+        &mut self,
+        node: &str,
+        message: M,
+        bytes: usize,
+        on: Option<C>,
+        now_ms: u64,
+    ) -> usize {
+        self.kept.push_back(Kept {
+            node: node.to_string(),
+            message,
+            bytes,
+            on,
+            sent_ms: now_ms,
+            first_ms: now_ms,
+        });
+        self.bytes += bytes;
+        let mut dropped = 0;
+        while self.kept.len() > self.limits.max_reports
+            || (self.bytes > self.limits.max_bytes && self.kept.len() > 1)
+        {
+            if let Some(old) = self.kept.pop_front() {
+                self.bytes -= old.bytes;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// At `now_ms`: drops the finals surely delivered, or given up, and says which to
+    /// send again. `link` says how a connection is; `open` gives the open connection to
+    /// a node, if any. A final to send again counts as sent on that connection now.
+    pub fn tick(
+        &mut self,
+        now_ms: u64,
+        link: impl Fn(&C) -> Link,
+        mut open: impl FnMut(&str) -> Option<C>,
+    ) -> Tick<C, M> {
+        let mut resend = Vec::new();
+        let mut given_up = 0;
+        let limits = self.limits;
+        let mut freed = 0;
+        self.kept.retain_mut(|k| {
+            let keep = match k.on.as_ref().map(&link) {
+                Some(Link::Open) => now_ms < k.sent_ms.saturating_add(limits.keep_ms),
+                Some(Link::Delivered) => false,
+                Some(Link::Lost) | None => match open(&k.node) {
+                    Some(c) => {
+                        resend.push((c.clone(), k.message.clone()));
+                        k.on = Some(c);
+                        k.sent_ms = now_ms;
+                        true
+                    }
+                    None if now_ms >= k.first_ms.saturating_add(limits.give_up_ms) => {
+                        given_up += 1;
+                        false
+                    }
+                    None => true,
+                },
+            };
+            if !keep {
+                freed += k.bytes;
+            }
+            keep
+        });
+        self.bytes -= freed;
+        Tick { resend, given_up }
+    }
+
+    /// Drops the finals to `node` (it is down: its tasks are taken over elsewhere). How
+    /// many.
+    pub fn forget_node(&mut self, node: &str) -> usize {
+        let before = self.kept.len();
+        let mut freed = 0;
+        self.kept.retain(|k| {
+            let keep = k.node != node;
+            if !keep {
+                freed += k.bytes;
+            }
+            keep
+        });
+        self.bytes -= freed;
+        before - self.kept.len()
+    }
+
+    /// Finals kept.
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// True if none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
+    /// Their bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        keep_ms: 10_000,
+        give_up_ms: 60_000,
+        max_reports: 4,
+        max_bytes: 1_000,
+    };
+
+    /// Connections by number, with how each is.
+    #[derive(Default)]
+    struct Links {
+        links: HashMap<u32, Link>,
+        open: HashMap<&'static str, u32>,
+    }
+
+    impl Links {
+        fn open(&mut self, node: &'static str, c: u32) {
+            self.links.insert(c, Link::Open);
+            self.open.insert(node, c);
+        }
+
+        fn close(&mut self, node: &'static str, how: Link) {
+            if let Some(c) = self.open.remove(node) {
+                self.links.insert(c, how);
+            }
+        }
+
+        fn tick(
+            &self,
+            kept: &mut KeptFinals<u32, &'static str>,
+            now: u64,
+        ) -> Tick<u32, &'static str> {
+            kept.tick(now, |c| self.links[c], |n| self.open.get(n).copied())
+        }
+    }
+
+    #[test]
+    fn a_final_on_a_connection_that_stays_open_is_dropped_after_keep_ms() {
+        let mut links = Links::default();
+        links.open("c", 1);
+        let mut kept = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, Some(1), 0);
+        let t = links.tick(&mut kept, 9_999);
+        assert!(t.resend.is_empty());
+        assert_eq!(kept.len(), 1);
+        let t = links.tick(&mut kept, 10_000);
+        assert!(t.resend.is_empty());
+        assert_eq!(t.given_up, 0);
+        assert!(kept.is_empty());
+        assert_eq!(kept.bytes(), 0);
+    }
+
+    #[test]
+    fn finals_on_a_lost_connection_go_again_in_order_on_the_next_one() {
+        let mut links = Links::default();
+        links.open("c", 1);
+        links.open("d", 7);
+        let mut kept = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, Some(1), 0);
+        kept.keep("d", "other", 10, Some(7), 0);
+        kept.keep("c", "r2", 10, Some(1), 100);
+        links.close("c", Link::Lost);
+        // No connection yet: they wait.
+        let t = links.tick(&mut kept, 3_000);
+        assert!(t.resend.is_empty());
+        assert_eq!(kept.len(), 3);
+        links.open("c", 2);
+        let t = links.tick(&mut kept, 3_500);
+        assert_eq!(t.resend, vec![(2, "r1"), (2, "r2")]);
+        // Sent on connection 2 now: kept keep_ms from the resend, not from the first.
+        assert!(links.tick(&mut kept, 12_000).resend.is_empty());
+        assert_eq!(kept.len(), 2, "r1 and r2 are kept, d's is dropped");
+        assert!(links.tick(&mut kept, 13_500).resend.is_empty());
+        assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn a_final_sent_with_no_connection_goes_when_one_opens() {
+        let mut links = Links::default();
+        let mut kept = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, None, 0);
+        assert!(links.tick(&mut kept, 500).resend.is_empty());
+        links.open("c", 3);
+        assert_eq!(links.tick(&mut kept, 1_000).resend, vec![(3, "r1")]);
+        assert!(links.tick(&mut kept, 1_500).resend.is_empty(), "sent once");
+    }
+
+    #[test]
+    fn a_connection_closed_with_its_frames_delivered_sends_nothing_again() {
+        let mut links = Links::default();
+        links.open("c", 1);
+        let mut kept = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, Some(1), 0);
+        links.close("c", Link::Delivered);
+        links.open("c", 2);
+        let t = links.tick(&mut kept, 500);
+        assert!(t.resend.is_empty());
+        assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn a_final_with_no_connection_for_give_up_ms_is_given_up() {
+        let mut links = Links::default();
+        links.open("c", 1);
+        let mut kept = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, Some(1), 0);
+        links.close("c", Link::Lost);
+        let t = links.tick(&mut kept, 59_999);
+        assert_eq!((t.resend.len(), t.given_up), (0, 0));
+        let t = links.tick(&mut kept, 60_000);
+        assert_eq!((t.resend.len(), t.given_up), (0, 1));
+        assert!(kept.is_empty());
+        assert_eq!(kept.bytes(), 0);
+    }
+
+    #[test]
+    fn the_oldest_are_dropped_past_the_bounds() {
+        let mut kept: KeptFinals<u32, &str> = KeptFinals::new(LIMITS);
+        for (i, r) in ["r1", "r2", "r3", "r4"].into_iter().enumerate() {
+            assert_eq!(kept.keep("c", r, 100, None, i as u64), 0);
+        }
+        assert_eq!(kept.keep("c", "r5", 100, None, 4), 1, "past max_reports");
+        assert_eq!((kept.len(), kept.bytes()), (4, 400));
+        assert_eq!(kept.keep("c", "big", 900, None, 5), 3, "past max_bytes");
+        assert_eq!((kept.len(), kept.bytes()), (2, 1_000));
+        // One larger than max_bytes alone is still kept: it is the newest.
+        assert_eq!(kept.keep("c", "huge", 2_000, None, 6), 2);
+        assert_eq!((kept.len(), kept.bytes()), (1, 2_000));
+        let mut links = Links::default();
+        links.open("c", 1);
+        assert_eq!(links.tick(&mut kept, 7).resend, vec![(1, "huge")]);
+    }
+
+    #[test]
+    fn a_node_down_drops_its_finals_only() {
+        let mut kept: KeptFinals<u32, &str> = KeptFinals::new(LIMITS);
+        kept.keep("c", "r1", 10, None, 0);
+        kept.keep("d", "r2", 20, None, 0);
+        kept.keep("c", "r3", 30, None, 0);
+        assert_eq!(kept.forget_node("c"), 2);
+        assert_eq!((kept.len(), kept.bytes()), (1, 20));
+    }
+}

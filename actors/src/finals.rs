@@ -34,36 +34,44 @@ pub struct Limits {
 /// What [`KeptFinals::tick`] found.
 #[derive(Debug)]
 pub struct Tick<C, M> {
-    /// Finals to send again, each on the connection given, in the order first sent.
+    /// Finals to send again, each on the connection given (those that went on one
+    /// connection in the order they went).
     pub resend: Vec<(C, M)>,
     /// Finals given up: no connection to their node for `give_up_ms`.
     pub given_up: usize,
 }
 
-struct Kept<C, M> {
-    node: String,
+struct Kept<M> {
     message: M,
     bytes: usize,
-    /// The connection it last went on; `None` if there was none.
-    on: Option<C>,
     /// When it last went out.
     sent_ms: u64,
     /// When it first went out.
     first_ms: u64,
 }
 
-/// Finals sent and kept, oldest first.
+/// Finals to one node that last went out on one connection (`None`: there was none),
+/// oldest first. A check asks each run's connection once, not each final's.
+struct Run<C, M> {
+    node: String,
+    on: Option<C>,
+    kept: VecDeque<Kept<M>>,
+}
+
+/// Finals sent and kept, in runs by connection.
 pub struct KeptFinals<C, M> {
-    kept: VecDeque<Kept<C, M>>,
+    runs: Vec<Run<C, M>>,
+    len: usize,
     bytes: usize,
     limits: Limits,
 }
 
-impl<C: Clone, M: Clone> KeptFinals<C, M> {
+impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
     /// None kept yet.
     pub fn new(limits: Limits) -> KeptFinals<C, M> {
         KeptFinals {
-            kept: VecDeque::new(),
+            runs: Vec::new(),
+            len: 0,
             bytes: 0,
             limits,
         }
@@ -80,25 +88,59 @@ impl<C: Clone, M: Clone> KeptFinals<C, M> {
         on: Option<C>,
         now_ms: u64,
     ) -> usize {
-        self.kept.push_back(Kept {
-            node: node.to_string(),
+        let kept = Kept {
             message,
             bytes,
-            on,
             sent_ms: now_ms,
             first_ms: now_ms,
-        });
+        };
+        self.run_for(node, on).kept.push_back(kept);
+        self.len += 1;
         self.bytes += bytes;
         let mut dropped = 0;
-        while self.kept.len() > self.limits.max_reports
-            || (self.bytes > self.limits.max_bytes && self.kept.len() > 1)
+        while self.len > self.limits.max_reports
+            || (self.bytes > self.limits.max_bytes && self.len > 1)
         {
-            if let Some(old) = self.kept.pop_front() {
-                self.bytes -= old.bytes;
-                dropped += 1;
-            }
+            self.drop_oldest();
+            dropped += 1;
         }
         dropped
+    }
+
+    /// The run of finals to `node` on `on`, made if there is none.
+    fn run_for(&mut self, node: &str, on: Option<C>) -> &mut Run<C, M> {
+        let at = match self.runs.iter().position(|r| r.node == node && r.on == on) {
+            Some(at) => at,
+            None => {
+                self.runs.push(Run {
+                    node: node.to_string(),
+                    on,
+                    kept: VecDeque::new(),
+                });
+                self.runs.len() - 1
+            }
+        };
+        &mut self.runs[at]
+    }
+
+    /// Drops one of the finals kept longest: the first of the run whose first was sent
+    /// earliest.
+    fn drop_oldest(&mut self) {
+        let oldest = self
+            .runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.kept.front().map(|k| (k.first_ms, i)))
+            .min();
+        if let Some((_, i)) = oldest {
+            if let Some(k) = self.runs[i].kept.pop_front() {
+                self.len -= 1;
+                self.bytes -= k.bytes;
+            }
+            if self.runs[i].kept.is_empty() {
+                self.runs.swap_remove(i);
+            }
+        }
     }
 
     /// At `now_ms`: drops the finals surely delivered, or given up, and says which to
@@ -113,58 +155,78 @@ impl<C: Clone, M: Clone> KeptFinals<C, M> {
         let mut resend = Vec::new();
         let mut given_up = 0;
         let limits = self.limits;
-        let mut freed = 0;
-        self.kept.retain_mut(|k| {
-            let keep = match k.on.as_ref().map(&link) {
-                Some(Link::Open) => now_ms < k.sent_ms.saturating_add(limits.keep_ms),
-                Some(Link::Delivered) => false,
-                Some(Link::Lost) | None => match open(&k.node) {
+        let mut moved = Vec::new();
+        let (mut len, mut bytes) = (self.len, self.bytes);
+        let mut drop_where = |kept: &mut VecDeque<Kept<M>>, gone: &dyn Fn(&Kept<M>) -> bool| {
+            kept.retain(|k| {
+                let keep = !gone(k);
+                if !keep {
+                    len -= 1;
+                    bytes -= k.bytes;
+                }
+                keep
+            });
+        };
+        for run in &mut self.runs {
+            match run.on.as_ref().map(&link) {
+                Some(Link::Open) => {
+                    drop_where(&mut run.kept, &|k| {
+                        now_ms >= k.sent_ms.saturating_add(limits.keep_ms)
+                    });
+                }
+                Some(Link::Delivered) => drop_where(&mut run.kept, &|_| true),
+                Some(Link::Lost) | None => match open(&run.node) {
                     Some(c) => {
-                        resend.push((c.clone(), k.message.clone()));
-                        k.on = Some(c);
-                        k.sent_ms = now_ms;
-                        true
+                        for k in &mut run.kept {
+                            resend.push((c.clone(), k.message.clone()));
+                            k.sent_ms = now_ms;
+                        }
+                        moved.push((run.node.clone(), c, std::mem::take(&mut run.kept)));
                     }
-                    None if now_ms >= k.first_ms.saturating_add(limits.give_up_ms) => {
-                        given_up += 1;
-                        false
+                    None => {
+                        let before = run.kept.len();
+                        drop_where(&mut run.kept, &|k| {
+                            now_ms >= k.first_ms.saturating_add(limits.give_up_ms)
+                        });
+                        given_up += before - run.kept.len();
                     }
-                    None => true,
                 },
-            };
-            if !keep {
-                freed += k.bytes;
             }
-            keep
-        });
-        self.bytes -= freed;
+        }
+        (self.len, self.bytes) = (len, bytes);
+        self.runs.retain(|r| !r.kept.is_empty());
+        for (node, on, kept) in moved {
+            let run = self.run_for(&node, Some(on));
+            // Sent now, after the finals already on that connection.
+            run.kept.extend(kept);
+        }
         Tick { resend, given_up }
     }
 
     /// Drops the finals to `node` (it is down: its tasks are taken over elsewhere). How
     /// many.
     pub fn forget_node(&mut self, node: &str) -> usize {
-        let before = self.kept.len();
-        let mut freed = 0;
-        self.kept.retain(|k| {
-            let keep = k.node != node;
-            if !keep {
-                freed += k.bytes;
+        let mut dropped = 0;
+        self.runs.retain(|r| {
+            if r.node != node {
+                return true;
             }
-            keep
+            dropped += r.kept.len();
+            self.bytes -= r.kept.iter().map(|k| k.bytes).sum::<usize>();
+            false
         });
-        self.bytes -= freed;
-        before - self.kept.len()
+        self.len -= dropped;
+        dropped
     }
 
     /// Finals kept.
     pub fn len(&self) -> usize {
-        self.kept.len()
+        self.len
     }
 
     /// True if none is kept.
     pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
+        self.len == 0
     }
 
     /// Their bytes.
@@ -252,6 +314,33 @@ mod tests {
         assert_eq!(kept.len(), 2, "r1 and r2 are kept, d's is dropped");
         assert!(links.tick(&mut kept, 13_500).resend.is_empty());
         assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn a_check_asks_each_connection_once() {
+        let mut links = Links::default();
+        links.open("c", 1);
+        links.open("d", 2);
+        let mut kept = KeptFinals::new(Limits {
+            max_reports: 100,
+            ..LIMITS
+        });
+        for i in 0..30 {
+            let (node, c) = if i % 3 == 0 { ("d", 2) } else { ("c", 1) };
+            kept.keep(node, "r", 1, Some(c), i);
+        }
+        let asked = std::cell::Cell::new(0);
+        let t = kept.tick(
+            100,
+            |c| {
+                asked.set(asked.get() + 1);
+                links.links[c]
+            },
+            |n| links.open.get(n).copied(),
+        );
+        assert!(t.resend.is_empty());
+        assert_eq!(asked.get(), 2);
+        assert_eq!(kept.len(), 30);
     }
 
     #[test]

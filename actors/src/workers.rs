@@ -44,12 +44,12 @@ const CUT_OFF_CHECK: std::time::Duration = std::time::Duration::from_millis(500)
 const FINALS_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 /// Final REPORTs kept until they surely arrived ([`KeptFinals`]): for 10 s on an open
 /// connection (one that delivers nothing closes after the 3 s idle timeout), for 60 s
-/// at most with no connection to their coordinator's node, and at most 8,192 of them
+/// at most with no connection to their coordinator's node, and at most 65,536 of them
 /// and 32 MiB.
 const FINALS: Limits = Limits {
     keep_ms: 10_000,
     give_up_ms: 60_000,
-    max_reports: 8_192,
+    max_reports: 65_536,
     max_bytes: 32 << 20,
 };
 

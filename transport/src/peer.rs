@@ -455,6 +455,15 @@ pub struct PeerHandle {
     conn: Arc<PeerConn>,
 }
 
+/// Two handles are equal when they are on the same connection.
+impl PartialEq for PeerHandle {
+    fn eq(&self, other: &PeerHandle) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn)
+    }
+}
+
+impl Eq for PeerHandle {}
+
 impl PeerHandle {
     pub(crate) fn new(shared: Arc<Shared>, conn: Arc<PeerConn>) -> PeerHandle {
         PeerHandle { shared, conn }

@@ -736,9 +736,17 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
 async fn resend_finals(mesh: &Mesh, kept: &mut KeptFinals<PeerHandle, Message>, now_ms: u64) {
     let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
     unkept("no_connection", tick.given_up);
+    if tick.resend.is_empty() {
+        return;
+    }
+    let nodes: BTreeSet<&str> = tick.resend.iter().map(|(p, _)| &**p.name()).collect();
+    info!(
+        finals = tick.resend.len(),
+        ?nodes,
+        "sending final REPORTs again: the connection they went on was lost, or there was none"
+    );
+    metrics::counter!("agentmesh_final_reports_resent_total").increment(tick.resend.len() as u64);
     for (peer, message) in tick.resend {
-        debug!(node = %peer.name(), "sending a final REPORT again: the connection it went on was lost");
-        metrics::counter!("agentmesh_final_reports_resent_total").increment(1);
         // If this connection is lost too, the next check sends it again.
         let _ = peer.send(message).await;
     }

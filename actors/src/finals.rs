@@ -276,12 +276,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_final_on_a_connection_that_stays_open_is_dropped_after_keep_ms() {
+    /// Final "r1" to node "c", sent at 0 on connection 1, which is open.
+    fn one_final_on_connection_1() -> (Links, KeptFinals<u32, &'static str>) {
         let mut links = Links::default();
         links.open("c", 1);
         let mut kept = KeptFinals::new(LIMITS);
         kept.keep("c", "r1", 10, Some(1), 0);
+        (links, kept)
+    }
+
+    #[test]
+    fn a_final_on_a_connection_that_stays_open_is_dropped_after_keep_ms() {
+        let (links, mut kept) = one_final_on_connection_1();
         let t = links.tick(&mut kept, 9_999);
         assert!(t.resend.is_empty());
         assert_eq!(kept.len(), 1);
@@ -356,10 +362,7 @@ mod tests {
 
     #[test]
     fn a_connection_closed_with_its_frames_delivered_sends_nothing_again() {
-        let mut links = Links::default();
-        links.open("c", 1);
-        let mut kept = KeptFinals::new(LIMITS);
-        kept.keep("c", "r1", 10, Some(1), 0);
+        let (mut links, mut kept) = one_final_on_connection_1();
         links.close("c", Link::Delivered);
         links.open("c", 2);
         let t = links.tick(&mut kept, 500);
@@ -369,10 +372,7 @@ mod tests {
 
     #[test]
     fn a_final_with_no_connection_for_give_up_ms_is_given_up() {
-        let mut links = Links::default();
-        links.open("c", 1);
-        let mut kept = KeptFinals::new(LIMITS);
-        kept.keep("c", "r1", 10, Some(1), 0);
+        let (mut links, mut kept) = one_final_on_connection_1();
         links.close("c", Link::Lost);
         let t = links.tick(&mut kept, 59_999);
         assert_eq!((t.resend.len(), t.given_up), (0, 0));

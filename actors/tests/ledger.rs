@@ -324,8 +324,11 @@ fn a_shared_list_seen_full_still_finds_workers_freed_or_let_back_in_later() {
 }
 
 /// A task waits for a worker as long as one of its segments runs (that one ends or
-/// times out); one that gets no worker at all, every capable one busy with other work,
-/// fails after `max_wait_ms`, and its running attempts are cancelled.
+/// times out); one that gets no worker at all fails after `max_wait_ms` if no capable
+/// one is at work: here the only one is busy, but its last two attempts here failed
+/// (a busy worker that has not failed here since its last success keeps a task waiting
+/// however long: `ledger::tests::a_task_queued_behind_work_waits_for_it`). Its running
+/// attempts are cancelled.
 #[test]
 fn capacity_is_respected_and_the_rest_waits_then_fails_if_nothing_frees_up() {
     let config = LedgerConfig {
@@ -350,7 +353,8 @@ fn capacity_is_respected_and_the_rest_waits_then_fails_if_nothing_frees_up() {
     assert!(drain(&mut l).is_empty());
     l.assign(task(), &one, 700);
     assert!(drain(&mut l).is_empty());
-    // One attempt fails; the worker is busy with other work from then on.
+    // One attempt fails; the worker is busy with other work from then on, and fails
+    // here again below: it is not counted at work.
     l.handle_failure(task(), running[0].0, running[0].1, "worker stopped", 800);
     let _ = drain(&mut l);
     let busy = [Candidate {

@@ -181,7 +181,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
                             resend.push((c.clone(), k.message.clone()));
                             k.sent_ms = now_ms;
                         }
-                        moved.push((run.node.clone(), c, std::mem::take(&mut run.kept)));
+                        moved.push((run.node.clone(), Some(c), std::mem::take(&mut run.kept)));
                     }
                     None => {
                         let before = run.kept.len();
@@ -189,6 +189,11 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
                             now_ms >= k.first_ms.saturating_add(limits.give_up_ms)
                         });
                         given_up += before - run.kept.len();
+                        if run.on.is_some() {
+                            // The lost connection is let go (its handle holds its
+                            // queues); the finals wait for the next one as unsent.
+                            moved.push((run.node.clone(), None, std::mem::take(&mut run.kept)));
+                        }
                     }
                 },
             }
@@ -196,8 +201,8 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         (self.len, self.bytes) = (len, bytes);
         self.runs.retain(|r| !r.kept.is_empty());
         for (node, on, kept) in moved {
-            let run = self.run_for(&node, Some(on));
-            // Sent now, after the finals already on that connection.
+            let run = self.run_for(&node, on);
+            // After the finals already there (sent earlier on that connection).
             run.kept.extend(kept);
         }
         Tick { resend, given_up }
@@ -368,6 +373,30 @@ mod tests {
         let t = links.tick(&mut kept, 500);
         assert!(t.resend.is_empty());
         assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn a_lost_connection_is_let_go_while_its_finals_wait() {
+        let (mut links, mut kept) = one_final_on_connection_1();
+        links.close("c", Link::Lost);
+        let asked = std::cell::Cell::new(0);
+        let tick = |kept: &mut KeptFinals<u32, &'static str>, links: &Links, now| {
+            kept.tick(
+                now,
+                |c| {
+                    asked.set(asked.get() + 1);
+                    links.links[c]
+                },
+                |n| links.open.get(n).copied(),
+            )
+        };
+        assert!(tick(&mut kept, &links, 100).resend.is_empty());
+        assert_eq!(asked.get(), 1);
+        assert!(tick(&mut kept, &links, 200).resend.is_empty());
+        assert_eq!(asked.get(), 1, "connection 1 is no longer held");
+        assert_eq!((kept.len(), kept.bytes()), (1, 10));
+        links.open("c", 2);
+        assert_eq!(tick(&mut kept, &links, 300).resend, vec![(2, "r1")]);
     }
 
     #[test]

@@ -1057,6 +1057,14 @@ impl CoordinatorState {
         if let Some(error) = report.error {
             match report.refused {
                 Some(refusal) => {
+                    if !self
+                        .ledger
+                        .handle_refusal(task, segment, attempt, &error, now)
+                    {
+                        // A copy (sent again after a lost connection), or late: it
+                        // changes nothing, and does not keep the agent out again.
+                        return debug!(%task, segment, attempt, agent, "refusal of an attempt that had ended");
+                    }
                     info!(%task, segment, attempt, agent, ?refusal, %error, "allocation refused by the worker's node");
                     metrics::counter!("agentmesh_allocations_refused_total", "refused" => refusal.name())
                         .increment(1);
@@ -1069,8 +1077,6 @@ impl CoordinatorState {
                             now,
                         );
                     }
-                    self.ledger
-                        .handle_refusal(task, segment, attempt, &error, now);
                 }
                 None => {
                     info!(%task, segment, attempt, %error, "attempt failed");

@@ -1042,7 +1042,9 @@ impl Ledger {
     /// The worker's node refused the attempt without running it (its policy or rate
     /// limit, or no such agent there): the segment waits for another worker. Not a
     /// failure: neither the worker's breaker nor the segment's attempts nor the retry
-    /// budget count it; [`MAX_REFUSALS`] bounds how often it may happen.
+    /// budget count it; [`MAX_REFUSALS`] bounds how often it may happen. False if the
+    /// attempt had ended already (a copy of the refusal, sent again after a lost
+    /// connection, or one that came after the attempt was given up): nothing changes.
     pub fn handle_refusal(
         &mut self,
         task_id: Uuid,
@@ -1050,10 +1052,12 @@ impl Ledger {
         attempt: u32,
         reason: &str,
         now_ms: u64,
-    ) {
-        if self.end_attempt(task_id, segment, attempt).is_some() {
+    ) -> bool {
+        let ended = self.end_attempt(task_id, segment, attempt).is_some();
+        if ended {
             self.requeue(task_id, segment, now_ms, reason, Requeue::Refused);
         }
+        ended
     }
 
     /// Every attempt running on `node` is lost: reallocate them all. These are not
@@ -1606,7 +1610,9 @@ mod tests {
                 vec![(0, attempt)],
                 "the breaker stays shut"
             );
-            l.handle_refusal(task, 0, attempt, "rate limited", u64::from(attempt));
+            assert!(l.handle_refusal(task, 0, attempt, "rate limited", u64::from(attempt)));
+            // A copy of it (sent again after a lost connection) changes nothing.
+            assert!(!l.handle_refusal(task, 0, attempt, "rate limited", u64::from(attempt)));
         }
         assert_eq!(failure(&mut l), None);
         l.assign(task, &one, 100);

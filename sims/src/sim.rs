@@ -1049,9 +1049,11 @@ impl Sim {
                         }
                     }
                     // Costs the segment no attempt; it waits for another agent.
-                    Outcome::Refused => self.nodes[to]
-                        .ledger
-                        .handle_refusal(task, segment, attempt, "no_agent", now_ms),
+                    Outcome::Refused => {
+                        self.nodes[to]
+                            .ledger
+                            .handle_refusal(task, segment, attempt, "no_agent", now_ms);
+                    }
                     Outcome::Failed => self.nodes[to]
                         .ledger
                         .handle_failure(task, segment, attempt, "failed", now_ms),

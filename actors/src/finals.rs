@@ -50,8 +50,9 @@ struct Kept<M> {
     first_ms: u64,
 }
 
-/// Finals to one node that last went out on one connection (`None`: there was none),
-/// oldest first. A check asks each run's connection once, not each final's.
+/// Finals to one node that last went out on one connection (`None`: there was none,
+/// or it was lost and let go), oldest first. A check asks each run's connection once,
+/// not each final's.
 struct Run<C, M> {
     node: String,
     on: Option<C>,

@@ -46,9 +46,10 @@ use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint, CheckpointAck, OpenTask,
-    SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
-    AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION, MAX_LABEL_LEN, STANDBY_SERVICE,
+    done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
+    CheckpointAck, OpenTask, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus,
+    TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
+    MAX_LABEL_LEN, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -1703,7 +1704,7 @@ impl CoordinatorState {
                             .iter()
                             .filter_map(|&s| Some((s, outcome.results.get(s as usize)?.clone())))
                             .collect();
-                        let bytes = done.iter().map(|(_, r)| r.0.len()).sum::<usize>();
+                        let bytes = done_bytes(&done);
                         if bytes <= *room {
                             *room -= bytes;
                             notice.done = done;

@@ -305,9 +305,13 @@ pub struct TaskCheckpoint {
 impl TaskCheckpoint {
     /// Bytes of segment results it carries: in `done`, and in an outcome.
     pub fn result_bytes(&self) -> usize {
-        let done: usize = self.done.iter().map(|(_, r)| r.0.len()).sum();
-        done + self.outcome.as_ref().map_or(0, TaskOutcome::result_bytes)
+        done_bytes(&self.done) + self.outcome.as_ref().map_or(0, TaskOutcome::result_bytes)
     }
+}
+
+/// Bytes of the results in a checkpoint's `done`.
+pub(crate) fn done_bytes(done: &[(u32, serde_bytes_vec::Blob)]) -> usize {
+    done.iter().map(|(_, r)| r.0.len()).sum()
 }
 
 /// A task's figures so far, carried in checkpoints so that a standby that takes the

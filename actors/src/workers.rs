@@ -714,15 +714,16 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
                 let sent = mesh.send_acp_via(&node, out.message.clone()).await;
                 let on = match &sent {
                     Ok(None) => continue, // To this node itself: handed over.
-                    Ok(Some(peer)) => Some(Some(peer.clone())),
                     // It can never go: nothing to keep.
-                    Err(SendError::Transport(TransportError::Unframeable(_))) => None,
+                    Err(e @ SendError::Transport(TransportError::Unframeable(_))) => {
+                        debug!(%node, error = %e, "frame not sent");
+                        continue;
+                    }
+                    Ok(Some(peer)) => Some(peer.clone()),
                     // No connection now: it goes when there is one.
-                    Err(_) => Some(None),
+                    Err(_) => None,
                 };
-                if let Some(on) = on {
-                    unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
-                }
+                unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
                 sent.map(drop)
             }
         };

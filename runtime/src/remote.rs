@@ -834,15 +834,7 @@ impl Mesh {
     /// Sends an ACP message to `node` on the lane its Stream Prio picks; to this node
     /// itself it is handed straight to the local consumer.
     pub async fn send_acp(&self, node: &str, message: Message) -> Result<(), SendError> {
-        if node == self.inner.node {
-            self.on_acp(node, message);
-            return Ok(());
-        }
-        self.peer_ready(node)
-            .await?
-            .send(message)
-            .await
-            .map_err(SendError::from)
+        self.send_acp_via(node, message).await.map(drop)
     }
 
     /// [`Mesh::send_acp`], returning the connection the message went on (`None` to this

@@ -1235,7 +1235,11 @@ impl CoordinatorState {
                 debug!(%task, %standby, "too many task ends waiting for their standbys: this one is not told");
             }
         }
-        self.ended.record(&outcome);
+        // One that moved to another coordinator did not end: that one may later have
+        // this node hold it, and take it over again.
+        if !meta.moved {
+            self.ended.record(&outcome);
+        }
         if let Some(reply) = meta.reply {
             let _ = reply.send(outcome);
         }
@@ -1451,14 +1455,32 @@ impl CoordinatorState {
                 ..CheckpointAck::default()
             };
         }
-        // A task taken over here that has ended since is not held again either: its
-        // former coordinator, back from being held down, would otherwise have it
-        // held again for a second takeover.
+        // A task that runs here is not held: its sender is a coordinator of it from
+        // before a takeover here, back from being held down. Unless the sender's copy
+        // is of a later coordinator than this one's (a higher generation): then this
+        // one is that earlier coordinator, and its copy gives way (below). A task that
+        // ended here is not held again either, or its former coordinator would have it
+        // held for a second takeover. (One that moved from here to its standby is not
+        // among those ended here.)
+        let superseded: Vec<Uuid> = checkpoint
+            .tasks
+            .iter()
+            .filter(|part| {
+                let (Some(open), Some(meta)) = (&part.open, self.tasks.get(&part.task)) else {
+                    return false;
+                };
+                open.generation > meta.generation
+            })
+            .map(|part| part.task)
+            .collect();
         let (tasks, ended) = (&self.tasks, &self.ended);
         let now = self.now_ms();
         let ack = match self.standby.apply(
             checkpoint,
-            |t| tasks.contains_key(&t) || !matches!(ended.get(t), Ended::Unknown),
+            |t| {
+                (tasks.contains_key(&t) && !superseded.contains(&t))
+                    || !matches!(ended.get(t), Ended::Unknown)
+            },
             now,
         ) {
             Ok(ack) => ack,
@@ -1470,6 +1492,20 @@ impl CoordinatorState {
                 return CheckpointAck::default();
             }
         };
+        for task in superseded {
+            let Some(meta) = self.tasks.get_mut(&task) else {
+                continue;
+            };
+            warn!(%task, node = %primary, "node took the task over while this node was held down, and runs it now: this node's copy, of an earlier coordinator, ends");
+            // Its client is told the task is not here, and asks the others.
+            meta.moved = true;
+            self.ledger.fail_task(
+                task,
+                format!(
+                    "taken over by node {primary} while this node was held down; it runs there now"
+                ),
+            );
+        }
         // Clients waiting here for a task that has now ended at its coordinator: they
         // get the outcome it sent along, if it did, or are told to ask the others.
         let gone: Vec<Uuid> = self
@@ -1677,8 +1713,8 @@ impl CoordinatorState {
     }
 
     /// The notice that tells a standby to forget `task`: whether the task ended here
-    /// (rather than moved to another standby; a task that moved and then ended here
-    /// ended too) and, while the ended-task cache has it and it fits in `room`, its
+    /// (rather than moved to another standby, or to the standby that took it over;
+    /// a task that moved and then ended here ended too) and, while the ended-task cache has it and it fits in `room`, its
     /// outcome. When the standby holds all but the `unheld` segments' results, only
     /// those go, with the outcome less its results (`outcome_from_held`).
     fn end_notice(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut usize) -> TaskCheckpoint {
@@ -1693,7 +1729,6 @@ impl CoordinatorState {
             so_far: SoFar::default(),
         };
         match self.ended.get(task) {
-            Ended::Outcome(outcome) if outcome.unknown => {}
             Ended::Outcome(outcome) => {
                 notice.finished = true;
                 let complete = outcome.status == TaskStatus::Completed

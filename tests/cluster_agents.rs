@@ -865,6 +865,67 @@ fn adjust_steers_a_running_task_and_cancel_ends_it() {
     assert!(started.elapsed() < Duration::from_secs(5), "{outcome}");
 }
 
+/// The task's node (n0) is SIGKILLed and n1 takes the task over; `adjust`, sent to
+/// n2, which does not run it, finds it at n1, steers it and cancels it. Before, a task
+/// could be steered only at the node that runs it: n2 answered that no such task ran
+/// there, and a user had to find the node that took the task over.
+#[test]
+fn adjust_sent_to_any_member_finds_a_task_taken_over() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-adjust-moved");
+    // 12 segments of 10 s on 6 replicas: running for a while yet when steered.
+    let submit = cluster.submit(0, &sleep_task("12", "10000"));
+    let line = first.expect(&["task submitted"]);
+    let task = line
+        .split("task=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1_000));
+    first.kill();
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+
+    let adjust = |extra: &[&str]| {
+        let mut args = vec!["adjust", "--to", &cluster.addrs[2], "--task", &task];
+        args.extend(extra);
+        let out = cluster.run(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = adjust(&["--priority", "200"]);
+    assert!(said.starts_with("adjusted "), "{said}");
+    let said = adjust(&["--cancel"]);
+    assert!(
+        said.starts_with(&format!("cancelled task {task}")),
+        "{said}"
+    );
+    second.expect(&["task cancelled", &task]);
+    let (status, outcome) = outcome_within(submit, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{outcome}");
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert_eq!(outcome["reason"], "cancelled", "{outcome}");
+
+    // A task no member runs: a clear error, exit code 1.
+    let out = cluster.run(&[
+        "adjust",
+        "--to",
+        &cluster.addrs[2],
+        "--task",
+        &task,
+        "--cancel",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("no member runs task {task}")),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
     let cluster = Cluster::new("agents-none", 1);

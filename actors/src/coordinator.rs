@@ -761,6 +761,7 @@ impl CoordinatorState {
             return AdjustAnswer {
                 sent: 0,
                 error: Some(format!("no task {} runs here", request.task)),
+                unknown: true,
             };
         };
         if let Some(p) = request.priority {
@@ -774,6 +775,7 @@ impl CoordinatorState {
             return AdjustAnswer {
                 sent: running,
                 error: None,
+                unknown: false,
             };
         }
         let mut sent = 0;
@@ -792,7 +794,11 @@ impl CoordinatorState {
                 sent += 1;
             }
         }
-        AdjustAnswer { sent, error: None }
+        AdjustAnswer {
+            sent,
+            error: None,
+            unknown: false,
+        }
     }
 
     /// Offers the waiting segments of every task to capable workers. Tasks that need

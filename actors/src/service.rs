@@ -528,6 +528,10 @@ pub struct AdjustAnswer {
     pub sent: u32,
     /// Why nothing was done, if so.
     pub error: Option<String>,
+    /// The task does not run here (with `error`): another member may coordinate it,
+    /// one that took it over, say. Absent from older nodes: false.
+    #[serde(default)]
+    pub unknown: bool,
 }
 
 impl RemoteMessage for AdjustAnswer {

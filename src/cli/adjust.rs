@@ -1,16 +1,20 @@
 //! `agentmesh adjust`: steers a running task at the node that coordinates it: new
 //! parameters or priority for every attempt running (ADJUST, urgent lane), or cancel.
+//! Any member finds it: a task runs at the node it was submitted to until that node
+//! goes down, and then at the one that took it over.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use tracing::debug;
 use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::service::{AdjustAnswer, AdjustRequest, ADJUST_SERVICE};
-use crate::runtime::{Client, RemoteMessage};
+use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 
 #[derive(Debug, Args)]
@@ -54,19 +58,7 @@ pub fn prepare(args: &AdjustArgs) -> anyhow::Result<(NodeIdentity, AdjustRequest
 }
 
 pub fn run(args: AdjustArgs, identity: NodeIdentity, request: AdjustRequest) -> anyhow::Result<()> {
-    let answer: AdjustAnswer = runtime()?.block_on(async {
-        let mut c = Client::connect(&identity, args.client.to).await?;
-        let answer = c
-            .request(
-                ADJUST_SERVICE,
-                <AdjustRequest as RemoteMessage>::KIND,
-                &request,
-                Duration::from_secs(10),
-            )
-            .await;
-        c.close().await;
-        anyhow::Ok(answer?)
-    })?;
+    let answer = runtime()?.block_on(adjust_where_it_runs(&identity, args.client.to, &request))?;
     if let Some(error) = answer.error {
         bail!("{error}");
     }
@@ -82,4 +74,73 @@ pub fn run(args: AdjustArgs, identity: NodeIdentity, request: AdjustRequest) -> 
         );
     }
     Ok(())
+}
+
+/// How long a node has to answer an adjustment, or to list its members.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `request` to the node at `to`, and if the task does not run there, to each
+/// other member that node holds up, until one coordinates it. Its answer, or the
+/// first node's with why no member took it.
+async fn adjust_where_it_runs(
+    identity: &NodeIdentity,
+    to: SocketAddr,
+    request: &AdjustRequest,
+) -> anyhow::Result<AdjustAnswer> {
+    let mut client = Client::connect(identity, to).await?;
+    let answer = ask(&mut client, request).await;
+    let members = match &answer {
+        Ok(a) if a.unknown => status_of(&mut client, to, ANSWER_TIMEOUT.as_millis() as u64)
+            .await
+            .ok(),
+        _ => None,
+    };
+    client.close().await;
+    let answer = answer?;
+    let Some(report) = members else {
+        return Ok(answer);
+    };
+    let others = report
+        .members
+        .iter()
+        .filter(|m| m.state == MemberState::Up && m.name != report.node);
+    let (mut asked, mut unreachable) = (0, 0);
+    for member in others {
+        let there = async {
+            let mut client = Client::connect(identity, member.addr).await?;
+            let answer = ask(&mut client, request).await;
+            client.close().await;
+            answer
+        };
+        match there.await {
+            Ok(answer) if !answer.unknown => return Ok(answer),
+            Ok(_) => asked += 1,
+            Err(e) => {
+                debug!(node = %member.name, error = %e, "could not ask this member");
+                unreachable += 1;
+            }
+        }
+    }
+    let mut error = format!(
+        "no member runs task {} (asked {} and {asked} other member(s)): it ended, or never ran",
+        request.task, report.node
+    );
+    if unreachable > 0 {
+        error.push_str(&format!("; {unreachable} member(s) could not be asked"));
+    }
+    Ok(AdjustAnswer {
+        error: Some(error),
+        ..answer
+    })
+}
+
+async fn ask(client: &mut Client, request: &AdjustRequest) -> Result<AdjustAnswer, ClientError> {
+    client
+        .request(
+            ADJUST_SERVICE,
+            <AdjustRequest as RemoteMessage>::KIND,
+            request,
+            ANSWER_TIMEOUT,
+        )
+        .await
 }

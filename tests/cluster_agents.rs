@@ -865,10 +865,12 @@ fn adjust_steers_a_running_task_and_cancel_ends_it() {
     assert!(started.elapsed() < Duration::from_secs(5), "{outcome}");
 }
 
-/// The task's node (n0) is SIGKILLed and n1 takes the task over; `adjust`, sent to
-/// n2, which does not run it, finds it at n1, steers it and cancels it. Before, a task
-/// could be steered only at the node that runs it: n2 answered that no such task ran
-/// there, and a user had to find the node that took the task over.
+/// `adjust`, sent to n2, finds the task at its node (n0) and raises its priority. n0
+/// is SIGKILLed and n1 takes the task over, at the new priority; `adjust`, sent to n2
+/// again, finds it at n1, steers it and cancels it. Before, a task could be steered
+/// only at the node that runs it: n2 answered that no such task ran there, and a user
+/// had to find the node that took the task over; and a taker-over ran the task at
+/// the priority it was submitted with.
 #[test]
 fn adjust_sent_to_any_member_finds_a_task_taken_over() {
     let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-adjust-moved");
@@ -881,10 +883,6 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap()
         .to_string();
-    std::thread::sleep(Duration::from_millis(1_000));
-    first.kill();
-    second.expect(&["took over a task from a node that went down", "from=n0"]);
-
     let adjust = |extra: &[&str]| {
         let mut args = vec!["adjust", "--to", &cluster.addrs[2], "--task", &task];
         args.extend(extra);
@@ -897,6 +895,17 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let said = adjust(&["--priority", "200"]);
+    assert!(said.starts_with("adjusted "), "{said}");
+    // Its standby has the new priority within a checkpoint's round trip.
+    std::thread::sleep(Duration::from_millis(1_000));
+    first.kill();
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+    let out = cluster.run(&["status", "--json", "--to", &cluster.addrs[1]]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["tasks"][0]["task"], task.as_str(), "{status}");
+    assert_eq!(status["tasks"][0]["priority"], 200, "{status}");
+
+    let said = adjust(&["--param", "temperature=0.2"]);
     assert!(said.starts_with("adjusted "), "{said}");
     let said = adjust(&["--cancel"]);
     assert!(

@@ -766,6 +766,8 @@ impl CoordinatorState {
         };
         if let Some(p) = request.priority {
             meta.priority = p;
+            // Its standby runs it at this one if it takes it over.
+            self.dirty.insert(request.task);
         }
         let group = meta.group;
         if request.cancel {
@@ -1654,6 +1656,7 @@ impl CoordinatorState {
                     running: self.ledger.running(task),
                     ..meta.so_far(&figures)
                 },
+                priority: Some(meta.priority),
             });
         }
         for (node, ended) in self.forget_notices.take(ready) {
@@ -1733,6 +1736,7 @@ impl CoordinatorState {
             outcome: None,
             outcome_from_held: None,
             so_far: SoFar::default(),
+            priority: None,
         };
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {

@@ -300,6 +300,11 @@ pub struct TaskCheckpoint {
     /// The task's figures so far at its coordinator (absent from older nodes: zero).
     #[serde(default)]
     pub so_far: SoFar,
+    /// The task's priority now, which `agentmesh adjust` may have changed since its
+    /// `open`: a coordinator that takes the task over runs it at this one. Absent
+    /// (older nodes, end notices): as in its `open`.
+    #[serde(default)]
+    pub priority: Option<u8>,
 }
 
 impl TaskCheckpoint {

@@ -336,6 +336,9 @@ impl Standby {
             };
             held.so_far = so_far;
             held.so_far_ms = now_ms;
+            if let Some(priority) = part.priority {
+                held.open.request.priority = Some(priority);
+            }
             let segments = held.open.request.inputs.len();
             let mut over = false;
             for (segment, result) in part.done {
@@ -459,6 +462,7 @@ mod tests {
             outcome: None,
             outcome_from_held: None,
             so_far: SoFar::default(),
+            priority: None,
         }
     }
 
@@ -475,6 +479,7 @@ mod tests {
             outcome: None,
             outcome_from_held: None,
             so_far: SoFar::default(),
+            priority: None,
         }
     }
 
@@ -744,8 +749,10 @@ mod tests {
             duplicates_discarded: 1,
             running: 3,
         };
+        // With a priority changed since the start (`agentmesh adjust`).
         let figures = TaskCheckpoint {
             so_far,
+            priority: Some(200),
             ..done(1, &[])
         };
         s.apply(from("a", vec![figures]), no, 40).unwrap();
@@ -754,6 +761,13 @@ mod tests {
             (held.so_far, held.so_far_ms),
             (so_far, 40),
             "the latest figures"
+        );
+        // A part with no priority leaves it as it was.
+        s.apply(from("a", vec![done(1, &[])]), no, 40).unwrap();
+        assert_eq!(
+            s.held[&Uuid::from_u128(1)].open.request.priority,
+            Some(200),
+            "the latest priority"
         );
         let ended = TaskCheckpoint {
             ended: true,

@@ -121,13 +121,18 @@ async fn adjust_where_it_runs(
             }
         }
     }
-    let mut error = format!(
-        "no member runs task {} (asked {} and {asked} other member(s)): it ended, or never ran",
-        request.task, report.node
+    let asked = match (asked, unreachable) {
+        (0, 0) => format!("asked {}, the only member up", report.node),
+        (n, 0) => format!("asked {} and {n} other member(s)", report.node),
+        (n, u) => format!(
+            "asked {} and {n} other member(s); {u} could not be asked",
+            report.node
+        ),
+    };
+    let error = format!(
+        "no member runs task {}: it ended, or never ran ({asked})",
+        request.task
     );
-    if unreachable > 0 {
-        error.push_str(&format!("; {unreachable} member(s) could not be asked"));
-    }
     Ok(AdjustAnswer {
         error: Some(error),
         ..answer

@@ -935,6 +935,29 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
     );
 }
 
+/// `submit --segment-timeout-ms` gives a task's attempts a timeout of their own: with
+/// 1 s for segments of 2.5 s, each segment is started again on another replica before
+/// its first attempt ends (whose result, the first, is still taken). With the default
+/// 30 s none would be.
+#[test]
+fn a_tasks_own_segment_timeout_applies_to_its_attempts() {
+    let cluster = Cluster::new("agents-segment-timeout", 1);
+    let _node = cluster.start(0, &["--agents", "sleep=4"]);
+    cluster.wait_for_agents(0, 1);
+    let (status, task) = outcome(
+        cluster.submit(
+            0,
+            &[
+                &sleep_task("2", "2500")[..],
+                &["--segment-timeout-ms", "1000", "--results"],
+            ]
+            .concat(),
+        ),
+    );
+    completed_with_every_result(status, &task, 2, 2500);
+    assert!(task["reallocated"].as_u64().unwrap() >= 2, "{task}");
+}
+
 #[test]
 fn a_task_for_a_capability_nobody_has_fails_with_a_reason() {
     let cluster = Cluster::new("agents-none", 1);
@@ -995,6 +1018,17 @@ fn bad_submit_and_node_arguments_are_refused_with_exit_code_2() {
             "4",
             "--input",
             big,
+        ],
+        vec![
+            "submit",
+            "--to",
+            "127.0.0.1:1",
+            "--capability",
+            "x",
+            "--segments",
+            "1",
+            "--segment-timeout-ms",
+            "0",
         ],
         vec!["node", "--agents", "bogus=1"],
         vec!["node", "--agents", "sleep=0"],

@@ -49,7 +49,7 @@ use crate::service::{
     done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
     CheckpointAck, OpenTask, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus,
     TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
-    MAX_LABEL_LEN, STANDBY_SERVICE,
+    MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -211,6 +211,8 @@ struct TaskMeta {
     tags: Vec<String>,
     group: u16,
     priority: u8,
+    /// Its own segment timeout, as submitted (none: the coordinator's).
+    segment_timeout_ms: Option<u64>,
     inputs: Vec<Bytes>,
     /// Latest progress of each segment's running attempt, in thousandths.
     progress: HashMap<u32, u16>,
@@ -246,6 +248,7 @@ impl TaskMeta {
             tags: request.tags,
             group: request.group,
             priority,
+            segment_timeout_ms: request.segment_timeout_ms,
             inputs: request
                 .inputs
                 .into_iter()
@@ -312,7 +315,6 @@ pub struct CoordinatorState {
     discovery: ActorRef<DiscoveryMsg>,
     policy: PolicyStore,
     ledger: Ledger,
-    config: LedgerConfig,
     tasks: HashMap<Uuid, TaskMeta>,
     /// Every attempt started, with the agent and node it was given to, until its task
     /// ends: a result is trusted only from them (a late one from a dead node too).
@@ -455,7 +457,6 @@ impl Actor for Coordinator {
             discovery: args.discovery,
             policy: args.policy,
             ledger: Ledger::new(args.ledger, seed),
-            config: args.ledger,
             tasks: HashMap::new(),
             attempts: HashMap::new(),
             epoch: Instant::now(),
@@ -728,11 +729,23 @@ impl CoordinatorState {
             )));
             return;
         }
+        if request
+            .segment_timeout_ms
+            .is_some_and(|t| !(1..=MAX_SEGMENT_TIMEOUT_MS).contains(&t))
+        {
+            let _ = reply.send(refuse(format!(
+                "a segment timeout is 1..={MAX_SEGMENT_TIMEOUT_MS} ms"
+            )));
+            return;
+        }
         let first_attempt = generation * GENERATION_ATTEMPTS + 1;
         let now = self.now_ms();
         if let Err(e) = self.ledger.resume(task, segments, [], first_attempt, now) {
             let _ = reply.send(refuse(e.to_string()));
             return;
+        }
+        if let Some(timeout_ms) = request.segment_timeout_ms {
+            self.ledger.set_segment_timeout(task, timeout_ms);
         }
         let priority = request
             .priority
@@ -1122,7 +1135,10 @@ impl CoordinatorState {
                         segment,
                         attempt,
                         capability: meta.capability.clone(),
-                        timeout_ms: self.config.segment_timeout_ms.min(u64::from(u32::MAX)) as u32,
+                        timeout_ms: self
+                            .ledger
+                            .segment_timeout_ms(task)
+                            .min(u64::from(u32::MAX)) as u32,
                         input: meta
                             .inputs
                             .get(segment as usize)
@@ -1429,6 +1445,9 @@ impl CoordinatorState {
         {
             return warn!(%task, error = %e, "a task held for a node that went down could not be taken over");
         }
+        if let Some(timeout_ms) = request.segment_timeout_ms {
+            self.ledger.set_segment_timeout(task, timeout_ms);
+        }
         info!(%task, from = %node, done = done_log.len(), segments, "took over a task from a node that went down");
         metrics::counter!("agentmesh_tasks_taken_over_total").increment(1);
         let priority = request
@@ -1622,6 +1641,7 @@ impl CoordinatorState {
                         attach: false,
                         adopt_from: None,
                         waited_ms: 0,
+                        segment_timeout_ms: meta.segment_timeout_ms,
                     },
                     generation: meta.generation,
                 }

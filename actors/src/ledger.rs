@@ -218,7 +218,8 @@ pub fn service_order(waiting: &mut [(u8, u64, Uuid)]) {
 /// Tuning of the ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerConfig {
-    /// How long an attempt may run before it is retried elsewhere.
+    /// How long an attempt may run before it is retried elsewhere, for a task with
+    /// no timeout of its own ([`Ledger::set_segment_timeout`]).
     pub segment_timeout_ms: u64,
     /// Attempts per segment before the task fails.
     pub max_attempts: u32,
@@ -488,6 +489,8 @@ struct Task {
     /// The agents running its attempts, with how many each (what [`Ledger::holders`]
     /// lists in every ALLOCATE, without a pass over the segments).
     holders: BTreeMap<u32, u32>,
+    /// Its own segment timeout, if it has one (else the config's).
+    segment_timeout_ms: Option<u64>,
 }
 
 impl Task {
@@ -818,6 +821,7 @@ impl Ledger {
                 last_active_ms: now_ms,
                 next_pending: 0,
                 holders: BTreeMap::new(),
+                segment_timeout_ms: None,
             },
         );
         self.waiting.insert(task);
@@ -867,6 +871,23 @@ impl Ledger {
             .unwrap_or(0) as u32;
         self.maybe_complete(task_id);
         Ok(())
+    }
+
+    /// Gives `task_id` a segment timeout of its own: how long each of its attempts
+    /// started from now on may run before it is retried elsewhere (the config's
+    /// `segment_timeout_ms` is for tasks with none).
+    pub fn set_segment_timeout(&mut self, task_id: Uuid, timeout_ms: u64) {
+        if let Some(task) = self.tasks.get_mut(&task_id) {
+            task.segment_timeout_ms = Some(timeout_ms);
+        }
+    }
+
+    /// How long an attempt of `task_id` may run before it is retried elsewhere.
+    pub fn segment_timeout_ms(&self, task_id: Uuid) -> u64 {
+        self.tasks
+            .get(&task_id)
+            .and_then(|t| t.segment_timeout_ms)
+            .unwrap_or(self.config.segment_timeout_ms)
     }
 
     /// The accepted result of a segment, if it has one.
@@ -1206,7 +1227,7 @@ impl Ledger {
         is_retry: bool,
         now_ms: u64,
     ) {
-        let deadline_ms = now_ms + self.config.segment_timeout_ms;
+        let deadline_ms = now_ms + self.segment_timeout_ms(task_id);
         let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
         };
@@ -1819,5 +1840,36 @@ mod tests {
         l.handle_timeout(300);
         assert_eq!(l.next_wakeup_ms(), Some(600));
         assert!(l.has_pending(early) && !l.has_pending(late));
+    }
+
+    /// A task with a segment timeout of its own has its attempts retried after it;
+    /// one with none, after the config's.
+    #[test]
+    fn a_tasks_own_segment_timeout_is_its_attempts_deadline() {
+        let config = LedgerConfig {
+            segment_timeout_ms: 1_000,
+            ..LedgerConfig::default()
+        };
+        let mut l = Ledger::new(config, 7);
+        let (long, short, default) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        for task in [long, short, default] {
+            l.submit(task, 1, 0).unwrap();
+        }
+        l.set_segment_timeout(long, 60_000);
+        l.set_segment_timeout(short, 200);
+        assert_eq!(l.segment_timeout_ms(long), 60_000);
+        assert_eq!(l.segment_timeout_ms(default), 1_000);
+        for task in [long, short, default] {
+            l.assign(task, &workers(3), 0);
+        }
+        assert_eq!(allocations(&mut l).len(), 3);
+        assert_eq!(l.next_wakeup_ms(), Some(200));
+        l.handle_timeout(200);
+        assert!(l.has_pending(short) && !l.has_pending(default) && !l.has_pending(long));
+        l.handle_timeout(1_000);
+        assert!(l.has_pending(default) && !l.has_pending(long));
+        assert_eq!(l.next_wakeup_ms(), Some(60_000));
+        l.handle_timeout(59_999);
+        assert!(!l.has_pending(long), "running until its own timeout");
     }
 }

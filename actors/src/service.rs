@@ -87,10 +87,18 @@ pub struct SubmitRequest {
     /// count from then, not from the adoption.
     #[serde(default)]
     pub waited_ms: u64,
+    /// How long each attempt of a segment may run before the coordinator starts the
+    /// segment again elsewhere, in ms, 1..=[`MAX_SEGMENT_TIMEOUT_MS`] (absent: the
+    /// coordinator's, 30 s). Work that takes longer than that, a long model call say,
+    /// needs a longer one, or each segment runs on several workers at once.
+    #[serde(default)]
+    pub segment_timeout_ms: Option<u64>,
 }
 
 /// The longest task label accepted.
 pub const MAX_LABEL_LEN: usize = 128;
+/// The longest segment timeout a task may ask for: a day.
+pub const MAX_SEGMENT_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
 impl SubmitRequest {
     /// A task of one segment per input, each needing `capability`: no tags, its
@@ -108,7 +116,15 @@ impl SubmitRequest {
             attach: false,
             adopt_from: None,
             waited_ms: 0,
+            segment_timeout_ms: None,
         }
+    }
+
+    /// How long each attempt of a segment may run before it is started again
+    /// elsewhere (see [`SubmitRequest::segment_timeout_ms`]).
+    pub fn with_segment_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.segment_timeout_ms = Some(timeout_ms);
+        self
     }
 
     /// Tags the agents must offer too.

@@ -17,7 +17,9 @@ use uuid::Uuid;
 use super::client::{runtime, ClientArgs};
 use crate::actors::coordinator::SUBMIT_TIMEOUT;
 use crate::actors::service::serde_bytes_vec::Blob;
-use crate::actors::service::{SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE};
+use crate::actors::service::{
+    SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE, MAX_SEGMENT_TIMEOUT_MS,
+};
 use crate::builtin::SegmentInput;
 use crate::local::input;
 use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
@@ -37,6 +39,11 @@ pub struct SubmitArgs {
     /// Milliseconds each segment works (`sleep`, `crash`).
     #[arg(long, default_value_t = 0)]
     segment_ms: u64,
+    /// Milliseconds an attempt of a segment may run before it is started again on
+    /// another worker (default: the coordinator's, 30 s). Give more for work that takes
+    /// longer, or each such segment runs on several workers at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SEGMENT_TIMEOUT_MS))]
+    segment_timeout_ms: Option<u64>,
     /// Input: a .jsonl file gives one segment's input per line (as JSON); any other
     /// file is text cut into --segments chunks at word boundaries.
     #[arg(long)]
@@ -429,6 +436,7 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         group: args.group,
         label: args.label.clone(),
         task: Some(Uuid::new_v4()),
+        segment_timeout_ms: args.segment_timeout_ms,
         ..SubmitRequest::new(args.capability.clone(), inputs)
     };
     let outcome: TaskOutcome = runtime()?.block_on(wait_for(&identity, args.client.to, request))?;

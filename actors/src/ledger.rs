@@ -416,8 +416,10 @@ const DEADLINES_COMPACT_MIN: usize = 64;
 
 impl Deadlines {
     fn push(&mut self, d: Deadline) {
-        // Deadlines are now plus a fixed timeout, so they come in time order as long as
-        // the caller's clock does not go back; if it does, keep the order anyway.
+        // Deadlines are now plus a timeout, so they come in time order while the tasks
+        // running share one timeout and the caller's clock does not go back. A task
+        // with a timeout of its own, or a clock that steps back, goes in place: a
+        // move of the entries after it (those of longer timeouts).
         if self.queue.back().is_none_or(|b| b.at_ms <= d.at_ms) {
             self.queue.push_back(d);
         } else {

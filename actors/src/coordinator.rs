@@ -1742,10 +1742,11 @@ impl CoordinatorState {
     }
 
     /// The notice that tells a standby to forget `task`: whether the task ended here
-    /// (rather than moved to another standby, or to the standby that took it over;
-    /// a task that moved and then ended here ended too) and, while the ended-task cache has it and it fits in `room`, its
-    /// outcome. When the standby holds all but the `unheld` segments' results, only
-    /// those go, with the outcome less its results (`outcome_from_held`).
+    /// (rather than moved to another standby, or to the standby that took it over; a
+    /// task that moved and then ended here ended too) and, while the ended-task cache
+    /// has it and it fits in `room`, its outcome. When the standby holds all but the
+    /// `unheld` segments' results, only those go, with the outcome less its results
+    /// (`outcome_from_held`).
     fn end_notice(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut usize) -> TaskCheckpoint {
         let mut notice = TaskCheckpoint {
             task,

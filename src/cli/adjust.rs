@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::service::{AdjustAnswer, AdjustRequest, ADJUST_SERVICE};
-use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
+use crate::runtime::{request_status, Client, ClientError, MemberState, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 
 #[derive(Debug, Args)]
@@ -87,17 +87,11 @@ async fn adjust_where_it_runs(
     to: SocketAddr,
     request: &AdjustRequest,
 ) -> anyhow::Result<AdjustAnswer> {
-    let mut client = Client::connect(identity, to).await?;
-    let answer = ask(&mut client, request).await;
-    let members = match &answer {
-        Ok(a) if a.unknown => status_of(&mut client, to, ANSWER_TIMEOUT.as_millis() as u64)
-            .await
-            .ok(),
-        _ => None,
-    };
-    client.close().await;
-    let answer = answer?;
-    let Some(report) = members else {
+    let answer = ask(identity, to, request).await?;
+    if !answer.unknown {
+        return Ok(answer);
+    }
+    let Ok(report) = request_status(identity, to, ANSWER_TIMEOUT.as_millis() as u64).await else {
         return Ok(answer);
     };
     let others = report
@@ -106,13 +100,7 @@ async fn adjust_where_it_runs(
         .filter(|m| m.state == MemberState::Up && m.name != report.node);
     let (mut asked, mut unreachable) = (0, 0);
     for member in others {
-        let there = async {
-            let mut client = Client::connect(identity, member.addr).await?;
-            let answer = ask(&mut client, request).await;
-            client.close().await;
-            answer
-        };
-        match there.await {
+        match ask(identity, member.addr, request).await {
             Ok(answer) if !answer.unknown => return Ok(answer),
             Ok(_) => asked += 1,
             Err(e) => {
@@ -139,13 +127,21 @@ async fn adjust_where_it_runs(
     })
 }
 
-async fn ask(client: &mut Client, request: &AdjustRequest) -> Result<AdjustAnswer, ClientError> {
-    client
+/// Asks the node at `addr`, as a short-lived client, to adjust.
+async fn ask(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    request: &AdjustRequest,
+) -> Result<AdjustAnswer, ClientError> {
+    let mut client = Client::connect(identity, addr).await?;
+    let answer = client
         .request(
             ADJUST_SERVICE,
             <AdjustRequest as RemoteMessage>::KIND,
             request,
             ANSWER_TIMEOUT,
         )
-        .await
+        .await;
+    client.close().await;
+    answer
 }

@@ -24,8 +24,8 @@ use agentmesh_runtime::{FromPeer, Mesh, SendError};
 use crate::agent::{Adjustment, SyncEvent};
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
-use crate::finals::{KeptFinals, Limits};
 use crate::host::PolicyStore;
+use crate::kept::{KeptFrames, Limits};
 use crate::policy::RateLimiter;
 use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
 
@@ -42,14 +42,14 @@ const CUT_OFF_CANCEL_MS: u64 = 2 * crate::coordinator::CUT_OFF_MS;
 const CUT_OFF_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// How often the connections the kept final REPORTs went on are checked.
 const FINALS_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
-/// Final REPORTs kept until they surely arrived ([`KeptFinals`]): for 10 s on an open
+/// Final REPORTs kept until they surely arrived ([`KeptFrames`]): for 10 s on an open
 /// connection (one that delivers nothing closes after the 3 s idle timeout), for 60 s
 /// at most with no connection to their coordinator's node, and at most 65,536 of them
 /// and 32 MiB.
 const FINALS: Limits = Limits {
     keep_ms: 10_000,
     give_up_ms: 60_000,
-    max_reports: 65_536,
+    max_frames: 65_536,
     max_bytes: 32 << 20,
 };
 
@@ -683,11 +683,11 @@ fn report_message(report: Report, agent: u32, group: u16, is_final: bool) -> Opt
 }
 
 /// Sends frames in the order they were queued, and final REPORTs again when the
-/// connection they went on was lost ([`KeptFinals`]).
+/// connection they went on was lost ([`KeptFrames`]).
 async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
     let epoch = Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
-    let mut kept: KeptFinals<PeerHandle, Message> = KeptFinals::new(FINALS);
+    let mut kept: KeptFrames<PeerHandle, Message> = KeptFrames::new(FINALS);
     let mut check = tokio::time::interval(FINALS_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -734,7 +734,7 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
 }
 
 /// Sends again the kept finals whose connection was lost, on their node's connection now.
-async fn resend_finals(mesh: &Mesh, kept: &mut KeptFinals<PeerHandle, Message>, now_ms: u64) {
+async fn resend_finals(mesh: &Mesh, kept: &mut KeptFrames<PeerHandle, Message>, now_ms: u64) {
     let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
     unkept("no_connection", tick.given_up);
     if tick.resend.is_empty() {

@@ -1,43 +1,45 @@
-//! Final REPORTs a worker node sent and cannot yet be sure arrived. A final REPORT
-//! rides a lane of one QUIC connection; if that connection is lost before the
-//! coordinator read it (a link that breaks for longer than the idle timeout, say), it
-//! is gone, and when a new connection came up before the coordinator gave up on the
-//! old one (a second later), nothing told it the segment was done: it waited for the
-//! 30 s segment timeout and ran the segment again. So each final is kept until the
-//! connection it went on has stayed open `keep_ms` (it arrived, or is on its way), or
-//! closed with its frames delivered, and is sent again on the next connection to the
-//! coordinator's node when it was lost or never had one. The coordinator takes the
-//! first result of a segment and discards copies, and a failure or refusal of an
-//! attempt it no longer waits for changes nothing, so a second copy is harmless.
-//! Bounded in reports and bytes. No I/O and no clock: the caller says how each
-//! connection is ([`Link`]) and which is open to a node now.
+//! Frames that must arrive, kept until they surely did: the final REPORTs a worker
+//! node sends, and the ALLOCATEs a coordinator sends. Each rides a lane of one QUIC
+//! connection; if that connection is lost before the other side read it (a link that
+//! breaks for longer than the idle timeout, say), it is gone, and when a new connection
+//! came up before either side gave up on the old one (a second later), nothing told
+//! the other side: a coordinator waited for the segment timeout for a result whose
+//! final REPORT was lost, or for an attempt whose ALLOCATE never came, and ran the
+//! segment again then. So each frame is kept until the connection it went on has stayed
+//! open `keep_ms` (it arrived, or is on its way), or closed with its frames delivered,
+//! and is sent again on the next connection to its node when it was lost or never had
+//! one. Receivers take copies as no-ops: the coordinator takes the first result of a
+//! segment and a failure or refusal of an attempt it no longer waits for changes
+//! nothing; a worker node runs an attempt once (`workers.rs`). Bounded in frames and
+//! bytes. No I/O and no clock: the caller says how each connection is ([`Link`]) and
+//! which is open to a node now.
 
 use std::collections::VecDeque;
 
 pub use agentmesh_runtime::transport::Link;
 
-/// How long finals are kept, and at most how many.
+/// How long frames are kept, and at most how many.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// A final is dropped once the connection it went on has been open this long
+    /// A frame is dropped once the connection it went on has been open this long
     /// since: a connection that delivers nothing for the idle timeout (3 s) closes.
     pub keep_ms: u64,
-    /// A final with no open connection to send it on this long after it was first
+    /// A frame with no open connection to send it on this long after it was first
     /// sent is given up.
     pub give_up_ms: u64,
-    /// Finals kept at most, and their bytes: past either, the oldest is dropped.
-    pub max_reports: usize,
-    /// See `max_reports`.
+    /// Frames kept at most, and their bytes: past either, the oldest is dropped.
+    pub max_frames: usize,
+    /// See `max_frames`.
     pub max_bytes: usize,
 }
 
-/// What [`KeptFinals::tick`] found.
+/// What [`KeptFrames::tick`] found.
 #[derive(Debug)]
 pub struct Tick<C, M> {
-    /// Finals to send again, each on the connection given (those that went on one
+    /// Frames to send again, each on the connection given (those that went on one
     /// connection in the order they went).
     pub resend: Vec<(C, M)>,
-    /// Finals given up: no connection to their node for `give_up_ms`.
+    /// Frames given up: no connection to their node for `give_up_ms`.
     pub given_up: usize,
 }
 
@@ -50,27 +52,27 @@ struct Kept<M> {
     first_ms: u64,
 }
 
-/// Finals to one node that last went out on one connection (`None`: there was none,
+/// Frames to one node that last went out on one connection (`None`: there was none,
 /// or it was lost and let go), oldest first. A check asks each run's connection once,
-/// not each final's.
+/// not each frame's.
 struct Run<C, M> {
     node: String,
     on: Option<C>,
     kept: VecDeque<Kept<M>>,
 }
 
-/// Finals sent and kept, in runs by connection.
-pub struct KeptFinals<C, M> {
+/// Frames sent and kept, in runs by connection.
+pub struct KeptFrames<C, M> {
     runs: Vec<Run<C, M>>,
     len: usize,
     bytes: usize,
     limits: Limits,
 }
 
-impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
+impl<C: Clone + PartialEq, M: Clone> KeptFrames<C, M> {
     /// None kept yet.
-    pub fn new(limits: Limits) -> KeptFinals<C, M> {
-        KeptFinals {
+    pub fn new(limits: Limits) -> KeptFrames<C, M> {
+        KeptFrames {
             runs: Vec::new(),
             len: 0,
             bytes: 0,
@@ -78,7 +80,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         }
     }
 
-    /// Keeps `message` (`bytes` long), a final to `node` that went out on `on` (`None`:
+    /// Keeps `message` (`bytes` long), a frame to `node` that went out on `on` (`None`:
     /// there was no connection) at `now_ms`. How many older ones were dropped to make
     /// room.
     pub fn keep(
@@ -99,7 +101,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         self.len += 1;
         self.bytes += bytes;
         let mut dropped = 0;
-        while self.len > self.limits.max_reports
+        while self.len > self.limits.max_frames
             || (self.bytes > self.limits.max_bytes && self.len > 1)
         {
             self.drop_oldest();
@@ -108,7 +110,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         dropped
     }
 
-    /// The run of finals to `node` on `on`, made if there is none.
+    /// The run of frames to `node` on `on`, made if there is none.
     fn run_for(&mut self, node: &str, on: Option<C>) -> &mut Run<C, M> {
         let at = match self.runs.iter().position(|r| r.node == node && r.on == on) {
             Some(at) => at,
@@ -124,7 +126,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         &mut self.runs[at]
     }
 
-    /// Drops one of the finals kept longest: the first of the run whose first was sent
+    /// Drops one of the frames kept longest: the first of the run whose first was sent
     /// earliest.
     fn drop_oldest(&mut self) {
         let oldest = self
@@ -144,9 +146,9 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         }
     }
 
-    /// At `now_ms`: drops the finals surely delivered, or given up, and says which to
+    /// At `now_ms`: drops the frames surely delivered, or given up, and says which to
     /// send again. `link` says how a connection is; `open` gives the open connection to
-    /// a node, if any. A final to send again counts as sent on that connection now.
+    /// a node, if any. A frame to send again counts as sent on that connection now.
     pub fn tick(
         &mut self,
         now_ms: u64,
@@ -192,7 +194,7 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
                         given_up += before - run.kept.len();
                         if run.on.is_some() {
                             // The lost connection is let go (its handle holds its
-                            // queues); the finals wait for the next one as unsent.
+                            // queues); the frames wait for the next one as unsent.
                             moved.push((run.node.clone(), None, std::mem::take(&mut run.kept)));
                         }
                     }
@@ -203,29 +205,39 @@ impl<C: Clone + PartialEq, M: Clone> KeptFinals<C, M> {
         self.runs.retain(|r| !r.kept.is_empty());
         for (node, on, kept) in moved {
             let run = self.run_for(&node, on);
-            // After the finals already there (sent earlier on that connection).
+            // After the frames already there (sent earlier on that connection).
             run.kept.extend(kept);
         }
         Tick { resend, given_up }
     }
 
-    /// Drops the finals to `node` (it is down: its tasks are taken over elsewhere). How
+    /// Drops the frames to `node` (it is down: what it was sent is handled as such). How
     /// many.
     pub fn forget_node(&mut self, node: &str) -> usize {
-        let mut dropped = 0;
-        self.runs.retain(|r| {
-            if r.node != node {
-                return true;
-            }
-            dropped += r.kept.len();
-            self.bytes -= r.kept.iter().map(|k| k.bytes).sum::<usize>();
-            false
-        });
+        self.forget(node, |_| true)
+    }
+
+    /// Drops the frames to `node` that `which` picks (no longer wanted: an attempt its
+    /// coordinator cancelled, say). How many.
+    pub fn forget(&mut self, node: &str, which: impl Fn(&M) -> bool) -> usize {
+        let (mut dropped, mut bytes) = (0, 0);
+        for run in self.runs.iter_mut().filter(|r| r.node == node) {
+            run.kept.retain(|k| {
+                let gone = which(&k.message);
+                if gone {
+                    dropped += 1;
+                    bytes += k.bytes;
+                }
+                !gone
+            });
+        }
+        self.runs.retain(|r| !r.kept.is_empty());
         self.len -= dropped;
+        self.bytes -= bytes;
         dropped
     }
 
-    /// Finals kept.
+    /// Frames kept.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -250,7 +262,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         keep_ms: 10_000,
         give_up_ms: 60_000,
-        max_reports: 4,
+        max_frames: 4,
         max_bytes: 1_000,
     };
 
@@ -275,7 +287,7 @@ mod tests {
 
         fn tick(
             &self,
-            kept: &mut KeptFinals<u32, &'static str>,
+            kept: &mut KeptFrames<u32, &'static str>,
             now: u64,
         ) -> Tick<u32, &'static str> {
             kept.tick(now, |c| self.links[c], |n| self.open.get(n).copied())
@@ -283,10 +295,10 @@ mod tests {
     }
 
     /// Final "r1" to node "c", sent at 0 on connection 1, which is open.
-    fn one_final_on_connection_1() -> (Links, KeptFinals<u32, &'static str>) {
+    fn one_final_on_connection_1() -> (Links, KeptFrames<u32, &'static str>) {
         let mut links = Links::default();
         links.open("c", 1);
-        let mut kept = KeptFinals::new(LIMITS);
+        let mut kept = KeptFrames::new(LIMITS);
         kept.keep("c", "r1", 10, Some(1), 0);
         (links, kept)
     }
@@ -309,7 +321,7 @@ mod tests {
         let mut links = Links::default();
         links.open("c", 1);
         links.open("d", 7);
-        let mut kept = KeptFinals::new(LIMITS);
+        let mut kept = KeptFrames::new(LIMITS);
         kept.keep("c", "r1", 10, Some(1), 0);
         kept.keep("d", "other", 10, Some(7), 0);
         kept.keep("c", "r2", 10, Some(1), 100);
@@ -333,8 +345,8 @@ mod tests {
         let mut links = Links::default();
         links.open("c", 1);
         links.open("d", 2);
-        let mut kept = KeptFinals::new(Limits {
-            max_reports: 100,
+        let mut kept = KeptFrames::new(Limits {
+            max_frames: 100,
             ..LIMITS
         });
         for i in 0..30 {
@@ -358,7 +370,7 @@ mod tests {
     #[test]
     fn a_final_sent_with_no_connection_goes_when_one_opens() {
         let mut links = Links::default();
-        let mut kept = KeptFinals::new(LIMITS);
+        let mut kept = KeptFrames::new(LIMITS);
         kept.keep("c", "r1", 10, None, 0);
         assert!(links.tick(&mut kept, 500).resend.is_empty());
         links.open("c", 3);
@@ -381,7 +393,7 @@ mod tests {
         let (mut links, mut kept) = one_final_on_connection_1();
         links.close("c", Link::Lost);
         let asked = std::cell::Cell::new(0);
-        let tick = |kept: &mut KeptFinals<u32, &'static str>, links: &Links, now| {
+        let tick = |kept: &mut KeptFrames<u32, &'static str>, links: &Links, now| {
             kept.tick(
                 now,
                 |c| {
@@ -414,11 +426,11 @@ mod tests {
 
     #[test]
     fn the_oldest_are_dropped_past_the_bounds() {
-        let mut kept: KeptFinals<u32, &str> = KeptFinals::new(LIMITS);
+        let mut kept: KeptFrames<u32, &str> = KeptFrames::new(LIMITS);
         for (i, r) in ["r1", "r2", "r3", "r4"].into_iter().enumerate() {
             assert_eq!(kept.keep("c", r, 100, None, i as u64), 0);
         }
-        assert_eq!(kept.keep("c", "r5", 100, None, 4), 1, "past max_reports");
+        assert_eq!(kept.keep("c", "r5", 100, None, 4), 1, "past max_frames");
         assert_eq!((kept.len(), kept.bytes()), (4, 400));
         assert_eq!(kept.keep("c", "big", 900, None, 5), 3, "past max_bytes");
         assert_eq!((kept.len(), kept.bytes()), (2, 1_000));
@@ -432,11 +444,29 @@ mod tests {
 
     #[test]
     fn a_node_down_drops_its_finals_only() {
-        let mut kept: KeptFinals<u32, &str> = KeptFinals::new(LIMITS);
+        let mut kept: KeptFrames<u32, &str> = KeptFrames::new(LIMITS);
         kept.keep("c", "r1", 10, None, 0);
         kept.keep("d", "r2", 20, None, 0);
         kept.keep("c", "r3", 30, None, 0);
         assert_eq!(kept.forget_node("c"), 2);
         assert_eq!((kept.len(), kept.bytes()), (1, 20));
+    }
+
+    #[test]
+    fn forget_drops_the_frames_it_picks_to_that_node_only() {
+        let (mut links, mut kept) = one_final_on_connection_1();
+        kept.keep("c", "r2", 20, Some(1), 0);
+        kept.keep("c", "r3", 30, None, 0);
+        kept.keep("d", "r2", 40, None, 0);
+        assert_eq!(kept.forget("c", |m| *m != "r1"), 2);
+        assert_eq!((kept.len(), kept.bytes()), (2, 50));
+        links.close("c", Link::Lost);
+        links.open("c", 2);
+        links.open("d", 3);
+        let mut resent = links.tick(&mut kept, 100).resend;
+        resent.sort();
+        assert_eq!(resent, vec![(2, "r1"), (3, "r2")]);
+        assert_eq!(kept.forget("c", |_| true), 1);
+        assert_eq!((kept.len(), kept.bytes()), (1, 40));
     }
 }

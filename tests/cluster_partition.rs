@@ -300,12 +300,17 @@ impl Cluster {
 
     /// `submit --json --results` of `segments` segments of `ms` to n0, in the background.
     fn submit_ms(&self, segments: u32, ms: u64) -> Child {
-        let (segments, ms) = (segments.to_string(), ms.to_string());
-        self.command(&[
+        self.submit_with(segments, ms, &[])
+    }
+
+    /// [`Cluster::submit_ms`] with `extra` arguments.
+    fn submit_with(&self, segments: u32, ms: u64, extra: &[&str]) -> Child {
+        let (to, segments, ms) = (self.addr(0), segments.to_string(), ms.to_string());
+        let mut args = vec![
             "submit",
             "--json",
             "--to",
-            &self.addr(0),
+            &to,
             "--capability",
             "sleep",
             "--segments",
@@ -313,11 +318,13 @@ impl Cluster {
             "--segment-ms",
             &ms,
             "--results",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        ];
+        args.extend(extra);
+        self.command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     fn wait_until_all_up(&self) {
@@ -764,5 +771,104 @@ fn final_reports_lost_with_their_connection_are_sent_again_on_the_next() {
     );
     let resent = cluster.counter(&metrics, "agentmesh_final_reports_resent_total");
     assert!(resent >= 2, "n2 sent its finals again: {resent}");
+    drop(nodes);
+}
+
+/// n0 with metrics at port 4, n2 (the only node with agents) with metrics at port 5,
+/// n1 and n3 with neither, all up.
+fn n2_works_for_n0(cluster: &Cluster) -> Vec<NodeProcess> {
+    let (coordinator, worker) = (cluster.addr(4), cluster.addr(5));
+    cluster.start_four(|i| match i {
+        0 => vec!["--metrics".into(), coordinator.clone()],
+        2 => vec![
+            "--agents".into(),
+            "sleep=2".into(),
+            "--metrics".into(),
+            worker.clone(),
+        ],
+        _ => Vec::new(),
+    })
+}
+
+/// Heals the cut once n0 has lost its connection to n2 (the 3 s idle timeout), so
+/// that the next connection comes up at once, within n0's cut-off second.
+fn heal_when_n0_loses_n2(cluster: &Cluster, n0: &NodeProcess) {
+    n0.expect(&["connection to member down", "peer=n2"]);
+    cluster.heal();
+}
+
+/// An ALLOCATE lost with its connection goes again on the next one. n2, the only node
+/// with agents, is cut off from n0 alone (n1 and n3 reach both, so no one holds either
+/// down), and a task submitted to n0 during the cut has its ALLOCATEs go out on a
+/// connection that is to time out. The cut heals as n0 loses that connection, and the
+/// next comes up within n0's cut-off second: n0 does not give n2's attempts to others
+/// but sends their ALLOCATEs again on the new connection. The task ends about 4 s after
+/// the cut, reallocated 0 (6 runs of 6). Before, its attempts waited for the task's
+/// segment timeout: 60.9 s after the cut, 2 runs of 2. Should a slow machine bring the
+/// new connection up after the cut-off second, n0 gives the attempts to others then
+/// instead (about 10 s), and that path is checked for its time only.
+#[test]
+fn allocates_lost_with_their_connection_are_sent_again_on_the_next() {
+    let Some(cluster) = cluster("allocates") else {
+        return;
+    };
+    let nodes = n2_works_for_n0(&cluster);
+    let first = &nodes[0];
+
+    cluster.partition(&[0], &[2]);
+    let cut = Instant::now();
+    let submit = cluster.submit_with(2, 500, &["--segment-timeout-ms", "60000"]);
+    first.expect(&["task submitted", "segments=2"]);
+    heal_when_n0_loses_n2(&cluster, first);
+    let task = completed_once_of(submit, 2, 500);
+    let after_cut = cut.elapsed();
+    assert!(
+        after_cut < Duration::from_secs(25),
+        "the attempts did not wait for their 60 s timeout: {after_cut:?} after the cut: {task}"
+    );
+    let cut_off = first
+        .expect_within(
+            &["no connection to the node", "node=n2"],
+            Duration::from_millis(200),
+        )
+        .is_ok();
+    if !cut_off {
+        let resent = cluster.counter(&cluster.addr(4), "agentmesh_allocates_resent_total");
+        assert!(resent >= 1, "n0 sent its ALLOCATEs again: {resent}");
+        assert_eq!(task["reallocated"], 0, "{task}");
+    }
+    drop(nodes);
+}
+
+/// An ALLOCATE that came, and comes again, runs its attempt once. n2 has both attempts
+/// of a task when the link to n0 is cut; they end during the cut, and the connection
+/// is lost with their final REPORTs. On the next connection n0 sends its ALLOCATEs
+/// again (it cannot tell that they came) and n2 its finals: n2 takes the ALLOCATEs for
+/// attempts that ended here, and runs neither again (`agentmesh_allocates_repeated_total`;
+/// 0 with each attempt run again, as before the worker node remembered them).
+#[test]
+fn an_allocate_sent_again_for_an_attempt_that_ended_runs_nothing() {
+    let Some(cluster) = cluster("repeated") else {
+        return;
+    };
+    let nodes = n2_works_for_n0(&cluster);
+    let first = &nodes[0];
+
+    let submit = cluster.submit_with(2, 1_000, &["--segment-timeout-ms", "60000"]);
+    first.expect(&["task submitted", "segments=2"]);
+    std::thread::sleep(Duration::from_millis(400));
+    cluster.partition(&[0], &[2]);
+    heal_when_n0_loses_n2(&cluster, first);
+    let task = completed_once_of(submit, 2, 1_000);
+    let worker = cluster.addr(5);
+    wait_until(
+        "n2 takes the ALLOCATEs sent again for attempts that ended there",
+        Duration::from_secs(10),
+        || {
+            let repeated = cluster.counter(&worker, "agentmesh_allocates_repeated_total");
+            (repeated < 2).then(|| format!("{repeated} of them; {task}"))
+        },
+    );
+    assert_eq!(task["reallocated"], 0, "{task}");
     drop(nodes);
 }

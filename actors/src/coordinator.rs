@@ -28,13 +28,16 @@ use uuid::Uuid;
 
 use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
+use agentmesh_runtime::transport::PeerHandle;
 use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
 use crate::ended::{Ended, EndedLimits, EndedTasks};
+use crate::ended_attempts::AttemptKey;
 use crate::host::PolicyStore;
 use crate::in_flight::InFlight;
+use crate::kept::{KeptFrames, Limits};
 use crate::lease::{Granted, Leases};
 use crate::ledger::{
     service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
@@ -59,6 +62,19 @@ use crate::workers::encode;
 pub const TICK: Duration = Duration::from_millis(50);
 /// Frames waiting to go out at most (the coordinator waits when it is full).
 const OUTBOX: usize = 4_096;
+/// How often the connections the kept ALLOCATEs went on are checked.
+const ALLOCATES_CHECK: Duration = Duration::from_millis(250);
+/// ALLOCATEs kept until they surely arrived ([`KeptFrames`]): 10 s on an open connection
+/// (one that delivers nothing closes after the 3 s idle timeout), until the node is
+/// down or cut off ([`CUT_OFF_MS`]) with no connection (60 s at most), and 65,536 of
+/// them and 32 MiB at most (past either, the oldest is let go: its attempt waits for
+/// its segment timeout if it was lost).
+const ALLOCATES: Limits = Limits {
+    keep_ms: 10_000,
+    give_up_ms: 60_000,
+    max_frames: 65_536,
+    max_bytes: 32 << 20,
+};
 /// Tasks open at once at one coordinator; more are refused.
 pub const MAX_OPEN_TASKS: usize = 10_000;
 /// Segments in one task at most.
@@ -321,7 +337,7 @@ pub struct CoordinatorState {
     attempts: HashMap<(Uuid, u32, u32), (u32, Arc<str>)>,
     epoch: Instant,
     rng: StdRng,
-    outbox: mpsc::Sender<Outgoing>,
+    outbox: mpsc::Sender<ToSender>,
     /// The policy's allocations per second per agent, as this coordinator spends them
     /// (workers enforce them too, for every coordinator).
     limiter: RateLimiter,
@@ -396,11 +412,31 @@ enum Unblocked {
     Tasks(Vec<Uuid>),
 }
 
+/// What the coordinator's sender takes, in order.
+enum ToSender {
+    /// A frame to send.
+    Frame(Outgoing),
+    /// A node is down, or cut off: the attempts sent there went to other workers, so
+    /// the ALLOCATEs kept for it are let go.
+    NodeGone(Arc<str>),
+}
+
 struct Outgoing {
     node: Arc<str>,
     message: Message,
-    /// The attempt an ALLOCATE starts (its failure to send is a failed attempt).
-    attempt: Option<(Uuid, u32, u32)>,
+    what: Sending,
+}
+
+/// What a frame is, to the sender.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// The ALLOCATE of this attempt: a failure to send it is a failed attempt, and it is
+    /// kept until it surely arrived ([`KeptFrames`]).
+    Allocate(AttemptKey),
+    /// The ADJUST that cancels this attempt: its ALLOCATE is no longer sent again.
+    Cancel(AttemptKey),
+    /// Anything else.
+    Other,
 }
 
 impl Actor for Coordinator {
@@ -512,6 +548,9 @@ impl Actor for Coordinator {
                     lost => info!(%node, attempts = lost, "node down: reallocating its segments"),
                 }
                 state.node_down(&node, life);
+                state
+                    .to_sender(ToSender::NodeGone(Arc::from(node.as_str())))
+                    .await;
                 state.assign_waiting().await;
             }
             CoordinatorMsg::NodeUp { node, life } => {
@@ -555,7 +594,7 @@ impl Actor for Coordinator {
                     .set(state.ledger.pending_segments() as f64);
                 metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
                 state.takeovers_now_due(now);
-                if state.reallocate_from_cut_off(now) {
+                if state.reallocate_from_cut_off(now).await {
                     state.assign_waiting().await;
                 }
                 if state.tasks.is_empty() {
@@ -805,7 +844,7 @@ impl CoordinatorState {
             };
             if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                 message.header.flags = message.header.flags.with(Flags::URGENT);
-                self.send(node, message, None).await;
+                self.send(node, message, Sending::Other).await;
                 sent += 1;
             }
         }
@@ -1166,7 +1205,7 @@ impl CoordinatorState {
                         let now = self.now_ms();
                         let _ = self.limiter.allow(agent, rate, now);
                     }
-                    self.send(node, message, Some((task, segment, attempt)))
+                    self.send(node, message, Sending::Allocate((task, segment, attempt)))
                         .await;
                 }
                 LedgerOutput::Cancel {
@@ -1188,7 +1227,8 @@ impl CoordinatorState {
                     };
                     if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                         message.header.flags = message.header.flags.with(Flags::URGENT);
-                        self.send(node, message, None).await;
+                        self.send(node, message, Sending::Cancel((task, segment, attempt)))
+                            .await;
                     }
                 }
                 LedgerOutput::Reallocated { task, segment } => {
@@ -1315,15 +1355,19 @@ impl CoordinatorState {
     /// [`CUT_OFF_MS`] to other workers, once per cut (a worker node that only this one
     /// cannot reach: the others keep it up, and its REPORTs would never arrive, so its
     /// segments waited for their 30 s timeout). A result it sends after the link heals
-    /// is taken if the segment has none yet, else discarded as a duplicate. True if
-    /// any was.
-    fn reallocate_from_cut_off(&mut self, now: u64) -> bool {
+    /// is taken if the segment has none yet, else discarded as a duplicate, and the
+    /// ALLOCATEs kept for it are not sent again. True if any was.
+    async fn reallocate_from_cut_off(&mut self, now: u64) -> bool {
         let mut lost = 0;
-        for node in &self.up {
-            if !self.cut_offs.due(node, self.mesh.is_connected(node), now) {
-                continue;
-            }
-            let n = self.ledger.handle_node_cut_off(node, now);
+        let cut: Vec<Arc<str>> = self
+            .up
+            .iter()
+            .filter(|node| self.cut_offs.due(node, self.mesh.is_connected(node), now))
+            .cloned()
+            .collect();
+        for node in cut {
+            self.to_sender(ToSender::NodeGone(node.clone())).await;
+            let n = self.ledger.handle_node_cut_off(&node, now);
             if n > 0 {
                 warn!(%node, attempts = n, "no connection to the node, which others hold up: reallocating its segments");
                 metrics::counter!("agentmesh_cut_off_reallocations_total").increment(n as u64);
@@ -1968,13 +2012,17 @@ impl CoordinatorState {
         tasks
     }
 
-    async fn send(&self, node: Arc<str>, message: Message, attempt: Option<(Uuid, u32, u32)>) {
+    async fn send(&self, node: Arc<str>, message: Message, what: Sending) {
         let out = Outgoing {
             node,
             message,
-            attempt,
+            what,
         };
-        if self.outbox.send(out).await.is_err() {
+        self.to_sender(ToSender::Frame(out)).await;
+    }
+
+    async fn to_sender(&self, item: ToSender) {
+        if self.outbox.send(item).await.is_err() {
             warn!("the coordinator's sender has stopped");
         }
     }
@@ -1989,21 +2037,102 @@ fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
     });
 }
 
-/// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt.
+/// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt. An
+/// ALLOCATE sent is kept, and sent again on the next connection to its node if the one
+/// it went on was lost ([`KeptFrames`]): before, an ALLOCATE lost with its connection
+/// when the next came up within [`CUT_OFF_MS`] left its attempt waiting for the segment
+/// timeout (30 s, or a task's own: a day at most). The worker node runs an attempt once
+/// however often its ALLOCATE comes (`ended_attempts.rs`).
 async fn send_frames(
     mesh: Mesh,
-    mut queue: mpsc::Receiver<Outgoing>,
+    mut queue: mpsc::Receiver<ToSender>,
     coordinator: ActorRef<CoordinatorMsg>,
 ) {
-    while let Some(out) = queue.recv().await {
-        if let Err(e) = mesh.send_acp(&out.node, out.message).await {
-            debug!(node = %out.node, error = %e, "frame not sent");
-            if let Some(attempt) = out.attempt {
-                let _ = coordinator.cast(CoordinatorMsg::SendFailed {
-                    attempt,
-                    reason: e.to_string(),
-                });
+    let epoch = Instant::now();
+    let now_ms = move || epoch.elapsed().as_millis() as u64;
+    let mut kept: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
+    let mut check = tokio::time::interval(ALLOCATES_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let out = tokio::select! {
+            out = queue.recv() => match out {
+                Some(ToSender::Frame(out)) => out,
+                Some(ToSender::NodeGone(node)) => {
+                    kept.forget_node(&node);
+                    continue;
+                }
+                None => return,
+            },
+            _ = check.tick(), if !kept.is_empty() => {
+                resend_allocates(&mesh, &mut kept, now_ms()).await;
+                continue;
             }
+        };
+        let Outgoing {
+            node,
+            message,
+            what,
+        } = out;
+        let sent = match what {
+            Sending::Allocate(attempt) => {
+                let bytes = message.body.len();
+                match mesh.send_acp_via(&node, message.clone()).await {
+                    Ok(None) => Ok(()), // To this node itself: handed over.
+                    Ok(Some(peer)) => {
+                        let dropped =
+                            kept.keep(&node, (attempt, message), bytes, Some(peer), now_ms());
+                        unkept("full", dropped);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = coordinator.cast(CoordinatorMsg::SendFailed {
+                            attempt,
+                            reason: e.to_string(),
+                        });
+                        Err(e)
+                    }
+                }
+            }
+            Sending::Cancel(attempt) => {
+                kept.forget(&node, |(a, _)| *a == attempt);
+                mesh.send_acp(&node, message).await
+            }
+            Sending::Other => mesh.send_acp(&node, message).await,
+        };
+        if let Err(e) = sent {
+            debug!(%node, error = %e, "frame not sent");
         }
+    }
+}
+
+/// Sends again the kept ALLOCATEs whose connection was lost, on their node's connection
+/// now.
+async fn resend_allocates(
+    mesh: &Mesh,
+    kept: &mut KeptFrames<PeerHandle, (AttemptKey, Message)>,
+    now_ms: u64,
+) {
+    let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
+    unkept("no_connection", tick.given_up);
+    if tick.resend.is_empty() {
+        return;
+    }
+    let nodes: BTreeSet<&str> = tick.resend.iter().map(|(p, _)| &**p.name()).collect();
+    info!(
+        allocates = tick.resend.len(),
+        ?nodes,
+        "sending ALLOCATEs again: the connection they went on was lost"
+    );
+    metrics::counter!("agentmesh_allocates_resent_total").increment(tick.resend.len() as u64);
+    for (peer, (_, message)) in tick.resend {
+        // If this connection is lost too, the next check sends it again.
+        let _ = peer.send(message).await;
+    }
+}
+
+fn unkept(reason: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!("agentmesh_allocates_unkept_total", "reason" => reason)
+            .increment(n as u64);
     }
 }

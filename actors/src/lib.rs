@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod cut_off;
 pub mod discovery;
 pub mod ended;
+pub mod ended_attempts;
 pub mod host;
 pub mod in_flight;
 pub mod kept;

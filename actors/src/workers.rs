@@ -24,6 +24,7 @@ use agentmesh_runtime::{FromPeer, Mesh, SendError};
 use crate::agent::{Adjustment, SyncEvent};
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
+use crate::ended_attempts::EndedAttempts;
 use crate::host::PolicyStore;
 use crate::kept::{KeptFrames, Limits};
 use crate::policy::RateLimiter;
@@ -52,6 +53,17 @@ const FINALS: Limits = Limits {
     max_frames: 65_536,
     max_bytes: 32 << 20,
 };
+
+/// How long, and how many at most, the attempts that ended here are remembered, so that
+/// an ALLOCATE its coordinator sends again does not run one twice ([`EndedAttempts`]):
+/// longer than a coordinator keeps an ALLOCATE to send again (10 s on an open
+/// connection, then until it gives the node up for cut off: 1 s past the 3 s idle
+/// timeout), with room to spare. Past the count (65,536 attempts ending within 70 s, at
+/// about 64 bytes each), a late copy may run an attempt again, whose result the
+/// coordinator discards.
+const ENDED_ATTEMPTS_MS: u64 = 70_000;
+/// See [`ENDED_ATTEMPTS_MS`].
+const MAX_ENDED_ATTEMPTS: usize = 65_536;
 
 /// What the worker host handles.
 pub enum WorkersMsg {
@@ -128,6 +140,8 @@ pub struct WorkersState {
     /// Coordinators' nodes with attempts here and no connection from this node
     /// ([`CUT_OFF_CANCEL_MS`]).
     cut_offs: CutOffs,
+    /// The attempts that ended here lately: the same ALLOCATE again runs nothing.
+    ended: EndedAttempts,
 }
 
 /// What the worker host's sender takes, in order.
@@ -180,6 +194,7 @@ impl Actor for Workers {
             epoch: Instant::now(),
             outbox,
             cut_offs: CutOffs::new(CUT_OFF_CANCEL_MS),
+            ended: EndedAttempts::new(ENDED_ATTEMPTS_MS, MAX_ENDED_ATTEMPTS),
         })
     }
 
@@ -305,10 +320,13 @@ impl WorkersState {
 
     async fn on_allocate(&mut self, peer: &str, header: Header, a: Allocate) {
         let key = (a.task, a.segment, a.attempt);
-        if self.attempts.contains_key(&key) {
-            return; // The same ALLOCATE again: the attempt runs already.
-        }
         let now_ms = self.now_ms();
+        // The same ALLOCATE again (sent again after a lost connection, `kept.rs`): the
+        // attempt runs already, or ended here and its final REPORT went or goes.
+        if self.attempts.contains_key(&key) || self.ended.contains(&key, now_ms) {
+            metrics::counter!("agentmesh_allocates_repeated_total").increment(1);
+            return debug!(%peer, task = %a.task, segment = a.segment, attempt = a.attempt, "the same ALLOCATE again: not run twice");
+        }
         let refusal = match self.agents.get(&a.target) {
             None => Some((
                 Refusal::NoAgent,
@@ -349,6 +367,7 @@ impl WorkersState {
         };
         if let Some((refused, retry_after_ms, reason)) = refusal {
             warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused");
+            self.ended.insert(key, now_ms);
             // Sent as the agent, if this node has it; else as the node (agent 0).
             let (agent, group, health) = self
                 .agents
@@ -508,6 +527,8 @@ impl WorkersState {
         };
         let is_final = output.is_some() || error.is_some();
         let Some(info) = (if is_final {
+            let now_ms = self.now_ms();
+            self.ended.insert(key, now_ms);
             self.attempts.remove(&key)
         } else {
             self.attempts.get(&key).map(|i| AttemptInfo {

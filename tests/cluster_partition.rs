@@ -872,3 +872,35 @@ fn an_allocate_sent_again_for_an_attempt_that_ended_runs_nothing() {
     assert_eq!(task["reallocated"], 0, "{task}");
     drop(nodes);
 }
+
+/// A task whose only workers are on a node cut off from its coordinator alone waits
+/// for the link, and completes once it heals. n2, the only node with agents, is cut
+/// off from n0 for 12 s (n1 and n3 reach both, so no one holds either down), and a
+/// task goes to n0 in the cut. Before, each ALLOCATE to n2 failed at once for want of a
+/// connection and counted as a failed attempt: the task failed 9 s after it was
+/// submitted ("segment 0 failed 5 attempts (last: node \"n2\" is not connected)"), while
+/// the link was still cut. Now n2's agents are offered as full while n0 has no
+/// connection to n2, and an ALLOCATE that finds none counts as a refusal, not a failure.
+#[test]
+fn a_task_whose_only_workers_are_cut_off_from_its_coordinator_waits_for_the_link() {
+    let Some(cluster) = cluster("waits") else {
+        return;
+    };
+    let nodes = n2_works_for_n0(&cluster);
+    let first = &nodes[0];
+
+    cluster.partition(&[0], &[2]);
+    let cut = Instant::now();
+    let mut submit = cluster.submit_with(2, 500, &[]);
+    first.expect(&["task submitted", "segments=2"]);
+    first.expect(&["connection to member down", "peer=n2"]);
+    std::thread::sleep(Duration::from_millis(12_000).saturating_sub(cut.elapsed()));
+    assert!(
+        submit.try_wait().unwrap().is_none(),
+        "the task ended while its only workers were cut off"
+    );
+    cluster.heal();
+    let task = completed_once_of(submit, 2, 500);
+    assert!(task["elapsed_ms"].as_u64().unwrap() >= 11_000, "{task}");
+    drop(nodes);
+}

@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
-use agentmesh_runtime::transport::PeerHandle;
-use agentmesh_runtime::{FromPeer, Mesh};
+use agentmesh_runtime::transport::{PeerHandle, TransportError};
+use agentmesh_runtime::{FromPeer, Mesh, SendError};
 
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
@@ -151,6 +151,9 @@ pub enum CoordinatorMsg {
         attempt: (Uuid, u32, u32),
         /// Why.
         reason: String,
+        /// It could not go for want of a connection to its node, not for what it is:
+        /// the attempt never ran, and counts as no failure.
+        unreachable: bool,
     },
     /// Check timeouts and offer waiting segments to workers.
     Tick,
@@ -577,11 +580,23 @@ impl Actor for Coordinator {
                     }
                 }
             },
-            CoordinatorMsg::SendFailed { attempt, reason } => {
+            CoordinatorMsg::SendFailed {
+                attempt,
+                reason,
+                unreachable,
+            } => {
                 let (task, segment, attempt) = attempt;
-                state
-                    .ledger
-                    .handle_failure(task, segment, attempt, &reason, now);
+                if unreachable {
+                    // Like a refusal: the segment waits, with nothing counted against
+                    // it or the worker (`offer` leaves such a node's agents out).
+                    state
+                        .ledger
+                        .handle_refusal(task, segment, attempt, &reason, now);
+                } else {
+                    state
+                        .ledger
+                        .handle_failure(task, segment, attempt, &reason, now);
+                }
                 state.assign(task).await;
             }
             CoordinatorMsg::CapacityFreed(done) => {
@@ -995,13 +1010,18 @@ impl CoordinatorState {
             .filter(|a| policy.allows(group, a.group) && !self.refusals.denies(group, a.agent, now))
             .collect();
         // An agent that cannot take work now (unhealthy, at its rate limit, unknown to
-        // its node) is offered as full, so that segments wait for it rather than the
-        // task failing for want of a capable agent.
+        // its node, on a node this one has no connection to) is offered as full, so
+        // that segments wait for it rather than the task failing for want of a capable
+        // agent. Before, an ALLOCATE to a node cut off from this one alone failed at
+        // once, and each try counted as a failed attempt: a task whose only workers
+        // were there failed within seconds of the cut.
         let mut candidates = CandidatesBuilder::with_capacity(permitted.len());
+        let me = self.mesh.node().to_string();
         for a in &permitted {
             let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
             let room = self.refusals.room(a.agent, now);
-            if a.health == Health::Unhealthy || room == Room::None {
+            let unreachable = *a.node != *me && !self.mesh.is_connected(&a.node);
+            if a.health == Health::Unhealthy || room == Room::None || unreachable {
                 load = capacity;
                 candidates.push_named(a.agent, &a.node, capacity, load);
                 continue;
@@ -2085,9 +2105,15 @@ async fn send_frames(
                         Ok(())
                     }
                     Err(e) => {
+                        let unreachable = !matches!(
+                            e,
+                            SendError::Encode(_)
+                                | SendError::Transport(TransportError::Unframeable(_))
+                        );
                         let _ = coordinator.cast(CoordinatorMsg::SendFailed {
                             attempt,
                             reason: e.to_string(),
+                            unreachable,
                         });
                         Err(e)
                     }

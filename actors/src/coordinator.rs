@@ -1016,11 +1016,14 @@ impl CoordinatorState {
         // once, and each try counted as a failed attempt: a task whose only workers
         // were there failed within seconds of the cut.
         let mut candidates = CandidatesBuilder::with_capacity(permitted.len());
-        let me = self.mesh.node().to_string();
+        // Asked once per node, not per agent: a node may run thousands of agents.
+        let mut connected: HashMap<&str, bool> = HashMap::new();
         for a in &permitted {
             let (mut capacity, mut load) = (a.capability.capacity.max(1), a.load);
             let room = self.refusals.room(a.agent, now);
-            let unreachable = *a.node != *me && !self.mesh.is_connected(&a.node);
+            let unreachable = !*connected
+                .entry(&*a.node)
+                .or_insert_with(|| *a.node == *self.mesh.node() || self.mesh.is_connected(&a.node));
             if a.health == Health::Unhealthy || room == Room::None || unreachable {
                 load = capacity;
                 candidates.push_named(a.agent, &a.node, capacity, load);

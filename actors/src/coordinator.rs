@@ -47,6 +47,7 @@ use crate::notices::{ForgetNotices, Unheld};
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
+use crate::resend::{resend, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
@@ -2087,7 +2088,7 @@ async fn send_frames(
                 None => return,
             },
             _ = check.tick(), if !kept.is_empty() => {
-                resend_allocates(&mesh, &mut kept, now_ms()).await;
+                resend(&mesh, &mut kept, now_ms(), &KEPT_ALLOCATES, |(_, m)| m).await;
                 continue;
             }
         };
@@ -2104,7 +2105,7 @@ async fn send_frames(
                     Ok(Some(peer)) => {
                         let dropped =
                             kept.keep(&node, (attempt, message), bytes, Some(peer), now_ms());
-                        unkept("full", dropped);
+                        KEPT_ALLOCATES.unkept("full", dropped);
                         Ok(())
                     }
                     Err(e) => {
@@ -2134,34 +2135,9 @@ async fn send_frames(
     }
 }
 
-/// Sends again the kept ALLOCATEs whose connection was lost, on their node's connection
-/// now.
-async fn resend_allocates(
-    mesh: &Mesh,
-    kept: &mut KeptFrames<PeerHandle, (AttemptKey, Message)>,
-    now_ms: u64,
-) {
-    let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
-    unkept("no_connection", tick.given_up);
-    if tick.resend.is_empty() {
-        return;
-    }
-    let nodes: BTreeSet<&str> = tick.resend.iter().map(|(p, _)| &**p.name()).collect();
-    info!(
-        allocates = tick.resend.len(),
-        ?nodes,
-        "sending ALLOCATEs again: the connection they went on was lost"
-    );
-    metrics::counter!("agentmesh_allocates_resent_total").increment(tick.resend.len() as u64);
-    for (peer, (_, message)) in tick.resend {
-        // If this connection is lost too, the next check sends it again.
-        let _ = peer.send(message).await;
-    }
-}
-
-fn unkept(reason: &'static str, n: usize) {
-    if n > 0 {
-        metrics::counter!("agentmesh_allocates_unkept_total", "reason" => reason)
-            .increment(n as u64);
-    }
-}
+/// How the coordinator's sender names the ALLOCATEs it keeps.
+const KEPT_ALLOCATES: Kind = Kind {
+    what: "ALLOCATEs",
+    resent: "agentmesh_allocates_resent_total",
+    unkept: "agentmesh_allocates_unkept_total",
+};

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod record;
 pub mod refusals;
 pub mod registry;
+pub(crate) mod resend;
 pub mod restarts;
 pub mod service;
 pub mod standby;

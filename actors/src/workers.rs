@@ -28,6 +28,7 @@ use crate::ended_attempts::EndedAttempts;
 use crate::host::PolicyStore;
 use crate::kept::{KeptFrames, Limits};
 use crate::policy::RateLimiter;
+use crate::resend::{resend, Kind};
 use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
 
 /// Frames waiting to go out from this host at most (the host waits when it is full).
@@ -722,7 +723,7 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
                 None => return,
             },
             _ = check.tick(), if !kept.is_empty() => {
-                resend_finals(&mesh, &mut kept, now_ms()).await;
+                resend(&mesh, &mut kept, now_ms(), &KEPT_FINALS, |m| m).await;
                 continue;
             }
         };
@@ -744,7 +745,7 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
                     // No connection now: it goes when there is one.
                     Err(_) => None,
                 };
-                unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
+                KEPT_FINALS.unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
                 sent.map(drop)
             }
         };
@@ -754,29 +755,9 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
     }
 }
 
-/// Sends again the kept finals whose connection was lost, on their node's connection now.
-async fn resend_finals(mesh: &Mesh, kept: &mut KeptFrames<PeerHandle, Message>, now_ms: u64) {
-    let tick = kept.tick(now_ms, PeerHandle::link, |node| mesh.connection(node));
-    unkept("no_connection", tick.given_up);
-    if tick.resend.is_empty() {
-        return;
-    }
-    let nodes: BTreeSet<&str> = tick.resend.iter().map(|(p, _)| &**p.name()).collect();
-    info!(
-        finals = tick.resend.len(),
-        ?nodes,
-        "sending final REPORTs again: the connection they went on was lost, or there was none"
-    );
-    metrics::counter!("agentmesh_final_reports_resent_total").increment(tick.resend.len() as u64);
-    for (peer, message) in tick.resend {
-        // If this connection is lost too, the next check sends it again.
-        let _ = peer.send(message).await;
-    }
-}
-
-fn unkept(reason: &'static str, n: usize) {
-    if n > 0 {
-        metrics::counter!("agentmesh_final_reports_unkept_total", "reason" => reason)
-            .increment(n as u64);
-    }
-}
+/// How the worker host's sender names the final REPORTs it keeps.
+const KEPT_FINALS: Kind = Kind {
+    what: "final REPORTs",
+    resent: "agentmesh_final_reports_resent_total",
+    unkept: "agentmesh_final_reports_unkept_total",
+};

@@ -24,7 +24,7 @@ use crate::builtin::SegmentInput;
 use crate::local::input;
 use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
-use crate::transport::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::transport::{TransportError, DEFAULT_MAX_MESSAGE_BYTES};
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -193,6 +193,11 @@ struct Printed<'a> {
 const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
 /// The pause between two tries.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// How long `submit` tries to make its first connection (each try times out after the
+/// 3 s idle timeout): a handshake can lose every try's packets at a few percent of
+/// packet loss, or the node may be starting. Nothing was sent before it, so trying
+/// again is safe. A wrong address is reported after this long, not after one try.
+const FIRST_CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// How long `submit`, told by its node that it does not know the task (it restarted),
 /// keeps asking the other members: they learn of the restart within seconds, and
 /// only then may one take the task over or adopt it.
@@ -225,6 +230,7 @@ async fn wait_for(
     let mut failing_since: Option<Instant> = None;
     // The node's name and the other members, as it listed them at the submission.
     let mut members = Members::default();
+    let first_try = Instant::now();
     loop {
         // Sent again, the task is only waited for: a node that restarted meanwhile
         // does not know it and says so, rather than run it again.
@@ -242,6 +248,12 @@ async fn wait_for(
             }
             Err(failed) => failed,
         };
+        if !submitted && unanswered(&error) && first_try.elapsed() < FIRST_CONNECT_WITHIN {
+            // Not connected yet: nothing of the task went out.
+            warn!(%error, %to, "no connection to the node yet; trying again");
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+            continue;
+        }
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
@@ -261,6 +273,19 @@ async fn wait_for(
         warn!(%error, %task, "asking the node again for the task");
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
+}
+
+/// Whether a connection attempt timed out (no answer: packets lost, or no node there
+/// yet), rather than failed for a reason another try would meet again (a certificate
+/// of another cluster, another node at the address).
+fn unanswered(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Transport(TransportError::Connection {
+            source: quinn::ConnectionError::TimedOut,
+            ..
+        })
+    )
 }
 
 /// The node a task was submitted to, the other members it listed then, and when.

@@ -434,8 +434,9 @@ struct Outgoing {
 /// What a frame is, to the sender.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sending {
-    /// The ALLOCATE of this attempt: a failure to send it is a failed attempt, and it is
-    /// kept until it surely arrived ([`KeptFrames`]).
+    /// The ALLOCATE of this attempt: a failure to send it ends the attempt (a refusal if
+    /// there was no connection, else a failure), and it is kept until it surely arrived
+    /// ([`KeptFrames`]).
     Allocate(AttemptKey),
     /// The ADJUST that cancels this attempt: its ALLOCATE is no longer sent again.
     Cancel(AttemptKey),
@@ -589,7 +590,7 @@ impl Actor for Coordinator {
                 let (task, segment, attempt) = attempt;
                 if unreachable {
                     // Like a refusal: the segment waits, with nothing counted against
-                    // it or the worker (`offer` leaves such a node's agents out).
+                    // it or the worker (`offer` offers such a node's agents as full).
                     state
                         .ledger
                         .handle_refusal(task, segment, attempt, &reason, now);

@@ -231,8 +231,6 @@ struct TaskMeta {
     tags: Vec<String>,
     group: u16,
     priority: u8,
-    /// Its own segment timeout, as submitted (none: the coordinator's).
-    segment_timeout_ms: Option<u64>,
     inputs: Vec<Bytes>,
     /// Latest progress of each segment's running attempt, in thousandths.
     progress: HashMap<u32, u16>,
@@ -268,7 +266,6 @@ impl TaskMeta {
             tags: request.tags,
             group: request.group,
             priority,
-            segment_timeout_ms: request.segment_timeout_ms,
             inputs: request
                 .inputs
                 .into_iter()
@@ -1710,7 +1707,7 @@ impl CoordinatorState {
                         attach: false,
                         adopt_from: None,
                         waited_ms: 0,
-                        segment_timeout_ms: meta.segment_timeout_ms,
+                        segment_timeout_ms: self.ledger.own_segment_timeout_ms(task),
                     },
                     generation: meta.generation,
                 }

@@ -886,10 +886,13 @@ impl Ledger {
 
     /// How long an attempt of `task_id` may run before it is retried elsewhere.
     pub fn segment_timeout_ms(&self, task_id: Uuid) -> u64 {
-        self.tasks
-            .get(&task_id)
-            .and_then(|t| t.segment_timeout_ms)
+        self.own_segment_timeout_ms(task_id)
             .unwrap_or(self.config.segment_timeout_ms)
+    }
+
+    /// The segment timeout `task_id` was given ([`Ledger::set_segment_timeout`]), if any.
+    pub fn own_segment_timeout_ms(&self, task_id: Uuid) -> Option<u64> {
+        self.tasks.get(&task_id).and_then(|t| t.segment_timeout_ms)
     }
 
     /// The accepted result of a segment, if it has one.

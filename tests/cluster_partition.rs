@@ -883,6 +883,79 @@ fn an_allocate_sent_again_for_an_attempt_that_ended_runs_nothing() {
     drop(nodes);
 }
 
+/// A cancel lost with its connection goes again on the next one. n2, the only node
+/// with agents, runs both segments (20 s each) of a task of n0's when the n0<->n2 link
+/// alone is cut (n1 and n3 reach both, so no one holds either down), and the task is
+/// cancelled at n0 in the cut: the ADJUSTs that cancel its attempts go out on a
+/// connection that is to time out. The cut heals as n0 loses that connection; the next
+/// comes up within n0's cut-off second and n2's two, so n2 goes on with the attempts,
+/// and n0 sends the cancels again on it. n2's agent is free within seconds. Before, the
+/// cancels were lost with the connection, and n2 ran both segments to their end, 20 s,
+/// for results no one takes.
+#[test]
+fn cancels_lost_with_their_connection_are_sent_again_on_the_next() {
+    let Some(cluster) = cluster("cancels") else {
+        return;
+    };
+    let nodes = n2_works_for_n0(&cluster);
+    let first = &nodes[0];
+    let n2_load = || {
+        cluster.status(2).and_then(|s| {
+            s["agents"]
+                .as_array()?
+                .iter()
+                .find(|a| a["node"] == "n2")
+                .and_then(|a| a["load"].as_u64())
+        })
+    };
+
+    let submit = cluster.submit_with(2, 20_000, &[]);
+    let line = first.expect(&["task submitted", "segments=2"]);
+    let task = line
+        .split("task=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    wait_until("n2 runs both attempts", Duration::from_secs(10), || {
+        let load = n2_load();
+        (load != Some(2)).then(|| format!("load {load:?}"))
+    });
+    cluster.partition(&[0], &[2]);
+    let out = cluster
+        .command(&[
+            "adjust",
+            "--to",
+            &cluster.addr(0),
+            "--task",
+            &task,
+            "--cancel",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.starts_with(&format!("cancelled task {task}")),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, outcome) = outcome(submit);
+    assert_eq!(status.code(), Some(1), "{outcome}");
+    assert_eq!(outcome["reason"], "cancelled", "{outcome}");
+    heal_when_n0_loses_n2(&cluster, first);
+    wait_until(
+        "n2's agent is free again well before its 20 s segments end",
+        Duration::from_secs(10),
+        || {
+            let load = n2_load();
+            (load != Some(0)).then(|| format!("load {load:?}"))
+        },
+    );
+    let resent = cluster.counter(&cluster.addr(4), "agentmesh_adjusts_resent_total");
+    assert!(resent >= 2, "{resent} ADJUSTs sent again");
+    drop(nodes);
+}
+
 /// A task whose only workers are on a node cut off from its coordinator alone waits
 /// for the link, and completes once it heals. n2, the only node with agents, is cut
 /// off from n0 for 12 s (n1 and n3 reach both, so no one holds either down), and a

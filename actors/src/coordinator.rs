@@ -435,10 +435,13 @@ enum Sending {
     /// there was no connection, else a failure), and it is kept until it surely arrived
     /// ([`KeptFrames`]).
     Allocate(AttemptKey),
-    /// The ADJUST that cancels this attempt: its ALLOCATE is no longer sent again.
+    /// The ADJUST that cancels this attempt: its ALLOCATE and earlier ADJUSTs are no
+    /// longer sent again, and it is kept as an ALLOCATE is.
     Cancel(AttemptKey),
-    /// Anything else.
-    Other,
+    /// An ADJUST of this attempt's parameters or priority: kept as an ALLOCATE is, in
+    /// place of one kept before for that attempt (the worker takes the latest ADJUST as
+    /// it comes, so an earlier one sent again after it would undo it).
+    Adjust(AttemptKey),
 }
 
 impl Actor for Coordinator {
@@ -847,7 +850,7 @@ impl CoordinatorState {
             };
         }
         let mut sent = 0;
-        for (segment, _, agent, node) in self.ledger.live_attempts(request.task) {
+        for (segment, attempt, agent, node) in self.ledger.live_attempts(request.task) {
             let adjust = Adjust {
                 target: agent,
                 task: request.task,
@@ -855,10 +858,12 @@ impl CoordinatorState {
                 params: request.params.clone(),
                 priority: request.priority,
                 cancel: false,
+                attempt: Some(attempt),
             };
             if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                 message.header.flags = message.header.flags.with(Flags::URGENT);
-                self.send(node, message, Sending::Other).await;
+                let what = Sending::Adjust((request.task, segment, attempt));
+                self.send(node, message, what).await;
                 sent += 1;
             }
         }
@@ -1246,6 +1251,7 @@ impl CoordinatorState {
                         params: Default::default(),
                         priority: None,
                         cancel: true,
+                        attempt: Some(attempt),
                     };
                     if let Some(mut message) = encode(Payload::Adjust(adjust), 0, group, None) {
                         message.header.flags = message.header.flags.with(Flags::URGENT);
@@ -2073,6 +2079,7 @@ async fn send_frames(
     let epoch = Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
     let mut kept: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
+    let mut adjusts: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
     let mut check = tokio::time::interval(ALLOCATES_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -2081,12 +2088,15 @@ async fn send_frames(
                 Some(ToSender::Frame(out)) => out,
                 Some(ToSender::NodeGone(node)) => {
                     kept.forget_node(&node);
+                    adjusts.forget_node(&node);
                     continue;
                 }
                 None => return,
             },
-            _ = check.tick(), if !kept.is_empty() => {
-                resend(&mesh, &mut kept, now_ms(), &KEPT_ALLOCATES, |(_, m)| m).await;
+            _ = check.tick(), if !kept.is_empty() || !adjusts.is_empty() => {
+                let now = now_ms();
+                resend(&mesh, &mut kept, now, &KEPT_ALLOCATES, |(_, m)| m).await;
+                resend(&mesh, &mut adjusts, now, &KEPT_ADJUSTS, |(_, m)| m).await;
                 continue;
             }
         };
@@ -2107,25 +2117,34 @@ async fn send_frames(
                         Ok(())
                     }
                     Err(e) => {
-                        let unreachable = !matches!(
-                            e,
-                            SendError::Encode(_)
-                                | SendError::Transport(TransportError::Unframeable(_))
-                        );
                         let _ = coordinator.cast(CoordinatorMsg::SendFailed {
                             attempt,
                             reason: e.to_string(),
-                            unreachable,
+                            unreachable: unreachable(&e),
                         });
                         Err(e)
                     }
                 }
             }
-            Sending::Cancel(attempt) => {
-                kept.forget(&node, |(a, _)| *a == attempt);
-                mesh.send_acp(&node, message).await
+            Sending::Cancel(attempt) | Sending::Adjust(attempt) => {
+                if matches!(what, Sending::Cancel(_)) {
+                    kept.forget(&node, |(a, _)| *a == attempt);
+                }
+                adjusts.forget(&node, |(a, _)| *a == attempt);
+                let bytes = message.body.len();
+                let sent = mesh.send_acp_via(&node, message.clone()).await;
+                // Sent on a connection, or none there now: it goes (again) on the next.
+                let on = match &sent {
+                    Ok(Some(peer)) => Some(Some(peer.clone())),
+                    Err(e) if unreachable(e) => Some(None),
+                    Ok(None) | Err(_) => None,
+                };
+                if let Some(on) = on {
+                    let dropped = adjusts.keep(&node, (attempt, message), bytes, on, now_ms());
+                    KEPT_ADJUSTS.unkept("full", dropped);
+                }
+                sent.map(|_| ())
             }
-            Sending::Other => mesh.send_acp(&node, message).await,
         };
         if let Err(e) = sent {
             debug!(%node, error = %e, "frame not sent");
@@ -2133,9 +2152,25 @@ async fn send_frames(
     }
 }
 
+/// Whether `e` says the frame found no connection to its node (not that it cannot be
+/// encoded or framed at all).
+fn unreachable(e: &SendError) -> bool {
+    !matches!(
+        e,
+        SendError::Encode(_) | SendError::Transport(TransportError::Unframeable(_))
+    )
+}
+
 /// How the coordinator's sender names the ALLOCATEs it keeps.
 const KEPT_ALLOCATES: Kind = Kind {
     what: "ALLOCATEs",
     resent: "agentmesh_allocates_resent_total",
     unkept: "agentmesh_allocates_unkept_total",
+};
+
+/// How the coordinator's sender names the ADJUSTs it keeps.
+const KEPT_ADJUSTS: Kind = Kind {
+    what: "ADJUSTs",
+    resent: "agentmesh_adjusts_resent_total",
+    unkept: "agentmesh_adjusts_unkept_total",
 };

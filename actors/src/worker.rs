@@ -315,7 +315,15 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                 for (_, run) in state.running.values() {
                     let a = &run.allocation;
                     if a.task == task && segment.is_none_or(|s| s == a.segment) {
-                        run.adjust.send_replace(adjustment.clone());
+                        // The same ADJUST again (sent again after a lost connection)
+                        // wakes no one.
+                        run.adjust.send_if_modified(|now| {
+                            let changed = *now != adjustment;
+                            if changed {
+                                now.clone_from(&adjustment);
+                            }
+                            changed
+                        });
                     }
                 }
                 if adjustment.cancelled {

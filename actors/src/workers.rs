@@ -445,6 +445,28 @@ impl WorkersState {
         let Some(slot) = self.agents.get(&a.target) else {
             return;
         };
+        if let (Some(segment), Some(attempt)) = (a.segment, a.attempt) {
+            // For one attempt: it may have ended here, or not come yet (an ADJUST on
+            // the urgent lane can overtake its ALLOCATE), and an ADJUST sent again after
+            // a lost connection must not reach a later attempt of the segment.
+            let key = (a.task, segment, attempt);
+            if !self.attempts.contains_key(&key) {
+                if a.cancel {
+                    // Its ALLOCATE, should it come yet, runs nothing.
+                    let now_ms = self.now_ms();
+                    self.ended.insert(key, now_ms);
+                }
+                return debug!(%peer, task = %a.task, segment, attempt, cancel = a.cancel, "ADJUST of an attempt not running here");
+            }
+            if a.cancel {
+                let _ = slot.supervisor.cast(WorkerMsg::Cancel {
+                    task: a.task,
+                    segment,
+                    attempt,
+                });
+                return;
+            }
+        }
         let _ = slot.supervisor.cast(WorkerMsg::Adjust {
             task: a.task,
             segment: a.segment,

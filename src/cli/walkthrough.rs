@@ -331,6 +331,7 @@ pub fn run(args: WalkthroughArgs) -> anyhow::Result<()> {
         params: BTreeMap::from([("temperature".into(), "0.2".into())]),
         priority: Some(200),
         cancel: false,
+        attempt: Some(1),
     };
     w.send(&mut c, "W2", Payload::Adjust(adjust), false)?;
     w.send(

@@ -177,17 +177,22 @@ fn payload() -> impl Strategy<Value = Payload> {
             proptest::option::of(any::<u32>()),
             proptest::collection::btree_map(text(), text(), 0..4),
             proptest::option::of(any::<u8>()),
-            any::<bool>()
+            any::<bool>(),
+            proptest::option::of(any::<u32>())
         )
             .prop_map(
-                |(target, task, segment, params, priority, cancel)| Payload::Adjust(Adjust {
-                    target,
-                    task,
-                    segment,
-                    params: params.into_iter().collect::<BTreeMap<_, _>>(),
-                    priority,
-                    cancel
-                })
+                |(target, task, segment, params, priority, cancel, attempt)| Payload::Adjust(
+                    Adjust {
+                        target,
+                        task,
+                        segment,
+                        params: params.into_iter().collect::<BTreeMap<_, _>>(),
+                        priority,
+                        cancel,
+                        // An attempt is named only with its segment.
+                        attempt: segment.and(attempt),
+                    }
+                )
             ),
         (
             any::<u64>(),

@@ -211,6 +211,12 @@ pub struct Adjust {
     pub priority: Option<u8>,
     /// Stop the work and report it cancelled.
     pub cancel: bool,
+    /// The attempt of `segment` it is for, or `None` for whichever runs. A
+    /// coordinator names it, so that an ADJUST sent again (its connection was lost)
+    /// never reaches a later attempt of the segment at that worker. Added within
+    /// version 1: senders leave the key out when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// REGISTER (4): a node registers one of its agents with discovery.
@@ -556,6 +562,9 @@ impl Payload {
             Payload::SyncAck(s) if s.hash.len() > MAX_HASH_LEN => {
                 invalid("hash", "must be at most 64 bytes")
             }
+            Payload::Adjust(a) if a.attempt.is_some() && a.segment.is_none() => {
+                invalid("attempt", "needs `segment`")
+            }
             Payload::Envelope(e) if !trace_id_valid(e.trace_id.as_ref()) => {
                 invalid("trace_id", "must be 16 bytes when present")
             }
@@ -694,6 +703,43 @@ mod tests {
                 Err(PayloadError::Invalid { field: f, .. }) if f == field
             ));
         }
+    }
+
+    #[test]
+    fn an_adjust_names_its_attempt_only_when_it_has_one() {
+        let adjust = Adjust {
+            target: 3,
+            task: Uuid::from_u128(7),
+            segment: Some(2),
+            params: BTreeMap::new(),
+            priority: None,
+            cancel: true,
+            attempt: None,
+        };
+        // Without one the key is left out: older vectors stay byte-identical.
+        let plain = Payload::Adjust(adjust.clone()).encode().unwrap();
+        assert!(!hex::encode(&plain).contains(&hex::encode("attempt")));
+        let named = Payload::Adjust(Adjust {
+            attempt: Some(5),
+            ..adjust.clone()
+        });
+        let bytes = named.encode().unwrap();
+        // "attempt" => 5
+        assert!(hex::encode(&bytes).contains("a7617474656d707405"));
+        assert_eq!(Payload::decode(MessageType::Adjust, &bytes).unwrap(), named);
+        // An attempt of no segment is refused.
+        let bad = Payload::Adjust(Adjust {
+            segment: None,
+            attempt: Some(5),
+            ..adjust
+        });
+        assert!(matches!(
+            Payload::decode(MessageType::Adjust, &bad.encode().unwrap()),
+            Err(PayloadError::Invalid {
+                field: "attempt",
+                ..
+            })
+        ));
     }
 
     #[test]

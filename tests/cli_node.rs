@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::Read;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{agentmesh, free_port, free_ports, temp_dir, NodeProcess};
@@ -311,5 +311,63 @@ fn submit_tries_its_first_connection_again_while_the_node_does_not_answer() {
         "{err}"
     );
     drop(node);
+    std::fs::remove_dir_all(&dev).unwrap();
+}
+
+/// `faketime` (libfaketime), or `None` (with the reason printed) where it is not
+/// installed and the test is not running under CI.
+fn faketime() -> Option<Command> {
+    let installed = Command::new("faketime")
+        .args(["-f", "+0s", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        let mut cmd = Command::new("faketime");
+        // Only the wall clock moves: tokio's timers keep to the real monotonic one.
+        cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        return Some(cmd);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have faketime (apt-get install faketime)"
+    );
+    eprintln!("skipped: faketime is not installed (apt-get install faketime)");
+    None
+}
+
+/// A node whose wall clock runs 3 s ahead of the others' (libfaketime) cannot join:
+/// its timestamped frames, membership probes among them, are refused as more than the
+/// 1 s allowed ahead of the receiver's clock. The node it joins through says so in its
+/// log, naming it and the difference. Before, it never joined, and no line on either
+/// node said why (found by hand).
+#[test]
+fn a_peer_whose_clock_runs_ahead_is_named_in_the_log() {
+    let Some(mut skewed) = faketime() else {
+        return;
+    };
+    let dev = temp_dir("clock-ahead");
+    let ports = free_ports(2);
+    let (a1, a2) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let n1 = NodeProcess::start(&["--name", "k1", "--listen", &a1], Some(&dev));
+    n1.expect(&["listening"]);
+    skewed.args(["-f", "+3s", env!("CARGO_BIN_EXE_agentmesh")]);
+    let n2 = NodeProcess::start_program(
+        skewed,
+        &["--name", "k2", "--listen", &a2, "--join", &a1],
+        Some(&dev),
+    );
+    n2.expect(&["joining through", "seed=k1"]);
+    let line = n1.expect(&["refused: the peer's clock is up to", "peer=k2"]);
+    let ahead: u64 = line
+        .split("is up to ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!((2_500..4_000).contains(&ahead), "{line}");
+    drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();
 }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use crate::skew::{ClockWarning, ClockWatch};
 use crate::wire::{AcpErrorCode, Header, Lane, ReplayWindow, TimestampWindow};
 
 /// How a frame arrived.
@@ -180,6 +181,9 @@ pub struct IngressGuard {
     lanes: [ReplayWindow; 4],
     datagrams: ReplayWindow,
     timestamps: TimestampWindow,
+    /// What the timestamps say of the peer's clock, and a warning not yet taken.
+    clock: ClockWatch,
+    clock_warning: Option<ClockWarning>,
     bucket: PriorityBucket,
 }
 
@@ -207,8 +211,16 @@ impl IngressGuard {
             lanes: Default::default(),
             datagrams: ReplayWindow::new(),
             timestamps,
+            clock: ClockWatch::new(timestamps),
+            clock_warning: None,
             bucket: PriorityBucket::new(limits),
         }
+    }
+
+    /// What the peer's timestamps have lately shown of its clock, once (at most one
+    /// warning per 30 s: [`ClockWatch`]).
+    pub fn take_clock_warning(&mut self) -> Option<ClockWarning> {
+        self.clock_warning.take()
     }
 
     /// Decides what to do with a frame; `now_ms` is the receiver's wall clock.
@@ -241,7 +253,11 @@ impl IngressGuard {
             }
         };
         if let Some(ts) = arrival.timestamp_ms {
-            if self.timestamps.check(ts, now_ms).is_err() {
+            let checked = self.timestamps.check(ts, now_ms);
+            if let Some(warning) = self.clock.observe(ts, checked, now_ms) {
+                self.clock_warning = Some(warning);
+            }
+            if checked.is_err() {
                 return Verdict::Drop(DropReason::Stale);
             }
         }

@@ -15,6 +15,7 @@ pub mod headroom;
 pub mod ingress;
 mod lane_queue;
 mod peer;
+pub mod skew;
 pub mod stats;
 pub mod tls;
 pub mod wire;

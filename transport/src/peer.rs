@@ -855,7 +855,11 @@ impl Reader {
             zero_rtt,
             agent_owned: self.shared.ownership.may_send_as(&self.name, header.agent),
         };
-        guard.check(arrival, now_ms)
+        let verdict = guard.check(arrival, now_ms);
+        if let Some(warning) = guard.take_clock_warning() {
+            warn!(peer = %self.name, "{warning}");
+        }
+        verdict
     }
 
     fn dropped(&self, why: DropReason, via: Via, frame: &Frame) {

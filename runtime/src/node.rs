@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,11 +276,17 @@ impl Node {
     /// answers) and announces this node. Until then other nodes learn of it only if
     /// they dial it themselves.
     pub fn join(&self, seeds: impl IntoIterator<Item = SocketAddr>) {
+        let alone = Alone {
+            members: self.member_list.clone(),
+            me: self.me.name.clone(),
+            told: Arc::new(AtomicBool::new(false)),
+        };
         for addr in seeds {
             tokio::spawn(dial_seed(
                 self.transport.clone(),
                 addr,
                 self.current.clone(),
+                alone.clone(),
             ));
         }
     }
@@ -357,12 +363,59 @@ impl Node {
     }
 }
 
+/// How long after a join a node that sees no other member up says so.
+const ALONE_AFTER_JOIN: Duration = Duration::from_secs(10);
+
+/// What a join needs to tell that no member took this node in: the member list, this
+/// node's name, and whether another join told it already.
+#[derive(Clone)]
+struct Alone {
+    members: watch::Receiver<Vec<MemberInfo>>,
+    me: Arc<str>,
+    told: Arc<AtomicBool>,
+}
+
+impl Alone {
+    /// Warns once (for all seeds) if no other member has been up by [`ALONE_AFTER_JOIN`]:
+    /// the seed answered the handshake, but nothing of the membership came back (the
+    /// others refuse this node's probes: its clock is off, say, which they log).
+    async fn warn_if_alone_after(mut self, seed: &str, addr: SocketAddr) {
+        let deadline = tokio::time::sleep(ALONE_AFTER_JOIN);
+        tokio::pin!(deadline);
+        loop {
+            let others_up = self
+                .members
+                .borrow_and_update()
+                .iter()
+                .any(|m| *m.name != *self.me && m.state == MemberState::Up);
+            if others_up {
+                return;
+            }
+            tokio::select! {
+                _ = &mut deadline => break,
+                changed = self.members.changed() => if changed.is_err() { return },
+            }
+        }
+        if !self.told.swap(true, Ordering::Relaxed) {
+            warn!(
+                %seed,
+                %addr,
+                after_s = ALONE_AFTER_JOIN.as_secs(),
+                "no other member is up since this node joined: the cluster has not taken it in; \
+                 the node it joined through may refuse its membership probes (a clock off by \
+                 more than a second, which that node logs), or something drops UDP datagrams"
+            );
+        }
+    }
+}
+
 /// Connects to a seed address until it answers, then hands its name to the cluster
 /// actor.
 async fn dial_seed(
     transport: Transport,
     addr: SocketAddr,
     mut current: watch::Receiver<Option<ActorRef<ClusterMsg>>>,
+    alone: Alone,
 ) {
     let mut delay = Duration::from_millis(100);
     let via = loop {
@@ -393,15 +446,17 @@ async fn dial_seed(
             }
         }
     };
+    let seed = via.name.clone();
     loop {
         if let Some(actor) = current.borrow_and_update().clone() {
             let _ = actor.cast(ClusterMsg::Joined(via));
-            return;
+            break;
         }
         if current.changed().await.is_err() {
             return;
         }
     }
+    alone.warn_if_alone_after(&seed, addr).await;
 }
 
 /// The cluster actor's state: membership and what it asked for.

@@ -374,3 +374,56 @@ fn a_peer_whose_clock_runs_ahead_is_named_in_the_log() {
     drop((n1, n2));
     std::fs::remove_dir_all(&dev).unwrap();
 }
+
+/// Certificate files that do not parse are refused (exit code 2) with what is wrong
+/// and where: a key that holds no PEM block, a certificate cut short (before, its
+/// missing end line was printed as a list of bytes), and a development CA whose key is
+/// damaged (before, no folder was named).
+#[test]
+fn damaged_certificate_files_are_refused_saying_what_and_where() {
+    let dir = temp_dir("damaged-certs");
+    let certs = dir.join("certs");
+    let certs_s = certs.to_str().unwrap();
+    make_certs(certs_s, &["d1", "d2"]);
+    std::fs::write(certs.join("d1.key"), "garbage\n").unwrap();
+    let crt = std::fs::read_to_string(certs.join("d2.crt")).unwrap();
+    std::fs::write(certs.join("d2.crt"), &crt[..100]).unwrap();
+    let dev = dir.join("dev-ca");
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::copy(certs.join("ca.crt"), dev.join("ca.crt")).unwrap();
+    std::fs::write(dev.join("ca.key"), "garbage\n").unwrap();
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    for (args, dev_ca, says) in [
+        (
+            vec!["--certs", certs_s, "--name", "d1"],
+            None,
+            "key of d1: no PEM block of that kind in it".to_string(),
+        ),
+        (
+            vec!["--certs", certs_s, "--name", "d2"],
+            None,
+            "certificate of d2: its PEM block has no end line (CERTIFICATE): the file is cut short"
+                .to_string(),
+        ),
+        (
+            vec!["--name", "d3"],
+            Some(&dev),
+            format!(
+                "loading the development CA from {} (remove that folder",
+                dev.display()
+            ),
+        ),
+    ] {
+        let mut cmd = agentmesh();
+        cmd.arg("node").args(&args).args(["--listen", &listen]);
+        if let Some(dev) = dev_ca {
+            cmd.env("AGENTMESH_DEV_CA_DIR", dev);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

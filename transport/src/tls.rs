@@ -187,7 +187,10 @@ impl ClusterCa {
                 reason: e.to_string(),
             }
         };
-        let key = KeyPair::from_pem(key_pem).map_err(malformed("CA key"))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Malformed {
+            what: "CA key".into(),
+            reason: format!("not a PEM private key ({e})"),
+        })?;
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).map_err(malformed("CA certificate"))?;
         let cert_der = parse_cert_pem(cert_pem, "CA certificate")?;
@@ -311,7 +314,7 @@ impl NodeIdentity {
         let key = rustls::pki_types::pem::PemObject::from_pem_slice(pair.key_pem.as_bytes())
             .map_err(|e| TlsError::Malformed {
                 what: format!("key of {name}"),
-                reason: e.to_string(),
+                reason: pem_reason(&e),
             })?;
         Ok(NodeIdentity {
             name: name.to_string(),
@@ -423,9 +426,27 @@ fn parse_cert_pem(pem: &str, what: &str) -> Result<CertificateDer<'static>, TlsE
     rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).map_err(|e| {
         TlsError::Malformed {
             what: what.to_string(),
-            reason: e.to_string(),
+            reason: pem_reason(&e),
         }
     })
+}
+
+/// A PEM error in words (pki-types prints the markers it names as lists of bytes).
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as Pem;
+    match e {
+        Pem::MissingSectionEnd { end_marker } => format!(
+            "its PEM block has no end line ({}): the file is cut short",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Pem::IllegalSectionStart { line } => format!(
+            "a malformed PEM begin line: {}",
+            String::from_utf8_lossy(line).trim()
+        ),
+        Pem::Base64Decode(why) => format!("its PEM block is not valid base64 ({why})"),
+        Pem::NoItemsFound => "no PEM block of that kind in it".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The node name a certificate carries: its first DNS subject alternative name.

@@ -378,7 +378,7 @@ fn a_peer_whose_clock_runs_ahead_is_named_in_the_log() {
 /// Certificate files that do not parse are refused (exit code 2) with what is wrong
 /// and where: a key that holds no PEM block, a certificate cut short (before, its
 /// missing end line was printed as a list of bytes), and a development CA whose key is
-/// damaged (before, no folder was named).
+/// damaged, for a node and for a client (before, no folder was named).
 #[test]
 fn damaged_certificate_files_are_refused_saying_what_and_where() {
     let dir = temp_dir("damaged-certs");
@@ -414,9 +414,21 @@ fn damaged_certificate_files_are_refused_saying_what_and_where() {
                 dev.display()
             ),
         ),
+        (
+            vec!["status", "--to", &listen],
+            Some(&dev),
+            format!(
+                "loading the development CA from {} (remove that folder",
+                dev.display()
+            ),
+        ),
     ] {
         let mut cmd = agentmesh();
-        cmd.arg("node").args(&args).args(["--listen", &listen]);
+        if args[0] == "status" {
+            cmd.args(&args);
+        } else {
+            cmd.arg("node").args(&args).args(["--listen", &listen]);
+        }
         if let Some(dev) = dev_ca {
             cmd.env("AGENTMESH_DEV_CA_DIR", dev);
         }

@@ -2,12 +2,12 @@
 //! certificate to talk to it with.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 
-use crate::transport::tls::{validate_node_name, NodeIdentity};
+use crate::transport::tls::{dev_ca_dir, validate_node_name, NodeIdentity};
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -36,9 +36,25 @@ impl ClientArgs {
                     dir.display()
                 )
             })?,
-            None => NodeIdentity::development(&format!("{role}-{}", std::process::id()))?.0,
+            None => development(&format!("{role}-{}", std::process::id()), None)?.0,
         })
     }
+}
+
+/// The development identity for `name`, from the CA in `data_dir`'s `dev-ca` folder,
+/// or the per-user one; and that folder. A CA there that cannot be loaded is named.
+pub fn development(name: &str, data_dir: Option<&Path>) -> anyhow::Result<(NodeIdentity, PathBuf)> {
+    let dev = match data_dir {
+        Some(dir) => dir.join("dev-ca"),
+        None => dev_ca_dir()?,
+    };
+    NodeIdentity::development_at(&dev, name).with_context(|| {
+        format!(
+            "loading the development CA from {} (remove that folder to have a new one \
+             made; every node on this machine must then restart)",
+            dev.display()
+        )
+    })
 }
 
 /// A runtime for a one-shot command.

@@ -17,7 +17,7 @@ use crate::actors::record::Recorder;
 use crate::actors::{AgentHost, HostConfig, RestartPolicy};
 use crate::runtime::{advertised_addr, MembershipConfig, Node, NodeConfig};
 use crate::transport::clock::SystemClock;
-use crate::transport::tls::{dev_ca_dir, validate_node_name, NodeIdentity};
+use crate::transport::tls::{validate_node_name, NodeIdentity};
 use crate::transport::EndpointConfig;
 
 #[derive(Debug, Args)]
@@ -172,18 +172,7 @@ fn identity(args: &NodeArgs) -> anyhow::Result<(String, NodeIdentity)> {
         Some(dir) => NodeIdentity::load(dir, &name)
             .with_context(|| format!("loading the certificate of {name} from {}", dir.display()))?,
         None => {
-            let dev = match &args.data_dir {
-                Some(dir) => dir.join("dev-ca"),
-                None => dev_ca_dir()?,
-            };
-            let (identity, ca_dir) =
-                NodeIdentity::development_at(&dev, &name).with_context(|| {
-                    format!(
-                        "loading the development CA from {} (remove that folder to have a new \
-                         one made; every node on this machine must then restart)",
-                        dev.display()
-                    )
-                })?;
+            let (identity, ca_dir) = super::client::development(&name, args.data_dir.as_deref())?;
             warn!(
                 ca = %ca_dir.display(),
                 "development mode: this node's certificate comes from the per-user development CA; \

@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
-use agentmesh_runtime::transport::{PeerHandle, TransportError};
+use agentmesh_runtime::transport::PeerHandle;
 use agentmesh_runtime::{FromPeer, Mesh, SendError};
 
 use crate::cut_off::CutOffs;
@@ -2155,10 +2155,11 @@ async fn send_frames(
 /// Whether `e` says the frame found no connection to its node (not that it cannot be
 /// encoded or framed at all).
 fn unreachable(e: &SendError) -> bool {
-    !matches!(
-        e,
-        SendError::Encode(_) | SendError::Transport(TransportError::Unframeable(_))
-    )
+    match e {
+        SendError::Encode(_) => false,
+        SendError::Transport(e) => !e.never_sendable(),
+        _ => true,
+    }
 }
 
 /// How the coordinator's sender names the ALLOCATEs it keeps.

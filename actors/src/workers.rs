@@ -18,7 +18,7 @@ use agentmesh_runtime::transport::wire::payload::{
     Adjust, Allocate, Health, Refusal, Report, Sync, SyncAck,
 };
 use agentmesh_runtime::transport::wire::{Header, Message, Payload};
-use agentmesh_runtime::transport::{PeerHandle, TransportError};
+use agentmesh_runtime::transport::PeerHandle;
 use agentmesh_runtime::{FromPeer, Mesh, SendError};
 
 use crate::agent::{Adjustment, SyncEvent};
@@ -587,12 +587,21 @@ impl WorkersState {
             refused,
             retry_after_ms: None,
         };
+        // A result no message can carry fails its attempt, saying so: sent as it is,
+        // the coordinator's node would close the connection for it.
+        let limit = self.mesh.max_message_bytes();
         let message = match report_message(report.clone(), info.agent, group, is_final) {
-            Some(m) => Some(m),
-            None => report_message(
+            Some(m) if m.body.len() <= limit => Some(m),
+            built => report_message(
                 Report {
                     output: None,
-                    error: Some("the result does not encode as a REPORT".into()),
+                    error: Some(match built {
+                        Some(m) => format!(
+                            "its result is {} bytes, more than the {limit} one message may carry",
+                            m.body.len()
+                        ),
+                        None => "the result does not encode as a REPORT".into(),
+                    }),
                     ..report
                 },
                 info.agent,
@@ -759,7 +768,7 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
                 let on = match &sent {
                     Ok(None) => continue, // To this node itself: handed over.
                     // It can never go: nothing to keep.
-                    Err(e @ SendError::Transport(TransportError::Unframeable(_))) => {
+                    Err(SendError::Transport(e)) if e.never_sendable() => {
                         debug!(%node, error = %e, "frame not sent");
                         continue;
                     }

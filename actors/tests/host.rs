@@ -637,3 +637,56 @@ async fn an_agent_whose_replicas_rest_is_unhealthy_everywhere_and_gets_no_work()
     }
     panic!("the coordinator's node never saw the fragile agent unhealthy");
 }
+
+/// Answers a result of `limit + 1` bytes: more than one message may carry.
+struct Bloated {
+    limit: usize,
+}
+
+impl Agent for Bloated {
+    type Input = u32;
+    type Output = String;
+
+    fn agent_type(&self) -> &str {
+        "bloated"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("bloated")
+    }
+
+    async fn work(&self, _: u32, _: &mut SegmentContext) -> Result<String, AgentError> {
+        Ok("x".repeat(self.limit + 1))
+    }
+}
+
+/// A result longer than one message may carry fails its attempt, saying so, and the
+/// task fails with that reason once its attempts are spent, in seconds. Before, the
+/// worker's node sent the final REPORT whole; the coordinator's node closed the
+/// connection for it (FRAME_TOO_LARGE), the worker sent it again on each new
+/// connection, and each was closed in turn: the two nodes declared each other down,
+/// and the task never ended (found by hand, a result of 17 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_longer_than_a_message_carries_fails_its_attempt_saying_so() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    let limit = nodes[1].0.mesh().max_message_bytes();
+    nodes[1].1.add(Bloated { limit }, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        nodes[0].1.submit(SubmitRequest::new("bloated", inputs(1))),
+    )
+    .await
+    .expect("the task ends")
+    .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Failed, "{outcome:?}");
+    let reason = outcome.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("more than the {limit} one message may carry")),
+        "{reason}"
+    );
+    for (node, _) in &nodes {
+        assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
+    }
+}

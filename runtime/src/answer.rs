@@ -91,8 +91,9 @@ pub(crate) struct ReplyTo {
 
 impl ReplyTo {
     /// Appends the answering ENVELOPE to `out`: the actor's answer, or `error`. An
-    /// answer that does not encode is sent as an error instead.
-    fn encode(&self, answer: Result<&dyn PendingReply, &str>, out: &mut Vec<u8>) {
+    /// answer that does not encode, or is longer than `limit` (the asker would close
+    /// the connection for it), is sent as an error instead.
+    fn encode(&self, answer: Result<&dyn PendingReply, &str>, out: &mut Vec<u8>, limit: usize) {
         let parts = |kind, body| EnvelopeParts {
             to: "",
             kind,
@@ -103,14 +104,20 @@ impl ReplyTo {
         };
         let start = out.len();
         let error = match answer {
-            Ok(reply) => match parts(&self.kind, &[]).encode_into_with(out, |out| reply.write(out))
-            {
-                Ok(()) => return,
-                Err(e) => {
-                    out.truncate(start);
-                    e.to_string()
+            Ok(reply) => {
+                match parts(&self.kind, &[]).encode_into_with(out, |out| reply.write(out)) {
+                    Ok(()) if out.len() - start <= limit => return,
+                    Ok(()) => {
+                        let len = out.len() - start;
+                        out.truncate(start);
+                        format!("the answer is {len} bytes, more than the {limit} one message may carry")
+                    }
+                    Err(e) => {
+                        out.truncate(start);
+                        e.to_string()
+                    }
                 }
-            },
+            }
             Err(error) => error.to_string(),
         };
         parts(ERROR_KIND, error.as_bytes()).encode_into(out);
@@ -229,8 +236,9 @@ impl Outcome {
 /// that waits for room in the lane's queue (with the bytes encoded here: the answer is
 /// encoded once either way).
 pub(crate) fn send(mesh: &Mesh, to: &ReplyTo, runtime: &tokio::runtime::Handle, outcome: Outcome) {
+    let limit = mesh.max_message_bytes();
     let offered = mesh.try_send_encoded(&to.peer, to.prio, |out| {
-        to.encode(outcome.as_answer(), out);
+        to.encode(outcome.as_answer(), out, limit);
         Ok(())
     });
     drop(outcome);

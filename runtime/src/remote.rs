@@ -854,6 +854,11 @@ impl Mesh {
         Ok(Some(peer))
     }
 
+    /// The longest message (ENVELOPE or other ACP body) a node takes, and sends.
+    pub fn max_message_bytes(&self) -> usize {
+        self.inner.transport.max_message_bytes()
+    }
+
     /// The open connection to `node`, if there is one now.
     pub fn connection(&self, node: &str) -> Option<PeerHandle> {
         self.inner.transport.peer(node).filter(PeerHandle::is_open)

@@ -859,3 +859,77 @@ async fn an_ask_fails_when_its_connection_is_lost_not_at_its_timeout() {
         assert_eq!(answered, Some(Sum(5)), "closed by node {closer}");
     }
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Pad(usize);
+impl RemoteMessage for Pad {
+    const KIND: &'static str = "test.Pad";
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Padded(String);
+impl RemoteMessage for Padded {
+    const KIND: &'static str = "test.Padded";
+}
+
+enum PadderMsg {
+    Pad(Pad, RpcReplyPort<Padded>),
+}
+
+/// Answers `Pad(n)` with `n` bytes of text.
+struct Padder;
+impl Actor for Padder {
+    type Msg = PadderMsg;
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(&self, _: ActorRef<PadderMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle(
+        &self,
+        _: ActorRef<PadderMsg>,
+        PadderMsg::Pad(Pad(n), reply): PadderMsg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = reply.send(Padded("x".repeat(n)));
+        Ok(())
+    }
+}
+
+/// An answer longer than one message may carry comes back as an error saying so, and
+/// the connection goes on. Before, it went out whole, and the asking node closed the
+/// connection for it (FRAME_TOO_LARGE): `agentmesh submit` of a task whose results
+/// came to 24 MB in all lost its connection, asked again for 60 s, and was answered
+/// the same way each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_longer_than_a_message_carries_comes_back_as_an_error() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (padder, _) = Actor::spawn(None, Padder, ()).await.unwrap();
+    nodes[0]
+        .mesh()
+        .register_rpc("padder", padder, PadderMsg::Pad)
+        .unwrap();
+    resolves(&nodes[1], "padder").await;
+    let limit = nodes[0].mesh().max_message_bytes();
+    let refused = nodes[1]
+        .mesh()
+        .ask::<Pad, Padded>("padder", Pad(limit), Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("more than the {limit} one message may carry")),
+        "{refused}"
+    );
+    let fits: Padded = nodes[1]
+        .mesh()
+        .ask("padder", Pad(1_000), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(fits.0.len(), 1_000);
+    for node in &nodes {
+        assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
+    }
+}

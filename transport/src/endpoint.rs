@@ -198,6 +198,15 @@ pub enum TransportError {
     /// The message cannot be sent (a timestamped message too large for one frame).
     #[error("message cannot be framed: {0}")]
     Unframeable(#[from] crate::wire::FrameTooLarge),
+    /// The message is longer than a peer takes (`max_message_bytes`, which peers are
+    /// expected to share): the peer would close the connection for it.
+    #[error("a message of {len} bytes is more than the {limit} one message may carry")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A dial to the same address, made at the same time and waited for, failed.
     #[error("connection to {addr} failed: {reason}")]
     Dial {
@@ -206,6 +215,18 @@ pub enum TransportError {
         /// Why the dial failed.
         reason: String,
     },
+}
+
+impl TransportError {
+    /// True if the message can never be sent, on this connection or any other: it
+    /// does not fit a frame, or is longer than a peer takes. Sending it again is
+    /// pointless.
+    pub fn never_sendable(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Unframeable(_) | TransportError::TooLarge { .. }
+        )
+    }
 }
 
 /// What a failed handshake most likely means, for people reading the error: rustls
@@ -344,6 +365,11 @@ impl Transport {
     /// This node's name.
     pub fn name(&self) -> &PeerName {
         &self.shared.name
+    }
+
+    /// The longest message this node takes, and sends (`max_message_bytes`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.shared.config.max_message_bytes
     }
 
     /// The address the endpoint is bound to.

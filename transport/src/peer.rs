@@ -614,6 +614,15 @@ impl PeerHandle {
     }
 
     fn check_frameable(&self, message: MessageRef<'_>) -> Result<(), TransportError> {
+        // A peer closes the connection for a longer one: everything else on it would
+        // go down with it, and a sender that keeps its frames would send it again.
+        let limit = self.shared.config.max_message_bytes;
+        if message.body.len() > limit {
+            return Err(TransportError::TooLarge {
+                len: message.body.len(),
+                limit,
+            });
+        }
         let max = self.shared.config.max_frame_payload;
         if message.timestamp_ms.is_some() && message.body.len() + TIMESTAMP_LEN > max {
             return Err(TransportError::Unframeable(crate::wire::FrameTooLarge {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentmesh_transport::tls::ClusterCa;
 use agentmesh_transport::wire::{AcpErrorCode, Lane, MessageType};
-use agentmesh_transport::{TransportEvent, Via};
+use agentmesh_transport::{TransportError, TransportEvent, Via};
 use common::*;
 
 async fn pair(ca: &ClusterCa) -> (Node, Node) {
@@ -162,6 +162,29 @@ async fn reports_travel_as_datagrams_and_oversized_ones_fall_back_to_the_bulk_la
     assert_eq!(got[0].0, Via::Lane(Lane::Bulk));
     assert_eq!(got[0].1.body.len(), 5_000);
     assert_eq!(a.transport.stats().datagram_fallbacks, 1);
+}
+
+/// A message longer than peers take (`max_message_bytes`) is refused at the sender,
+/// and the connection goes on. Before, it went out, and the receiver closed the
+/// connection for it (FRAME_TOO_LARGE), taking everything else on it down; a worker's
+/// final REPORT, sent again on each new connection, closed each of them in turn.
+#[tokio::test]
+async fn a_message_longer_than_peers_take_is_refused_at_the_sender() {
+    let ca = ClusterCa::generate().unwrap();
+    let (a, mut b) = pair(&ca).await;
+    let peer = a.transport.peer("beta").unwrap();
+    let limit = a.transport.max_message_bytes();
+    let too_long = envelope(96, &vec![7; limit + 1]);
+    assert!(matches!(
+        peer.send(too_long).await,
+        Err(e @ TransportError::TooLarge { .. }) if e.never_sendable()
+    ));
+    // The longest one allowed goes, and the connection stays open.
+    peer.send(envelope(96, &vec![8; limit])).await.unwrap();
+    let got = receive(&mut b.events, 1).await;
+    assert_eq!(got[0].1.body.len(), limit);
+    assert!(peer.is_open());
+    assert_eq!(b.transport.stats().closed_for_cause, [0; 16]);
 }
 
 #[tokio::test]

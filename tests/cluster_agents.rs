@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     agentmesh, done_in, ended_within, example, free_port, free_ports, outcome, outcome_within,
-    temp_dir, NodeProcess,
+    task_in, temp_dir, NodeProcess,
 };
 use serde_json::{json, Value};
 
@@ -872,12 +872,7 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
     // 12 segments of 10 s on 6 replicas: running for a while yet when steered.
     let submit = cluster.submit(0, &sleep_task("12", "10000"));
     let line = first.expect(&["task submitted"]);
-    let task = line
-        .split("task=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let task = task_in(&line);
     let adjust = |extra: &[&str]| {
         let mut args = vec!["adjust", "--to", &cluster.addrs[2], "--task", &task];
         args.extend(extra);

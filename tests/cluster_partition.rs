@@ -29,7 +29,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{done_in, ended_within, free_ports, outcome, temp_dir, NodeProcess};
+use common::{done_in, ended_within, free_ports, outcome, task_in, temp_dir, NodeProcess};
 use serde_json::Value;
 
 /// A network namespace with its loopback up, removed on drop.
@@ -325,6 +325,17 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    /// The segments n2's agent has in hand, as n2's status shows them.
+    fn n2_load(&self) -> Option<u64> {
+        self.status(2).and_then(|s| {
+            s["agents"]
+                .as_array()?
+                .iter()
+                .find(|a| a["node"] == "n2")
+                .and_then(|a| a["load"].as_u64())
+        })
     }
 
     fn wait_until_all_up(&self) {
@@ -858,13 +869,7 @@ fn an_allocate_sent_again_for_an_attempt_that_ended_runs_nothing() {
     first.expect(&["task submitted", "segments=2"]);
     // Both ALLOCATEs came: n2's agent has both attempts in hand.
     wait_until("n2 runs both attempts", Duration::from_secs(10), || {
-        let load = cluster.status(2).and_then(|s| {
-            s["agents"]
-                .as_array()?
-                .iter()
-                .find(|a| a["node"] == "n2")
-                .and_then(|a| a["load"].as_u64())
-        });
+        let load = cluster.n2_load();
         (load != Some(2)).then(|| format!("load {load:?}"))
     });
     cluster.partition(&[0], &[2]);
@@ -899,26 +904,12 @@ fn cancels_lost_with_their_connection_are_sent_again_on_the_next() {
     };
     let nodes = n2_works_for_n0(&cluster);
     let first = &nodes[0];
-    let n2_load = || {
-        cluster.status(2).and_then(|s| {
-            s["agents"]
-                .as_array()?
-                .iter()
-                .find(|a| a["node"] == "n2")
-                .and_then(|a| a["load"].as_u64())
-        })
-    };
 
     let submit = cluster.submit_with(2, 20_000, &[]);
     let line = first.expect(&["task submitted", "segments=2"]);
-    let task = line
-        .split("task=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let task = task_in(&line);
     wait_until("n2 runs both attempts", Duration::from_secs(10), || {
-        let load = n2_load();
+        let load = cluster.n2_load();
         (load != Some(2)).then(|| format!("load {load:?}"))
     });
     cluster.partition(&[0], &[2]);
@@ -947,7 +938,7 @@ fn cancels_lost_with_their_connection_are_sent_again_on_the_next() {
         "n2's agent is free again well before its 20 s segments end",
         Duration::from_secs(10),
         || {
-            let load = n2_load();
+            let load = cluster.n2_load();
             (load != Some(0)).then(|| format!("load {load:?}"))
         },
     );

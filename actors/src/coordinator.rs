@@ -2070,7 +2070,8 @@ fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
 /// it went on was lost ([`KeptFrames`]): before, an ALLOCATE lost with its connection
 /// when the next came up within [`CUT_OFF_MS`] left its attempt waiting for the segment
 /// timeout (30 s, or a task's own: a day at most). The worker node runs an attempt once
-/// however often its ALLOCATE comes (`ended_attempts.rs`).
+/// however often its ALLOCATE comes (`ended_attempts.rs`). ADJUSTs are kept and sent
+/// again the same way ([`Sending::Cancel`], [`Sending::Adjust`]).
 async fn send_frames(
     mesh: Mesh,
     mut queue: mpsc::Receiver<ToSender>,
@@ -2078,7 +2079,9 @@ async fn send_frames(
 ) {
     let epoch = Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
-    let mut kept: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
+    let mut allocates: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
+    // ADJUSTs are kept within the same bounds, apart: each kind is sent again, and
+    // counted, on its own.
     let mut adjusts: KeptFrames<PeerHandle, (AttemptKey, Message)> = KeptFrames::new(ALLOCATES);
     let mut check = tokio::time::interval(ALLOCATES_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -2087,15 +2090,15 @@ async fn send_frames(
             out = queue.recv() => match out {
                 Some(ToSender::Frame(out)) => out,
                 Some(ToSender::NodeGone(node)) => {
-                    kept.forget_node(&node);
+                    allocates.forget_node(&node);
                     adjusts.forget_node(&node);
                     continue;
                 }
                 None => return,
             },
-            _ = check.tick(), if !kept.is_empty() || !adjusts.is_empty() => {
+            _ = check.tick(), if !allocates.is_empty() || !adjusts.is_empty() => {
                 let now = now_ms();
-                resend(&mesh, &mut kept, now, &KEPT_ALLOCATES, |(_, m)| m).await;
+                resend(&mesh, &mut allocates, now, &KEPT_ALLOCATES, |(_, m)| m).await;
                 resend(&mesh, &mut adjusts, now, &KEPT_ADJUSTS, |(_, m)| m).await;
                 continue;
             }
@@ -2112,7 +2115,7 @@ async fn send_frames(
                     Ok(None) => Ok(()), // To this node itself: handed over.
                     Ok(Some(peer)) => {
                         let dropped =
-                            kept.keep(&node, (attempt, message), bytes, Some(peer), now_ms());
+                            allocates.keep(&node, (attempt, message), bytes, Some(peer), now_ms());
                         KEPT_ALLOCATES.unkept("full", dropped);
                         Ok(())
                     }
@@ -2128,7 +2131,7 @@ async fn send_frames(
             }
             Sending::Cancel(attempt) | Sending::Adjust(attempt) => {
                 if matches!(what, Sending::Cancel(_)) {
-                    kept.forget(&node, |(a, _)| *a == attempt);
+                    allocates.forget(&node, |(a, _)| *a == attempt);
                 }
                 adjusts.forget(&node, |(a, _)| *a == attempt);
                 let bytes = message.body.len();

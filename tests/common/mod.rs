@@ -32,6 +32,15 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The task id a node's "task submitted" log line names (`task=ID`).
+pub fn task_in(line: &str) -> String {
+    line.split("task=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no task= in {line:?}"))
+        .to_string()
+}
+
 /// The results a takeover started from: the `done=` of a "took over a task" log line.
 pub fn done_in(line: &str) -> u32 {
     line.split_whitespace()

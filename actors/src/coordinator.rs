@@ -29,7 +29,7 @@ use uuid::Uuid;
 use agentmesh_runtime::transport::wire::payload::{Adjust, AgentInfo, Allocate, Health, Report};
 use agentmesh_runtime::transport::wire::{Flags, Message, Payload};
 use agentmesh_runtime::transport::PeerHandle;
-use agentmesh_runtime::{FromPeer, Mesh, SendError};
+use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
@@ -47,7 +47,7 @@ use crate::notices::{ForgetNotices, Unheld};
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
-use crate::resend::{resend, Kind};
+use crate::resend::{resend, send_and_keep, unreachable, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
@@ -2110,43 +2110,42 @@ async fn send_frames(
         } = out;
         let sent = match what {
             Sending::Allocate(attempt) => {
-                let bytes = message.body.len();
-                match mesh.send_acp_via(&node, message.clone()).await {
-                    Ok(None) => Ok(()), // To this node itself: handed over.
-                    Ok(Some(peer)) => {
-                        let dropped =
-                            allocates.keep(&node, (attempt, message), bytes, Some(peer), now_ms());
-                        KEPT_ALLOCATES.unkept("full", dropped);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let _ = coordinator.cast(CoordinatorMsg::SendFailed {
-                            attempt,
-                            reason: e.to_string(),
-                            unreachable: unreachable(&e),
-                        });
-                        Err(e)
-                    }
+                let item = |m| (attempt, m);
+                let sent = send_and_keep(
+                    &mesh,
+                    &mut allocates,
+                    &KEPT_ALLOCATES,
+                    &node,
+                    message,
+                    item,
+                    now_ms(),
+                )
+                .await;
+                if let Err(e) = &sent {
+                    let _ = coordinator.cast(CoordinatorMsg::SendFailed {
+                        attempt,
+                        reason: e.to_string(),
+                        unreachable: unreachable(e),
+                    });
                 }
+                sent
             }
             Sending::Cancel(attempt) | Sending::Adjust(attempt) => {
                 if matches!(what, Sending::Cancel(_)) {
                     allocates.forget(&node, |(a, _)| *a == attempt);
                 }
                 adjusts.forget(&node, |(a, _)| *a == attempt);
-                let bytes = message.body.len();
-                let sent = mesh.send_acp_via(&node, message.clone()).await;
-                // Sent on a connection, or none there now: it goes (again) on the next.
-                let on = match &sent {
-                    Ok(Some(peer)) => Some(Some(peer.clone())),
-                    Err(e) if unreachable(e) => Some(None),
-                    Ok(None) | Err(_) => None,
-                };
-                if let Some(on) = on {
-                    let dropped = adjusts.keep(&node, (attempt, message), bytes, on, now_ms());
-                    KEPT_ADJUSTS.unkept("full", dropped);
-                }
-                sent.map(|_| ())
+                let item = |m| (attempt, m);
+                send_and_keep(
+                    &mesh,
+                    &mut adjusts,
+                    &KEPT_ADJUSTS,
+                    &node,
+                    message,
+                    item,
+                    now_ms(),
+                )
+                .await
             }
         };
         if let Err(e) = sent {
@@ -2155,21 +2154,12 @@ async fn send_frames(
     }
 }
 
-/// Whether `e` says the frame found no connection to its node (not that it cannot be
-/// encoded or framed at all).
-fn unreachable(e: &SendError) -> bool {
-    match e {
-        SendError::Encode(_) => false,
-        SendError::Transport(e) => !e.never_sendable(),
-        _ => true,
-    }
-}
-
 /// How the coordinator's sender names the ALLOCATEs it keeps.
 const KEPT_ALLOCATES: Kind = Kind {
     what: "ALLOCATEs",
     resent: "agentmesh_allocates_resent_total",
     unkept: "agentmesh_allocates_unkept_total",
+    keep_unsent: false,
 };
 
 /// How the coordinator's sender names the ADJUSTs it keeps.
@@ -2177,4 +2167,5 @@ const KEPT_ADJUSTS: Kind = Kind {
     what: "ADJUSTs",
     resent: "agentmesh_adjusts_resent_total",
     unkept: "agentmesh_adjusts_unkept_total",
+    keep_unsent: true,
 };

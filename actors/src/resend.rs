@@ -1,13 +1,13 @@
 //! Puts `kept.rs` on the mesh for the two senders that keep frames until they surely
-//! arrived, the coordinator's (ALLOCATEs) and the worker host's (final REPORTs): sends
-//! again the frames whose connection was lost, on their node's connection now, and
-//! counts what went again or was let go.
+//! arrived, the coordinator's (ALLOCATEs, ADJUSTs) and the worker host's (final
+//! REPORTs): sends a frame and keeps it, sends again the frames whose connection was
+//! lost on their node's connection now, and counts what went again or was let go.
 
 use std::collections::BTreeSet;
 
 use agentmesh_runtime::transport::wire::Message;
 use agentmesh_runtime::transport::PeerHandle;
-use agentmesh_runtime::Mesh;
+use agentmesh_runtime::{Mesh, SendError};
 use tracing::info;
 
 use crate::kept::KeptFrames;
@@ -20,6 +20,9 @@ pub(crate) struct Kind {
     pub resent: &'static str,
     /// The counter of frames let go before they surely arrived, by reason.
     pub unkept: &'static str,
+    /// Whether a frame that found no connection to its node is kept for the next one
+    /// (an ALLOCATE is not: its attempt ends as a refusal, and the segment goes again).
+    pub keep_unsent: bool,
 }
 
 impl Kind {
@@ -29,6 +32,41 @@ impl Kind {
         if n > 0 {
             metrics::counter!(self.unkept, "reason" => reason).increment(n as u64);
         }
+    }
+}
+
+/// Sends `message` to `node` and keeps it in `kept` (as `item(message)`) until it surely
+/// arrived: on the connection it went on, or, if it found none and `kind` says so, for
+/// the node's next. A frame to this node itself is handed over, and one that can never
+/// go is not kept. What the send gave.
+pub(crate) async fn send_and_keep<M: Clone>(
+    mesh: &Mesh,
+    kept: &mut KeptFrames<PeerHandle, M>,
+    kind: &Kind,
+    node: &str,
+    message: Message,
+    item: impl FnOnce(Message) -> M,
+    now_ms: u64,
+) -> Result<(), SendError> {
+    let bytes = message.body.len();
+    let sent = mesh.send_acp_via(node, message.clone()).await;
+    let on = match &sent {
+        Ok(None) => return Ok(()),
+        Ok(Some(peer)) => Some(peer.clone()),
+        Err(e) if kind.keep_unsent && unreachable(e) => None,
+        Err(_) => return sent.map(drop),
+    };
+    kind.unkept("full", kept.keep(node, item(message), bytes, on, now_ms));
+    sent.map(drop)
+}
+
+/// Whether `e` says the frame found no connection to its node, not that it can never
+/// go (it does not encode, does not fit a frame, or is longer than a peer takes).
+pub(crate) fn unreachable(e: &SendError) -> bool {
+    match e {
+        SendError::Encode(_) => false,
+        SendError::Transport(e) => !e.never_sendable(),
+        _ => true,
     }
 }
 

@@ -19,7 +19,7 @@ use agentmesh_runtime::transport::wire::payload::{
 };
 use agentmesh_runtime::transport::wire::{Header, Message, Payload};
 use agentmesh_runtime::transport::PeerHandle;
-use agentmesh_runtime::{FromPeer, Mesh, SendError};
+use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::agent::{Adjustment, SyncEvent};
 use crate::cut_off::CutOffs;
@@ -28,7 +28,7 @@ use crate::ended_attempts::EndedAttempts;
 use crate::host::PolicyStore;
 use crate::kept::{KeptFrames, Limits};
 use crate::policy::RateLimiter;
-use crate::resend::{resend, Kind};
+use crate::resend::{resend, send_and_keep, Kind};
 use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
 
 /// Frames waiting to go out from this host at most (the host waits when it is full).
@@ -763,21 +763,17 @@ async fn send_frames(mesh: Mesh, mut queue: mpsc::Receiver<ToSender>) {
             Delivery::Datagram => mesh.send_acp_datagram(&node, out.message).await,
             Delivery::Lane => mesh.send_acp(&node, out.message).await,
             Delivery::Final => {
-                let bytes = out.message.body.len();
-                let sent = mesh.send_acp_via(&node, out.message.clone()).await;
-                let on = match &sent {
-                    Ok(None) => continue, // To this node itself: handed over.
-                    // It can never go: nothing to keep.
-                    Err(SendError::Transport(e)) if e.never_sendable() => {
-                        debug!(%node, error = %e, "frame not sent");
-                        continue;
-                    }
-                    Ok(Some(peer)) => Some(peer.clone()),
-                    // No connection now: it goes when there is one.
-                    Err(_) => None,
-                };
-                KEPT_FINALS.unkept("full", kept.keep(&node, out.message, bytes, on, now_ms()));
-                sent.map(drop)
+                let now = now_ms();
+                send_and_keep(
+                    &mesh,
+                    &mut kept,
+                    &KEPT_FINALS,
+                    &node,
+                    out.message,
+                    |m| m,
+                    now,
+                )
+                .await
             }
         };
         if let Err(e) = sent {
@@ -791,4 +787,5 @@ const KEPT_FINALS: Kind = Kind {
     what: "final REPORTs",
     resent: "agentmesh_final_reports_resent_total",
     unkept: "agentmesh_final_reports_unkept_total",
+    keep_unsent: true,
 };

@@ -180,10 +180,8 @@ impl PriorityBucket {
 pub struct IngressGuard {
     lanes: [ReplayWindow; 4],
     datagrams: ReplayWindow,
-    timestamps: TimestampWindow,
-    /// What the timestamps say of the peer's clock, and a warning not yet taken.
+    /// The timestamp window, and what the timestamps say of the peer's clock.
     clock: ClockWatch,
-    clock_warning: Option<ClockWarning>,
     bucket: PriorityBucket,
 }
 
@@ -210,9 +208,7 @@ impl IngressGuard {
         IngressGuard {
             lanes: Default::default(),
             datagrams: ReplayWindow::new(),
-            timestamps,
             clock: ClockWatch::new(timestamps),
-            clock_warning: None,
             bucket: PriorityBucket::new(limits),
         }
     }
@@ -220,7 +216,7 @@ impl IngressGuard {
     /// What the peer's timestamps have lately shown of its clock, once (at most one
     /// warning per 30 s: [`ClockWatch`]).
     pub fn take_clock_warning(&mut self) -> Option<ClockWarning> {
-        self.clock_warning.take()
+        self.clock.take_warning()
     }
 
     /// Decides what to do with a frame; `now_ms` is the receiver's wall clock.
@@ -253,11 +249,7 @@ impl IngressGuard {
             }
         };
         if let Some(ts) = arrival.timestamp_ms {
-            let checked = self.timestamps.check(ts, now_ms);
-            if let Some(warning) = self.clock.observe(ts, checked, now_ms) {
-                self.clock_warning = Some(warning);
-            }
-            if checked.is_err() {
+            if self.clock.check(ts, now_ms).is_err() {
                 return Verdict::Drop(DropReason::Stale);
             }
         }

@@ -131,6 +131,8 @@ pub struct ClockWatch {
     taken_old: Seen,
     /// No warning before this.
     quiet_until_ms: u64,
+    /// A warning not yet taken ([`ClockWatch::take_warning`]).
+    pending: Option<ClockWarning>,
 }
 
 impl ClockWatch {
@@ -142,7 +144,24 @@ impl ClockWatch {
             old: Seen::default(),
             taken_old: Seen::default(),
             quiet_until_ms: 0,
+            pending: None,
         }
+    }
+
+    /// Checks a frame stamped `timestamp_ms` against the window at `now_ms`, and
+    /// watches what it shows ([`ClockWatch::observe`]): a warning it draws waits for
+    /// [`ClockWatch::take_warning`].
+    pub fn check(&mut self, timestamp_ms: u64, now_ms: u64) -> Result<(), ReplayError> {
+        let checked = self.window.check(timestamp_ms, now_ms);
+        if let Some(warning) = self.observe(timestamp_ms, checked, now_ms) {
+            self.pending = Some(warning);
+        }
+        checked
+    }
+
+    /// The warning [`ClockWatch::check`] drew, once.
+    pub fn take_warning(&mut self) -> Option<ClockWarning> {
+        self.pending.take()
     }
 
     /// A frame stamped `timestamp_ms` arrived at `now_ms` and the window said

@@ -180,19 +180,14 @@ impl ClusterCa {
 
     /// A CA from its certificate and key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, TlsError> {
-        let malformed = |what: &str| {
-            let what = what.to_string();
-            move |e: rcgen::Error| TlsError::Malformed {
-                what,
-                reason: e.to_string(),
-            }
-        };
         let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Malformed {
             what: "CA key".into(),
             reason: format!("not a PEM private key ({e})"),
         })?;
-        let issuer =
-            Issuer::from_ca_cert_pem(cert_pem, key).map_err(malformed("CA certificate"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| TlsError::Malformed {
+            what: "CA certificate".into(),
+            reason: e.to_string(),
+        })?;
         let cert_der = parse_cert_pem(cert_pem, "CA certificate")?;
         Ok(ClusterCa {
             pem: PemPair {

@@ -44,6 +44,7 @@ use crate::ledger::{
     ResultVerdict, TaskFigures,
 };
 use crate::notices::{ForgetNotices, Unheld};
+use crate::pages;
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
@@ -51,9 +52,9 @@ use crate::resend::{resend, send_and_keep, unreachable, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
-    CheckpointAck, OpenTask, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus,
-    TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
-    MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, STANDBY_SERVICE,
+    CheckpointAck, OpenTask, ResultsRequest, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome,
+    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
+    MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -132,8 +133,13 @@ const ADOPTED_GENERATIONS: std::ops::Range<u32> = 128..192;
 
 /// What the coordinator handles.
 pub enum CoordinatorMsg {
-    /// A task to run; answered when it ends.
+    /// A task to run; answered when it ends, with the whole outcome.
     Submit(SubmitRequest, RpcReplyPort<TaskOutcome>),
+    /// The same from a client over the network: answered with as many results as one
+    /// message carries (`pages.rs`).
+    SubmitFromClient(SubmitRequest, RpcReplyPort<TaskOutcome>),
+    /// Later results of an ended task, for a client over the network.
+    Results(ResultsRequest, RpcReplyPort<TaskOutcome>),
     /// An ACP frame for the coordinator (REPORT).
     Acp(FromPeer<Message>, OwnedSemaphorePermit),
     /// A node is down: its attempts are reallocated.
@@ -237,7 +243,7 @@ struct TaskMeta {
     started: Instant,
     /// When it was submitted, on the ledger's clock (orders waiting tasks).
     submitted_ms: u64,
-    reply: Option<RpcReplyPort<TaskOutcome>>,
+    reply: Option<Waiter>,
     /// Coordinators that ran it before this one (see [`OpenTask::generation`]).
     generation: u32,
     /// Segments in the order their results were accepted, for the standby.
@@ -256,7 +262,7 @@ impl TaskMeta {
         request: SubmitRequest,
         priority: u8,
         submitted_ms: u64,
-        reply: Option<RpcReplyPort<TaskOutcome>>,
+        reply: Option<Waiter>,
         generation: u32,
         done_log: Vec<u32>,
     ) -> TaskMeta {
@@ -369,7 +375,7 @@ pub struct CoordinatorState {
     standby: Standby,
     /// Clients waiting here for a task held for another node, until it is taken
     /// over (or ends there).
-    standby_waiters: HashMap<Uuid, RpcReplyPort<TaskOutcome>>,
+    standby_waiters: HashMap<Uuid, Waiter>,
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.
@@ -457,8 +463,14 @@ impl Actor for Coordinator {
         args.mesh.register_service_rpc(
             COORDINATOR_SERVICE,
             myself.clone(),
-            CoordinatorMsg::Submit,
+            CoordinatorMsg::SubmitFromClient,
             SUBMIT_TIMEOUT,
+        )?;
+        args.mesh.register_service_rpc(
+            RESULTS_SERVICE,
+            myself.clone(),
+            CoordinatorMsg::Results,
+            Duration::from_secs(10),
         )?;
         args.mesh.register_service_rpc(
             AGENTS_SERVICE,
@@ -542,7 +554,14 @@ impl Actor for Coordinator {
     ) -> Result<(), ActorProcessingErr> {
         let now = state.now_ms();
         match msg {
-            CoordinatorMsg::Submit(request, reply) => state.submit(request, reply).await,
+            CoordinatorMsg::Submit(request, reply) => {
+                state.submit(request, Waiter::whole(reply)).await
+            }
+            CoordinatorMsg::SubmitFromClient(request, reply) => {
+                let waiter = Waiter::paged(reply, state.mesh.max_message_bytes());
+                state.submit(request, waiter).await
+            }
+            CoordinatorMsg::Results(request, reply) => state.results(request, reply),
             CoordinatorMsg::Acp(FromPeer { peer, message }, permit) => {
                 state.on_acp(&peer, message).await;
                 drop(permit);
@@ -680,7 +699,7 @@ impl CoordinatorState {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    async fn submit(&mut self, request: SubmitRequest, reply: RpcReplyPort<TaskOutcome>) {
+    async fn submit(&mut self, request: SubmitRequest, reply: Waiter) {
         let task = match request.task {
             Some(task) => task,
             None => uuid::Builder::from_random_bytes(self.rng.random()).into_uuid(),
@@ -693,7 +712,7 @@ impl CoordinatorState {
                 || meta.group != request.group
                 || meta.inputs.len() != request.inputs.len()
             {
-                let _ = reply.send(refuse(format!("task id {task} is taken by another task")));
+                reply.send(refuse(format!("task id {task} is taken by another task")));
                 return;
             }
             info!(%task, "a client waits again for the task");
@@ -714,11 +733,11 @@ impl CoordinatorState {
         match self.ended.get(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
-                let _ = reply.send(outcome.clone());
+                reply.send(outcome.clone());
                 return;
             }
             Ended::Forgotten => {
-                let _ = reply.send(refuse(format!(
+                reply.send(refuse(format!(
                     "task {task} ended here already; its outcome is no longer kept"
                 )));
                 return;
@@ -734,11 +753,11 @@ impl CoordinatorState {
                     info!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: it gets the outcome that node sent here");
                     metrics::counter!("agentmesh_task_outcomes_given_for_others_total")
                         .increment(1);
-                    let _ = reply.send(outcome);
+                    reply.send(outcome);
                 } else {
                     warn!(%task, node = %ended_at, "a client asks for a task that ended at a node gone since: its outcome is lost with that node, and the task is not run again");
                     metrics::counter!("agentmesh_task_outcomes_lost_total").increment(1);
-                    let _ = reply.send(refuse(format!(
+                    reply.send(refuse(format!(
                         "task {task} ended at {ended_at}, which went down before its outcome reached you: the outcome is lost, and the task is not run again"
                     )));
                 }
@@ -752,7 +771,7 @@ impl CoordinatorState {
                     waited_ms = request.waited_ms;
                 }
                 _ => {
-                    let _ = reply.send(TaskOutcome {
+                    reply.send(TaskOutcome {
                         unknown: true,
                         ..refuse(format!(
                             "task {task} is not known here: it never reached this node, or the node restarted since; submit it again"
@@ -764,7 +783,7 @@ impl CoordinatorState {
             Ended::Unknown => {}
         }
         if self.tasks.len() >= MAX_OPEN_TASKS {
-            let _ = reply.send(refuse(format!(
+            reply.send(refuse(format!(
                 "the coordinator runs {MAX_OPEN_TASKS} tasks already; try later"
             )));
             return;
@@ -774,13 +793,13 @@ impl CoordinatorState {
             .as_ref()
             .is_some_and(|l| l.len() > MAX_LABEL_LEN)
         {
-            let _ = reply.send(refuse(format!(
+            reply.send(refuse(format!(
                 "a task label has at most {MAX_LABEL_LEN} bytes"
             )));
             return;
         }
         if request.inputs.len() > MAX_SEGMENTS {
-            let _ = reply.send(refuse(format!(
+            reply.send(refuse(format!(
                 "a task has at most {MAX_SEGMENTS} segments"
             )));
             return;
@@ -789,7 +808,7 @@ impl CoordinatorState {
             .segment_timeout_ms
             .is_some_and(|t| !(1..=MAX_SEGMENT_TIMEOUT_MS).contains(&t))
         {
-            let _ = reply.send(refuse(format!(
+            reply.send(refuse(format!(
                 "a segment timeout is 1..={MAX_SEGMENT_TIMEOUT_MS} ms"
             )));
             return;
@@ -797,7 +816,7 @@ impl CoordinatorState {
         let first_attempt = generation * GENERATION_ATTEMPTS + 1;
         let now = self.now_ms();
         if let Err(e) = self.ledger.resume(task, segments, [], first_attempt, now) {
-            let _ = reply.send(refuse(e.to_string()));
+            reply.send(refuse(e.to_string()));
             return;
         }
         if let Some(timeout_ms) = request.segment_timeout_ms {
@@ -823,6 +842,43 @@ impl CoordinatorState {
         self.tasks.insert(task, meta);
         self.dirty.insert(task);
         self.assign(task).await;
+    }
+
+    /// The page of an ended task's results that `request` asks for, from the outcome
+    /// kept here as its coordinator or as its standby. A page is cut from the outcome
+    /// afresh each time, so a client that lost one asks again for the same.
+    fn results(&self, request: ResultsRequest, reply: RpcReplyPort<TaskOutcome>) {
+        let task = request.task;
+        let ended = self.ended.get(task);
+        let kept = match ended {
+            Ended::Outcome(outcome) => Some(outcome),
+            Ended::Forgotten | Ended::Unknown => self.standby.outcome(task, self.now_ms()),
+        };
+        if let Some(outcome) = kept {
+            metrics::counter!("agentmesh_task_result_pages_total").increment(1);
+            let _ = reply.send(pages::page(
+                outcome,
+                request.from,
+                self.mesh.max_message_bytes(),
+            ));
+            return;
+        }
+        let answer = if ended == Ended::Forgotten {
+            let kept_mib = self.ended.limits().result_bytes >> 20;
+            TaskOutcome::refused(
+                task,
+                0,
+                format!(
+                    "the node it ended at no longer keeps its outcome (it keeps its latest tasks' outcomes, up to {kept_mib} MiB of results)"
+                ),
+            )
+        } else {
+            TaskOutcome {
+                unknown: true,
+                ..TaskOutcome::refused(task, 0, format!("task {task}'s outcome is not kept here"))
+            }
+        };
+        let _ = reply.send(answer);
     }
 
     async fn adjust(&mut self, request: AdjustRequest) -> AdjustAnswer {
@@ -1314,6 +1370,8 @@ impl CoordinatorState {
             reason,
             results: results.into_iter().map(Blob).collect(),
             unknown: meta.moved,
+            results_from: 0,
+            more_results: false,
         };
         self.dirty.remove(&task);
         // Told even if its start is still on its way there: checkpoints to one standby
@@ -1333,7 +1391,7 @@ impl CoordinatorState {
             self.ended.record(&outcome);
         }
         if let Some(reply) = meta.reply {
-            let _ = reply.send(outcome);
+            reply.send(outcome);
         }
     }
 
@@ -1620,7 +1678,7 @@ impl CoordinatorState {
             };
             if let Some(outcome) = self.standby.outcome(task, now) {
                 info!(%task, node = %primary, "a client waiting here gets the outcome of the task, which ended at its coordinator");
-                let _ = reply.send(outcome.clone());
+                reply.send(outcome.clone());
             } else {
                 let reason = format!(
                     "task {task} is no longer held here: node {primary} ended it (and keeps its outcome) or gave it to another standby"
@@ -2058,11 +2116,50 @@ impl CoordinatorState {
 
 /// Tells a client waiting here for `task` that it is not held here (`unknown`), so
 /// that it asks the other nodes.
-fn not_here(reply: RpcReplyPort<TaskOutcome>, task: Uuid, reason: String) {
-    let _ = reply.send(TaskOutcome {
+fn not_here(reply: Waiter, task: Uuid, reason: String) {
+    reply.send(TaskOutcome {
         unknown: true,
         ..TaskOutcome::refused(task, 0, reason)
     });
+}
+
+/// A client waiting for a task's outcome: in this process, or over the network, where
+/// an outcome longer than one message goes in pages (the first here, the rest asked
+/// for with [`ResultsRequest`]s).
+pub(crate) struct Waiter {
+    reply: RpcReplyPort<TaskOutcome>,
+    /// The longest message the client takes, if it is not in this process.
+    max_message_bytes: Option<usize>,
+}
+
+impl Waiter {
+    /// One in this process: it gets the whole outcome.
+    fn whole(reply: RpcReplyPort<TaskOutcome>) -> Waiter {
+        Waiter {
+            reply,
+            max_message_bytes: None,
+        }
+    }
+
+    /// One over the network, on a node whose messages are at most `max_message_bytes`.
+    fn paged(reply: RpcReplyPort<TaskOutcome>, max_message_bytes: usize) -> Waiter {
+        Waiter {
+            reply,
+            max_message_bytes: Some(max_message_bytes),
+        }
+    }
+
+    /// Answers with `outcome`, or its first page if it does not go whole.
+    fn send(self, outcome: TaskOutcome) {
+        let outcome = match self.max_message_bytes {
+            Some(max) if !pages::fits(&outcome, max) => {
+                metrics::counter!("agentmesh_task_result_pages_total").increment(1);
+                pages::page(&outcome, 0, max)
+            }
+            _ => outcome,
+        };
+        let _ = self.reply.send(outcome);
+    }
 }
 
 /// Sends frames in the order they were queued; a failed ALLOCATE fails its attempt. An

@@ -101,6 +101,11 @@ impl EndedTasks {
         debug_assert_eq!(self.ids.len(), self.known.len());
     }
 
+    /// How much is remembered.
+    pub fn limits(&self) -> EndedLimits {
+        self.limits
+    }
+
     /// What is known of `task`.
     pub fn get(&self, task: Uuid) -> Ended<'_> {
         if !self.known.contains(&task) {
@@ -130,6 +135,8 @@ mod tests {
             reason: None,
             results: vec![crate::service::serde_bytes_vec::Blob(vec![n; bytes])],
             unknown: false,
+            results_from: 0,
+            more_results: false,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod kept;
 pub mod lease;
 pub mod ledger;
 pub mod notices;
+pub mod pages;
 pub mod policy;
 pub mod record;
 pub mod refusals;

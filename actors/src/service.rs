@@ -14,6 +14,8 @@ use crate::registry::{AgentRecord, RegistryDelta};
 pub const DISCOVERY_SERVICE: &str = "agentmesh.discovery";
 /// The coordinator on every node: takes submissions and answers status.
 pub const COORDINATOR_SERVICE: &str = "agentmesh.coordinator";
+/// Later pages of an ended task's results ([`ResultsRequest`]).
+pub const RESULTS_SERVICE: &str = "agentmesh.coordinator.results";
 /// The coordinator's ADJUST requests (`agentmesh adjust`).
 pub const ADJUST_SERVICE: &str = "agentmesh.coordinator.adjust";
 /// The status of agents and tasks on every node.
@@ -196,12 +198,20 @@ pub struct TaskOutcome {
     /// Why it failed.
     pub reason: Option<String>,
     /// Each segment's result (msgpack of the agent's output), in segment order;
-    /// empty when the task failed.
+    /// empty when the task failed. Sent to a client over the network, these are the
+    /// results from [`results_from`](Self::results_from) on that fit in one message.
     pub results: Vec<serde_bytes_vec::Blob>,
     /// Only for an `attach`: this node does not know the task (the client may ask
     /// another node, where a standby may have taken it over).
     #[serde(default)]
     pub unknown: bool,
+    /// The segment of the first of `results` (0 unless this is a later page).
+    #[serde(default)]
+    pub results_from: u32,
+    /// More results follow those in `results`: ask for them with a
+    /// [`ResultsRequest`] (`crate::pages`).
+    #[serde(default)]
+    pub more_results: bool,
 }
 
 impl TaskOutcome {
@@ -218,6 +228,8 @@ impl TaskOutcome {
             reason: Some(reason),
             results: Vec::new(),
             unknown: false,
+            results_from: 0,
+            more_results: false,
         }
     }
 
@@ -239,12 +251,30 @@ impl TaskOutcome {
             reason: self.reason.clone(),
             results: Vec::new(),
             unknown: self.unknown,
+            results_from: 0,
+            more_results: false,
         }
     }
 }
 
 impl RemoteMessage for TaskOutcome {
     const KIND: &'static str = "agentmesh.task.submit";
+}
+
+/// Asks for an ended task's results from segment `from` on, after an outcome that
+/// said [`TaskOutcome::more_results`]: answered with the next page, from the
+/// outcome the node keeps as the task's coordinator or its standby, or with `unknown`
+/// if it keeps none. It never starts a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultsRequest {
+    /// The task.
+    pub task: Uuid,
+    /// The first segment whose result is wanted.
+    pub from: u32,
+}
+
+impl RemoteMessage for ResultsRequest {
+    const KIND: &'static str = "agentmesh.task.results";
 }
 
 /// What a coordinator sends its standby on another node: its open tasks as they were

@@ -509,6 +509,8 @@ mod tests {
             reason: None,
             results: vec![Blob(vec![3; 4]); 2],
             unknown: false,
+            results_from: 0,
+            more_results: false,
         };
         let mut checkpoint = from(
             "a",
@@ -587,6 +589,8 @@ mod tests {
                 reason: None,
                 results: Vec::new(),
                 unknown: false,
+                results_from: 0,
+                more_results: false,
             }),
             ..done(task, sent)
         };

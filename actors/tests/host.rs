@@ -8,9 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentmesh_actors::pages;
 use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
-use agentmesh_actors::service::{AdjustRequest, SubmitRequest, TaskStatus};
+use agentmesh_actors::service::{
+    AdjustRequest, ResultsRequest, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
+    RESULTS_SERVICE,
+};
 use agentmesh_actors::{
     Agent, AgentError, AgentHost, HostConfig, RestartPolicy, SegmentContext, SyncEvent,
     WorkerEvent, WorkerMsg,
@@ -19,7 +23,7 @@ use agentmesh_runtime::transport::clock::SystemClock;
 use agentmesh_runtime::transport::tls::ClusterCa;
 use agentmesh_runtime::transport::wire::payload::{Capability, Health};
 use agentmesh_runtime::transport::EndpointConfig;
-use agentmesh_runtime::{ClusterEvent, MembershipConfig, Node, NodeConfig};
+use agentmesh_runtime::{Client, ClusterEvent, MembershipConfig, Node, NodeConfig, RemoteMessage};
 
 async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
     cluster_with(ca, names, HostConfig::default()).await
@@ -638,25 +642,27 @@ async fn an_agent_whose_replicas_rest_is_unhealthy_everywhere_and_gets_no_work()
     panic!("the coordinator's node never saw the fragile agent unhealthy");
 }
 
-/// Answers a result of `limit + 1` bytes: more than one message may carry.
-struct Bloated {
-    limit: usize,
+/// Answers its segment's number followed by `bytes` bytes of `x`, after 200 ms (so
+/// that the standby holds each result before the next is accepted).
+struct Wide {
+    bytes: usize,
 }
 
-impl Agent for Bloated {
+impl Agent for Wide {
     type Input = u32;
     type Output = String;
 
     fn agent_type(&self) -> &str {
-        "bloated"
+        "wide"
     }
 
     fn capabilities(&self) -> Vec<Capability> {
-        caps("bloated")
+        caps("wide")
     }
 
-    async fn work(&self, _: u32, _: &mut SegmentContext) -> Result<String, AgentError> {
-        Ok("x".repeat(self.limit + 1))
+    async fn work(&self, segment: u32, _: &mut SegmentContext) -> Result<String, AgentError> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(format!("{segment}:{}", "x".repeat(self.bytes)))
     }
 }
 
@@ -671,11 +677,11 @@ async fn a_result_longer_than_a_message_carries_fails_its_attempt_saying_so() {
     let ca = ClusterCa::generate().unwrap();
     let nodes = cluster(&ca, &["a", "b"]).await;
     let limit = nodes[1].0.mesh().max_message_bytes();
-    nodes[1].1.add(Bloated { limit }, 1).await.unwrap();
+    nodes[1].1.add(Wide { bytes: limit }, 1).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
-        nodes[0].1.submit(SubmitRequest::new("bloated", inputs(1))),
+        nodes[0].1.submit(SubmitRequest::new("wide", inputs(1))),
     )
     .await
     .expect("the task ends")
@@ -686,6 +692,124 @@ async fn a_result_longer_than_a_message_carries_fails_its_attempt_saying_so() {
         reason.contains(&format!("more than the {limit} one message may carry")),
         "{reason}"
     );
+    for (node, _) in &nodes {
+        assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
+    }
+}
+
+/// An outcome whose results are longer than one message reaches a client over the
+/// network in pages: the first with the outcome, the rest as the client asks for them,
+/// while a caller in the node's own process gets it whole. Before, the answer was
+/// refused at the sender for its length, and the client got an error for a task that
+/// had completed (found by hand: 12 results of 2 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_longer_than_a_message_reaches_a_client_in_pages() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    let limit = nodes[0].0.mesh().max_message_bytes();
+    // Six results of a fifth of a message each: two pages. (Below the 4 MiB a
+    // checkpoint carries, so the standby gets the last with the task's end.)
+    let bytes = limit / 5;
+    nodes[1].1.add(Wide { bytes }, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let request = SubmitRequest::new("wide", inputs(6)).with_id(uuid::Uuid::from_u128(0x9a9e));
+
+    let mut client = Client::connect(&ca.node_identity("client").unwrap(), nodes[0].0.me().addr)
+        .await
+        .unwrap();
+    let first: TaskOutcome = client
+        .request(
+            COORDINATOR_SERVICE,
+            <SubmitRequest as RemoteMessage>::KIND,
+            &request,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.status, TaskStatus::Completed, "{:?}", first.reason);
+    assert!(first.more_results);
+    assert_eq!(first.results.len(), 4, "as many as fit in one message");
+    let whole = pages::rest_of(&mut client, first, Duration::from_secs(30))
+        .await
+        .unwrap();
+    client.close().await;
+    assert!(!whole.more_results);
+    let results: Vec<String> = whole
+        .results
+        .iter()
+        .map(|r| rmp_serde::from_slice(&r.0).unwrap())
+        .collect();
+    assert_eq!(results.len(), 6);
+    for (segment, result) in results.iter().enumerate() {
+        assert_eq!(result.len(), format!("{segment}:").len() + bytes);
+        assert!(result.starts_with(&format!("{segment}:x")));
+    }
+
+    // In the node's own process, the same task's outcome comes whole.
+    let local = nodes[0].1.submit(request.clone()).await.unwrap();
+    assert_eq!(local, whole);
+
+    // The coordinator's standby (b, the next node by name) keeps the outcome that came
+    // with the task's end, and gives pages of it.
+    let identity = ca.node_identity("client").unwrap();
+    let (a, b) = (nodes[0].0.me().addr, nodes[1].0.me().addr);
+    let ask = |addr, request: ResultsRequest| {
+        let identity = &identity;
+        async move {
+            Client::request_once(
+                identity,
+                addr,
+                RESULTS_SERVICE,
+                <ResultsRequest as RemoteMessage>::KIND,
+                &request,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    };
+    let from_standby = ResultsRequest {
+        task: whole.task,
+        from: 4,
+    };
+    let mut page: Option<TaskOutcome> = None;
+    for _ in 0..100 {
+        let answer: TaskOutcome = ask(b, from_standby.clone()).await.unwrap();
+        if !answer.unknown {
+            page = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = page.expect("the standby keeps the outcome");
+    assert_eq!((page.results_from, page.more_results), (4, false));
+    assert_eq!(page.results, whole.results[4..]);
+
+    // A client whose coordinator's node goes down after the first page gets the rest
+    // there.
+    let mut client = Client::connect(&identity, a).await.unwrap();
+    let first: TaskOutcome = client
+        .request(
+            COORDINATOR_SERVICE,
+            <SubmitRequest as RemoteMessage>::KIND,
+            &request,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    client.close().await;
+    assert_eq!((first.results.len(), first.more_results), (4, true));
+    let mut nodes = nodes;
+    let (coordinator, host) = nodes.remove(0);
+    host.stop();
+    coordinator.leave().await;
+    let patience = pages::Patience {
+        within: Duration::from_secs(30),
+        pause: Duration::from_millis(100),
+    };
+    let rest = pages::rest_from(first, vec![a, b], ask, patience)
+        .await
+        .unwrap();
+    assert_eq!(rest, whole);
     for (node, _) in &nodes {
         assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
     }

@@ -198,6 +198,22 @@ impl Client {
         rmp_serde::from_slice(&answer).map_err(|e| self.bad(e))
     }
 
+    /// Asks the node at `addr` once, as a short-lived client: connects, sends
+    /// [`request`](Self::request), and closes.
+    pub async fn request_once<Req: Serialize, Resp: DeserializeOwned>(
+        identity: &NodeIdentity,
+        addr: SocketAddr,
+        service: &str,
+        kind: &str,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let mut client = Client::connect(identity, addr).await?;
+        let answer = client.request(service, kind, request, timeout).await;
+        client.close().await;
+        answer
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         self.transport

@@ -64,6 +64,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_tasks_taken_over_total", Kind::Counter, "tasks this node's coordinator took over from a node that went down, as its standby"),
     ("agentmesh_tasks_adopted_total", Kind::Counter, "tasks this node's coordinator started for a client that lost their coordinator's node before its standby had them (no member held them)"),
     ("agentmesh_task_outcomes_given_for_others_total", Kind::Counter, "outcomes of tasks that ended at a node that went down before the outcome reached the client, given here (the node's standby) from what that node sent with the task's end"),
+    ("agentmesh_task_result_pages_total", Kind::Counter, "pages of task results sent to clients over the network: outcomes longer than one message go in pages, the first with the outcome and the rest as the client asks for them"),
     ("agentmesh_task_outcomes_lost_total", Kind::Counter, "clients told that their task ended at a node that went down before the outcome reached them, whose outcome this node (its standby) did not keep: the outcome is lost, and the task is not run again"),
     ("agentmesh_checkpoint_result_bytes_total", Kind::Counter, "bytes of segment results this node's coordinator sent its standbys, in checkpoints as they were accepted and with tasks' ends (only those the standby may lack, when it holds the rest)"),
     ("agentmesh_checkpoints_refused_total", Kind::Counter, "checkpoints refused whole because they named another node than their sender as the tasks' coordinator"),

@@ -133,15 +133,13 @@ async fn ask(
     addr: SocketAddr,
     request: &AdjustRequest,
 ) -> Result<AdjustAnswer, ClientError> {
-    let mut client = Client::connect(identity, addr).await?;
-    let answer = client
-        .request(
-            ADJUST_SERVICE,
-            <AdjustRequest as RemoteMessage>::KIND,
-            request,
-            ANSWER_TIMEOUT,
-        )
-        .await;
-    client.close().await;
-    answer
+    Client::request_once(
+        identity,
+        addr,
+        ADJUST_SERVICE,
+        <AdjustRequest as RemoteMessage>::KIND,
+        request,
+        ANSWER_TIMEOUT,
+    )
+    .await
 }

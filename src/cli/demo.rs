@@ -18,6 +18,7 @@ use anyhow::bail;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::actors::pages::rest_of;
 use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{
     AgentsStatus, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
@@ -356,7 +357,7 @@ async fn submit(
     let request = SubmitRequest::new(capability, inputs)
         .with_priority(priority)
         .with_label(label);
-    let outcome: TaskOutcome = client
+    let first: TaskOutcome = client
         .request(
             COORDINATOR_SERVICE,
             <SubmitRequest as RemoteMessage>::KIND,
@@ -364,6 +365,7 @@ async fn submit(
             TASK_TIMEOUT,
         )
         .await?;
+    let outcome = rest_of(client, first, TASK_TIMEOUT).await?;
     if outcome.status == TaskStatus::Failed {
         bail!(
             "{capability} stage failed: {}",

@@ -16,9 +16,11 @@ use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::coordinator::SUBMIT_TIMEOUT;
+use crate::actors::pages::{rest_from, Patience};
 use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{
-    SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE, MAX_SEGMENT_TIMEOUT_MS,
+    ResultsRequest, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
+    MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE,
 };
 use crate::builtin::SegmentInput;
 use crate::local::input;
@@ -202,6 +204,8 @@ const FIRST_CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// keeps asking the other members: they learn of the restart within seconds, and
 /// only then may one take the task over or adopt it.
 const RESTARTED_WITHIN: Duration = Duration::from_secs(10);
+/// How long a node has to answer with a page of results.
+const RESULTS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the node has to list its members.
 const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 
@@ -217,31 +221,43 @@ const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 /// its standby had it, or with it), they are asked to adopt it
 /// ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once it has
 /// taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
-/// connection.
+/// connection. An outcome longer than one message comes in pages, and the rest is
+/// asked for ([`rest_of`]).
 async fn wait_for(
     identity: &NodeIdentity,
     to: SocketAddr,
+    request: SubmitRequest,
+) -> anyhow::Result<TaskOutcome> {
+    // The node's name and the other members, as it listed them at the submission.
+    let mut members = Members::default();
+    let first = first_answer(identity, to, request, &mut members).await?;
+    rest_of(identity, to, &members, first).await
+}
+
+/// [`wait_for`] up to the outcome's first page.
+async fn first_answer(
+    identity: &NodeIdentity,
+    to: SocketAddr,
     mut request: SubmitRequest,
+    members: &mut Members,
 ) -> anyhow::Result<TaskOutcome> {
     let task = request.task.map(|t| t.to_string()).unwrap_or_default();
     // Whether the task was submitted once, and since when connections keep failing
     // (a connection that lasted starts the count again).
     let mut submitted = false;
     let mut failing_since: Option<Instant> = None;
-    // The node's name and the other members, as it listed them at the submission.
-    let mut members = Members::default();
     let first_try = Instant::now();
     loop {
         // Sent again, the task is only waited for: a node that restarted meanwhile
         // does not know it and says so, rather than run it again.
         request.attach = submitted;
-        let list = (!submitted).then_some(&mut members);
+        let list = (!submitted).then_some(&mut *members);
         let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(unknown) => {
                 // The node restarted: a standby may take the task over, or adopt it.
                 return Ok(
-                    ask_others_until(identity, &members, &request, RESTARTED_WITHIN)
+                    ask_others_until(identity, members, &request, RESTARTED_WITHIN)
                         .await
                         .unwrap_or(unknown),
                 );
@@ -257,7 +273,7 @@ async fn wait_for(
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
-        if let Some(outcome) = ask_others(identity, &members, &request).await {
+        if let Some(outcome) = ask_others(identity, members, &request).await {
             return Ok(outcome);
         }
         if lasted {
@@ -273,6 +289,37 @@ async fn wait_for(
         warn!(%error, %task, "asking the node again for the task");
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
+}
+
+/// The whole outcome, given its `first` answer: if that says more results follow, asks
+/// for them page by page, of `to` first and then of the other members (a standby keeps
+/// the outcome its coordinator sent with the task's end), trying again while nodes
+/// cannot be reached, for up to [`RECONNECT_WITHIN`] without a page.
+async fn rest_of(
+    identity: &NodeIdentity,
+    to: SocketAddr,
+    members: &Members,
+    first: TaskOutcome,
+) -> anyhow::Result<TaskOutcome> {
+    let nodes: Vec<SocketAddr> = std::iter::once(to)
+        .chain(members.others.iter().copied().filter(|a| *a != to))
+        .collect();
+    let patience = Patience {
+        within: RECONNECT_WITHIN,
+        pause: RECONNECT_PAUSE,
+    };
+    let ask = |addr, request: ResultsRequest| async move {
+        Client::request_once(
+            identity,
+            addr,
+            RESULTS_SERVICE,
+            <ResultsRequest as RemoteMessage>::KIND,
+            &request,
+            RESULTS_TIMEOUT,
+        )
+        .await
+    };
+    Ok(rest_from(first, nodes, ask, patience).await?)
 }
 
 /// Whether a connection attempt timed out (no answer: packets lost, or no node there

@@ -34,6 +34,9 @@ const INBOX: usize = 4_096;
 /// How often every member gets a summary of this node's list (its version), so one
 /// that missed a delta asks for the whole list.
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
+/// Room a part of a whole list leaves, below the message limit, for the rest of the
+/// message (records are counted at their most, `registry::record_bytes`).
+const PART_SLACK: usize = 64 * 1024;
 
 /// What discovery handles.
 pub enum DiscoveryMsg {
@@ -144,6 +147,10 @@ impl Actor for Discovery {
         tokio::spawn(send_deltas(args.mesh.clone(), queue));
         drop(myself.send_interval(SUMMARY_EVERY, || DiscoveryMsg::SendSummary));
         let mut registry = Registry::new(args.mesh.node(), MAX_AGENTS, args.seed);
+        // A whole list longer than a message goes in parts (a node of some 130,000
+        // agents fills 16 MiB): sent whole, the sender refused it for its length, and a
+        // node that joined later never learnt of any of them.
+        registry.set_part_bytes(args.mesh.max_message_bytes().saturating_sub(PART_SLACK));
         for member in &args.members {
             registry.handle_node_up(member);
         }
@@ -225,8 +232,9 @@ impl Actor for Discovery {
                 if node != state.registry.me() {
                     state.registry.handle_node_up(&node);
                     state.members.insert(node.clone());
-                    let full = state.registry.full_delta();
-                    state.queue(vec![node], full);
+                    for part in state.registry.full_parts() {
+                        state.queue(vec![node.clone()], part);
+                    }
                 }
             }
             DiscoveryMsg::NodeDown(node) => {

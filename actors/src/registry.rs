@@ -77,6 +77,14 @@ pub struct RegistryDelta {
     /// The sender asks for the receiver's whole list (it missed something of it).
     #[serde(default)]
     pub want_full: bool,
+    /// A whole list longer than one message goes in `parts` deltas, each `full` with
+    /// the same version, numbered `part` 1..=`parts` and sent in order; the receiver
+    /// applies them together once the last is in (0 and 0: the whole list in one).
+    #[serde(default)]
+    pub part: u32,
+    /// See `part`.
+    #[serde(default)]
+    pub parts: u32,
 }
 
 impl RegistryDelta {
@@ -207,6 +215,37 @@ pub struct Registry {
     /// An agent's load went down, or it came back from unhealthy, since
     /// [`Registry::take_capacity_freed`] last asked.
     capacity_freed: bool,
+    /// Bytes of records in one part of this node's whole list, at most
+    /// ([`Registry::set_part_bytes`]).
+    part_bytes: usize,
+    /// Per other node sending its whole list in parts: the parts in so far.
+    gathering: HashMap<Arc<str>, Gathering, SeedableRandomState>,
+}
+
+/// A whole list coming in parts: the version it is of, its part count, the next part
+/// expected and the records of those before.
+struct Gathering {
+    version: u64,
+    parts: u32,
+    next: u32,
+    records: Vec<AgentRecord>,
+}
+
+/// Bytes of records in one part of a whole list, unless [`Registry::set_part_bytes`]
+/// says otherwise: a 16 MiB message less room for the rest.
+pub const DEFAULT_PART_BYTES: usize = 16 * 1024 * 1024 - 64 * 1024;
+
+/// At most what `record` takes as msgpack with field names (as deltas are sent): the
+/// fixed fields and every length header at their largest, and its strings.
+pub fn record_bytes(record: &AgentRecord) -> usize {
+    let capabilities: usize = record
+        .capabilities
+        .iter()
+        .map(|c| {
+            48 + c.name.len() + c.version.len() + c.tags.iter().map(|t| t.len() + 5).sum::<usize>()
+        })
+        .sum();
+    96 + record.node.len() + record.agent_type.len() + capabilities
 }
 
 impl Registry {
@@ -226,8 +265,17 @@ impl Registry {
             version: 0,
             held: HashMap::with_hasher(hasher.clone()),
             capacity_freed: false,
+            part_bytes: DEFAULT_PART_BYTES,
+            gathering: HashMap::with_hasher(hasher.clone()),
             hasher,
         }
+    }
+
+    /// Sets how many bytes of records one part of this node's whole list carries at
+    /// most ([`record_bytes`] each; at least one record a part): below the message
+    /// size the nodes take, less room for the rest of the message.
+    pub fn set_part_bytes(&mut self, bytes: usize) {
+        self.part_bytes = bytes;
     }
 
     /// Makes room for `agents` agents at once (at most the registry's bound), for a
@@ -351,6 +399,37 @@ impl Registry {
         }
     }
 
+    /// [`Registry::full_delta`] in as many parts as its records need
+    /// ([`Registry::set_part_bytes`]): one delta if they fit in one.
+    pub fn full_parts(&self) -> Vec<RegistryDelta> {
+        let whole = self.full_delta();
+        let mut cuts = vec![0];
+        let mut bytes = 0;
+        for (i, record) in whole.upserts.iter().enumerate() {
+            let len = record_bytes(record);
+            if i > cuts[cuts.len() - 1] && bytes + len > self.part_bytes {
+                cuts.push(i);
+                bytes = 0;
+            }
+            bytes += len;
+        }
+        if cuts.len() == 1 {
+            return vec![whole];
+        }
+        let parts = cuts.len() as u32;
+        cuts.push(whole.upserts.len());
+        cuts.windows(2)
+            .enumerate()
+            .map(|(i, cut)| RegistryDelta {
+                upserts: whole.upserts[cut[0]..cut[1]].to_vec(),
+                part: i as u32 + 1,
+                parts,
+                full: true,
+                ..self.summary()
+            })
+            .collect()
+    }
+
     /// The summary every member gets every few seconds: no change, only the version
     /// of this node's list, which a member that missed a delta finds it does not hold
     /// (and asks for the whole list). Its size does not grow with the list's.
@@ -363,6 +442,8 @@ impl Registry {
             since: self.version,
             version: self.version,
             want_full: false,
+            part: 0,
+            parts: 0,
         }
     }
 
@@ -379,6 +460,15 @@ impl Registry {
         }
         if delta.is_summary() {
             self.track(sender, delta);
+            return Ok(());
+        }
+        if delta.full && delta.parts > 1 {
+            // Applied once every part is in, as one whole list: applied part by part,
+            // each would drop the agents of the others, which a coordinator would then
+            // miss in between.
+            if let Some(whole) = self.gather(sender, delta) {
+                return self.handle_delta(sender, &whole);
+            }
             return Ok(());
         }
         let slot = self.slot(sender);
@@ -424,17 +514,65 @@ impl Registry {
         Ok(())
     }
 
+    /// Takes one part of `sender`'s whole list; the whole list once its last part is
+    /// in. A part that does not follow the ones before drops them: the sender's next
+    /// summary then finds its list not held here, and it is asked for again. The parts
+    /// held are bounded by the registry's size.
+    fn gather(&mut self, sender: &str, part: &RegistryDelta) -> Option<RegistryDelta> {
+        let follows = |g: &Gathering| {
+            g.version == part.version && g.parts == part.parts && g.next == part.part
+        };
+        if part.part == 1 {
+            self.gathering.insert(
+                Arc::from(sender),
+                Gathering {
+                    version: part.version,
+                    parts: part.parts,
+                    next: 1,
+                    records: Vec::new(),
+                },
+            );
+        }
+        let gathering = self.gathering.get_mut(sender).filter(|g| follows(g));
+        let Some(gathering) = gathering else {
+            self.gathering.remove(sender);
+            return None;
+        };
+        if gathering.records.len() + part.upserts.len() > self.max_agents {
+            self.gathering.remove(sender);
+            return None;
+        }
+        gathering.records.extend(part.upserts.iter().cloned());
+        gathering.next += 1;
+        if gathering.next <= gathering.parts {
+            return None;
+        }
+        let done = self.gathering.remove(sender)?;
+        Some(RegistryDelta {
+            node: sender.to_string(),
+            full: true,
+            upserts: done.records,
+            removals: Vec::new(),
+            since: done.version,
+            version: done.version,
+            want_full: false,
+            part: 0,
+            parts: 0,
+        })
+    }
+
     /// Keeps the version of `node`'s list held here up to date after `delta` from it,
     /// asks for its whole list if something of it was missed, and answers its request
     /// for ours. A request goes out when the list held here first falls behind, and
     /// again at each summary that finds it still behind (a lost request is retried).
     fn track(&mut self, node: &str, delta: &RegistryDelta) {
         if delta.want_full {
-            let full = self.full_delta();
-            self.outputs.push_back(RegistryOutput::Send {
-                to: Arc::from(node),
-                delta: full,
-            });
+            for part in self.full_parts() {
+                self.outputs.push_back(RegistryOutput::Send {
+                    to: Arc::from(node),
+                    delta: part,
+                });
+            }
         }
         // A node not heard of yet is held at version 0: its empty list.
         let held = self.held.get(node).copied().unwrap_or(Some(0));
@@ -524,6 +662,7 @@ impl Registry {
     pub fn handle_node_down(&mut self, node: &str) {
         self.up.remove(node);
         self.held.remove(node);
+        self.gathering.remove(node);
         // Every record of the node goes: its whole table at once.
         let Some(gone) = self
             .slots
@@ -760,6 +899,8 @@ impl Registry {
             since: 0,
             version: 0,
             want_full: false,
+            part: 0,
+            parts: 0,
         });
     }
 

@@ -814,3 +814,53 @@ async fn an_outcome_longer_than_a_message_reaches_a_client_in_pages() {
         assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
     }
 }
+
+/// A node whose agents' whole list is longer than one message tells a node that joins
+/// later about every one of them, in parts. Before, the whole list went as one message,
+/// which the sender refused for its length, and the node that joined never learnt of
+/// any of them (found by hand: 150,000 agents on a node at the default 16 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_later_learns_of_more_agents_than_a_message_lists() {
+    const AGENTS: usize = 3_000;
+    let ca = ClusterCa::generate().unwrap();
+    // Messages of 256 KiB at most: 3,000 records take some 370 KB.
+    let config = |join| NodeConfig {
+        transport: EndpointConfig {
+            max_message_bytes: 256 * 1024,
+            ..EndpointConfig::new("127.0.0.1:0".parse().unwrap())
+        },
+        join,
+        membership: MembershipConfig::default(),
+        metrics: None,
+        advertise: None,
+    };
+    let start = |name: &str, join| {
+        let identity = ca.node_identity(name).unwrap();
+        async move {
+            let node = Node::start(config(join), &identity, Arc::new(SystemClock))
+                .await
+                .unwrap();
+            let host = AgentHost::start(&node, HostConfig::default())
+                .await
+                .unwrap();
+            (node, host)
+        }
+    };
+    let (a, a_host) = start("a", Vec::new()).await;
+    for _ in 0..AGENTS {
+        a_host.add(Wide { bytes: 0 }, 1).await.unwrap();
+    }
+    let (b, b_host) = start("b", vec![a.me().addr]).await;
+    let mut seen = 0;
+    for _ in 0..300 {
+        seen = b_host.status().await.unwrap().agents.len();
+        if seen == AGENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, AGENTS, "b learnt of {seen} of a's agents");
+    for node in [&a, &b] {
+        assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
+    }
+}

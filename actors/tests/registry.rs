@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use agentmesh_actors::registry::{
-    AgentRecord, Registry, RegistryDelta, RegistryError, RegistryOutput,
+    record_bytes, AgentRecord, Registry, RegistryDelta, RegistryError, RegistryOutput,
 };
 use agentmesh_runtime::transport::wire::payload::{Capability, Health};
 
@@ -145,6 +145,8 @@ fn a_node_may_only_speak_for_itself() {
         since: 0,
         version: 0,
         want_full: false,
+        part: 0,
+        parts: 0,
     };
     assert!(b.handle_delta("mallory", &delta).is_err());
     let own = RegistryDelta {
@@ -605,6 +607,77 @@ fn a_summary_finds_a_missed_delta_and_asks_again_until_the_whole_list_arrives() 
     assert_eq!(drain(&mut b), vec![]);
 }
 
+/// A whole list longer than one message goes in parts, each within the bytes given
+/// (records counted at their most), and the receiver applies them together once the
+/// last is in: until then it keeps the copy it held. Before, the whole list went as one
+/// message, which the sender refused past 16 MiB (some 130,000 agents), and a node
+/// that joined later never learnt of any of them.
+#[test]
+fn a_whole_list_longer_than_a_message_goes_in_parts_applied_together() {
+    let mut a = Registry::new("a", 1_000, 1);
+    let mut b = Registry::new("b", 1_000, 2);
+    for _ in 0..10 {
+        a.register("s", vec![cap("x", &["t"], 1)], 0).unwrap();
+    }
+    exchange(&mut a, &mut b, || false);
+    let before = copy_of_a(&b);
+    assert_eq!(before.len(), 10);
+    // Forty more, whose deltas b misses.
+    for _ in 0..40 {
+        a.register("s", vec![cap("x", &["t"], 1)], 0).unwrap();
+    }
+    drain(&mut a);
+    a.set_part_bytes(1_000);
+    let parts = a.full_parts();
+    assert!(parts.len() > 5, "{} parts", parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        assert!(part.full);
+        assert_eq!((part.part, part.parts), (i as u32 + 1, parts.len() as u32));
+        let bytes: usize = part.upserts.iter().map(record_bytes).sum();
+        assert!(bytes <= 1_000, "part {i}: {bytes} bytes");
+        for record in &part.upserts {
+            assert!(rmp_serde::to_vec_named(record).unwrap().len() <= record_bytes(record));
+        }
+    }
+    let (last, first) = parts.split_last().unwrap();
+    for part in first {
+        b.handle_delta("a", part).unwrap();
+        assert_eq!(copy_of_a(&b), before, "applied before the last part");
+    }
+    b.handle_delta("a", last).unwrap();
+    assert_eq!(copy_of_a(&b), list_of_a(&a));
+    assert_eq!(copy_of_a(&b).len(), 50);
+    // Up to date: the next summary asks for nothing.
+    drain(&mut b);
+    b.handle_delta("a", &a.summary()).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+}
+
+/// A part lost on the way drops the parts before it; the next summary finds the list
+/// not held, asks for it again, and it comes in parts again.
+#[test]
+fn a_whole_list_missing_a_part_is_asked_for_again() {
+    let mut a = Registry::new("a", 1_000, 1);
+    let mut b = Registry::new("b", 1_000, 2);
+    for _ in 0..30 {
+        a.register("s", vec![cap("x", &[], 1)], 0).unwrap();
+    }
+    drain(&mut a);
+    a.set_part_bytes(1_000);
+    let parts = a.full_parts();
+    assert!(parts.len() > 2);
+    for (i, part) in parts.iter().enumerate() {
+        if i != 1 {
+            b.handle_delta("a", part).unwrap();
+        }
+    }
+    assert!(copy_of_a(&b).is_empty());
+    drain(&mut b);
+    b.handle_delta("a", &a.summary()).unwrap();
+    assert_eq!(exchange(&mut a, &mut b, || false), 1);
+    assert_eq!(copy_of_a(&b), list_of_a(&a));
+}
+
 #[derive(Clone, Debug)]
 enum Change {
     Register,
@@ -622,7 +695,7 @@ fn change() -> impl proptest::strategy::Strategy<Value = Change> {
 }
 
 proptest::proptest! {
-    /// Whatever of `a`'s deltas, requests and whole lists are lost, once a summary
+    /// Whatever of `a`'s deltas, requests and whole lists (and their parts) are lost, once a summary
     /// gets through with nothing lost after it, `b` holds exactly `a`'s list; and
     /// while nothing is lost, nobody asks for a whole list.
     #[test]
@@ -635,9 +708,12 @@ proptest::proptest! {
             ),
             1..60,
         ),
+        part_bytes in 0usize..2_000,
     ) {
         let mut a = Registry::new("a", 1_000, 1);
         let mut b = Registry::new("b", 1_000, 2);
+        // Whole lists in parts of about 0 to 13 records.
+        a.set_part_bytes(part_bytes);
         let mut mine: Vec<u32> = Vec::new();
         let mut lost_any = false;
         for (i, (change, lose, summary)) in changes.into_iter().enumerate() {

@@ -166,6 +166,8 @@ pub enum CoordinatorMsg {
     Tick,
     /// The agents and tasks this node knows.
     Status(AgentsRequest, RpcReplyPort<AgentsStatus>),
+    /// The same for a client over the network: as many agents as fit in one message.
+    StatusFromClient(AgentsRequest, RpcReplyPort<AgentsStatus>),
     /// Steer a running task: ADJUST on the urgent lane to every attempt running.
     Adjust(AdjustRequest, RpcReplyPort<AdjustAnswer>),
     /// A node is up: it may be a standby. In a later life than one whose tasks are
@@ -475,7 +477,7 @@ impl Actor for Coordinator {
         args.mesh.register_service_rpc(
             AGENTS_SERVICE,
             myself.clone(),
-            CoordinatorMsg::Status,
+            CoordinatorMsg::StatusFromClient,
             Duration::from_secs(10),
         )?;
         args.mesh.register_service_rpc(
@@ -653,39 +655,12 @@ impl Actor for Coordinator {
                 let _ = reply.send(answer);
             }
             CoordinatorMsg::Status(_, reply) => {
-                let agents = ractor::call!(state.discovery, DiscoveryMsg::List).unwrap_or_default();
-                let mut tasks: Vec<TaskSummary> = state
-                    .tasks
-                    .iter()
-                    .map(|(id, meta)| {
-                        let f = state.ledger.figures(*id).unwrap_or_default();
-                        let so_far = meta.so_far(&f);
-                        // Done segments count whole; running ones by their last REPORT.
-                        let running: u64 = meta.progress.values().map(|p| u64::from(*p)).sum();
-                        let progress_permille = ((u64::from(f.completed) * 1000 + running)
-                            / u64::from(f.segments.max(1)))
-                        .min(1000) as u16;
-                        TaskSummary {
-                            task: *id,
-                            capability: meta.capability.clone(),
-                            label: meta.label.clone(),
-                            priority: meta.priority,
-                            group: meta.group,
-                            segments: f.segments,
-                            completed: f.completed,
-                            reallocated: so_far.reallocated,
-                            progress_permille,
-                            elapsed_ms: so_far.elapsed_ms,
-                        }
-                    })
-                    .collect();
-                tasks.sort_by_key(|t| t.task);
-                let policy = state.policy.in_force();
-                let _ = reply.send(AgentsStatus {
-                    agents,
-                    tasks,
-                    policy,
-                });
+                let _ = reply.send(state.status().await);
+            }
+            CoordinatorMsg::StatusFromClient(_, reply) => {
+                let mut status = state.status().await;
+                status.fit(state.mesh.max_message_bytes());
+                let _ = reply.send(status);
             }
         }
         state.drain().await;
@@ -842,6 +817,43 @@ impl CoordinatorState {
         self.tasks.insert(task, meta);
         self.dirty.insert(task);
         self.assign(task).await;
+    }
+
+    /// The agents and tasks this node knows, and the policy it holds.
+    async fn status(&self) -> AgentsStatus {
+        let agents = ractor::call!(self.discovery, DiscoveryMsg::List).unwrap_or_default();
+        let mut tasks: Vec<TaskSummary> = self
+            .tasks
+            .iter()
+            .map(|(id, meta)| {
+                let f = self.ledger.figures(*id).unwrap_or_default();
+                let so_far = meta.so_far(&f);
+                // Done segments count whole; running ones by their last REPORT.
+                let running: u64 = meta.progress.values().map(|p| u64::from(*p)).sum();
+                let progress_permille = ((u64::from(f.completed) * 1000 + running)
+                    / u64::from(f.segments.max(1)))
+                .min(1000) as u16;
+                TaskSummary {
+                    task: *id,
+                    capability: meta.capability.clone(),
+                    label: meta.label.clone(),
+                    priority: meta.priority,
+                    group: meta.group,
+                    segments: f.segments,
+                    completed: f.completed,
+                    reallocated: so_far.reallocated,
+                    progress_permille,
+                    elapsed_ms: so_far.elapsed_ms,
+                }
+            })
+            .collect();
+        tasks.sort_by_key(|t| t.task);
+        AgentsStatus {
+            agents,
+            tasks,
+            policy: self.policy.in_force(),
+            agents_not_listed: 0,
+        }
     }
 
     /// The page of an ended task's results that `request` asks for, from the outcome

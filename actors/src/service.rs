@@ -463,6 +463,38 @@ pub struct AgentsStatus {
     /// The policy this node holds (absent from nodes older than this field).
     #[serde(default)]
     pub policy: PolicyInForce,
+    /// Agents left out of `agents` so that the answer fits in one message (absent: 0).
+    #[serde(default)]
+    pub agents_not_listed: u64,
+}
+
+impl AgentsStatus {
+    /// Leaves out the agents past those that fit, with the rest, in a message of
+    /// `max_message_bytes` (less 64 KiB), and counts them in `agents_not_listed`.
+    /// Records are counted at their most (`registry::record_bytes`): about 160 bytes
+    /// for a built-in agent, so a 16 MiB message lists some 100,000.
+    pub fn fit(&mut self, max_message_bytes: usize) {
+        let rest = AgentsStatus {
+            agents: Vec::new(),
+            tasks: self.tasks.clone(),
+            policy: self.policy.clone(),
+            agents_not_listed: u64::MAX,
+        };
+        let fixed = rmp_serde::to_vec_named(&rest).map_or(usize::MAX, |b| b.len());
+        let mut room = max_message_bytes.saturating_sub(64 * 1024 + fixed);
+        let listed = self
+            .agents
+            .iter()
+            .take_while(|r| {
+                let len = crate::registry::record_bytes(r);
+                let fits = len <= room;
+                room = room.saturating_sub(len);
+                fits
+            })
+            .count();
+        self.agents_not_listed += (self.agents.len() - listed) as u64;
+        self.agents.truncate(listed);
+    }
 }
 
 /// Which policy a node holds: after `agentmesh policy apply`, every node should show
@@ -592,6 +624,45 @@ impl RemoteMessage for AdjustAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status answer lists the agents that fit in one message and counts the rest.
+    #[test]
+    fn a_status_lists_the_agents_that_fit_and_counts_the_rest() {
+        use agentmesh_runtime::transport::wire::payload::{Capability, Health};
+        let capabilities: std::sync::Arc<[Capability]> = vec![Capability {
+            name: "sleep".into(),
+            version: "0.1.0".into(),
+            tags: vec!["builtin".into()],
+            capacity: 1,
+        }]
+        .into();
+        let status = AgentsStatus {
+            agents: (0..1_000)
+                .map(|agent| AgentRecord {
+                    agent,
+                    node: "node-1".into(),
+                    agent_type: "sleep".into(),
+                    group: 0,
+                    capabilities: capabilities.clone(),
+                    load: 0,
+                    health: Health::Ok,
+                })
+                .collect(),
+            tasks: Vec::new(),
+            policy: PolicyInForce::default(),
+            agents_not_listed: 0,
+        };
+        let mut all = status.clone();
+        all.fit(16 << 20);
+        assert_eq!(all, status);
+        let mut some = status.clone();
+        some.fit(64 * 1024 + 50_000);
+        let listed = some.agents.len();
+        assert!((200..1_000).contains(&listed), "{listed} listed");
+        assert_eq!(some.agents[..], status.agents[..listed]);
+        assert_eq!(some.agents_not_listed, 1_000 - listed as u64);
+        assert!(rmp_serde::to_vec_named(&some).unwrap().len() <= 50_000);
+    }
 
     /// A checkpoint from a node that does not number them (encoded as nodes encode
     /// messages, fields by name) reads as unnumbered, which a standby always applies.

@@ -12,8 +12,8 @@ use agentmesh_actors::pages;
 use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{
-    AdjustRequest, ResultsRequest, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
-    RESULTS_SERVICE,
+    AdjustRequest, AgentsRequest, AgentsStatus, ResultsRequest, SubmitRequest, TaskOutcome,
+    TaskStatus, AGENTS_SERVICE, COORDINATOR_SERVICE, RESULTS_SERVICE,
 };
 use agentmesh_actors::{
     Agent, AgentError, AgentHost, HostConfig, RestartPolicy, SegmentContext, SyncEvent,
@@ -860,6 +860,22 @@ async fn a_node_that_joins_later_learns_of_more_agents_than_a_message_lists() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seen, AGENTS, "b learnt of {seen} of a's agents");
+
+    // Asked over the network, b lists the agents that fit in one message, and counts
+    // the rest. Before, the answer was refused for its length.
+    let status: AgentsStatus = Client::request_once(
+        &ca.node_identity("client").unwrap(),
+        b.me().addr,
+        AGENTS_SERVICE,
+        <AgentsRequest as RemoteMessage>::KIND,
+        &AgentsRequest {},
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let listed = status.agents.len();
+    assert!((1_000..AGENTS).contains(&listed), "{listed} listed");
+    assert_eq!(listed as u64 + status.agents_not_listed, AGENTS as u64);
     for node in [&a, &b] {
         assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
     }

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
 use clap::Args;
 use serde::Serialize;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::service::{AgentsRequest, AgentsStatus, AGENTS_SERVICE};
-use crate::runtime::{status_of, Client, MemberInfo, RemoteMessage};
+use crate::runtime::{status_of, Client, ClientError, MemberInfo, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 
 #[derive(Debug, Args)]
@@ -27,9 +28,13 @@ pub struct StatusArgs {
 struct Status {
     node: String,
     members: Vec<MemberInfo>,
-    /// `None` when the node runs no agent layer (nothing of it is printed then).
+    /// `None` when the node runs no agent layer (nothing of it is printed then), or
+    /// did not answer for it.
     #[serde(flatten)]
     agents: Option<AgentsStatus>,
+    /// Why the node's agents and tasks are not listed, if it runs an agent layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agents_error: Option<String>,
 }
 
 /// Checks the arguments and loads the identity: failures here are bad input.
@@ -49,26 +54,38 @@ pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
                 return Err(e.into());
             }
         };
-        // A node without an agent layer has no agents, tasks or policy to list.
-        let agents: Option<AgentsStatus> = client
-            .request(
+        let agents = client
+            .request::<_, AgentsStatus>(
                 AGENTS_SERVICE,
                 <AgentsRequest as RemoteMessage>::KIND,
                 &AgentsRequest {},
                 Duration::from_millis(args.timeout_ms),
             )
-            .await
-            .ok();
+            .await;
         client.close().await;
+        let (agents, agents_error) = match agents {
+            Ok(agents) => (Some(agents), None),
+            // A node without an agent layer has no agents, tasks or policy to list
+            // (the mesh's answer for a service not registered there).
+            Err(ClientError::Refused { reason, .. }) if reason.starts_with("no actor named") => {
+                (None, None)
+            }
+            Err(e) => (None, Some(e.to_string())),
+        };
         let status = Status {
             node: report.node,
             members: report.members,
             agents,
+            agents_error,
         };
         if args.json {
             println!("{}", serde_json::to_string(&status)?);
         } else {
             print_tables(&status);
+        }
+        // The members are listed; the rest was asked for and not had.
+        if let Some(e) = status.agents_error {
+            bail!("the node's agents and tasks could not be listed: {e}");
         }
         anyhow::Ok(())
     })
@@ -77,6 +94,7 @@ pub fn run(args: StatusArgs, identity: NodeIdentity) -> anyhow::Result<()> {
 fn print_tables(status: &Status) {
     println!("cluster as seen by {}", status.node);
     match status.agents.as_ref().map(|a| &a.policy) {
+        None if status.agents_error.is_some() => println!("(agents and tasks not listed)\n"),
         None => println!("(no agent layer at this node)\n"),
         Some(p) if p.version == 0 && p.groups == 0 => {
             println!("policy: none (every group may send to every group)\n");
@@ -136,6 +154,12 @@ fn print_agents(agents: &AgentsStatus) {
             caps.join(","),
             a.load,
             format!("{:?}", a.health).to_lowercase()
+        );
+    }
+    if agents.agents_not_listed > 0 {
+        println!(
+            "... and {} more agents, not listed: the answer lists as many as one message carries",
+            agents.agents_not_listed
         );
     }
     if !agents.tasks.is_empty() {

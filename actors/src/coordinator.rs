@@ -44,7 +44,7 @@ use crate::ledger::{
     ResultVerdict, TaskFigures,
 };
 use crate::notices::{ForgetNotices, Unheld};
-use crate::pages;
+use crate::pages::{self, LargeOutcomes};
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
@@ -378,6 +378,8 @@ pub struct CoordinatorState {
     /// Clients waiting here for a task held for another node, until it is taken
     /// over (or ends there).
     standby_waiters: HashMap<Uuid, Waiter>,
+    /// Outcomes too large for `ended`, kept a minute for their clients' pages.
+    large_outcomes: LargeOutcomes,
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.
@@ -537,6 +539,7 @@ impl Actor for Coordinator {
             forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES, MAX_UNHELD_SEGMENTS),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
+            large_outcomes: LargeOutcomes::default(),
             refreshed_ms: 0,
             leases: Leases::default(),
             takeovers_due: HashMap::new(),
@@ -632,6 +635,7 @@ impl Actor for Coordinator {
                     .set(state.ledger.pending_segments() as f64);
                 metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
                 state.takeovers_now_due(now);
+                state.large_outcomes.expire(now);
                 if state.reallocate_from_cut_off(now).await {
                     state.assign_waiting().await;
                 }
@@ -712,9 +716,12 @@ impl CoordinatorState {
                 return;
             }
             Ended::Forgotten => {
-                reply.send(refuse(format!(
-                    "task {task} ended here already; its outcome is no longer kept"
-                )));
+                match self.large_outcomes.get(task, self.now_ms()) {
+                    Some(outcome) => reply.send(outcome.clone()),
+                    None => reply.send(refuse(format!(
+                        "task {task} ended here already; its outcome is no longer kept"
+                    ))),
+                }
                 return;
             }
             Ended::Unknown if self.standby.holds(task) => {
@@ -862,10 +869,13 @@ impl CoordinatorState {
     fn results(&self, request: ResultsRequest, reply: RpcReplyPort<TaskOutcome>) {
         let task = request.task;
         let ended = self.ended.get(task);
+        let now = self.now_ms();
         let kept = match ended {
             Ended::Outcome(outcome) => Some(outcome),
-            Ended::Forgotten | Ended::Unknown => self.standby.outcome(task, self.now_ms()),
-        };
+            Ended::Forgotten => self.large_outcomes.get(task, now),
+            Ended::Unknown => None,
+        }
+        .or_else(|| self.standby.outcome(task, now));
         if let Some(outcome) = kept {
             metrics::counter!("agentmesh_task_result_pages_total").increment(1);
             let _ = reply.send(pages::page(
@@ -881,7 +891,7 @@ impl CoordinatorState {
                 task,
                 0,
                 format!(
-                    "the node it ended at no longer keeps its outcome (it keeps its latest tasks' outcomes, up to {kept_mib} MiB of results)"
+                    "the node it ended at no longer keeps its outcome (it keeps its latest tasks' outcomes, up to {kept_mib} MiB of results, and larger ones for a minute)"
                 ),
             )
         } else {
@@ -1401,6 +1411,9 @@ impl CoordinatorState {
         // this node hold it, and take it over again.
         if !meta.moved {
             self.ended.record(&outcome);
+            if outcome.result_bytes() > self.ended.limits().result_bytes {
+                self.large_outcomes.hold(outcome.clone(), self.now_ms());
+            }
         }
         if let Some(reply) = meta.reply {
             reply.send(outcome);

@@ -4,6 +4,7 @@
 //! the outcome back together ([`Pages`]). Before, such an answer was refused at the
 //! sender, and a task that had run gave its client nothing but an error.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use agentmesh_runtime::{Client, ClientError, RemoteMessage};
@@ -58,6 +59,57 @@ pub fn page(outcome: &TaskOutcome, from: u32, max_message_bytes: usize) -> TaskO
         results_from: start as u32,
         more_results: end < outcome.results.len(),
         ..outcome.without_results()
+    }
+}
+
+/// How long an outcome too large for the ended-task cache (`ended.rs`) is kept for the
+/// client fetching its pages, from the task's end.
+pub const LARGE_OUTCOME_HOLD_MS: u64 = 60_000;
+/// Such outcomes kept at once, at most: the latest.
+pub const LARGE_OUTCOMES_HELD: usize = 2;
+
+/// The latest outcomes too large for the ended-task cache, each kept for
+/// [`LARGE_OUTCOME_HOLD_MS`] so that its client can fetch the pages after the first
+/// (the coordinator held their results while the task ran, so this holds no more at
+/// once than the task did, for a minute longer). Bounded by [`LARGE_OUTCOMES_HELD`].
+#[derive(Debug, Default)]
+pub struct LargeOutcomes {
+    held: VecDeque<(TaskOutcome, u64)>,
+}
+
+impl LargeOutcomes {
+    /// Keeps `outcome`, which ended at `now_ms`, in place of the oldest if need be.
+    pub fn hold(&mut self, outcome: TaskOutcome, now_ms: u64) {
+        self.expire(now_ms);
+        self.held.retain(|(o, _)| o.task != outcome.task);
+        while self.held.len() >= LARGE_OUTCOMES_HELD {
+            self.held.pop_front();
+        }
+        self.held
+            .push_back((outcome, now_ms.saturating_add(LARGE_OUTCOME_HOLD_MS)));
+    }
+
+    /// `task`'s outcome, if it is held and its time has not run out at `now_ms`.
+    pub fn get(&self, task: uuid::Uuid, now_ms: u64) -> Option<&TaskOutcome> {
+        self.held
+            .iter()
+            .find(|(o, until)| o.task == task && *until > now_ms)
+            .map(|(o, _)| o)
+    }
+
+    /// Drops those whose time has run out at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        self.held.retain(|(_, until)| *until > now_ms);
+    }
+
+    /// Outcomes held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True if none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 }
 
@@ -365,6 +417,32 @@ mod tests {
     fn whole(mut o: TaskOutcome) -> TaskOutcome {
         o.reason = None;
         o
+    }
+
+    #[test]
+    fn large_outcomes_are_held_a_minute_and_the_latest_two_at_most() {
+        let task = |n: u128| TaskOutcome {
+            task: uuid::Uuid::from_u128(n),
+            ..whole(outcome(&[1]))
+        };
+        let mut held = LargeOutcomes::default();
+        held.hold(task(1), 0);
+        assert_eq!(
+            held.get(task(1).task, LARGE_OUTCOME_HOLD_MS - 1),
+            Some(&task(1))
+        );
+        assert_eq!(held.get(task(1).task, LARGE_OUTCOME_HOLD_MS), None);
+        held.hold(task(2), 10);
+        held.hold(task(3), 20);
+        assert_eq!(held.len(), 2);
+        assert_eq!(held.get(task(1).task, 30), None, "the oldest made room");
+        assert!(held.get(task(2).task, 30).is_some());
+        held.hold(task(3), 40);
+        assert_eq!(held.len(), 2, "the same task is held once");
+        held.expire(10 + LARGE_OUTCOME_HOLD_MS);
+        assert_eq!(held.len(), 1);
+        held.expire(40 + LARGE_OUTCOME_HOLD_MS);
+        assert!(held.is_empty());
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! sender, and a task that had run gave its client nothing but an error.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use agentmesh_runtime::transport::tls::NodeIdentity;
 use agentmesh_runtime::{Client, ClientError, RemoteMessage};
 use tracing::{debug, warn};
 
@@ -310,6 +312,26 @@ pub async fn rest_of(
             )
             .await?;
     }
+}
+
+/// Asks the node at `addr` once, as a short-lived client, for the page of results
+/// `request` names (the `ask` of [`rest_from`] for a client that connects anew each
+/// time, as `agentmesh submit` does).
+pub async fn results_at(
+    identity: &NodeIdentity,
+    addr: SocketAddr,
+    request: ResultsRequest,
+    timeout: Duration,
+) -> Result<TaskOutcome, ClientError> {
+    Client::request_once(
+        identity,
+        addr,
+        RESULTS_SERVICE,
+        <ResultsRequest as RemoteMessage>::KIND,
+        &request,
+        timeout,
+    )
+    .await
 }
 
 /// How [`rest_from`] goes on when nodes cannot be reached.

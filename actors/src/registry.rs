@@ -402,30 +402,34 @@ impl Registry {
     /// [`Registry::full_delta`] in as many parts as its records need
     /// ([`Registry::set_part_bytes`]): one delta if they fit in one.
     pub fn full_parts(&self) -> Vec<RegistryDelta> {
-        let whole = self.full_delta();
-        let mut cuts = vec![0];
+        let mut whole = self.full_delta();
+        // How many records each part takes.
+        let mut sizes = vec![0usize];
         let mut bytes = 0;
-        for (i, record) in whole.upserts.iter().enumerate() {
+        for record in &whole.upserts {
             let len = record_bytes(record);
-            if i > cuts[cuts.len() - 1] && bytes + len > self.part_bytes {
-                cuts.push(i);
+            let last = sizes.len() - 1;
+            if sizes[last] > 0 && bytes + len > self.part_bytes {
+                sizes.push(0);
                 bytes = 0;
             }
             bytes += len;
+            let last = sizes.len() - 1;
+            sizes[last] += 1;
         }
-        if cuts.len() == 1 {
+        if sizes.len() == 1 {
             return vec![whole];
         }
-        let parts = cuts.len() as u32;
-        cuts.push(whole.upserts.len());
-        cuts.windows(2)
+        let parts = sizes.len() as u32;
+        let mut records = std::mem::take(&mut whole.upserts).into_iter();
+        sizes
+            .into_iter()
             .enumerate()
-            .map(|(i, cut)| RegistryDelta {
-                upserts: whole.upserts[cut[0]..cut[1]].to_vec(),
+            .map(|(i, size)| RegistryDelta {
+                upserts: records.by_ref().take(size).collect(),
                 part: i as u32 + 1,
                 parts,
-                full: true,
-                ..self.summary()
+                ..whole.clone()
             })
             .collect()
     }

@@ -13,7 +13,7 @@ use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{
     AdjustRequest, AgentsRequest, AgentsStatus, ResultsRequest, SubmitRequest, TaskOutcome,
-    TaskStatus, AGENTS_SERVICE, COORDINATOR_SERVICE, RESULTS_SERVICE,
+    TaskStatus, AGENTS_SERVICE, COORDINATOR_SERVICE,
 };
 use agentmesh_actors::{
     Agent, AgentError, AgentHost, HostConfig, RestartPolicy, SegmentContext, SyncEvent,
@@ -753,20 +753,7 @@ async fn an_outcome_longer_than_a_message_reaches_a_client_in_pages() {
     // with the task's end, and gives pages of it.
     let identity = ca.node_identity("client").unwrap();
     let (a, b) = (nodes[0].0.me().addr, nodes[1].0.me().addr);
-    let ask = |addr, request: ResultsRequest| {
-        let identity = &identity;
-        async move {
-            Client::request_once(
-                identity,
-                addr,
-                RESULTS_SERVICE,
-                <ResultsRequest as RemoteMessage>::KIND,
-                &request,
-                Duration::from_secs(30),
-            )
-            .await
-        }
-    };
+    let ask = |addr, request| pages::results_at(&identity, addr, request, Duration::from_secs(30));
     let from_standby = ResultsRequest {
         task: whole.task,
         from: 4,
@@ -786,17 +773,16 @@ async fn an_outcome_longer_than_a_message_reaches_a_client_in_pages() {
 
     // A client whose coordinator's node goes down after the first page gets the rest
     // there.
-    let mut client = Client::connect(&identity, a).await.unwrap();
-    let first: TaskOutcome = client
-        .request(
-            COORDINATOR_SERVICE,
-            <SubmitRequest as RemoteMessage>::KIND,
-            &request,
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
-    client.close().await;
+    let first: TaskOutcome = Client::request_once(
+        &identity,
+        a,
+        COORDINATOR_SERVICE,
+        <SubmitRequest as RemoteMessage>::KIND,
+        &request,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     assert_eq!((first.results.len(), first.more_results), (4, true));
     let mut nodes = nodes;
     let (coordinator, host) = nodes.remove(0);

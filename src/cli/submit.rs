@@ -16,11 +16,10 @@ use uuid::Uuid;
 
 use super::client::{runtime, ClientArgs};
 use crate::actors::coordinator::SUBMIT_TIMEOUT;
-use crate::actors::pages::{rest_from, Patience};
+use crate::actors::pages::{rest_from, results_at, Patience};
 use crate::actors::service::serde_bytes_vec::Blob;
 use crate::actors::service::{
-    ResultsRequest, SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE,
-    MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE,
+    SubmitRequest, TaskOutcome, TaskStatus, COORDINATOR_SERVICE, MAX_SEGMENT_TIMEOUT_MS,
 };
 use crate::builtin::SegmentInput;
 use crate::local::input;
@@ -222,7 +221,7 @@ const MEMBERS_TIMEOUT_MS: u64 = 2_000;
 /// ([`SubmitRequest::adopt_from`]), and the node's standby-to-be starts it once it has
 /// taken over from that node. It gives up after [`RECONNECT_WITHIN`] without a
 /// connection. An outcome longer than one message comes in pages, and the rest is
-/// asked for ([`rest_of`]).
+/// asked for ([`rest_from_members`]).
 async fn wait_for(
     identity: &NodeIdentity,
     to: SocketAddr,
@@ -231,7 +230,7 @@ async fn wait_for(
     // The node's name and the other members, as it listed them at the submission.
     let mut members = Members::default();
     let first = first_answer(identity, to, request, &mut members).await?;
-    rest_of(identity, to, &members, first).await
+    rest_from_members(identity, to, &members, first).await
 }
 
 /// [`wait_for`] up to the outcome's first page.
@@ -295,7 +294,7 @@ async fn first_answer(
 /// for them page by page, of `to` first and then of the other members (a standby keeps
 /// the outcome its coordinator sent with the task's end), trying again while nodes
 /// cannot be reached, for up to [`RECONNECT_WITHIN`] without a page.
-async fn rest_of(
+async fn rest_from_members(
     identity: &NodeIdentity,
     to: SocketAddr,
     members: &Members,
@@ -308,17 +307,7 @@ async fn rest_of(
         within: RECONNECT_WITHIN,
         pause: RECONNECT_PAUSE,
     };
-    let ask = |addr, request: ResultsRequest| async move {
-        Client::request_once(
-            identity,
-            addr,
-            RESULTS_SERVICE,
-            <ResultsRequest as RemoteMessage>::KIND,
-            &request,
-            RESULTS_TIMEOUT,
-        )
-        .await
-    };
+    let ask = |addr, request| results_at(identity, addr, request, RESULTS_TIMEOUT);
     Ok(rest_from(first, nodes, ask, patience).await?)
 }
 

@@ -319,6 +319,20 @@ struct Batch {
     renewal: bool,
 }
 
+/// What a checkpoint carries for a task that ended here or moved ([`CoordinatorState::end_part`]).
+enum EndPart {
+    /// The notice that tells the standby to forget it.
+    Notice(TaskCheckpoint),
+    /// Results the standby lacks, as for a running task; the notice waits for a later
+    /// checkpoint with those still lacking (`rest`).
+    Results {
+        part: TaskCheckpoint,
+        rest: Vec<u32>,
+    },
+    /// Nothing now: the notice waits for a checkpoint with room.
+    Later,
+}
+
 /// How far a task's standby has it.
 #[derive(Debug, Default)]
 struct Replica {
@@ -1835,16 +1849,36 @@ impl CoordinatorState {
             });
         }
         for (node, ended) in self.forget_notices.take(ready) {
-            let batch = batches.entry(node).or_default();
             // The outcomes they carry have a budget of their own, on top of the tasks'.
             let mut room = CHECKPOINT_BYTES;
-            let notices: Vec<TaskCheckpoint> = ended
-                .iter()
-                .map(|(task, unheld)| self.end_notice(*task, unheld.as_deref(), &mut room))
-                .collect();
+            let mut notices = Vec::new();
+            // What this checkpoint tells, queued again if it may not have arrived.
+            let mut told = Vec::new();
+            for (task, unheld) in ended {
+                match self.end_part(task, unheld.as_deref(), &mut room) {
+                    EndPart::Notice(notice) => {
+                        notices.push(notice);
+                        told.push((task, unheld));
+                    }
+                    EndPart::Results { part, rest } => {
+                        // The notice follows with the rest; should this checkpoint not
+                        // arrive, all of them (a notice queued again takes in what it
+                        // carried: `ForgetNotices::requeue`).
+                        notices.push(part);
+                        told.push((task, unheld));
+                        if !self.forget_notices.push(node.clone(), task, Some(rest)) {
+                            debug!(%task, standby = %node, "too many task ends waiting for their standbys: this one is not told");
+                        }
+                    }
+                    EndPart::Later => {
+                        let _ = self.forget_notices.push(node.clone(), task, unheld);
+                    }
+                }
+            }
+            let batch = batches.entry(node).or_default();
             // First in the checkpoint, as they were queued before anything else in it.
             batch.parts.splice(0..0, notices);
-            batch.ended = ended;
+            batch.ended = told;
         }
         if renew {
             self.renewals(now, standby, &mut batches);
@@ -1893,6 +1927,63 @@ impl CoordinatorState {
                     answer,
                 });
             });
+        }
+    }
+
+    /// What goes to a standby in this checkpoint for `task`, which ended here or moved:
+    /// the notice to forget it ([`Self::end_notice`]), unless the standby lacks more
+    /// of its results than `room` takes. Then those that fit go as for a running task,
+    /// and the notice waits for the next checkpoint with the rest; if none fits, all of
+    /// it waits. Before, the notice went at once without the outcome, and the standby
+    /// kept none: a client whose coordinator's node went down before it had the
+    /// outcome (or, since pages, all of it) was told it is lost.
+    fn end_part(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut usize) -> EndPart {
+        let Ended::Outcome(outcome) = self.ended.get(task) else {
+            return EndPart::Notice(self.end_notice(task, unheld, room));
+        };
+        let complete = outcome.status == TaskStatus::Completed
+            && outcome.results.len() == outcome.segments as usize;
+        let Some(unheld) = unheld.filter(|_| complete) else {
+            return EndPart::Notice(self.end_notice(task, unheld, room));
+        };
+        let size = |s: u32| outcome.results.get(s as usize).map_or(0, |r| r.0.len());
+        if unheld.iter().map(|&s| size(s)).sum::<usize>() <= *room {
+            return EndPart::Notice(self.end_notice(task, Some(unheld), room));
+        }
+        // As many as fit, in order; one at least in a checkpoint that carries no other.
+        let mut taken = 0;
+        for &s in unheld {
+            if size(s) > *room && !(taken == 0 && *room == CHECKPOINT_BYTES) {
+                break;
+            }
+            *room = room.saturating_sub(size(s));
+            taken += 1;
+        }
+        if taken == 0 {
+            return EndPart::Later;
+        }
+        let done = unheld[..taken]
+            .iter()
+            .filter_map(|&s| Some((s, outcome.results.get(s as usize)?.clone())))
+            .collect();
+        EndPart::Results {
+            part: TaskCheckpoint {
+                task,
+                open: None,
+                done,
+                ended: false,
+                finished: false,
+                outcome: None,
+                outcome_from_held: None,
+                so_far: SoFar {
+                    running: 0,
+                    elapsed_ms: outcome.elapsed_ms,
+                    reallocated: outcome.reallocated,
+                    duplicates_discarded: outcome.duplicates_discarded,
+                },
+                priority: None,
+            },
+            rest: unheld[taken..].to_vec(),
         }
     }
 

@@ -88,9 +88,27 @@ impl ForgetNotices {
     /// Queues again notices that went to `node` in a checkpoint that may not have been
     /// applied there; as many as the bound allows. Told twice, a standby forgets a
     /// task it no longer holds, which changes nothing. (The caller leaves out tasks
-    /// given to `node` again since.)
+    /// given to `node` again since.) A task queued again meanwhile keeps its notice,
+    /// but for the segments the lost one said the standby lacks, which it takes in:
+    /// after a checkpoint that carried the first of a task's results the notice waits
+    /// with the rest, and if that checkpoint was lost the standby lacks both.
     pub fn requeue(&mut self, node: Arc<str>, tasks: Vec<(Uuid, Unheld)>) {
         for (task, unheld) in tasks {
+            if let Some(queued) = self.by_node.get_mut(&node).and_then(|t| t.get_mut(&task)) {
+                if let (Some(lacking), Some(more)) = (queued.as_mut(), unheld) {
+                    let before = lacking.len();
+                    lacking.extend(more);
+                    lacking.sort_unstable();
+                    lacking.dedup();
+                    if self.segments - before + lacking.len() <= self.max_segments {
+                        self.segments = self.segments - before + lacking.len();
+                    } else {
+                        self.segments -= before;
+                        *queued = None;
+                    }
+                }
+                continue;
+            }
             if !self.push(node.clone(), task, unheld) {
                 return;
             }
@@ -168,6 +186,27 @@ mod tests {
             ]
         );
         assert_eq!((q.total, q.segments), (0, 0));
+    }
+
+    /// A notice queued again while its task waits with the rest of its results (the
+    /// checkpoint that carried the first of them may not have arrived) takes them in.
+    #[test]
+    fn a_lost_checkpoint_gives_back_the_results_it_carried() {
+        let mut q = ForgetNotices::new(10, 100);
+        let a: Arc<str> = "a".into();
+        assert!(q.push(a.clone(), t(1), Some(vec![7, 8])));
+        q.requeue(a.clone(), vec![(t(1), Some(vec![5, 6, 7, 8]))]);
+        assert_eq!(q.segments, 4);
+        assert_eq!(
+            q.take(|_| true),
+            vec![(a.clone(), vec![(t(1), Some(vec![5, 6, 7, 8]))])]
+        );
+        // Past the bound on segments kept, the notice keeps none (the outcome goes whole).
+        let mut q = ForgetNotices::new(10, 3);
+        assert!(q.push(a.clone(), t(1), Some(vec![7, 8])));
+        q.requeue(a.clone(), vec![(t(1), Some(vec![5, 6, 7, 8]))]);
+        assert_eq!(q.segments, 0);
+        assert_eq!(q.take(|_| true), vec![(a, vec![moved(1)])]);
     }
 
     /// A task given to a node again leaves no notice behind that would undo it, and a

@@ -866,3 +866,54 @@ async fn a_node_that_joins_later_learns_of_more_agents_than_a_message_lists() {
         assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
     }
 }
+
+/// The standby gets the results it lacks when a task ends, over as many checkpoints
+/// as they need, and then keeps the outcome: a client whose coordinator's node goes
+/// down before it has the outcome gets it there. Before, the end notice carried at
+/// most 4 MiB of the results the standby lacked; past that it went without them, and
+/// the standby kept no outcome (found by hand: 30 results of 2 MiB accepted within
+/// 140 ms, coordinator SIGKILLed while its client fetched the pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_keeps_an_outcome_whose_last_results_it_lacked() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    // Twelve results of 1.2 MB that all come at once: far more than one checkpoint
+    // (4 MiB) carries when the task ends.
+    nodes[1].1.add(Wide { bytes: 1_200_000 }, 12).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let outcome = nodes[0]
+        .1
+        .submit(SubmitRequest::new("wide", inputs(12)))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.status,
+        TaskStatus::Completed,
+        "{:?}",
+        outcome.reason
+    );
+    let identity = ca.node_identity("client").unwrap();
+    let ask = ResultsRequest {
+        task: outcome.task,
+        from: 0,
+    };
+    let mut kept = None;
+    for _ in 0..100 {
+        let page = pages::results_at(
+            &identity,
+            nodes[1].0.me().addr,
+            ask.clone(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        if !page.unknown {
+            kept = Some(page);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = kept.expect("the standby keeps the outcome");
+    assert_eq!(kept.results, outcome.results);
+    assert!(!kept.more_results);
+}

@@ -1871,7 +1871,9 @@ impl CoordinatorState {
                         }
                     }
                     EndPart::Later => {
-                        let _ = self.forget_notices.push(node.clone(), task, unheld);
+                        if !self.forget_notices.push(node.clone(), task, unheld) {
+                            debug!(%task, standby = %node, "too many task ends waiting for their standbys: this one is not told");
+                        }
                     }
                 }
             }
@@ -1950,14 +1952,22 @@ impl CoordinatorState {
         if unheld.iter().map(|&s| size(s)).sum::<usize>() <= *room {
             return EndPart::Notice(self.end_notice(task, Some(unheld), room));
         }
-        // As many as fit, in order; one at least in a checkpoint that carries no other.
+        // As many as fit, in order; one at least in a checkpoint that carries no other
+        // notice, if it leaves room in the message for the rest of the checkpoint.
+        let alone = *room == CHECKPOINT_BYTES;
         let mut taken = 0;
         for &s in unheld {
-            if size(s) > *room && !(taken == 0 && *room == CHECKPOINT_BYTES) {
+            let first_alone = taken == 0 && alone && size(s) <= self.mesh.max_message_bytes() / 2;
+            if size(s) > *room && !first_alone {
                 break;
             }
             *room = room.saturating_sub(size(s));
             taken += 1;
+        }
+        if taken == 0 && alone {
+            // A result too long to go with anything else: the notice goes without the
+            // outcome, as it did before (the standby keeps none).
+            return EndPart::Notice(self.end_notice(task, Some(unheld), room));
         }
         if taken == 0 {
             return EndPart::Later;

@@ -99,18 +99,39 @@ impl Cluster {
 
     /// Waits until node `i`'s registry lists `n` agents.
     fn wait_for_agents(&self, i: usize, n: usize) {
+        self.wait_for_status(i, |status| {
+            status["agents"].as_array().map_or(0, Vec::len) == n
+        });
+    }
+
+    /// Waits until every node lists `n` agents and every member up: a node that
+    /// submits at once then picks the standby the test expects (the next up by name),
+    /// not one before it because the next was not up there yet.
+    fn wait_until_settled(&self, n: usize) {
+        for i in 0..self.addrs.len() {
+            self.wait_for_status(i, |status| {
+                let members = status["members"].as_array().cloned().unwrap_or_default();
+                status["agents"].as_array().map_or(0, Vec::len) == n
+                    && members.len() == self.addrs.len()
+                    && members.iter().all(|m| m["state"] == "up")
+            });
+        }
+    }
+
+    /// Waits until node `i`'s `status --json` satisfies `done`.
+    fn wait_for_status(&self, i: usize, done: impl Fn(&Value) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = self.run(&["status", "--json", "--to", &self.addrs[i]]);
             if out.status.success() {
                 let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-                if status["agents"].as_array().map_or(0, Vec::len) == n {
+                if done(&status) {
                     return;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "node {i} never listed {n} agents: {}",
+                "node {i} never got there: {}",
                 String::from_utf8_lossy(&out.stdout)
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -146,7 +167,7 @@ fn three_sleep_nodes(tag: &str) -> (Cluster, [NodeProcess; 3]) {
     first.expect(&["listening"]);
     let second = cluster.start(1, &["--agents", "sleep=2"]);
     let third = cluster.start(2, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 3);
+    cluster.wait_until_settled(3);
     (cluster, [first, second, third])
 }
 

@@ -1833,20 +1833,17 @@ impl CoordinatorState {
             }
             sent.push((task, upto, open.is_some()));
             let figures = self.ledger.figures(task).unwrap_or_default();
-            parts.push(TaskCheckpoint {
+            let so_far = SoFar {
+                running: self.ledger.running(task),
+                ..meta.so_far(&figures)
+            };
+            parts.push(TaskCheckpoint::running(
                 task,
                 open,
                 done,
-                ended: false,
-                finished: false,
-                outcome: None,
-                outcome_from_held: None,
-                so_far: SoFar {
-                    running: self.ledger.running(task),
-                    ..meta.so_far(&figures)
-                },
-                priority: Some(meta.priority),
-            });
+                so_far,
+                Some(meta.priority),
+            ));
         }
         for (node, ended) in self.forget_notices.take(ready) {
             // The outcomes they carry have a budget of their own, on top of the tasks'.
@@ -1976,23 +1973,14 @@ impl CoordinatorState {
             .iter()
             .filter_map(|&s| Some((s, outcome.results.get(s as usize)?.clone())))
             .collect();
+        let so_far = SoFar {
+            running: 0,
+            elapsed_ms: outcome.elapsed_ms,
+            reallocated: outcome.reallocated,
+            duplicates_discarded: outcome.duplicates_discarded,
+        };
         EndPart::Results {
-            part: TaskCheckpoint {
-                task,
-                open: None,
-                done,
-                ended: false,
-                finished: false,
-                outcome: None,
-                outcome_from_held: None,
-                so_far: SoFar {
-                    running: 0,
-                    elapsed_ms: outcome.elapsed_ms,
-                    reallocated: outcome.reallocated,
-                    duplicates_discarded: outcome.duplicates_discarded,
-                },
-                priority: None,
-            },
+            part: TaskCheckpoint::running(task, None, done, so_far, None),
             rest: unheld[taken..].to_vec(),
         }
     }

@@ -354,6 +354,28 @@ pub struct TaskCheckpoint {
 }
 
 impl TaskCheckpoint {
+    /// The part of a task that runs, or whose end waits for the results its standby
+    /// lacks: its start if `open` is given, results accepted, its figures and priority.
+    pub fn running(
+        task: Uuid,
+        open: Option<OpenTask>,
+        done: Vec<(u32, serde_bytes_vec::Blob)>,
+        so_far: SoFar,
+        priority: Option<u8>,
+    ) -> TaskCheckpoint {
+        TaskCheckpoint {
+            task,
+            open,
+            done,
+            ended: false,
+            finished: false,
+            outcome: None,
+            outcome_from_held: None,
+            so_far,
+            priority,
+        }
+    }
+
     /// Bytes of segment results it carries: in `done`, and in an outcome.
     pub fn result_bytes(&self) -> usize {
         done_bytes(&self.done) + self.outcome.as_ref().map_or(0, TaskOutcome::result_bytes)

@@ -697,6 +697,25 @@ async fn a_result_longer_than_a_message_carries_fails_its_attempt_saying_so() {
     }
 }
 
+/// The page `request` asks for from the node at `addr`, once that node keeps the
+/// outcome (a standby has it once the task's end reaches it), within 5 s.
+async fn kept_at(
+    identity: &agentmesh_runtime::transport::tls::NodeIdentity,
+    addr: std::net::SocketAddr,
+    request: ResultsRequest,
+) -> TaskOutcome {
+    for _ in 0..100 {
+        let page = pages::results_at(identity, addr, request.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        if !page.unknown {
+            return page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} never kept the outcome");
+}
+
 /// An outcome whose results are longer than one message reaches a client over the
 /// network in pages: the first with the outcome, the rest as the client asks for them,
 /// while a caller in the node's own process gets it whole. Before, the answer was
@@ -758,16 +777,7 @@ async fn an_outcome_longer_than_a_message_reaches_a_client_in_pages() {
         task: whole.task,
         from: 4,
     };
-    let mut page: Option<TaskOutcome> = None;
-    for _ in 0..100 {
-        let answer: TaskOutcome = ask(b, from_standby.clone()).await.unwrap();
-        if !answer.unknown {
-            page = Some(answer);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let page = page.expect("the standby keeps the outcome");
+    let page = kept_at(&identity, b, from_standby).await;
     assert_eq!((page.results_from, page.more_results), (4, false));
     assert_eq!(page.results, whole.results[4..]);
 
@@ -893,27 +903,11 @@ async fn the_standby_keeps_an_outcome_whose_last_results_it_lacked() {
         outcome.reason
     );
     let identity = ca.node_identity("client").unwrap();
-    let ask = ResultsRequest {
+    let all = ResultsRequest {
         task: outcome.task,
         from: 0,
     };
-    let mut kept = None;
-    for _ in 0..100 {
-        let page = pages::results_at(
-            &identity,
-            nodes[1].0.me().addr,
-            ask.clone(),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        if !page.unknown {
-            kept = Some(page);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let kept = kept.expect("the standby keeps the outcome");
+    let kept = kept_at(&identity, nodes[1].0.me().addr, all).await;
     assert_eq!(kept.results, outcome.results);
     assert!(!kept.more_results);
 }

@@ -723,19 +723,16 @@ impl CoordinatorState {
             .attach
             .then(|| self.ended_at_gone_node(task))
             .flatten();
-        match self.ended.get(task) {
+        match self.ended_here(task) {
             Ended::Outcome(outcome) => {
                 info!(%task, "a client asked again for the outcome of the task");
                 reply.send(outcome.clone());
                 return;
             }
             Ended::Forgotten => {
-                match self.large_outcomes.get(task, self.now_ms()) {
-                    Some(outcome) => reply.send(outcome.clone()),
-                    None => reply.send(refuse(format!(
-                        "task {task} ended here already; its outcome is no longer kept"
-                    ))),
-                }
+                reply.send(refuse(format!(
+                    "task {task} ended here already; its outcome is no longer kept"
+                )));
                 return;
             }
             Ended::Unknown if self.standby.holds(task) => {
@@ -877,19 +874,28 @@ impl CoordinatorState {
         }
     }
 
+    /// What this coordinator knows of `task` having ended here: its outcome from the
+    /// ended-task cache, or, for one too large for it, held apart for its client's pages.
+    fn ended_here(&self, task: Uuid) -> Ended<'_> {
+        match self.ended.get(task) {
+            Ended::Forgotten => self
+                .large_outcomes
+                .get(task, self.now_ms())
+                .map_or(Ended::Forgotten, Ended::Outcome),
+            known => known,
+        }
+    }
+
     /// The page of an ended task's results that `request` asks for, from the outcome
     /// kept here as its coordinator or as its standby. A page is cut from the outcome
     /// afresh each time, so a client that lost one asks again for the same.
     fn results(&self, request: ResultsRequest, reply: RpcReplyPort<TaskOutcome>) {
         let task = request.task;
-        let ended = self.ended.get(task);
-        let now = self.now_ms();
+        let ended = self.ended_here(task);
         let kept = match ended {
             Ended::Outcome(outcome) => Some(outcome),
-            Ended::Forgotten => self.large_outcomes.get(task, now),
-            Ended::Unknown => None,
-        }
-        .or_else(|| self.standby.outcome(task, now));
+            Ended::Forgotten | Ended::Unknown => self.standby.outcome(task, self.now_ms()),
+        };
         if let Some(outcome) = kept {
             metrics::counter!("agentmesh_task_result_pages_total").increment(1);
             let _ = reply.send(pages::page(
@@ -1423,11 +1429,8 @@ impl CoordinatorState {
         }
         // One that moved to another coordinator did not end: that one may later have
         // this node hold it, and take it over again.
-        if !meta.moved {
-            self.ended.record(&outcome);
-            if outcome.result_bytes() > self.ended.limits().result_bytes {
-                self.large_outcomes.hold(outcome.clone(), self.now_ms());
-            }
+        if !meta.moved && !self.ended.record(&outcome) {
+            self.large_outcomes.hold(outcome.clone(), self.now_ms());
         }
         if let Some(reply) = meta.reply {
             reply.send(outcome);

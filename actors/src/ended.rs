@@ -72,8 +72,8 @@ impl EndedTasks {
 
     /// Remembers that `outcome`'s task ended, and its outcome while it fits: the oldest
     /// make room. An outcome whose results alone exceed the byte limit is not kept
-    /// (its id is).
-    pub fn record(&mut self, outcome: &TaskOutcome) {
+    /// (its id is). True if the outcome is kept.
+    pub fn record(&mut self, outcome: &TaskOutcome) -> bool {
         if self.known.insert(outcome.task) {
             self.ids.push_back(outcome.task);
         }
@@ -84,7 +84,7 @@ impl EndedTasks {
         }
         let bytes = outcome.result_bytes();
         if self.limits.outcomes == 0 || bytes > self.limits.result_bytes {
-            return;
+            return false;
         }
         while self.outcomes.len() >= self.limits.outcomes
             || self.result_bytes + bytes > self.limits.result_bytes
@@ -99,6 +99,7 @@ impl EndedTasks {
         debug_assert!(self.outcomes.len() <= self.limits.outcomes);
         debug_assert!(self.result_bytes <= self.limits.result_bytes);
         debug_assert_eq!(self.ids.len(), self.known.len());
+        true
     }
 
     /// How much is remembered.

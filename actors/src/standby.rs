@@ -298,7 +298,7 @@ impl Standby {
                     });
                     // Only the task's own outcome.
                     if let Some(outcome) = outcome.filter(|o| o.task == task) {
-                        self.outcomes.record(&outcome);
+                        let _ = self.outcomes.record(&outcome);
                     }
                 }
                 continue;

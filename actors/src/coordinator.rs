@@ -51,7 +51,7 @@ use crate::refusals::{Refusals, Room};
 use crate::resend::{resend, send_and_keep, unreachable, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    done_bytes, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
+    done_bytes, encoded_len, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
     CheckpointAck, OpenTask, ResultsRequest, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome,
     TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
     MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE, STANDBY_SERVICE,
@@ -96,9 +96,18 @@ const CHECKPOINT_RETRY_MS: u64 = 200;
 /// below this, with room for a checkpoint's way there.
 const STANDBY_GIVE_UP_MS: u64 = 5_000;
 const _: () = assert!(TRUSTED_FOR_MS + 500 <= STANDBY_GIVE_UP_MS);
-/// Bytes of inputs and results in one checkpoint, past which the rest waits for the
-/// next (a task's start always goes, alone if need be: a submission fits a message).
+/// Bytes of running tasks' parts (starts and results) in one checkpoint, past which
+/// the rest waits for the next (one start or result more may go, if the message has
+/// room); as many again of tasks' end notices. Half a message at most for the tasks'
+/// parts, at nodes whose messages are short; a whole checkpoint is never longer than
+/// a message carries (less `CHECKPOINT_SLACK`).
 const CHECKPOINT_BYTES: usize = 4 << 20;
+/// Bytes of a message a checkpoint leaves to all but its tasks' parts: its own fields
+/// (the coordinator's name, numbers) and the mesh's envelope.
+const CHECKPOINT_SLACK: usize = 4 << 10;
+/// Bytes a result adds to its task's part on top of its own, at most: its segment and
+/// the headers of its pair and its bytes.
+const DONE_BYTES: usize = 16;
 /// Tasks a standby is still to be told to forget (ended, or moved to another standby),
 /// at most: past it the standby is not told, and holds the task until this node's own
 /// end.
@@ -317,6 +326,25 @@ struct Batch {
     bytes: usize,
     /// It goes even with no task in it: it renews the lease.
     renewal: bool,
+}
+
+/// What the end notices of one checkpoint may still carry ([`CoordinatorState::end_part`]).
+struct NoticeRoom {
+    /// Bytes of results and outcomes: `CHECKPOINT_BYTES` at most, on top of the tasks'.
+    results: usize,
+    /// Bytes the checkpoint may still grow by: past them it is longer than a message.
+    message: usize,
+    /// Nothing is in the checkpoint yet.
+    empty: bool,
+}
+
+impl NoticeRoom {
+    /// A part of `len` bytes goes, leaving `results` for results and outcomes.
+    fn take(&mut self, len: usize, results: usize) {
+        self.message = self.message.saturating_sub(len);
+        self.results = results;
+        self.empty = false;
+    }
 }
 
 /// What a checkpoint carries for a task that ended here or moved ([`CoordinatorState::end_part`]).
@@ -1763,7 +1791,17 @@ impl CoordinatorState {
         if self.up.iter().all(|n| self.in_flight.blocks(n, now)) {
             return; // Nowhere to send now (checked once per message handled).
         }
+        // A checkpoint is one message: what does not fit in it waits for the next.
+        let budget = self
+            .mesh
+            .max_message_bytes()
+            .saturating_sub(CHECKPOINT_SLACK);
+        // The tasks' parts stop at `fill` (past it by one start or result at most), so
+        // that the notices of tasks' ends find room beside them.
+        let fill = CHECKPOINT_BYTES.min(budget / 2);
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
+        // Tasks whose start, or next result, is longer than any checkpoint carries.
+        let mut too_long = Vec::new();
         let dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
         for task in dirty {
             let Some(meta) = self.tasks.get_mut(&task) else {
@@ -1795,62 +1833,69 @@ impl CoordinatorState {
             let Batch {
                 parts, sent, bytes, ..
             } = batches.entry(node).or_default();
-            if *bytes >= CHECKPOINT_BYTES {
+            if *bytes >= fill {
                 continue;
             }
-            let open = (!meta.replica.opened).then(|| {
-                meta.replica.held_ms.get_or_insert(now);
-                *bytes += meta.inputs.iter().map(Bytes::len).sum::<usize>();
-                OpenTask {
-                    request: SubmitRequest {
-                        capability: meta.capability.clone(),
-                        tags: meta.tags.clone(),
-                        priority: Some(meta.priority),
-                        group: meta.group,
-                        inputs: meta.inputs.iter().map(|b| Blob(b.to_vec())).collect(),
-                        label: meta.label.clone(),
-                        task: Some(task),
-                        attach: false,
-                        adopt_from: None,
-                        waited_ms: 0,
-                        segment_timeout_ms: self.ledger.own_segment_timeout_ms(task),
-                    },
-                    generation: meta.generation,
-                }
+            let opens = !meta.replica.opened;
+            let open = opens.then(|| OpenTask {
+                request: SubmitRequest {
+                    capability: meta.capability.clone(),
+                    tags: meta.tags.clone(),
+                    priority: Some(meta.priority),
+                    group: meta.group,
+                    inputs: meta.inputs.iter().map(|b| Blob(b.to_vec())).collect(),
+                    label: meta.label.clone(),
+                    task: Some(task),
+                    attach: false,
+                    adopt_from: None,
+                    waited_ms: 0,
+                    segment_timeout_ms: self.ledger.own_segment_timeout_ms(task),
+                },
+                generation: meta.generation,
             });
-            let from = if open.is_some() {
-                0
-            } else {
-                meta.replica.acked
-            };
-            let mut upto = from;
-            let mut done = Vec::new();
-            for &segment in &meta.done_log[from..] {
-                if *bytes >= CHECKPOINT_BYTES && upto > from {
-                    break;
-                }
-                let result = self.ledger.result(task, segment).unwrap_or_default();
-                *bytes += result.len() + 8;
-                done.push((segment, Blob(result.to_vec())));
-                upto += 1;
-            }
-            sent.push((task, upto, open.is_some()));
+            let from = if opens { 0 } else { meta.replica.acked };
             let figures = self.ledger.figures(task).unwrap_or_default();
             let so_far = SoFar {
                 running: self.ledger.running(task),
                 ..meta.so_far(&figures)
             };
-            parts.push(TaskCheckpoint::running(
-                task,
-                open,
-                done,
-                so_far,
-                Some(meta.priority),
-            ));
+            let mut part =
+                TaskCheckpoint::running(task, open, Vec::new(), so_far, Some(meta.priority));
+            let mut len = encoded_len(&part);
+            let mut upto = from;
+            for &segment in &meta.done_log[from..] {
+                let result = self.ledger.result(task, segment).unwrap_or_default();
+                let more = result.len() + DONE_BYTES;
+                // One result of each task at least, if the message has room for it.
+                if (*bytes + len >= fill && upto > from) || *bytes + len + more > budget {
+                    break;
+                }
+                len += more;
+                part.done.push((segment, Blob(result.to_vec())));
+                upto += 1;
+            }
+            let stuck = upto == from && from < meta.done_log.len() && !opens;
+            if *bytes == 0 && (len > budget || stuck) {
+                too_long.push(task);
+                continue;
+            }
+            if *bytes + len > budget {
+                continue; // Its start waits for a checkpoint with room.
+            }
+            if opens {
+                meta.replica.held_ms.get_or_insert(now);
+            }
+            *bytes += len;
+            sent.push((task, upto, opens));
+            parts.push(part);
         }
         for (node, ended) in self.forget_notices.take(ready) {
-            // The outcomes they carry have a budget of their own, on top of the tasks'.
-            let mut room = CHECKPOINT_BYTES;
+            let batch = batches.entry(node.clone()).or_default();
+            let mut room = NoticeRoom {
+                results: CHECKPOINT_BYTES,
+                message: budget.saturating_sub(batch.bytes),
+                empty: batch.parts.is_empty(),
+            };
             let mut notices = Vec::new();
             // What this checkpoint tells, queued again if it may not have arrived.
             let mut told = Vec::new();
@@ -1877,10 +1922,13 @@ impl CoordinatorState {
                     }
                 }
             }
-            let batch = batches.entry(node).or_default();
+            batch.bytes = budget - room.message;
             // First in the checkpoint, as they were queued before anything else in it.
             batch.parts.splice(0..0, notices);
             batch.ended = told;
+        }
+        for task in too_long {
+            self.cannot_checkpoint(task);
         }
         if renew {
             self.renewals(now, standby, &mut batches);
@@ -1932,42 +1980,64 @@ impl CoordinatorState {
         }
     }
 
-    /// What goes to a standby in this checkpoint for `task`, which ended here or moved:
-    /// the notice to forget it ([`Self::end_notice`]), unless the standby lacks more
-    /// of its results than `room` takes. Then those that fit go as for a running task,
-    /// and the notice waits for the next checkpoint with the rest; if none fits, all of
-    /// it waits. Before, the notice went at once without the outcome, and the standby
-    /// kept none: a client whose coordinator's node went down before it had the
-    /// outcome (or, since pages, all of it) was told it is lost.
-    fn end_part(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut usize) -> EndPart {
+    /// What goes to a standby in this checkpoint for `task`, which ended here or moved,
+    /// within `room`: the notice to forget it ([`Self::end_notice`]), unless the standby
+    /// lacks more of its results than `room` takes. Then those that fit go as for a
+    /// running task, and the notice waits for the next checkpoint with the rest; if
+    /// none fits, all of it waits. Before, the notice went at once without the
+    /// outcome, and the standby kept none: a client whose coordinator's node went down
+    /// before it had the outcome (or, since pages, all of it) was told it is lost.
+    fn end_part(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut NoticeRoom) -> EndPart {
+        let mut results = room.results;
+        let part = self.end_part_within(task, unheld, &mut results, room.empty);
+        let len = match &part {
+            EndPart::Notice(part) | EndPart::Results { part, .. } => encoded_len(part),
+            EndPart::Later => return EndPart::Later,
+        };
+        if len <= room.message {
+            room.take(len, results);
+            return part;
+        }
+        if !room.empty {
+            return EndPart::Later; // It waits for a checkpoint with room.
+        }
+        // Too long for any checkpoint: the notice goes without the outcome, and the
+        // standby keeps none.
+        let notice = self.end_notice(task, unheld, &mut 0);
+        room.take(encoded_len(&notice), room.results);
+        EndPart::Notice(notice)
+    }
+
+    /// [`Self::end_part`], with `results` bytes of results and outcomes at most, on
+    /// top of one lacking result if the checkpoint is `empty` so far.
+    fn end_part_within(
+        &self,
+        task: Uuid,
+        unheld: Option<&[u32]>,
+        results: &mut usize,
+        empty: bool,
+    ) -> EndPart {
         let Ended::Outcome(outcome) = self.ended.get(task) else {
-            return EndPart::Notice(self.end_notice(task, unheld, room));
+            return EndPart::Notice(self.end_notice(task, unheld, results));
         };
         let complete = outcome.status == TaskStatus::Completed
             && outcome.results.len() == outcome.segments as usize;
         let Some(unheld) = unheld.filter(|_| complete) else {
-            return EndPart::Notice(self.end_notice(task, unheld, room));
+            return EndPart::Notice(self.end_notice(task, unheld, results));
         };
         let size = |s: u32| outcome.results.get(s as usize).map_or(0, |r| r.0.len());
-        if unheld.iter().map(|&s| size(s)).sum::<usize>() <= *room {
-            return EndPart::Notice(self.end_notice(task, Some(unheld), room));
+        if unheld.iter().map(|&s| size(s)).sum::<usize>() <= *results {
+            return EndPart::Notice(self.end_notice(task, Some(unheld), results));
         }
-        // As many as fit, in order; one at least in a checkpoint that carries no other
-        // notice, if it leaves room in the message for the rest of the checkpoint.
-        let alone = *room == CHECKPOINT_BYTES;
+        // As many as fit, in order; one at least in a checkpoint with nothing else yet
+        // (whether the message has room for it, `end_part` sees).
         let mut taken = 0;
         for &s in unheld {
-            let first_alone = taken == 0 && alone && size(s) <= self.mesh.max_message_bytes() / 2;
-            if size(s) > *room && !first_alone {
+            if size(s) > *results && !(taken == 0 && empty) {
                 break;
             }
-            *room = room.saturating_sub(size(s));
+            *results = results.saturating_sub(size(s));
             taken += 1;
-        }
-        if taken == 0 && alone {
-            // A result too long to go with anything else: the notice goes without the
-            // outcome, as it did before (the standby keeps none).
-            return EndPart::Notice(self.end_notice(task, Some(unheld), room));
         }
         if taken == 0 {
             return EndPart::Later;
@@ -1985,6 +2055,25 @@ impl CoordinatorState {
         EndPart::Results {
             part: TaskCheckpoint::running(task, None, done, so_far, None),
             rest: unheld[taken..].to_vec(),
+        }
+    }
+
+    /// `task`'s start, or its next result, is longer than any checkpoint carries: it
+    /// runs on without a standby, as one its standby refused, and a standby that holds
+    /// its start is told to forget it (or it would run the task again should this
+    /// node go down). Before, the checkpoint went anyway, was refused at the sender for
+    /// its length at each retry, and the coordinator gave up on the standby after 5 s.
+    fn cannot_checkpoint(&mut self, task: Uuid) {
+        let Some(meta) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        warn!(%task, "the task's start, or a result of it, is longer than a checkpoint carries: it ends with this node if this node goes down");
+        meta.replica.off = true;
+        self.dirty.remove(&task);
+        if let (Some(standby), Some(_)) = (&meta.replica.standby, meta.replica.held_ms.take()) {
+            if !self.forget_notices.push(standby.clone(), task, None) {
+                debug!(%task, %standby, "too many notices waiting: the standby is not told to forget the task");
+            }
         }
     }
 

@@ -382,6 +382,27 @@ impl TaskCheckpoint {
     }
 }
 
+/// Bytes `value` takes as the mesh sends it (MessagePack with field names), counted
+/// without writing them anywhere: a blob costs an addition, not a copy.
+pub(crate) fn encoded_len<T: Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match rmp_serde::encode::write_named(&mut count, value) {
+        Ok(()) => count.0,
+        // Nothing the coordinator builds fails to encode; counted as no room at all.
+        Err(_) => usize::MAX,
+    }
+}
+
 /// Bytes of the results in a checkpoint's `done`.
 pub(crate) fn done_bytes(done: &[(u32, serde_bytes_vec::Blob)]) -> usize {
     done.iter().map(|(_, r)| r.0.len()).sum()

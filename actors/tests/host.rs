@@ -13,7 +13,7 @@ use agentmesh_actors::policy::VersionedPolicy;
 use agentmesh_actors::service::serde_bytes_vec::Blob;
 use agentmesh_actors::service::{
     AdjustRequest, AgentsRequest, AgentsStatus, ResultsRequest, SubmitRequest, TaskOutcome,
-    TaskStatus, AGENTS_SERVICE, COORDINATOR_SERVICE,
+    TaskStatus, AGENTS_SERVICE, COORDINATOR_SERVICE, RESULTS_SERVICE,
 };
 use agentmesh_actors::{
     Agent, AgentError, AgentHost, HostConfig, RestartPolicy, SegmentContext, SyncEvent,
@@ -34,11 +34,34 @@ async fn cluster_with(
     names: &[&str],
     config: HostConfig,
 ) -> Vec<(Node, AgentHost)> {
+    let transport = EndpointConfig::new("127.0.0.1:0".parse().unwrap());
+    cluster_of(ca, names, config, transport).await
+}
+
+/// Nodes whose messages take `max_message_bytes` at most.
+async fn cluster_limited(
+    ca: &ClusterCa,
+    names: &[&str],
+    max_message_bytes: usize,
+) -> Vec<(Node, AgentHost)> {
+    let transport = EndpointConfig {
+        max_message_bytes,
+        ..EndpointConfig::new("127.0.0.1:0".parse().unwrap())
+    };
+    cluster_of(ca, names, HostConfig::default(), transport).await
+}
+
+async fn cluster_of(
+    ca: &ClusterCa,
+    names: &[&str],
+    config: HostConfig,
+    transport: EndpointConfig,
+) -> Vec<(Node, AgentHost)> {
     let mut nodes: Vec<Node> = Vec::new();
     for name in names {
         let join = nodes.first().map(|n| vec![n.me().addr]).unwrap_or_default();
         let config = NodeConfig {
-            transport: EndpointConfig::new("127.0.0.1:0".parse().unwrap()),
+            transport: transport.clone(),
             join,
             membership: MembershipConfig::default(),
             metrics: None,
@@ -910,4 +933,154 @@ async fn the_standby_keeps_an_outcome_whose_last_results_it_lacked() {
     let kept = kept_at(&identity, nodes[1].0.me().addr, all).await;
     assert_eq!(kept.results, outcome.results);
     assert!(!kept.more_results);
+}
+
+/// Takes an input of any length; answers with `bytes` bytes after `pause`.
+struct Heavy {
+    bytes: usize,
+    pause: Duration,
+}
+
+impl Agent for Heavy {
+    type Input = Vec<u8>;
+    type Output = String;
+
+    fn agent_type(&self) -> &str {
+        "heavy"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("heavy")
+    }
+
+    async fn work(&self, input: Vec<u8>, _: &mut SegmentContext) -> Result<String, AgentError> {
+        tokio::time::sleep(self.pause).await;
+        Ok(format!("{}:{}", input.len(), "x".repeat(self.bytes)))
+    }
+}
+
+/// Submits `requests` at the first of `nodes` all at once; each completes.
+async fn all_complete(
+    nodes: &Arc<Vec<(Node, AgentHost)>>,
+    requests: Vec<SubmitRequest>,
+) -> Vec<TaskOutcome> {
+    let mut running = tokio::task::JoinSet::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        let nodes = nodes.clone();
+        running.spawn(async move { (i, nodes[0].1.submit(request).await.unwrap()) });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(60), running.join_next())
+        .await
+        .expect("every task ends within a minute")
+    {
+        outcomes.push(done.unwrap());
+    }
+    outcomes.sort_by_key(|(i, _)| *i);
+    let outcomes: Vec<TaskOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
+    for outcome in &outcomes {
+        assert_eq!(
+            outcome.status,
+            TaskStatus::Completed,
+            "{:?}",
+            outcome.reason
+        );
+    }
+    outcomes
+}
+
+/// A checkpoint never grows longer than a message carries, however many task starts
+/// and results wait for it: those that do not fit go in the next. Before, a checkpoint
+/// took task starts and results until it held 4 MiB of their bytes, counting nothing
+/// else, on top of a first start or result of any length: at nodes that take 256 KiB
+/// messages, three starts of 150 KB, or eight results of 100 KB, went in one
+/// checkpoint, which the sender refused,
+/// again at each retry, until the coordinator gave up on its standby after 5 s; the
+/// tasks waited meanwhile, then ran without one, and the standby kept no outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
+    let heavy = Heavy {
+        bytes: 100_000,
+        pause: Duration::from_millis(50),
+    };
+    nodes[1].1.add(heavy, 4).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    // Submitted at once: three tasks whose one input takes 150 KB, and one whose
+    // eight segments' results take 100 KB each.
+    let input = |bytes: usize| Blob(rmp_serde::to_vec(&vec![7u8; bytes]).unwrap());
+    let mut requests: Vec<SubmitRequest> = (0..3)
+        .map(|_| SubmitRequest::new("heavy", vec![input(150_000)]))
+        .collect();
+    requests.push(SubmitRequest::new("heavy", vec![input(10); 8]));
+    let outcomes = all_complete(&nodes, requests).await;
+    standby_keeps(&ca, &nodes, &outcomes, outcomes.len()).await;
+}
+
+/// The standby, `nodes[1]`, keeps `at_least` of `outcomes` (it held those tasks),
+/// each with the same results.
+async fn standby_keeps(
+    ca: &ClusterCa,
+    nodes: &[(Node, AgentHost)],
+    outcomes: &[TaskOutcome],
+    at_least: usize,
+) {
+    let identity = ca.node_identity("client").unwrap();
+    let mut client = Client::connect(&identity, nodes[1].0.me().addr)
+        .await
+        .unwrap();
+    let kind = <ResultsRequest as RemoteMessage>::KIND;
+    let mut kept = 0;
+    // The last end notices may be on their way.
+    for _ in 0..20 {
+        kept = 0;
+        for outcome in outcomes {
+            let all = ResultsRequest {
+                task: outcome.task,
+                from: 0,
+            };
+            let page: TaskOutcome = client
+                .request(RESULTS_SERVICE, kind, &all, Duration::from_secs(10))
+                .await
+                .unwrap();
+            if !page.unknown {
+                // The first page of it.
+                let n = page.results.len();
+                assert!(n > 0 && page.results[..] == outcome.results[..n]);
+                kept += 1;
+            }
+        }
+        if kept >= at_least {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(kept >= at_least, "the standby keeps {kept} outcomes");
+    for (node, _) in nodes {
+        assert_eq!(node.transport().stats().closed_for_cause, [0; 16]);
+    }
+}
+
+/// A checkpoint counts each task's part whole, not only its inputs and results: at
+/// nodes that take 256 KiB messages, the starts of 2,000 tasks of one small segment
+/// went in one checkpoint of some 600 KB (their inputs made 10 KB of it), which the
+/// sender refused, as above; so did their end notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_many_small_tasks_stays_within_a_message() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
+    let quick = Heavy {
+        bytes: 0,
+        pause: Duration::ZERO,
+    };
+    nodes[1].1.add(quick, 8).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let input = Blob(rmp_serde::to_vec(&vec![7u8; 1]).unwrap());
+    let requests = (0..2_000)
+        .map(|_| SubmitRequest::new("heavy", vec![input.clone()]))
+        .collect();
+    let outcomes = all_complete(&nodes, requests).await;
+    // It keeps the latest 256 outcomes (`standby.rs`).
+    standby_keeps(&ca, &nodes, &outcomes, 200).await;
 }

@@ -2017,7 +2017,7 @@ impl CoordinatorState {
         results: &mut usize,
         empty: bool,
     ) -> EndPart {
-        let Ended::Outcome(outcome) = self.ended.get(task) else {
+        let Ended::Outcome(outcome) = self.ended_here(task) else {
             return EndPart::Notice(self.end_notice(task, unheld, results));
         };
         let complete = outcome.status == TaskStatus::Completed
@@ -2095,7 +2095,7 @@ impl CoordinatorState {
             so_far: SoFar::default(),
             priority: None,
         };
-        match self.ended.get(task) {
+        match self.ended_here(task) {
             Ended::Outcome(outcome) => {
                 notice.finished = true;
                 let complete = outcome.status == TaskStatus::Completed

@@ -14,9 +14,11 @@
 //!
 //! A task that ended at its coordinator is remembered for [`ENDED_MEMORY_MS`] (at most
 //! [`ENDED_REMEMBERED`] of them), with its outcome while that fits (the latest 256, at
-//! most 64 MiB of results): if that coordinator's node goes down before the outcome
-//! reached the client, the client gets the outcome here, or is told it is lost, rather
-//! than have the task adopted and run a second time.
+//! most 64 MiB of results; a larger one, the latest two, for a minute, as its
+//! coordinator keeps it: `pages::LargeOutcomes`): if that coordinator's node goes down
+//! before the outcome, or all its pages, reached the client, the client gets the
+//! outcome here, or is told it is lost, rather than have the task adopted and run a
+//! second time.
 //!
 //! A copy is run at a takeover only if its coordinator was heard from (a checkpoint
 //! applied) within [`TRUSTED_FOR_MS`] before: past that, the coordinator may have
@@ -27,6 +29,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use uuid::Uuid;
 
 use crate::ended::{Ended, EndedTasks};
+use crate::pages::LargeOutcomes;
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus, MAX_GENERATION,
@@ -167,6 +170,8 @@ pub struct Standby {
     ended_order: VecDeque<(Uuid, u64)>,
     /// The outcomes that came with those ends, while they fit.
     outcomes: EndedTasks,
+    /// Those too large for `outcomes`, held apart for a minute.
+    large: LargeOutcomes,
 }
 
 impl Standby {
@@ -209,7 +214,7 @@ impl Standby {
         self.ended(task, now_ms)?;
         match self.outcomes.get(task) {
             Ended::Outcome(outcome) => Some(outcome),
-            Ended::Forgotten | Ended::Unknown => None,
+            Ended::Forgotten | Ended::Unknown => self.large.get(task, now_ms),
         }
     }
 
@@ -276,8 +281,10 @@ impl Standby {
             lease_ms: self.lease_ms,
             ..CheckpointAck::default()
         };
-        // At most one lease per coordinator node; lapsed ones go.
+        // At most one lease per coordinator node; lapsed ones go, as do large outcomes
+        // whose minute is over.
         self.leases.retain(|_, until| *until > now_ms);
+        self.large.expire(now_ms);
         let until = now_ms.saturating_add(self.lease_ms);
         let lease = self.leases.entry(primary.clone()).or_default();
         *lease = (*lease).max(until);
@@ -298,7 +305,9 @@ impl Standby {
                     });
                     // Only the task's own outcome.
                     if let Some(outcome) = outcome.filter(|o| o.task == task) {
-                        let _ = self.outcomes.record(&outcome);
+                        if !self.outcomes.record(&outcome) {
+                            self.large.hold(outcome, now_ms);
+                        }
                     }
                 }
                 continue;
@@ -481,6 +490,45 @@ mod tests {
             so_far: SoFar::default(),
             priority: None,
         }
+    }
+
+    /// An outcome too large for the cache (64 MiB of results) is held apart for a
+    /// minute: a client whose coordinator's node went down while it fetched the pages
+    /// gets the rest here. Before, the standby kept none.
+    #[test]
+    fn an_outcome_too_large_for_the_cache_is_held_for_a_minute() {
+        let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
+        let large = TaskOutcome {
+            task: Uuid::from_u128(1),
+            status: crate::service::TaskStatus::Completed,
+            segments: 2,
+            completed: 2,
+            duplicates_discarded: 0,
+            reallocated: 0,
+            elapsed_ms: 40,
+            reason: None,
+            results: vec![Blob(vec![3; 33 << 20]); 2],
+            unknown: false,
+            results_from: 0,
+            more_results: false,
+        };
+        let end = TaskCheckpoint {
+            ended: true,
+            finished: true,
+            outcome: Some(large.clone()),
+            ..done(1, &[])
+        };
+        s.apply(from("a", vec![end]), |_| false, 100).unwrap();
+        let task = Uuid::from_u128(1);
+        assert!(s.outcome(task, 100) == Some(&large));
+        let over = 100 + crate::pages::LARGE_OUTCOME_HOLD_MS;
+        assert!(s.outcome(task, over - 1).is_some());
+        assert!(s.outcome(task, over).is_none());
+        s.apply(from("a", Vec::new()), |_| false, over).unwrap();
+        assert!(
+            s.large.is_empty(),
+            "let go at the next checkpoint after its minute"
+        );
     }
 
     /// A task that ended at its coordinator is remembered, with that node and life and

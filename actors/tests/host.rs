@@ -935,6 +935,36 @@ async fn the_standby_keeps_an_outcome_whose_last_results_it_lacked() {
     assert!(!kept.more_results);
 }
 
+/// The standby keeps an outcome larger than the ended-task cache keeps (64 MiB of
+/// results) for a minute, as its coordinator does: a client whose coordinator's node
+/// goes down while it fetches the pages gets the rest there. Before, the coordinator
+/// looked for the outcome in its cache alone when it told the standby of the end, so
+/// the notice went without it, and the standby kept none (found by hand: 40 results
+/// of 2 MiB, the coordinator SIGKILLed while `agentmesh submit` fetched the pages; the
+/// rest was lost in 4 of 4 tries); nor did the standby keep one that large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_keeps_an_outcome_larger_than_the_cache_keeps() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["a", "b"]).await;
+    // 34 results of 2 MiB: 68 MiB.
+    nodes[1].1.add(Wide { bytes: 2 << 20 }, 12).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let outcome = nodes[0]
+        .1
+        .submit(SubmitRequest::new("wide", inputs(34)))
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed);
+    assert!(outcome.result_bytes() > 64 << 20);
+    let identity = ca.node_identity("client").unwrap();
+    let last = ResultsRequest {
+        task: outcome.task,
+        from: 33,
+    };
+    let kept = kept_at(&identity, nodes[1].0.me().addr, last).await;
+    assert!(kept.results[..] == outcome.results[33..]);
+}
+
 /// Takes an input of any length; answers with `bytes` bytes after `pause`.
 struct Heavy {
     bytes: usize,

@@ -7,7 +7,9 @@
 # Starts four nodes (n0..n3, ports $PORT..$PORT+3, default 7500) with four `sleep`
 # replicas each, submits TASKS tasks of SEGMENTS segments of SEGMENT_MS ms at once,
 # spread over the nodes (one `agentmesh submit --json --results` each), then every EVERY
-# seconds SIGKILLs a node picked at random and restarts it a second later, KILLS times.
+# seconds SIGKILLs a node picked at random and restarts it a second later, KILLS times
+# (with STOP=S set: pauses it with SIGSTOP for S seconds instead, long enough to be held
+# down and have its tasks taken over, and lets it go on).
 # Each task must complete with one result per segment. Prints
 # the kills and "ok N bad M"; exits 1 if any task did not. Needs python3. Nodes use the
 # development CA in $AGENTMESH_DEV_CA_DIR (default: a folder under the run's own).
@@ -29,7 +31,10 @@ start() {
     disown # no "Killed" notices from bash
 }
 stop_all() {
-    for i in 0 1 2 3; do kill -9 "$(cat "$D/n$i.pid" 2>/dev/null)" 2>/dev/null; done
+    for i in 0 1 2 3; do
+        kill -CONT "$(cat "$D/n$i.pid" 2>/dev/null)" 2>/dev/null
+        kill -9 "$(cat "$D/n$i.pid" 2>/dev/null)" 2>/dev/null
+    done
 }
 trap stop_all EXIT
 
@@ -44,6 +49,13 @@ done
 for k in $(seq 1 "$KILLS"); do
     sleep "$EVERY"
     v=$((RANDOM % 4))
+    if [ -n "${STOP:-}" ]; then
+        kill -STOP "$(cat "$D/n$v.pid")"
+        echo "pause $k: n$v for ${STOP} s at $(date +%T.%N)" | tee -a "$D/kills"
+        sleep "$STOP"
+        kill -CONT "$(cat "$D/n$v.pid")"
+        continue
+    fi
     kill -9 "$(cat "$D/n$v.pid")" 2>/dev/null
     echo "kill $k: n$v at $(date +%T.%N)" | tee -a "$D/kills"
     sleep 1

@@ -492,14 +492,10 @@ mod tests {
         }
     }
 
-    /// An outcome too large for the cache (64 MiB of results) is held apart for a
-    /// minute: a client whose coordinator's node went down while it fetched the pages
-    /// gets the rest here. Before, the standby kept none.
-    #[test]
-    fn an_outcome_too_large_for_the_cache_is_held_for_a_minute() {
-        let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
-        let large = TaskOutcome {
-            task: Uuid::from_u128(1),
+    /// A completed outcome of two results of `bytes` each.
+    fn outcome(task: u128, bytes: usize) -> TaskOutcome {
+        TaskOutcome {
+            task: Uuid::from_u128(task),
             status: crate::service::TaskStatus::Completed,
             segments: 2,
             completed: 2,
@@ -507,11 +503,20 @@ mod tests {
             reallocated: 0,
             elapsed_ms: 40,
             reason: None,
-            results: vec![Blob(vec![3; 33 << 20]); 2],
+            results: vec![Blob(vec![3; bytes]); 2],
             unknown: false,
             results_from: 0,
             more_results: false,
-        };
+        }
+    }
+
+    /// An outcome too large for the cache (64 MiB of results) is held apart for a
+    /// minute: a client whose coordinator's node went down while it fetched the pages
+    /// gets the rest here. Before, the standby kept none.
+    #[test]
+    fn an_outcome_too_large_for_the_cache_is_held_for_a_minute() {
+        let mut s = Standby::new(StandbyLimits::default(), LEASE_MS);
+        let large = outcome(1, 33 << 20);
         let end = TaskCheckpoint {
             ended: true,
             finished: true,
@@ -546,20 +551,7 @@ mod tests {
             finished,
             ..done(task, &[])
         };
-        let outcome = |task: u128| TaskOutcome {
-            task: Uuid::from_u128(task),
-            status: crate::service::TaskStatus::Completed,
-            segments: 2,
-            completed: 2,
-            duplicates_discarded: 0,
-            reallocated: 0,
-            elapsed_ms: 40,
-            reason: None,
-            results: vec![Blob(vec![3; 4]); 2],
-            unknown: false,
-            results_from: 0,
-            more_results: false,
-        };
+        let outcome = |task: u128| outcome(task, 4);
         let mut checkpoint = from(
             "a",
             vec![

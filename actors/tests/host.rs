@@ -1024,9 +1024,9 @@ async fn all_complete(
 /// took task starts and results until it held 4 MiB of their bytes, counting nothing
 /// else, on top of a first start or result of any length: at nodes that take 256 KiB
 /// messages, three starts of 150 KB, or eight results of 100 KB, went in one
-/// checkpoint, which the sender refused,
-/// again at each retry, until the coordinator gave up on its standby after 5 s; the
-/// tasks waited meanwhile, then ran without one, and the standby kept no outcome.
+/// checkpoint, which the sender refused, again at each retry, until the coordinator
+/// gave up on its standby after 5 s; the tasks waited meanwhile, then ran without
+/// one, and the standby kept no outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
     let ca = ClusterCa::generate().unwrap();
@@ -1095,7 +1095,7 @@ async fn standby_keeps(
 /// A checkpoint counts each task's part whole, not only its inputs and results: at
 /// nodes that take 256 KiB messages, the starts of 2,000 tasks of one small segment
 /// went in one checkpoint of some 600 KB (their inputs made 10 KB of it), which the
-/// sender refused, as above; so did their end notices.
+/// sender refused, as above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_of_many_small_tasks_stays_within_a_message() {
     let ca = ClusterCa::generate().unwrap();

@@ -1802,7 +1802,15 @@ impl CoordinatorState {
         let mut batches: HashMap<Arc<str>, Batch> = HashMap::new();
         // Tasks whose start, or next result, is longer than any checkpoint carries.
         let mut too_long = Vec::new();
-        let dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
+        // Starts first, the oldest first: a task is allocated only once its standby
+        // holds its start, and a long one, which fits only a checkpoint with room for
+        // it, must not wait behind a stream of other tasks' parts for good.
+        let mut dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
+        dirty.sort_by_cached_key(|t| {
+            self.tasks
+                .get(t)
+                .map(|m| (m.replica.opened, m.submitted_ms))
+        });
         for task in dirty {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 self.dirty.remove(&task);

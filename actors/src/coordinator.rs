@@ -108,6 +108,9 @@ const CHECKPOINT_SLACK: usize = 4 << 10;
 /// Bytes a result adds to its task's part on top of its own, at most: its segment and
 /// the headers of its pair and its bytes.
 const DONE_BYTES: usize = 16;
+/// Bytes of an end notice's own fields, at most, but for its outcome's reason: what a
+/// checkpoint keeps beside the results and outcome the notice carries.
+const NOTICE_BYTES: usize = 1 << 10;
 /// Tasks a standby is still to be told to forget (ended, or moved to another standby),
 /// at most: past it the standby is not told, and holds the task until this node's own
 /// end.
@@ -1996,7 +1999,9 @@ impl CoordinatorState {
     /// outcome, and the standby kept none: a client whose coordinator's node went down
     /// before it had the outcome (or, since pages, all of it) was told it is lost.
     fn end_part(&self, task: Uuid, unheld: Option<&[u32]>, room: &mut NoticeRoom) -> EndPart {
-        let mut results = room.results;
+        // Results and outcomes that fit beside the notice's own fields in what is left
+        // of the message (whether they do, with the outcome's reason, `len` says).
+        let mut results = room.results.min(room.message.saturating_sub(NOTICE_BYTES));
         let part = self.end_part_within(task, unheld, &mut results, room.empty);
         let len = match &part {
             EndPart::Notice(part) | EndPart::Results { part, .. } => encoded_len(part),
@@ -2033,7 +2038,12 @@ impl CoordinatorState {
         let Some(unheld) = unheld.filter(|_| complete) else {
             return EndPart::Notice(self.end_notice(task, unheld, results));
         };
-        let size = |s: u32| outcome.results.get(s as usize).map_or(0, |r| r.0.len());
+        let size = |s: u32| {
+            outcome
+                .results
+                .get(s as usize)
+                .map_or(0, |r| r.0.len() + DONE_BYTES)
+        };
         if unheld.iter().map(|&s| size(s)).sum::<usize>() <= *results {
             return EndPart::Notice(self.end_notice(task, Some(unheld), results));
         }
@@ -2114,7 +2124,7 @@ impl CoordinatorState {
                             .iter()
                             .filter_map(|&s| Some((s, outcome.results.get(s as usize)?.clone())))
                             .collect();
-                        let bytes = done_bytes(&done);
+                        let bytes = done_bytes(&done) + done.len() * DONE_BYTES;
                         if bytes <= *room {
                             *room -= bytes;
                             notice.done = done;
@@ -2122,7 +2132,7 @@ impl CoordinatorState {
                         }
                     }
                     None => {
-                        let bytes = outcome.result_bytes();
+                        let bytes = outcome.result_bytes() + outcome.results.len() * DONE_BYTES;
                         if bytes <= *room {
                             *room -= bytes;
                             notice.outcome = Some(outcome.clone());

@@ -936,7 +936,7 @@ async fn the_standby_keeps_an_outcome_whose_last_results_it_lacked() {
 }
 
 /// The standby keeps an outcome larger than the ended-task cache keeps (64 MiB of
-/// results) for a minute, as its coordinator does: a client whose coordinator's node
+/// results) for a minute, as its coordinator does (`LargeOutcomes`): a client whose coordinator's node
 /// goes down while it fetches the pages gets the rest there. Before, the coordinator
 /// looked for the outcome in its cache alone when it told the standby of the end, so
 /// the notice went without it, and the standby kept none (found by hand: 40 results
@@ -961,8 +961,11 @@ async fn the_standby_keeps_an_outcome_larger_than_the_cache_keeps() {
         task: outcome.task,
         from: 33,
     };
-    let kept = kept_at(&identity, nodes[1].0.me().addr, last).await;
+    let kept = kept_at(&identity, nodes[1].0.me().addr, last.clone()).await;
     assert!(kept.results[..] == outcome.results[33..]);
+    // The coordinator holds it apart too, and gives the same page.
+    let own = kept_at(&identity, nodes[0].0.me().addr, last).await;
+    assert!(own.results[..] == outcome.results[33..]);
 }
 
 /// Takes an input of any length; answers with `bytes` bytes after `pause`.
@@ -1035,7 +1038,7 @@ async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
         bytes: 100_000,
         pause: Duration::from_millis(50),
     };
-    nodes[1].1.add(heavy, 4).await.unwrap();
+    nodes[1].1.add(heavy, 8).await.unwrap();
     wait_for_agents(&nodes[0].1, 1).await;
     // Submitted at once: three tasks whose one input takes 150 KB, and one whose
     // eight segments' results take 100 KB each.
@@ -1046,6 +1049,27 @@ async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
     requests.push(SubmitRequest::new("heavy", vec![input(10); 8]));
     let outcomes = all_complete(&nodes, requests).await;
     standby_keeps(&ca, &nodes, &outcomes, outcomes.len()).await;
+}
+
+/// A task's end whose results the standby lacks, more than a message carries, goes in
+/// as many checkpoints as they need, and the standby keeps the outcome. Before, with
+/// the notices' own 4 MiB larger than the 256 KiB a message carried here, the notice
+/// took all eight results of 100 KB, did not fit, and went without the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_whose_lacking_results_exceed_a_message_keeps_its_outcome() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
+    // Eight results that come at once.
+    let heavy = Heavy {
+        bytes: 100_000,
+        pause: Duration::ZERO,
+    };
+    nodes[1].1.add(heavy, 8).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let input = Blob(rmp_serde::to_vec(&vec![7u8; 10]).unwrap());
+    let request = SubmitRequest::new("heavy", vec![input; 8]);
+    let outcomes = all_complete(&nodes, vec![request]).await;
+    standby_keeps(&ca, &nodes, &outcomes, 1).await;
 }
 
 /// The standby, `nodes[1]`, keeps `at_least` of `outcomes` (it held those tasks),

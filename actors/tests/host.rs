@@ -1072,6 +1072,37 @@ async fn an_end_whose_lacking_results_exceed_a_message_keeps_its_outcome() {
     standby_keeps(&ca, &nodes, &outcomes, 1).await;
 }
 
+/// A task whose start is longer than any checkpoint carries (submitted in the node's
+/// own process: over the network a submission carries 64 KiB less than a message)
+/// runs at once without a standby, and the standby is still told of its end, with its
+/// outcome. Before, the checkpoint went anyway, was refused at the sender for its
+/// length at each retry, and the task waited until the coordinator gave up on the
+/// standby after 5 s (5,092 ms here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_too_long_for_any_checkpoint_runs_without_a_standby() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
+    let heavy = Heavy {
+        bytes: 10,
+        pause: Duration::ZERO,
+    };
+    nodes[1].1.add(heavy, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    // Two inputs of 150 KB: each goes to its worker in one message, both in no
+    // checkpoint.
+    let input = Blob(rmp_serde::to_vec(&vec![7u8; 150_000]).unwrap());
+    let request = SubmitRequest::new("heavy", vec![input; 2]);
+    let outcomes = all_complete(&nodes, vec![request]).await;
+    // It did not wait for the coordinator to give up on its standby (5 s); it takes
+    // some 100 ms.
+    assert!(
+        outcomes[0].elapsed_ms < 4_000,
+        "{} ms",
+        outcomes[0].elapsed_ms
+    );
+    standby_keeps(&ca, &nodes, &outcomes, 1).await;
+}
+
 /// The standby, `nodes[1]`, keeps `at_least` of `outcomes` (it held those tasks),
 /// each with the same results.
 async fn standby_keeps(

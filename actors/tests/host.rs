@@ -992,6 +992,29 @@ impl Agent for Heavy {
     }
 }
 
+/// Nodes a and b that take 256 KiB messages, with `replicas` of a [`Heavy`] agent of
+/// `bytes` and `pause` on b, once a sees it.
+async fn heavy_pair(
+    ca: &ClusterCa,
+    bytes: usize,
+    pause: Duration,
+    replicas: usize,
+) -> Arc<Vec<(Node, AgentHost)>> {
+    let nodes = cluster_limited(ca, &["a", "b"], 256 * 1024).await;
+    nodes[1]
+        .1
+        .add(Heavy { bytes, pause }, replicas)
+        .await
+        .unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    Arc::new(nodes)
+}
+
+/// A [`Heavy`] agent's input of `bytes` bytes.
+fn input(bytes: usize) -> Blob {
+    Blob(rmp_serde::to_vec(&vec![7u8; bytes]).unwrap())
+}
+
 /// Submits `requests` at the first of `nodes` all at once; each completes.
 async fn all_complete(
     nodes: &Arc<Vec<(Node, AgentHost)>>,
@@ -1033,16 +1056,9 @@ async fn all_complete(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
     let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
-    let heavy = Heavy {
-        bytes: 100_000,
-        pause: Duration::from_millis(50),
-    };
-    nodes[1].1.add(heavy, 8).await.unwrap();
-    wait_for_agents(&nodes[0].1, 1).await;
+    let nodes = heavy_pair(&ca, 100_000, Duration::from_millis(50), 8).await;
     // Submitted at once: three tasks whose one input takes 150 KB, and one whose
     // eight segments' results take 100 KB each.
-    let input = |bytes: usize| Blob(rmp_serde::to_vec(&vec![7u8; bytes]).unwrap());
     let mut requests: Vec<SubmitRequest> = (0..3)
         .map(|_| SubmitRequest::new("heavy", vec![input(150_000)]))
         .collect();
@@ -1058,16 +1074,9 @@ async fn checkpoints_stay_within_a_message_however_much_waits_for_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_whose_lacking_results_exceed_a_message_keeps_its_outcome() {
     let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
     // Eight results that come at once.
-    let heavy = Heavy {
-        bytes: 100_000,
-        pause: Duration::ZERO,
-    };
-    nodes[1].1.add(heavy, 8).await.unwrap();
-    wait_for_agents(&nodes[0].1, 1).await;
-    let input = Blob(rmp_serde::to_vec(&vec![7u8; 10]).unwrap());
-    let request = SubmitRequest::new("heavy", vec![input; 8]);
+    let nodes = heavy_pair(&ca, 100_000, Duration::ZERO, 8).await;
+    let request = SubmitRequest::new("heavy", vec![input(10); 8]);
     let outcomes = all_complete(&nodes, vec![request]).await;
     standby_keeps(&ca, &nodes, &outcomes, 1).await;
 }
@@ -1081,17 +1090,10 @@ async fn an_end_whose_lacking_results_exceed_a_message_keeps_its_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_too_long_for_any_checkpoint_runs_without_a_standby() {
     let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
-    let heavy = Heavy {
-        bytes: 10,
-        pause: Duration::ZERO,
-    };
-    nodes[1].1.add(heavy, 1).await.unwrap();
-    wait_for_agents(&nodes[0].1, 1).await;
+    let nodes = heavy_pair(&ca, 10, Duration::ZERO, 1).await;
     // Two inputs of 150 KB: each goes to its worker in one message, both in no
     // checkpoint.
-    let input = Blob(rmp_serde::to_vec(&vec![7u8; 150_000]).unwrap());
-    let request = SubmitRequest::new("heavy", vec![input; 2]);
+    let request = SubmitRequest::new("heavy", vec![input(150_000); 2]);
     let outcomes = all_complete(&nodes, vec![request]).await;
     // It did not wait for the coordinator to give up on its standby (5 s); it takes
     // some 100 ms.
@@ -1154,16 +1156,9 @@ async fn standby_keeps(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_of_many_small_tasks_stays_within_a_message() {
     let ca = ClusterCa::generate().unwrap();
-    let nodes = Arc::new(cluster_limited(&ca, &["a", "b"], 256 * 1024).await);
-    let quick = Heavy {
-        bytes: 0,
-        pause: Duration::ZERO,
-    };
-    nodes[1].1.add(quick, 8).await.unwrap();
-    wait_for_agents(&nodes[0].1, 1).await;
-    let input = Blob(rmp_serde::to_vec(&vec![7u8; 1]).unwrap());
+    let nodes = heavy_pair(&ca, 0, Duration::ZERO, 8).await;
     let requests = (0..2_000)
-        .map(|_| SubmitRequest::new("heavy", vec![input.clone()]))
+        .map(|_| SubmitRequest::new("heavy", vec![input(1)]))
         .collect();
     let outcomes = all_complete(&nodes, requests).await;
     // It keeps the latest 256 outcomes (`standby.rs`).

@@ -1807,14 +1807,15 @@ impl CoordinatorState {
         let mut too_long = Vec::new();
         // Starts first, the oldest first: a task is allocated only once its standby
         // holds its start, and a long one, which fits only a checkpoint with room for
-        // it, must not wait behind a stream of other tasks' parts for good.
-        let mut dirty: Vec<Uuid> = self.dirty.iter().copied().collect();
-        dirty.sort_by_cached_key(|t| {
-            self.tasks
-                .get(t)
-                .map(|m| (m.replica.opened, m.submitted_ms))
-        });
-        for task in dirty {
+        // it, must not wait behind a stream of other tasks' parts for good. (Only the
+        // starts are sorted: this runs after every message the coordinator handles,
+        // and the starts are few, each sent once.)
+        let (mut starts, rest): (Vec<Uuid>, Vec<Uuid>) = self
+            .dirty
+            .iter()
+            .partition(|t| self.tasks.get(t).is_some_and(|m| !m.replica.opened));
+        starts.sort_by_cached_key(|t| self.tasks.get(t).map(|m| m.submitted_ms));
+        for task in starts.into_iter().chain(rest) {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 self.dirty.remove(&task);
                 continue;

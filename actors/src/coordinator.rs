@@ -2491,3 +2491,72 @@ const KEPT_ADJUSTS: Kind = Kind {
     unkept: "agentmesh_adjusts_unkept_total",
     keep_unsent: true,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a checkpoint counts for its parts is what they take encoded: `encoded_len`
+    /// is the length `rmp_serde` writes, and a result adds at most `DONE_BYTES` to its
+    /// part beside its own bytes, whatever the counts, lengths and segments (MessagePack's
+    /// headers grow at 16 and 65,536 items, and at 256 and 65,536 bytes). An end
+    /// notice's own fields take at most `NOTICE_BYTES`, its outcome's reason aside.
+    #[test]
+    fn a_checkpoint_counts_its_parts_at_their_most() {
+        let so_far = SoFar {
+            elapsed_ms: u64::MAX,
+            reallocated: u64::MAX,
+            duplicates_discarded: u64::MAX,
+            running: u32::MAX,
+        };
+        let task = Uuid::from_u128(u128::MAX);
+        let empty = TaskCheckpoint::running(task, None, Vec::new(), so_far, Some(255));
+        let written = |part: &TaskCheckpoint| rmp_serde::to_vec_named(part).map_or(0, |b| b.len());
+        assert_eq!(encoded_len(&empty), written(&empty));
+        let cases = [1, 15, 16, 17, 300]
+            .into_iter()
+            .flat_map(|n| [0, 1, 255, 256, 65_535, 65_536].map(|bytes| (n, bytes)))
+            .chain([(65_535, 0), (65_536, 1)]);
+        for (count, bytes) in cases {
+            let done = (0..count)
+                .map(|i| (u32::MAX - i as u32, Blob(vec![1; bytes])))
+                .collect();
+            let part = TaskCheckpoint {
+                done,
+                ..empty.clone()
+            };
+            let len = encoded_len(&part);
+            assert_eq!(len, written(&part), "{count} results of {bytes} bytes");
+            let most = encoded_len(&empty) + count * (bytes + DONE_BYTES);
+            assert!(
+                len <= most,
+                "{count} results of {bytes} bytes: {len} > {most}"
+            );
+        }
+        let outcome = TaskOutcome {
+            task,
+            status: TaskStatus::Completed,
+            segments: u32::MAX,
+            completed: u32::MAX,
+            duplicates_discarded: u64::MAX,
+            reallocated: u64::MAX,
+            elapsed_ms: u64::MAX,
+            reason: None,
+            results: Vec::new(),
+            unknown: true,
+            results_from: u32::MAX,
+            more_results: true,
+        };
+        let notice = TaskCheckpoint {
+            ended: true,
+            finished: true,
+            outcome_from_held: Some(outcome),
+            ..empty
+        };
+        assert!(
+            encoded_len(&notice) <= NOTICE_BYTES,
+            "{}",
+            encoded_len(&notice)
+        );
+    }
+}

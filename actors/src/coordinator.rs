@@ -326,6 +326,7 @@ struct Batch {
     ended: Vec<(Uuid, Unheld)>,
     /// Each task, how much of its log of results, and whether its start went.
     sent: Vec<(Uuid, usize, bool)>,
+    /// What its parts take encoded (`encoded_len`), results counted at their most.
     bytes: usize,
     /// It goes even with no task in it: it renews the lease.
     renewal: bool,

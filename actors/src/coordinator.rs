@@ -44,7 +44,7 @@ use crate::ledger::{
     ResultVerdict, TaskFigures,
 };
 use crate::notices::{ForgetNotices, Unheld};
-use crate::pages::{self, LargeOutcomes};
+use crate::pages;
 use crate::policy::RateLimiter;
 use crate::record::{Observation, Recorder};
 use crate::refusals::{Refusals, Room};
@@ -425,7 +425,6 @@ pub struct CoordinatorState {
     /// over (or ends there).
     standby_waiters: HashMap<Uuid, Waiter>,
     /// Outcomes too large for `ended`, kept a minute for their clients' pages.
-    large_outcomes: LargeOutcomes,
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.
@@ -585,7 +584,6 @@ impl Actor for Coordinator {
             forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES, MAX_UNHELD_SEGMENTS),
             standby: Standby::new(StandbyLimits::default(), LEASE_MS),
             standby_waiters: HashMap::new(),
-            large_outcomes: LargeOutcomes::default(),
             refreshed_ms: 0,
             leases: Leases::default(),
             takeovers_due: HashMap::new(),
@@ -681,7 +679,7 @@ impl Actor for Coordinator {
                     .set(state.ledger.pending_segments() as f64);
                 metrics::gauge!("agentmesh_standby_tasks_held").set(state.standby.len() as f64);
                 state.takeovers_now_due(now);
-                state.large_outcomes.expire(now);
+                state.ended.expire(now);
                 if state.reallocate_from_cut_off(now).await {
                     state.assign_waiting().await;
                 }
@@ -909,13 +907,7 @@ impl CoordinatorState {
     /// What this coordinator knows of `task` having ended here: its outcome from the
     /// ended-task cache, or, for one too large for it, held apart for its client's pages.
     fn ended_here(&self, task: Uuid) -> Ended<'_> {
-        match self.ended.get(task) {
-            Ended::Forgotten => self
-                .large_outcomes
-                .get(task, self.now_ms())
-                .map_or(Ended::Forgotten, Ended::Outcome),
-            known => known,
-        }
+        self.ended.get(task, self.now_ms())
     }
 
     /// The page of an ended task's results that `request` asks for, from the outcome
@@ -1461,8 +1453,8 @@ impl CoordinatorState {
         }
         // One that moved to another coordinator did not end: that one may later have
         // this node hold it, and take it over again.
-        if !meta.moved && !self.ended.record(&outcome) {
-            self.large_outcomes.hold(outcome.clone(), self.now_ms());
+        if !meta.moved {
+            self.ended.record(outcome.clone(), self.now_ms());
         }
         if let Some(reply) = meta.reply {
             reply.send(outcome);
@@ -1710,7 +1702,7 @@ impl CoordinatorState {
             checkpoint,
             |t| {
                 (tasks.contains_key(&t) && !superseded.contains(&t))
-                    || !matches!(ended.get(t), Ended::Unknown)
+                    || !matches!(ended.get(t, now), Ended::Unknown)
             },
             now,
         ) {

@@ -1,13 +1,16 @@
 //! What a coordinator remembers of the tasks that ended on it, so that a client that
 //! lost its connection while waiting can submit the same task again and get its
 //! outcome, and a task never runs twice: the ids of many ended tasks, and the whole
-//! outcomes of the latest few. Both are bounded. A standby keeps the same of the
-//! outcomes its coordinators send with their tasks' ends (`standby.rs`).
+//! outcomes of the latest few. Both are bounded. An outcome too large for the cache is
+//! held apart for a minute, the latest two (`pages::LargeOutcomes`), long enough for
+//! its client to fetch its pages. A standby keeps the same of the outcomes its
+//! coordinators send with their tasks' ends (`standby.rs`).
 
 use std::collections::{HashSet, VecDeque};
 
 use uuid::Uuid;
 
+use crate::pages::LargeOutcomes;
 use crate::service::TaskOutcome;
 
 /// How much is remembered.
@@ -50,6 +53,8 @@ pub struct EndedTasks {
     known: HashSet<Uuid>,
     outcomes: VecDeque<TaskOutcome>,
     result_bytes: usize,
+    /// Outcomes too large for `outcomes`, held apart for a minute.
+    large: LargeOutcomes,
 }
 
 impl Default for EndedTasks {
@@ -67,13 +72,14 @@ impl EndedTasks {
             known: HashSet::new(),
             outcomes: VecDeque::new(),
             result_bytes: 0,
+            large: LargeOutcomes::default(),
         }
     }
 
-    /// Remembers that `outcome`'s task ended, and its outcome while it fits: the oldest
-    /// make room. An outcome whose results alone exceed the byte limit is not kept
-    /// (its id is). True if the outcome is kept.
-    pub fn record(&mut self, outcome: &TaskOutcome) -> bool {
+    /// Remembers that `outcome`'s task ended at `now_ms`, and its outcome while it fits:
+    /// the oldest make room. An outcome whose results alone exceed the byte limit is
+    /// held apart for a minute instead, in place of the oldest such.
+    pub fn record(&mut self, outcome: TaskOutcome, now_ms: u64) {
         if self.known.insert(outcome.task) {
             self.ids.push_back(outcome.task);
         }
@@ -84,7 +90,7 @@ impl EndedTasks {
         }
         let bytes = outcome.result_bytes();
         if self.limits.outcomes == 0 || bytes > self.limits.result_bytes {
-            return false;
+            return self.large.hold(outcome, now_ms);
         }
         while self.outcomes.len() >= self.limits.outcomes
             || self.result_bytes + bytes > self.limits.result_bytes
@@ -95,11 +101,10 @@ impl EndedTasks {
             self.result_bytes -= old.result_bytes();
         }
         self.result_bytes += bytes;
-        self.outcomes.push_back(outcome.clone());
+        self.outcomes.push_back(outcome);
         debug_assert!(self.outcomes.len() <= self.limits.outcomes);
         debug_assert!(self.result_bytes <= self.limits.result_bytes);
         debug_assert_eq!(self.ids.len(), self.known.len());
-        true
     }
 
     /// How much is remembered.
@@ -107,8 +112,31 @@ impl EndedTasks {
         self.limits
     }
 
-    /// What is known of `task`.
-    pub fn get(&self, task: Uuid) -> Ended<'_> {
+    /// What is known of `task` at `now_ms`: its outcome from the cache or, for one
+    /// too large for it, held apart while its minute runs.
+    pub fn get(&self, task: Uuid, now_ms: u64) -> Ended<'_> {
+        match self.cached(task) {
+            Ended::Forgotten => self
+                .large
+                .get(task, now_ms)
+                .map_or(Ended::Forgotten, Ended::Outcome),
+            known => known,
+        }
+    }
+
+    /// Lets go of the outcomes held apart whose minute is over at `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        self.large.expire(now_ms);
+    }
+
+    /// Outcomes held apart now.
+    #[cfg(test)]
+    pub(crate) fn held_apart(&self) -> usize {
+        self.large.len()
+    }
+
+    /// What the cache alone knows of `task`.
+    fn cached(&self, task: Uuid) -> Ended<'_> {
         if !self.known.contains(&task) {
             return Ended::Unknown;
         }
@@ -149,22 +177,22 @@ mod tests {
             result_bytes: 100,
         });
         for n in 1..=5 {
-            ended.record(&outcome(n, 10));
+            ended.record(outcome(n, 10), 0);
         }
         let id = |n: u8| Uuid::from_bytes([n; 16]);
-        assert_eq!(ended.get(id(5)), Ended::Outcome(&outcome(5, 10)));
-        assert_eq!(ended.get(id(4)), Ended::Outcome(&outcome(4, 10)));
-        assert_eq!(ended.get(id(3)), Ended::Forgotten);
-        assert_eq!(ended.get(id(2)), Ended::Forgotten);
-        assert_eq!(ended.get(id(1)), Ended::Unknown);
-        assert_eq!(ended.get(id(9)), Ended::Unknown);
+        assert_eq!(ended.cached(id(5)), Ended::Outcome(&outcome(5, 10)));
+        assert_eq!(ended.cached(id(4)), Ended::Outcome(&outcome(4, 10)));
+        assert_eq!(ended.cached(id(3)), Ended::Forgotten);
+        assert_eq!(ended.cached(id(2)), Ended::Forgotten);
+        assert_eq!(ended.cached(id(1)), Ended::Unknown);
+        assert_eq!(ended.cached(id(9)), Ended::Unknown);
         // Bytes bound too: a 95-byte outcome leaves room for no other.
-        ended.record(&outcome(6, 95));
-        assert_eq!(ended.get(id(5)), Ended::Forgotten);
-        assert_eq!(ended.get(id(6)), Ended::Outcome(&outcome(6, 95)));
+        ended.record(outcome(6, 95), 0);
+        assert_eq!(ended.cached(id(5)), Ended::Forgotten);
+        assert_eq!(ended.cached(id(6)), Ended::Outcome(&outcome(6, 95)));
         // One larger than the whole budget keeps only its id, and evicts nothing.
-        ended.record(&outcome(7, 101));
-        assert_eq!(ended.get(id(7)), Ended::Forgotten);
-        assert_eq!(ended.get(id(6)), Ended::Outcome(&outcome(6, 95)));
+        ended.record(outcome(7, 101), 0);
+        assert_eq!(ended.cached(id(7)), Ended::Forgotten);
+        assert_eq!(ended.cached(id(6)), Ended::Outcome(&outcome(6, 95)));
     }
 }

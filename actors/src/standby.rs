@@ -29,7 +29,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use uuid::Uuid;
 
 use crate::ended::{Ended, EndedTasks};
-use crate::pages::LargeOutcomes;
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
     Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus, MAX_GENERATION,
@@ -168,10 +167,9 @@ pub struct Standby {
     /// Tasks that ended at their coordinators, and in the order they were told.
     ended: HashMap<Uuid, EndedAt>,
     ended_order: VecDeque<(Uuid, u64)>,
-    /// The outcomes that came with those ends, while they fit.
+    /// The outcomes that came with those ends, while they fit (larger ones for a
+    /// minute).
     outcomes: EndedTasks,
-    /// Those too large for `outcomes`, held apart for a minute.
-    large: LargeOutcomes,
 }
 
 impl Standby {
@@ -212,9 +210,9 @@ impl Standby {
     /// still remembered, [`Standby::ended`]).
     pub fn outcome(&self, task: Uuid, now_ms: u64) -> Option<&TaskOutcome> {
         self.ended(task, now_ms)?;
-        match self.outcomes.get(task) {
+        match self.outcomes.get(task, now_ms) {
             Ended::Outcome(outcome) => Some(outcome),
-            Ended::Forgotten | Ended::Unknown => self.large.get(task, now_ms),
+            Ended::Forgotten | Ended::Unknown => None,
         }
     }
 
@@ -284,7 +282,7 @@ impl Standby {
         // At most one lease per coordinator node; lapsed ones go, as do large outcomes
         // whose minute is over.
         self.leases.retain(|_, until| *until > now_ms);
-        self.large.expire(now_ms);
+        self.outcomes.expire(now_ms);
         let until = now_ms.saturating_add(self.lease_ms);
         let lease = self.leases.entry(primary.clone()).or_default();
         *lease = (*lease).max(until);
@@ -305,9 +303,7 @@ impl Standby {
                     });
                     // Only the task's own outcome.
                     if let Some(outcome) = outcome.filter(|o| o.task == task) {
-                        if !self.outcomes.record(&outcome) {
-                            self.large.hold(outcome, now_ms);
-                        }
+                        self.outcomes.record(outcome, now_ms);
                     }
                 }
                 continue;
@@ -531,7 +527,7 @@ mod tests {
         assert!(s.outcome(task, over).is_none());
         s.apply(from("a", Vec::new()), |_| false, over).unwrap();
         assert!(
-            s.large.is_empty(),
+            s.outcomes.held_apart() == 0,
             "let go at the next checkpoint after its minute"
         );
     }

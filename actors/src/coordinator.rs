@@ -111,6 +111,11 @@ const DONE_BYTES: usize = 16;
 /// Bytes of an end notice's own fields, at most, but for its outcome's reason: what a
 /// checkpoint keeps beside the results and outcome the notice carries.
 const NOTICE_BYTES: usize = 1 << 10;
+/// Bytes of a message an ALLOCATE leaves to all but its segment's input: its other
+/// fields (the capability, the roster of the task's holders) and the mesh's envelope.
+/// A segment's input goes to its worker whole, in one message, so a longer input is
+/// refused at submission.
+const ALLOCATE_SLACK: usize = 64 << 10;
 /// Tasks a standby is still to be told to forget (ended, or moved to another standby),
 /// at most: past it the standby is not told, and holds the task until this node's own
 /// end.
@@ -824,6 +829,19 @@ impl CoordinatorState {
         if request.inputs.len() > MAX_SEGMENTS {
             reply.send(refuse(format!(
                 "a task has at most {MAX_SEGMENTS} segments"
+            )));
+            return;
+        }
+        let max_input = self.mesh.max_message_bytes().saturating_sub(ALLOCATE_SLACK);
+        if let Some((segment, long)) = request
+            .inputs
+            .iter()
+            .enumerate()
+            .find(|(_, input)| input.0.len() > max_input)
+        {
+            reply.send(refuse(format!(
+                "the input of segment {segment} takes {} bytes, and one goes to its worker in one message, so it takes at most {max_input} here: split it over more segments",
+                long.0.len()
             )));
             return;
         }

@@ -1105,6 +1105,29 @@ async fn a_start_too_long_for_any_checkpoint_runs_without_a_standby() {
     standby_keeps(&ca, &nodes, &outcomes, 1).await;
 }
 
+/// A segment's input goes to its worker in one message: a longer one is refused at
+/// submission, with the reason, rather than tried at each worker and failed after
+/// five attempts (5 s), as it was. Inputs that fit beside it still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_longer_than_a_message_is_refused_at_submission() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = heavy_pair(&ca, 10, Duration::ZERO, 1).await;
+    let most = 256 * 1024 - 64 * 1024;
+    let request = SubmitRequest::new("heavy", vec![input(1_000), input(300_000)]);
+    let outcome = nodes[0].1.submit(request).await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    assert_eq!((outcome.completed, outcome.reallocated), (0, 0));
+    let reason = outcome.reason.unwrap_or_default();
+    assert!(
+        reason.contains("segment 1 takes 300005 bytes")
+            && reason.contains(&format!("at most {most}")),
+        "{reason}"
+    );
+    // One that just fits runs (its input's bytes, with the header `input` adds).
+    let request = SubmitRequest::new("heavy", vec![input(most - 5)]);
+    all_complete(&nodes, vec![request]).await;
+}
+
 /// The standby, `nodes[1]`, keeps `at_least` of `outcomes` (it held those tasks),
 /// each with the same results.
 async fn standby_keeps(

@@ -428,7 +428,10 @@ impl AgentHost {
         Ok(ack.agent)
     }
 
-    /// Submits a task to this node's coordinator and waits for its end.
+    /// Submits a task to this node's coordinator and waits for its end. Each segment's
+    /// input goes to its worker in one message, so one longer than the node's message
+    /// limit less 64 KiB is refused (a failed outcome that says so), as are the other
+    /// limits the coordinator keeps (open tasks, segments, label, segment timeout).
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskOutcome, HostError> {
         ractor::call!(self.coordinator, CoordinatorMsg::Submit, request)
             .map_err(|e| HostError::Coordinator(e.to_string()))

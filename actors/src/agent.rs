@@ -53,7 +53,8 @@ impl AgentError {
 /// What the coordinator changed about a running segment (ADJUST).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Adjustment {
-    /// Parameters set so far, by name.
+    /// Parameters set so far, by name: an attempt starts with those set for its task
+    /// before it was allocated.
     pub params: BTreeMap<String, String>,
     /// The new priority, if it changed.
     pub priority: Option<u8>,

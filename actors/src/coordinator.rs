@@ -12,7 +12,7 @@
 //! (`lease.rs`): a coordinator paused past the failure detector does not go on running
 //! a task its standby took over meanwhile.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,10 +51,11 @@ use crate::refusals::{Refusals, Room};
 use crate::resend::{resend, send_and_keep, unreachable, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    done_bytes, encoded_len, AdjustAnswer, AdjustRequest, AgentsRequest, AgentsStatus, Checkpoint,
-    CheckpointAck, OpenTask, ResultsRequest, SoFar, SubmitRequest, TaskCheckpoint, TaskOutcome,
-    TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION,
-    MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE, STANDBY_SERVICE,
+    done_bytes, encoded_len, params_bytes, AdjustAnswer, AdjustRequest, AgentsRequest,
+    AgentsStatus, Checkpoint, CheckpointAck, OpenTask, ResultsRequest, SoFar, SubmitRequest,
+    TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE,
+    COORDINATOR_SERVICE, MAX_GENERATION, MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE,
+    STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -112,10 +113,15 @@ const DONE_BYTES: usize = 16;
 /// checkpoint keeps beside the results and outcome the notice carries.
 const NOTICE_BYTES: usize = 1 << 10;
 /// Bytes of a message an ALLOCATE leaves to all but its segment's input: its other
-/// fields (the capability, the roster of the task's holders) and the mesh's envelope.
+/// fields (the capability, the roster of the task's holders, its parameters) and the
+/// mesh's envelope.
 /// A segment's input goes to its worker whole, in one message, so a longer input is
 /// refused at submission.
 const ALLOCATE_SLACK: usize = 64 << 10;
+/// Bytes of the parameters `adjust` sets for one task, names and values together, at
+/// most: they go with each of its ALLOCATEs (within `ALLOCATE_SLACK`), ADJUSTs and
+/// checkpoints.
+pub const MAX_PARAMS_BYTES: usize = 16 << 10;
 /// Tasks a standby is still to be told to forget (ended, or moved to another standby),
 /// at most: past it the standby is not told, and holds the task until this node's own
 /// end.
@@ -273,6 +279,9 @@ struct TaskMeta {
     /// The figures of the coordinators that ran it before this one, when this one
     /// took it over (zero if it was submitted here): the outcome counts them too.
     before: SoFar,
+    /// The parameters `adjust` set for it so far (later values replace earlier ones
+    /// by name): each ADJUST carries them all, and each attempt starts with them.
+    params: BTreeMap<String, String>,
 }
 
 impl TaskMeta {
@@ -305,6 +314,7 @@ impl TaskMeta {
             replica: Replica::default(),
             moved: false,
             before: SoFar::default(),
+            params: BTreeMap::new(),
         }
     }
 
@@ -973,12 +983,31 @@ impl CoordinatorState {
                 unknown: true,
             };
         };
+        let group = meta.group;
+        if !request.params.is_empty() {
+            let mut params = meta.params.clone();
+            params.extend(request.params);
+            let bytes = params_bytes(&params);
+            if bytes > MAX_PARAMS_BYTES {
+                return AdjustAnswer {
+                    sent: 0,
+                    error: Some(format!(
+                        "the task's parameters would take {bytes} bytes, and take at most {MAX_PARAMS_BYTES}"
+                    )),
+                    unknown: false,
+                };
+            }
+            // The attempts started from now on start with them; so do those of its
+            // standby, should it take the task over.
+            meta.params = params;
+            self.dirty.insert(request.task);
+        }
         if let Some(p) = request.priority {
             meta.priority = p;
             // Its standby runs it at this one if it takes it over.
             self.dirty.insert(request.task);
         }
-        let group = meta.group;
+        let params = meta.params.clone();
         if request.cancel {
             info!(task = %request.task, "task cancelled");
             let running = self.ledger.live_attempts(request.task).len() as u32;
@@ -995,7 +1024,7 @@ impl CoordinatorState {
                 target: agent,
                 task: request.task,
                 segment: Some(segment),
-                params: request.params.clone(),
+                params: params.clone(),
                 priority: request.priority,
                 cancel: false,
                 attempt: Some(attempt),
@@ -1351,6 +1380,7 @@ impl CoordinatorState {
                             .cloned()
                             .unwrap_or_default(),
                         peers: self.ledger.holders(task),
+                        params: meta.params.clone(),
                     };
                     // The task's priority orders ALLOCATEs within the coordination lane
                     // and the worker's queue.
@@ -1668,6 +1698,7 @@ impl CoordinatorState {
             .priority
             .unwrap_or_else(|| self.policy.get().priority(request.group));
         let mut meta = TaskMeta::new(request, priority, now, waiter, generation, done_log);
+        meta.params = held.params;
         // The time since its last checkpoint here counts too: the former coordinator
         // ran it until it went down. So do the attempts it had running then, as of
         // that checkpoint: they start again here.
@@ -1884,6 +1915,7 @@ impl CoordinatorState {
             };
             let mut part =
                 TaskCheckpoint::running(task, open, Vec::new(), so_far, Some(meta.priority));
+            part.params.clone_from(&meta.params);
             let mut len = encoded_len(&part);
             let mut upto = from;
             for &segment in &meta.done_log[from..] {
@@ -2124,6 +2156,7 @@ impl CoordinatorState {
             outcome_from_held: None,
             so_far: SoFar::default(),
             priority: None,
+            params: BTreeMap::new(),
         };
         match self.ended_here(task) {
             Ended::Outcome(outcome) => {

@@ -2,6 +2,8 @@
 //! messages (ENVELOPE): what `agentmesh submit`, `status` and `policy apply` send, and
 //! what nodes tell each other about their agents and the policy.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -351,6 +353,16 @@ pub struct TaskCheckpoint {
     /// (older nodes, end notices): as in its `open`.
     #[serde(default)]
     pub priority: Option<u8>,
+    /// The parameters `agentmesh adjust` set for the task so far: a coordinator that
+    /// takes the task over starts its attempts with them. Absent (older nodes, end
+    /// notices, none set): as before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+}
+
+/// Bytes of a task's parameters (`agentmesh adjust`), names and values together.
+pub fn params_bytes(params: &BTreeMap<String, String>) -> usize {
+    params.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 impl TaskCheckpoint {
@@ -373,6 +385,7 @@ impl TaskCheckpoint {
             outcome_from_held: None,
             so_far,
             priority,
+            params: BTreeMap::new(),
         }
     }
 

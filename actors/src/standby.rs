@@ -31,7 +31,8 @@ use uuid::Uuid;
 use crate::ended::{Ended, EndedTasks};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus, MAX_GENERATION,
+    params_bytes, Checkpoint, CheckpointAck, OpenTask, SoFar, TaskOutcome, TaskStatus,
+    MAX_GENERATION,
 };
 
 /// How much a standby holds at most.
@@ -69,12 +70,14 @@ pub struct HeldTask {
     pub so_far: SoFar,
     /// When that checkpoint was applied (on this node's clock).
     pub so_far_ms: u64,
+    /// The parameters `adjust` set for the task so far, as of the latest checkpoint.
+    pub params: BTreeMap<String, String>,
 }
 
 impl HeldTask {
     fn bytes(&self) -> usize {
         let inputs: usize = self.open.request.inputs.iter().map(|b| b.0.len()).sum();
-        inputs + self.done.values().map(Vec::len).sum::<usize>()
+        inputs + self.done.values().map(Vec::len).sum::<usize>() + params_bytes(&self.params)
     }
 
     /// `outcome` (a completed task's, sent without its results) with each segment's
@@ -324,6 +327,7 @@ impl Standby {
                     done: BTreeMap::new(),
                     so_far,
                     so_far_ms: now_ms,
+                    params: BTreeMap::new(),
                 };
                 let bytes = held.bytes();
                 if self.held.len() >= self.limits.max_tasks
@@ -343,6 +347,13 @@ impl Standby {
             held.so_far_ms = now_ms;
             if let Some(priority) = part.priority {
                 held.open.request.priority = Some(priority);
+            }
+            // Set once, they are only ever added to or changed, never cleared: a part
+            // without them (an older node's) leaves them as they were.
+            if !part.params.is_empty() && part.params != held.params {
+                let (was, now) = (params_bytes(&held.params), params_bytes(&part.params));
+                self.bytes = (self.bytes + now).saturating_sub(was);
+                held.params = part.params;
             }
             let segments = held.open.request.inputs.len();
             let mut over = false;
@@ -468,6 +479,7 @@ mod tests {
             outcome_from_held: None,
             so_far: SoFar::default(),
             priority: None,
+            params: Default::default(),
         }
     }
 
@@ -485,6 +497,7 @@ mod tests {
             outcome_from_held: None,
             so_far: SoFar::default(),
             priority: None,
+            params: Default::default(),
         }
     }
 
@@ -758,6 +771,35 @@ mod tests {
         );
         assert_eq!(ids(s.take_over("a", 9, 2_000).unwrap()), [(3, 9)]);
         assert!(s.is_empty());
+        assert_eq!(s.bytes, 0);
+    }
+
+    /// The parameters `adjust` set go with the task's parts: kept, replaced by later
+    /// ones, left as they were by a part without any, and counted in the bytes held.
+    #[test]
+    fn a_tasks_parameters_are_kept_as_of_its_latest_part() {
+        let mut s = Standby::new(StandbyLimits::default(), 0);
+        let no = |_| false;
+        s.apply(from("a", vec![open(1, 2, 10)]), no, 0).unwrap();
+        let with = |k: &str, v: &str| TaskCheckpoint {
+            params: [(k.to_string(), v.to_string())].into(),
+            ..done(1, &[])
+        };
+        let params = |s: &Standby| s.held[&Uuid::from_u128(1)].params.clone();
+        s.apply(from("a", vec![with("answer", "4")]), no, 0)
+            .unwrap();
+        assert_eq!(s.bytes, 20 + 7);
+        s.apply(from("a", vec![done(1, &[])]), no, 0).unwrap();
+        assert_eq!(params(&s), [("answer".into(), "4".into())].into());
+        s.apply(from("a", vec![with("answer", "42")]), no, 0)
+            .unwrap();
+        assert_eq!(params(&s), [("answer".into(), "42".into())].into());
+        assert_eq!(s.bytes, 20 + 8);
+        let ended = TaskCheckpoint {
+            ended: true,
+            ..done(1, &[])
+        };
+        s.apply(from("a", vec![ended]), no, 0).unwrap();
         assert_eq!(s.bytes, 0);
     }
 

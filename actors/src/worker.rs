@@ -6,7 +6,7 @@
 //! replicas are down, unhealthy while every one rests) goes to discovery, so
 //! coordinators route around it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -34,6 +34,8 @@ pub struct Allocation {
     pub input: Vec<u8>,
     /// Queue priority: higher runs first when every replica is busy.
     pub priority: u8,
+    /// The parameters set for the task so far (ADJUST): the attempt starts with them.
+    pub params: BTreeMap<String, String>,
 }
 
 /// How a failed attempt's reason starts when its replica panicked (REPORT `error`),
@@ -330,6 +332,13 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     state
                         .cancel_queued(|a| a.task == task && segment.is_none_or(|s| s == a.segment))
                         .await;
+                } else {
+                    // One still queued starts with them.
+                    for a in state.queue.iter_mut() {
+                        if a.task == task && segment.is_none_or(|s| s == a.segment) {
+                            a.params.clone_from(&adjustment.params);
+                        }
+                    }
                 }
             }
             WorkerMsg::Cancel {
@@ -450,7 +459,16 @@ fn dispatch<A: Agent>(state: &mut WorkerState<A>) {
         let Some(allocation) = state.queue.pop_front() else {
             return;
         };
-        let (adjust, adjustments) = watch::channel(Adjustment::default());
+        // It starts with the parameters set for its task so far, as if adjusted at
+        // once: an agent that waits for `adjusted()` sees them.
+        let given = !allocation.params.is_empty();
+        let (adjust, mut adjustments) = watch::channel(Adjustment {
+            params: allocation.params.clone(),
+            ..Adjustment::default()
+        });
+        if given {
+            adjustments.mark_changed();
+        }
         let (sync, syncs) = mpsc::channel(SYNC_INBOX);
         let run = Running {
             allocation: allocation.clone(),

@@ -414,6 +414,7 @@ impl WorkersState {
             attempt: a.attempt,
             input: a.input.to_vec(),
             priority: header.prio,
+            params: a.params,
         });
         if supervisor.cast(run).is_err() {
             self.on_event(

@@ -268,8 +268,9 @@ async fn patients_on_beta(ca: &ClusterCa) -> (Arc<Vec<(Node, AgentHost)>>, Submi
     (nodes, request)
 }
 
-/// Adjusts `task` with the one parameter `key` = 42 until `n` running segments got
-/// it (the ALLOCATEs may still be on their way).
+/// Once `n` segments of `task` run (the ALLOCATEs may still be on their way), adjusts
+/// it with the one parameter `key` = 42, which reaches those `n`. (Adjusted sooner, the
+/// segments would start with the parameter instead.)
 async fn adjust_until_reached(
     host: &AgentHost,
     task: uuid::Uuid,
@@ -277,23 +278,31 @@ async fn adjust_until_reached(
     priority: Option<u8>,
     n: u32,
 ) {
+    // An ADJUST with nothing in it changes nothing; it counts the segments running.
+    let running = || {
+        host.adjust(AdjustRequest {
+            task,
+            ..Default::default()
+        })
+    };
     for _ in 0..100 {
-        let reached = host
-            .adjust(AdjustRequest {
-                task,
-                params: [(key.to_string(), "42".to_string())].into(),
-                priority,
-                cancel: false,
-            })
-            .await
-            .unwrap()
-            .sent;
-        if reached == n {
+        if running().await.unwrap().sent == n {
+            let reached = host
+                .adjust(AdjustRequest {
+                    task,
+                    params: [(key.to_string(), "42".to_string())].into(),
+                    priority,
+                    cancel: false,
+                })
+                .await
+                .unwrap()
+                .sent;
+            assert_eq!(reached, n);
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the adjustment never reached {n} segments");
+    panic!("{n} segments never ran at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,6 +338,30 @@ async fn the_coordinator_steers_a_running_segment_with_adjust_and_can_cancel_a_t
     assert_eq!(outcome.reason.as_deref(), Some("cancelled"));
     let unknown = nodes[0].1.adjust(AdjustRequest::default()).await.unwrap();
     assert!(unknown.error.is_some());
+}
+
+/// The parameters an ADJUST sets hold for the task's segments started after it too:
+/// with one replica, the second segment starts once the first is done, with them, and
+/// an agent that waits for `adjusted()` sees them at once. Before, it started without
+/// them and waited for an ADJUST that had gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adjustment_holds_for_the_segments_started_after_it() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = Arc::new(cluster(&ca, &["alpha", "beta"]).await);
+    nodes[1].1.add(Patient, 1).await.unwrap();
+    wait_for_agents(&nodes[0].1, 1).await;
+    let n = nodes.clone();
+    let request = SubmitRequest::new("wait", inputs(2));
+    let submitted = tokio::spawn(async move { n[0].1.submit(request).await.unwrap() });
+    let task = running_task(&nodes[0].1).await;
+    adjust_until_reached(&nodes[0].1, task, "answer", None, 1).await;
+    let outcome = submitted.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.reallocated, 0, "{outcome:?}");
+    for r in &outcome.results {
+        let text: String = rmp_serde::from_slice(&r.0).unwrap();
+        assert_eq!(text, "42 at priority None");
+    }
 }
 
 /// A submission with the id of a task that runs waits for that task (the waiter

@@ -91,6 +91,7 @@ fn alloc(segment: u32, input: &impl serde::Serialize) -> Allocation {
         attempt: 1,
         input: rmp_serde::to_vec_named(input).unwrap(),
         priority: 128,
+        params: Default::default(),
     }
 }
 
@@ -146,6 +147,18 @@ fn cancel(segment: Option<u32>) -> WorkerMsg {
             cancelled: true,
             ..Adjustment::default()
         },
+    }
+}
+
+/// An ADJUST that sets task 1's parameter `tag` to "steered", for `segment` or all of
+/// it.
+fn steer(segment: Option<u32>) -> WorkerMsg {
+    let mut adjustment = Adjustment::default();
+    adjustment.params.insert("tag".into(), "steered".into());
+    WorkerMsg::Adjust {
+        task: Uuid::from_u128(1),
+        segment,
+        adjustment,
     }
 }
 
@@ -206,21 +219,44 @@ async fn replicas_bound_how_many_segments_run_at_once() {
     assert_eq!(agent.most.load(Ordering::SeqCst), 2);
 }
 
+/// An ADJUST of the whole task reaches its attempts still queued too, and an attempt
+/// allocated with parameters starts with them.
+#[tokio::test]
+async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &100u64))).unwrap();
+    // Queued behind segment 0 on the one replica.
+    worker.cast(WorkerMsg::Run(alloc(1, &0u64))).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    worker.cast(steer(None)).unwrap();
+    let mut given = alloc(2, &0u64);
+    given.params.insert("tag".into(), "given".into());
+    worker.cast(WorkerMsg::Run(given)).unwrap();
+    let mut done: Vec<(u32, String)> = outcomes(&mut rx, 3)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Done { allocation, output } => {
+                Some((allocation.1, rmp_serde::from_slice(&output).unwrap()))
+            }
+            _ => None,
+        })
+        .collect();
+    done.sort();
+    let tag = |s: u32, t: &str| (s, t.to_string());
+    assert_eq!(
+        done,
+        [tag(0, "steered"), tag(1, "steered"), tag(2, "given")]
+    );
+}
+
 #[tokio::test]
 async fn adjustments_reach_the_running_segment_and_cancel_stops_it() {
     let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
     worker.cast(WorkerMsg::Run(alloc(0, &200u64))).unwrap();
     worker.cast(WorkerMsg::Run(alloc(1, &200u64))).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let mut tagged = Adjustment::default();
-    tagged.params.insert("tag".into(), "steered".into());
-    worker
-        .cast(WorkerMsg::Adjust {
-            task: Uuid::from_u128(1),
-            segment: Some(0),
-            adjustment: tagged,
-        })
-        .unwrap();
+    worker.cast(steer(Some(0))).unwrap();
     let events = outcomes(&mut rx, 1).await;
     assert_eq!(
         events.last(),

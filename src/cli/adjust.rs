@@ -1,5 +1,6 @@
 //! `agentmesh adjust`: steers a running task at the node that coordinates it: new
-//! parameters or priority for every attempt running (ADJUST, urgent lane), or cancel.
+//! parameters or priority for every attempt running (ADJUST, urgent lane) and those
+//! started after, or cancel.
 //! Any member finds it: a task runs at the node it was submitted to until that node
 //! goes down, and then at the one that took it over.
 

@@ -287,6 +287,7 @@ pub fn run(args: WalkthroughArgs) -> anyhow::Result<()> {
             timeout_ms: 30_000,
             input,
             peers: Vec::new(),
+            params: Default::default(),
         };
         let to = worker.name;
         w.send(&mut c, to, Payload::Allocate(alloc), false)?;

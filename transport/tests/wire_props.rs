@@ -91,10 +91,11 @@ fn payload() -> impl Strategy<Value = Payload> {
             text(),
             any::<u32>(),
             bytes(300),
-            proptest::collection::vec(any::<u32>(), 0..4)
+            proptest::collection::vec(any::<u32>(), 0..4),
+            proptest::collection::btree_map(text(), text(), 0..3),
         )
             .prop_map(
-                |(target, task, segment, attempt, capability, timeout_ms, input, peers)| {
+                |(target, task, segment, attempt, capability, timeout_ms, input, peers, params)| {
                     Payload::Allocate(Allocate {
                         target,
                         task,
@@ -104,6 +105,7 @@ fn payload() -> impl Strategy<Value = Payload> {
                         timeout_ms,
                         input,
                         peers,
+                        params,
                     })
                 }
             ),

@@ -112,6 +112,10 @@ pub struct Allocate {
     /// SYNC between them (optional; absent means none known).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<u32>,
+    /// The parameters ADJUSTs set for the task so far, which the attempt starts with
+    /// (optional; absent means none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
 }
 
 /// REPORT (1): progress and health of one attempt, and finally its result.

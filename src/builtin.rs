@@ -79,7 +79,8 @@ impl Agent for Echo {
     }
 }
 
-/// Works for the segment's given milliseconds; answers how long it slept.
+/// Works for the segment's given milliseconds, or for the task's `ms` parameter if
+/// `agentmesh adjust` set one before the segment started; answers how long it slept.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sleep;
 
@@ -96,7 +97,17 @@ impl Agent for Sleep {
     }
 
     async fn work(&self, input: SegmentInput, ctx: &mut SegmentContext) -> Result<u64, AgentError> {
-        work_for(input.ms, ctx).await
+        let adjusted = ctx
+            .adjustment()
+            .params
+            .get("ms")
+            .map(|ms| ms.parse::<u64>());
+        let ms = match adjusted {
+            None => input.ms,
+            Some(Ok(ms)) => ms,
+            Some(Err(e)) => return Err(AgentError::new(format!("parameter ms: {e}"))),
+        };
+        work_for(ms, ctx).await
     }
 }
 

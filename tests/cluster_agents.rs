@@ -946,6 +946,42 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
     );
 }
 
+/// The parameters `adjust` sets hold for the task's later segments, at the node that
+/// takes it over too. 12 segments of 10 s on 6 replicas; `ms=200` is set while the
+/// first round runs, n0 is SIGKILLed, and n1, its standby, runs every segment again
+/// from its start (none had ended), each in 200 ms, as its checkpoint said. Before,
+/// an ADJUST reached only the attempts running then, and a taker-over knew nothing
+/// of it: each segment ran its 10 s again.
+#[test]
+fn a_tasks_parameters_hold_for_its_later_segments_at_the_node_that_took_it_over() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-params-moved");
+    let submit = cluster.submit(
+        0,
+        &[&sleep_task("12", "10000")[..], &["--results"]].concat(),
+    );
+    let task = task_in(&first.expect(&["task submitted"]));
+    let out = cluster.run(&[
+        "adjust",
+        "--to",
+        &cluster.addrs[2],
+        "--task",
+        &task,
+        "--param",
+        "ms=200",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its standby has the parameter within a checkpoint's round trip.
+    std::thread::sleep(Duration::from_millis(1_000));
+    first.kill();
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+    let (status, outcome) = outcome_within(submit, Duration::from_secs(30));
+    completed_with_every_result(status, &outcome, 12, 200);
+}
+
 /// `submit --segment-timeout-ms` gives a task's attempts a timeout of their own: with
 /// 1 s for segments of 2.5 s, each segment is started again on another replica before
 /// its first attempt ends (whose result, the first, is still taken). With the default

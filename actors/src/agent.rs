@@ -178,7 +178,9 @@ impl SegmentContext {
         self.adjustments.borrow().cancelled
     }
 
-    /// Waits for the next adjustment (for agents that want to react at once).
+    /// Waits for the next adjustment (for agents that want to react at once). An
+    /// attempt that starts with its task's parameters already set (by ADJUSTs before it
+    /// was allocated) gets them from its first call at once.
     pub async fn adjusted(&mut self) -> Adjustment {
         let _ = self.adjustments.changed().await;
         self.adjustments.borrow_and_update().clone()

@@ -982,6 +982,30 @@ fn a_tasks_parameters_hold_for_its_later_segments_at_the_node_that_took_it_over(
     completed_with_every_result(status, &outcome, 12, 200);
 }
 
+/// A task's own segment timeout holds at the node that takes it over too: n0 is
+/// SIGKILLed before either segment of 2.5 s ends, and n1 runs both again, each started
+/// again on another replica after 1 s, as at n0 (4 reallocated in 3 runs). With the
+/// default 30 s there (the timeout left out at the takeover), none was.
+#[test]
+fn a_tasks_own_segment_timeout_holds_at_the_node_that_took_it_over() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-timeout-moved");
+    let submit = cluster.submit(
+        0,
+        &[
+            &sleep_task("2", "2500")[..],
+            &["--segment-timeout-ms", "1000", "--results"],
+        ]
+        .concat(),
+    );
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill();
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+    let (status, task) = outcome_within(submit, Duration::from_secs(30));
+    completed_with_every_result(status, &task, 2, 2500);
+    assert!(task["reallocated"].as_u64().unwrap() >= 2, "{task}");
+}
+
 /// `submit --segment-timeout-ms` gives a task's attempts a timeout of their own: with
 /// 1 s for segments of 2.5 s, each segment is started again on another replica before
 /// its first attempt ends (whose result, the first, is still taken). With the default

@@ -199,6 +199,19 @@ fn sleep_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 6] {
     ]
 }
 
+/// Runs `agentmesh adjust` of `task` through node `to`, which must succeed; its stdout.
+fn adjust(cluster: &Cluster, to: usize, task: &str, extra: &[&str]) -> String {
+    let mut args = vec!["adjust", "--to", &cluster.addrs[to], "--task", task];
+    args.extend(extra);
+    let out = cluster.run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Pauses `node`'s process for `pause` (SIGSTOP), then lets it go on (SIGCONT).
 fn pause(node: &NodeProcess, pause: Duration) {
     let pid = node.child.id().to_string();
@@ -853,17 +866,7 @@ fn adjust_steers_a_running_task_and_cancel_ends_it() {
         assert!(Instant::now() < deadline, "the task never showed: {status}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let adjust = |extra: &[&str]| {
-        let mut args = vec!["adjust", "--to", &cluster.addrs[0], "--task", &task];
-        args.extend(extra);
-        let out = cluster.run(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let adjust = |extra: &[&str]| adjust(&cluster, 0, &task, extra);
     let said = adjust(&["--param", "temperature=0.2", "--priority", "200"]);
     assert!(said.starts_with("adjusted "), "{said}");
     let said = adjust(&["--cancel"]);
@@ -894,17 +897,7 @@ fn adjust_sent_to_any_member_finds_a_task_taken_over() {
     let submit = cluster.submit(0, &sleep_task("12", "10000"));
     let line = first.expect(&["task submitted"]);
     let task = task_in(&line);
-    let adjust = |extra: &[&str]| {
-        let mut args = vec!["adjust", "--to", &cluster.addrs[2], "--task", &task];
-        args.extend(extra);
-        let out = cluster.run(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let adjust = |extra: &[&str]| adjust(&cluster, 2, &task, extra);
     let said = adjust(&["--priority", "200"]);
     assert!(said.starts_with("adjusted "), "{said}");
     // Its standby has the new priority within a checkpoint's round trip.
@@ -960,20 +953,7 @@ fn a_tasks_parameters_hold_for_its_later_segments_at_the_node_that_took_it_over(
         &[&sleep_task("12", "10000")[..], &["--results"]].concat(),
     );
     let task = task_in(&first.expect(&["task submitted"]));
-    let out = cluster.run(&[
-        "adjust",
-        "--to",
-        &cluster.addrs[2],
-        "--task",
-        &task,
-        "--param",
-        "ms=200",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    adjust(&cluster, 2, &task, &["--param", "ms=200"]);
     // Its standby has the parameter within a checkpoint's round trip.
     std::thread::sleep(Duration::from_millis(1_000));
     first.kill();

@@ -207,9 +207,8 @@ pub enum CoordinatorMsg {
     CheckpointAnswered {
         /// The standby's node.
         node: Arc<str>,
-        /// What was sent: each task, how much of its log of results, and whether its
-        /// start went too.
-        sent: Vec<(Uuid, usize, bool)>,
+        /// What was sent: each task's part.
+        sent: Vec<SentPart>,
         /// Tasks whose end or move it was told, each with what the standby lacked.
         ended: Vec<(Uuid, Unheld)>,
         /// When it was sent (the lease in the answer counts from then).
@@ -282,6 +281,9 @@ struct TaskMeta {
     /// The parameters `adjust` set for it so far (later values replace earlier ones
     /// by name): each ADJUST carries them all, and each attempt starts with them.
     params: BTreeMap<String, String>,
+    /// How many times `adjust` changed its priority or parameters: the task stays
+    /// dirty until its standby answered a checkpoint that carried the latest.
+    changes: u64,
 }
 
 impl TaskMeta {
@@ -315,6 +317,7 @@ impl TaskMeta {
             moved: false,
             before: SoFar::default(),
             params: BTreeMap::new(),
+            changes: 0,
         }
     }
 
@@ -339,12 +342,24 @@ struct Batch {
     parts: Vec<TaskCheckpoint>,
     /// The tasks whose end or move it tells, each with what the standby lacked.
     ended: Vec<(Uuid, Unheld)>,
-    /// Each task, how much of its log of results, and whether its start went.
-    sent: Vec<(Uuid, usize, bool)>,
+    /// Each task's part.
+    sent: Vec<SentPart>,
     /// What its parts take encoded (`encoded_len`), results counted at their most.
     bytes: usize,
     /// It goes even with no task in it: it renews the lease.
     renewal: bool,
+}
+
+/// One task's part of a checkpoint, as sent.
+#[derive(Clone, Copy, Debug)]
+pub struct SentPart {
+    task: Uuid,
+    /// How much of its log of results.
+    upto: usize,
+    /// Whether its start went.
+    opened: bool,
+    /// Which of the task's changes (`TaskMeta::changes`) it carried.
+    changes: u64,
 }
 
 /// What the end notices of one checkpoint may still carry ([`CoordinatorState::end_part`]).
@@ -388,6 +403,9 @@ struct Replica {
     opened: bool,
     /// The standby has `done_log[..acked]`.
     acked: usize,
+    /// The standby has the task's priority and parameters as of this change
+    /// (`TaskMeta::changes`).
+    changes: u64,
     /// The standby refused it: no other is tried.
     off: bool,
     /// Since when the standby holds it, as far as this node knows: the sending time
@@ -1000,10 +1018,12 @@ impl CoordinatorState {
             // The attempts started from now on start with them; so do those of its
             // standby, should it take the task over.
             meta.params = params;
+            meta.changes += 1;
             self.dirty.insert(request.task);
         }
         if let Some(p) = request.priority {
             meta.priority = p;
+            meta.changes += 1;
             // Its standby runs it at this one if it takes it over.
             self.dirty.insert(request.task);
         }
@@ -1941,7 +1961,12 @@ impl CoordinatorState {
                 meta.replica.held_ms.get_or_insert(now);
             }
             *bytes += len;
-            sent.push((task, upto, opens));
+            sent.push(SentPart {
+                task,
+                upto,
+                opened: opens,
+                changes: meta.changes,
+            });
             parts.push(part);
         }
         for (node, ended) in self.forget_notices.take(ready) {
@@ -2234,7 +2259,7 @@ impl CoordinatorState {
     fn checkpoint_answered(
         &mut self,
         node: Arc<str>,
-        sent: Vec<(Uuid, usize, bool)>,
+        sent: Vec<SentPart>,
         ended: Vec<(Uuid, Unheld)>,
         sent_ms: u64,
         number: u64,
@@ -2281,7 +2306,13 @@ impl CoordinatorState {
         let was_valid = self.leases.runs(&node, now);
         let granted = self.leases.granted(&node, sent_ms, ack.lease_ms);
         let mut opened_now = Vec::new();
-        for (task, upto, opened) in sent {
+        for SentPart {
+            task,
+            upto,
+            opened,
+            changes,
+        } in sent
+        {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 continue;
             };
@@ -2293,10 +2324,16 @@ impl CoordinatorState {
             }
             meta.replica.opened |= opened;
             meta.replica.acked = meta.replica.acked.max(upto);
+            meta.replica.changes = meta.replica.changes.max(changes);
             // Held there when this checkpoint arrived (unless the answer says not,
             // below): no takeover before that.
             meta.replica.held_ms = meta.replica.held_ms.max(Some(sent_ms));
-            if meta.replica.opened && meta.replica.acked == meta.done_log.len() {
+            // Unless it changed again since this checkpoint was built (it was in
+            // flight when `adjust` came): that goes in the next.
+            if meta.replica.opened
+                && meta.replica.acked == meta.done_log.len()
+                && meta.replica.changes == meta.changes
+            {
                 self.dirty.remove(&task);
             }
         }
@@ -2306,6 +2343,7 @@ impl CoordinatorState {
             if let Some(meta) = self.tasks.get_mut(&task).filter(mine) {
                 meta.replica.opened = false;
                 meta.replica.acked = 0;
+                meta.replica.changes = 0;
                 meta.replica.held_ms = None;
                 self.dirty.insert(task);
             }

@@ -1935,7 +1935,11 @@ impl CoordinatorState {
             };
             let mut part =
                 TaskCheckpoint::running(task, open, Vec::new(), so_far, Some(meta.priority));
-            part.params.clone_from(&meta.params);
+            // Its parameters go with its start, and after that when they changed since
+            // what the standby answered for: a part without them leaves them as they were.
+            if opens || meta.changes > meta.replica.changes {
+                part.params.clone_from(&meta.params);
+            }
             let mut len = encoded_len(&part);
             let mut upto = from;
             for &segment in &meta.done_log[from..] {

@@ -457,7 +457,6 @@ pub struct CoordinatorState {
     /// Clients waiting here for a task held for another node, until it is taken
     /// over (or ends there).
     standby_waiters: HashMap<Uuid, Waiter>,
-    /// Outcomes too large for `ended`, kept a minute for their clients' pages.
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.

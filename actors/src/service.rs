@@ -354,8 +354,9 @@ pub struct TaskCheckpoint {
     #[serde(default)]
     pub priority: Option<u8>,
     /// The parameters `agentmesh adjust` set for the task so far: a coordinator that
-    /// takes the task over starts its attempts with them. Absent (older nodes, end
-    /// notices, none set): as before.
+    /// takes the task over starts its attempts with them. They go with the task's
+    /// start and when they changed since the standby last answered for them. Absent
+    /// (then, older nodes, end notices, none set): as they were.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<String, String>,
 }

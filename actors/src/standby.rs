@@ -349,7 +349,8 @@ impl Standby {
                 held.open.request.priority = Some(priority);
             }
             // Set once, they are only ever added to or changed, never cleared: a part
-            // without them (an older node's) leaves them as they were.
+            // without them (unchanged since this node answered for them, or from an
+            // older node) leaves them as they were.
             if !part.params.is_empty() && part.params != held.params {
                 let (was, now) = (params_bytes(&held.params), params_bytes(&part.params));
                 self.bytes = (self.bytes + now).saturating_sub(was);

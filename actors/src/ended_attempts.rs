@@ -3,8 +3,8 @@
 //! when the connection it went on was lost (`kept.rs`), not knowing whether it arrived
 //! first: the attempt may have run here and ended, its final REPORT on its way. Without
 //! this, each ALLOCATE of the last ten seconds before such a loss ran again. An attempt
-//! cancelled before its ALLOCATE came (the cancel overtook it on the urgent lane) is
-//! remembered the same way. Bounded in attempts and in time. No I/O and no clock: the
+//! whose cancel came before its ALLOCATE (it overtook it on the urgent lane,
+//! `early_adjusts.rs`) is remembered the same way once the ALLOCATE comes. Bounded in attempts and in time. No I/O and no clock: the
 //! caller says when.
 
 use std::collections::{HashSet, VecDeque};

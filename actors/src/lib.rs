@@ -10,6 +10,7 @@ pub mod agent;
 pub mod coordinator;
 pub mod cut_off;
 pub mod discovery;
+pub mod early_adjusts;
 pub mod ended;
 pub mod ended_attempts;
 pub mod host;

@@ -36,6 +36,9 @@ pub struct Allocation {
     pub priority: u8,
     /// The parameters set for the task so far (ADJUST): the attempt starts with them.
     pub params: BTreeMap<String, String>,
+    /// The priority an ADJUST of this attempt set before it started, if one did: its
+    /// adjustment starts with it, as if the ADJUST had come once it ran.
+    pub adjusted_priority: Option<u8>,
 }
 
 /// How a failed attempt's reason starts when its replica panicked (REPORT `error`),
@@ -337,6 +340,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     for a in state.queue.iter_mut() {
                         if a.task == task && segment.is_none_or(|s| s == a.segment) {
                             a.params.clone_from(&adjustment.params);
+                            a.adjusted_priority = adjustment.priority;
                         }
                     }
                 }
@@ -459,11 +463,13 @@ fn dispatch<A: Agent>(state: &mut WorkerState<A>) {
         let Some(allocation) = state.queue.pop_front() else {
             return;
         };
-        // It starts with the parameters set for its task so far, as if adjusted at
-        // once: an agent that waits for `adjusted()` sees them.
-        let given = !allocation.params.is_empty();
+        // It starts with the parameters set for its task so far (and a priority set
+        // while it waited), as if adjusted at once: an agent that waits for
+        // `adjusted()` sees them.
+        let given = !allocation.params.is_empty() || allocation.adjusted_priority.is_some();
         let (adjust, mut adjustments) = watch::channel(Adjustment {
             params: allocation.params.clone(),
+            priority: allocation.adjusted_priority,
             ..Adjustment::default()
         });
         if given {

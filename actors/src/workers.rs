@@ -24,6 +24,7 @@ use agentmesh_runtime::{FromPeer, Mesh};
 use crate::agent::{Adjustment, SyncEvent};
 use crate::cut_off::CutOffs;
 use crate::discovery::DiscoveryMsg;
+use crate::early_adjusts::{EarlyAdjust, EarlyAdjusts};
 use crate::ended_attempts::EndedAttempts;
 use crate::host::PolicyStore;
 use crate::kept::{KeptFrames, Limits};
@@ -65,6 +66,16 @@ const FINALS: Limits = Limits {
 const ENDED_ATTEMPTS_MS: u64 = 70_000;
 /// See [`ENDED_ATTEMPTS_MS`].
 const MAX_ENDED_ATTEMPTS: usize = 65_536;
+/// How long, how many and how many bytes at most of the ADJUSTs that came before their
+/// attempt's ALLOCATE are kept for it ([`EarlyAdjusts`]): as long as the attempts that
+/// ended (an ALLOCATE sent again comes within that), 16,384 of them and 16 MiB (a
+/// thousand carrying the 16 KiB of parameters a task may have). Past that, an attempt
+/// whose ALLOCATE comes later runs as of its ALLOCATE, as it did before they were kept.
+const EARLY_ADJUSTS_MS: u64 = ENDED_ATTEMPTS_MS;
+/// See [`EARLY_ADJUSTS_MS`].
+const MAX_EARLY_ADJUSTS: usize = 16_384;
+/// See [`EARLY_ADJUSTS_MS`].
+const MAX_EARLY_ADJUST_BYTES: usize = 16 << 20;
 
 /// What the worker host handles.
 pub enum WorkersMsg {
@@ -143,6 +154,8 @@ pub struct WorkersState {
     cut_offs: CutOffs,
     /// The attempts that ended here lately: the same ALLOCATE again runs nothing.
     ended: EndedAttempts,
+    /// ADJUSTs that came before their attempt's ALLOCATE, for it to start with.
+    early: EarlyAdjusts,
 }
 
 /// What the worker host's sender takes, in order.
@@ -196,6 +209,7 @@ impl Actor for Workers {
             outbox,
             cut_offs: CutOffs::new(CUT_OFF_CANCEL_MS),
             ended: EndedAttempts::new(ENDED_ATTEMPTS_MS, MAX_ENDED_ATTEMPTS),
+            early: EarlyAdjusts::new(EARLY_ADJUSTS_MS, MAX_EARLY_ADJUSTS, MAX_EARLY_ADJUST_BYTES),
         })
     }
 
@@ -230,6 +244,7 @@ impl Actor for Workers {
             WorkersMsg::Event(agent, event) => state.on_event(agent, event).await,
             WorkersMsg::NodeDown(node) => {
                 let _ = state.outbox.send(ToSender::NodeDown(node.clone())).await;
+                state.early.forget_node(&node);
                 let n = state.cancel_attempts_of(&node);
                 if n > 0 {
                     info!(%node, attempts = n, "cancelling the attempts of a coordinator whose node went down");
@@ -328,6 +343,13 @@ impl WorkersState {
             metrics::counter!("agentmesh_allocates_repeated_total").increment(1);
             return debug!(%peer, task = %a.task, segment = a.segment, attempt = a.attempt, "the same ALLOCATE again: not run twice");
         }
+        // An ADJUST of this attempt from the same node overtook it.
+        let early = self.early.take(&key, peer, now_ms);
+        if early.as_ref().is_some_and(|e| e.cancel) {
+            self.ended.insert(key, now_ms);
+            metrics::counter!("agentmesh_allocates_repeated_total").increment(1);
+            return debug!(%peer, task = %a.task, segment = a.segment, attempt = a.attempt, "ALLOCATE of an attempt cancelled before it came: not run");
+        }
         let refusal = match self.agents.get(&a.target) {
             None => Some((
                 Refusal::NoAgent,
@@ -408,14 +430,25 @@ impl WorkersState {
                 coordinator_agent: header.agent,
             },
         );
-        let run = WorkerMsg::Run(Allocation {
+        let mut run = Allocation {
             task: a.task,
             segment: a.segment,
             attempt: a.attempt,
             input: a.input.to_vec(),
             priority: header.prio,
             params: a.params,
-        });
+            adjusted_priority: None,
+        };
+        if let Some(early) = early {
+            // Sent after the ALLOCATE, it carries the task's parameters as of later.
+            metrics::counter!("agentmesh_adjusts_before_allocate_total").increment(1);
+            run.params = early.params;
+            if let Some(p) = early.priority {
+                run.priority = p;
+                run.adjusted_priority = Some(p);
+            }
+        }
+        let run = WorkerMsg::Run(run);
         if supervisor.cast(run).is_err() {
             self.on_event(
                 a.target,
@@ -435,6 +468,25 @@ impl WorkersState {
     }
 
     fn on_adjust(&mut self, peer: &str, a: Adjust) {
+        if let (Some(segment), Some(attempt)) = (a.segment, a.attempt) {
+            // For one attempt: it may have ended here, or not come yet (an ADJUST on
+            // the urgent lane can overtake its ALLOCATE). An ADJUST sent again after a
+            // lost connection must not reach a later attempt of the segment.
+            let key = (a.task, segment, attempt);
+            if !self.attempts.contains_key(&key) {
+                let now_ms = self.now_ms();
+                if !self.ended.contains(&key, now_ms) {
+                    // Its ALLOCATE, should it come from this node, starts it so.
+                    let early = EarlyAdjust {
+                        params: a.params,
+                        priority: a.priority,
+                        cancel: a.cancel,
+                    };
+                    self.early.insert(key, peer, early, now_ms);
+                }
+                return debug!(%peer, task = %a.task, segment, attempt, cancel = a.cancel, "ADJUST of an attempt not running here");
+            }
+        }
         let from_coordinator = self
             .attempts
             .iter()
@@ -447,18 +499,6 @@ impl WorkersState {
             return;
         };
         if let (Some(segment), Some(attempt)) = (a.segment, a.attempt) {
-            // For one attempt: it may have ended here, or not come yet (an ADJUST on
-            // the urgent lane can overtake its ALLOCATE), and an ADJUST sent again after
-            // a lost connection must not reach a later attempt of the segment.
-            let key = (a.task, segment, attempt);
-            if !self.attempts.contains_key(&key) {
-                if a.cancel {
-                    // Its ALLOCATE, should it come yet, runs nothing.
-                    let now_ms = self.now_ms();
-                    self.ended.insert(key, now_ms);
-                }
-                return debug!(%peer, task = %a.task, segment, attempt, cancel = a.cancel, "ADJUST of an attempt not running here");
-            }
             if a.cancel {
                 let _ = slot.supervisor.cast(WorkerMsg::Cancel {
                     task: a.task,

@@ -21,7 +21,8 @@ use agentmesh_actors::{
 };
 use agentmesh_runtime::transport::clock::SystemClock;
 use agentmesh_runtime::transport::tls::ClusterCa;
-use agentmesh_runtime::transport::wire::payload::{Capability, Health};
+use agentmesh_runtime::transport::wire::payload::{Adjust, Allocate, Capability, Health};
+use agentmesh_runtime::transport::wire::{Flags, Header, Message, Payload};
 use agentmesh_runtime::transport::EndpointConfig;
 use agentmesh_runtime::{Client, ClusterEvent, MembershipConfig, Node, NodeConfig, RemoteMessage};
 
@@ -362,6 +363,108 @@ async fn an_adjustment_holds_for_the_segments_started_after_it() {
         let text: String = rmp_serde::from_slice(&r.0).unwrap();
         assert_eq!(text, "42 at priority None");
     }
+}
+
+/// Tells, for each attempt it runs, the input and the adjustment it started with.
+struct Teller(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Agent for Teller {
+    type Input = u32;
+    type Output = ();
+
+    fn agent_type(&self) -> &str {
+        "teller"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        caps("tell")
+    }
+
+    async fn work(&self, input: u32, ctx: &mut SegmentContext) -> Result<(), AgentError> {
+        let a = ctx.adjustment();
+        let _ = self.0.send(format!(
+            "{input}: {:?} at priority {:?}",
+            a.params.get("answer"),
+            a.priority
+        ));
+        Ok(())
+    }
+}
+
+/// An ACP message from node `alpha`'s coordinator (agent 0) of group 0.
+fn from_coordinator(payload: Payload, prio: u8, urgent: bool) -> Message {
+    let mut header = Header::new(payload.msg_type());
+    header.prio = prio;
+    if urgent {
+        header.flags = header.flags.with(Flags::URGENT);
+    }
+    Message::new(header, payload.encode().unwrap().into())
+}
+
+/// An ADJUST sent after its attempt's ALLOCATE can arrive first: it goes on the urgent
+/// lane, the ALLOCATE on the coordination lane, perhaps behind large inputs. The
+/// worker's node keeps it, and the ALLOCATE from the same node starts the attempt with
+/// its parameters and priority, or not at all if it cancelled it. Before, the worker
+/// dropped it: the attempt ran as of its ALLOCATE, or ran although cancelled. Here
+/// alpha's mesh plays its coordinator, so that the ADJUST surely comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adjust_that_overtook_its_allocate_holds_for_the_attempt() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let agent = nodes[1].1.add(Teller(told), 2).await.unwrap();
+    let mesh = nodes[0].0.mesh();
+    let task = uuid::Uuid::new_v4();
+    let adjust = |attempt, cancel| Adjust {
+        target: agent,
+        task,
+        segment: Some(0),
+        params: [("answer".to_string(), "42".to_string())].into(),
+        priority: Some(200),
+        cancel,
+        attempt: Some(attempt),
+    };
+    let allocate = |attempt, input: u32| Allocate {
+        target: agent,
+        task,
+        segment: 0,
+        attempt,
+        capability: "tell".into(),
+        timeout_ms: 10_000,
+        input: rmp_serde::to_vec_named(&input).unwrap().into(),
+        peers: Vec::new(),
+        params: Default::default(),
+    };
+    for (attempt, cancel) in [(1, false), (2, true)] {
+        let m = from_coordinator(Payload::Adjust(adjust(attempt, cancel)), 0, true);
+        mesh.send_acp("beta", m).await.unwrap();
+    }
+    // Both ADJUSTs are at beta well before the ALLOCATEs. (Were one not, its ALLOCATE
+    // would run first and the ADJUST reach it running: the same figures.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (attempt, input) in [(1, 1), (2, 2), (3, 3)] {
+        let m = from_coordinator(Payload::Allocate(allocate(attempt, input)), 130, false);
+        mesh.send_acp("beta", m).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(10), heard.recv()).await;
+        seen.push(next.expect("an attempt ran").unwrap());
+    }
+    // Attempt 3's ALLOCATE came after attempt 2's on the same lane: had 2 run, it
+    // would have been told by now too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(more) = heard.try_recv() {
+        seen.push(more);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "1: Some(\"42\") at priority Some(200)",
+            "3: None at priority None"
+        ]
+    );
 }
 
 /// A submission with the id of a task that runs waits for that task (the waiter

@@ -75,12 +75,12 @@ impl Agent for Sleeper {
             slept += 5;
         }
         self.running.fetch_sub(1, Ordering::SeqCst);
-        Ok(ctx
-            .adjustment()
-            .params
-            .get("tag")
-            .cloned()
-            .unwrap_or_default())
+        let adjustment = ctx.adjustment();
+        let tag = adjustment.params.get("tag").cloned().unwrap_or_default();
+        Ok(match adjustment.priority {
+            Some(p) => format!("{tag} at {p}"),
+            None => tag,
+        })
     }
 }
 
@@ -92,6 +92,7 @@ fn alloc(segment: u32, input: &impl serde::Serialize) -> Allocation {
         input: rmp_serde::to_vec_named(input).unwrap(),
         priority: 128,
         params: Default::default(),
+        adjusted_priority: None,
     }
 }
 
@@ -219,8 +220,8 @@ async fn replicas_bound_how_many_segments_run_at_once() {
     assert_eq!(agent.most.load(Ordering::SeqCst), 2);
 }
 
-/// An ADJUST of the whole task reaches its attempts still queued too, and an attempt
-/// allocated with parameters starts with them.
+/// An ADJUST of the whole task reaches its attempts still queued too (its priority as
+/// well as its parameters), and an attempt allocated with parameters starts with them.
 #[tokio::test]
 async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
@@ -228,7 +229,22 @@ async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     // Queued behind segment 0 on the one replica.
     worker.cast(WorkerMsg::Run(alloc(1, &0u64))).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    worker.cast(steer(None)).unwrap();
+    let WorkerMsg::Adjust {
+        task,
+        segment,
+        mut adjustment,
+    } = steer(None)
+    else {
+        unreachable!()
+    };
+    adjustment.priority = Some(9);
+    worker
+        .cast(WorkerMsg::Adjust {
+            task,
+            segment,
+            adjustment,
+        })
+        .unwrap();
     let mut given = alloc(2, &0u64);
     given.params.insert("tag".into(), "given".into());
     worker.cast(WorkerMsg::Run(given)).unwrap();
@@ -246,7 +262,11 @@ async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     let tag = |s: u32, t: &str| (s, t.to_string());
     assert_eq!(
         done,
-        [tag(0, "steered"), tag(1, "steered"), tag(2, "given")]
+        [
+            tag(0, "steered at 9"),
+            tag(1, "steered at 9"),
+            tag(2, "given")
+        ]
     );
 }
 

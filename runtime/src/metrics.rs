@@ -88,6 +88,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_results_discarded_total", Kind::Counter, "result copies discarded because the segment was already done"),
     ("agentmesh_allocations_refused_total", Kind::Counter, "ALLOCATEs from this node refused unrun by the worker's node, by refusal"),
     ("agentmesh_reports_refused_total", Kind::Counter, "REPORTs refused by the coordinator, by reason"),
+    ("agentmesh_adjusts_before_allocate_total", Kind::Counter, "attempts this worker node started as an ADJUST that came before their ALLOCATE asked (it overtook the ALLOCATE on the urgent lane)"),
     ("agentmesh_adjust_refused_total", Kind::Counter, "ADJUSTs dropped by a worker node because they did not come from the task's coordinator"),
     ("agentmesh_policy_denials_total", Kind::Counter, "work denied by policy, by reason (group or rate) and groups"),
     ("agentmesh_policy_version", Kind::Gauge, "the version of the policy this node holds (0: its start-up file)"),

@@ -51,11 +51,11 @@ use crate::refusals::{Refusals, Room};
 use crate::resend::{resend, send_and_keep, unreachable, Kind};
 use crate::service::serde_bytes_vec::Blob;
 use crate::service::{
-    done_bytes, encoded_len, params_bytes, AdjustAnswer, AdjustRequest, AgentsRequest,
-    AgentsStatus, Checkpoint, CheckpointAck, OpenTask, ResultsRequest, SoFar, SubmitRequest,
-    TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE, AGENTS_SERVICE,
-    COORDINATOR_SERVICE, MAX_GENERATION, MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS, RESULTS_SERVICE,
-    STANDBY_SERVICE,
+    allocate_prio, done_bytes, encoded_len, params_bytes, AdjustAnswer, AdjustRequest,
+    AgentsRequest, AgentsStatus, Checkpoint, CheckpointAck, OpenTask, ResultsRequest, SoFar,
+    SubmitRequest, TaskCheckpoint, TaskOutcome, TaskStatus, TaskSummary, ADJUST_SERVICE,
+    AGENTS_SERVICE, COORDINATOR_SERVICE, MAX_GENERATION, MAX_LABEL_LEN, MAX_SEGMENT_TIMEOUT_MS,
+    RESULTS_SERVICE, STANDBY_SERVICE,
 };
 use crate::standby::{HeldTask, Standby, StandbyLimits, Takeover, LEASE_MS, TRUSTED_FOR_MS};
 use crate::workers::encode;
@@ -1403,7 +1403,7 @@ impl CoordinatorState {
                     };
                     // The task's priority orders ALLOCATEs within the coordination lane
                     // and the worker's queue.
-                    let prio = 128 + meta.priority / 4;
+                    let prio = allocate_prio(meta.priority);
                     let Some(message) =
                         encode(Payload::Allocate(allocate), 0, meta.group, Some(prio))
                     else {

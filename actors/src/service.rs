@@ -361,6 +361,12 @@ pub struct TaskCheckpoint {
     pub params: BTreeMap<String, String>,
 }
 
+/// The Stream Prio of a task's ALLOCATEs, and the queue priority of its attempts at a
+/// worker: in the coordination lane (128..=191), higher for a task of higher priority.
+pub fn allocate_prio(task_priority: u8) -> u8 {
+    128 + task_priority / 4
+}
+
 /// Bytes of a task's parameters (`agentmesh adjust`), names and values together.
 pub fn params_bytes(params: &BTreeMap<String, String>) -> usize {
     params.iter().map(|(k, v)| k.len() + v.len()).sum()

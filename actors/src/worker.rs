@@ -20,6 +20,7 @@ use agentmesh_runtime::transport::wire::payload::Health;
 use crate::agent::{Adjustment, Agent, SegmentContext, SyncEvent};
 pub use crate::restarts::RestartPolicy;
 use crate::restarts::{self, Comeback, Panics};
+use crate::service::allocate_prio;
 
 /// One attempt of one segment, as the coordinator allocated it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -336,12 +337,23 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                         .cancel_queued(|a| a.task == task && segment.is_none_or(|s| s == a.segment))
                         .await;
                 } else {
-                    // One still queued starts with them.
+                    // One still queued starts with them, and waits as its new priority
+                    // says.
                     for a in state.queue.iter_mut() {
                         if a.task == task && segment.is_none_or(|s| s == a.segment) {
                             a.params.clone_from(&adjustment.params);
                             a.adjusted_priority = adjustment.priority;
+                            if let Some(p) = adjustment.priority {
+                                a.priority = allocate_prio(p);
+                            }
                         }
+                    }
+                    if adjustment.priority.is_some() {
+                        // Stable: first come first within a priority still.
+                        state
+                            .queue
+                            .make_contiguous()
+                            .sort_by_key(|a| std::cmp::Reverse(a.priority));
                     }
                 }
             }

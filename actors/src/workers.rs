@@ -30,6 +30,7 @@ use crate::host::PolicyStore;
 use crate::kept::{KeptFrames, Limits};
 use crate::policy::RateLimiter;
 use crate::resend::{resend, send_and_keep, Kind};
+use crate::service::allocate_prio;
 use crate::worker::{Allocation, WorkerEvent, WorkerMsg};
 
 /// Frames waiting to go out from this host at most (the host waits when it is full).
@@ -444,7 +445,7 @@ impl WorkersState {
             metrics::counter!("agentmesh_adjusts_before_allocate_total").increment(1);
             run.params = early.params;
             if let Some(p) = early.priority {
-                run.priority = p;
+                run.priority = allocate_prio(p);
                 run.adjusted_priority = Some(p);
             }
         }

@@ -270,6 +270,53 @@ async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     );
 }
 
+/// An ADJUST that raises a task's priority moves its queued attempts ahead of those of
+/// tasks it now outranks.
+#[tokio::test]
+async fn a_priority_adjustment_moves_queued_attempts_ahead() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    // The one replica is busy; segments 1 and 2 of task 1, then segment 0 of task 2,
+    // wait at the same priority.
+    worker.cast(WorkerMsg::Run(alloc(0, &100u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(1, &0u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(2, &0u64))).unwrap();
+    let mut other = alloc(0, &0u64);
+    other.task = Uuid::from_u128(2);
+    worker.cast(WorkerMsg::Run(other)).unwrap();
+    worker
+        .cast(WorkerMsg::Adjust {
+            task: Uuid::from_u128(2),
+            segment: None,
+            adjustment: Adjustment {
+                priority: Some(255),
+                ..Adjustment::default()
+            },
+        })
+        .unwrap();
+    let order: Vec<(u128, u32, String)> = outcomes(&mut rx, 4)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Done { allocation, output } => Some((
+                allocation.0.as_u128(),
+                allocation.1,
+                rmp_serde::from_slice(&output).unwrap(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let done = |t, s, out: &str| (t, s, out.to_string());
+    assert_eq!(
+        order,
+        [
+            done(1, 0, ""),
+            done(2, 0, " at 255"),
+            done(1, 1, ""),
+            done(1, 2, "")
+        ]
+    );
+}
+
 #[tokio::test]
 async fn adjustments_reach_the_running_segment_and_cancel_stops_it() {
     let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;

@@ -235,6 +235,104 @@ mod tests {
         assert_eq!(early.take(&key(3), "alpha", 5), None);
     }
 
+    /// What [`EarlyAdjusts`] should hold, written plainly: entries oldest first.
+    #[derive(Default)]
+    struct Model {
+        entries: Vec<(u64, AttemptKey, String, EarlyAdjust)>,
+    }
+
+    impl Model {
+        fn bytes(&self) -> usize {
+            self.entries
+                .iter()
+                .map(|(_, _, p, a)| entry_bytes(p, a))
+                .sum()
+        }
+
+        fn expire(&mut self, keep_ms: u64, now_ms: u64) {
+            self.entries.retain(|(at, ..)| now_ms < at + keep_ms);
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Insert(u32, usize, u8, bool),
+        Take(u32, usize),
+        Forget(usize),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u32..3, 0usize..2, 0u8..40, proptest::bool::weighted(0.3))
+                .prop_map(|(s, p, n, c)| Step::Insert(s, p, n, c)),
+            (0u32..3, 0usize..2).prop_map(|(s, p)| Step::Take(s, p)),
+            (0usize..2).prop_map(Step::Forget),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever comes, in whatever order, it holds what the model holds, within
+        /// its bounds, and gives what the model gives.
+        #[test]
+        fn it_keeps_what_a_plain_model_keeps(
+            steps in proptest::collection::vec((step(), 0u64..300), 1..120),
+            max in 0usize..5,
+        ) {
+            const KEEP_MS: u64 = 1_000;
+            let max_bytes = 3 * ENTRY_BYTES;
+            let peers = ["alpha", "beta"];
+            let mut early = EarlyAdjusts::new(KEEP_MS, max, max_bytes);
+            let mut model = Model::default();
+            let mut now = 0;
+            for (step, dt) in steps {
+                now += dt;
+                match step {
+                    Step::Insert(segment, peer, n, cancel) => {
+                        let adjust = EarlyAdjust {
+                            params: BTreeMap::from([("k".to_string(), "v".repeat(n as usize * 4))]),
+                            priority: Some(n),
+                            cancel,
+                        };
+                        let peer = peers[peer];
+                        early.insert(key(segment), peer, adjust.clone(), now);
+                        model.expire(KEEP_MS, now);
+                        if max > 0 && entry_bytes(peer, &adjust) <= max_bytes {
+                            let same = |e: &&mut (u64, AttemptKey, String, EarlyAdjust)| {
+                                e.1 == key(segment) && e.2 == peer
+                            };
+                            match model.entries.iter_mut().find(|e| same(e)) {
+                                Some(e) => {
+                                    let cancel = e.3.cancel || adjust.cancel;
+                                    e.3 = EarlyAdjust { cancel, ..adjust };
+                                }
+                                None => model.entries.push((now, key(segment), peer.to_string(), adjust)),
+                            }
+                            while model.entries.len() > max || model.bytes() > max_bytes {
+                                model.entries.remove(0);
+                            }
+                        }
+                    }
+                    Step::Take(segment, peer) => {
+                        let peer = peers[peer];
+                        let got = early.take(&key(segment), peer, now);
+                        model.expire(KEEP_MS, now);
+                        let at = model.entries.iter().position(|e| e.1 == key(segment) && e.2 == peer);
+                        let want = at.map(|i| model.entries.remove(i).3);
+                        proptest::prop_assert_eq!(got, want);
+                    }
+                    Step::Forget(peer) => {
+                        early.forget_node(peers[peer]);
+                        model.entries.retain(|e| e.2 != peers[peer]);
+                    }
+                }
+                proptest::prop_assert_eq!(early.len(), model.entries.len());
+                proptest::prop_assert_eq!(early.bytes(), model.bytes());
+                proptest::prop_assert!(early.len() <= max && early.bytes() <= max_bytes);
+            }
+        }
+    }
+
     #[test]
     fn a_node_that_went_down_leaves_nothing_kept() {
         let mut early = EarlyAdjusts::new(1_000, 10, 1 << 20);

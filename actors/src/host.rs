@@ -33,7 +33,9 @@ use crate::service::{
 use crate::worker::{RestartPolicy, WorkerArgs, WorkerEvent, WorkerMsg, WorkerSupervisor};
 use crate::workers::{Workers, WorkersArgs, WorkersMsg};
 
-/// ACP frames queued for the workers or the coordinator at most; more are shed.
+/// ACP frames queued for the workers or the coordinator at most; more wait a while
+/// (holding back their lane), or are shed if they came as datagrams
+/// (`Mesh::route_acp`).
 const ACP_QUEUE: usize = 4_096;
 /// Of those, handed to the actor's mailbox at once (the mailbox stays bounded).
 const ACP_IN_MAILBOX: usize = 1_024;

@@ -763,7 +763,7 @@ async fn pump(
                 via: via @ Via::Datagram,
                 messages,
             } => {
-                let driver_part = take_for_mesh(&mesh, &peer, messages).await;
+                let driver_part = take_for_mesh(&mesh, &peer, messages, false).await;
                 if driver_part.is_empty() {
                     continue;
                 }
@@ -795,8 +795,14 @@ async fn pump(
 
 /// Hands what arrived from `peer` to the mesh (actor messages and the ACP types it
 /// routes) and returns what is the cluster actor's: membership gossip and requests to
-/// the node's status service.
-async fn take_for_mesh(mesh: &Mesh, peer: &str, messages: Vec<Message>) -> Vec<Message> {
+/// the node's status service. What came on a lane (`reliably`) waits a while for a
+/// full ACP consumer ([`Mesh::route_acp`]); datagrams do not.
+async fn take_for_mesh(
+    mesh: &Mesh,
+    peer: &str,
+    messages: Vec<Message>,
+    reliably: bool,
+) -> Vec<Message> {
     let mut driver_part = Vec::new();
     for message in messages {
         match message.header.msg_type {
@@ -806,7 +812,7 @@ async fn take_for_mesh(mesh: &Mesh, peer: &str, messages: Vec<Message>) -> Vec<M
                     driver_part.push(m);
                 }
             }
-            _ => mesh.on_acp(peer, message),
+            _ => mesh.on_acp(peer, message, reliably).await,
         }
     }
     driver_part
@@ -838,7 +844,7 @@ impl Inbox for MeshInbox {
                 },
             };
             match mesh {
-                Some(mesh) => take_for_mesh(&mesh, peer, messages).await,
+                Some(mesh) => take_for_mesh(&mesh, peer, messages, true).await,
                 // The node is gone or never started: the pump, if any, sees them.
                 None => messages,
             }

@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -128,6 +128,22 @@ pub enum RegisterError {
     /// The name is reserved or malformed.
     #[error("actor name {0:?} is reserved or empty")]
     BadName(String),
+}
+
+/// How long an ACP message that came reliably (on a lane, or from this node) waits for
+/// room in its consumer's full channel before it is shed: a burst (a coordinator's
+/// ALLOCATEs to a thousand free replicas, their final REPORTs) waits for the consumer
+/// to catch up and holds its lane back, through QUIC flow control, rather than be lost
+/// for the segment timeout; a consumer stuck longer sheds as before.
+const ACP_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the ACP messages of some types go ([`Mesh::route_acp`]).
+struct AcpRoute {
+    to: mpsc::Sender<FromPeer<Message>>,
+    /// A message waited [`ACP_WAIT`] in vain: until the channel has room again, the
+    /// next ones are shed at once, so that a stuck consumer costs its senders' lanes
+    /// one wait, not one per message.
+    stuck: AtomicBool,
 }
 
 /// Registry service name and kinds on the wire.
@@ -330,7 +346,7 @@ pub(crate) struct Inner {
     remote: RwLock<HashMap<String, ActorAddr>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, String>>>>,
     monitors: Mutex<HashMap<ActorAddr, Vec<oneshot::Sender<Down>>>>,
-    acp_routes: RwLock<HashMap<MessageType, mpsc::Sender<FromPeer<Message>>>>,
+    acp_routes: RwLock<HashMap<MessageType, Arc<AcpRoute>>>,
     /// Nodes reported up whose connection is still being made, each with what its
     /// waiting senders are woken by when it is (see [`Mesh::peer_ready`]).
     connecting: Mutex<HashMap<String, Arc<Notify>>>,
@@ -750,21 +766,31 @@ impl Mesh {
 
     /// Hands every ACP message of these types that arrives (from any peer, or from this
     /// node through [`Mesh::send_acp`]) to `to`, with its authenticated sender. The
-    /// channel is the bound: when it is full the message is dropped and counted
-    /// (`agentmesh_acp_shed_total`), so one slow consumer never stalls the node.
-    /// ENVELOPE and MEMBERSHIP belong to the node and cannot be routed.
+    /// channel is the bound. When it is full, a message that came as a datagram is
+    /// dropped and counted (`agentmesh_acp_shed_total`); one that came on a lane, or
+    /// from this node, waits up to 1 s for room (holding back its lane, and the local
+    /// sender), and is dropped and counted only then. Once one waited in vain, the
+    /// next are dropped at once until the channel has room again: one stuck consumer
+    /// stalls each lane once, not for each message. ENVELOPE and MEMBERSHIP belong to
+    /// the node and cannot be routed.
     pub fn route_acp(&self, types: &[MessageType], to: mpsc::Sender<FromPeer<Message>>) {
+        let route = Arc::new(AcpRoute {
+            to,
+            stuck: AtomicBool::new(false),
+        });
         if let Ok(mut routes) = self.inner.acp_routes.write() {
             for t in types {
                 if !matches!(t, MessageType::Envelope | MessageType::Membership) {
-                    routes.insert(*t, to.clone());
+                    routes.insert(*t, route.clone());
                 }
             }
         }
     }
 
-    /// Delivers an ACP message that arrived from `peer` to the consumer of its type.
-    pub(crate) fn on_acp(&self, peer: &str, message: Message) {
+    /// Delivers an ACP message that arrived from `peer` to the consumer of its type;
+    /// `reliably` (on a lane, or from this node) it waits a while for room
+    /// ([`Mesh::route_acp`]).
+    pub(crate) async fn on_acp(&self, peer: &str, message: Message, reliably: bool) {
         let msg_type = message.header.msg_type;
         let route = self
             .inner
@@ -779,10 +805,31 @@ impl Mesh {
             peer: peer.to_string(),
             message,
         };
-        if let Err(e) = route.try_send(item) {
-            metrics::counter!("agentmesh_acp_shed_total", "type" => msg_type.name()).increment(1);
-            debug!(%peer, %msg_type, error = %e, "ACP message shed: its consumer is behind");
-        }
+        let why = match route.to.try_send(item) {
+            Ok(()) => {
+                route.stuck.store(false, Ordering::Relaxed);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => "its consumer has stopped",
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                if !reliably || route.stuck.load(Ordering::Relaxed) {
+                    "its consumer is behind"
+                } else {
+                    metrics::counter!("agentmesh_acp_waited_total", "type" => msg_type.name())
+                        .increment(1);
+                    match tokio::time::timeout(ACP_WAIT, route.to.send(item)).await {
+                        Ok(Ok(())) => return,
+                        Ok(Err(_)) => "its consumer has stopped",
+                        Err(_) => {
+                            route.stuck.store(true, Ordering::Relaxed);
+                            "its consumer is stuck"
+                        }
+                    }
+                }
+            }
+        };
+        metrics::counter!("agentmesh_acp_shed_total", "type" => msg_type.name()).increment(1);
+        debug!(%peer, %msg_type, why, "ACP message shed");
     }
 
     /// The connection to `node`, if there is one.
@@ -846,7 +893,7 @@ impl Mesh {
         message: Message,
     ) -> Result<Option<PeerHandle>, SendError> {
         if node == self.inner.node {
-            self.on_acp(node, message);
+            self.on_acp(node, message, true).await;
             return Ok(None);
         }
         let peer = self.peer_ready(node).await?;
@@ -868,7 +915,7 @@ impl Mesh {
     /// on the bulk lane if it is too large.
     pub async fn send_acp_datagram(&self, node: &str, message: Message) -> Result<(), SendError> {
         if node == self.inner.node {
-            self.on_acp(node, message);
+            self.on_acp(node, message, false).await;
             return Ok(());
         }
         self.peer_ready(node)

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentmesh_runtime::{
-    ActorAddr, AskError, Bounded, ClusterEvent, Down, MembershipConfig, Node, NodeConfig,
+    ActorAddr, AskError, Bounded, ClusterEvent, Down, FromPeer, MembershipConfig, Node, NodeConfig,
     RemoteMessage, SendError,
 };
 use agentmesh_transport::clock::SystemClock;
 use agentmesh_transport::tls::ClusterCa;
-use agentmesh_transport::wire::AcpErrorCode;
+use agentmesh_transport::wire::{AcpErrorCode, Header, Message, MessageType};
 use agentmesh_transport::EndpointConfig;
+use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -722,6 +723,101 @@ async fn a_bounded_actor_that_falls_behind_sheds_what_does_not_fit_and_takes_mor
         .unwrap()
         .unwrap();
     assert!(ticks.try_recv().is_err(), "a shed tick was delivered");
+}
+
+/// An ACP message of `msg_type` on the coordination lane (Stream Prio 160), carrying `n`.
+fn acp(msg_type: MessageType, n: u8) -> Message {
+    let mut header = Header::new(msg_type);
+    header.prio = 160;
+    Message::new(header, Bytes::from(vec![n]))
+}
+
+/// What `rx` has, waiting up to 5 s for each of `n`.
+async fn take(rx: &mut mpsc::Receiver<FromPeer<Message>>, n: usize) -> Vec<(String, u8)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a message that came reliably was lost")
+            .unwrap();
+        got.push((m.peer, m.message.body[0]));
+    }
+    got
+}
+
+/// A consumer of ACP messages that falls behind (a worker node handed ALLOCATEs for a
+/// thousand free replicas at once) gets every one that came on a lane or from its own
+/// node, in order: they wait for room, holding the lane back. Before, all past its
+/// channel's bound were shed, and each lost ALLOCATE cost its segment the 30 s
+/// timeout. A datagram still does not wait, and a consumer stuck past 1 s holds a lane
+/// back once, not for each message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acp_consumer_that_falls_behind_loses_nothing_that_came_reliably() {
+    let ca = ClusterCa::generate().unwrap();
+    let nodes = cluster(&ca, &["alpha", "beta"]).await;
+    let (tx, mut reports) = mpsc::channel(2);
+    nodes[1].mesh().route_acp(&[MessageType::Report], tx);
+
+    let alpha = nodes[0].mesh().clone();
+    let remote = tokio::spawn(async move {
+        for n in 0..20 {
+            alpha
+                .send_acp("beta", acp(MessageType::Report, n))
+                .await
+                .unwrap();
+        }
+    });
+    let beta = nodes[1].mesh().clone();
+    let local = tokio::spawn(async move {
+        for n in 100..120 {
+            beta.send_acp("beta", acp(MessageType::Report, n))
+                .await
+                .unwrap();
+        }
+    });
+    // Nothing is taken meanwhile: the channel is full and both senders wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = take(&mut reports, 40).await;
+    remote.await.unwrap();
+    local.await.unwrap();
+    let from = |peer: &str| -> Vec<u8> {
+        got.iter()
+            .filter(|(p, _)| p == peer)
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    assert_eq!(from("alpha"), (0..20).collect::<Vec<u8>>());
+    assert_eq!(from("beta"), (100..120).collect::<Vec<u8>>());
+
+    // Full again, of beta's own: a datagram finds no room and is shed at once.
+    for n in 200..202 {
+        let m = acp(MessageType::Report, n);
+        nodes[1].mesh().send_acp("beta", m).await.unwrap();
+    }
+    for n in 0..20 {
+        let m = acp(MessageType::Report, n);
+        nodes[0].mesh().send_acp_datagram("beta", m).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        take(&mut reports, 2).await,
+        [("beta".into(), 200), ("beta".into(), 201)]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(reports.try_recv().is_err(), "a datagram waited for room");
+
+    // A consumer that never takes anything: the first message waits 1 s in vain, the
+    // rest are shed at once, and a message behind them on the lane for another
+    // consumer arrives soon after (10 s later if each waited).
+    let (stuck_tx, _stuck) = mpsc::channel(1);
+    nodes[1].mesh().route_acp(&[MessageType::Sync], stuck_tx);
+    for n in 0..11 {
+        let m = acp(MessageType::Sync, n);
+        nodes[0].mesh().send_acp("beta", m).await.unwrap();
+    }
+    let marker = acp(MessageType::Report, 7);
+    nodes[0].mesh().send_acp("beta", marker).await.unwrap();
+    assert_eq!(take(&mut reports, 1).await, [("alpha".into(), 7)]);
 }
 
 /// A node hears that another is up (here through gossip, before any connection to it)

@@ -1,6 +1,6 @@
 //! How the transport hands what it receives to its owner: one bounded queue per
 //! carrier, read in priority order, so an urgent message never waits behind bulk data
-//! that already arrived.
+//! that already arrived, and membership gossip is never crowded out by other datagrams.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::endpoint::{PeerName, TransportEvent};
 use crate::ingress::Via;
-use crate::wire::{Lane, Message};
+use crate::wire::{Lane, Message, MessageType};
 
 /// What [`Inbox::take`] returns: the messages it left for the event queues.
 pub type Leftover<'a> = Pin<Box<dyn Future<Output = Vec<Message>> + Send + 'a>>;
@@ -43,6 +43,11 @@ pub struct EventQueues {
     pub bulk: usize,
     /// Datagram events.
     pub datagrams: usize,
+    /// Membership gossip datagrams (MEMBERSHIP), queued apart from the other datagrams
+    /// and read before them: a flood of progress REPORTs that fills the datagram queue
+    /// would otherwise shed the failure detector's probes and acks, and have nodes that
+    /// are only busy declared down.
+    pub gossip: usize,
 }
 
 impl Default for EventQueues {
@@ -54,6 +59,7 @@ impl Default for EventQueues {
             normal: 256,
             bulk: 8,
             datagrams: 256,
+            gossip: 256,
         }
     }
 }
@@ -64,6 +70,7 @@ pub(crate) struct EventSenders {
     peers: mpsc::Sender<TransportEvent>,
     lanes: [mpsc::Sender<TransportEvent>; 4],
     datagrams: mpsc::Sender<TransportEvent>,
+    gossip: mpsc::Sender<TransportEvent>,
 }
 
 impl EventSenders {
@@ -77,12 +84,22 @@ impl EventSenders {
             Via::Datagram => &self.datagrams,
         }
     }
+
+    /// The queue of a datagram of this type: MEMBERSHIP has its own.
+    pub(crate) fn datagram(&self, msg_type: MessageType) -> &mpsc::Sender<TransportEvent> {
+        match msg_type {
+            MessageType::Membership => &self.gossip,
+            _ => &self.datagrams,
+        }
+    }
 }
 
 /// What the owner of a transport reads: events in priority order (peer changes, then
-/// urgent, coordination, datagrams, normal, bulk); within one carrier, in arrival order.
+/// membership gossip, urgent, coordination, other datagrams, normal, bulk); within one
+/// carrier, in arrival order.
 pub struct TransportEvents {
     peers: mpsc::Receiver<TransportEvent>,
+    gossip: mpsc::Receiver<TransportEvent>,
     urgent: mpsc::Receiver<TransportEvent>,
     coordination: mpsc::Receiver<TransportEvent>,
     datagrams: mpsc::Receiver<TransportEvent>,
@@ -97,6 +114,7 @@ pub(crate) fn channels(sizes: EventQueues) -> (EventSenders, TransportEvents) {
     let (coordination_tx, coordination) = mpsc::channel(sizes.coordination.max(1));
     let (urgent_tx, urgent) = mpsc::channel(sizes.urgent.max(1));
     let (datagrams_tx, datagrams) = mpsc::channel(sizes.datagrams.max(1));
+    let (gossip_tx, gossip) = mpsc::channel(sizes.gossip.max(1));
     // Indexed by `Lane::index`: bulk, normal, coordination, urgent.
     let lanes = [bulk_tx, normal_tx, coordination_tx, urgent_tx];
     debug_assert!(Lane::ALL.iter().enumerate().all(|(i, l)| l.index() == i));
@@ -105,9 +123,11 @@ pub(crate) fn channels(sizes: EventQueues) -> (EventSenders, TransportEvents) {
             peers: peers_tx,
             lanes,
             datagrams: datagrams_tx,
+            gossip: gossip_tx,
         },
         TransportEvents {
             peers,
+            gossip,
             urgent,
             coordination,
             datagrams,
@@ -124,6 +144,7 @@ impl TransportEvents {
         tokio::select! {
             biased;
             Some(e) = self.peers.recv() => Some(e),
+            Some(e) = self.gossip.recv() => Some(e),
             Some(e) = self.urgent.recv() => Some(e),
             Some(e) = self.coordination.recv() => Some(e),
             Some(e) = self.datagrams.recv() => Some(e),
@@ -137,6 +158,7 @@ impl TransportEvents {
     pub fn try_recv(&mut self) -> Option<TransportEvent> {
         [
             &mut self.peers,
+            &mut self.gossip,
             &mut self.urgent,
             &mut self.coordination,
             &mut self.datagrams,

@@ -1091,12 +1091,13 @@ async fn read_datagrams(reader: Reader) {
             }
             Verdict::Close(code, why) => return reader.close(code, why),
         }
+        let queue = reader.shared.events.datagram(frame.header().msg_type);
         let event = TransportEvent::Received {
             peer: reader.name.clone(),
             via: Via::Datagram,
             messages: vec![Message::from(frame)],
         };
-        match reader.shared.events.carrier(Via::Datagram).try_send(event) {
+        match queue.try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 reader.shared.stats.dropped(DropReason::Shed, Via::Datagram);

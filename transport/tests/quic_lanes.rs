@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agentmesh_transport::tls::ClusterCa;
 use agentmesh_transport::wire::{AcpErrorCode, Lane, MessageType};
-use agentmesh_transport::{TransportError, TransportEvent, Via};
+use agentmesh_transport::{EndpointConfig, EventQueues, TransportError, TransportEvent, Via};
 use common::*;
 
 async fn pair(ca: &ClusterCa) -> (Node, Node) {
@@ -162,6 +162,57 @@ async fn reports_travel_as_datagrams_and_oversized_ones_fall_back_to_the_bulk_la
     assert_eq!(got[0].0, Via::Lane(Lane::Bulk));
     assert_eq!(got[0].1.body.len(), 5_000);
     assert_eq!(a.transport.stats().datagram_fallbacks, 1);
+}
+
+/// Membership gossip has a queue of its own at the receiver, read first: a flood of
+/// progress REPORT datagrams that fills the datagram queue sheds REPORTs, not the
+/// failure detector's probes, which would have busy nodes declared down. (Found with
+/// 10,000 replicas finishing at once: two nodes declared each other down over and over.)
+#[tokio::test]
+async fn a_flood_of_report_datagrams_does_not_crowd_out_membership_gossip() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut a = node(&ca, "alpha");
+    let queues = EventQueues {
+        datagrams: 4,
+        gossip: 16,
+        ..EventQueues::default()
+    };
+    let mut config = EndpointConfig::new(loopback());
+    config.event_queues = queues;
+    let mut b = node_with(&ca, "beta", config);
+    a.transport.connect(b.addr, None).await.unwrap();
+    for n in [&mut a, &mut b] {
+        next_matching(&mut n.events, |e| {
+            matches!(e, TransportEvent::PeerUp { .. }).then_some(())
+        })
+        .await;
+    }
+    let peer = a.transport.peer("beta").unwrap();
+    // beta reads nothing meanwhile.
+    for i in 0..40u8 {
+        let mut report = envelope(96, &[i; 100]);
+        report.header.msg_type = MessageType::Report;
+        assert_eq!(peer.send_datagram(report).await.unwrap(), Via::Datagram);
+    }
+    for i in 0..10u8 {
+        let mut gossip = envelope(160, &[i; 100]);
+        gossip.header.msg_type = MessageType::Membership;
+        assert_eq!(peer.send_datagram(gossip).await.unwrap(), Via::Datagram);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut gossip = Vec::new();
+    let mut reports = 0;
+    while let Ok(got) =
+        tokio::time::timeout(Duration::from_millis(300), receive(&mut b.events, 1)).await
+    {
+        let (_, message) = &got[0];
+        match message.header.msg_type {
+            MessageType::Membership => gossip.push(message.body[0]),
+            _ => reports += 1,
+        }
+    }
+    assert_eq!(gossip, (0..10).collect::<Vec<u8>>());
+    assert!(reports <= 4, "{reports} REPORTs in a queue of 4");
 }
 
 /// A message longer than peers take (`max_message_bytes`) is refused at the sender,

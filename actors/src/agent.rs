@@ -95,7 +95,7 @@ pub struct SegmentContext {
     task: Uuid,
     segment: u32,
     attempt: u32,
-    progress: mpsc::Sender<u16>,
+    progress: watch::Sender<u16>,
     adjustments: watch::Receiver<Adjustment>,
     syncs: mpsc::Receiver<SyncEvent>,
     events: mpsc::Sender<WorkerEvent>,
@@ -104,7 +104,7 @@ pub struct SegmentContext {
 impl SegmentContext {
     pub(crate) fn new(
         (task, segment, attempt): (Uuid, u32, u32),
-        progress: mpsc::Sender<u16>,
+        progress: watch::Sender<u16>,
         adjustments: watch::Receiver<Adjustment>,
         syncs: mpsc::Receiver<SyncEvent>,
         events: mpsc::Sender<WorkerEvent>,
@@ -162,10 +162,11 @@ impl SegmentContext {
         self.attempt
     }
 
-    /// Reports progress in thousandths (0..=1000; more is taken as 1000). Reports are
-    /// sampled: if the previous one has not gone out yet, this one is dropped.
+    /// Reports progress in thousandths (0..=1000; more is taken as 1000). Call it as
+    /// often as you like: the latest value goes to the coordinator at most every
+    /// 200 ms ([`crate::worker::PROGRESS_EVERY`]).
     pub fn progress(&self, permille: u16) {
-        let _ = self.progress.try_send(permille.min(1000));
+        self.progress.send_replace(permille.min(1000));
     }
 
     /// The latest adjustment.

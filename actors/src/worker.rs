@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -143,6 +143,11 @@ pub enum WorkerMsg {
 
 /// Attempts waiting for a free replica, at most; more are refused as failed.
 const MAX_QUEUED: usize = 1_024;
+
+/// How often an attempt's progress goes to its coordinator at most: an agent that
+/// reports progress every few milliseconds, times thousands of replicas, would send
+/// datagrams its coordinator's node sheds, crowding the node's queues.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Supervises the replicas of one agent.
 pub struct WorkerSupervisor<A: Agent> {
@@ -574,23 +579,37 @@ impl<A: Agent> Actor for Replica<A> {
                 reason: format!("input does not decode: {e}"),
             },
             Ok(input) => {
-                let (progress_tx, mut progress_rx) = mpsc::channel(1);
+                let (progress_tx, mut progress_rx) = watch::channel(0);
                 let mut ctx =
                     SegmentContext::new(id, progress_tx, adjustments, syncs, state.events.clone());
                 let events = state.events.clone();
+                let (ended, mut ending) = oneshot::channel::<()>();
+                // The latest progress, at most every PROGRESS_EVERY, however often the
+                // agent reports it; once the work ends, the last one not sent yet goes
+                // at once (the pause is cut short), before the end.
                 let forward = tokio::spawn(async move {
-                    while let Some(permille) = progress_rx.recv().await {
-                        let _ = events
-                            .send(WorkerEvent::Progress {
-                                allocation: id,
-                                permille,
-                            })
-                            .await;
+                    let mut over = false;
+                    while progress_rx.changed().await.is_ok() {
+                        let permille = *progress_rx.borrow_and_update();
+                        let progress = WorkerEvent::Progress {
+                            allocation: id,
+                            permille,
+                        };
+                        if events.send(progress).await.is_err() {
+                            return;
+                        }
+                        if !over {
+                            tokio::select! {
+                                _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+                                _ = &mut ending => over = true,
+                            }
+                        }
                     }
                 });
                 let result = state.agent.work(input, &mut ctx).await;
                 let cancelled = ctx.is_cancelled();
                 drop(ctx);
+                let _ = ended.send(());
                 let _ = forward.await;
                 match result {
                     _ if cancelled => WorkerEvent::Failed {

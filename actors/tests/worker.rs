@@ -202,6 +202,58 @@ async fn segments_run_and_report_progress_and_typed_results() {
     }));
 }
 
+/// Reports progress a thousand times in about a second.
+struct Chatty;
+impl Agent for Chatty {
+    type Input = u64;
+    type Output = u64;
+    fn agent_type(&self) -> &str {
+        "chatty"
+    }
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![Capability {
+            name: "chat".into(),
+            version: "1".into(),
+            tags: vec![],
+            capacity: 1,
+        }]
+    }
+    async fn work(&self, n: u64, ctx: &mut SegmentContext) -> Result<u64, AgentError> {
+        for i in 1..=1000u16 {
+            ctx.progress(i);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(n)
+    }
+}
+
+/// However often an agent reports progress, its attempt's progress goes out at most
+/// every 200 ms, the latest value each time; the result follows at once.
+#[tokio::test]
+async fn progress_goes_out_at_most_every_200_ms() {
+    let (worker, mut rx) = start(Arc::new(Chatty), 1).await;
+    let started = tokio::time::Instant::now();
+    worker.cast(WorkerMsg::Run(alloc(0, &7u64))).unwrap();
+    let events = outcomes(&mut rx, 1).await;
+    let took = started.elapsed();
+    let progress: Vec<u16> = events
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Progress { permille, .. } => Some(*permille),
+            _ => None,
+        })
+        .collect();
+    // One at once, then one per 200 ms at most (and a spare for rounding).
+    let most = 2 + (took.as_millis() / 200) as usize;
+    assert!(
+        !progress.is_empty() && progress.len() <= most,
+        "{} progress reports in {took:?}: {progress:?}",
+        progress.len()
+    );
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    assert!(matches!(events.last(), Some(WorkerEvent::Done { .. })));
+}
+
 #[tokio::test]
 async fn replicas_bound_how_many_segments_run_at_once() {
     let agent = Arc::new(Sleeper::default());

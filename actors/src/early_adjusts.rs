@@ -34,7 +34,8 @@ pub struct EarlyAdjusts {
     max: usize,
     max_bytes: usize,
     bytes: usize,
-    entries: HashMap<(AttemptKey, String), (u64, EarlyAdjust)>,
+    entries: HashMap<(AttemptKey, String), EarlyAdjust>,
+    /// When each came, oldest first.
     order: VecDeque<(u64, AttemptKey, String)>,
 }
 
@@ -63,14 +64,14 @@ impl EarlyAdjusts {
         }
         let id = (attempt, peer.to_string());
         match self.entries.get_mut(&id) {
-            Some((_, kept)) => {
+            Some(kept) => {
                 self.bytes -= entry_bytes(peer, kept);
                 let cancel = kept.cancel || adjust.cancel;
                 *kept = EarlyAdjust { cancel, ..adjust };
                 self.bytes += size;
             }
             None => {
-                self.entries.insert(id, (now_ms, adjust));
+                self.entries.insert(id, adjust);
                 self.order.push_back((now_ms, attempt, peer.to_string()));
                 self.bytes += size;
             }
@@ -84,8 +85,12 @@ impl EarlyAdjusts {
     /// `keep_ms`, forgotten once taken. What another node sent is not given.
     pub fn take(&mut self, attempt: &AttemptKey, peer: &str, now_ms: u64) -> Option<EarlyAdjust> {
         self.expire(now_ms);
+        if self.entries.is_empty() {
+            // As nearly always: no key built for each ALLOCATE.
+            return None;
+        }
         let id = (*attempt, peer.to_string());
-        let (_, adjust) = self.entries.remove(&id)?;
+        let adjust = self.entries.remove(&id)?;
         self.bytes -= entry_bytes(peer, &adjust);
         self.order
             .retain(|(_, a, p)| (a, p.as_str()) != (attempt, peer));
@@ -103,7 +108,7 @@ impl EarlyAdjusts {
             self.bytes = self
                 .entries
                 .iter()
-                .map(|((_, p), (_, a))| entry_bytes(p, a))
+                .map(|((_, p), a)| entry_bytes(p, a))
                 .sum();
         }
         self.check();
@@ -136,7 +141,7 @@ impl EarlyAdjusts {
 
     fn pop_oldest(&mut self) {
         if let Some((_, attempt, peer)) = self.order.pop_front() {
-            if let Some((_, adjust)) = self.entries.remove(&(attempt, peer.clone())) {
+            if let Some(adjust) = self.entries.remove(&(attempt, peer.clone())) {
                 self.bytes -= entry_bytes(&peer, &adjust);
             }
         }

@@ -807,7 +807,10 @@ impl Mesh {
         };
         let why = match route.to.try_send(item) {
             Ok(()) => {
-                route.stuck.store(false, Ordering::Relaxed);
+                // Written only when it changes: every lane reader passes here.
+                if route.stuck.load(Ordering::Relaxed) {
+                    route.stuck.store(false, Ordering::Relaxed);
+                }
                 return;
             }
             Err(mpsc::error::TrySendError::Closed(_)) => "its consumer has stopped",

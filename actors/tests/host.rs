@@ -391,13 +391,12 @@ impl Agent for Teller {
     }
 }
 
-/// An ACP message from node `alpha`'s coordinator (agent 0) of group 0.
-fn from_coordinator(payload: Payload, prio: u8, urgent: bool) -> Message {
+/// An ACP message from node `alpha`'s coordinator (agent 0) of group 0, at Stream Prio
+/// `prio` but on the urgent lane.
+fn from_coordinator(payload: Payload, prio: u8) -> Message {
     let mut header = Header::new(payload.msg_type());
     header.prio = prio;
-    if urgent {
-        header.flags = header.flags.with(Flags::URGENT);
-    }
+    header.flags = header.flags.with(Flags::URGENT);
     Message::new(header, payload.encode().unwrap().into())
 }
 
@@ -406,7 +405,8 @@ fn from_coordinator(payload: Payload, prio: u8, urgent: bool) -> Message {
 /// worker's node keeps it, and the ALLOCATE from the same node starts the attempt with
 /// its parameters and priority, or not at all if it cancelled it. Before, the worker
 /// dropped it: the attempt ran as of its ALLOCATE, or ran although cancelled. Here
-/// alpha's mesh plays its coordinator, so that the ADJUST surely comes first.
+/// alpha's mesh plays its coordinator and sends the ALLOCATEs behind the ADJUSTs on
+/// the urgent lane, where order holds, so that the ADJUSTs surely come first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adjust_that_overtook_its_allocate_holds_for_the_attempt() {
     let ca = ClusterCa::generate().unwrap();
@@ -436,14 +436,11 @@ async fn an_adjust_that_overtook_its_allocate_holds_for_the_attempt() {
         params: Default::default(),
     };
     for (attempt, cancel) in [(1, false), (2, true)] {
-        let m = from_coordinator(Payload::Adjust(adjust(attempt, cancel)), 0, true);
+        let m = from_coordinator(Payload::Adjust(adjust(attempt, cancel)), 0);
         mesh.send_acp("beta", m).await.unwrap();
     }
-    // Both ADJUSTs are at beta well before the ALLOCATEs. (Were one not, its ALLOCATE
-    // would run first and the ADJUST reach it running: the same figures.)
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for (attempt, input) in [(1, 1), (2, 2), (3, 3)] {
-        let m = from_coordinator(Payload::Allocate(allocate(attempt, input)), 130, false);
+        let m = from_coordinator(Payload::Allocate(allocate(attempt, input)), 130);
         mesh.send_acp("beta", m).await.unwrap();
     }
     let mut seen = Vec::new();
@@ -452,7 +449,7 @@ async fn an_adjust_that_overtook_its_allocate_holds_for_the_attempt() {
         seen.push(next.expect("an attempt ran").unwrap());
     }
     // Attempt 3's ALLOCATE came after attempt 2's on the same lane: had 2 run, it
-    // would have been told by now too.
+    // would have been told by now too (it runs on the second replica).
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(more) = heard.try_recv() {
         seen.push(more);

@@ -798,7 +798,9 @@ async fn an_acp_consumer_that_falls_behind_loses_nothing_that_came_reliably() {
         let m = acp(MessageType::Report, n);
         nodes[0].mesh().send_acp_datagram("beta", m).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for every datagram to arrive (had one come after the channel was emptied,
+    // it would find room: that is not waiting).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         take(&mut reports, 2).await,
         [("beta".into(), 200), ("beta".into(), 201)]

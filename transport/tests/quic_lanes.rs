@@ -199,7 +199,8 @@ async fn a_flood_of_report_datagrams_does_not_crowd_out_membership_gossip() {
         gossip.header.msg_type = MessageType::Membership;
         assert_eq!(peer.send_datagram(gossip).await.unwrap(), Via::Datagram);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for all to arrive before beta reads (one that came later would find room).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut gossip = Vec::new();
     let mut reports = 0;
     while let Ok(got) =

@@ -1026,7 +1026,6 @@ impl CoordinatorState {
             // Its standby runs it at this one if it takes it over.
             self.dirty.insert(request.task);
         }
-        let params = meta.params.clone();
         if request.cancel {
             info!(task = %request.task, "task cancelled");
             let running = self.ledger.live_attempts(request.task).len() as u32;
@@ -1037,6 +1036,7 @@ impl CoordinatorState {
                 unknown: false,
             };
         }
+        let params = meta.params.clone();
         let mut sent = 0;
         for (segment, attempt, agent, node) in self.ledger.live_attempts(request.task) {
             let adjust = Adjust {

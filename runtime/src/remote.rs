@@ -805,7 +805,11 @@ impl Mesh {
             peer: peer.to_string(),
             message,
         };
-        let why = match route.to.try_send(item) {
+        let shed = |why: &str| {
+            metrics::counter!("agentmesh_acp_shed_total", "type" => msg_type.name()).increment(1);
+            debug!(%peer, %msg_type, why, "ACP message shed");
+        };
+        let item = match route.to.try_send(item) {
             Ok(()) => {
                 // Written only when it changes: every lane reader passes here.
                 if route.stuck.load(Ordering::Relaxed) {
@@ -813,26 +817,23 @@ impl Mesh {
                 }
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => "its consumer has stopped",
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                if !reliably || route.stuck.load(Ordering::Relaxed) {
-                    "its consumer is behind"
-                } else {
-                    metrics::counter!("agentmesh_acp_waited_total", "type" => msg_type.name())
-                        .increment(1);
-                    match tokio::time::timeout(ACP_WAIT, route.to.send(item)).await {
-                        Ok(Ok(())) => return,
-                        Ok(Err(_)) => "its consumer has stopped",
-                        Err(_) => {
-                            route.stuck.store(true, Ordering::Relaxed);
-                            "its consumer is stuck"
-                        }
-                    }
-                }
+            Err(mpsc::error::TrySendError::Closed(_)) => return shed("its consumer has stopped"),
+            Err(mpsc::error::TrySendError::Full(item))
+                if reliably && !route.stuck.load(Ordering::Relaxed) =>
+            {
+                item
             }
+            Err(mpsc::error::TrySendError::Full(_)) => return shed("its consumer is behind"),
         };
-        metrics::counter!("agentmesh_acp_shed_total", "type" => msg_type.name()).increment(1);
-        debug!(%peer, %msg_type, why, "ACP message shed");
+        metrics::counter!("agentmesh_acp_waited_total", "type" => msg_type.name()).increment(1);
+        match tokio::time::timeout(ACP_WAIT, route.to.send(item)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => shed("its consumer has stopped"),
+            Err(_) => {
+                route.stuck.store(true, Ordering::Relaxed);
+                shed("its consumer is stuck");
+            }
+        }
     }
 
     /// The connection to `node`, if there is one.

@@ -8,7 +8,6 @@ use std::pin::Pin;
 use tokio::sync::mpsc;
 
 use crate::endpoint::{PeerName, TransportEvent};
-use crate::ingress::Via;
 use crate::wire::{Lane, Message, MessageType};
 
 /// What [`Inbox::take`] returns: the messages it left for the event queues.
@@ -78,11 +77,9 @@ impl EventSenders {
         &self.peers
     }
 
-    pub(crate) fn carrier(&self, via: Via) -> &mpsc::Sender<TransportEvent> {
-        match via {
-            Via::Lane(lane) => &self.lanes[lane.index()],
-            Via::Datagram => &self.datagrams,
-        }
+    /// The queue of a lane's messages.
+    pub(crate) fn lane(&self, lane: Lane) -> &mpsc::Sender<TransportEvent> {
+        &self.lanes[lane.index()]
     }
 
     /// The queue of a datagram of this type: MEMBERSHIP has its own.

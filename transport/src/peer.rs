@@ -1051,14 +1051,7 @@ async fn read_lane(reader: Reader, mut recv: quinn::RecvStream, claimed: Arc<Mut
             via: Via::Lane(lane),
             messages,
         };
-        if reader
-            .shared
-            .events
-            .carrier(Via::Lane(lane))
-            .send(event)
-            .await
-            .is_err()
-        {
+        if reader.shared.events.lane(lane).send(event).await.is_err() {
             return;
         }
     }

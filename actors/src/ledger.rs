@@ -8,7 +8,7 @@
 //! done), every later copy is counted and discarded, and attempts still running
 //! elsewhere are cancelled.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use foldhash::fast::SeedableRandomState;
@@ -208,11 +208,114 @@ impl Candidates {
     }
 }
 
-/// The order in which a coordinator offers workers to its waiting tasks, given as
-/// (priority, submitted at, task): highest priority first, then the earliest
-/// submitted, then by task id, so the order is total and the same live and simulated.
-pub fn service_order(waiting: &mut [(u8, u64, Uuid)]) {
-    waiting.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+/// Where a task stands in its coordinator's service order while it waits: highest
+/// priority first, then the earliest submitted, then by task id, so the order is total
+/// and the same live and simulated. Tasks of one `class` need the same candidate list
+/// (capability, tags, group: [`need_class`]); a round can so leave out the rest of a
+/// class once its list has no free worker ([`ServiceRound::skip_class`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rank {
+    /// The need it shares with the other tasks of its class.
+    pub class: u64,
+    /// Its priority, 0..=255: higher first.
+    pub priority: u8,
+    /// When it was submitted, on the driver's clock: earlier first.
+    pub since: u64,
+}
+
+impl Rank {
+    /// A task's place among the waiting ones of its class.
+    fn place(&self, task: Uuid) -> Place {
+        (std::cmp::Reverse(self.priority), self.since, task)
+    }
+}
+
+/// The class of tasks that need `capability` with `tags` in coordination group
+/// `group`: a hash of the three (two needs sharing one would only make an offer round
+/// that stops early for one of them stop early for the other too).
+pub fn need_class(capability: &str, tags: &[String], group: u16) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5e41_ce0d).hash_one((capability, tags, group))
+}
+
+/// A waiting task's key in its class: ordered as [`Rank`] says.
+type Place = (std::cmp::Reverse<u8>, u64, Uuid);
+
+/// The tasks with at least one segment pending, per class, in service order.
+#[derive(Debug, Default)]
+struct Waiting {
+    classes: HashMap<u64, std::collections::BTreeSet<Place>, foldhash::fast::FixedState>,
+    len: usize,
+}
+
+impl Waiting {
+    fn insert(&mut self, task: Uuid, rank: &Rank) {
+        if self
+            .classes
+            .entry(rank.class)
+            .or_default()
+            .insert(rank.place(task))
+        {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, task: Uuid, rank: &Rank) {
+        if let Some(class) = self.classes.get_mut(&rank.class) {
+            if class.remove(&rank.place(task)) {
+                self.len -= 1;
+            }
+            if class.is_empty() {
+                self.classes.remove(&rank.class);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.classes.values().flatten().map(|p| p.2)
+    }
+}
+
+/// One pass over the waiting tasks in service order ([`Rank`]), the classes merged:
+/// from [`Ledger::service_round`]. It reads the ledger as it is at each step, so the
+/// driver may assign between steps; a task that stopped waiting meanwhile may still be
+/// given (check [`Ledger::has_pending`]), and one that started waiting behind the
+/// round's place in its class is given too. A step costs the classes in the round and
+/// a lookup, not the waiting tasks: a round that stops at the first task of each class
+/// whose list is full costs those few, however many wait behind them.
+#[derive(Debug)]
+pub struct ServiceRound {
+    /// Each class left in the round, with the place of the next task it gives.
+    heads: Vec<(Place, u64)>,
+    /// The class of the task given last.
+    last: Option<u64>,
+}
+
+impl ServiceRound {
+    /// The next waiting task in service order, if any is left in the round.
+    pub fn next(&mut self, ledger: &Ledger) -> Option<Uuid> {
+        let (i, &(place, class)) = self.heads.iter().enumerate().min_by_key(|(_, h)| h.0)?;
+        let after = ledger.waiting.classes.get(&class).and_then(|set| {
+            set.range((std::ops::Bound::Excluded(place), std::ops::Bound::Unbounded))
+                .next()
+        });
+        match after {
+            Some(next) => self.heads[i].0 = *next,
+            None => {
+                self.heads.swap_remove(i);
+            }
+        }
+        self.last = Some(class);
+        Some(place.2)
+    }
+
+    /// Leaves the rest of the last task's class out of this round: its list has no
+    /// free worker, so they would find none either.
+    pub fn skip_class(&mut self) {
+        if let Some(class) = self.last {
+            self.heads.retain(|h| h.1 != class);
+        }
+    }
 }
 
 /// Tuning of the ledger.
@@ -493,6 +596,8 @@ struct Task {
     holders: BTreeMap<u32, u32>,
     /// Its own segment timeout, if it has one (else the config's).
     segment_timeout_ms: Option<u64>,
+    /// Its place in the service order while it waits.
+    rank: Rank,
 }
 
 impl Task {
@@ -613,10 +718,10 @@ impl Window {
 }
 
 /// A segment of `task` left the Pending state: the task stops waiting with its last.
-fn leave_pending(waiting: &mut HashSet<Uuid, SeedableRandomState>, task: Uuid, pending: &mut u32) {
+fn leave_pending(waiting: &mut Waiting, task: Uuid, rank: &Rank, pending: &mut u32) {
     *pending -= 1;
     if *pending == 0 {
-        waiting.remove(&task);
+        waiting.remove(task, rank);
     }
 }
 
@@ -643,9 +748,9 @@ pub struct Ledger {
     /// Workers this ledger has work on: agent -> segments in flight from here.
     in_flight: HashMap<u32, u32, SeedableRandomState>,
     breakers: HashMap<u32, Breaker, SeedableRandomState>,
-    /// Tasks with at least one segment pending, so a coordinator's tick looks at those
-    /// rather than at every open task.
-    waiting: HashSet<Uuid, SeedableRandomState>,
+    /// Tasks with at least one segment pending, in service order, so a coordinator's
+    /// round looks at those rather than at every open task.
+    waiting: Waiting,
     first_attempts: Window,
     retries: Window,
     rng: StdRng,
@@ -668,8 +773,8 @@ impl Ledger {
             config,
             tasks: HashMap::with_hasher(hasher.clone()),
             in_flight: HashMap::with_hasher(hasher.clone()),
-            breakers: HashMap::with_hasher(hasher.clone()),
-            waiting: HashSet::with_hasher(hasher),
+            breakers: HashMap::with_hasher(hasher),
+            waiting: Waiting::default(),
             first_attempts: Window::default(),
             retries: Window::default(),
             rng: StdRng::seed_from_u64(seed),
@@ -730,7 +835,7 @@ impl Ledger {
     pub fn pending_segments(&self) -> u64 {
         self.waiting
             .iter()
-            .filter_map(|t| self.tasks.get(t))
+            .filter_map(|t| self.tasks.get(&t))
             .map(|t| u64::from(t.pending))
             .sum()
     }
@@ -741,9 +846,42 @@ impl Ledger {
     }
 
     /// The tasks with segments waiting for a worker (those for which `has_pending` is
-    /// true), in no useful order: sort them with [`service_order`].
+    /// true), in no useful order: [`service_round`](Self::service_round) gives them in
+    /// service order.
     pub fn waiting(&self) -> impl Iterator<Item = Uuid> + '_ {
-        self.waiting.iter().copied()
+        self.waiting.iter()
+    }
+
+    /// How many tasks have segments waiting for a worker.
+    pub fn waiting_tasks(&self) -> usize {
+        self.waiting.len
+    }
+
+    /// A pass over the waiting tasks in service order ([`Rank`]).
+    pub fn service_round(&self) -> ServiceRound {
+        ServiceRound {
+            heads: self
+                .waiting
+                .classes
+                .iter()
+                .filter_map(|(&class, set)| Some((*set.first()?, class)))
+                .collect(),
+            last: None,
+        }
+    }
+
+    /// Sets where `task` stands in the service order (from its submission, it has
+    /// class 0, priority 0 and `since` its submission time): the driver gives each
+    /// task its need's class, and its priority again when that changes.
+    pub fn set_rank(&mut self, task_id: Uuid, rank: Rank) {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        if task.pending > 0 {
+            self.waiting.remove(task_id, &task.rank);
+            self.waiting.insert(task_id, &rank);
+        }
+        task.rank = rank;
     }
 
     /// Fails a task for a reason of the driver's (say, policy forbids every capable
@@ -804,6 +942,11 @@ impl Ledger {
         if self.tasks.contains_key(&task) {
             return Err(SubmitError::Duplicate(task));
         }
+        let rank = Rank {
+            class: 0,
+            priority: 0,
+            since: now_ms,
+        };
         let segment = Segment {
             state: SegmentState::Pending { is_retry: false },
             attempts: 0,
@@ -824,9 +967,10 @@ impl Ledger {
                 next_pending: 0,
                 holders: BTreeMap::new(),
                 segment_timeout_ms: None,
+                rank,
             },
         );
-        self.waiting.insert(task);
+        self.waiting.insert(task, &rank);
         Ok(())
     }
 
@@ -864,7 +1008,7 @@ impl Ledger {
             seg.state = SegmentState::Done;
             seg.result = Some(result);
             task.done += 1;
-            leave_pending(&mut self.waiting, task_id, &mut task.pending);
+            leave_pending(&mut self.waiting, task_id, &task.rank, &mut task.pending);
         }
         task.next_pending = task
             .segments
@@ -916,24 +1060,33 @@ impl Ledger {
 
     /// [`assign`](Self::assign) from a list shared by the tasks of one round: once the
     /// list has no free worker, the round's other tasks see that without a scan.
-    pub fn assign_from(&mut self, task_id: Uuid, candidates: &Candidates, now_ms: u64) {
-        self.assign_inner(task_id, candidates, true, now_ms);
+    /// Returns true if the task found the list with no free worker (it waits for one):
+    /// the tasks behind it in the round that share the list would find none either.
+    pub fn assign_from(&mut self, task_id: Uuid, candidates: &Candidates, now_ms: u64) -> bool {
+        self.assign_inner(task_id, candidates, true, now_ms)
     }
 
     /// `shared`: the list is offered to other tasks too, so the ledger may remember it
-    /// was seen with no free worker.
-    fn assign_inner(&mut self, task_id: Uuid, candidates: &Candidates, shared: bool, now_ms: u64) {
+    /// was seen with no free worker. Returns true if it found the list with none.
+    fn assign_inner(
+        &mut self,
+        task_id: Uuid,
+        candidates: &Candidates,
+        shared: bool,
+        now_ms: u64,
+    ) -> bool {
         let Some(task) = self.tasks.get_mut(&task_id).filter(|t| t.pending > 0) else {
-            return;
+            return false;
         };
         let Some(since_ms) = task.waiting_since_ms(now_ms) else {
-            return;
+            return false;
         };
         if candidates.is_empty() {
-            return self.fail(
+            self.fail(
                 task_id,
                 "no agent offers the capability this task needs".into(),
             );
+            return false;
         }
         // Segment by segment rather than gathered first: under overload most calls stop
         // at the first pick, and gathering them all was a good share of their cost.
@@ -981,11 +1134,12 @@ impl Ledger {
                     } else if now_ms.saturating_sub(since_ms) >= self.config.max_wait_ms {
                         self.fail_waited(task_id);
                     }
-                    return;
+                    return true;
                 }
             }
         }
         leave(self, left.unwrap_or(len));
+        false
     }
 
     fn fail_waited(&mut self, task_id: Uuid) {
@@ -1022,7 +1176,7 @@ impl Ledger {
             return ResultVerdict::Duplicate;
         }
         if matches!(seg.state, SegmentState::Pending { .. }) {
-            leave_pending(&mut self.waiting, task_id, &mut task.pending);
+            leave_pending(&mut self.waiting, task_id, &task.rank, &mut task.pending);
         }
         seg.state = SegmentState::Done;
         seg.result = Some(output);
@@ -1212,7 +1366,7 @@ impl Ledger {
         task.last_active_ms = task.last_active_ms.max(now_ms);
         task.next_pending = task.next_pending.min(segment);
         task.pending += 1;
-        self.waiting.insert(task_id);
+        self.waiting.insert(task_id, &task.rank);
         if why != Requeue::Refused {
             task.reallocated += 1;
             self.stats.reallocated += 1;
@@ -1240,7 +1394,7 @@ impl Ledger {
             return;
         };
         if matches!(seg.state, SegmentState::Pending { .. }) {
-            leave_pending(&mut self.waiting, task_id, &mut task.pending);
+            leave_pending(&mut self.waiting, task_id, &task.rank, &mut task.pending);
         }
         task.last_active_ms = task.last_active_ms.max(now_ms);
         assert!(seg.live.is_none(), "a segment runs one attempt at a time");
@@ -1462,7 +1616,7 @@ impl Ledger {
             return;
         }
         if let Some(task) = self.tasks.remove(&task_id) {
-            self.waiting.remove(&task_id);
+            self.waiting.remove(task_id, &task.rank);
             let figures = task.figures();
             let results = task
                 .segments
@@ -1481,7 +1635,7 @@ impl Ledger {
         let Some(task) = self.tasks.remove(&task_id) else {
             return;
         };
-        self.waiting.remove(&task_id);
+        self.waiting.remove(task_id, &task.rank);
         let figures = task.figures();
         for (i, seg) in task.segments.into_iter().enumerate() {
             if let Some(live) = seg.live {

@@ -5,8 +5,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use agentmesh_actors::ledger::{
-    Candidate, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput, ResultVerdict,
-    TaskFigures,
+    Candidate, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput, Rank,
+    ResultVerdict, TaskFigures,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -506,6 +506,133 @@ fn submissions_are_checked() {
     assert!(l.submit(task(), 0, 0).is_err());
     l.submit(task(), 1, 0).unwrap();
     assert!(l.submit(task(), 1, 0).is_err());
+}
+
+/// Every task a round gives, in order, driving nothing between steps.
+fn round(l: &Ledger) -> Vec<Uuid> {
+    let mut round = l.service_round();
+    std::iter::from_fn(|| round.next(l)).collect()
+}
+
+#[test]
+fn a_round_gives_the_waiting_tasks_by_priority_then_age_across_classes() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    let id = |n: u128| Uuid::from_u128(n);
+    // (task, class, priority, since)
+    let tasks = [
+        (1, 7, 128, 30),
+        (2, 9, 200, 40),
+        (3, 7, 128, 10),
+        (4, 9, 128, 10), // same priority and age as 3: the lower id first
+        (5, 7, 255, 50),
+        (6, 8, 0, 0),
+    ];
+    for (task, class, priority, since) in tasks {
+        l.submit(id(task), 1, 0).unwrap();
+        l.set_rank(
+            id(task),
+            Rank {
+                class,
+                priority,
+                since,
+            },
+        );
+    }
+    assert_eq!(round(&l), [5, 2, 3, 4, 1, 6].map(id));
+    // A priority raised later moves the task; one given a worker leaves the round.
+    l.set_rank(
+        id(6),
+        Rank {
+            class: 8,
+            priority: 255,
+            since: 0,
+        },
+    );
+    l.assign(id(5), &[worker(1, "a", 1)], 0);
+    assert_eq!(round(&l), [6, 2, 3, 4, 1].map(id));
+}
+
+/// After a result frees one worker, a round that leaves out the rest of a class once a
+/// task of it finds the list full looks at a few tasks, not at all that wait: with a
+/// round after every result, looking at every waiting task made many small tasks cost
+/// their number squared.
+#[test]
+fn a_round_that_skips_a_full_class_looks_at_few_of_many_waiting_tasks() {
+    let mut l = Ledger::new(LedgerConfig::default(), 1);
+    let (busy, other) = (1, 2);
+    let workers = Candidates::new((1..=4).map(|a| worker(a, "a", 1)));
+    let others = Candidates::new([worker(10, "b", 1)]);
+    let id = |n: u128| Uuid::from_u128(n);
+    for n in 0..5_000u128 {
+        l.submit(id(n), 1, 0).unwrap();
+        l.set_rank(
+            id(n),
+            Rank {
+                class: busy,
+                priority: 128,
+                since: n as u64,
+            },
+        );
+    }
+    for n in [100_000, 100_001] {
+        l.submit(id(n), 1, 0).unwrap();
+        l.set_rank(
+            id(n),
+            Rank {
+                class: other,
+                priority: 0,
+                since: 0,
+            },
+        );
+    }
+    let list = |task: Uuid| {
+        if task.as_u128() >= 100_000 {
+            &others
+        } else {
+            &workers
+        }
+    };
+    // A whole round: every waiting task is looked at, and the first ones get workers.
+    let mut round = l.service_round();
+    let mut looked = 0;
+    while let Some(task) = round.next(&l) {
+        looked += 1;
+        l.assign_from(task, list(task), 0);
+    }
+    assert_eq!(looked, 5_002);
+    let started: Vec<LedgerOutput> = drain(&mut l);
+    let running: Vec<Uuid> = started
+        .iter()
+        .filter_map(|o| match o {
+            LedgerOutput::Allocate { task, .. } => Some(*task),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(running, [0, 1, 2, 3, 100_000].map(id));
+    assert_eq!(l.waiting_tasks(), 5_002 - 5);
+    // One result frees one worker: the next task in order gets it, the one after finds
+    // the list full, and so does the other class's; the round ends there.
+    let attempt = |task: Uuid| {
+        started.iter().find_map(|o| match o {
+            LedgerOutput::Allocate {
+                task: t, attempt, ..
+            } if *t == task => Some(*attempt),
+            _ => None,
+        })
+    };
+    l.handle_result(id(2), 0, attempt(id(2)).unwrap(), Vec::new());
+    drain(&mut l);
+    let mut round = l.service_round();
+    let mut looked = Vec::new();
+    while let Some(task) = round.next(&l) {
+        looked.push(task);
+        if l.assign_from(task, list(task), 0) {
+            round.skip_class();
+        }
+    }
+    assert_eq!(looked, [4, 5, 100_001].map(id));
+    assert_eq!(allocations(&drain(&mut l)).len(), 1);
+    assert!(!l.has_pending(id(4)) && l.has_pending(id(5)));
 }
 
 #[derive(Clone, Debug)]

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use agentmesh_actors::ledger::{
-    service_order, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput,
+    need_class, Candidates, CandidatesBuilder, Ledger, LedgerConfig, LedgerOutput, Rank,
     ResultVerdict, TaskFigures,
 };
 use agentmesh_actors::registry::{Registry, RegistryDelta, RegistryOutput};
@@ -639,6 +639,12 @@ impl Sim {
                     self.report.tasks_refused += 1;
                     return Ok(());
                 }
+                let rank = Rank {
+                    class: need_class(&capability, &[], 0),
+                    priority,
+                    since: self.now_us,
+                };
+                n.ledger.set_rank(task, rank);
                 n.tasks.insert(
                     task,
                     TaskMeta {
@@ -1039,7 +1045,7 @@ impl Sim {
                                 // Its worker is free: the live coordinator offers work now.
                                 self.drain_ledger(to)?;
                                 if self.nodes[to].ledger.waiting().next().is_some() {
-                                    self.offer_waiting(to)?;
+                                    self.offer_waiting(to, false)?;
                                 }
                             }
                             ResultVerdict::Duplicate => self.report.duplicates_discarded += 1,
@@ -1339,30 +1345,31 @@ impl Sim {
     fn coordinate(&mut self, ix: NodeIx) -> Result<(), Violation> {
         let now_ms = self.now_us / 1000;
         self.nodes[ix].ledger.handle_timeout(now_ms);
-        self.offer_waiting(ix)
+        self.offer_waiting(ix, true)
     }
 
-    /// An offer round, as the live coordinator makes on its tick and whenever a worker
-    /// reports a result: every task with segments waiting gets the capable agents
-    /// discovery lists.
-    fn offer_waiting(&mut self, ix: NodeIx) -> Result<(), Violation> {
+    /// An offer round, as the live coordinator makes on its tick (`whole`: every task
+    /// with segments waiting gets the capable agents discovery lists) and whenever a
+    /// worker reports a result (each capability's tasks until one finds no free agent).
+    fn offer_waiting(&mut self, ix: NodeIx, whole: bool) -> Result<(), Violation> {
         let now_ms = self.now_us / 1000;
-        let n = &self.nodes[ix];
-        let mut waiting: Vec<(u8, u64, Uuid)> = n
-            .ledger
-            .waiting()
-            .filter_map(|t| n.tasks.get(&t).map(|m| (m.priority, m.submitted_us, t)))
-            .collect();
-        service_order(&mut waiting);
-        for (_, _, task) in waiting {
-            let capability = self.nodes[ix].tasks[&task].capability.clone();
+        let mut round = self.nodes[ix].ledger.service_round();
+        while let Some(task) = round.next(&self.nodes[ix].ledger) {
+            let Some(meta) = self.nodes[ix].tasks.get(&task) else {
+                continue;
+            };
+            let capability = meta.capability.clone();
             let candidates = self.candidates(ix, &capability);
             let n = &mut self.nodes[ix];
-            if candidates.is_empty() {
+            let full = if candidates.is_empty() {
                 let unwatched = n.registry.capable_unwatched(&capability, &[]) > 0;
                 n.ledger.no_candidates(task, &capability, unwatched, now_ms);
+                true
             } else {
-                n.ledger.assign_from(task, &candidates, now_ms);
+                n.ledger.assign_from(task, &candidates, now_ms)
+            };
+            if full && !whole {
+                round.skip_class();
             }
         }
         self.drain_ledger(ix)?;

@@ -32,6 +32,7 @@ use agentmesh_runtime::transport::PeerHandle;
 use agentmesh_runtime::{FromPeer, Mesh};
 
 use crate::cut_off::CutOffs;
+use crate::dirty::Dirty;
 use crate::discovery::DiscoveryMsg;
 use crate::ended::{Ended, EndedLimits, EndedTasks};
 use crate::ended_attempts::AttemptKey;
@@ -470,7 +471,7 @@ pub struct CoordinatorState {
     /// Other nodes up (standbys are picked among them).
     up: BTreeSet<Arc<str>>,
     /// Tasks with something their standby does not have yet.
-    dirty: HashSet<Uuid>,
+    dirty: Dirty,
     /// Standbys with a checkpoint in flight, or whose last one failed.
     in_flight: InFlight,
     /// This run, for the standbys: with the checkpoint's number it lets them drop one
@@ -637,7 +638,7 @@ impl Actor for Coordinator {
                 .collect(),
             mesh: args.mesh,
             myself,
-            dirty: HashSet::new(),
+            dirty: Dirty::default(),
             in_flight: InFlight::default(),
             incarnation: seed.rotate_left(41) | 1,
             forget_notices: ForgetNotices::new(MAX_FORGET_NOTICES, MAX_UNHELD_SEGMENTS),
@@ -1915,11 +1916,33 @@ impl CoordinatorState {
         // it, must not wait behind a stream of other tasks' parts for good. (Only the
         // starts are sorted: this runs after every message the coordinator handles,
         // and the starts are few, each sent once.)
-        let (mut starts, rest): (Vec<Uuid>, Vec<Uuid>) = self
-            .dirty
-            .iter()
-            .partition(|t| self.tasks.get(t).is_some_and(|m| !m.replica.opened));
+        // Unless every task is held back by a checkpoint in flight, as the last pass
+        // found them (what `dirty.rs` tells without a pass over them all).
+        let worth = {
+            let (tasks, in_flight, dirty) = (&self.tasks, &self.in_flight, &mut self.dirty);
+            let goes = |t| {
+                let replica = &tasks.get(&t).filter(|m| !m.replica.off)?.replica;
+                replica.standby.clone().or_else(|| standby.clone())
+            };
+            dirty.worth_a_pass(standby.as_ref(), |n| in_flight.blocks(n, now), goes)
+        };
+        let (mut starts, rest): (Vec<Uuid>, Vec<Uuid>) = match worth {
+            true => self
+                .dirty
+                .iter()
+                .partition(|t| self.tasks.get(t).is_some_and(|m| !m.replica.opened)),
+            false => (Vec::new(), Vec::new()),
+        };
         starts.sort_by_cached_key(|t| self.tasks.get(t).map(|m| m.submitted_ms));
+        // The standbys that held back a task of this pass or took one; whether a task
+        // was left for want of room.
+        let mut held_by: Vec<Arc<str>> = Vec::new();
+        let mut hold = |node: &Arc<str>| {
+            if !held_by.contains(node) {
+                held_by.push(node.clone());
+            }
+        };
+        let mut no_room = false;
         for task in starts.into_iter().chain(rest) {
             let Some(meta) = self.tasks.get_mut(&task) else {
                 self.dirty.remove(&task);
@@ -1945,12 +1968,15 @@ impl CoordinatorState {
                 }
             };
             if self.in_flight.blocks(&node, now) {
+                hold(&node);
                 continue;
             }
+            hold(&node);
             let Batch {
                 parts, sent, bytes, ..
             } = batches.entry(node).or_default();
             if *bytes >= fill {
+                no_room = true;
                 continue;
             }
             let opens = !meta.replica.opened;
@@ -2002,6 +2028,7 @@ impl CoordinatorState {
                 continue;
             }
             if *bytes + len > budget {
+                no_room = true;
                 continue; // Its start waits for a checkpoint with room.
             }
             if opens {
@@ -2015,6 +2042,10 @@ impl CoordinatorState {
                 changes: meta.changes,
             });
             parts.push(part);
+        }
+        if worth {
+            self.dirty
+                .passed((!no_room).then_some(held_by), standby.clone());
         }
         for (node, ended) in self.forget_notices.take(ready) {
             let batch = batches.entry(node.clone()).or_default();

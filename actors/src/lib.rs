@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod coordinator;
 pub mod cut_off;
+pub mod dirty;
 pub mod discovery;
 pub mod early_adjusts;
 pub mod ended;

@@ -1,6 +1,6 @@
 //! `agentmesh bench transport`, and `bench failover` and `bench scale` (the two
-//! benchmarks `benches/run.sh` takes from the binary): small runs that must report
-//! what they measured, and lose nothing.
+//! benchmarks `benches/run.sh` takes from the binary), and `bench tasks`: small runs
+//! that must report what they measured, and lose nothing.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -51,11 +51,33 @@ fn scale_registers_every_agent_and_reports_its_cost() {
 }
 
 #[test]
+fn tasks_submitted_at_once_all_complete_and_their_cost_is_reported() {
+    let f = json(&[
+        "bench",
+        "tasks",
+        "--tasks",
+        "200",
+        "--nodes",
+        "2",
+        "--replicas",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(f["workers"], 16);
+    assert_eq!(f["baseline"]["tasks"], 20);
+    assert_eq!(f["baseline"]["completed"], 20);
+    assert_eq!(f["large"]["completed"], 200);
+    assert!(f["per_task_ratio"].as_f64().unwrap() > 0.0, "{f}");
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_usage_error() {
     for args in [
         &["bench", "failover", "--runs", "0"][..],
         &["bench", "failover", "--segment-ms", "5"],
         &["bench", "scale", "--agents", "0"],
+        &["bench", "tasks", "--tasks", "10001"],
+        &["bench", "tasks", "--nodes", "0"],
     ] {
         let out = agentmesh().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -33,6 +33,9 @@ pub enum BenchCommand {
     Failover(super::failover::FailoverBench),
     /// Memory per idle agent and registration rate, for many agents on one node.
     Scale(super::scale::ScaleBench),
+    /// Thousands of small tasks submitted at once to one coordinator, against a tenth
+    /// as many: time per task, and how it grows with the tasks open.
+    Tasks(super::tasks::TasksBench),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -136,6 +139,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Transport(args) => args,
         BenchCommand::Failover(args) => return super::failover::run(args),
         BenchCommand::Scale(args) => return super::scale::run(args),
+        BenchCommand::Tasks(args) => return super::tasks::run(args),
     };
     if args.messages == 0 || args.round_trips == 0 {
         bail!("--messages and --round-trips must be at least 1");

@@ -17,6 +17,7 @@ mod scale;
 mod sim;
 mod status;
 mod submit;
+mod tasks;
 mod walkthrough;
 
 use std::future::Future;

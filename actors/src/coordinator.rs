@@ -257,6 +257,9 @@ enum Offer {
 /// itself: two needs of one class get an offer each).
 type Round = HashMap<u64, ((String, Vec<String>, u16), Offer)>;
 
+/// The agent and node an attempt was given to.
+type Given = (u32, Arc<str>);
+
 /// How far an offer round goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
@@ -448,9 +451,11 @@ pub struct CoordinatorState {
     policy: PolicyStore,
     ledger: Ledger,
     tasks: HashMap<Uuid, TaskMeta>,
-    /// Every attempt started, with the agent and node it was given to, until its task
-    /// ends: a result is trusted only from them (a late one from a dead node too).
-    attempts: HashMap<(Uuid, u32, u32), (u32, Arc<str>)>,
+    /// Every attempt started, by task, then segment and attempt, with the agent and node
+    /// it was given to, until its task ends: a result is trusted only from them (a late
+    /// one from a dead node too). By task, so that a task's end drops its own at once:
+    /// one map of all, gone over at each end, cost the open tasks' attempts per task.
+    attempts: HashMap<Uuid, HashMap<(u32, u32), Given>>,
     epoch: Instant,
     rng: StdRng,
     outbox: mpsc::Sender<ToSender>,
@@ -462,8 +467,8 @@ pub struct CoordinatorState {
     /// What worker nodes said when they refused ALLOCATEs unrun.
     refusals: Refusals,
     recorder: Option<Recorder>,
-    /// When each attempt was allocated (only while recording).
-    allocated_ms: HashMap<(Uuid, u32, u32), u64>,
+    /// When each attempt was allocated, by task (only while recording).
+    allocated_ms: HashMap<Uuid, HashMap<(u32, u32), u64>>,
     /// Tasks that ended here: for a client that submits one again.
     ended: EndedTasks,
     mesh: Mesh,
@@ -1309,8 +1314,11 @@ impl CoordinatorState {
             }
             Err(e) => return warn!(%peer, error = %e, "REPORT refused"),
         };
-        let key = (report.task, report.segment, report.attempt);
-        match self.attempts.get(&key) {
+        let given = self
+            .attempts
+            .get(&report.task)
+            .and_then(|a| a.get(&(report.segment, report.attempt)));
+        match given {
             Some((agent, node)) if *agent == header.agent && &**node == peer => {}
             Some(_) => {
                 metrics::counter!("agentmesh_reports_refused_total", "reason" => "not_its_attempt")
@@ -1349,7 +1357,9 @@ impl CoordinatorState {
                     }
                     if let (Some(recorder), Some(t0)) = (
                         &self.recorder,
-                        self.allocated_ms.remove(&(task, segment, attempt)),
+                        self.allocated_ms
+                            .get_mut(&task)
+                            .and_then(|a| a.remove(&(segment, attempt))),
                     ) {
                         recorder.observe(Observation::SegmentDone {
                             task,
@@ -1454,11 +1464,16 @@ impl CoordinatorState {
                         continue;
                     };
                     self.attempts
-                        .insert((task, segment, attempt), (agent, node.clone()));
+                        .entry(task)
+                        .or_default()
+                        .insert((segment, attempt), (agent, node.clone()));
                     metrics::counter!("agentmesh_attempts_started_total").increment(1);
                     if self.recorder.is_some() {
                         let now = self.now_ms();
-                        self.allocated_ms.insert((task, segment, attempt), now);
+                        self.allocated_ms
+                            .entry(task)
+                            .or_default()
+                            .insert((segment, attempt), now);
                     }
                     let group = self.agent_groups.get(&agent).copied().unwrap_or(0);
                     if let Some(rate) = self.policy.get().rate_per_agent(group) {
@@ -1518,12 +1533,12 @@ impl CoordinatorState {
         figures: TaskFigures,
         results: Vec<Vec<u8>>,
     ) {
-        self.attempts.retain(|(t, _, _), _| *t != task);
+        self.attempts.remove(&task);
         let Some(meta) = self.tasks.remove(&task) else {
             return;
         };
         if let Some(recorder) = &self.recorder {
-            self.allocated_ms.retain(|(t, _, _), _| *t != task);
+            self.allocated_ms.remove(&task);
             recorder.observe(Observation::TaskEnded { task });
         }
         let so_far = meta.so_far(&figures);

@@ -5,7 +5,7 @@
 //! ADJUST from the task's coordinator reaches the running segment; SYNC and SYNC_ACK go
 //! worker to worker, never through the coordinator.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -142,7 +142,9 @@ pub struct WorkersState {
     discovery: ActorRef<DiscoveryMsg>,
     policy: PolicyStore,
     agents: HashMap<u32, Slot>,
-    attempts: HashMap<(Uuid, u32, u32), AttemptInfo>,
+    /// The attempts given here and not ended, in order, so that a task's are one range:
+    /// whether any is left is asked at every attempt's end.
+    attempts: BTreeMap<(Uuid, u32, u32), AttemptInfo>,
     /// Agents known to work on each task here (from ALLOCATE and from their SYNCs).
     rosters: HashMap<Uuid, BTreeSet<u32>>,
     /// Our agents' own hashes, by (task, agent, round), to answer SYNC_ACK.
@@ -202,7 +204,7 @@ impl Actor for Workers {
             discovery: args.discovery,
             policy: args.policy,
             agents: HashMap::new(),
-            attempts: HashMap::new(),
+            attempts: BTreeMap::new(),
             rosters: HashMap::new(),
             hashes: HashMap::new(),
             limiter: RateLimiter::default(),
@@ -665,7 +667,8 @@ impl WorkersState {
                 load,
                 health,
             });
-            if !self.attempts.keys().any(|(t, _, _)| *t == key.0) {
+            let task = (key.0, 0, 0)..=(key.0, u32::MAX, u32::MAX);
+            if self.attempts.range(task).next().is_none() {
                 self.rosters.remove(&key.0);
                 self.hashes.retain(|(t, _, _), _| *t != key.0);
             }

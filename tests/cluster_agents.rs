@@ -280,6 +280,28 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     ]);
 }
 
+/// The node a task was submitted to is SIGKILLed while the task's first attempts run,
+/// before any result. Its standby had the task's start and takes it over, with nothing
+/// done: every segment runs again, and the outcome counts each reallocated. Before,
+/// the standby had been told only the start, which goes before anything runs, and
+/// nothing else for 5 s (no result made the task go again): it counted none.
+#[test]
+fn a_task_taken_over_before_any_result_counts_its_attempts_reallocated() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-kill-early");
+
+    // 6 segments of 4 s on 6 replicas: one round, all running when n0 dies 2 s in.
+    let submit = cluster.submit(0, &[&sleep_task("6", "4000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(2_000));
+    first.kill();
+
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 6, 4000);
+    let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
+    assert_eq!(done_in(&line), 0, "{line}");
+    assert!(task["reallocated"].as_u64().unwrap() >= 6, "{task}");
+}
+
 /// The node a task was submitted to is SIGKILLed midway and started again at once
 /// (under the same name and address, as a process supervisor would), so the others
 /// see its new life before they find the old one down. Its standby takes the task over

@@ -391,6 +391,8 @@ pub struct SentPart {
     opened: bool,
     /// Which of the task's changes (`TaskMeta::changes`) it carried.
     changes: u64,
+    /// Whether it told that attempts of the task run.
+    running: bool,
 }
 
 /// What the end notices of one checkpoint may still carry ([`CoordinatorState::end_part`]).
@@ -437,6 +439,12 @@ struct Replica {
     /// The standby has the task's priority and parameters as of this change
     /// (`TaskMeta::changes`).
     changes: u64,
+    /// The standby was told that attempts of it run (a checkpoint it answered carried
+    /// a running count above 0), which it counts as reallocated should it take the
+    /// task over. A task's start goes before anything of it runs, and without a result
+    /// nothing else made it go again for 5 s: a standby that took over 200 tasks whose
+    /// 2,000 segments all ran at the dead node counted 10 reallocated.
+    running_told: bool,
     /// The standby refused it: no other is tried.
     off: bool,
     /// Since when the standby holds it, as far as this node knows: the sending time
@@ -1437,6 +1445,10 @@ impl CoordinatorState {
                     let Some(meta) = self.tasks.get(&task) else {
                         continue;
                     };
+                    // Its standby learns that it runs (see `Replica::running_told`).
+                    if meta.replica.opened && !meta.replica.running_told {
+                        self.dirty.insert(task);
+                    }
                     let allocate = Allocate {
                         target: agent,
                         task,
@@ -2055,6 +2067,7 @@ impl CoordinatorState {
                 upto,
                 opened: opens,
                 changes: meta.changes,
+                running: so_far.running > 0,
             });
             parts.push(part);
         }
@@ -2404,6 +2417,7 @@ impl CoordinatorState {
             upto,
             opened,
             changes,
+            running,
         } in sent
         {
             let Some(meta) = self.tasks.get_mut(&task) else {
@@ -2418,6 +2432,7 @@ impl CoordinatorState {
             meta.replica.opened |= opened;
             meta.replica.acked = meta.replica.acked.max(upto);
             meta.replica.changes = meta.replica.changes.max(changes);
+            meta.replica.running_told |= running;
             // Held there when this checkpoint arrived (unless the answer says not,
             // below): no takeover before that.
             meta.replica.held_ms = meta.replica.held_ms.max(Some(sent_ms));
@@ -2426,6 +2441,7 @@ impl CoordinatorState {
             if meta.replica.opened
                 && meta.replica.acked == meta.done_log.len()
                 && meta.replica.changes == meta.changes
+                && (meta.replica.running_told || self.ledger.running(task) == 0)
             {
                 self.dirty.remove(&task);
             }
@@ -2437,6 +2453,7 @@ impl CoordinatorState {
                 meta.replica.opened = false;
                 meta.replica.acked = 0;
                 meta.replica.changes = 0;
+                meta.replica.running_told = false;
                 meta.replica.held_ms = None;
                 self.dirty.insert(task);
             }

@@ -8,7 +8,9 @@
 //! done), every later copy is counted and discarded, and attempts still running
 //! elsewhere are cancelled.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use foldhash::fast::SeedableRandomState;
@@ -226,7 +228,7 @@ pub struct Rank {
 impl Rank {
     /// A task's place among the waiting ones of its class.
     fn place(&self, task: Uuid) -> Place {
-        (std::cmp::Reverse(self.priority), self.since, task)
+        (Reverse(self.priority), self.since, task)
     }
 }
 
@@ -239,12 +241,12 @@ pub fn need_class(capability: &str, tags: &[String], group: u16) -> u64 {
 }
 
 /// A waiting task's key in its class: ordered as [`Rank`] says.
-type Place = (std::cmp::Reverse<u8>, u64, Uuid);
+type Place = (Reverse<u8>, u64, Uuid);
 
 /// The tasks with at least one segment pending, per class, in service order.
 #[derive(Debug, Default)]
 struct Waiting {
-    classes: HashMap<u64, std::collections::BTreeSet<Place>, foldhash::fast::FixedState>,
+    classes: HashMap<u64, BTreeSet<Place>, foldhash::fast::FixedState>,
     len: usize,
 }
 
@@ -295,10 +297,11 @@ impl ServiceRound {
     /// The next waiting task in service order, if any is left in the round.
     pub fn next(&mut self, ledger: &Ledger) -> Option<Uuid> {
         let (i, &(place, class)) = self.heads.iter().enumerate().min_by_key(|(_, h)| h.0)?;
-        let after = ledger.waiting.classes.get(&class).and_then(|set| {
-            set.range((std::ops::Bound::Excluded(place), std::ops::Bound::Unbounded))
-                .next()
-        });
+        let after = ledger
+            .waiting
+            .classes
+            .get(&class)
+            .and_then(|set| set.range((Bound::Excluded(place), Bound::Unbounded)).next());
         match after {
             Some(next) => self.heads[i].0 = *next,
             None => {

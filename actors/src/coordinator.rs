@@ -260,6 +260,24 @@ type Round = HashMap<u64, ((String, Vec<String>, u16), Offer)>;
 /// The agent and node an attempt was given to.
 type Given = (u32, Arc<str>);
 
+/// Set in a task's class (`Rank::class`) while it waits for its standby to hold its
+/// start: such tasks are a class of their own, which a round after a result passes
+/// over at the first of them. Before, that round looked at each one, and thousands of
+/// tasks submitted at once wait for their standby together.
+const AWAITING_STANDBY: u64 = 0x8000_0000_0000_0001;
+
+/// What an offer to one task came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Served {
+    /// It found no free worker among the capable agents (none, or all at work): the
+    /// other tasks of its need would find none either.
+    Full,
+    /// It waits for its standby, as the tasks of its class did before this offer.
+    Parked,
+    /// Anything else: it got workers, or waits for a reason of its own.
+    Other,
+}
+
 /// How far an offer round goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
@@ -288,6 +306,9 @@ struct TaskMeta {
     submitted_ms: u64,
     /// Its need's class ([`need_class`]).
     class: u64,
+    /// It is in the class of its need's tasks that wait for their standby
+    /// ([`AWAITING_STANDBY`]).
+    parked: bool,
     reply: Option<Waiter>,
     /// Coordinators that ran it before this one (see [`OpenTask::generation`]).
     generation: u32,
@@ -319,6 +340,7 @@ impl TaskMeta {
     ) -> TaskMeta {
         TaskMeta {
             class: need_class(&request.capability, &request.tags, request.group),
+            parked: false,
             capability: request.capability,
             label: request.label,
             tags: request.tags,
@@ -346,7 +368,10 @@ impl TaskMeta {
     /// Its place in the service order while it waits.
     fn rank(&self) -> Rank {
         Rank {
-            class: self.class,
+            class: match self.parked {
+                true => self.class ^ AWAITING_STANDBY,
+                false => self.class,
+            },
             priority: self.priority,
             since: self.submitted_ms,
         }
@@ -1115,7 +1140,8 @@ impl CoordinatorState {
         let mut round = self.ledger.service_round();
         let mut offers = Round::new();
         while let Some(task) = round.next(&self.ledger) {
-            if self.assign_in(task, &mut offers).await && pass == Pass::UntilFull {
+            let served = self.assign_in(task, &mut offers).await;
+            if served != Served::Other && pass == Pass::UntilFull {
                 round.skip_class();
             }
         }
@@ -1126,20 +1152,34 @@ impl CoordinatorState {
         self.assign_in(task, &mut Round::new()).await;
     }
 
-    /// [`assign`](Self::assign) with the offers of a round. Returns true if the task
-    /// found no free worker among the capable agents (none, or all at work), so the
-    /// other tasks of its need would find none either.
-    async fn assign_in(&mut self, task: Uuid, offers: &mut Round) -> bool {
+    /// [`assign`](Self::assign) with the offers of a round. A task that waits for its
+    /// standby moves to its need's class of such tasks ([`AWAITING_STANDBY`]), and
+    /// back once it no longer waits: a whole round, on every tick, looks at each.
+    async fn assign_in(&mut self, task: Uuid, offers: &mut Round) -> Served {
         let Some(meta) = self.tasks.get(&task) else {
-            return false;
+            return Served::Other;
         };
         if !self.ledger.has_pending(task) {
-            return false;
+            return Served::Other;
         }
-        if self.awaits_standby(&meta.replica) {
+        let (awaits, parked) = (self.awaits_standby(&meta.replica), meta.parked);
+        if awaits != parked {
+            if let Some(meta) = self.tasks.get_mut(&task) {
+                meta.parked = awaits;
+                self.ledger.set_rank(task, meta.rank());
+            }
+        }
+        if awaits {
             debug!(%task, "a task waits until its standby holds it");
-            return false;
+            return if parked {
+                Served::Parked
+            } else {
+                Served::Other
+            };
         }
+        let Some(meta) = self.tasks.get(&task) else {
+            return Served::Other;
+        };
         let now = self.now_ms();
         if let (Some(standby), Some(held_ms)) = (&meta.replica.standby, meta.replica.held_ms) {
             if !self.leases.allows(standby, held_ms, now) {
@@ -1148,7 +1188,7 @@ impl CoordinatorState {
                 } else if self.fence_logged.insert(standby.clone()) {
                     info!(%task, %standby, "a task waits: its standby's lease lapsed, and the standby may have taken it over; allocating again once the standby answers for it");
                 }
-                return false;
+                return Served::Other;
             }
         }
         let class = meta.class;
@@ -1168,15 +1208,18 @@ impl CoordinatorState {
             }
         };
         let Some(meta) = self.tasks.get(&task) else {
-            return false;
+            return Served::Other;
         };
         let group = meta.group;
         match offer {
-            Offer::Workers(candidates) => self.ledger.assign_from(task, &candidates, now),
+            Offer::Workers(candidates) => match self.ledger.assign_from(task, &candidates, now) {
+                true => Served::Full,
+                false => Served::Other,
+            },
             Offer::NoneCapable { unwatched } => {
                 let capability = meta.capability.clone();
                 self.ledger.no_candidates(task, &capability, unwatched, now);
-                true
+                Served::Full
             }
             Offer::Denied { groups } => {
                 metrics::counter!("agentmesh_policy_denials_total", "reason" => "group", "from" => group.to_string(), "to" => "any").increment(1);
@@ -1186,7 +1229,7 @@ impl CoordinatorState {
                     "denied by policy: group {group} may not send to group(s) {groups:?}, where every agent with capability {capability:?} is"
                 );
                 self.ledger.fail_task(task, reason);
-                false
+                Served::Other
             }
         }
     }

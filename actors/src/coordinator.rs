@@ -1217,8 +1217,8 @@ impl CoordinatorState {
                 false => Served::Other,
             },
             Offer::NoneCapable { unwatched } => {
-                let capability = meta.capability.clone();
-                self.ledger.no_candidates(task, &capability, unwatched, now);
+                self.ledger
+                    .no_candidates(task, &meta.capability, unwatched, now);
                 Served::Full
             }
             Offer::Denied { groups } => {
@@ -2037,11 +2037,12 @@ impl CoordinatorState {
                     continue;
                 }
             };
+            // A standby met in this pass: it holds the task back, or takes it (a pass
+            // that left a task for want of room is not remembered).
+            hold(&node);
             if self.in_flight.blocks(&node, now) {
-                hold(&node);
                 continue;
             }
-            hold(&node);
             let Batch {
                 parts, sent, bytes, ..
             } = batches.entry(node).or_default();

@@ -56,7 +56,9 @@ pub struct Adjustment {
     /// Parameters set so far, by name: an attempt starts with those set for its task
     /// before it was allocated.
     pub params: BTreeMap<String, String>,
-    /// The new priority, if it changed.
+    /// The priority the latest ADJUST that set one gave, if any did since this attempt
+    /// was allocated (its allocation's priority stands otherwise): an ADJUST that sets
+    /// only parameters leaves it.
     pub priority: Option<u8>,
     /// Stop: the result is no longer wanted.
     pub cancelled: bool,

@@ -55,7 +55,8 @@ impl EarlyAdjusts {
 
     /// `peer` sent this ADJUST for `attempt`, not here, at `now_ms`. A later one for the
     /// same attempt from the same node replaces what an earlier one asked (each carries
-    /// all the task's parameters), but a cancel stays.
+    /// all the task's parameters), but a cancel stays, and so does a priority until a
+    /// later one sets another.
     pub fn insert(&mut self, attempt: AttemptKey, peer: &str, adjust: EarlyAdjust, now_ms: u64) {
         self.expire(now_ms);
         let size = entry_bytes(peer, &adjust);
@@ -67,7 +68,12 @@ impl EarlyAdjusts {
             Some(kept) => {
                 self.bytes -= entry_bytes(peer, kept);
                 let cancel = kept.cancel || adjust.cancel;
-                *kept = EarlyAdjust { cancel, ..adjust };
+                let priority = adjust.priority.or(kept.priority);
+                *kept = EarlyAdjust {
+                    cancel,
+                    priority,
+                    ..adjust
+                };
                 self.bytes += size;
             }
             None => {
@@ -209,6 +215,19 @@ mod tests {
         assert!(taken.cancel, "{taken:?}");
         assert_eq!(taken.params, params("3").params);
 
+        // A priority stays until a later ADJUST sets another.
+        let raise = EarlyAdjust {
+            priority: Some(200),
+            ..params("4")
+        };
+        early.insert(key(0), "alpha", raise, 5);
+        early.insert(key(0), "alpha", params("5"), 5);
+        let taken = early.take(&key(0), "alpha", 5).unwrap();
+        assert_eq!(
+            (taken.priority, taken.params),
+            (Some(200), params("5").params)
+        );
+
         // Another node's ADJUST of the same attempt is kept beside it, not over it.
         early.insert(key(0), "alpha", params("1"), 6);
         early.insert(key(0), "mallory", params("evil"), 7);
@@ -296,7 +315,7 @@ mod tests {
                     Step::Insert(segment, peer, n, cancel) => {
                         let adjust = EarlyAdjust {
                             params: BTreeMap::from([("k".to_string(), "v".repeat(n as usize * 4))]),
-                            priority: Some(n),
+                            priority: (n % 3 != 0).then_some(n),
                             cancel,
                         };
                         let peer = peers[peer];
@@ -309,7 +328,8 @@ mod tests {
                             match model.entries.iter_mut().find(|e| same(e)) {
                                 Some(e) => {
                                     let cancel = e.3.cancel || adjust.cancel;
-                                    e.3 = EarlyAdjust { cancel, ..adjust };
+                                    let priority = adjust.priority.or(e.3.priority);
+                                    e.3 = EarlyAdjust { cancel, priority, ..adjust };
                                 }
                                 None => model.entries.push((now, key(segment), peer.to_string(), adjust)),
                             }

@@ -327,11 +327,16 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     let a = &run.allocation;
                     if a.task == task && segment.is_none_or(|s| s == a.segment) {
                         // The same ADJUST again (sent again after a lost connection)
-                        // wakes no one.
+                        // wakes no one. One that sets only parameters leaves the
+                        // priority an earlier one set.
                         run.adjust.send_if_modified(|now| {
-                            let changed = *now != adjustment;
+                            let next = Adjustment {
+                                priority: adjustment.priority.or(now.priority),
+                                ..adjustment.clone()
+                            };
+                            let changed = *now != next;
                             if changed {
-                                now.clone_from(&adjustment);
+                                *now = next;
                             }
                             changed
                         });
@@ -347,8 +352,8 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     for a in state.queue.iter_mut() {
                         if a.task == task && segment.is_none_or(|s| s == a.segment) {
                             a.params.clone_from(&adjustment.params);
-                            a.adjusted_priority = adjustment.priority;
                             if let Some(p) = adjustment.priority {
+                                a.adjusted_priority = Some(p);
                                 a.priority = allocate_prio(p);
                             }
                         }

@@ -322,6 +322,42 @@ async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     );
 }
 
+/// An ADJUST that sets only parameters leaves the priority an earlier one set, for the
+/// attempt running and for the one still queued.
+#[tokio::test]
+async fn a_later_adjust_of_parameters_only_keeps_the_priority_set_before() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &100u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(1, &0u64))).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut first = Adjustment {
+        priority: Some(9),
+        ..Adjustment::default()
+    };
+    first.params.insert("tag".into(), "first".into());
+    worker
+        .cast(WorkerMsg::Adjust {
+            task: Uuid::from_u128(1),
+            segment: None,
+            adjustment: first,
+        })
+        .unwrap();
+    worker.cast(steer(None)).unwrap();
+    let mut done: Vec<(u32, String)> = outcomes(&mut rx, 2)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Done { allocation, output } => {
+                Some((allocation.1, rmp_serde::from_slice(&output).unwrap()))
+            }
+            _ => None,
+        })
+        .collect();
+    done.sort();
+    let tag = |s: u32, t: &str| (s, t.to_string());
+    assert_eq!(done, [tag(0, "steered at 9"), tag(1, "steered at 9")]);
+}
+
 /// An ADJUST that raises a task's priority moves its queued attempts ahead of those of
 /// tasks it now outranks.
 #[tokio::test]

@@ -280,6 +280,26 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     ]);
 }
 
+/// The node a task was submitted to leaves (SIGTERM) while the task runs: the waiting
+/// `submit` follows the task to the standby that takes it over, as after a crash.
+/// Before, the leaving node stopped its coordinator first, which dropped the waiting
+/// request, and `submit` took the node's answer that it was dropped for a refusal and
+/// failed (200 of 200 by hand), while the standby ran the task to its end.
+#[test]
+fn a_task_outlives_the_graceful_leave_of_the_node_it_was_submitted_to() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-leave");
+
+    // 6 segments of 3 s on 6 replicas: one round, running when n0 leaves 1.5 s in.
+    let submit = cluster.submit(0, &[&sleep_task("6", "3000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(first.terminate().success());
+
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 6, 3000);
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+}
+
 /// The node a task was submitted to is SIGKILLed while the task's first attempts run,
 /// before any result. Its standby had the task's start and takes it over, with nothing
 /// done: every segment runs again, and the outcome counts each reallocated. Before,

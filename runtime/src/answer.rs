@@ -19,7 +19,7 @@ use tracing::debug;
 
 use agentmesh_transport::wire::EnvelopeParts;
 
-use crate::client::ERROR_KIND;
+use crate::client::{ERROR_KIND, UNANSWERED_KIND};
 use crate::remote::{write_message, Mesh, Offer, RemoteMessage, SendError};
 
 /// Answers a node waits to give at once; a request beyond them is answered with an
@@ -34,7 +34,8 @@ const SLACK_ENTRIES: usize = 64;
 
 /// The answer a local actor is to give to a request, type-erased.
 pub(crate) trait PendingReply: Send + Sync {
-    /// Ready once the actor has answered (or dropped its reply port: an error).
+    /// Ready once the actor has answered (or dropped its reply port: an error, sent as
+    /// [`Outcome::Unanswered`]).
     fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>>;
     /// Writes the answer the actor gave (after `poll_reply` was ready with `Ok`).
     fn write(&self, out: &mut Vec<u8>) -> Result<(), SendError>;
@@ -93,7 +94,7 @@ impl ReplyTo {
     /// Appends the answering ENVELOPE to `out`: the actor's answer, or `error`. An
     /// answer that does not encode, or is longer than `limit` (the asker would close
     /// the connection for it), is sent as an error instead.
-    fn encode(&self, answer: Result<&dyn PendingReply, &str>, out: &mut Vec<u8>, limit: usize) {
+    fn encode(&self, answer: &Outcome, out: &mut Vec<u8>, limit: usize) {
         let parts = |kind, body| EnvelopeParts {
             to: "",
             kind,
@@ -104,7 +105,7 @@ impl ReplyTo {
         };
         let start = out.len();
         let error = match answer {
-            Ok(reply) => {
+            Outcome::Given(reply) => {
                 match parts(&self.kind, &[]).encode_into_with(out, |out| reply.write(out)) {
                     Ok(()) if out.len() - start <= limit => return,
                     Ok(()) => {
@@ -118,7 +119,10 @@ impl ReplyTo {
                     }
                 }
             }
-            Err(error) => error.to_string(),
+            Outcome::Error(error) => error.clone(),
+            Outcome::Unanswered(reason) => {
+                return parts(UNANSWERED_KIND, reason.as_bytes()).encode_into(out);
+            }
         };
         parts(ERROR_KIND, error.as_bytes()).encode_into(out);
     }
@@ -184,7 +188,7 @@ impl Answering {
         drop(slot);
         self.finish(match given {
             Ok(()) => Outcome::Given(reply),
-            Err(error) => Outcome::Error(error),
+            Err(error) => Outcome::Unanswered(error),
         });
     }
 
@@ -221,15 +225,11 @@ pub(crate) enum Outcome {
     Given(Box<dyn PendingReply>),
     /// No answer: why.
     Error(String),
-}
-
-impl Outcome {
-    fn as_answer(&self) -> Result<&dyn PendingReply, &str> {
-        match self {
-            Outcome::Given(reply) => Ok(&**reply),
-            Outcome::Error(error) => Err(error),
-        }
-    }
+    /// The actor dropped the request without answering: it stopped (its node may be
+    /// leaving) or failed while it held the request, which may or may not have taken
+    /// effect. Sent apart from [`Outcome::Error`] so that a client can tell it from a
+    /// refusal, and ask again or ask another node, as for a lost connection.
+    Unanswered(String),
 }
 
 /// Sends an answer from this thread if its lane takes it at once, or else from a task
@@ -238,7 +238,7 @@ impl Outcome {
 pub(crate) fn send(mesh: &Mesh, to: &ReplyTo, runtime: &tokio::runtime::Handle, outcome: Outcome) {
     let limit = mesh.max_message_bytes();
     let offered = mesh.try_send_encoded(&to.peer, to.prio, |out| {
-        to.encode(outcome.as_answer(), out, limit);
+        to.encode(&outcome, out, limit);
         Ok(())
     });
     drop(outcome);

@@ -20,6 +20,9 @@ use agentmesh_transport::{
 
 /// The kind a node answers with when a request failed (the body is the reason).
 pub(crate) const ERROR_KIND: &str = "agentmesh.error";
+/// The kind a node answers with when the actor asked dropped the request without
+/// answering: it stopped (the node may be leaving) or failed while holding it.
+pub(crate) const UNANSWERED_KIND: &str = "agentmesh.unanswered";
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,16 @@ pub enum ClientError {
         /// What it said.
         reason: String,
     },
+    /// The node's actor dropped the request without answering: it stopped (the node
+    /// may be leaving) or failed while it held the request, which may or may not have
+    /// taken effect there.
+    #[error("{addr} did not answer: {reason}")]
+    Unanswered {
+        /// The node's address.
+        addr: SocketAddr,
+        /// What it said.
+        reason: String,
+    },
     /// The request or the answer did not encode or decode.
     #[error("bad exchange with {addr}: {reason}")]
     BadReply {
@@ -61,11 +74,13 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the request may be worth making again, on a new connection: the
     /// connection could not be made, or was lost (timed out, reset, or closed by the
-    /// node for a reason that passes: leaving, overload). Not when the node closed it
-    /// for what this client sent (a message too large, say), nor for any other error.
+    /// node for a reason that passes: leaving, overload), or the node dropped the
+    /// request unanswered (its actor stopped, as when the node leaves, which it tells
+    /// before it closes the connection). Not when the node closed it for what this
+    /// client sent (a message too large, say), nor for any other error.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            ClientError::Transport(_) => true,
+            ClientError::Transport(_) | ClientError::Unanswered { .. } => true,
             ClientError::Disconnected { node_code, .. } => node_code.is_none_or(|code| {
                 AcpErrorCode::from_code(code).is_some_and(|c| !c.blames_the_receiver())
             }),
@@ -180,6 +195,12 @@ impl Client {
                 reason: String::from_utf8_lossy(&answer.body).into_owned(),
             });
         }
+        if answer.kind == UNANSWERED_KIND {
+            return Err(ClientError::Unanswered {
+                addr: self.addr,
+                reason: String::from_utf8_lossy(&answer.body).into_owned(),
+            });
+        }
         Ok(answer.body)
     }
 
@@ -249,5 +270,16 @@ mod tests {
         assert!(!closed(code(AcpErrorCode::PolicyDenied)).is_connection_lost());
         assert!(!closed(Some(0x1234)).is_connection_lost());
         assert!(!ClientError::Timeout(addr, 1).is_connection_lost());
+        let said = |reason: &str| reason.to_string();
+        let unanswered = ClientError::Unanswered {
+            addr,
+            reason: said("the actor dropped the request without answering"),
+        };
+        assert!(unanswered.is_connection_lost());
+        let refused = ClientError::Refused {
+            addr,
+            reason: said("denied by policy"),
+        };
+        assert!(!refused.is_connection_lost());
     }
 }

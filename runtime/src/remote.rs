@@ -150,7 +150,7 @@ struct AcpRoute {
 pub(crate) const REGISTRY_SERVICE: &str = "agentmesh.registry";
 const REGISTRY_UPDATE: &str = "agentmesh.registry.update";
 use crate::answer::{self, Answering, Outcome, PendingReply, ReplyTo, Replying, Waiting};
-use crate::client::ERROR_KIND;
+use crate::client::{ERROR_KIND, UNANSWERED_KIND};
 /// Asks waiting for answers at once, per node.
 const MAX_PENDING_ASKS: usize = 65_536;
 /// Monitors set at once, per node.
@@ -1347,7 +1347,7 @@ impl Mesh {
                 .ok()
                 .and_then(|mut p| p.remove(&envelope.correlation));
             if let Some(tx) = waiting {
-                let result = if envelope.kind == ERROR_KIND {
+                let result = if envelope.kind == ERROR_KIND || envelope.kind == UNANSWERED_KIND {
                     Err(String::from_utf8_lossy(&envelope.body).into_owned())
                 } else {
                     Ok(envelope.body)

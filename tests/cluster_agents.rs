@@ -162,8 +162,13 @@ fn crash_task<'a>(segments: &'a str, segment_ms: &'a str) -> [&'a str; 8] {
 
 /// Three nodes with two `sleep` replicas each, once n0 lists all three agents.
 fn three_sleep_nodes(tag: &str) -> (Cluster, [NodeProcess; 3]) {
+    three_sleep_nodes_with(tag, &[])
+}
+
+/// [`three_sleep_nodes`] with more arguments for n0.
+fn three_sleep_nodes_with(tag: &str, first_args: &[&str]) -> (Cluster, [NodeProcess; 3]) {
     let cluster = Cluster::new(tag, 3);
-    let first = cluster.start(0, &["--agents", "sleep=2"]);
+    let first = cluster.start(0, &[&["--agents", "sleep=2"], first_args].concat());
     first.expect(&["listening"]);
     let second = cluster.start(1, &["--agents", "sleep=2"]);
     let third = cluster.start(2, &["--agents", "sleep=2"]);
@@ -280,24 +285,70 @@ fn a_task_outlives_the_sigkill_of_the_node_it_was_submitted_to() {
     ]);
 }
 
-/// The node a task was submitted to leaves (SIGTERM) while the task runs: the waiting
-/// `submit` follows the task to the standby that takes it over, as after a crash.
-/// Before, the leaving node stopped its coordinator first, which dropped the waiting
-/// request, and `submit` took the node's answer that it was dropped for a refusal and
-/// failed (200 of 200 by hand), while the standby ran the task to its end.
+/// The node a task was submitted to leaves (SIGTERM) while the task runs, and its drain
+/// is cut short by `--drain-timeout` before the attempts end: the waiting `submit`
+/// follows the task to the standby that takes it over, as after a crash. Before, the
+/// leaving node stopped its coordinator first, which dropped the waiting request, and
+/// `submit` took the node's answer that it was dropped for a refusal and failed (200
+/// of 200 by hand), while the standby ran the task to its end.
 #[test]
 fn a_task_outlives_the_graceful_leave_of_the_node_it_was_submitted_to() {
-    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-leave");
+    let (cluster, [mut first, second, _third]) =
+        three_sleep_nodes_with("agents-coordinator-leave", &["--drain-timeout", "1"]);
 
-    // 6 segments of 3 s on 6 replicas: one round, running when n0 leaves 1.5 s in.
-    let submit = cluster.submit(0, &[&sleep_task("6", "3000")[..], &["--results"]].concat());
+    // 6 segments of 4 s on 6 replicas: one round, still running when n0's drain of
+    // 1 s, begun 1.5 s in, is cut short.
+    let submit = cluster.submit(0, &[&sleep_task("6", "4000")[..], &["--results"]].concat());
     first.expect(&["task submitted"]);
     std::thread::sleep(Duration::from_millis(1_500));
     assert!(first.terminate().success());
+    first.expect(&["drain cut short by --drain-timeout", "running=6"]);
 
     let (status, task) = outcome(submit);
-    completed_with_every_result(status, &task, 6, 3000);
+    completed_with_every_result(status, &task, 6, 4000);
     second.expect(&["took over a task from a node that went down", "from=n0"]);
+}
+
+/// The node a task was submitted to leaves (SIGTERM) while the first of two rounds of
+/// its segments runs: it drains first, allocating nothing more while that round runs to
+/// its end and its results reach the standby, which then takes the task over and runs
+/// the second round. Nothing runs twice: 0 reallocated, where a leave without the drain
+/// runs the first round's attempts again (6, or those the standby was told of).
+#[test]
+fn a_node_that_leaves_drains_its_running_attempts_first() {
+    let (cluster, [mut first, second, _third]) = three_sleep_nodes("agents-coordinator-drain");
+
+    // 12 segments of 2 s on 6 replicas: two rounds. n0 leaves 1 s into the first.
+    let submit = cluster.submit(0, &[&sleep_task("12", "2000")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(first.terminate().success());
+    first.expect(&["drained"]);
+
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 12, 2000);
+    assert_eq!(task["reallocated"], 0, "{task}");
+    let line = second.expect(&["took over a task from a node that went down", "from=n0"]);
+    // With the first round's results: the standby ran only the second.
+    assert_eq!(done_in(&line), 6, "{line}");
+}
+
+/// A worker node leaves (SIGTERM) while two of a task's attempts run there: it drains,
+/// refusing new allocations, until they end and their results have gone, so nothing of
+/// it runs twice.
+#[test]
+fn a_worker_node_that_leaves_drains_its_running_attempts_first() {
+    let (cluster, [_first, _second, mut third]) = three_sleep_nodes("agents-worker-drain");
+
+    // 12 segments of 2 s on 6 replicas: two rounds; n2 leaves 1 s into the first.
+    let submit = cluster.submit(0, &[&sleep_task("12", "2000")[..], &["--results"]].concat());
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(third.terminate().success());
+    third.expect(&["drained"]);
+
+    let (status, task) = outcome(submit);
+    completed_with_every_result(status, &task, 12, 2000);
+    assert_eq!(task["reallocated"], 0, "{task}");
 }
 
 /// The node a task was submitted to is SIGKILLed while the task's first attempts run,

@@ -204,6 +204,9 @@ pub enum CoordinatorMsg {
     },
     /// Another coordinator's tasks, to hold as its standby, with the node that sent them.
     Checkpoint(FromPeer<Checkpoint>, RpcReplyPort<CheckpointAck>),
+    /// The node is leaving: allocate nothing more, and say what is left to wait for
+    /// (asked again until nothing is, or the node gives up waiting).
+    Drain(RpcReplyPort<Drained>),
     /// A standby answered a checkpoint (or did not).
     CheckpointAnswered {
         /// The standby's node.
@@ -219,6 +222,27 @@ pub enum CoordinatorMsg {
         /// Its answer.
         answer: Result<CheckpointAck, String>,
     },
+}
+
+/// What a draining coordinator still waits for before its node leaves
+/// ([`CoordinatorMsg::Drain`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Attempts of its tasks still running, on any node.
+    pub running: u64,
+    /// Open tasks whose standby lacks something of them (their start, a result, a
+    /// change), while another node is up to hold them.
+    pub unheld: usize,
+    /// Whether a standby is still to be told of tasks that ended here, or has a
+    /// checkpoint in flight.
+    pub telling: bool,
+}
+
+impl Drained {
+    /// Nothing is left: its standby can take every task over with nothing run twice.
+    pub fn is_done(&self) -> bool {
+        *self == Drained::default()
+    }
 }
 
 /// The coordinator actor.
@@ -545,6 +569,9 @@ pub struct CoordinatorState {
     taken_over_from: HashMap<Arc<str>, u64>,
     /// Nodes up with no open connection from this one ([`CUT_OFF_MS`]).
     cut_offs: CutOffs,
+    /// The node is leaving: nothing more is allocated; the attempts running end, their
+    /// results reach the standbys, and then the standbys take the tasks over.
+    draining: bool,
 }
 
 /// The standby `node` picks among `candidates` (other nodes): the first after it in name
@@ -686,6 +713,7 @@ impl Actor for Coordinator {
             leases: Leases::default(),
             takeovers_due: HashMap::new(),
             fence_logged: HashSet::new(),
+            draining: false,
             unanswered_since: HashMap::new(),
             given_up: HashSet::new(),
             taken_over_from: HashMap::new(),
@@ -799,6 +827,13 @@ impl Actor for Coordinator {
             CoordinatorMsg::Adjust(request, reply) => {
                 let answer = state.adjust(request).await;
                 let _ = reply.send(answer);
+            }
+            CoordinatorMsg::Drain(reply) => {
+                if !state.draining {
+                    state.draining = true;
+                    info!(tasks = state.tasks.len(), "draining: no more allocations; waiting for the attempts running to end and the standbys to hold every task");
+                }
+                let _ = reply.send(state.drained(now));
             }
             CoordinatorMsg::Status(_, reply) => {
                 let _ = reply.send(state.status().await);
@@ -1130,6 +1165,31 @@ impl CoordinatorState {
         }
     }
 
+    /// What is left before the node may leave ([`Drained`]).
+    fn drained(&self, now_ms: u64) -> Drained {
+        let others = !self.up.is_empty();
+        let lacks = |meta: &TaskMeta| {
+            let r = &meta.replica;
+            let holds_all = r.opened && r.acked == meta.done_log.len() && r.changes == meta.changes;
+            !r.off && !holds_all
+        };
+        Drained {
+            running: self
+                .tasks
+                .keys()
+                .map(|t| u64::from(self.ledger.running(*t)))
+                .sum(),
+            unheld: match others {
+                true => self.tasks.values().filter(|m| lacks(m)).count(),
+                false => 0,
+            },
+            telling: self
+                .forget_notices
+                .any_for(|n| self.up.contains(n) && !self.in_flight.blocks(n, now_ms))
+                || self.up.iter().any(|n| self.in_flight.in_flight(n)),
+        }
+    }
+
     /// Offers the waiting segments of every task to capable workers, in service order
     /// ([`Rank`]). Tasks that need the same capability, tags and group share one
     /// discovery query and one candidate list in a round, so a round costs distinct
@@ -1156,7 +1216,7 @@ impl CoordinatorState {
     /// standby moves to its need's class of such tasks ([`AWAITING_STANDBY`]), and
     /// back once it no longer waits: a whole round, on every tick, looks at each.
     async fn assign_in(&mut self, task: Uuid, offers: &mut Round) -> Served {
-        let Some(meta) = self.tasks.get(&task) else {
+        let Some(meta) = self.tasks.get(&task).filter(|_| !self.draining) else {
             return Served::Other;
         };
         if !self.ledger.has_pending(task) {

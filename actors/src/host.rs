@@ -21,7 +21,7 @@ use agentmesh_runtime::{
 };
 
 use crate::agent::Agent;
-use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg, TICK};
+use crate::coordinator::{Coordinator, CoordinatorArgs, CoordinatorMsg, Drained, TICK};
 use crate::discovery::{Discovery, DiscoveryArgs, DiscoveryMsg};
 use crate::ledger::LedgerConfig;
 use crate::policy::{Policy, PolicyError, VersionedPolicy};
@@ -180,6 +180,26 @@ fn start_err(what: &'static str) -> impl Fn(ractor::SpawnErr) -> HostError {
     move |e| HostError::Start {
         what,
         reason: e.to_string(),
+    }
+}
+
+/// How often a draining layer asks its actors what is left ([`AgentHost::drain`]).
+const DRAIN_CHECK: Duration = Duration::from_millis(50);
+
+/// What a drain left ([`AgentHost::drain`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Draining {
+    /// What the coordinator still waited for.
+    pub coordinator: Drained,
+    /// Attempts given to this node's agents not ended, or with their final REPORT
+    /// still to go.
+    pub attempts_here: usize,
+}
+
+impl Draining {
+    /// Nothing was left.
+    pub fn is_done(&self) -> bool {
+        self.coordinator.is_done() && self.attempts_here == 0
     }
 }
 
@@ -461,6 +481,45 @@ impl AgentHost {
     /// too, and be restarted by whatever runs it).
     pub async fn stopped(&mut self) {
         let _ = self.stopped.wait_for(|s| *s).await;
+    }
+
+    /// Drains the layer before its node leaves: the worker host refuses new
+    /// allocations (their coordinators give them to other nodes at once) and the
+    /// coordinator allocates nothing more, while the attempts given here, and those of
+    /// this coordinator's tasks anywhere, run to their end and their results reach the
+    /// coordinators and the standbys. Then a standby takes each task over with nothing
+    /// to run again. Returns what was still left when it stopped waiting: nothing, or
+    /// what `within` cut short (that runs again elsewhere, as after a crash); `None` if
+    /// its actors did not answer within `within`.
+    pub async fn drain(&self, within: Duration) -> Option<Draining> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut left = None;
+        loop {
+            // Bounded even if an actor does not answer: `None` then, if it never did.
+            let Ok(now) = tokio::time::timeout_at(deadline, self.left_to_drain()).await else {
+                return left;
+            };
+            let Some(now) = now else {
+                // An actor stopped: the layer is stopping anyway.
+                return Some(Draining::default());
+            };
+            if now.is_done() || tokio::time::Instant::now() >= deadline {
+                return Some(now);
+            }
+            left = Some(now);
+            tokio::time::sleep(DRAIN_CHECK).await;
+        }
+    }
+
+    /// Asks the coordinator and the worker host what is left to drain (and has them
+    /// drain, the first time); `None` if one of them has stopped.
+    async fn left_to_drain(&self) -> Option<Draining> {
+        let coordinator = ractor::call!(self.coordinator, CoordinatorMsg::Drain).ok()?;
+        let attempts_here = ractor::call!(self.workers, WorkersMsg::Drain).ok()?;
+        Some(Draining {
+            coordinator,
+            attempts_here,
+        })
     }
 
     /// Stops the agent layer.

@@ -53,6 +53,11 @@ impl InFlight {
         self.busy.insert(node, Busy::RetryAt(at_ms));
     }
 
+    /// Whether a checkpoint to `node` is in flight (not merely waiting to retry).
+    pub fn in_flight(&self, node: &str) -> bool {
+        matches!(self.busy.get(node), Some(Busy::InFlight(_)))
+    }
+
     /// `node` is down: what is in flight to it is stale from now on.
     pub fn forget(&mut self, node: &str) {
         self.busy.remove(node);

@@ -119,6 +119,13 @@ pub enum WorkerMsg {
         /// The attempt.
         attempt: u32,
     },
+    /// Give back every attempt still queued, unstarted, as refused for `reason`: the
+    /// node is leaving, and their coordinators give them to other nodes at once rather
+    /// than wait for them here.
+    HandBack {
+        /// Why, for the coordinators.
+        reason: String,
+    },
     /// A SYNC or SYNC_ACK for the running attempts of this task (but not the one of
     /// `skip_segment`, the sender's own).
     Sync {
@@ -217,14 +224,24 @@ impl<A: Agent> WorkerState<A> {
     /// Reports a change of health; while unhealthy, refuses what waits.
     async fn report_health(&mut self) {
         let health = self.health_now();
-        if health == Health::Unhealthy {
-            for allocation in std::mem::take(&mut self.queue) {
-                let _ = self.events.send(self.refusal(&allocation)).await;
-            }
+        if health == Health::Unhealthy && !self.queue.is_empty() {
+            self.hand_back(self.resting()).await;
         }
         if health != self.health {
             self.health = health;
             let _ = self.events.send(WorkerEvent::Health(health)).await;
+        }
+    }
+
+    /// Refuses every queued attempt for `reason`: while unhealthy, and when the node is
+    /// leaving ([`WorkerMsg::HandBack`]).
+    async fn hand_back(&mut self, reason: String) {
+        for allocation in std::mem::take(&mut self.queue) {
+            let refused = WorkerEvent::Refused {
+                allocation: key(&allocation),
+                reason: reason.clone(),
+            };
+            let _ = self.events.send(refused).await;
         }
     }
 
@@ -252,14 +269,19 @@ impl<A: Agent> WorkerState<A> {
     fn refusal(&self, allocation: &Allocation) -> WorkerEvent {
         WorkerEvent::Refused {
             allocation: key(allocation),
-            reason: format!(
-                "no replica of agent {} runs: each panicked more than {} times in {} s and rests for up to {} s",
-                self.agent.agent_type(),
-                self.restarts.max_restarts,
-                self.restarts.window.as_secs(),
-                self.restarts.rest.as_secs()
-            ),
+            reason: self.resting(),
         }
+    }
+
+    /// Why an attempt is refused while every replica rests.
+    fn resting(&self) -> String {
+        format!(
+            "no replica of agent {} runs: each panicked more than {} times in {} s and rests for up to {} s",
+            self.agent.agent_type(),
+            self.restarts.max_restarts,
+            self.restarts.window.as_secs(),
+            self.restarts.rest.as_secs()
+        )
     }
 }
 
@@ -367,6 +389,7 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     }
                 }
             }
+            WorkerMsg::HandBack { reason } => state.hand_back(reason).await,
             WorkerMsg::Cancel {
                 task,
                 segment,

@@ -100,6 +100,10 @@ pub enum WorkersMsg {
     /// Check the connections to the coordinators with attempts here
     /// ([`CUT_OFF_CANCEL_MS`]).
     CheckConnections,
+    /// The node is leaving: refuse new ALLOCATEs, and answer how many attempts given
+    /// here have not ended or have their final REPORT still to go (asked again until
+    /// none, or the node gives up waiting).
+    Drain(ractor::RpcReplyPort<usize>),
     /// A local agent has a new ID (it lost a collision).
     Reidentified {
         /// The ID it had.
@@ -159,6 +163,9 @@ pub struct WorkersState {
     ended: EndedAttempts,
     /// ADJUSTs that came before their attempt's ALLOCATE, for it to start with.
     early: EarlyAdjusts,
+    /// The node is leaving: ALLOCATEs are refused, as if it had no such agent, so
+    /// that their coordinators give them to other nodes at once.
+    draining: bool,
 }
 
 /// What the worker host's sender takes, in order.
@@ -213,6 +220,7 @@ impl Actor for Workers {
             cut_offs: CutOffs::new(CUT_OFF_CANCEL_MS),
             ended: EndedAttempts::new(ENDED_ATTEMPTS_MS, MAX_ENDED_ATTEMPTS),
             early: EarlyAdjusts::new(EARLY_ADJUSTS_MS, MAX_EARLY_ADJUSTS, MAX_EARLY_ADJUST_BYTES),
+            draining: false,
         })
     }
 
@@ -254,6 +262,19 @@ impl Actor for Workers {
                 }
             }
             WorkersMsg::CheckConnections => state.cancel_cut_off(),
+            WorkersMsg::Drain(reply) => {
+                if !state.draining {
+                    state.draining = true;
+                    info!(attempts = state.attempts.len(), "draining: refusing new allocations, giving back those queued; waiting for the attempts running here to end");
+                    let reason = format!("node {} is leaving", state.mesh.node());
+                    for slot in state.agents.values() {
+                        let reason = reason.clone();
+                        let _ = slot.supervisor.cast(WorkerMsg::HandBack { reason });
+                    }
+                }
+                let unsent = state.outbox.max_capacity() - state.outbox.capacity();
+                let _ = reply.send(state.attempts.len() + unsent);
+            }
             WorkersMsg::Reidentified { old, new } => {
                 if let Some(slot) = state.agents.remove(&old) {
                     state.agents.insert(new, slot);
@@ -354,6 +375,11 @@ impl WorkersState {
             return debug!(%peer, task = %a.task, segment = a.segment, attempt = a.attempt, "ALLOCATE of an attempt cancelled before it came: not run");
         }
         let refusal = match self.agents.get(&a.target) {
+            _ if self.draining => Some((
+                Refusal::NoAgent,
+                None,
+                format!("node {} is leaving", self.mesh.node()),
+            )),
             None => Some((
                 Refusal::NoAgent,
                 None,
@@ -392,7 +418,15 @@ impl WorkersState {
             }
         };
         if let Some((refused, retry_after_ms, reason)) = refusal {
-            warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused");
+            match self.draining {
+                // Said once, when the drain began.
+                true => {
+                    debug!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused")
+                }
+                false => {
+                    warn!(%peer, task = %a.task, segment = a.segment, %reason, "allocation refused")
+                }
+            }
             self.ended.insert(key, now_ms);
             // Sent as the agent, if this node has it; else as the node (agent 0).
             let (agent, group, health) = self
@@ -616,7 +650,15 @@ impl WorkersState {
             None => (0, 0, Health::Ok),
         };
         if refused.is_some() {
-            warn!(coordinator = %info.coordinator, task = %key.0, segment = key.1, reason = error.as_deref().unwrap_or_default(), "allocation refused");
+            let reason = error.as_deref().unwrap_or_default();
+            match self.draining {
+                true => {
+                    debug!(coordinator = %info.coordinator, task = %key.0, segment = key.1, reason, "allocation given back")
+                }
+                false => {
+                    warn!(coordinator = %info.coordinator, task = %key.0, segment = key.1, reason, "allocation refused")
+                }
+            }
         }
         let report = Report {
             target: info.coordinator_agent,

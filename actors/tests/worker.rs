@@ -358,6 +358,39 @@ async fn a_later_adjust_of_parameters_only_keeps_the_priority_set_before() {
     assert_eq!(done, [tag(0, "steered at 9"), tag(1, "steered at 9")]);
 }
 
+/// Handed back (its node is leaving), the attempts still queued are refused with the
+/// reason given, for their coordinators to give elsewhere, while the one running goes
+/// on to its end.
+#[tokio::test]
+async fn a_hand_back_refuses_the_queued_attempts_and_lets_the_running_one_end() {
+    let (worker, mut rx) = start(Arc::new(Sleeper::default()), 1).await;
+    worker.cast(WorkerMsg::Run(alloc(0, &100u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(1, &0u64))).unwrap();
+    worker.cast(WorkerMsg::Run(alloc(2, &0u64))).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let reason = "node n0 is leaving".to_string();
+    worker.cast(WorkerMsg::HandBack { reason }).unwrap();
+    let mut ended: Vec<(u32, String)> = outcomes(&mut rx, 3)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Done { allocation, .. } => Some((allocation.1, "done".into())),
+            WorkerEvent::Refused { allocation, reason } => Some((allocation.1, reason)),
+            _ => None,
+        })
+        .collect();
+    ended.sort();
+    let end = |s: u32, how: &str| (s, how.to_string());
+    assert_eq!(
+        ended,
+        [
+            end(0, "done"),
+            end(1, "node n0 is leaving"),
+            end(2, "node n0 is leaving")
+        ]
+    );
+}
+
 /// An ADJUST that raises a task's priority moves its queued attempts ahead of those of
 /// tasks it now outranks.
 #[tokio::test]

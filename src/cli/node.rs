@@ -79,6 +79,14 @@ pub struct NodeArgs {
     #[arg(long, value_name = "SECS", default_value_t = RestartPolicy::default().rest.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     restart_rest: u64,
+    /// On SIGINT or SIGTERM, how long in seconds the node drains before it leaves: it
+    /// takes no new work, its coordinator allocates nothing more, and the attempts
+    /// running here, and those of its tasks elsewhere, run to their end, their results
+    /// reaching the standbys that take the tasks over. 0 leaves at once; what is still
+    /// running when the time is up runs again elsewhere. A second signal leaves at once.
+    #[arg(long, value_name = "SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    drain_timeout: u64,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -253,6 +261,26 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         };
         if let Some(why) = stopped {
             anyhow::bail!("the node stopped: {why}");
+        }
+        if args.drain_timeout > 0 {
+            let within = Duration::from_secs(args.drain_timeout);
+            info!(node = %name, within_secs = args.drain_timeout, "draining before leaving (a second SIGINT or SIGTERM leaves at once)");
+            let started = tokio::time::Instant::now();
+            tokio::select! {
+                left = host.drain(within) => match left {
+                    Some(left) if left.is_done() => {
+                        info!(ms = started.elapsed().as_millis() as u64, "drained")
+                    }
+                    Some(left) => warn!(
+                        attempts_here = left.attempts_here,
+                        running = left.coordinator.running,
+                        unheld = left.coordinator.unheld,
+                        "drain cut short by --drain-timeout: what still ran runs again elsewhere"
+                    ),
+                    None => warn!("drain cut short by --drain-timeout: the agent layer did not answer"),
+                },
+                _ = shutdown_signal() => warn!("a second signal: leaving without draining further"),
+            }
         }
         info!(node = %name, "leaving");
         host.stop();

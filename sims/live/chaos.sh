@@ -9,9 +9,12 @@
 # spread over the nodes (one `agentmesh submit --json --results` each), then every EVERY
 # seconds SIGKILLs a node picked at random and restarts it a second later, KILLS times
 # (with STOP=S set: pauses it with SIGSTOP for S seconds instead, long enough to be held
-# down and have its tasks taken over, and lets it go on).
-# Each task must complete with one result per segment. Prints
-# the kills and "ok N bad M"; exits 1 if any task did not. Needs python3. Nodes use the
+# down and have its tasks taken over, and lets it go on; with LEAVE=1 set: stops it with
+# SIGTERM, so that it drains and leaves, and restarts it a second after it exited: a
+# rolling restart).
+# Each task must complete with one result per segment. Prints the kills, the attempts
+# run again and the duplicates discarded over all outcomes, and "ok N bad M"; exits 1
+# if any task did not complete. Needs python3. Nodes use the
 # development CA in $AGENTMESH_DEV_CA_DIR (default: a folder under the run's own).
 set -u
 BIN=${1:-target/release/agentmesh}
@@ -56,8 +59,21 @@ for k in $(seq 1 "$KILLS"); do
         kill -CONT "$(cat "$D/n$v.pid")"
         continue
     fi
-    kill -9 "$(cat "$D/n$v.pid")" 2>/dev/null
-    echo "kill $k: n$v at $(date +%T.%N)" | tee -a "$D/kills"
+    pid=$(cat "$D/n$v.pid")
+    if [ -n "${LEAVE:-}" ]; then
+        kill -TERM "$pid" 2>/dev/null
+        echo "stop $k: n$v at $(date +%T.%N)" | tee -a "$D/kills"
+        # It drains first (up to 20 s); the next one may take its port only once it exited.
+        for _ in $(seq 1 300); do
+            case "$(ps -o stat= -p "$pid" 2>/dev/null)" in
+                "" | Z*) break ;;
+            esac
+            sleep 0.1
+        done
+    else
+        kill -9 "$pid" 2>/dev/null
+        echo "kill $k: n$v at $(date +%T.%N)" | tee -a "$D/kills"
+    fi
     sleep 1
     start "$v"
 done
@@ -84,5 +100,17 @@ PY
         echo "task $t: $(head -c 300 "$D/t$t.json") $(tail -c 300 "$D/t$t.err")"
     fi
 done
+python3 - "$D" "$TASKS" <<'PY'
+import json, sys
+again = dups = 0
+for t in range(1, int(sys.argv[2]) + 1):
+    try:
+        o = json.load(open(f"{sys.argv[1]}/t{t}.json"))
+    except Exception:
+        continue
+    again += o.get("reallocated", 0)
+    dups += o.get("duplicates_discarded", 0)
+print(f"reallocated {again} duplicates_discarded {dups}")
+PY
 echo "ok $ok bad $bad (logs in $D)"
 [ "$bad" -eq 0 ]

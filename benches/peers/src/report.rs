@@ -44,6 +44,9 @@ pub struct ReportArgs {
     /// Agents registered by the scale run.
     #[arg(long, default_value_t = 100_000)]
     pub scale_agents: u32,
+    /// Tasks submitted at once by the many-tasks run (`agentmesh bench tasks`).
+    #[arg(long, default_value_t = 9_000)]
+    pub tasks: u32,
     /// Folder holding the `agentmesh` and `ractor-peer` binaries (default: this one's).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -227,6 +230,26 @@ struct Scale {
     registrations_per_sec: f64,
     bytes_per_idle_agent: f64,
     rss_after_mib: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Tasks {
+    nodes: u32,
+    workers: u32,
+    baseline: TasksRun,
+    large: TasksRun,
+    per_task_ratio: f64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TasksRun {
+    tasks: u32,
+    completed: u32,
+    seconds: f64,
+    tasks_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    reallocated: u64,
 }
 
 struct Hol {
@@ -445,7 +468,29 @@ async fn measure(
     )
     .await
     .context("scale")?;
-    Ok(render(args, &messaging, &ceiling, &hol, &failover, &scale))
+    eprintln!("tasks: {} at once", args.tasks);
+    let tasks: Tasks = client(
+        None,
+        agentmesh,
+        &[
+            s("bench"),
+            s("tasks"),
+            s("--tasks"),
+            s(args.tasks),
+            s("--json"),
+        ],
+    )
+    .await
+    .context("tasks")?;
+    let measured = Measured {
+        messaging: &messaging,
+        ceiling: &ceiling,
+        hol: &hol,
+        failover: &failover,
+        scale: &scale,
+        tasks: &tasks,
+    };
+    Ok(render(args, &measured))
 }
 
 fn machine() -> String {
@@ -476,14 +521,25 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-fn render(
-    args: &ReportArgs,
-    messaging: &[Figures],
-    ceiling: &Figures,
-    hol: &[Hol],
-    failover: &Failover,
-    scale: &Scale,
-) -> String {
+/// Everything one report measured.
+struct Measured<'a> {
+    messaging: &'a [Figures],
+    ceiling: &'a Figures,
+    hol: &'a [Hol],
+    failover: &'a Failover,
+    scale: &'a Scale,
+    tasks: &'a Tasks,
+}
+
+fn render(args: &ReportArgs, measured: &Measured<'_>) -> String {
+    let Measured {
+        messaging,
+        ceiling,
+        hol,
+        failover,
+        scale,
+        tasks,
+    } = *measured;
     let mut md = String::new();
     let date = run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let commit = run("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|_| "unknown".into());
@@ -634,6 +690,29 @@ fn render(
         scale.registrations_per_sec,
         scale.rss_after_mib,
         scale.bytes_per_idle_agent
+    );
+
+    let _ = writeln!(md, "\n## Many tasks at once\n");
+    let _ = writeln!(md, "`agentmesh bench tasks`: {} nodes in one process with {} `sleep` workers in all; one-segment tasks of 0 ms submitted at once to the first node, whose coordinator runs them all (its standby holds each); first a tenth as many as the baseline. The ratio is the large run's time per task over the baseline's: 1.00 means a coordinator's cost per task does not grow with the tasks it has open.\n", tasks.nodes, tasks.workers);
+    let _ = writeln!(md, "| run | tasks | completed | seconds | tasks/s | latency p50 (ms) | p99 (ms) | reallocated |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, run) in [("baseline", &tasks.baseline), ("large", &tasks.large)] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {:.2} | {:.0} | {:.1} | {:.1} | {} |",
+            run.tasks,
+            run.completed,
+            run.seconds,
+            run.tasks_per_sec,
+            run.p50_ms,
+            run.p99_ms,
+            run.reallocated
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nTime per task, large over baseline: {:.2}× (no target was set).",
+        tasks.per_task_ratio
     );
     md
 }

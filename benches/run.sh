@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark against peers and writes docs/benchmarks.md (figures and the
 # machine they came from). Needs root for the network namespace of the head-of-line
-# runs; installs ethtool and nftables if they are missing. About 15 minutes on 2 cores.
+# runs; installs ethtool and nftables if they are missing. About 10 minutes on 2 cores once built.
 #
 #   benches/run.sh                  # everything, written to docs/benchmarks.md
 #   benches/run.sh --loss 0,2,5     # any `peers report` flag passes through

@@ -163,6 +163,23 @@ fn steer(segment: Option<u32>) -> WorkerMsg {
     }
 }
 
+/// The outputs of the next `n` attempts to end (as strings), by segment, each that
+/// ended otherwise left out.
+async fn outputs(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<(u32, String)> {
+    let mut done: Vec<(u32, String)> = outcomes(rx, n)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Done { allocation, output } => {
+                Some((allocation.1, rmp_serde::from_slice(&output).unwrap()))
+            }
+            _ => None,
+        })
+        .collect();
+    done.sort();
+    done
+}
+
 async fn outcomes(rx: &mut mpsc::Receiver<WorkerEvent>, n: usize) -> Vec<WorkerEvent> {
     let mut all = Vec::new();
     let mut ended = 0;
@@ -300,17 +317,7 @@ async fn queued_attempts_take_an_adjustment_and_allocations_carry_parameters() {
     let mut given = alloc(2, &0u64);
     given.params.insert("tag".into(), "given".into());
     worker.cast(WorkerMsg::Run(given)).unwrap();
-    let mut done: Vec<(u32, String)> = outcomes(&mut rx, 3)
-        .await
-        .into_iter()
-        .filter_map(|e| match e {
-            WorkerEvent::Done { allocation, output } => {
-                Some((allocation.1, rmp_serde::from_slice(&output).unwrap()))
-            }
-            _ => None,
-        })
-        .collect();
-    done.sort();
+    let done = outputs(&mut rx, 3).await;
     let tag = |s: u32, t: &str| (s, t.to_string());
     assert_eq!(
         done,
@@ -343,17 +350,7 @@ async fn a_later_adjust_of_parameters_only_keeps_the_priority_set_before() {
         })
         .unwrap();
     worker.cast(steer(None)).unwrap();
-    let mut done: Vec<(u32, String)> = outcomes(&mut rx, 2)
-        .await
-        .into_iter()
-        .filter_map(|e| match e {
-            WorkerEvent::Done { allocation, output } => {
-                Some((allocation.1, rmp_serde::from_slice(&output).unwrap()))
-            }
-            _ => None,
-        })
-        .collect();
-    done.sort();
+    let done = outputs(&mut rx, 2).await;
     let tag = |s: u32, t: &str| (s, t.to_string());
     assert_eq!(done, [tag(0, "steered at 9"), tag(1, "steered at 9")]);
 }

@@ -333,7 +333,7 @@ struct TaskMeta {
     /// It is in the class of its need's tasks that wait for their standby
     /// ([`AWAITING_STANDBY`]).
     parked: bool,
-    reply: Option<Waiter>,
+    reply: Waiters,
     /// Coordinators that ran it before this one (see [`OpenTask::generation`]).
     generation: u32,
     /// Segments in the order their results were accepted, for the standby.
@@ -358,7 +358,7 @@ impl TaskMeta {
         request: SubmitRequest,
         priority: u8,
         submitted_ms: u64,
-        reply: Option<Waiter>,
+        reply: Waiters,
         generation: u32,
         done_log: Vec<u32>,
     ) -> TaskMeta {
@@ -546,7 +546,7 @@ pub struct CoordinatorState {
     standby: Standby,
     /// Clients waiting here for a task held for another node, until it is taken
     /// over (or ends there).
-    standby_waiters: HashMap<Uuid, Waiter>,
+    standby_waiters: HashMap<Uuid, Waiters>,
     /// When every open task was last checkpointed ([`CHECKPOINT_REFRESH_MS`]).
     refreshed_ms: u64,
     /// The leases from this node's standbys: what fences its tasks.
@@ -872,8 +872,9 @@ impl CoordinatorState {
                 return;
             }
             info!(%task, "a client waits again for the task");
-            // The waiter before it is dropped: its client is gone, or told so.
-            meta.reply = Some(reply);
+            // The waiters before it stay: one may be this client's, over a connection
+            // it lost, or another client's (see `Waiters`).
+            meta.reply.add(reply);
             return;
         }
         // Which coordinator of the task this one is: 0 for one submitted here, one of
@@ -900,7 +901,7 @@ impl CoordinatorState {
             }
             Ended::Unknown if self.standby.holds(task) => {
                 info!(%task, "a client waits here for a task this node holds as standby");
-                self.standby_waiters.insert(task, reply);
+                self.standby_waiters.entry(task).or_default().add(reply);
                 return;
             }
             Ended::Unknown if lost.is_some() => {
@@ -1004,7 +1005,14 @@ impl CoordinatorState {
                 segments: request.inputs.len() as u32,
             });
         }
-        let mut meta = TaskMeta::new(request, priority, now, Some(reply), generation, Vec::new());
+        let mut meta = TaskMeta::new(
+            request,
+            priority,
+            now,
+            Waiters::one(reply),
+            generation,
+            Vec::new(),
+        );
         // An adopted task counts from its submission, as a taken-over one does. What
         // the coordinator that went down ran of it is not known here.
         meta.before.elapsed_ms = waited_ms;
@@ -1697,9 +1705,7 @@ impl CoordinatorState {
         if !meta.moved {
             self.ended.record(outcome.clone(), self.now_ms());
         }
-        if let Some(reply) = meta.reply {
-            reply.send(outcome);
-        }
+        meta.reply.send(outcome);
     }
 
     /// Node `node` is up in life `life`: tasks with no standby get one. If it
@@ -1845,11 +1851,11 @@ impl CoordinatorState {
                 .increment(takeover.dropped.len() as u64);
         }
         for task in takeover.dropped {
-            if let Some(reply) = self.standby_waiters.remove(&task) {
+            if let Some(waiters) = self.standby_waiters.remove(&task) {
                 let reason = format!(
                     "task {task} is no longer held here: node {node} went down long after it was last heard from, and may have given it to another standby"
                 );
-                not_here(reply, task, reason);
+                waiters.send(not_here(task, reason));
             }
         }
         for (task, held) in takeover.run {
@@ -1859,12 +1865,10 @@ impl CoordinatorState {
 
     /// Runs a task held for `node`, which went down, from where that node left it.
     fn take_over(&mut self, task: Uuid, held: HeldTask, node: &str) {
-        let waiter = self.standby_waiters.remove(&task);
+        let waiters = self.standby_waiters.remove(&task).unwrap_or_default();
         if let Some(meta) = self.tasks.get_mut(&task) {
             // Submitted here too meanwhile: it runs here already.
-            if waiter.is_some() {
-                meta.reply = waiter;
-            }
+            meta.reply.join(waiters);
             return;
         }
         let generation = held.open.generation.saturating_add(1);
@@ -1890,7 +1894,7 @@ impl CoordinatorState {
         let priority = request
             .priority
             .unwrap_or_else(|| self.policy.get().priority(request.group));
-        let mut meta = TaskMeta::new(request, priority, now, waiter, generation, done_log);
+        let mut meta = TaskMeta::new(request, priority, now, waiters, generation, done_log);
         meta.params = held.params;
         // The time since its last checkpoint here counts too: the former coordinator
         // ran it until it went down. So do the attempts it had running then, as of
@@ -1982,17 +1986,17 @@ impl CoordinatorState {
             .collect();
         let now = self.now_ms();
         for task in gone {
-            let Some(reply) = self.standby_waiters.remove(&task) else {
+            let Some(waiters) = self.standby_waiters.remove(&task) else {
                 continue;
             };
             if let Some(outcome) = self.standby.outcome(task, now) {
                 info!(%task, node = %primary, "a client waiting here gets the outcome of the task, which ended at its coordinator");
-                reply.send(outcome.clone());
+                waiters.send(outcome.clone());
             } else {
                 let reason = format!(
                     "task {task} is no longer held here: node {primary} ended it (and keeps its outcome) or gave it to another standby"
                 );
-                not_here(reply, task, reason);
+                waiters.send(not_here(task, reason));
             }
         }
         ack
@@ -2635,13 +2639,57 @@ impl CoordinatorState {
     }
 }
 
-/// Tells a client waiting here for `task` that it is not held here (`unknown`), so
-/// that it asks the other nodes.
-fn not_here(reply: Waiter, task: Uuid, reason: String) {
-    reply.send(TaskOutcome {
+/// What tells a client waiting here for `task` that it is not held here (`unknown`),
+/// so that it asks the other nodes.
+fn not_here(task: Uuid, reason: String) -> TaskOutcome {
+    TaskOutcome {
         unknown: true,
         ..TaskOutcome::refused(task, 0, reason)
-    });
+    }
+}
+
+/// Clients waiting for one task's outcome, each answered when it ends. Usually one; a
+/// client that lost its connection and asked again is a second (the first's answer
+/// goes nowhere), and so is another client given the same task id. Before, the one
+/// who asked last took the place of the one before, whose request was dropped: with
+/// a dropped request answered as unanswered, two clients waiting for one task would
+/// take each other's place every second until it ended. At most [`MAX_WAITERS`]: past
+/// that the one waiting longest is let go (its client, if still there, asks again).
+#[derive(Default)]
+pub(crate) struct Waiters(Vec<Waiter>);
+
+/// See [`Waiters`].
+const MAX_WAITERS: usize = 8;
+
+impl Waiters {
+    fn one(waiter: Waiter) -> Waiters {
+        Waiters(vec![waiter])
+    }
+
+    fn add(&mut self, waiter: Waiter) {
+        if self.0.len() >= MAX_WAITERS {
+            self.0.remove(0);
+        }
+        self.0.push(waiter);
+    }
+
+    /// Adds `other`'s waiters after these.
+    fn join(&mut self, other: Waiters) {
+        for waiter in other.0 {
+            self.add(waiter);
+        }
+    }
+
+    /// Answers each with `outcome` (or its first page).
+    fn send(self, outcome: TaskOutcome) {
+        let mut waiters = self.0.into_iter().peekable();
+        while let Some(waiter) = waiters.next() {
+            match waiters.peek() {
+                Some(_) => waiter.send(outcome.clone()),
+                None => return waiter.send(outcome),
+            }
+        }
+    }
 }
 
 /// A client waiting for a task's outcome: in this process, or over the network, where
@@ -2791,6 +2839,27 @@ const KEPT_ADJUSTS: Kind = Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every client waiting for a task gets its outcome, up to `MAX_WAITERS`: past
+    /// that, the one waiting longest is let go (its request dropped, unanswered).
+    #[test]
+    fn each_waiter_gets_the_outcome_and_the_longest_waiting_is_let_go_past_the_bound() {
+        let mut waiters = Waiters::default();
+        let mut answers = Vec::new();
+        for _ in 0..=MAX_WAITERS {
+            let (tx, rx) = ractor::concurrency::oneshot();
+            waiters.add(Waiter::whole(tx.into()));
+            answers.push(rx);
+        }
+        let outcome = TaskOutcome::refused(Uuid::from_u128(7), 3, "ended".into());
+        waiters.send(outcome.clone());
+        let mut answers = answers.into_iter();
+        let first = answers.next().map(|mut rx| rx.try_recv());
+        assert!(matches!(first, Some(Err(_))), "{first:?}");
+        for mut rx in answers {
+            assert_eq!(rx.try_recv().ok(), Some(outcome.clone()));
+        }
+    }
 
     /// What a checkpoint counts for its parts is what they take encoded: `encoded_len`
     /// is the length `rmp_serde` writes, and a result adds at most `DONE_BYTES` to its

@@ -464,8 +464,8 @@ async fn an_adjust_that_overtook_its_allocate_holds_for_the_attempt() {
     );
 }
 
-/// A submission with the id of a task that runs waits for that task (the waiter
-/// before it is let go), one with the id of a task that ended gets its outcome, and
+/// A submission with the id of a task that runs waits for that task (beside the waiter
+/// before it: both get the outcome), one with the id of a task that ended gets its outcome, and
 /// one with the id but not the shape of a running task is refused: the task runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_again_by_its_id_runs_once() {
@@ -487,12 +487,13 @@ async fn a_task_submitted_again_by_its_id_runs_once() {
 
     let (n, r) = (nodes.clone(), request.clone());
     let again = tokio::spawn(async move { n[0].1.submit(r).await.unwrap() });
-    // The first waiter is let go once the second takes its place.
-    assert!(first.await.unwrap().is_err());
     adjust_until_reached(&nodes[0].1, id, "answer", None, 2).await;
     let outcome = again.await.unwrap();
     assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
     assert_eq!(outcome.task, id);
+    // The first waiter waited on beside the second, and got the same outcome. Before,
+    // the second took its place and it was let go with an error.
+    assert_eq!(first.await.unwrap().unwrap(), outcome);
 
     let status = nodes[0].1.status().await.unwrap();
     assert!(status.tasks.is_empty(), "{:?}", status.tasks);

@@ -351,6 +351,28 @@ fn a_worker_node_that_leaves_drains_its_running_attempts_first() {
     assert_eq!(task["reallocated"], 0, "{task}");
 }
 
+/// A node with no other up leaves (SIGTERM) in the middle of a task: with no standby to
+/// take the task over, its drain runs the task on to its end before the node leaves.
+/// Before, it waited only for the attempts running, and the task was lost with the
+/// node: the client gave up after a minute.
+#[test]
+fn a_node_alone_runs_its_tasks_to_their_end_before_it_leaves() {
+    let cluster = Cluster::new("agents-alone-drain", 1);
+    let mut node = cluster.start(0, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 1);
+
+    // 4 segments of 1.5 s on 2 replicas: two rounds; the node leaves 0.5 s into the first.
+    let submit = cluster.submit(0, &[&sleep_task("4", "1500")[..], &["--results"]].concat());
+    node.expect(&["task submitted"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(node.terminate().success());
+    node.expect(&["drained"]);
+
+    let (status, task) = outcome_within(submit, Duration::from_secs(30));
+    completed_with_every_result(status, &task, 4, 1500);
+    assert_eq!(task["reallocated"], 0, "{task}");
+}
+
 /// The node a task was submitted to is SIGKILLed while the task's first attempts run,
 /// before any result. Its standby had the task's start and takes it over, with nothing
 /// done: every segment runs again, and the outcome counts each reallocated. Before,

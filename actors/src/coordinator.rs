@@ -236,6 +236,9 @@ pub struct Drained {
     /// Whether a standby is still to be told of tasks that ended here, or has a
     /// checkpoint in flight.
     pub telling: bool,
+    /// Open tasks while no other node is up: no standby can take them over, so they
+    /// run on here, and are lost if they have not ended when the node leaves.
+    pub alone_open: usize,
 }
 
 impl Drained {
@@ -831,7 +834,10 @@ impl Actor for Coordinator {
             CoordinatorMsg::Drain(reply) => {
                 if !state.draining {
                     state.draining = true;
-                    info!(tasks = state.tasks.len(), "draining: no more allocations; waiting for the attempts running to end and the standbys to hold every task");
+                    match state.up.is_empty() {
+                        false => info!(tasks = state.tasks.len(), "draining: no more allocations; waiting for the attempts running to end and the standbys to hold every task"),
+                        true => info!(tasks = state.tasks.len(), "draining with no other node up to take the tasks over: running them on, to end them before leaving"),
+                    }
                 }
                 let _ = reply.send(state.drained(now));
             }
@@ -1195,6 +1201,10 @@ impl CoordinatorState {
                 .forget_notices
                 .any_for(|n| self.up.contains(n) && !self.in_flight.blocks(n, now_ms))
                 || self.up.iter().any(|n| self.in_flight.in_flight(n)),
+            alone_open: match others {
+                true => 0,
+                false => self.tasks.len(),
+            },
         }
     }
 
@@ -1224,7 +1234,13 @@ impl CoordinatorState {
     /// standby moves to its need's class of such tasks ([`AWAITING_STANDBY`]), and
     /// back once it no longer waits: a whole round, on every tick, looks at each.
     async fn assign_in(&mut self, task: Uuid, offers: &mut Round) -> Served {
-        let Some(meta) = self.tasks.get(&task).filter(|_| !self.draining) else {
+        // A draining coordinator allocates nothing more while another node is up to
+        // take its tasks over; alone, it runs them on, to end them before it leaves.
+        let Some(meta) = self
+            .tasks
+            .get(&task)
+            .filter(|_| !self.draining || self.up.is_empty())
+        else {
             return Served::Other;
         };
         if !self.ledger.has_pending(task) {

@@ -6,7 +6,7 @@
 //! replicas are down, unhealthy while every one rests) goes to discovery, so
 //! coordinators route around it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -119,12 +119,14 @@ pub enum WorkerMsg {
         /// The attempt.
         attempt: u32,
     },
-    /// Give back every attempt still queued, unstarted, as refused for `reason`: the
-    /// node is leaving, and their coordinators give them to other nodes at once rather
-    /// than wait for them here.
+    /// Give back these attempts if still queued, unstarted, as refused for `reason`:
+    /// the node is leaving, and their coordinators give them to other nodes at once
+    /// rather than wait for them here.
     HandBack {
         /// Why, for the coordinators.
         reason: String,
+        /// Which: those of other nodes' coordinators.
+        attempts: Arc<HashSet<(Uuid, u32, u32)>>,
     },
     /// A SYNC or SYNC_ACK for the running attempts of this task (but not the one of
     /// `skip_segment`, the sender's own).
@@ -225,7 +227,7 @@ impl<A: Agent> WorkerState<A> {
     async fn report_health(&mut self) {
         let health = self.health_now();
         if health == Health::Unhealthy && !self.queue.is_empty() {
-            self.hand_back(self.resting()).await;
+            self.hand_back(self.resting(), |_| true).await;
         }
         if health != self.health {
             self.health = health;
@@ -233,10 +235,16 @@ impl<A: Agent> WorkerState<A> {
         }
     }
 
-    /// Refuses every queued attempt for `reason`: while unhealthy, and when the node is
-    /// leaving ([`WorkerMsg::HandBack`]).
-    async fn hand_back(&mut self, reason: String) {
-        for allocation in std::mem::take(&mut self.queue) {
+    /// Refuses the queued attempts `which` picks for `reason`: all while unhealthy,
+    /// and those of other nodes' coordinators when the node is leaving
+    /// ([`WorkerMsg::HandBack`]).
+    async fn hand_back(&mut self, reason: String, which: impl Fn(&Allocation) -> bool) {
+        let (back, keep) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|a| which(a));
+        self.queue = keep;
+        let back: VecDeque<Allocation> = back;
+        for allocation in back {
             let refused = WorkerEvent::Refused {
                 allocation: key(&allocation),
                 reason: reason.clone(),
@@ -389,7 +397,11 @@ impl<A: Agent> Actor for WorkerSupervisor<A> {
                     }
                 }
             }
-            WorkerMsg::HandBack { reason } => state.hand_back(reason).await,
+            WorkerMsg::HandBack { reason, attempts } => {
+                state
+                    .hand_back(reason, |a| attempts.contains(&key(a)))
+                    .await
+            }
             WorkerMsg::Cancel {
                 task,
                 segment,

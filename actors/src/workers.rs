@@ -5,7 +5,8 @@
 //! ADJUST from the task's coordinator reaches the running segment; SYNC and SYNC_ACK go
 //! worker to worker, never through the coordinator.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -163,8 +164,9 @@ pub struct WorkersState {
     ended: EndedAttempts,
     /// ADJUSTs that came before their attempt's ALLOCATE, for it to start with.
     early: EarlyAdjusts,
-    /// The node is leaving: ALLOCATEs are refused, as if it had no such agent, so
-    /// that their coordinators give them to other nodes at once.
+    /// The node is leaving: other nodes' ALLOCATEs are refused, as if it had no such
+    /// agent, so that their coordinators give them to other nodes at once. (This
+    /// node's coordinator allocates only while no other node is up.)
     draining: bool,
 }
 
@@ -265,11 +267,23 @@ impl Actor for Workers {
             WorkersMsg::Drain(reply) => {
                 if !state.draining {
                     state.draining = true;
-                    info!(attempts = state.attempts.len(), "draining: refusing new allocations, giving back those queued; waiting for the attempts running here to end");
-                    let reason = format!("node {} is leaving", state.mesh.node());
+                    info!(attempts = state.attempts.len(), "draining: refusing other nodes' new allocations, giving back those queued; waiting for the attempts running here to end");
+                    let me = state.mesh.node();
+                    let reason = format!("node {me} is leaving");
+                    // This node's own coordinator allocates here only while no other
+                    // node is up to take its tasks over: they run here to their end.
+                    let theirs: HashSet<(Uuid, u32, u32)> = state
+                        .attempts
+                        .iter()
+                        .filter(|(_, info)| info.coordinator != me)
+                        .map(|(key, _)| *key)
+                        .collect();
+                    let attempts = Arc::new(theirs);
                     for slot in state.agents.values() {
-                        let reason = reason.clone();
-                        let _ = slot.supervisor.cast(WorkerMsg::HandBack { reason });
+                        let (reason, attempts) = (reason.clone(), attempts.clone());
+                        let _ = slot
+                            .supervisor
+                            .cast(WorkerMsg::HandBack { reason, attempts });
                     }
                 }
                 let unsent = state.outbox.max_capacity() - state.outbox.capacity();
@@ -375,7 +389,7 @@ impl WorkersState {
             return debug!(%peer, task = %a.task, segment = a.segment, attempt = a.attempt, "ALLOCATE of an attempt cancelled before it came: not run");
         }
         let refusal = match self.agents.get(&a.target) {
-            _ if self.draining => Some((
+            _ if self.draining && peer != self.mesh.node() => Some((
                 Refusal::NoAgent,
                 None,
                 format!("node {} is leaving", self.mesh.node()),

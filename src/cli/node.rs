@@ -82,8 +82,9 @@ pub struct NodeArgs {
     /// On SIGINT or SIGTERM, how long in seconds the node drains before it leaves: it
     /// takes no new work, its coordinator allocates nothing more, and the attempts
     /// running here, and those of its tasks elsewhere, run to their end, their results
-    /// reaching the standbys that take the tasks over. 0 leaves at once; what is still
-    /// running when the time is up runs again elsewhere. A second signal leaves at once.
+    /// reaching the standbys that take the tasks over (with no other node up, it runs
+    /// its tasks on to their end instead). 0 leaves at once; what is still running when
+    /// the time is up runs again elsewhere. A second signal leaves at once.
     #[arg(long, value_name = "SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(0..=3_600))]
     drain_timeout: u64,

@@ -117,6 +117,29 @@ fn without_certificates_nodes_use_the_development_ca_and_say_so() {
     std::fs::remove_dir_all(&dev).unwrap();
 }
 
+/// A node whose address another process has is refused at once, saying so, with the
+/// likeliest cause since nodes drain before they leave: its own previous run.
+#[test]
+fn a_node_whose_address_is_taken_says_so_and_why_it_may_be() {
+    let dev = temp_dir("addr-in-use");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let first = NodeProcess::start(&["--name", "u1", "--listen", &addr], Some(&dev));
+    first.expect(&["listening"]);
+    let out = agentmesh()
+        .args(["node", "--name", "u2", "--listen", &addr])
+        .env("AGENTMESH_DEV_CA_DIR", &dev)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot bind {addr}")) && stderr.contains("still be draining"),
+        "{stderr}"
+    );
+    drop(first);
+    std::fs::remove_dir_all(&dev).unwrap();
+}
+
 #[test]
 fn a_node_serves_prometheus_metrics_and_logs_json_when_asked() {
     use std::io::{Read, Write};

@@ -15,10 +15,10 @@ use tracing::{info, warn};
 use crate::actors::ledger::LedgerConfig;
 use crate::actors::record::Recorder;
 use crate::actors::{AgentHost, HostConfig, RestartPolicy};
-use crate::runtime::{advertised_addr, MembershipConfig, Node, NodeConfig};
+use crate::runtime::{advertised_addr, MembershipConfig, Node, NodeConfig, NodeError};
 use crate::transport::clock::SystemClock;
 use crate::transport::tls::{validate_node_name, NodeIdentity};
-use crate::transport::EndpointConfig;
+use crate::transport::{EndpointConfig, TransportError};
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -219,7 +219,9 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
             )
             .filter(|addr| addr.port() != 0),
         };
-        let mut node = Node::start(config, &identity, Arc::new(SystemClock)).await?;
+        let mut node = Node::start(config, &identity, Arc::new(SystemClock))
+            .await
+            .map_err(in_use_hint)?;
         info!(node = %name, addr = %node.me().addr, listen = %args.listen, "listening");
         let (recorder, recording) = match &args.record {
             Some(path) => {
@@ -292,6 +294,21 @@ pub fn run(args: NodeArgs, prepared: Prepared, agents: &super::AgentCatalog) -> 
         }
         anyhow::Ok(())
     })
+}
+
+/// A node's address in use is often its own previous run, still draining: says so.
+fn in_use_hint(error: NodeError) -> anyhow::Error {
+    let in_use = matches!(
+        &error,
+        NodeError::Transport(TransportError::Bind { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrInUse
+    );
+    match in_use {
+        true => anyhow::anyhow!(
+            "{error} (if the other process is this node's previous run, it may still be draining, for up to its --drain-timeout: start this one once that has exited)"
+        ),
+        false => error.into(),
+    }
 }
 
 async fn shutdown_signal() {

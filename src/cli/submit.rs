@@ -324,10 +324,12 @@ fn unanswered(error: &ClientError) -> bool {
     )
 }
 
-/// The node a task was submitted to, the other members it listed then, and when.
+/// The node a task was submitted to (its name and address), the other members it
+/// listed then, and when.
 #[derive(Default)]
 struct Members {
     node: String,
+    addr: Option<SocketAddr>,
     others: Vec<SocketAddr>,
     since: Option<Instant>,
 }
@@ -351,6 +353,7 @@ async fn ask(
     if let Some(members) = members {
         members.since = Some(connected_at);
         members.node = client.node().to_string();
+        members.addr = Some(addr);
         // Without the list, a task outlives its node only if that node comes back.
         if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
             members.others = report
@@ -375,8 +378,13 @@ async fn ask(
 
 /// Asks each of the other members for the task (as `attach`): the first that knows it
 /// answers with its outcome, once the task ends. If every one answers that it does not
-/// hold it, or could not be asked and is held down by the first that answered, those
-/// that answered are asked again to adopt it from the node it was submitted to.
+/// hold it, or could not be asked and is held down by the first that answered, the node
+/// it was submitted to is asked too, and then those that answered are asked again to
+/// adopt it from that node. That node is asked before an adoption because the task may
+/// have come back to it: moved on by leaves (n1 to n3 to n0), it was held by n1,
+/// restarted, as n0's standby, and a client that asked only n0, n2 and n3 had n2 adopt
+/// it, which ran it beside n1 until n1 found that out (4 attempts twice, in a
+/// `chaos.sh` run).
 async fn ask_others(
     identity: &NodeIdentity,
     members: &Members,
@@ -387,17 +395,24 @@ async fn ask_others(
         adopt_from: None,
         ..request.clone()
     };
-    let asked = match ask_each(identity, &members.others, &attach).await {
+    let mut asked = match ask_each(identity, &members.others, &attach).await {
         Ok(outcome) => return Some(outcome),
         Err(asked) => asked,
     };
+    if asked.answered.is_empty() || members.node.is_empty() {
+        return None;
+    }
+    if let Some(addr) = members.addr {
+        match ask_each(identity, &[addr], &attach).await {
+            Ok(outcome) => return Some(outcome),
+            // It does not hold the task: it may not adopt it from itself either.
+            Err(again) => asked.unreachable.extend(again.unreachable),
+        }
+    }
     // One that could not be asked may hold the task: adopted, it would run twice.
     // Unless a member that answered holds each of them down: they are gone (the node's
     // standby died with it, say), and nothing of theirs runs.
     if !asked.unreachable.is_empty() && !held_down(identity, &asked).await {
-        return None;
-    }
-    if asked.answered.is_empty() || members.node.is_empty() {
         return None;
     }
     debug!(node = %members.node, down = ?asked.unreachable, "no member holds the task: asking them to adopt it");

@@ -392,6 +392,12 @@ impl TaskMeta {
         }
     }
 
+    /// Its standby has its start, every result accepted so far and its latest change.
+    fn standby_has_all(&self) -> bool {
+        let r = &self.replica;
+        r.opened && r.acked == self.done_log.len() && r.changes == self.changes
+    }
+
     /// Its place in the service order while it waits.
     fn rank(&self) -> Rank {
         Rank {
@@ -1182,11 +1188,7 @@ impl CoordinatorState {
     /// What is left before the node may leave ([`Drained`]).
     fn drained(&self, now_ms: u64) -> Drained {
         let others = !self.up.is_empty();
-        let lacks = |meta: &TaskMeta| {
-            let r = &meta.replica;
-            let holds_all = r.opened && r.acked == meta.done_log.len() && r.changes == meta.changes;
-            !r.off && !holds_all
-        };
+        let lacks = |meta: &TaskMeta| !meta.replica.off && !meta.standby_has_all();
         Drained {
             running: self
                 .tasks
@@ -2562,9 +2564,7 @@ impl CoordinatorState {
             meta.replica.held_ms = meta.replica.held_ms.max(Some(sent_ms));
             // Unless it changed again since this checkpoint was built (it was in
             // flight when `adjust` came): that goes in the next.
-            if meta.replica.opened
-                && meta.replica.acked == meta.done_log.len()
-                && meta.replica.changes == meta.changes
+            if meta.standby_has_all()
                 && (meta.replica.running_told || self.ledger.running(task) == 0)
             {
                 self.dirty.remove(&task);

@@ -239,14 +239,9 @@ impl<A: Agent> WorkerState<A> {
     /// and those of other nodes' coordinators when the node is leaving
     /// ([`WorkerMsg::HandBack`]).
     async fn hand_back(&mut self, reason: String, which: impl Fn(&Allocation) -> bool) {
-        let (back, keep) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|a| which(a));
-        self.queue = keep;
-        let back: VecDeque<Allocation> = back;
-        for allocation in back {
+        for allocation in self.take_queued(which) {
             let refused = WorkerEvent::Refused {
-                allocation: key(&allocation),
+                allocation,
                 reason: reason.clone(),
             };
             let _ = self.events.send(refused).await;
@@ -257,21 +252,26 @@ impl<A: Agent> WorkerState<A> {
     /// running one that is cancelled is: its host then forgets it and lowers the
     /// agent's load.
     async fn cancel_queued(&mut self, which: impl Fn(&Allocation) -> bool) {
-        let mut cancelled = Vec::new();
-        self.queue.retain(|a| {
-            let keep = !which(a);
-            if !keep {
-                cancelled.push(key(a));
-            }
-            keep
-        });
-        for allocation in cancelled {
+        for allocation in self.take_queued(which) {
             let failed = WorkerEvent::Failed {
                 allocation,
                 reason: "cancelled".into(),
             };
             let _ = self.events.send(failed).await;
         }
+    }
+
+    /// Takes the queued attempts `which` picks out of the queue: their keys, in order.
+    fn take_queued(&mut self, which: impl Fn(&Allocation) -> bool) -> Vec<(Uuid, u32, u32)> {
+        let mut taken = Vec::new();
+        self.queue.retain(|a| {
+            let keep = !which(a);
+            if !keep {
+                taken.push(key(a));
+            }
+            keep
+        });
+        taken
     }
 
     fn refusal(&self, allocation: &Allocation) -> WorkerEvent {

@@ -474,7 +474,11 @@ fn a_task_whose_coordinator_dies_before_its_standby_has_it_is_adopted_and_runs_o
 
 /// As above, but n0 is only paused (SIGSTOP) and goes on once n1 has adopted the task
 /// and the cut has healed: its checkpoint of the task is answered `taken_over`, so it
-/// drops its copy, having allocated nothing of it.
+/// drops its copy, having allocated nothing of it. The pause lasts past the 5 s after
+/// which n0 gives up on a standby that leaves its checkpoints unanswered; n0 does not
+/// hold the time it did not run against n1. Before, it gave up on n1 at once when the
+/// checkpoint in flight at the pause failed, gave the task to n2, and allocated 4
+/// attempts of it before n1's answer came (one CI run in eight).
 #[test]
 fn a_coordinator_paused_before_its_standby_has_a_task_finds_it_adopted_and_drops_it() {
     lost_before_its_standby_has_the_task(Lost::Paused);
@@ -524,6 +528,7 @@ fn lost_before_its_standby_has_the_task(how: Lost) {
         let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
         assert!(ok.success(), "kill {sig}");
     };
+    let paused = Instant::now();
     match how {
         Lost::Killed => nodes[0].kill(),
         Lost::Paused => signal("-STOP"),
@@ -535,9 +540,17 @@ fn lost_before_its_standby_has_the_task(how: Lost) {
     }
     nodes[1].expect(&["adopting a task no member holds", "from=n0"]);
     if how == Lost::Paused {
+        // Past the 5 s after which n0 would give up on n1, had it been running.
+        std::thread::sleep(Duration::from_secs(6).saturating_sub(paused.elapsed()));
         cluster.heal();
         signal("-CONT");
+        nodes[0].expect(&["this node did not run for a while"]);
         nodes[0].expect(&["the standby took the task over", "standby=n1"]);
+        let gave_up = nodes[0].expect_within(&["gave up on the standby"], Duration::ZERO);
+        assert!(
+            gave_up.is_err(),
+            "n0 held its pause against n1: {gave_up:?}"
+        );
     }
     let task = completed_once(submit, 20);
     assert_eq!(task["reallocated"], 0, "{task}");

@@ -98,6 +98,12 @@ const CHECKPOINT_RETRY_MS: u64 = 200;
 /// below this, with room for a checkpoint's way there.
 const STANDBY_GIVE_UP_MS: u64 = 5_000;
 const _: () = assert!(TRUSTED_FOR_MS + 500 <= STANDBY_GIVE_UP_MS);
+/// A gap at least this long between two messages the coordinator handles (it gets a
+/// tick every [`TICK`]) says this node was not running: stopped (SIGSTOP, a paused VM)
+/// or starved of CPU. What its standbys left unanswered then says nothing of them, so
+/// none is given up on until [`STANDBY_GIVE_UP_MS`] after it runs again. At least four
+/// ticks, for ticks set longer.
+const PAUSED_AFTER_MS: u64 = 1_000;
 /// Bytes of running tasks' parts (starts and results) in one checkpoint, past which
 /// the rest waits for the next (one start or result more may go, if the message has
 /// room); as many again of tasks' end notices. Half a message at most for the tasks'
@@ -568,6 +574,12 @@ pub struct CoordinatorState {
     /// Standbys up whose checkpoints have failed since they last answered: when the
     /// first of those was sent.
     unanswered_since: HashMap<Arc<str>, u64>,
+    /// When the coordinator last handled a message, and when it last ran again after a
+    /// gap of [`PAUSED_AFTER_MS`] (or four ticks) or more: silence from a standby counts
+    /// against it only from then.
+    handled_ms: u64,
+    resumed_ms: u64,
+    paused_after_ms: u64,
     /// Standbys up given up on ([`STANDBY_GIVE_UP_MS`]): no task goes to them until
     /// they answer again (a notice to forget the tasks that moved on, say).
     given_up: HashSet<Arc<str>>,
@@ -724,6 +736,9 @@ impl Actor for Coordinator {
             fence_logged: HashSet::new(),
             draining: false,
             unanswered_since: HashMap::new(),
+            handled_ms: 0,
+            resumed_ms: 0,
+            paused_after_ms: PAUSED_AFTER_MS.max(4 * args.tick.as_millis() as u64),
             given_up: HashSet::new(),
             taken_over_from: HashMap::new(),
             cut_offs: CutOffs::new(CUT_OFF_MS),
@@ -737,6 +752,7 @@ impl Actor for Coordinator {
         state: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
         let now = state.now_ms();
+        state.note_gap(now);
         match msg {
             CoordinatorMsg::Submit(request, reply) => {
                 state.submit(request, Waiter::whole(reply)).await
@@ -865,6 +881,17 @@ impl Actor for Coordinator {
 impl CoordinatorState {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Notes a message handled at `now`, and whether this node was not running before
+    /// it ([`PAUSED_AFTER_MS`]).
+    fn note_gap(&mut self, now: u64) {
+        let gap = now.saturating_sub(self.handled_ms);
+        if gap >= self.paused_after_ms {
+            warn!(gap_ms = gap, "this node did not run for a while (stopped, or starved of CPU): its standbys' silence meanwhile is not held against them");
+            self.resumed_ms = now;
+        }
+        self.handled_ms = now;
     }
 
     async fn submit(&mut self, request: SubmitRequest, reply: Waiter) {
@@ -2515,6 +2542,8 @@ impl CoordinatorState {
                     self.in_flight
                         .retry_at(node.clone(), now + CHECKPOINT_RETRY_MS);
                     let since = *self.unanswered_since.entry(node.clone()).or_insert(sent_ms);
+                    // Not from before this node last ran again after a gap.
+                    let since = since.max(self.resumed_ms);
                     if now.saturating_sub(since) >= STANDBY_GIVE_UP_MS
                         && self.given_up.insert(node.clone())
                     {

@@ -56,6 +56,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("agentmesh_duplicate_connections_retired_total", Kind::Counter, "second connections between two nodes retired, by outcome"),
     ("agentmesh_peer_rtt_seconds", Kind::Gauge, "round-trip time to each member"),
     ("agentmesh_members", Kind::Gauge, "members as this node sees them, by state"),
+    ("agentmesh_membership_stray_down_notices_total", Kind::Counter, "notices that a member was declared down which foca would have sent to a member this node holds up or suspect (it refuted a suspicion in time), dropped"),
     ("agentmesh_acp_shed_total", Kind::Counter, "ACP messages shed because a route's queue to its actor was full: a datagram at once, one that came on a lane or from this node after waiting 1 s in vain (or at once while its route is stuck), by type"),
     ("agentmesh_acp_waited_total", Kind::Counter, "ACP messages that came on a lane or from this node and found their route's queue full, so waited for room (up to 1 s) instead of being shed, by type"),
     ("agentmesh_actor_shed_total", Kind::Counter, "remote actor messages shed because a bounded mailbox was full"),

@@ -274,8 +274,9 @@ pub struct CoordinatorArgs {
     /// Notified by discovery when an agent's load goes down: waiting segments are
     /// offered again then, not at the next tick.
     pub capacity_freed: Arc<Notify>,
-    /// The nodes up when it starts (later ones come as [`CoordinatorMsg::NodeUp`]).
-    pub members: Vec<String>,
+    /// The nodes up when it starts, with their life (later ones come as
+    /// [`CoordinatorMsg::NodeUp`]).
+    pub members: BTreeMap<String, u64>,
 }
 
 /// What a coordinator can offer the tasks with one need (capability, tags, group).
@@ -588,6 +589,8 @@ pub struct CoordinatorState {
     /// life: a client may have this node adopt a task of theirs that no one holds
     /// ([`CoordinatorState::adopts_from`]). At most [`MAX_TAKEN_OVER_FROM`].
     taken_over_from: HashMap<Arc<str>, u64>,
+    /// The life each node up is in, as told with its "up" (`NodeId::life`).
+    lives: HashMap<Arc<str>, u64>,
     /// Nodes up with no open connection from this one ([`CUT_OFF_MS`]).
     cut_offs: CutOffs,
     /// The node is leaving: nothing more is allocated; the attempts running end, their
@@ -718,9 +721,15 @@ impl Actor for Coordinator {
             ended: EndedTasks::new(EndedLimits::default()),
             up: args
                 .members
-                .iter()
+                .keys()
                 .filter(|m| **m != args.mesh.node())
                 .map(|m| Arc::from(m.as_str()))
+                .collect(),
+            lives: args
+                .members
+                .iter()
+                .filter(|(m, _)| **m != args.mesh.node())
+                .map(|(m, life)| (Arc::from(m.as_str()), *life))
                 .collect(),
             mesh: args.mesh,
             myself,
@@ -960,7 +969,7 @@ impl CoordinatorState {
                 return;
             }
             Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
-                Some(from) if self.adopts_from(from) => {
+                Some(from) if self.adopts_from(from, request.adopt_from_life) => {
                     info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
                     metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
                     generation = self.rng.random_range(ADOPTED_GENERATIONS);
@@ -1368,9 +1377,18 @@ impl CoordinatorState {
     /// should answer yes, the one `from` gives its tasks to if it was only held down
     /// and comes back: its checkpoint of the task is then answered `taken_over`, and it
     /// drops its copy.
-    fn adopts_from(&self, from: &str) -> bool {
+    ///
+    /// Or, instead of having taken over from `from`: `from` is up here in a later life
+    /// than `submitted_to`, the life the client submitted to. That life has ended, and
+    /// nothing of it runs; no lease of it fences anything. This node may never have
+    /// seen it: restarted too, it knows `from` only in its new life (found under 30%
+    /// packet loss: the standby dropped its copies of a dead node's tasks, unheard for
+    /// 4.6 s, and restarted before their clients asked it to adopt them).
+    fn adopts_from(&self, from: &str, submitted_to: Option<u64>) -> bool {
         let me = self.mesh.node();
-        if from == me || !self.taken_over_from.contains_key(from) {
+        let restarted =
+            || submitted_to.is_some_and(|life| self.lives.get(from).is_some_and(|now| *now > life));
+        if from == me || !(self.taken_over_from.contains_key(from) || restarted()) {
             return false;
         }
         let candidates = self
@@ -1764,6 +1782,7 @@ impl CoordinatorState {
             return false;
         }
         let node: Arc<str> = Arc::from(node);
+        self.lives.insert(node.clone(), life);
         let due = self.takeovers_due.remove(&node).map(|(_, down)| down);
         let taken = self.taken_over_from.remove(&node);
         let now = self.now_ms();
@@ -1825,6 +1844,7 @@ impl CoordinatorState {
     /// tasks it was standby for go to another.
     fn node_down(&mut self, node: &str, life: u64) {
         self.up.remove(node);
+        self.lives.remove(node);
         self.cut_offs.forget(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
@@ -2173,6 +2193,7 @@ impl CoordinatorState {
                     adopt_from: None,
                     waited_ms: 0,
                     segment_timeout_ms: self.ledger.own_segment_timeout_ms(task),
+                    adopt_from_life: None,
                 },
                 generation: meta.generation,
             });

@@ -284,7 +284,7 @@ impl AgentHost {
                 recorder: config.recorder.clone(),
                 tick: config.coordinator_tick.unwrap_or(TICK),
                 capacity_freed,
-                members: members.clone(),
+                members: up.clone(),
             },
             cell.clone(),
         )

@@ -82,7 +82,8 @@ pub struct SubmitRequest {
     /// every other member it listed has said it does not hold the task (that node went
     /// down before its standby had it). The node that the lost one would pick as its
     /// standby starts the task, if it holds that node down and has taken over its
-    /// tasks; any other says it does not know the task. A coordinator allocates
+    /// tasks, or holds it up in a later life than `adopt_from_life`; any other says it
+    /// does not know the task. A coordinator allocates
     /// nothing of a task before its standby holds it, so nothing of it ran there.
     #[serde(default)]
     pub adopt_from: Option<String>,
@@ -97,6 +98,13 @@ pub struct SubmitRequest {
     /// needs a longer one, or each segment runs on several workers at once.
     #[serde(default)]
     pub segment_timeout_ms: Option<u64>,
+    /// With `adopt_from`: the life of that node the task was submitted to (the high
+    /// bits of its incarnation, `NodeId::life`), as the client saw it then. A node
+    /// that holds `adopt_from` up in a later life may adopt the task without having
+    /// taken over from it: that life has ended, and nothing of it runs (its standby,
+    /// restarted too, never saw it). Absent: only a node that took over from it adopts.
+    #[serde(default)]
+    pub adopt_from_life: Option<u64>,
 }
 
 /// The longest task label accepted.
@@ -121,6 +129,7 @@ impl SubmitRequest {
             adopt_from: None,
             waited_ms: 0,
             segment_timeout_ms: None,
+            adopt_from_life: None,
         }
     }
 

@@ -23,7 +23,7 @@ use crate::actors::service::{
 };
 use crate::builtin::SegmentInput;
 use crate::local::input;
-use crate::runtime::{status_of, Client, ClientError, MemberState, RemoteMessage};
+use crate::runtime::{status_of, Client, ClientError, MemberState, NodeId, RemoteMessage};
 use crate::transport::tls::NodeIdentity;
 use crate::transport::{TransportError, DEFAULT_MAX_MESSAGE_BYTES};
 
@@ -329,6 +329,8 @@ fn unanswered(error: &ClientError) -> bool {
 #[derive(Default)]
 struct Members {
     node: String,
+    /// The node's life (`NodeId::life`) when the task was submitted, if listed.
+    life: Option<u64>,
     addr: Option<SocketAddr>,
     others: Vec<SocketAddr>,
     since: Option<Instant>,
@@ -356,6 +358,11 @@ async fn ask(
         members.addr = Some(addr);
         // Without the list, a task outlives its node only if that node comes back.
         if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
+            members.life = report
+                .members
+                .iter()
+                .find(|m| m.name == client.node())
+                .map(|m| NodeId::life_of(m.incarnation));
             members.others = report
                 .members
                 .into_iter()
@@ -420,6 +427,8 @@ async fn ask_others(
         adopt_from: Some(members.node.clone()),
         // The task's figures count from its submission, not from the adoption.
         waited_ms: members.since.map_or(0, |t| t.elapsed().as_millis() as u64),
+        // So that a node that never saw that life may adopt too, now that it ended.
+        adopt_from_life: members.life,
         ..attach
     };
     ask_each(identity, &asked.answered, &adopt).await.ok()

@@ -435,6 +435,48 @@ fn a_task_outlives_a_quick_restart_of_the_node_it_was_submitted_to() {
     assert!((1..12).contains(&done_in(&line)), "{line}");
 }
 
+/// The node a task was submitted to (n0) was alone then, so `submit` listed no other
+/// member; n1 joins later and becomes the task's standby. n0 is SIGKILLed and started
+/// again at once, and its new life does not know the task. `submit`, with no member
+/// listed, lists n0's members again when it asks there, finds n1, which took the task
+/// over, and gets the outcome from it. Before, it asked no one else and gave up, "not
+/// known here": found under 30% packet loss, where the listing at the submission
+/// timed out (1 of 30 tasks lost so in `chaos.sh`).
+#[test]
+fn a_submit_that_listed_no_member_lists_them_when_it_asks_again() {
+    let cluster = Cluster::new("agents-late-members", 2);
+    let mut first = cluster.start(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    // 8 segments of 1.5 s: n0 alone runs 2 at a time, n1 two more once it joined.
+    let submit = cluster.submit(0, &[&sleep_task("8", "1500")[..], &["--results"]].concat());
+    first.expect(&["task submitted"]);
+    let second = cluster.start(1, &["--agents", "sleep=2"]);
+    cluster.wait_until_settled(2);
+    // Time for n0's checkpoints to give n1 the task.
+    std::thread::sleep(Duration::from_millis(1_500));
+    first.kill();
+    let _again = NodeProcess::start(
+        &[
+            "--name",
+            "n0",
+            "--listen",
+            &cluster.addrs[0],
+            "--join",
+            &cluster.addrs[1],
+            "--agents",
+            "sleep=2",
+        ],
+        Some(&cluster.dir.join("ca")),
+    );
+
+    let (status, task) = outcome_within(submit, Duration::from_secs(60));
+    completed_with_every_result(status, &task, 8, 1500);
+    second.expect(&[
+        "node restarted: taking over the tasks of its former life",
+        "node=n0",
+    ]);
+}
+
 /// The node a task was submitted to (n0) and its standby (n1) are SIGKILLed together
 /// while the task runs, so no one holds the task. The `submit` cannot ask n1, but n2,
 /// which answers that it does not hold the task, holds n1 down: so nothing of n1 runs,

@@ -250,7 +250,10 @@ async fn first_answer(
         // Sent again, the task is only waited for: a node that restarted meanwhile
         // does not know it and says so, rather than run it again.
         request.attach = submitted;
-        let list = (!submitted).then_some(&mut *members);
+        // Listed again while the list is empty: at the submission the node may not
+        // have answered in time (under heavy loss), and a client with no other member
+        // to ask loses its task with the node.
+        let list = (!submitted || members.others.is_empty()).then_some(&mut *members);
         let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(unknown) => {
@@ -325,11 +328,13 @@ fn unanswered(error: &ClientError) -> bool {
 }
 
 /// The node a task was submitted to (its name and address), the other members it
-/// listed then, and when.
+/// listed then (or, if it listed none, when it was asked again), and when the task
+/// was submitted.
 #[derive(Default)]
 struct Members {
     node: String,
-    /// The node's life (`NodeId::life`) when the task was submitted, if listed.
+    /// The node's life (`NodeId::life`) when the task was submitted, or when it was
+    /// first listed after, if it was not then.
     life: Option<u64>,
     addr: Option<SocketAddr>,
     others: Vec<SocketAddr>,
@@ -353,16 +358,21 @@ async fn ask(
     *sent = true;
     let connected_at = Instant::now();
     if let Some(members) = members {
-        members.since = Some(connected_at);
+        // The first connection's: the task's figures count from its submission.
+        members.since.get_or_insert(connected_at);
         members.node = client.node().to_string();
         members.addr = Some(addr);
         // Without the list, a task outlives its node only if that node comes back.
         if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
-            members.life = report
-                .members
-                .iter()
-                .find(|m| m.name == client.node())
-                .map(|m| NodeId::life_of(m.incarnation));
+            // Listed after the submission, the node may be in a later life than the
+            // one submitted to: that only keeps a node that saw neither from adopting.
+            members.life = members.life.or_else(|| {
+                report
+                    .members
+                    .iter()
+                    .find(|m| m.name == client.node())
+                    .map(|m| NodeId::life_of(m.incarnation))
+            });
             members.others = report
                 .members
                 .into_iter()

@@ -275,7 +275,7 @@ async fn first_answer(
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
-        if let Some(outcome) = ask_others(identity, members, &request).await {
+        if let Ok(outcome) = ask_others(identity, members, &request).await {
             return Ok(outcome);
         }
         if lasted {
@@ -406,22 +406,22 @@ async fn ask_others(
     identity: &NodeIdentity,
     members: &Members,
     request: &SubmitRequest,
-) -> Option<TaskOutcome> {
+) -> Result<TaskOutcome, NotFound> {
     let attach = SubmitRequest {
         attach: true,
         adopt_from: None,
         ..request.clone()
     };
     let mut asked = match ask_each(identity, &members.others, &attach).await {
-        Ok(outcome) => return Some(outcome),
+        Ok(outcome) => return Ok(outcome),
         Err(asked) => asked,
     };
     if asked.answered.is_empty() || members.node.is_empty() {
-        return None;
+        return Err(asked.not_found());
     }
     if let Some(addr) = members.addr {
         match ask_each(identity, &[addr], &attach).await {
-            Ok(outcome) => return Some(outcome),
+            Ok(outcome) => return Ok(outcome),
             // It does not hold the task: it may not adopt it from itself either.
             Err(again) => asked.unreachable.extend(again.unreachable),
         }
@@ -430,7 +430,7 @@ async fn ask_others(
     // Unless a member that answered holds each of them down: they are gone (the node's
     // standby died with it, say), and nothing of theirs runs.
     if !asked.unreachable.is_empty() && !held_down(identity, &asked).await {
-        return None;
+        return Err(NotFound::Unasked);
     }
     debug!(node = %members.node, down = ?asked.unreachable, "no member holds the task: asking them to adopt it");
     let adopt = SubmitRequest {
@@ -441,11 +441,25 @@ async fn ask_others(
         adopt_from_life: members.life,
         ..attach
     };
-    ask_each(identity, &asked.answered, &adopt).await.ok()
+    ask_each(identity, &asked.answered, &adopt)
+        .await
+        .map_err(|again| again.not_found())
 }
 
-/// [`ask_others`] every [`RECONNECT_PAUSE`] until one gives the outcome or `limit`
-/// has passed.
+/// Why [`ask_others`] got no outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NotFound {
+    /// Every member asked answered that it does not hold the task.
+    Nowhere,
+    /// A member could not be asked, and may hold the task.
+    Unasked,
+}
+
+/// [`ask_others`] every [`RECONNECT_PAUSE`] until one gives the outcome, or `limit`
+/// has passed with every member answering that it does not hold the task. While a
+/// member cannot be asked it may hold the task, so the asking goes on for up to
+/// [`RECONNECT_WITHIN`]: under 30% packet loss a client gave up after 10 s with "not
+/// known here" while the standby it could not reach ran its task to its end.
 async fn ask_others_until(
     identity: &NodeIdentity,
     members: &Members,
@@ -454,13 +468,21 @@ async fn ask_others_until(
 ) -> Option<TaskOutcome> {
     let since = Instant::now();
     loop {
-        if let Some(outcome) = ask_others(identity, members, request).await {
-            return Some(outcome);
-        }
+        let why = match ask_others(identity, members, request).await {
+            Ok(outcome) => return Some(outcome),
+            Err(why) => why,
+        };
+        let limit = match why {
+            NotFound::Nowhere => limit,
+            NotFound::Unasked => RECONNECT_WITHIN,
+        };
         if members.others.is_empty() || since.elapsed() >= limit {
             return None;
         }
-        debug!("no other member has the task yet: asking again");
+        debug!(
+            ?why,
+            "no other member has given the task's outcome yet: asking again"
+        );
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
 }
@@ -470,6 +492,15 @@ async fn ask_others_until(
 struct AskedEach {
     answered: Vec<SocketAddr>,
     unreachable: Vec<SocketAddr>,
+}
+
+impl AskedEach {
+    fn not_found(&self) -> NotFound {
+        match self.unreachable.is_empty() {
+            true => NotFound::Nowhere,
+            false => NotFound::Unasked,
+        }
+    }
 }
 
 /// Whether the first member that answered holds every one that could not be asked

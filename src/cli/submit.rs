@@ -362,24 +362,7 @@ async fn ask(
         members.since.get_or_insert(connected_at);
         members.node = client.node().to_string();
         members.addr = Some(addr);
-        // Without the list, a task outlives its node only if that node comes back.
-        if let Ok(report) = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await {
-            // Listed after the submission, the node may be in a later life than the
-            // one submitted to: that only keeps a node that saw neither from adopting.
-            members.life = members.life.or_else(|| {
-                report
-                    .members
-                    .iter()
-                    .find(|m| m.name == client.node())
-                    .map(|m| NodeId::life_of(m.incarnation))
-            });
-            members.others = report
-                .members
-                .into_iter()
-                .filter(|m| m.state == MemberState::Up && m.name != client.node())
-                .map(|m| m.addr)
-                .collect();
-        }
+        list_members(&mut client, addr, members).await;
     }
     let outcome = client
         .request(
@@ -391,6 +374,43 @@ async fn ask(
         .await;
     client.close().await;
     outcome.map_err(|e| (e, connected_at.elapsed() >= RECONNECT_WITHIN))
+}
+
+/// Lists the other members up at the node `client` is connected to (at `addr`), and
+/// that node's life if none is known yet. Without the list, a task outlives its node
+/// only if that node comes back.
+async fn list_members(client: &mut Client, addr: SocketAddr, members: &mut Members) {
+    let Ok(report) = status_of(client, addr, MEMBERS_TIMEOUT_MS).await else {
+        return;
+    };
+    // Listed after the submission, the node may be in a later life than the one
+    // submitted to: that only keeps a node that saw neither from adopting.
+    members.life = members.life.or_else(|| {
+        report
+            .members
+            .iter()
+            .find(|m| m.name == client.node())
+            .map(|m| NodeId::life_of(m.incarnation))
+    });
+    members.others = report
+        .members
+        .into_iter()
+        .filter(|m| m.state == MemberState::Up && m.name != client.node())
+        .map(|m| m.addr)
+        .collect();
+}
+
+/// [`list_members`] at the node the task was submitted to, if none is listed: the
+/// node may have been alone at the submission, or, under heavy loss, not have
+/// answered the listing in time.
+async fn list_if_none(identity: &NodeIdentity, members: &mut Members) {
+    let Some(addr) = members.addr.filter(|_| members.others.is_empty()) else {
+        return;
+    };
+    if let Ok(mut client) = Client::connect(identity, addr).await {
+        list_members(&mut client, addr, members).await;
+        client.close().await;
+    }
 }
 
 /// Asks each of the other members for the task (as `attach`): the first that knows it
@@ -462,12 +482,16 @@ enum NotFound {
 /// known here" while the standby it could not reach ran its task to its end.
 async fn ask_others_until(
     identity: &NodeIdentity,
-    members: &Members,
+    members: &mut Members,
     request: &SubmitRequest,
     limit: Duration,
 ) -> Option<TaskOutcome> {
     let since = Instant::now();
     loop {
+        // A node that says the task moved on (taken over while it was held down) may
+        // be the only member listed: under 30% packet loss such a client was told the
+        // task failed, "taken over by node n0", which completed it 10 s later.
+        list_if_none(identity, members).await;
         let why = match ask_others(identity, members, request).await {
             Ok(outcome) => return Some(outcome),
             Err(why) => why,

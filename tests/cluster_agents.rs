@@ -47,6 +47,22 @@ impl Cluster {
         NodeProcess::start(&args, Some(&self.dir.join("ca")))
     }
 
+    /// Starts n0 again, under the same name and address, as a process supervisor would
+    /// after it died: with `--agents sleep=2`, joining through n1.
+    fn start_again_first(&self) -> NodeProcess {
+        let args = [
+            "--name",
+            "n0",
+            "--listen",
+            &self.addrs[0],
+            "--join",
+            &self.addrs[1],
+            "--agents",
+            "sleep=2",
+        ];
+        NodeProcess::start(&args, Some(&self.dir.join("ca")))
+    }
+
     /// Starts node `i` running `agents` in `group`, with the policy `toml` as its
     /// start-up file and metrics served; returns it and its metrics address.
     fn start_with_policy(
@@ -411,19 +427,7 @@ fn a_task_outlives_a_quick_restart_of_the_node_it_was_submitted_to() {
     first.expect(&["task submitted"]);
     std::thread::sleep(Duration::from_millis(5_000));
     first.kill();
-    let _again = NodeProcess::start(
-        &[
-            "--name",
-            "n0",
-            "--listen",
-            &cluster.addrs[0],
-            "--join",
-            &cluster.addrs[1],
-            "--agents",
-            "sleep=2",
-        ],
-        Some(&cluster.dir.join("ca")),
-    );
+    let _again = cluster.start_again_first();
 
     let (status, task) = outcome_within(submit, Duration::from_secs(60));
     completed_with_every_result(status, &task, 12, 4000);
@@ -455,19 +459,7 @@ fn a_submit_that_listed_no_member_lists_them_when_it_asks_again() {
     // Time for n0's checkpoints to give n1 the task.
     std::thread::sleep(Duration::from_millis(1_500));
     first.kill();
-    let _again = NodeProcess::start(
-        &[
-            "--name",
-            "n0",
-            "--listen",
-            &cluster.addrs[0],
-            "--join",
-            &cluster.addrs[1],
-            "--agents",
-            "sleep=2",
-        ],
-        Some(&cluster.dir.join("ca")),
-    );
+    let _again = cluster.start_again_first();
 
     let (status, task) = outcome_within(submit, Duration::from_secs(60));
     completed_with_every_result(status, &task, 8, 1500);

@@ -12,7 +12,7 @@
 //! (`lease.rs`): a coordinator paused past the failure detector does not go on running
 //! a task its standby took over meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -546,8 +546,9 @@ pub struct CoordinatorState {
     ended: EndedTasks,
     mesh: Mesh,
     myself: ActorRef<CoordinatorMsg>,
-    /// Other nodes up (standbys are picked among them).
-    up: BTreeSet<Arc<str>>,
+    /// Other nodes up, with the life each is in, as told with its "up"
+    /// (`NodeId::life`). Standbys are picked among them.
+    up: BTreeMap<Arc<str>, u64>,
     /// Tasks with something their standby does not have yet.
     dirty: Dirty,
     /// Standbys with a checkpoint in flight, or whose last one failed.
@@ -589,8 +590,6 @@ pub struct CoordinatorState {
     /// life: a client may have this node adopt a task of theirs that no one holds
     /// ([`CoordinatorState::adopts_from`]). At most [`MAX_TAKEN_OVER_FROM`].
     taken_over_from: HashMap<Arc<str>, u64>,
-    /// The life each node up is in, as told with its "up" (`NodeId::life`).
-    lives: HashMap<Arc<str>, u64>,
     /// Nodes up with no open connection from this one ([`CUT_OFF_MS`]).
     cut_offs: CutOffs,
     /// The node is leaving: nothing more is allocated; the attempts running end, their
@@ -720,12 +719,6 @@ impl Actor for Coordinator {
             allocated_ms: HashMap::new(),
             ended: EndedTasks::new(EndedLimits::default()),
             up: args
-                .members
-                .keys()
-                .filter(|m| **m != args.mesh.node())
-                .map(|m| Arc::from(m.as_str()))
-                .collect(),
-            lives: args
                 .members
                 .iter()
                 .filter(|(m, _)| **m != args.mesh.node())
@@ -1237,8 +1230,8 @@ impl CoordinatorState {
             },
             telling: self
                 .forget_notices
-                .any_for(|n| self.up.contains(n) && !self.in_flight.blocks(n, now_ms))
-                || self.up.iter().any(|n| self.in_flight.in_flight(n)),
+                .any_for(|n| self.up.contains_key(n) && !self.in_flight.blocks(n, now_ms))
+                || self.up.keys().any(|n| self.in_flight.in_flight(n)),
             alone_open: match others {
                 true => 0,
                 false => self.tasks.len(),
@@ -1387,13 +1380,13 @@ impl CoordinatorState {
     fn adopts_from(&self, from: &str, submitted_to: Option<u64>) -> bool {
         let me = self.mesh.node();
         let restarted =
-            || submitted_to.is_some_and(|life| self.lives.get(from).is_some_and(|now| *now > life));
+            || submitted_to.is_some_and(|life| self.up.get(from).is_some_and(|now| *now > life));
         if from == me || !(self.taken_over_from.contains_key(from) || restarted()) {
             return false;
         }
         let candidates = self
             .up
-            .iter()
+            .keys()
             .map(|n| &**n)
             .filter(|n| *n != from)
             .chain(std::iter::once(me));
@@ -1778,11 +1771,11 @@ impl CoordinatorState {
     /// tasks adopted here. The same life back (it was only held down) still holds its
     /// tasks. True if any was taken over.
     fn node_up(&mut self, node: &str, life: u64) -> bool {
-        if node == self.mesh.node() || !self.up.insert(Arc::from(node)) {
+        let node: Arc<str> = Arc::from(node);
+        if *node == *self.mesh.node() || self.up.contains_key(&node) {
             return false;
         }
-        let node: Arc<str> = Arc::from(node);
-        self.lives.insert(node.clone(), life);
+        self.up.insert(node.clone(), life);
         let due = self.takeovers_due.remove(&node).map(|(_, down)| down);
         let taken = self.taken_over_from.remove(&node);
         let now = self.now_ms();
@@ -1824,7 +1817,7 @@ impl CoordinatorState {
         let mut lost = 0;
         let cut: Vec<Arc<str>> = self
             .up
-            .iter()
+            .keys()
             .filter(|node| self.cut_offs.due(node, self.mesh.is_connected(node), now))
             .cloned()
             .collect();
@@ -1844,7 +1837,6 @@ impl CoordinatorState {
     /// tasks it was standby for go to another.
     fn node_down(&mut self, node: &str, life: u64) {
         self.up.remove(node);
-        self.lives.remove(node);
         self.cut_offs.forget(node);
         self.given_up.remove(node);
         self.in_flight.forget(node);
@@ -2072,11 +2064,11 @@ impl CoordinatorState {
     fn pick_standby(&self) -> Option<Arc<str>> {
         let usable = self
             .up
-            .iter()
+            .keys()
             .filter(|n| !self.given_up.contains(*n))
             .map(|n| &**n);
         let standby = standby_among(self.mesh.node(), usable)?;
-        self.up.get(standby).cloned()
+        self.up.get_key_value(standby).map(|(n, _)| n.clone())
     }
 
     /// Sends each standby with no checkpoint in flight what it does not have yet, and
@@ -2092,11 +2084,11 @@ impl CoordinatorState {
         let renew = first || self.leases.standbys().any(|s| self.leases.due(s, now));
         // Whether a checkpoint may go to a node now (for the notices waiting for it).
         let (up, in_flight) = (&self.up, &self.in_flight);
-        let ready = |n: &str| up.contains(n) && !in_flight.blocks(n, now);
+        let ready = |n: &str| up.contains_key(n) && !in_flight.blocks(n, now);
         if self.dirty.is_empty() && !self.forget_notices.any_for(ready) && !renew {
             return;
         }
-        if self.up.iter().all(|n| self.in_flight.blocks(n, now)) {
+        if self.up.keys().all(|n| self.in_flight.blocks(n, now)) {
             return; // Nowhere to send now (checked once per message handled).
         }
         // A checkpoint is one message: what does not fit in it waits for the next.
@@ -2558,7 +2550,7 @@ impl CoordinatorState {
             Ok(ack) => ack,
             Err(e) => {
                 debug!(%node, error = %e, "checkpoint not taken; sent again shortly");
-                if self.up.contains(&node) {
+                if self.up.contains_key(&node) {
                     let now = self.now_ms();
                     self.in_flight
                         .retry_at(node.clone(), now + CHECKPOINT_RETRY_MS);

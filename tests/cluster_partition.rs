@@ -14,7 +14,9 @@
 //! seconds, not at their 30 s timeout, and cancels that coordinator's attempts. A task
 //! taken over by a node that dies before its own standby has it is adopted. A standby
 //! given up on does not run its copy of a task that moved on to another. Final
-//! REPORTs lost with their connection are sent again on the next one.
+//! REPORTs lost with their connection are sent again on the next one. A client whose
+//! task moved on from its node and back to it (as the standby of the node that took it
+//! over and died) finds it there.
 //!
 //! It needs root (to create the namespace), iproute2 and nftables, which `.ci/run`
 //! installs. Elsewhere, without them, it says so and passes; under CI it fails.
@@ -1046,4 +1048,43 @@ fn a_task_whose_only_workers_are_cut_off_from_its_coordinator_waits_for_the_link
     cluster.heal();
     completed_once_of(submit, 2, 500);
     drop(nodes);
+}
+
+/// Two nodes, so each is the other's standby. The coordinator (n0) is cut off from n1,
+/// which holds it down and takes its task over; after the heal n0 ends its copy as
+/// moved and tells its client, whose connection to n0 the cut did not touch, that the
+/// task runs at n1. The client waits there. Then n1 dies, and n0, now n1's standby for
+/// the task, takes it over and completes it. Before, the client asked only n1, the
+/// other member it listed, for a minute and printed the task failed, "taken over by
+/// node n1", though n0 had completed it.
+#[test]
+fn a_task_that_comes_back_to_the_node_it_was_submitted_to_is_found_there() {
+    let Some(cluster) = cluster("back-home") else {
+        return;
+    };
+    let first = cluster.start_with(0, &["--agents", "sleep=2"]);
+    first.expect(&["listening"]);
+    let mut second = cluster.start_with(1, &["--agents", "sleep=2"]);
+    cluster.wait_for_agents(0, 2);
+
+    // 40 segments of 1 s on 4 replicas: about 10 s of work with nothing cut.
+    let mut submit = cluster.submit_ms(40, 1_000);
+    first.expect(&["task submitted", "segments=40"]);
+    // n0 allocates only once n1 holds the task's start.
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.partition(&[0], &[1]);
+    second.expect(&["took over a task from a node that went down", "from=n0"]);
+    cluster.heal();
+    first.expect(&[
+        "took the task over while this node was held down",
+        "node=n1",
+    ]);
+    second.expect(&["a client waits again for the task"]);
+    // Time for n1's checkpoint of the task to reach n0.
+    std::thread::sleep(Duration::from_millis(1_500));
+    second.kill();
+    first.expect(&["took over a task from a node that went down", "from=n1"]);
+    // Within the minute after which the client gave up before.
+    ended_within(&mut submit, Duration::from_secs(45));
+    completed_once_of(submit, 40, 1_000);
 }

@@ -275,7 +275,7 @@ async fn first_answer(
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
-        if let Ok(outcome) = ask_others(identity, members, &request).await {
+        if let Ok(outcome) = ask_others(identity, members, &request, false).await {
             return Ok(outcome);
         }
         if lasted {
@@ -421,11 +421,15 @@ async fn list_if_none(identity: &NodeIdentity, members: &mut Members) {
 /// have come back to it: moved on by leaves (n1 to n3 to n0), it was held by n1,
 /// restarted, as n0's standby, and a client that asked only n0, n2 and n3 had n2 adopt
 /// it, which ran it beside n1 until n1 found that out (4 attempts twice, in a
-/// `chaos.sh` run).
+/// `chaos.sh` run). If the node itself `answered` last (that it does not hold the
+/// task), it is asked even when no other member answers: the one that took the task
+/// over may have died, with the node as its standby (with two nodes, each is the
+/// other's).
 async fn ask_others(
     identity: &NodeIdentity,
     members: &Members,
     request: &SubmitRequest,
+    answered: bool,
 ) -> Result<TaskOutcome, NotFound> {
     let attach = SubmitRequest {
         attach: true,
@@ -436,7 +440,7 @@ async fn ask_others(
         Ok(outcome) => return Ok(outcome),
         Err(asked) => asked,
     };
-    if asked.answered.is_empty() || members.node.is_empty() {
+    if (asked.answered.is_empty() && !answered) || members.node.is_empty() {
         return Err(asked.not_found());
     }
     if let Some(addr) = members.addr {
@@ -492,7 +496,7 @@ async fn ask_others_until(
         // be the only member listed: under 30% packet loss such a client was told the
         // task failed, "taken over by node n0", which completed it 10 s later.
         list_if_none(identity, members).await;
-        let why = match ask_others(identity, members, request).await {
+        let why = match ask_others(identity, members, request, true).await {
             Ok(outcome) => return Some(outcome),
             Err(why) => why,
         };

@@ -31,7 +31,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{done_in, ended_within, free_ports, outcome, task_in, temp_dir, NodeProcess};
+use common::{
+    done_in, ended_within, free_ports, outcome, outcome_and_log, task_in, temp_dir, NodeProcess,
+};
 use serde_json::Value;
 
 /// A network namespace with its loopback up, removed on drop.
@@ -362,7 +364,12 @@ fn completed_once(submit: Child, segments: u64) -> Value {
 
 /// The task's outcome: completed, with one accepted result (`ms`) per segment.
 fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
-    let (status, task) = outcome(submit);
+    completed_once_logged(submit, segments, ms).0
+}
+
+/// [`completed_once_of`], and what the `submit` logged.
+fn completed_once_logged(submit: Child, segments: u64, ms: u64) -> (Value, String) {
+    let (status, task, log) = outcome_and_log(submit);
     assert!(status.success(), "{task}");
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["segments"], segments, "{task}");
@@ -374,7 +381,7 @@ fn completed_once_of(submit: Child, segments: u64, ms: u64) -> Value {
         "one accepted result per segment: {task}"
     );
     assert!(results.iter().all(|r| r == ms), "{task}");
-    task
+    (task, log)
 }
 
 #[test]
@@ -1053,10 +1060,11 @@ fn a_task_whose_only_workers_are_cut_off_from_its_coordinator_waits_for_the_link
 /// Two nodes, so each is the other's standby. The coordinator (n0) is cut off from n1,
 /// which holds it down and takes its task over; after the heal n0 ends its copy as
 /// moved and tells its client, whose connection to n0 the cut did not touch, that the
-/// task runs at n1. The client waits there. Then n1 dies, and n0, now n1's standby for
-/// the task, takes it over and completes it. Before, the client asked only n1, the
-/// other member it listed, for a minute and printed the task failed, "taken over by
-/// node n1", though n0 had completed it.
+/// task runs at n1. The client waits there, for long enough that when n1 dies it takes
+/// n1 for a member that held the task and was lost. n0, now n1's standby for the task,
+/// takes it over and completes it. Before, the client asked only n1, the other member
+/// it listed, for a minute and printed the task failed, "taken over by node n1", though
+/// n0 had completed it.
 #[test]
 fn a_task_that_comes_back_to_the_node_it_was_submitted_to_is_found_there() {
     let Some(cluster) = cluster("back-home") else {
@@ -1067,9 +1075,9 @@ fn a_task_that_comes_back_to_the_node_it_was_submitted_to_is_found_there() {
     let mut second = cluster.start_with(1, &["--agents", "sleep=2"]);
     cluster.wait_for_agents(0, 2);
 
-    // 40 segments of 1 s on 4 replicas: about 10 s of work with nothing cut.
-    let mut submit = cluster.submit_ms(40, 1_000);
-    first.expect(&["task submitted", "segments=40"]);
+    // 60 segments of 1 s on 4 replicas: about 15 s of work with nothing cut.
+    let mut submit = cluster.submit_ms(60, 1_000);
+    first.expect(&["task submitted", "segments=60"]);
     // n0 allocates only once n1 holds the task's start.
     std::thread::sleep(Duration::from_millis(700));
     cluster.partition(&[0], &[1]);
@@ -1080,11 +1088,13 @@ fn a_task_that_comes_back_to_the_node_it_was_submitted_to_is_found_there() {
         "node=n1",
     ]);
     second.expect(&["a client waits again for the task"]);
-    // Time for n1's checkpoint of the task to reach n0.
-    std::thread::sleep(Duration::from_millis(1_500));
+    // Time for n1's checkpoint of the task to reach n0, and for the client to wait at
+    // n1 past HELD_AFTER (5 s) once the connection is found lost (3 s idle timeout).
+    std::thread::sleep(Duration::from_millis(3_000));
     second.kill();
     first.expect(&["took over a task from a node that went down", "from=n1"]);
     // Within the minute after which the client gave up before.
     ended_within(&mut submit, Duration::from_secs(45));
-    completed_once_of(submit, 40, 1_000);
+    let (_, log) = completed_once_logged(submit, 60, 1_000);
+    assert!(log.contains("lost the node that held the task"), "{log}");
 }

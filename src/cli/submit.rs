@@ -207,6 +207,10 @@ const RESTARTED_WITHIN: Duration = Duration::from_secs(10);
 const RESULTS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the node has to list its members.
 const MEMBERS_TIMEOUT_MS: u64 = 2_000;
+/// A member that lost the connection after the client's request had waited there
+/// this long held the task: one that does not answers at once, and a connection
+/// that hears nothing closes after the 3 s idle timeout.
+const HELD_AFTER: Duration = Duration::from_secs(5);
 
 /// Submits `request` and waits for the task's outcome. If the connection is lost after
 /// the first submission (the node paused, restarting its network, ...), it connects
@@ -254,7 +258,7 @@ async fn first_answer(
         // have answered in time (under heavy loss), and a client with no other member
         // to ask loses its task with the node.
         let list = (!submitted || members.others.is_empty()).then_some(&mut *members);
-        let (error, lasted) = match ask(identity, to, &request, list, &mut submitted).await {
+        let (error, connected) = match ask(identity, to, &request, list, &mut submitted).await {
             Ok(outcome) if !outcome.unknown => return Ok(outcome),
             Ok(unknown) => {
                 // The node restarted: a standby may take the task over, or adopt it.
@@ -275,10 +279,13 @@ async fn first_answer(
         if !submitted || !error.is_connection_lost() {
             return Err(error.into());
         }
-        if let Ok(outcome) = ask_others(identity, members, &request, false).await {
-            return Ok(outcome);
-        }
-        if lasted {
+        let lost_a_holder = match ask_others(identity, members, &request, false).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(why) => why == NotFound::Lost,
+        };
+        // The count starts again after a connection to the node that lasted, or a
+        // member the client waited at that is lost: its standby takes the task over.
+        if connected >= RECONNECT_WITHIN || lost_a_holder {
             failing_since = None;
         }
         let since = *failing_since.get_or_insert_with(Instant::now);
@@ -343,18 +350,18 @@ struct Members {
 
 /// Sends `request` to the node at `addr` and waits for the answer; with `members`,
 /// first lists the node's other members there. `sent` becomes true once connected
-/// (the request may have reached the node from then on). An error comes with whether
-/// the connection lasted [`RECONNECT_WITHIN`].
+/// (the request may have reached the node from then on). An error comes with how long
+/// the connection lasted (zero if there was none).
 async fn ask(
     identity: &NodeIdentity,
     addr: SocketAddr,
     request: &SubmitRequest,
     members: Option<&mut Members>,
     sent: &mut bool,
-) -> Result<TaskOutcome, (ClientError, bool)> {
+) -> Result<TaskOutcome, (ClientError, Duration)> {
     let mut client = Client::connect(identity, addr)
         .await
-        .map_err(|e| (e, false))?;
+        .map_err(|e| (e, Duration::ZERO))?;
     *sent = true;
     let connected_at = Instant::now();
     if let Some(members) = members {
@@ -373,7 +380,7 @@ async fn ask(
         )
         .await;
     client.close().await;
-    outcome.map_err(|e| (e, connected_at.elapsed() >= RECONNECT_WITHIN))
+    outcome.map_err(|e| (e, connected_at.elapsed()))
 }
 
 /// Lists the other members up at the node `client` is connected to (at `addr`), and
@@ -447,14 +454,20 @@ async fn ask_others(
         match ask_each(identity, &[addr], &attach).await {
             Ok(outcome) => return Ok(outcome),
             // It does not hold the task: it may not adopt it from itself either.
-            Err(again) => asked.unreachable.extend(again.unreachable),
+            Err(again) => {
+                asked.unreachable.extend(again.unreachable);
+                asked.lost_a_holder |= again.lost_a_holder;
+            }
         }
     }
     // One that could not be asked may hold the task: adopted, it would run twice.
     // Unless a member that answered holds each of them down: they are gone (the node's
-    // standby died with it, say), and nothing of theirs runs.
-    if !asked.unreachable.is_empty() && !held_down(identity, &asked).await {
-        return Err(NotFound::Unasked);
+    // standby died with it, say), and nothing of theirs runs. Not in a round that lost
+    // a member the client waited at: those asked before answered while it held the
+    // task, and its standby may have a copy by the next round.
+    if asked.lost_a_holder || (!asked.unreachable.is_empty() && !held_down(identity, &asked).await)
+    {
+        return Err(asked.not_found());
     }
     debug!(node = %members.node, down = ?asked.unreachable, "no member holds the task: asking them to adopt it");
     let adopt = SubmitRequest {
@@ -477,6 +490,9 @@ enum NotFound {
     Nowhere,
     /// A member could not be asked, and may hold the task.
     Unasked,
+    /// A member held the task, and the client waited there until the connection was
+    /// lost: the member may have died, and its standby takes the task over.
+    Lost,
 }
 
 /// [`ask_others`] every [`RECONNECT_PAUSE`] until one gives the outcome, or `limit`
@@ -490,7 +506,7 @@ async fn ask_others_until(
     request: &SubmitRequest,
     limit: Duration,
 ) -> Option<TaskOutcome> {
-    let since = Instant::now();
+    let mut patience = Asking::new(limit, Instant::now());
     loop {
         // A node that says the task moved on (taken over while it was held down) may
         // be the only member listed: under 30% packet loss such a client was told the
@@ -500,11 +516,7 @@ async fn ask_others_until(
             Ok(outcome) => return Some(outcome),
             Err(why) => why,
         };
-        let limit = match why {
-            NotFound::Nowhere => limit,
-            NotFound::Unasked => RECONNECT_WITHIN,
-        };
-        if members.others.is_empty() || since.elapsed() >= limit {
+        if members.others.is_empty() || patience.gives_up(why, Instant::now()) {
             return None;
         }
         debug!(
@@ -515,18 +527,52 @@ async fn ask_others_until(
     }
 }
 
-/// No node gave an outcome: those that answered they do not hold the task, and those
-/// that could not be asked.
+/// How long [`ask_others_until`] goes on: `limit` while every member answers that it
+/// does not hold the task, [`RECONNECT_WITHIN`] while one cannot be asked, counted
+/// from its start or from the last member lost while the client waited there. Before,
+/// the count ran through the wait, and a client that waited at a member longer than
+/// the limit gave up after the first round that found the task nowhere (the likeliest
+/// reading of a failure under 30% packet loss: the client had waited at a standby that
+/// was then SIGKILLed, and its task completed elsewhere).
+struct Asking {
+    limit: Duration,
+    since: Instant,
+}
+
+impl Asking {
+    fn new(limit: Duration, now: Instant) -> Asking {
+        Asking { limit, since: now }
+    }
+
+    /// Whether to give up, the task not found (`why`) in the round that ended `now`.
+    fn gives_up(&mut self, why: NotFound, now: Instant) -> bool {
+        let limit = match why {
+            NotFound::Nowhere => self.limit,
+            NotFound::Unasked => RECONNECT_WITHIN,
+            NotFound::Lost => {
+                self.since = now;
+                RECONNECT_WITHIN
+            }
+        };
+        now.duration_since(self.since) >= limit
+    }
+}
+
+/// No node gave an outcome: those that answered they do not hold the task, those that
+/// could not be asked, and whether one was lost after the client had waited there
+/// [`HELD_AFTER`] (it held the task).
 struct AskedEach {
     answered: Vec<SocketAddr>,
     unreachable: Vec<SocketAddr>,
+    lost_a_holder: bool,
 }
 
 impl AskedEach {
     fn not_found(&self) -> NotFound {
-        match self.unreachable.is_empty() {
-            true => NotFound::Nowhere,
-            false => NotFound::Unasked,
+        match (self.lost_a_holder, self.unreachable.is_empty()) {
+            (true, _) => NotFound::Lost,
+            (false, true) => NotFound::Nowhere,
+            (false, false) => NotFound::Unasked,
         }
     }
 }
@@ -564,6 +610,7 @@ async fn ask_each(
     let mut asked = AskedEach {
         answered: Vec::new(),
         unreachable: Vec::new(),
+        lost_a_holder: false,
     };
     for &addr in addrs {
         match ask(identity, addr, request, None, &mut false).await {
@@ -571,6 +618,11 @@ async fn ask_each(
             Ok(_) => {
                 debug!(%addr, "this node does not hold the task");
                 asked.answered.push(addr);
+            }
+            Err((error, waited)) if waited >= HELD_AFTER => {
+                asked.unreachable.push(addr);
+                asked.lost_a_holder = true;
+                warn!(%addr, %error, waited_ms = waited.as_millis() as u64, "lost the node that held the task; asking the others");
             }
             Err((error, _)) => {
                 asked.unreachable.push(addr);
@@ -642,4 +694,52 @@ pub fn run(args: SubmitArgs, identity: NodeIdentity, inputs: Vec<Blob>) -> anyho
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn asking_gives_up_after_the_limit_while_no_member_holds_the_task() {
+        let start = Instant::now();
+        let mut asking = Asking::new(10 * S, start);
+        assert!(!asking.gives_up(NotFound::Nowhere, start + 9 * S));
+        assert!(asking.gives_up(NotFound::Nowhere, start + 10 * S));
+    }
+
+    #[test]
+    fn asking_goes_on_for_a_minute_while_a_member_cannot_be_asked() {
+        let start = Instant::now();
+        let mut asking = Asking::new(10 * S, start);
+        assert!(!asking.gives_up(NotFound::Unasked, start + 59 * S));
+        assert!(asking.gives_up(NotFound::Unasked, start + 60 * S));
+    }
+
+    #[test]
+    fn asking_counts_again_from_the_loss_of_a_member_that_held_the_task() {
+        let start = Instant::now();
+        let mut asking = Asking::new(10 * S, start);
+        // The client waited 70 s at the member before it was lost.
+        let lost = start + 70 * S;
+        assert!(!asking.gives_up(NotFound::Lost, lost));
+        assert!(!asking.gives_up(NotFound::Nowhere, lost + 9 * S));
+        assert!(!asking.gives_up(NotFound::Unasked, lost + 59 * S));
+        assert!(asking.gives_up(NotFound::Nowhere, lost + 10 * S));
+    }
+
+    #[test]
+    fn a_member_lost_after_the_client_waited_there_makes_the_round_lost() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let asked = |lost_a_holder, unreachable: &[SocketAddr]| AskedEach {
+            answered: vec![addr],
+            unreachable: unreachable.to_vec(),
+            lost_a_holder,
+        };
+        assert_eq!(asked(false, &[]).not_found(), NotFound::Nowhere);
+        assert_eq!(asked(false, &[addr]).not_found(), NotFound::Unasked);
+        assert_eq!(asked(true, &[addr]).not_found(), NotFound::Lost);
+    }
 }

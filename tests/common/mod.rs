@@ -74,6 +74,12 @@ pub fn outcome_within(mut child: Child, limit: Duration) -> (ExitStatus, serde_j
 
 /// Waits for a `submit --json` and returns its exit status and object.
 pub fn outcome(child: Child) -> (ExitStatus, serde_json::Value) {
+    let (status, json, _) = outcome_and_log(child);
+    (status, json)
+}
+
+/// [`outcome`], and what the `submit` logged (its stderr).
+pub fn outcome_and_log(child: Child) -> (ExitStatus, serde_json::Value, String) {
     let out = child.wait_with_output().unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -82,7 +88,8 @@ pub fn outcome(child: Child) -> (ExitStatus, serde_json::Value) {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    (out.status, json)
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status, json, log)
 }
 
 pub fn free_port() -> u16 {

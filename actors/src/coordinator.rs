@@ -963,7 +963,14 @@ impl CoordinatorState {
             }
             Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
                 Some(from) if self.adopts_from(from, request.adopt_from_life) => {
-                    info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
+                    match from == self.mesh.node() {
+                        true => {
+                            info!(%task, "starting a task whose submission never reached this node: no member holds it, and its client submitted it to this node in this life")
+                        }
+                        false => {
+                            info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here")
+                        }
+                    }
                     metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
                     generation = self.rng.random_range(ADOPTED_GENERATIONS);
                     waited_ms = request.waited_ms;
@@ -1377,11 +1384,21 @@ impl CoordinatorState {
     /// seen it: restarted too, it knows `from` only in its new life (found under 30%
     /// packet loss: the standby dropped its copies of a dead node's tasks, unheard for
     /// 4.6 s, and restarted before their clients asked it to adopt them).
+    ///
+    /// Or `from` is this node, in the life the client submitted to: this node holds
+    /// nothing of the task, and the client found no member that does, so its
+    /// submission never reached this node (the connection it went on was lost first;
+    /// under 30% packet loss such a client was told "submit it again"). Started here,
+    /// the task is known by its id again, so the submission, should it come late after
+    /// all, only waits for it.
     fn adopts_from(&self, from: &str, submitted_to: Option<u64>) -> bool {
         let me = self.mesh.node();
+        if from == me {
+            return submitted_to == Some(self.mesh.life());
+        }
         let restarted =
             || submitted_to.is_some_and(|life| self.up.get(from).is_some_and(|now| *now > life));
-        if from == me || !(self.taken_over_from.contains_key(from) || restarted()) {
+        if !(self.taken_over_from.contains_key(from) || restarted()) {
             return false;
         }
         let candidates = self

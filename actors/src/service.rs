@@ -85,6 +85,9 @@ pub struct SubmitRequest {
     /// tasks, or holds it up in a later life than `adopt_from_life`; any other says it
     /// does not know the task. A coordinator allocates
     /// nothing of a task before its standby holds it, so nothing of it ran there.
+    /// The named node itself starts it if it is in the life `adopt_from_life` names:
+    /// then the submission never reached it (the client asks it so only when every
+    /// member it listed answered that it does not hold the task).
     #[serde(default)]
     pub adopt_from: Option<String>,
     /// With `adopt_from`: how long the client has waited for the task since it first

@@ -24,7 +24,9 @@ use agentmesh_runtime::transport::tls::ClusterCa;
 use agentmesh_runtime::transport::wire::payload::{Adjust, Allocate, Capability, Health};
 use agentmesh_runtime::transport::wire::{Flags, Header, Message, Payload};
 use agentmesh_runtime::transport::EndpointConfig;
-use agentmesh_runtime::{Client, ClusterEvent, MembershipConfig, Node, NodeConfig, RemoteMessage};
+use agentmesh_runtime::{
+    Client, ClusterEvent, MembershipConfig, Node, NodeConfig, NodeId, RemoteMessage,
+};
 
 async fn cluster(ca: &ClusterCa, names: &[&str]) -> Vec<(Node, AgentHost)> {
     cluster_with(ca, names, HostConfig::default()).await
@@ -508,11 +510,34 @@ async fn a_task_submitted_again_by_its_id_runs_once() {
         attach: true,
         ..request
     };
-    let refused = nodes[0].1.submit(unknown).await.unwrap();
+    let refused = nodes[0].1.submit(unknown.clone()).await.unwrap();
     assert_eq!(refused.status, TaskStatus::Failed);
     assert!(refused.reason.unwrap().contains("not known here"));
     let status = nodes[0].1.status().await.unwrap();
     assert!(status.tasks.is_empty(), "started: {:?}", status.tasks);
+
+    // Asked to start it as a submission that never reached it (no member holds it):
+    // not if the client submitted to another life of this node, which may have run it.
+    let me = nodes[0].0.me();
+    let life = NodeId::life_of(me.incarnation);
+    let never_reached = |life| SubmitRequest {
+        adopt_from: Some(me.name.to_string()),
+        adopt_from_life: Some(life),
+        ..unknown.clone()
+    };
+    for other in [life - 1, life + 1] {
+        let refused = nodes[0].1.submit(never_reached(other)).await.unwrap();
+        assert!(refused.reason.unwrap().contains("not known here"));
+    }
+    let status = nodes[0].1.status().await.unwrap();
+    assert!(status.tasks.is_empty(), "started: {:?}", status.tasks);
+    // In this life, it starts it.
+    let (n, r) = (nodes.clone(), never_reached(life));
+    let started = tokio::spawn(async move { n[0].1.submit(r).await.unwrap() });
+    assert_eq!(running_task(&nodes[0].1).await, unknown.task.unwrap());
+    adjust_until_reached(&nodes[0].1, unknown.task.unwrap(), "answer", None, 2).await;
+    let outcome = started.await.unwrap();
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -431,7 +431,9 @@ async fn list_if_none(identity: &NodeIdentity, members: &mut Members) {
 /// `chaos.sh` run). If the node itself `answered` last (that it does not hold the
 /// task), it is asked even when no other member answers: the one that took the task
 /// over may have died, with the node as its standby (with two nodes, each is the
-/// other's).
+/// other's). If every member, the node too, answers that it does not hold the task,
+/// the node is asked last to start it: in the life the client submitted to, it does
+/// so, since the submission never reached it (lost with its connection).
 async fn ask_others(
     identity: &NodeIdentity,
     members: &Members,
@@ -450,11 +452,16 @@ async fn ask_others(
     if (asked.answered.is_empty() && !answered) || members.node.is_empty() {
         return Err(asked.not_found());
     }
+    let mut adopters = asked.answered.clone();
     if let Some(addr) = members.addr {
         match ask_each(identity, &[addr], &attach).await {
             Ok(outcome) => return Ok(outcome),
-            // It does not hold the task: it may not adopt it from itself either.
+            // It does not hold the task. It may start it only if no member could be
+            // out of reach: one may have taken the task over from it.
             Err(again) => {
+                if again.unreachable.is_empty() && asked.unreachable.is_empty() {
+                    adopters.push(addr);
+                }
                 asked.unreachable.extend(again.unreachable);
                 asked.lost_a_holder |= again.lost_a_holder;
             }
@@ -478,7 +485,7 @@ async fn ask_others(
         adopt_from_life: members.life,
         ..attach
     };
-    ask_each(identity, &asked.answered, &adopt)
+    ask_each(identity, &adopters, &adopt)
         .await
         .map_err(|again| again.not_found())
 }

@@ -23,7 +23,9 @@ use crate::actors::service::{
 };
 use crate::builtin::SegmentInput;
 use crate::local::input;
-use crate::runtime::{status_of, Client, ClientError, MemberState, NodeId, RemoteMessage};
+use crate::runtime::{
+    request_status, status_of, Client, ClientError, MemberInfo, MemberState, NodeId, RemoteMessage,
+};
 use crate::transport::tls::NodeIdentity;
 use crate::transport::{TransportError, DEFAULT_MAX_MESSAGE_BYTES};
 
@@ -207,6 +209,9 @@ const RESTARTED_WITHIN: Duration = Duration::from_secs(10);
 const RESULTS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the node has to list its members.
 const MEMBERS_TIMEOUT_MS: u64 = 2_000;
+/// How many of the members that answered are asked whether those out of reach are
+/// down, before the task is adopted.
+const DOWN_VIEWS: usize = 4;
 /// A member that lost the connection after the client's request had waited there
 /// this long held the task: one that does not answers at once, and a connection
 /// that hears nothing closes after the 3 s idle timeout.
@@ -584,27 +589,33 @@ impl AskedEach {
     }
 }
 
-/// Whether the first member that answered holds every one that could not be asked
-/// down (listed down, or no longer listed: forgotten after being down).
+/// Whether the members that answered (the first [`DOWN_VIEWS`] of them) hold every
+/// one that could not be asked down ([`down_in`] their views).
 async fn held_down(identity: &NodeIdentity, asked: &AskedEach) -> bool {
-    let Some(&addr) = asked.answered.first() else {
-        return false;
-    };
-    let Ok(mut client) = Client::connect(identity, addr).await else {
-        return false;
-    };
-    let report = status_of(&mut client, addr, MEMBERS_TIMEOUT_MS).await;
-    client.close().await;
-    let Ok(report) = report else {
-        return false;
-    };
-    asked.unreachable.iter().all(|gone| {
-        report
-            .members
-            .iter()
-            .filter(|m| m.addr == *gone)
-            .all(|m| m.state == MemberState::Down)
-    })
+    let mut views = Vec::new();
+    for &addr in asked.answered.iter().take(DOWN_VIEWS) {
+        if let Ok(report) = request_status(identity, addr, MEMBERS_TIMEOUT_MS).await {
+            views.push(report.members);
+        }
+    }
+    asked.unreachable.iter().all(|gone| down_in(&views, *gone))
+}
+
+/// Whether the members' `views` hold the member at `addr` down: one lists it down,
+/// and none up or suspect. One that does not list it says neither: it may have
+/// restarted and not heard of it yet, or forgotten it 30 s after it went down. Before,
+/// the first member that answered decided alone, and not listing it counted as down:
+/// under 30% packet loss a node just restarted, which had not heard of the member
+/// that held the task, adopted it (its standby, which knew the task had ended, made
+/// it stop at once, but the client gave up).
+fn down_in(views: &[Vec<MemberInfo>], addr: SocketAddr) -> bool {
+    let states: Vec<MemberState> = views
+        .iter()
+        .flatten()
+        .filter(|m| m.addr == addr)
+        .map(|m| m.state)
+        .collect();
+    !states.is_empty() && states.iter().all(|s| *s == MemberState::Down)
 }
 
 /// Asks each node at `addrs` in turn; the first that knows the task answers with its
@@ -735,6 +746,36 @@ mod tests {
         assert!(!asking.gives_up(NotFound::Nowhere, lost + 9 * S));
         assert!(!asking.gives_up(NotFound::Unasked, lost + 59 * S));
         assert!(asking.gives_up(NotFound::Nowhere, lost + 10 * S));
+    }
+
+    #[test]
+    fn a_member_is_held_down_if_one_view_lists_it_down_and_none_up() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let member = |addr, state| MemberInfo {
+            name: "n".into(),
+            addr,
+            state,
+            incarnation: 0,
+            rtt_us: None,
+        };
+        let down = vec![member(a, MemberState::Down), member(b, MemberState::Up)];
+        let up = vec![member(a, MemberState::Up)];
+        let suspect = vec![member(a, MemberState::Suspect)];
+        let unlisted = vec![member(b, MemberState::Up)];
+        assert!(down_in(std::slice::from_ref(&down), a));
+        assert!(down_in(&[unlisted.clone(), down.clone()], a));
+        assert!(!down_in(&[down.clone(), up], a));
+        assert!(!down_in(&[suspect, down.clone()], a));
+        // Not listed at all: restarted and not yet told of it, or long forgotten.
+        assert!(!down_in(&[unlisted], a));
+        assert!(!down_in(&[], a));
+        // A later life up at the same address.
+        let restarted = vec![member(a, MemberState::Down), member(a, MemberState::Up)];
+        assert!(!down_in(&[restarted], a));
+        assert!(!down_in(&[down], b));
     }
 
     #[test]

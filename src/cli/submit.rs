@@ -427,7 +427,7 @@ async fn list_if_none(identity: &NodeIdentity, members: &mut Members) {
 
 /// Asks each of the other members for the task (as `attach`): the first that knows it
 /// answers with its outcome, once the task ends. If every one answers that it does not
-/// hold it, or could not be asked and is held down by the first that answered, the node
+/// hold it, or could not be asked and is held down by those that answered, the node
 /// it was submitted to is asked too, and then those that answered are asked again to
 /// adopt it from that node. That node is asked before an adoption because the task may
 /// have come back to it: moved on by leaves (n1 to n3 to n0), it was held by n1,

@@ -283,6 +283,16 @@ impl Cluster {
         nodes
     }
 
+    /// Starts n0 (and waits until it listens) and n1, each with `--agents sleep=2`, and
+    /// waits until n0 lists both agents: two nodes, each the other's standby.
+    fn start_two(&self) -> [NodeProcess; 2] {
+        let first = self.start_with(0, &["--agents", "sleep=2"]);
+        first.expect(&["listening"]);
+        let second = self.start_with(1, &["--agents", "sleep=2"]);
+        self.wait_for_agents(0, 2);
+        [first, second]
+    }
+
     /// Waits until node `i` lists `n` agents.
     fn wait_for_agents(&self, i: usize, n: usize) {
         wait_until(
@@ -1071,10 +1081,7 @@ fn a_task_that_comes_back_to_the_node_it_was_submitted_to_is_found_there() {
     let Some(cluster) = cluster("back-home") else {
         return;
     };
-    let first = cluster.start_with(0, &["--agents", "sleep=2"]);
-    first.expect(&["listening"]);
-    let mut second = cluster.start_with(1, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 2);
+    let [first, mut second] = cluster.start_two();
 
     // 60 segments of 1 s on 4 replicas: about 15 s of work with nothing cut.
     let mut submit = cluster.submit_ms(60, 1_000);
@@ -1110,10 +1117,7 @@ fn a_submission_lost_with_its_connection_is_started_by_the_node_it_was_for() {
     let Some(cluster) = cluster("lost-submission") else {
         return;
     };
-    let first = cluster.start_with(0, &["--agents", "sleep=2"]);
-    first.expect(&["listening"]);
-    let second = cluster.start_with(1, &["--agents", "sleep=2"]);
-    cluster.wait_for_agents(0, 2);
+    let [first, second] = cluster.start_two();
 
     // Inputs of about 2 KB each: the SUBMIT takes several full-size packets.
     let input = cluster.dir.join("input.txt");

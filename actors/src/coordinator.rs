@@ -963,13 +963,10 @@ impl CoordinatorState {
             }
             Ended::Unknown if request.attach => match request.adopt_from.as_deref() {
                 Some(from) if self.adopts_from(from, request.adopt_from_life) => {
-                    match from == self.mesh.node() {
-                        true => {
-                            info!(%task, "starting a task whose submission never reached this node: no member holds it, and its client submitted it to this node in this life")
-                        }
-                        false => {
-                            info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here")
-                        }
+                    if from == self.mesh.node() {
+                        info!(%task, "starting a task whose submission never reached this node: no member holds it, and its client submitted it to this node in this life");
+                    } else {
+                        info!(%task, %from, "adopting a task no member holds: its coordinator's node went down before its standby had it, and its client asked here");
                     }
                     metrics::counter!("agentmesh_tasks_adopted_total").increment(1);
                     generation = self.rng.random_range(ADOPTED_GENERATIONS);
